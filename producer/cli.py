@@ -1,0 +1,144 @@
+"""`fluxfarm`: the command line. Producer commands live here; worker commands come from `worker.cli`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from producer.client import FarmClient
+from producer.job_files import read_job_file
+from producer.progress import wait_with_progress
+from shared.errors import FarmError, InvalidJob
+from shared.jobs import RenderJob
+from worker import cli as worker_cli
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+app = typer.Typer(
+    name="fluxfarm",
+    help="A distributed render farm for FLUX.1: Redis queue, Celery GPU workers, S3 storage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+app.command("worker")(worker_cli.worker)
+app.command("tiny-model")(worker_cli.tiny_model)
+
+
+def _job_defaults(**options: Any) -> dict[str, Any]:
+    """CLI options that were given, as job fields (unset options leave the schema's defaults)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+@app.command()
+def submit(
+    file: Annotated[
+        Path | None, typer.Argument(help="A .txt (one prompt a line) or .jsonl (one job a line) file.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="The prompt of a single job.")] = None,
+    prompt_2: Annotated[str | None, typer.Option(help="T5 prompt; the prompt is used when absent.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed, 0..2^32-1 [default: 0].")] = None,
+    width: Annotated[int | None, typer.Option(help="Width, multiple of 16 in 256..2048 [default: 1024].")] = None,
+    height: Annotated[int | None, typer.Option(help="Height, multiple of 16 in 256..2048 [default: 1024].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps, 1..100 [default: 28].")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale [default: 3.5].")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(help="T5 tokens, 1..512 [default: 512].")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name: the storage folder [default: default].")] = None,
+    job_id: Annotated[str | None, typer.Option(help="Explicit job id (single job only).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the images, with a progress bar.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+) -> None:
+    """Validate and enqueue render jobs. Nothing is enqueued unless every job is valid."""
+    defaults = _job_defaults(
+        prompt_2=prompt_2,
+        seed=seed,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        max_sequence_length=max_sequence_length,
+        dataset=dataset,
+        job_id=job_id,
+    )
+    jobs: list[RenderJob | dict[str, Any]]
+    if (file is None) == (prompt is None):
+        raise InvalidJob("give either --prompt or a prompt file, not both and not neither")
+    if file is not None:
+        if job_id is not None:
+            raise InvalidJob("--job-id names a single job; it cannot apply to a whole file")
+        if not file.is_file():
+            raise InvalidJob(f"{file}: no such file")
+        parsed, errors = read_job_file(file, defaults)
+        if errors:
+            for problem in errors:
+                err.print(f"[red]{file}:{problem.line}[/red]: {problem.reason}", highlight=False)
+            raise InvalidJob(f"{len(errors)} invalid rows in {file}; nothing was enqueued")
+        jobs = list(parsed)
+    else:
+        jobs = [{"prompt": prompt, **defaults}]
+    with FarmClient.from_env() as client:
+        batch = client.submit_many(jobs)
+        cached = sum(handle.cached for handle in batch)
+        err.print(f"queued {len(batch) - cached} jobs ({cached} already stored)")
+        if not wait:
+            for handle in batch:
+                out.print(handle.job_id, highlight=False)
+            return
+        outcome = wait_with_progress(batch, err, timeout_s=timeout)
+    for result in outcome.results:
+        out.print(f"{result.job_id}\t{result.image.uri}", highlight=False)
+    for failure in outcome.failures:
+        err.print(f"[red]failed[/red] {failure}", highlight=False)
+    if outcome.failures:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def demo(
+    jobs: Annotated[int, typer.Option(help="How many images to render.")] = 6,
+    out_dir: Annotated[Path, typer.Option(help="Where the demo keeps its model, data and logs.")] = Path(
+        "fluxfarm-demo"
+    ),
+) -> None:
+    """Run the whole farm on this machine: a private Redis, one worker, local storage, a few prompts.
+
+    Uses FLUXFARM_MODEL (and FLUXFARM_TRANSFORMER) when set, else an offline tiny model that renders noise.
+    """
+    from producer.demo import run_demo
+
+    run_demo(jobs, out_dir, out, err)
+
+
+def main() -> None:
+    """Console entry point: our errors become one red line and an exit code, not a traceback."""
+    try:
+        code = app(standalone_mode=False)  # click returns an Exit's code instead of raising it here
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(EXIT_FAILED)
+    except InvalidJob as error:
+        err.print(f"[red]invalid job[/red]: {error}", highlight=False)
+        sys.exit(EXIT_INVALID)
+    except (FarmError, TimeoutError) as error:
+        err.print(f"[red]error[/red]: {error}", highlight=False)
+        sys.exit(EXIT_FAILED)
+    except Exception as error:
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

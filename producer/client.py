@@ -1,0 +1,164 @@
+"""The Python client: submit render jobs to the farm and wait for their results.
+
+    client = FarmClient.from_env()
+    handle = client.submit({"prompt": "a red fox in the snow", "seed": 7})
+    result = handle.result(timeout=600)          # RenderResult: the stored metadata
+    for done in client.submit_many(jobs).as_completed():
+        print(done.result().image.uri)
+
+A job already in storage is not sent again: its handle is complete at once (`handle.cached`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from pydantic import ValidationError
+
+from shared.celery_app import QUEUE_ANY, RENDER_TASK, make_celery_app
+from shared.errors import InvalidJob, JobFailed, ObjectNotFound
+from shared.jobs import RenderJob, parse_job
+from shared.metadata import RenderResult
+from shared.settings import FarmSettings
+from shared.storage import open_store
+
+_POLL_INTERVAL_S = 0.25
+
+
+class JobHandle:
+    """A submitted job: like a future, `result()` blocks until the worker has stored it."""
+
+    def __init__(self, job: RenderJob, async_result: AsyncResult | None, stored: RenderResult | None) -> None:
+        self.job = job
+        self._async = async_result
+        self._stored = stored
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def cached(self) -> bool:
+        """True when the result was already stored at submit time, so nothing was enqueued."""
+        return self._async is None
+
+    def done(self) -> bool:
+        return self._stored is not None or (self._async is not None and self._async.ready())
+
+    def result(self, timeout: float | None = None) -> RenderResult:
+        """The job's metadata; raises `JobFailed` if the worker failed it, `TimeoutError` on timeout."""
+        if self._stored is not None:
+            return self._stored
+        assert self._async is not None
+        try:
+            value = self._async.get(timeout=timeout, propagate=False)
+        except CeleryTimeoutError:
+            raise TimeoutError(f"job {self.job_id} did not finish within {timeout}s") from None
+        if self._async.state != states.SUCCESS:
+            error = self._async.result
+            reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+            raise JobFailed(self.job_id, reason)
+        self._stored = RenderResult.model_validate(value)
+        return self._stored
+
+
+class JobBatch:
+    """Handles of many jobs, iterable in submission order or as they complete."""
+
+    def __init__(self, client: FarmClient, handles: list[JobHandle]) -> None:
+        self._client = client
+        self.handles = handles
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __iter__(self) -> Iterator[JobHandle]:
+        return iter(self.handles)
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[JobHandle]:
+        """Yield each handle once its job has finished (succeeded or failed), first done first."""
+        waiting: dict[str, list[JobHandle]] = {}
+        for handle in self.handles:
+            if handle.cached:
+                yield handle
+            else:
+                waiting.setdefault(handle.job_id, []).append(handle)
+        if not waiting:
+            return
+        try:
+            for task_id, _meta in self._client._app.backend.get_many(
+                set(waiting), timeout=timeout, interval=_POLL_INTERVAL_S
+            ):
+                yield from waiting.pop(task_id, [])
+        except CeleryTimeoutError:
+            raise TimeoutError(f"{len(waiting)} jobs did not finish within {timeout}s") from None
+
+
+class FarmClient:
+    """Submits jobs to the farm's Redis queue and reads results from its storage."""
+
+    def __init__(self, settings: FarmSettings | None = None) -> None:
+        self.settings = settings or FarmSettings()
+        self._app = make_celery_app(self.settings)
+        self._store = open_store(self.settings)
+
+    @classmethod
+    def from_env(cls) -> FarmClient:
+        """A client configured from `FLUXFARM_*` variables (and `.env`)."""
+        return cls(FarmSettings())
+
+    def __enter__(self) -> FarmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._app.close()
+
+    def stored_result(self, job: RenderJob) -> RenderResult | None:
+        """The stored metadata of `job`, or None when it has not been rendered."""
+        keys = self._store.result_keys(job.dataset, job.id)
+        try:
+            return RenderResult.model_validate_json(self._store.get(keys.metadata))
+        except (ObjectNotFound, ValidationError):
+            return None
+
+    def submit(self, job: RenderJob | Mapping[str, Any]) -> JobHandle:
+        """Validate and enqueue one job; a job already stored returns its stored result instead."""
+        valid = parse_job(dict(job) if isinstance(job, Mapping) else job)
+        return self._submit_valid(valid)
+
+    def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]]) -> JobBatch:
+        """Validate every job first (nothing is enqueued if any is invalid), then enqueue them all."""
+        valid: list[RenderJob] = []
+        problems: list[str] = []
+        for index, job in enumerate(jobs):
+            try:
+                valid.append(parse_job(dict(job) if isinstance(job, Mapping) else job))
+            except InvalidJob as error:
+                problems.append(f"job {index}: {error}")
+        if problems:
+            raise InvalidJob("; ".join(problems))
+        return JobBatch(self, [self._submit_valid(job) for job in valid])
+
+    def _submit_valid(self, job: RenderJob) -> JobHandle:
+        stored = self.stored_result(job)
+        if stored is not None:
+            return JobHandle(job, async_result=None, stored=stored)
+        # The task id is the job id: a resubmit of a failed job must not see the old failure.
+        previous = self._app.AsyncResult(job.id)
+        if previous.state == states.FAILURE:
+            previous.forget()
+        self._app.send_task(
+            RENDER_TASK,
+            kwargs={"job": job.model_dump(mode="json"), "queued_at": datetime.now(UTC).isoformat()},
+            task_id=job.id,
+            queue=QUEUE_ANY,
+        )
+        return JobHandle(job, async_result=self._app.AsyncResult(job.id), stored=None)

@@ -1,0 +1,48 @@
+"""Wait for a batch of jobs with a progress bar; shared by `fluxfarm submit --wait` and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from producer.client import JobBatch
+from shared.errors import JobFailed
+from shared.metadata import RenderResult
+
+
+@dataclass
+class BatchOutcome:
+    results: list[RenderResult] = field(default_factory=list)
+    failures: list[JobFailed] = field(default_factory=list)
+
+
+def wait_with_progress(batch: JobBatch, console: Console, timeout_s: float | None = None) -> BatchOutcome:
+    """Collect every job's result as it lands, advancing a bar; raises TimeoutError past `timeout_s`."""
+    outcome = BatchOutcome()
+    columns = (
+        TextColumn("[bold]rendering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("jobs", total=len(batch), failed=0)
+        for handle in batch.as_completed(timeout=timeout_s):
+            try:
+                outcome.results.append(handle.result(timeout=timeout_s))
+            except JobFailed as failure:
+                outcome.failures.append(failure)
+            progress.update(task, advance=1, failed=len(outcome.failures))
+    return outcome

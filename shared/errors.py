@@ -1,0 +1,33 @@
+"""One error tree for the farm, so callers can catch `FarmError` and know it came from us."""
+
+
+class FarmError(Exception):
+    """Base class of every error fluxfarm raises on purpose."""
+
+
+class InvalidJob(FarmError, ValueError):
+    """A job failed validation: at the client, at the CLI, or again at the worker."""
+
+
+class JobFailed(FarmError):
+    """The worker tried the job and reported a failure; the message is the worker's reason."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} failed: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class StorageError(FarmError):
+    """The object store refused or could not be reached."""
+
+
+class ObjectNotFound(StorageError, KeyError):
+    """The key is not in the object store."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "object not found"
+
+
+class ModelLoadError(FarmError):
+    """The worker could not resolve or load the model it was asked to serve."""

@@ -1,0 +1,142 @@
+"""The render job: the one schema that producer, queue and worker agree on.
+
+A job's id is the hash of its canonical parameters, so resubmits and redeliveries of the same job
+land on the same storage key: idempotent by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import InvalidJob
+
+MAX_PROMPT_CHARS = 4000
+"""CLIP reads 77 tokens and T5 at most 512; 4,000 characters is well past either, so longer is a mistake."""
+
+MIN_SIDE_PX = 256
+MAX_SIDE_PX = 2048
+SIDE_MULTIPLE_PX = 16
+"""FLUX packs 2x2 patches of an 8x-downsampled latent, so sides must be multiples of 16."""
+
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 100
+MAX_T5_TOKENS = 512
+
+SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Dataset names and job ids become storage key segments: no slashes, no leading dot, no '..'."""
+_SAFE_NAME = re.compile(SAFE_NAME_PATTERN)
+_JOB_ID_CHARS = 32  # 128 bits of sha256: collisions are not a practical concern
+
+DEFAULT_DATASET = "default"
+
+
+def _check_safe_name(value: str, what: str) -> str:
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "start with a letter or digit and contain no '..'"
+        )
+    return value
+
+
+def _check_text(value: str, what: str) -> str:
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL bytes")
+    return value
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class RenderJob(BaseModel):
+    """One image to render. Unknown fields are refused, every bound is enforced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    prompt: Prompt
+    prompt_2: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = Field(
+        default=None, description="Prompt for the T5 encoder; the CLIP prompt is used when absent."
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    width: int = Field(default=1024, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=SIDE_MULTIPLE_PX)
+    height: int = Field(default=1024, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=SIDE_MULTIPLE_PX)
+    steps: int = Field(default=28, ge=1, le=MAX_STEPS)
+    guidance: float = Field(default=3.5, ge=0.0, le=30.0, allow_inf_nan=False)
+    max_sequence_length: int = Field(default=512, ge=1, le=MAX_T5_TOKENS)
+    dataset: str = DEFAULT_DATASET
+    job_id: str | None = Field(default=None, description="Defaults to the hash of the other fields.")
+
+    @field_validator("prompt", "prompt_2")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_text(value, "prompt")
+            if not value.strip():
+                raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _safe_dataset(cls, value: str) -> str:
+        return _check_safe_name(value, "dataset")
+
+    @field_validator("job_id")
+    @classmethod
+    def _safe_job_id(cls, value: str | None) -> str | None:
+        return None if value is None else _check_safe_name(value, "job_id")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_prompt_2(cls, data: Any) -> Any:
+        # prompt_2 equal to prompt renders exactly like no prompt_2: one canonical form, one id.
+        if isinstance(data, dict) and data.get("prompt_2") is not None and data.get("prompt_2") == data.get("prompt"):
+            data = {**data, "prompt_2": None}
+        return data
+
+    @model_validator(mode="after")
+    def _fill_job_id(self) -> RenderJob:
+        if self.job_id is None:
+            object.__setattr__(self, "job_id", canonical_job_id(self))
+        return self
+
+    @property
+    def id(self) -> str:
+        """The job id, always set after validation (typed as `str`, unlike the optional field)."""
+        assert self.job_id is not None
+        return self.job_id
+
+
+def canonical_job_id(job: RenderJob) -> str:
+    """The hash of the job's canonical parameters: same job, same id, on every machine."""
+    params = job.model_dump(mode="json", exclude={"job_id"})
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:_JOB_ID_CHARS]
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per problem: `width: Input should be a multiple of 16`."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        where = ".".join(str(part) for part in problem["loc"]) or "job"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+def parse_job(data: RenderJob | dict[str, Any]) -> RenderJob:
+    """Validate anything that claims to be a job, raising `InvalidJob` with a readable reason."""
+    if isinstance(data, RenderJob):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidJob(f"a job must be a JSON object, not {type(data).__name__}")
+    try:
+        return RenderJob.model_validate(data)
+    except ValidationError as error:
+        raise InvalidJob(describe_validation_error(error)) from None

@@ -1,0 +1,79 @@
+"""The metadata JSON stored beside every image; it is also the task's result.
+
+It says what was rendered (the job), with what (model file hash, quantization level, card), how long
+each phase took, and where the image is, so a dataset can be audited without the worker's logs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.jobs import RenderJob
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Record):
+    id: str = Field(description="The base pipeline: Hugging Face repo id or folder name.")
+    transformer: str = Field(description="Where the transformer weights came from.")
+    transformer_sha256: str = Field(description="sha256 of the transformer file (or of its shard list).")
+
+
+class WorkerInfo(_Record):
+    hostname: str
+    device: str
+    gpu_name: str | None
+    vram_gib: float | None
+
+
+class Timings(_Record):
+    queued_at: datetime | None = Field(description="When the producer enqueued the job.")
+    started_at: datetime
+    finished_at: datetime
+    load_s: float = Field(description="Model load time paid before this job: only the first job of a worker.")
+    encode_s: float
+    denoise_s: float
+    decode_s: float
+    upload_s: float = Field(description="Time to store the PNG (the metadata JSON is written after).")
+
+
+class ImageInfo(_Record):
+    key: str
+    uri: str
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+
+
+class RenderResult(_Record):
+    """One rendered job. Stored as `<job_id>.json` and returned by the task."""
+
+    job_id: str
+    job: RenderJob
+    model: ModelInfo
+    quant: str = Field(description="The quantization level actually used, e.g. bf16 or Q8_0.")
+    worker: WorkerInfo
+    timings: Timings
+    image: ImageInfo
+    metadata_key: str
+    fluxfarm_version: str
+
+
+def png_object_metadata(job: RenderJob, model: ModelInfo, quant: str, version: str) -> dict[str, str]:
+    """Key fields for the PNG's S3 object metadata. S3 metadata is ASCII only: no prompt, URL-quoted ids."""
+    return {
+        "job-id": job.id,
+        "dataset": job.dataset,
+        "seed": str(job.seed),
+        "steps": str(job.steps),
+        "quant": quant,
+        "model": quote(model.id, safe="/:@-._~"),
+        "transformer-sha256": model.transformer_sha256,
+        "fluxfarm-version": version,
+    }

@@ -1,0 +1,82 @@
+"""Settings for every fluxfarm process, from `FLUXFARM_*` environment variables (and a `.env` file).
+
+AWS credentials are not settings: boto3 reads them from its usual chain (environment, profile, role).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STORAGE_URL = "file://./fluxfarm-output"
+
+
+class FarmSettings(BaseSettings):
+    """One settings class per process; every field is a `FLUXFARM_<NAME>` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUXFARM_", env_file=".env", extra="ignore")
+
+    broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis URL of the job queue (redis:// or rediss:// for TLS; a password goes in the URL).",
+    )
+    result_backend_url: str | None = Field(
+        default=None, description="Where task results live; defaults to the broker's Redis."
+    )
+    storage_url: str = Field(
+        default=DEFAULT_STORAGE_URL,
+        description="Where images and metadata go: s3://bucket/prefix or file:///dir.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, R2, ...); AWS when unset."
+    )
+    s3_region: str | None = Field(default=None, description="S3 region; boto3's default chain when unset.")
+    model: str | None = Field(
+        default=None, description="Base pipeline for workers: a diffusers folder or a Hugging Face repo id."
+    )
+    transformer: str | None = Field(
+        default=None,
+        description="Transformer weights for workers: a .gguf/.safetensors path, hf://, https:// or s3:// URL.",
+    )
+    device: str | None = Field(default=None, description="Torch device for workers; cuda:0 when present.")
+    worker_name: str | None = Field(default=None, description="Celery node name; host and device when unset.")
+    visibility_timeout_s: int = Field(
+        default=7200,
+        ge=60,
+        description="Seconds before an unacknowledged job is delivered again: longer than the longest render.",
+    )
+    result_expires_s: int = Field(
+        default=7 * 24 * 3600, ge=60, description="How long task results stay in the result backend."
+    )
+    cache_dir: Path = Field(default=Path("~/.cache/fluxfarm"), description="Downloaded models and file digests.")
+    log_level: str = Field(default="INFO", description="Python logging level of the worker.")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _known_storage_scheme(cls, value: str) -> str:
+        if not value.startswith(("s3://", "file://")):
+            raise ValueError("storage_url must start with s3:// or file://")
+        return value
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_cache_dir(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def result_backend(self) -> str:
+        return self.result_backend_url or self.broker_url
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,226 @@
+"""One storage interface for images and metadata, with an S3 backend and a local-directory backend.
+
+Both backends use the same key layout, `<prefix>/<dataset>/<job_id>.png` and `.json`, so a dataset
+can move between them unchanged. A job is done when its metadata JSON exists: the PNG is written
+first, the JSON last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ObjectNotFound, StorageError
+from shared.settings import FarmSettings
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+PNG_CONTENT_TYPE = "image/png"
+JSON_CONTENT_TYPE = "application/json"
+
+
+def _check_key(key: str) -> str:
+    """Refuse any key that could escape the store's root: every segment must be a plain name."""
+    segments = key.split("/")
+    if not key or any(not _SEGMENT.fullmatch(s) or ".." in s for s in segments):
+        raise StorageError(f"unsafe object key {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class ResultKeys:
+    """Where one job's two objects live."""
+
+    image: str
+    metadata: str
+
+
+class ObjectStore(ABC):
+    """A flat key -> bytes store. Keys are checked before any backend sees them."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            _check_key(self.prefix)
+
+    def result_keys(self, dataset: str, job_id: str) -> ResultKeys:
+        """The key layout: the only place that knows it."""
+        base = "/".join(part for part in (self.prefix, dataset, job_id) if part)
+        return ResultKeys(image=_check_key(f"{base}.png"), metadata=_check_key(f"{base}.json"))
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
+        self._put(_check_key(key), data, content_type, metadata or {})
+
+    def get(self, key: str) -> bytes:
+        return self._get(_check_key(key))
+
+    def exists(self, key: str) -> bool:
+        return self._exists(_check_key(key))
+
+    def delete(self, key: str) -> None:
+        self._delete(_check_key(key))
+
+    def fetch_to(self, key: str, dest: Path) -> Path:
+        """Copy an object to a local file (atomically): large model files stream, never sit in memory."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial")
+        self._fetch_to(_check_key(key), partial)
+        partial.replace(dest)
+        return dest
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """A URI a person can paste: s3://bucket/key or file:///path."""
+
+    @abstractmethod
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def _get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def _fetch_to(self, key: str, dest: Path) -> None: ...
+
+
+class LocalStore(ObjectStore):
+    """A directory on disk; writes are atomic (temp file + rename), so readers never see half a file."""
+
+    def __init__(self, root: Path, prefix: str = "") -> None:
+        super().__init__(prefix)
+        self.root = root.resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"unsafe object key {key!r}")
+        return path
+
+    def uri(self, key: str) -> str:
+        return self._path(_check_key(key)).as_uri()
+
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def _exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def _fetch_to(self, key: str, dest: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(key)
+        shutil.copyfile(source, dest)
+
+
+class S3Store(ObjectStore):
+    """Any S3-compatible store through boto3: AWS, MinIO, R2. Credentials come from boto3's chain."""
+
+    def __init__(
+        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None
+    ) -> None:
+        super().__init__(prefix)
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        config = Config(
+            # boto3 >= 1.36 sends CRC checksums by default, which some S3-compatible stores reject.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"max_attempts": 8, "mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        self._client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        self._errors = self._client.exceptions
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{_check_key(key)}"
+
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata)
+        except (BotoCoreError, ClientError) as error:
+            raise StorageError(f"could not store {self.uri(key)}: {error}") from None
+
+    def _get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except self._errors.NoSuchKey:
+            raise ObjectNotFound(key) from None
+        except (BotoCoreError, ClientError) as error:
+            raise StorageError(f"could not read {self.uri(key)}: {error}") from None
+
+    def head_metadata(self, key: str) -> dict[str, str]:
+        """The object's user metadata (S3 `x-amz-meta-*`)."""
+        return self._client.head_object(Bucket=self.bucket, Key=_check_key(key))["Metadata"]
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
+        except BotoCoreError as error:
+            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
+        return True
+
+    def _delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _fetch_to(self, key: str, dest: Path) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.download_file(self.bucket, key, str(dest))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                raise ObjectNotFound(key) from None
+            raise StorageError(f"could not download {self.uri(key)}: {error}") from None
+        except BotoCoreError as error:
+            raise StorageError(f"could not download {self.uri(key)}: {error}") from None
+
+
+def open_store(settings: FarmSettings) -> ObjectStore:
+    """The store named by `FLUXFARM_STORAGE_URL`."""
+    url = settings.storage_url
+    if url.startswith("s3://"):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise StorageError(f"storage URL {url!r} names no bucket")
+        return S3Store(bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    return LocalStore(Path(url.removeprefix("file://")))

@@ -1,0 +1,113 @@
+"""One job through the worker: validate again, skip if already stored, render, store PNG then JSON.
+
+The queue is not trusted, so the job is validated here too. A job whose metadata already exists is
+not rendered again: redeliveries and resubmits return the stored result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from shared import __version__
+from shared.errors import ObjectNotFound
+from shared.jobs import parse_job
+from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
+from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
+from worker.engine import RenderEngine
+
+log = logging.getLogger(__name__)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+class JobRunner:
+    """Holds the engine, the store and this worker's facts; `run` is what the Celery task calls."""
+
+    def __init__(self, engine: RenderEngine, store: ObjectStore, worker: WorkerInfo, load_s: float) -> None:
+        self._engine = engine
+        self._store = store
+        self._worker = worker
+        self._unreported_load_s = load_s
+
+    def _stored_result(self, keys: ResultKeys) -> RenderResult | None:
+        try:
+            return RenderResult.model_validate_json(self._store.get(keys.metadata))
+        except ObjectNotFound:
+            return None
+        except ValidationError:
+            log.warning("stored metadata %s is unreadable; rendering the job again", keys.metadata)
+            return None
+
+    def run(self, payload: Any, queued_at: Any = None) -> RenderResult:
+        job = parse_job(payload)
+        keys = self._store.result_keys(job.dataset, job.id)
+        if (stored := self._stored_result(keys)) is not None:
+            log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
+            return stored
+        started_at = datetime.now(UTC)
+        rendered = self._engine.render(job)
+        model = self._engine.model
+        upload_start = time.perf_counter()
+        self._store.put(
+            keys.image,
+            rendered.png,
+            PNG_CONTENT_TYPE,
+            png_object_metadata(job, model.info, model.quant, __version__),
+        )
+        upload_s = time.perf_counter() - upload_start
+        load_s, self._unreported_load_s = self._unreported_load_s, 0.0
+        result = RenderResult(
+            job_id=job.id,
+            job=job,
+            model=model.info,
+            quant=model.quant,
+            worker=self._worker,
+            timings=Timings(
+                queued_at=_parse_time(queued_at),
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                load_s=load_s,
+                encode_s=rendered.encode_s,
+                denoise_s=rendered.denoise_s,
+                decode_s=rendered.decode_s,
+                upload_s=upload_s,
+            ),
+            image=ImageInfo(
+                key=keys.image,
+                uri=self._store.uri(keys.image),
+                sha256=hashlib.sha256(rendered.png).hexdigest(),
+                bytes=len(rendered.png),
+                width=rendered.width,
+                height=rendered.height,
+            ),
+            metadata_key=keys.metadata,
+            fluxfarm_version=__version__,
+        )
+        # The JSON goes last: its existence is what marks the job done.
+        self._store.put(keys.metadata, result.model_dump_json(indent=2).encode(), JSON_CONTENT_TYPE)
+        log.info(
+            "rendered job %s (%s, %dx%d, %d steps) encode %.2fs denoise %.2fs decode %.2fs upload %.2fs",
+            job.id,
+            job.dataset,
+            job.width,
+            job.height,
+            job.steps,
+            rendered.encode_s,
+            rendered.denoise_s,
+            rendered.decode_s,
+            upload_s,
+        )
+        return result

@@ -1,0 +1,85 @@
+"""Build the diffusers FLUX pipeline a worker keeps loaded: base components plus one transformer.
+
+The transformer comes from a GGUF file (diffusers' GGUF quantizer), a single safetensors file, or
+the base folder's `transformer/` (bf16).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+
+from shared.errors import ModelLoadError
+from shared.ladder import QuantLevel
+from shared.metadata import ModelInfo
+from shared.settings import FarmSettings
+from worker.file_digest import DigestCache
+from worker.model_sources import resolve_base, resolve_file
+from worker.quantize import gguf_level
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A pipeline on its device, with what the metadata says about it."""
+
+    pipe: FluxPipeline
+    info: ModelInfo
+    quant: str
+    device: str
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs, as FLUX was trained; fp32 on CPU, where bf16 convolutions run ~40x slower."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _load_transformer(
+    base: Path, transformer: str | None, dtype: torch.dtype, settings: FarmSettings
+) -> tuple[FluxTransformer2DModel, str, str]:
+    """The transformer, its level and its sha256."""
+    digests = DigestCache(settings.cache_dir)
+    if transformer is None:
+        model = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", dtype=dtype)
+        return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
+    path = resolve_file(transformer, settings)
+    if path.suffix == ".gguf":
+        model = FluxTransformer2DModel.from_single_file(
+            str(path),
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+            config=str(base),
+            subfolder="transformer",
+            dtype=dtype,
+        )
+        level = gguf_level(path)
+    elif path.suffix == ".safetensors":
+        model = FluxTransformer2DModel.from_single_file(
+            str(path), config=str(base), subfolder="transformer", dtype=dtype
+        )
+        level = QuantLevel.BF16.value
+    else:
+        raise ModelLoadError(f"transformer file {path} is neither .gguf nor .safetensors")
+    return model, level, digests.sha256(path)
+
+
+def load_model(model: str, transformer: str | None, device: str, settings: FarmSettings) -> LoadedModel:
+    """Resolve, load and place the whole pipeline once; every later job reuses it."""
+    dtype = compute_dtype(device)
+    base = resolve_base(model, settings, with_transformer_weights=transformer is None)
+    try:
+        flux_transformer, level, sha256 = _load_transformer(base, transformer, dtype, settings)
+        pipe = FluxPipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
+        pipe.to(device)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load FLUX pipeline from {model} ({transformer or 'bf16'}): {error}") from error
+    pipe.set_progress_bar_config(disable=True)
+    info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
+    log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, level, device)
+    return LoadedModel(pipe=pipe, info=info, quant=level, device=device)
