@@ -13,7 +13,7 @@ from producer.client import FarmClient
 from producer.job_files import read_job_file
 from producer.progress import wait_with_progress
 from shared.errors import FarmError, InvalidJob
-from shared.jobs import RenderJob
+from shared.jobs import RenderJob, parse_job
 from worker import cli as worker_cli
 
 EXIT_FAILED = 1
@@ -26,8 +26,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 app.command("worker")(worker_cli.worker)
 app.command("tiny-model")(worker_cli.tiny_model)
@@ -68,7 +68,7 @@ def submit(
         dataset=dataset,
         job_id=job_id,
     )
-    jobs: list[RenderJob | dict[str, Any]]
+    jobs: list[RenderJob]
     if (file is None) == (prompt is None):
         raise InvalidJob("give either --prompt or a prompt file, not both and not neither")
     if file is not None:
@@ -83,18 +83,18 @@ def submit(
             raise InvalidJob(f"{len(errors)} invalid rows in {file}; nothing was enqueued")
         jobs = list(parsed)
     else:
-        jobs = [{"prompt": prompt, **defaults}]
+        jobs = [parse_job({"prompt": prompt, **defaults})]
     with FarmClient.from_env() as client:
         batch = client.submit_many(jobs)
         cached = sum(handle.cached for handle in batch)
         err.print(f"queued {len(batch) - cached} jobs ({cached} already stored)")
         if not wait:
             for handle in batch:
-                out.print(handle.job_id, highlight=False)
+                typer.echo(handle.job_id)
             return
         outcome = wait_with_progress(batch, err, timeout_s=timeout)
     for result in outcome.results:
-        out.print(f"{result.job_id}\t{result.image.uri}", highlight=False)
+        typer.echo(f"{result.job_id}\t{result.image.uri}")
     for failure in outcome.failures:
         err.print(f"[red]failed[/red] {failure}", highlight=False)
     if outcome.failures:

@@ -1,0 +1,155 @@
+"""Real parts only: a private redis-server, moto's S3 server over HTTP, worker processes on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import redis
+
+from producer.local_stack import RedisServer, WorkerProcess, free_port
+from shared.celery_app import QUEUE_ANY
+from shared.ladder import QuantLevel
+from shared.settings import FarmSettings
+
+TINY_LEVELS = (QuantLevel.Q8_0, QuantLevel.Q4_0)
+WORKER_READY_TIMEOUT_S = 180.0
+
+# Fake credentials for moto, set before anything builds a boto3 client; real ones never reach tests.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "fluxfarm-test-key",
+        "AWS_SECRET_ACCESS_KEY": "fluxfarm-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+)
+for _name in [name for name in os.environ if name.startswith("FLUXFARM_")]:
+    del os.environ[_name]  # a developer's own farm settings must not leak into tests
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", TINY_LEVELS)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+
+    def client(self) -> Any:  # boto3 clients have no public type
+        return boto3.client("s3", endpoint_url=self.endpoint_url)
+
+    def new_bucket(self) -> str:
+        name = f"farm-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        listing = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+@dataclass(frozen=True)
+class Farm:
+    """A running farm: Redis, S3 bucket, one worker process, and the settings a client needs."""
+
+    settings: FarmSettings
+    bucket: str
+    prefix: str
+    worker: WorkerProcess
+    s3: S3Server
+
+    def worker_env(self) -> dict[str, str]:
+        return farm_env(self.settings)
+
+
+def farm_env(settings: FarmSettings) -> dict[str, str]:
+    env = {
+        "FLUXFARM_BROKER_URL": settings.broker_url,
+        "FLUXFARM_STORAGE_URL": settings.storage_url,
+        "FLUXFARM_CACHE_DIR": str(settings.cache_dir),
+        "FLUXFARM_LOG_LEVEL": "INFO",
+    }
+    if settings.s3_endpoint_url:
+        env["FLUXFARM_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+    return env
+
+
+def start_worker(
+    settings: FarmSettings, model: Path, transformer: Path | None, log_path: Path, name: str
+) -> WorkerProcess:
+    args = ["--model", str(model), "--device", "cpu"]
+    if transformer is not None:
+        args += ["--transformer", str(transformer)]
+    env = {**farm_env(settings), "FLUXFARM_WORKER_NAME": name}
+    worker = WorkerProcess(args, env, log_path).start()
+    worker.wait_ready(WORKER_READY_TIMEOUT_S)
+    return worker
+
+
+@pytest.fixture(scope="module")
+def farm(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Path,
+    redis_server: RedisServer,
+    s3_server: S3Server,
+) -> Iterator[Farm]:
+    """One GGUF Q8_0 worker for a whole test module, storing into a fresh bucket."""
+    from worker.tiny_model import gguf_path
+
+    bucket = s3_server.new_bucket()
+    prefix = "renders"
+    work = tmp_path_factory.mktemp("farm")
+    settings = FarmSettings(
+        broker_url=redis_server.url,
+        storage_url=f"s3://{bucket}/{prefix}",
+        s3_endpoint_url=s3_server.endpoint_url,
+        cache_dir=work / "cache",
+    )
+    redis.Redis.from_url(redis_server.url).flushdb()
+    worker = start_worker(
+        settings,
+        tiny_model,
+        gguf_path(tiny_model, QuantLevel.Q8_0),
+        work / "worker.log",
+        f"w-{request.module.__name__}",
+    )
+    yield Farm(settings=settings, bucket=bucket, prefix=prefix, worker=worker, s3=s3_server)
+    worker.stop()
+
+
+def queue_length(client: redis.Redis) -> int:
+    return int(client.llen(QUEUE_ANY))

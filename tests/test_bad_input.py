@@ -1,0 +1,111 @@
+"""Bad input never reaches the queue: a clear error from the client and from the CLI, and an empty queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import FarmClient
+from producer.local_stack import RedisServer
+from shared.errors import InvalidJob
+from shared.jobs import MAX_PROMPT_CHARS
+from shared.settings import FarmSettings
+from tests.conftest import queue_length
+
+# (what is wrong, the job, CLI options that say the same, the field the error must name)
+BAD_JOBS = [
+    ("width below 256", {"prompt": "p", "width": 128}, ["--width", "128"], "width"),
+    ("width above 2048", {"prompt": "p", "width": 2064}, ["--width", "2064"], "width"),
+    ("height not a multiple of 16", {"prompt": "p", "height": 1000}, ["--height", "1000"], "height"),
+    ("zero steps", {"prompt": "p", "steps": 0}, ["--steps", "0"], "steps"),
+    ("too many steps", {"prompt": "p", "steps": 101}, ["--steps", "101"], "steps"),
+    ("negative seed", {"prompt": "p", "seed": -1}, ["--seed", "-1"], "seed"),
+    ("seed past 2^32-1", {"prompt": "p", "seed": 2**32}, ["--seed", str(2**32)], "seed"),
+    ("prompt too long", {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, [], "prompt"),
+    ("dataset escaping its folder", {"prompt": "p", "dataset": "../etc"}, ["--dataset", "../etc"], "dataset"),
+]
+
+
+@pytest.fixture
+def client_settings(redis_server: RedisServer, tmp_path: Path, redis_client: redis.Redis) -> FarmSettings:
+    redis_client.flushdb()
+    return FarmSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}")
+
+
+def _cli(args: list[str], settings: FarmSettings) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLUXFARM_BROKER_URL": settings.broker_url, "FLUXFARM_STORAGE_URL": settings.storage_url}
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", "submit", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(("case", "job", "options", "field"), BAD_JOBS, ids=[case[0] for case in BAD_JOBS])
+def test_client_refuses_bad_job(
+    case: str, job: dict, options: list[str], field: str, client_settings: FarmSettings, redis_client: redis.Redis
+) -> None:
+    with FarmClient(client_settings) as client, pytest.raises(InvalidJob, match=field):
+        client.submit(job)
+    assert queue_length(redis_client) == 0
+    assert redis_client.dbsize() == 0, "nothing at all was written to Redis"
+
+
+def test_client_refuses_unknown_field(client_settings: FarmSettings, redis_client: redis.Redis) -> None:
+    with FarmClient(client_settings) as client, pytest.raises(InvalidJob, match="negative_prompt: unknown field"):
+        client.submit({"prompt": "p", "negative_prompt": "blurry"})
+    assert redis_client.dbsize() == 0
+
+
+def test_one_bad_job_in_a_batch_enqueues_none(client_settings: FarmSettings, redis_client: redis.Redis) -> None:
+    jobs = [{"prompt": "fine"}, {"prompt": "also fine", "seed": 3}, {"prompt": "bad", "steps": 500}]
+    with FarmClient(client_settings) as client, pytest.raises(InvalidJob, match="job 2: steps"):
+        client.submit_many(jobs)
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "job", "options", "field"),
+    [case for case in BAD_JOBS if case[2]],
+    ids=[case[0] for case in BAD_JOBS if case[2]],
+)
+def test_cli_refuses_bad_options(
+    case: str, job: dict, options: list[str], field: str, client_settings: FarmSettings, redis_client: redis.Redis
+) -> None:
+    done = _cli(["--prompt", "p", *options], client_settings)
+    assert done.returncode == 2, done.stderr
+    assert f"invalid job: {field}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert redis_client.dbsize() == 0
+
+
+def test_cli_reports_bad_rows_of_a_file_by_line_and_enqueues_nothing(
+    tmp_path: Path, client_settings: FarmSettings, redis_client: redis.Redis
+) -> None:
+    rows = [
+        {"prompt": "a fine row"},
+        {"prompt": "x" * (MAX_PROMPT_CHARS + 1)},
+        {"prompt": "unknown field", "sampler": "euler"},
+        {"prompt": "fine again", "seed": 4},
+    ]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n{not json\n")
+    done = _cli([str(path)], client_settings)
+    assert done.returncode == 2
+    assert f"{path}:2" in done.stderr and "prompt" in done.stderr
+    assert f"{path}:3" in done.stderr and "sampler: unknown field" in done.stderr
+    assert f"{path}:5" in done.stderr and "not valid JSON" in done.stderr
+    assert f"{path}:1" not in done.stderr and f"{path}:4" not in done.stderr
+    assert "3 invalid rows" in done.stderr
+    assert redis_client.dbsize() == 0
+
+
+def test_cli_refuses_a_too_long_prompt(client_settings: FarmSettings, redis_client: redis.Redis) -> None:
+    done = _cli(["--prompt", "x" * (MAX_PROMPT_CHARS + 1)], client_settings)
+    assert done.returncode == 2
+    assert f"prompt: String should have at most {MAX_PROMPT_CHARS} characters" in done.stderr
+    assert redis_client.dbsize() == 0

@@ -1,0 +1,117 @@
+"""`fluxfarm submit` against a real worker: single prompts, prompt files, --wait with progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Farm
+
+pytestmark = pytest.mark.slow
+
+FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
+
+
+def _fluxfarm(farm: Farm, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **farm.worker_env()}
+    return subprocess.run([FLUXFARM, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_submit_a_prompt_and_wait(farm: Farm) -> None:
+    done = _fluxfarm(
+        farm,
+        "submit",
+        "--prompt",
+        "a castle in fog",
+        "--width",
+        "256",
+        "--height",
+        "320",
+        "--steps",
+        "2",
+        "--seed",
+        "9",
+        "--dataset",
+        "cli-one",
+        "--wait",
+        "--timeout",
+        "240",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "queued 1 jobs (0 already stored)" in done.stderr
+    job_id, uri = done.stdout.strip().split("\t")
+    assert uri == f"s3://{farm.bucket}/{farm.prefix}/cli-one/{job_id}.png"
+    meta_key = f"{farm.prefix}/cli-one/{job_id}.json"
+    meta = json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=meta_key)["Body"].read())
+    assert meta["job"] | {"prompt": "a castle in fog", "width": 256, "height": 320, "seed": 9} == meta["job"]
+
+    again = _fluxfarm(
+        farm,
+        "submit",
+        "--prompt",
+        "a castle in fog",
+        "--width",
+        "256",
+        "--height",
+        "320",
+        "--steps",
+        "2",
+        "--seed",
+        "9",
+        "--dataset",
+        "cli-one",
+    )
+    assert again.returncode == 0
+    assert "queued 0 jobs (1 already stored)" in again.stderr
+    assert again.stdout.strip() == job_id
+
+
+def test_submit_a_prompt_file_with_cli_defaults(farm: Farm, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comments and blank lines are skipped\na red kite\n\na blue kite\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a green kite", "seed": 3, "width": 320}) + "\n")
+    defaults = ("--width", "256", "--height", "256", "--steps", "1", "--dataset", "cli-file", "--wait")
+    for path in (prompts, rows):
+        done = _fluxfarm(farm, "submit", str(path), *defaults)
+        assert done.returncode == 0, done.stderr
+    keys = farm.s3.keys(farm.bucket, f"{farm.prefix}/cli-file/")
+    assert len([k for k in keys if k.endswith(".png")]) == 3
+    metas = [
+        json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=k)["Body"].read())
+        for k in keys
+        if k.endswith(".json")
+    ]
+    by_prompt = {meta["job"]["prompt"]: meta["job"] for meta in metas}
+    assert set(by_prompt) == {"a red kite", "a blue kite", "a green kite"}
+    assert by_prompt["a green kite"]["width"] == 320 and by_prompt["a green kite"]["seed"] == 3
+    assert by_prompt["a red kite"]["width"] == 256 and by_prompt["a red kite"]["steps"] == 1
+
+
+def test_wait_gives_up_after_its_timeout_with_a_clear_error(farm: Farm, tmp_path: Path) -> None:
+    # 64 steps at 1024x1024 takes the CPU worker far longer than the 1-second timeout.
+    done = _fluxfarm(
+        farm,
+        "submit",
+        "--prompt",
+        "slow",
+        "--width",
+        "1024",
+        "--height",
+        "1024",
+        "--steps",
+        "64",
+        "--dataset",
+        "cli-slow",
+        "--wait",
+        "--timeout",
+        "1",
+    )
+    assert done.returncode == 1
+    assert "did not finish within 1.0s" in done.stderr
+    assert "Traceback" not in done.stderr

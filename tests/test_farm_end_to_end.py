@@ -1,0 +1,121 @@
+"""The whole path: FarmClient -> Redis -> Celery worker process (tiny FLUX, GGUF Q8_0) -> S3 over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from producer.client import FarmClient
+from shared.celery_app import RENDER_TASK
+from shared.metadata import RenderResult
+from tests.conftest import Farm
+
+pytestmark = pytest.mark.slow
+
+RESULT_TIMEOUT_S = 240
+
+REQUIRED_METADATA = {
+    "job_id": None,
+    "job": {"prompt", "prompt_2", "seed", "width", "height", "steps", "guidance", "max_sequence_length", "dataset"},
+    "model": {"id", "transformer_sha256"},
+    "quant": None,
+    "worker": {"hostname", "device", "gpu_name", "vram_gib"},
+    "timings": {"queued_at", "started_at", "finished_at", "load_s", "encode_s", "denoise_s", "decode_s", "upload_s"},
+    "image": {"key", "sha256", "bytes", "width", "height"},
+    "fluxfarm_version": None,
+}
+
+
+def _stored_metadata(farm: Farm, key: str) -> dict:
+    return json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=key)["Body"].read())
+
+
+def test_three_jobs_land_in_s3_as_png_and_full_metadata(farm: Farm) -> None:
+    sizes = [(256, 256), (320, 256), (256, 384)]
+    jobs = [
+        {"prompt": f"a lighthouse number {i}", "width": w, "height": h, "steps": 2, "seed": i, "dataset": "three"}
+        for i, (w, h) in enumerate(sizes)
+    ]
+    with FarmClient(farm.settings) as client:
+        handles = list(client.submit_many(jobs))
+        results = [handle.result(timeout=RESULT_TIMEOUT_S) for handle in handles]
+
+    keys = farm.s3.keys(farm.bucket, f"{farm.prefix}/three/")
+    assert len(keys) == 6
+    for result, (width, height) in zip(results, sizes, strict=True):
+        assert f"{farm.prefix}/three/{result.job_id}.png" in keys
+        assert f"{farm.prefix}/three/{result.job_id}.json" in keys
+        png = farm.s3.client().get_object(Bucket=farm.bucket, Key=result.image.key)
+        image = Image.open(io.BytesIO(png["Body"].read()))
+        assert (image.format, image.size) == ("PNG", (width, height))
+        assert png["ContentType"] == "image/png"
+        assert png["Metadata"]["job-id"] == result.job_id
+        assert png["Metadata"]["quant"] == "Q8_0"
+        assert png["Metadata"]["transformer-sha256"] == result.model.transformer_sha256
+
+        stored = _stored_metadata(farm, result.metadata_key)
+        for field, children in REQUIRED_METADATA.items():
+            assert field in stored, field
+            if children:
+                assert children <= set(stored[field]), (field, children - set(stored[field]))
+        assert RenderResult.model_validate(stored) == result
+        assert stored["quant"] == "Q8_0"
+        assert stored["image"]["width"] == width and stored["image"]["height"] == height
+        assert stored["image"]["bytes"] == png["ContentLength"]
+        assert len(stored["model"]["transformer_sha256"]) == 64
+        assert stored["worker"]["device"] == "cpu"
+        timings = result.timings
+        assert timings.queued_at is not None
+        assert timings.queued_at <= timings.started_at <= timings.finished_at
+        assert min(timings.encode_s, timings.denoise_s, timings.decode_s) > 0
+
+
+def test_the_worker_loads_the_model_once(farm: Farm) -> None:
+    jobs = [
+        {"prompt": f"an owl {i}", "width": 256, "height": 256, "steps": 1, "dataset": "load-once"} for i in range(3)
+    ]
+    with FarmClient(farm.settings) as client:
+        for handle in client.submit_many(jobs):
+            handle.result(timeout=RESULT_TIMEOUT_S)
+
+    stored = [_stored_metadata(farm, key) for key in farm.s3.keys(farm.bucket) if key.endswith(".json")]
+    assert len(stored) >= 3
+    stored.sort(key=lambda meta: meta["timings"]["started_at"])
+    load_times = [meta["timings"]["load_s"] for meta in stored]
+    assert load_times[0] > 0, "the first job a worker renders carries the model load time"
+    assert all(value == 0 for value in load_times[1:]), load_times
+    assert farm.worker.log_text().count("model loaded in") == 1
+
+
+def test_the_same_job_twice_is_rendered_once_and_returns_the_stored_result(farm: Farm) -> None:
+    job = {"prompt": "a paper dragon over a desert", "width": 256, "height": 256, "steps": 2, "dataset": "twice"}
+    with FarmClient(farm.settings) as client:
+        first = client.submit(job)
+        first_result = first.result(timeout=RESULT_TIMEOUT_S)
+        second = client.submit(dict(job))
+
+    assert second.job_id == first.job_id
+    assert second.cached and not first.cached
+    assert second.result() == first_result
+    assert farm.s3.keys(farm.bucket, f"{farm.prefix}/twice/") == [
+        f"{farm.prefix}/twice/{first.job_id}.json",
+        f"{farm.prefix}/twice/{first.job_id}.png",
+    ]
+    assert farm.worker.log_text().count(f"rendered job {first.job_id}") == 1
+
+
+def test_a_redelivered_job_is_not_rendered_again_by_the_worker(farm: Farm) -> None:
+    """The queue may deliver a job twice; the worker finds the stored result instead of rendering."""
+    job = {"prompt": "a quiet harbor", "width": 256, "height": 256, "steps": 1, "dataset": "redelivered"}
+    with FarmClient(farm.settings) as client:
+        first = client.submit(job).result(timeout=RESULT_TIMEOUT_S)
+        # Bypass the client's storage check, as a redelivery would.
+        again = client._app.send_task(RENDER_TASK, kwargs={"job": first.job.model_dump(mode="json")})
+        replay = RenderResult.model_validate(again.get(timeout=RESULT_TIMEOUT_S))
+
+    assert replay == first
+    assert farm.worker.log_text().count(f"rendered job {first.job_id}") == 1
+    assert f"job {first.job_id} is already stored" in farm.worker.log_text()

@@ -1,0 +1,75 @@
+"""The job schema: deterministic ids, canonical form, and the bounds that keep bad input out."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import InvalidJob
+from shared.jobs import MAX_PROMPT_CHARS, RenderJob, parse_job
+
+
+def test_job_id_is_the_same_for_the_same_job_and_differs_for_any_change() -> None:
+    base = {"prompt": "a fox", "seed": 1, "width": 512, "height": 768}
+    assert parse_job(base).id == parse_job(dict(reversed(list(base.items())))).id
+    changed = [
+        {**base, "seed": 2},
+        {**base, "width": 768, "height": 512},
+        {**base, "prompt": "a fox "},
+        {**base, "steps": 27},
+        {**base, "guidance": 3.6},
+        {**base, "dataset": "other"},
+        {**base, "prompt_2": "a fox, T5"},
+        {**base, "max_sequence_length": 256},
+    ]
+    ids = {parse_job(job).id for job in changed}
+    assert parse_job(base).id not in ids
+    assert len(ids) == len(changed)
+    assert len(parse_job(base).id) == 32
+
+
+def test_prompt_2_equal_to_prompt_is_the_same_job_as_none() -> None:
+    assert parse_job({"prompt": "a", "prompt_2": "a"}) == parse_job({"prompt": "a"})
+
+
+def test_an_explicit_job_id_is_kept_and_checked() -> None:
+    assert parse_job({"prompt": "a", "job_id": "my-job.1"}).id == "my-job.1"
+    for unsafe in ("../x", "a/b", ".hidden", "", "x" * 129):
+        with pytest.raises(InvalidJob, match="job_id"):
+            parse_job({"prompt": "a", "job_id": unsafe})
+
+
+def test_a_validated_job_round_trips_through_json_unchanged() -> None:
+    job = parse_job({"prompt": "ünïcode ✓", "seed": 2**32 - 1, "width": 2048, "height": 256, "steps": 100})
+    assert RenderJob.model_validate_json(job.model_dump_json()) == job
+
+
+@pytest.mark.parametrize(
+    ("job", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "a\x00b"}, "prompt"),
+        ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+        ({"prompt": "a", "prompt_2": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt_2"),
+        ({"prompt": "a", "guidance": float("nan")}, "guidance"),
+        ({"prompt": "a", "max_sequence_length": 513}, "max_sequence_length"),
+        ({"prompt": "a", "width": 1024.5}, "width"),
+        ({"prompt": "a", "dataset": "/abs"}, "dataset"),
+        ({"prompt": "a", "dataset": "a..b"}, "dataset"),
+        ({"prompt": "a", "extra": 1}, "extra: unknown field"),
+        ({"seed": 1}, "prompt: Field required"),
+    ],
+)
+def test_bounds(job: dict, field: str) -> None:
+    with pytest.raises(InvalidJob, match=field):
+        parse_job(job)
+
+
+def test_the_largest_valid_values_pass() -> None:
+    job = parse_job({"prompt": "x" * MAX_PROMPT_CHARS, "seed": 2**32 - 1, "width": 2048, "height": 2048, "steps": 100})
+    assert job.width == 2048 and job.seed == 2**32 - 1
+
+
+def test_a_non_object_is_refused() -> None:
+    with pytest.raises(InvalidJob, match="JSON object"):
+        parse_job(["prompt"])  # type: ignore[arg-type]

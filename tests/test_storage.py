@@ -1,0 +1,75 @@
+"""One storage interface: the S3 backend (moto over HTTP) and the local backend behave alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ObjectNotFound, StorageError
+from shared.settings import FarmSettings
+from shared.storage import LocalStore, ObjectStore, S3Store, open_store
+from tests.conftest import S3Server
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    if request.param == "local":
+        url = f"file://{tmp_path / 'root'}"
+        yield open_store(FarmSettings(storage_url=url))
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        bucket = s3.new_bucket()
+        yield open_store(FarmSettings(storage_url=f"s3://{bucket}/pre/fix", s3_endpoint_url=s3.endpoint_url))
+
+
+def test_put_get_exists_delete(store: ObjectStore) -> None:
+    keys = store.result_keys("set-1", "abc123")
+    assert not store.exists(keys.image)
+    store.put(keys.image, b"\x89PNG bytes", "image/png", {"job-id": "abc123"})
+    assert store.exists(keys.image)
+    assert store.get(keys.image) == b"\x89PNG bytes"
+    store.delete(keys.image)
+    assert not store.exists(keys.image)
+    with pytest.raises(ObjectNotFound):
+        store.get(keys.image)
+
+
+def test_key_layout_is_prefix_dataset_job_id(store: ObjectStore) -> None:
+    keys = store.result_keys("birds", "0123abcd")
+    expected_base = "pre/fix/birds/0123abcd" if isinstance(store, S3Store) else "birds/0123abcd"
+    assert (keys.image, keys.metadata) == (f"{expected_base}.png", f"{expected_base}.json")
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/abs", "a//b", "", ".hidden/x", "a/\x00"])
+def test_unsafe_keys_are_refused_by_every_operation(store: ObjectStore, bad: str) -> None:
+    for operation in (lambda: store.put(bad, b"x", "text/plain"), lambda: store.get(bad), lambda: store.exists(bad)):
+        with pytest.raises(StorageError, match="unsafe object key"):
+            operation()
+
+
+def test_fetch_to_copies_an_object_to_a_local_file(store: ObjectStore, tmp_path: Path) -> None:
+    store.put("models/weights.gguf", b"GGUF" * 1000, "application/octet-stream")
+    dest = store.fetch_to("models/weights.gguf", tmp_path / "cache" / "weights.gguf")
+    assert dest.read_bytes() == b"GGUF" * 1000
+    with pytest.raises(ObjectNotFound):
+        store.fetch_to("models/missing.gguf", tmp_path / "cache" / "missing.gguf")
+
+
+def test_s3_png_carries_object_metadata(s3_server: S3Server) -> None:
+    bucket = s3_server.new_bucket()
+    store = S3Store(bucket, "p", endpoint_url=s3_server.endpoint_url)
+    store.put("p/d/j.png", b"png", "image/png", {"job-id": "j", "quant": "Q8_0"})
+    assert store.head_metadata("p/d/j.png") == {"job-id": "j", "quant": "Q8_0"}
+
+
+def test_local_writes_leave_no_temporary_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put("d/j.json", b"{}", "application/json")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["j.json"]
+
+
+def test_storage_url_must_name_a_known_scheme() -> None:
+    with pytest.raises(ValueError, match="s3:// or file://"):
+        FarmSettings(storage_url="ftp://somewhere")
