@@ -94,24 +94,24 @@ def test_submit_a_prompt_file_with_cli_defaults(farm: Farm, tmp_path: Path) -> N
 
 
 def test_wait_gives_up_after_its_timeout_with_a_clear_error(farm: Farm, tmp_path: Path) -> None:
-    # 64 steps at 1024x1024 takes the CPU worker far longer than the 1-second timeout.
+    # 30 steps at 512x512 take the CPU worker seconds, far longer than the half-second timeout.
     done = _fluxfarm(
         farm,
         "submit",
         "--prompt",
         "slow",
         "--width",
-        "1024",
+        "512",
         "--height",
-        "1024",
+        "512",
         "--steps",
-        "64",
+        "30",
         "--dataset",
         "cli-slow",
         "--wait",
         "--timeout",
-        "1",
+        "0.5",
     )
     assert done.returncode == 1
-    assert "did not finish within 1.0s" in done.stderr
+    assert "did not finish within 0.5s" in done.stderr
     assert "Traceback" not in done.stderr

@@ -8,8 +8,10 @@ import json
 import pytest
 from PIL import Image
 
-from producer.client import FarmClient
+from producer.client import FarmClient, JobHandle
 from shared.celery_app import RENDER_TASK
+from shared.errors import JobFailed
+from shared.jobs import parse_job
 from shared.metadata import RenderResult
 from tests.conftest import Farm
 
@@ -119,3 +121,14 @@ def test_a_redelivered_job_is_not_rendered_again_by_the_worker(farm: Farm) -> No
     assert replay == first
     assert farm.worker.log_text().count(f"rendered job {first.job_id}") == 1
     assert f"job {first.job_id} is already stored" in farm.worker.log_text()
+
+
+def test_the_worker_validates_jobs_again_and_the_caller_gets_the_reason(farm: Farm) -> None:
+    """The queue is not trusted: a message that skipped the client's validation is refused, not rendered."""
+    bad = {"prompt": "sneaky", "width": 100, "height": 256, "steps": 1, "dataset": "../../escape"}
+    with FarmClient(farm.settings) as client:
+        sent = client._app.send_task(RENDER_TASK, kwargs={"job": bad})
+        handle = JobHandle(parse_job({"prompt": "sneaky"}), async_result=sent, stored=None)
+        with pytest.raises(JobFailed, match=r"InvalidJob: .*width.*dataset"):
+            handle.result(timeout=RESULT_TIMEOUT_S)
+    assert not [key for key in farm.s3.keys(farm.bucket) if "escape" in key or "sneaky" in key]

@@ -52,8 +52,9 @@ def tiny_model(
 ) -> None:
     """Write an offline tiny FLUX pipeline (random weights) with one GGUF transformer per level.
 
-    It RENDERS NOISE: it exists so the farm can run and be tested without the 24 GB FLUX.1-dev
-    download. Use the folder as `--model DIR`, a GGUF file inside it as `--transformer`.
+    It RENDERS NOISE: it exists so the farm runs and is tested without the 24 GB FLUX.1-dev download.
+
+    Use the folder as `--model DIR`, a GGUF file inside it as `--transformer`.
     """
     parsed = [parse_level(name) for name in levels.split(",") if name.strip()]
     _require_gpu_stack()

@@ -1,0 +1,15 @@
+# Producer / CLI: the light client, no torch.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY producer ./producer
+COPY worker ./worker
+RUN pip install . && useradd --create-home --uid 10001 fluxfarm
+
+USER fluxfarm
+ENTRYPOINT ["fluxfarm"]
+CMD ["--help"]
