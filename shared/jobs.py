@@ -56,10 +56,10 @@ Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 class RenderJob(BaseModel):
     """One image to render. Unknown fields are refused, every bound is enforced."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: Prompt
-    prompt_2: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = Field(
+    prompt_2: Prompt | None = Field(
         default=None, description="Prompt for the T5 encoder; the CLIP prompt is used when absent."
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED)

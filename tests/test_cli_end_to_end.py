@@ -23,25 +23,9 @@ def _fluxfarm(farm: Farm, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_submit_a_prompt_and_wait(farm: Farm) -> None:
-    done = _fluxfarm(
-        farm,
-        "submit",
-        "--prompt",
-        "a castle in fog",
-        "--width",
-        "256",
-        "--height",
-        "320",
-        "--steps",
-        "2",
-        "--seed",
-        "9",
-        "--dataset",
-        "cli-one",
-        "--wait",
-        "--timeout",
-        "240",
-    )
+    job = "--prompt a castle in fog --width 256 --height 320 --steps 2 --seed 9 --dataset cli-one".split(" ")
+    job[1:5] = [" ".join(job[1:5])]  # the prompt is one argument
+    done = _fluxfarm(farm, "submit", *job, "--wait", "--timeout", "240")
     assert done.returncode == 0, done.stderr
     assert "queued 1 jobs (0 already stored)" in done.stderr
     job_id, uri = done.stdout.strip().split("\t")
@@ -50,22 +34,7 @@ def test_submit_a_prompt_and_wait(farm: Farm) -> None:
     meta = json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=meta_key)["Body"].read())
     assert meta["job"] | {"prompt": "a castle in fog", "width": 256, "height": 320, "seed": 9} == meta["job"]
 
-    again = _fluxfarm(
-        farm,
-        "submit",
-        "--prompt",
-        "a castle in fog",
-        "--width",
-        "256",
-        "--height",
-        "320",
-        "--steps",
-        "2",
-        "--seed",
-        "9",
-        "--dataset",
-        "cli-one",
-    )
+    again = _fluxfarm(farm, "submit", *job)
     assert again.returncode == 0
     assert "queued 0 jobs (1 already stored)" in again.stderr
     assert again.stdout.strip() == job_id
@@ -95,23 +64,8 @@ def test_submit_a_prompt_file_with_cli_defaults(farm: Farm, tmp_path: Path) -> N
 
 def test_wait_gives_up_after_its_timeout_with_a_clear_error(farm: Farm, tmp_path: Path) -> None:
     # 30 steps at 512x512 take the CPU worker seconds, far longer than the half-second timeout.
-    done = _fluxfarm(
-        farm,
-        "submit",
-        "--prompt",
-        "slow",
-        "--width",
-        "512",
-        "--height",
-        "512",
-        "--steps",
-        "30",
-        "--dataset",
-        "cli-slow",
-        "--wait",
-        "--timeout",
-        "0.5",
-    )
+    job = "--prompt slow --width 512 --height 512 --steps 30 --dataset cli-slow".split(" ")
+    done = _fluxfarm(farm, "submit", *job, "--wait", "--timeout", "0.5")
     assert done.returncode == 1
     assert "did not finish within 0.5s" in done.stderr
     assert "Traceback" not in done.stderr
