@@ -31,6 +31,7 @@ out = Console(soft_wrap=True)
 
 app.command("worker")(worker_cli.worker)
 app.command("tiny-model")(worker_cli.tiny_model)
+app.command("quantize")(worker_cli.quantize)
 
 
 def _job_defaults(**options: Any) -> dict[str, Any]:

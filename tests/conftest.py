@@ -18,7 +18,15 @@ from shared.celery_app import QUEUE_ANY
 from shared.ladder import QuantLevel
 from shared.settings import FarmSettings
 
-TINY_LEVELS = (QuantLevel.Q8_0, QuantLevel.Q4_0)
+TINY_LEVELS = (
+    QuantLevel.Q8_0,
+    QuantLevel.Q6_K,
+    QuantLevel.Q5_K,
+    QuantLevel.Q4_K,
+    QuantLevel.Q4_0,
+    QuantLevel.Q3_K,
+    QuantLevel.Q2_K,
+)
 WORKER_READY_TIMEOUT_S = 180.0
 
 # Fake credentials for moto, set before anything builds a boto3 client; real ones never reach tests.

@@ -64,3 +64,43 @@ def tiny_model(
     typer.echo(f"tiny FLUX pipeline (renders noise) in {written}")
     for level in parsed:
         typer.echo(f"  {level.value}: {gguf_path(written, level)}")
+
+
+def quantize(
+    src: Annotated[
+        Path, typer.Argument(help="A diffusers transformer folder (or pipeline folder) or a .safetensors file.")
+    ],
+    level: Annotated[str, typer.Option(help="GGUF level: Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K.")],
+    out: Annotated[Path, typer.Option(help="The .gguf file to write.")],
+    device: Annotated[str | None, typer.Option(help="Where K-quants are computed; cuda:0 when present.")] = None,
+) -> None:
+    """Quantize a FLUX transformer (diffusers or BFL tensor names) to a GGUF file that diffusers loads.
+
+    Fine-tunes join the fleet this way. Norms, biases, embedders and the output layer keep higher precision.
+    """
+    parsed = parse_level(level)
+    if out.suffix != ".gguf":
+        raise FarmError(f"--out must name a .gguf file, not {out}")
+    _require_gpu_stack()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from safetensors import safe_open
+
+    from worker.gpu import default_device
+    from worker.quantize import iter_safetensors, safetensors_files, write_gguf
+
+    files = safetensors_files(src)
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            total += len(list(handle.keys()))
+    columns = (TextColumn(f"[bold]{parsed.value}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("tensors", total=total)
+        write_gguf(
+            iter_safetensors(files),
+            parsed,
+            out,
+            device=device or default_device(),
+            on_tensor=lambda _name: progress.advance(task),
+        )
+    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {parsed.value})")

@@ -42,11 +42,11 @@ _SPECIAL_T5 = ("<pad>", "</s>", "<unk>")
 
 @dataclass(frozen=True)
 class TinyDims:
-    """Sizes of the tiny model. Row lengths are multiples of 32 so every GGUF block type fits."""
+    """Sizes of the tiny model. The transformer's rows are multiples of 256, so K-quant blocks fit too."""
 
     text_hidden: int = 32
     heads: int = 2
-    head_dim: int = 32
+    head_dim: int = 128
     double_blocks: int = 1
     single_blocks: int = 2
     vae_channels: int = 16
