@@ -14,6 +14,7 @@ from producer.job_files import read_job_file
 from producer.progress import wait_with_progress
 from shared.errors import FarmError, InvalidJob
 from shared.jobs import RenderJob, parse_job
+from shared.settings import FarmSettings, redact_url
 from worker import cli as worker_cli
 
 EXIT_FAILED = 1
@@ -54,6 +55,9 @@ def submit(
     max_sequence_length: Annotated[int | None, typer.Option(help="T5 tokens, 1..512 [default: 512].")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name: the storage folder [default: default].")] = None,
     job_id: Annotated[str | None, typer.Option(help="Explicit job id (single job only).")] = None,
+    quant: Annotated[
+        str | None, typer.Option(help="Level: auto, min:LEVEL (or better) or exact:LEVEL [default: auto].")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the images, with a progress bar.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
@@ -68,6 +72,7 @@ def submit(
         max_sequence_length=max_sequence_length,
         dataset=dataset,
         job_id=job_id,
+        quant=quant,
     )
     jobs: list[RenderJob]
     if (file is None) == (prompt is None):
@@ -100,6 +105,30 @@ def submit(
         err.print(f"[red]failed[/red] {failure}", highlight=False)
     if outcome.failures:
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """The live fleet (workers, levels, jobs done) and the queues; jobs no live worker can serve are flagged."""
+    import redis
+
+    from producer.status import print_report
+    from shared.fleet import fleet_report
+
+    settings = FarmSettings()
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        report = fleet_report(client)
+    except redis.RedisError as error:
+        raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
+    finally:
+        client.close()
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        print_report(report, out)
 
 
 @app.command()

@@ -20,7 +20,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from pydantic import ValidationError
 
-from shared.celery_app import QUEUE_ANY, RENDER_TASK, make_celery_app
+from shared.celery_app import RENDER_TASK, make_celery_app
 from shared.errors import InvalidJob, JobFailed, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
 from shared.metadata import RenderResult
@@ -159,6 +159,6 @@ class FarmClient:
             RENDER_TASK,
             kwargs={"job": job.model_dump(mode="json"), "queued_at": datetime.now(UTC).isoformat()},
             task_id=job.id,
-            queue=QUEUE_ANY,
+            queue=job.constraint.queue,
         )
         return JobHandle(job, async_result=self._app.AsyncResult(job.id), stored=None)

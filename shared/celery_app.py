@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared.routing import QuantConstraint
 from shared.settings import FarmSettings
 
 RENDER_TASK = "fluxfarm.render"
 """The task name the producer sends and the worker registers."""
 
-QUEUE_ANY = "render.any"
-"""Jobs any worker may take. Per-level queues join it when routing by quantization arrives."""
+QUEUE_ANY = QuantConstraint("auto").queue
+"""Jobs any worker may take; `shared.routing` names the per-level queues."""
 
 
 def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shared.errors import InvalidJob
+from shared.errors import FarmError, InvalidJob
+from shared.routing import AUTO, QuantConstraint, parse_constraint
 
 MAX_PROMPT_CHARS = 4000
 """CLIP reads 77 tokens and T5 at most 512; 4,000 characters is well past either, so longer is a mistake."""
@@ -69,6 +70,7 @@ class RenderJob(BaseModel):
     guidance: float = Field(default=3.5, ge=0.0, le=30.0, allow_inf_nan=False)
     max_sequence_length: int = Field(default=512, ge=1, le=MAX_T5_TOKENS)
     dataset: str = DEFAULT_DATASET
+    quant: str = Field(default=AUTO, description="auto (any level), min:LEVEL (that level or better) or exact:LEVEL.")
     job_id: str | None = Field(default=None, description="Defaults to the hash of the other fields.")
 
     @field_validator("prompt", "prompt_2")
@@ -79,6 +81,18 @@ class RenderJob(BaseModel):
             if not value.strip():
                 raise ValueError("prompt must not be blank")
         return value
+
+    @field_validator("quant")
+    @classmethod
+    def _known_constraint(cls, value: str) -> str:
+        try:
+            return str(parse_constraint(value))
+        except FarmError as error:
+            raise ValueError(str(error)) from None
+
+    @property
+    def constraint(self) -> QuantConstraint:
+        return parse_constraint(self.quant)
 
     @field_validator("dataset")
     @classmethod

@@ -23,9 +23,9 @@ class QuantLevel(StrEnum):
     Q4_K = "Q4_K"
     Q4_1 = "Q4_1"
     Q4_0 = "Q4_0"
+    NF4 = "nf4"
     Q3_K = "Q3_K"
     Q2_K = "Q2_K"
-    NF4 = "nf4"
 
     @property
     def is_gguf(self) -> bool:
@@ -33,8 +33,12 @@ class QuantLevel(StrEnum):
 
     @property
     def quality_rank(self) -> int:
-        """0 is the best; a larger rank loses more to quantization."""
+        """0 is the best; a larger rank loses more to quantization (the enum's order)."""
         return _RANKED.index(self)
+
+    def at_least(self, other: QuantLevel) -> bool:
+        """True when this level is as good as `other` or better."""
+        return self.quality_rank <= other.quality_rank
 
 
 _RANKED: tuple[QuantLevel, ...] = tuple(QuantLevel)

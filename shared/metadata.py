@@ -25,6 +25,7 @@ class ModelInfo(_Record):
 
 
 class WorkerInfo(_Record):
+    node: str = Field(description="The worker's Celery node name: which process rendered the job.")
     hostname: str
     device: str
     gpu_name: str | None

@@ -15,7 +15,7 @@ def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def probe_device(device: str) -> WorkerInfo:
+def probe_device(device: str, node: str) -> WorkerInfo:
     """Name and memory of `device`; fails clearly when a CUDA device is asked for and absent."""
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -23,12 +23,13 @@ def probe_device(device: str) -> WorkerInfo:
             raise RuntimeError(f"device {device} asked for, but torch sees no CUDA GPU")
         props = torch.cuda.get_device_properties(dev)
         return WorkerInfo(
+            node=node,
             hostname=socket.gethostname(),
             device=str(dev),
             gpu_name=props.name,
             vram_gib=round(props.total_memory / _BYTES_PER_GIB, 2),
         )
-    return WorkerInfo(hostname=socket.gethostname(), device=str(dev), gpu_name=None, vram_gib=None)
+    return WorkerInfo(node=node, hostname=socket.gethostname(), device=str(dev), gpu_name=None, vram_gib=None)
 
 
 def synchronize(device: str) -> None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from shared import __version__
-from shared.errors import ObjectNotFound
+from shared.errors import InvalidJob, ObjectNotFound
 from shared.jobs import parse_job
+from shared.ladder import parse_level
 from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
 from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
 from worker.engine import RenderEngine
@@ -33,6 +35,15 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
+@dataclass
+class RunnerStats:
+    """Counters the heartbeat publishes; written by the rendering thread only."""
+
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    current_job: str | None = None
+
+
 class JobRunner:
     """Holds the engine, the store and this worker's facts; `run` is what the Celery task calls."""
 
@@ -41,6 +52,7 @@ class JobRunner:
         self._store = store
         self._worker = worker
         self._unreported_load_s = load_s
+        self.stats = RunnerStats()
 
     def _stored_result(self, keys: ResultKeys) -> RenderResult | None:
         try:
@@ -52,7 +64,23 @@ class JobRunner:
             return None
 
     def run(self, payload: Any, queued_at: Any = None) -> RenderResult:
+        """Render one job message, counting it as done or failed for the fleet status."""
+        try:
+            result = self._run(payload, queued_at)
+        except Exception:
+            self.stats.jobs_failed += 1
+            raise
+        finally:
+            self.stats.current_job = None
+        self.stats.jobs_done += 1
+        return result
+
+    def _run(self, payload: Any, queued_at: Any) -> RenderResult:
         job = parse_job(payload)
+        self.stats.current_job = job.id
+        level = self._engine.model.quant
+        if not job.constraint.allows(parse_level(level)):
+            raise InvalidJob(f"job {job.id} needs {job.quant}; this worker holds {level}")
         keys = self._store.result_keys(job.dataset, job.id)
         if (stored := self._stored_result(keys)) is not None:
             log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)

@@ -5,12 +5,19 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from datetime import UTC, datetime
 
-from shared.celery_app import QUEUE_ANY, make_celery_app
+import redis
+
+from shared.celery_app import make_celery_app
+from shared.fleet import WorkerStatus
+from shared.ladder import parse_level
+from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
 from worker.engine import RenderEngine
 from worker.gpu import default_device, probe_device
+from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
 from worker.pipeline import load_model
 from worker.tasks import register_render_task
@@ -36,10 +43,12 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_library_progress_bars()
     device = device or settings.device or default_device()
-    worker_info = probe_device(device)
+    node = node_name(settings, device)
+    worker_info = probe_device(device, node)
     store = open_store(settings)
     log.info(
-        "starting on %s (%s), broker %s, storage %s",
+        "starting %s on %s (%s), broker %s, storage %s",
+        node,
         device,
         worker_info.gpu_name or "CPU",
         redact_url(settings.broker_url),
@@ -48,17 +57,43 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     load_start = time.perf_counter()
     loaded = load_model(model, transformer, device, settings)
     load_s = time.perf_counter() - load_start
+    queues = queues_for_level(parse_level(loaded.quant))
     log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
+    log.info("consuming %s", ", ".join(queues))
+    runner = JobRunner(RenderEngine(loaded), store, worker_info, load_s)
+    started_at = datetime.now(UTC)
+
+    def snapshot() -> WorkerStatus:
+        return WorkerStatus(
+            node=node,
+            hostname=worker_info.hostname,
+            device=device,
+            gpu_name=worker_info.gpu_name,
+            vram_gib=worker_info.vram_gib,
+            level=loaded.quant,
+            model=loaded.info.id,
+            queues=queues,
+            started_at=started_at,
+            last_seen=started_at,
+            jobs_done=runner.stats.jobs_done,
+            jobs_failed=runner.stats.jobs_failed,
+            current_job=runner.stats.current_job,
+        )
+
     app = make_celery_app(settings)
-    register_render_task(app, JobRunner(RenderEngine(loaded), store, worker_info, load_s))
-    app.worker_main(
-        [
-            "worker",
-            "--pool=solo",
-            "--concurrency=1",
-            f"--hostname={node_name(settings, device)}",
-            f"--queues={QUEUE_ANY}",
-            f"--loglevel={settings.log_level}",
-            "--task-events",
-        ]
-    )
+    register_render_task(app, runner)
+    heartbeat = Heartbeat(redis.Redis.from_url(settings.broker_url), snapshot).start()
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                f"--hostname={node}",
+                f"--queues={','.join(queues)}",
+                f"--loglevel={settings.log_level}",
+                "--task-events",
+            ]
+        )
+    finally:
+        heartbeat.stop(node)

@@ -1,0 +1,106 @@
+"""The live fleet as Redis sees it: worker heartbeats and queue depths, and the jobs nobody can serve.
+
+Each worker keeps a key `fluxfarm:worker:<node>` alive (TTL a few heartbeats long) holding what it
+is and what it serves. A worker that dies stops refreshing it and vanishes within the TTL, so a
+queue whose only consumers died shows as unserved instead of silently stuck.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import redis
+from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
+
+from shared.routing import QUEUE_PREFIX, all_queues
+
+WORKER_KEY_PREFIX = "fluxfarm:worker:"
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 8
+"""A worker silent this long counts as gone: fleet status is at most this stale."""
+
+
+class WorkerStatus(BaseModel):
+    """What a worker publishes about itself on every heartbeat."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    node: str
+    hostname: str
+    device: str
+    gpu_name: str | None
+    vram_gib: float | None
+    level: str
+    model: str
+    queues: list[str]
+    started_at: datetime
+    last_seen: datetime
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    current_job: str | None = None
+
+
+class QueueStatus(BaseModel):
+    name: str
+    waiting: int
+    consumers: list[str]
+
+    @computed_field
+    @property
+    def constraint(self) -> str:
+        """`render.exact.q8_0` -> `exact:Q8_0` style text, for people."""
+        rest = self.name.removeprefix(QUEUE_PREFIX)
+        kind, _, level = rest.partition(".")
+        return "auto" if kind == "any" else f"{kind}:{level.upper().replace('NF4', 'nf4')}"
+
+    @computed_field
+    @property
+    def unserved(self) -> bool:
+        return self.waiting > 0 and not self.consumers
+
+
+class FleetReport(BaseModel):
+    checked_at: datetime
+    workers: list[WorkerStatus]
+    queues: list[QueueStatus]
+
+    @computed_field
+    @property
+    def unserved(self) -> list[QueueStatus]:
+        return [queue for queue in self.queues if queue.unserved]
+
+
+def publish_heartbeat(client: redis.Redis, status: WorkerStatus) -> None:
+    client.set(WORKER_KEY_PREFIX + status.node, status.model_dump_json(), ex=HEARTBEAT_TTL_S)
+
+
+def remove_worker(client: redis.Redis, node: str) -> None:
+    client.delete(WORKER_KEY_PREFIX + node)
+
+
+def read_workers(client: redis.Redis) -> list[WorkerStatus]:
+    keys = sorted(client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=500))
+    workers = []
+    for raw in client.mget(keys) if keys else []:
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        try:
+            workers.append(WorkerStatus.model_validate_json(raw))
+        except ValidationError:
+            continue  # a worker of another version: not ours to judge here
+    return workers
+
+
+def fleet_report(client: redis.Redis) -> FleetReport:
+    """Workers alive now, and every render queue that has jobs or consumers."""
+    workers = read_workers(client)
+    pipe = client.pipeline()
+    names = all_queues()
+    for name in names:
+        pipe.llen(name)
+    queues = []
+    for name, waiting in zip(names, pipe.execute(), strict=True):
+        consumers = [w.node for w in workers if name in w.queues]
+        if waiting or consumers:
+            queues.append(QueueStatus(name=name, waiting=int(waiting), consumers=consumers))
+    return FleetReport(checked_at=datetime.now(UTC), workers=workers, queues=queues)

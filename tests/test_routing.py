@@ -1,0 +1,135 @@
+"""Two workers on one Redis, one holding Q8_0 and one Q4_0: each job goes only where its level allows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import FarmClient, JobHandle
+from producer.local_stack import RedisServer, WorkerProcess
+from shared.celery_app import RENDER_TASK
+from shared.errors import JobFailed
+from shared.fleet import HEARTBEAT_TTL_S
+from shared.jobs import parse_job
+from shared.ladder import QuantLevel
+from shared.settings import FarmSettings
+from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env
+
+pytestmark = pytest.mark.slow
+
+FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
+RESULT_TIMEOUT_S = 240
+
+
+@dataclass(frozen=True)
+class Fleet:
+    settings: FarmSettings
+    workers: dict[str, WorkerProcess]
+
+    def status(self) -> dict:
+        env = {**os.environ, **farm_env(self.settings)}
+        done = subprocess.run([FLUXFARM, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_server: RedisServer, s3_server: S3Server
+) -> Iterator[Fleet]:
+    from worker.tiny_model import gguf_path
+
+    work = tmp_path_factory.mktemp("fleet")
+    settings = FarmSettings(
+        broker_url=redis_server.url,
+        storage_url=f"s3://{s3_server.new_bucket()}/fleet",
+        s3_endpoint_url=s3_server.endpoint_url,
+        cache_dir=work / "cache",
+    )
+    redis.Redis.from_url(redis_server.url).flushdb()
+    workers = {}
+    for level in (QuantLevel.Q8_0, QuantLevel.Q4_0):
+        name = f"w-{level.value.lower()}@test"
+        args = ["--model", str(tiny_model), "--transformer", str(gguf_path(tiny_model, level)), "--device", "cpu"]
+        env = {**farm_env(settings), "FLUXFARM_WORKER_NAME": name}
+        workers[level.value] = WorkerProcess(args, env, work / f"{level.value}.log").start()
+    for worker in workers.values():
+        worker.wait_ready(WORKER_READY_TIMEOUT_S)
+    yield Fleet(settings=settings, workers=workers)
+    for worker in workers.values():
+        worker.stop()
+
+
+def _job(i: int, quant: str, size: int = 256, steps: int = 2) -> dict:
+    return {"prompt": f"routing {quant} {i}", "quant": quant, "width": size, "height": size, "steps": steps}
+
+
+def test_jobs_go_only_to_workers_whose_level_satisfies_them(fleet: Fleet) -> None:
+    auto = [_job(i, "auto", steps=3) for i in range(6)]
+    constrained = [_job(i, q) for q in ("exact:Q8_0", "min:Q6_K", "exact:Q4_0", "min:Q4_1") for i in range(2)]
+    with FarmClient(fleet.settings) as client:
+        results = [handle.result(timeout=RESULT_TIMEOUT_S) for handle in client.submit_many(auto + constrained)]
+    rendered_by = {}
+    for result in results:
+        rendered_by.setdefault(result.job.quant, set()).add((result.quant, result.worker.node))
+    assert rendered_by["exact:Q8_0"] == {("Q8_0", "w-q8_0@test")}
+    assert rendered_by["min:Q6_K"] == {("Q8_0", "w-q8_0@test")}
+    assert rendered_by["min:Q4_1"] == {("Q8_0", "w-q8_0@test")}, "Q4_0 is below Q4_1"
+    assert rendered_by["exact:Q4_0"] == {("Q4_0", "w-q4_0@test")}
+    assert rendered_by["auto"] == {("Q8_0", "w-q8_0@test"), ("Q4_0", "w-q4_0@test")}, "both serve auto"
+
+
+def test_a_misrouted_job_is_refused_by_the_worker(fleet: Fleet) -> None:
+    job = parse_job(_job(0, "exact:Q8_0") | {"prompt": "misrouted"})
+    with FarmClient(fleet.settings) as client:
+        sent = client._app.send_task(
+            RENDER_TASK, kwargs={"job": job.model_dump(mode="json")}, queue="render.exact.q4_0"
+        )
+        with pytest.raises(JobFailed, match="needs exact:Q8_0; this worker holds Q4_0"):
+            JobHandle(job, async_result=sent, stored=None).result(timeout=RESULT_TIMEOUT_S)
+
+
+def test_status_shows_the_fleet_and_jobs_no_live_worker_can_serve(fleet: Fleet) -> None:
+    with FarmClient(fleet.settings) as client:
+        client.submit(_job(0, "exact:Q6_K"))
+        client.submit(_job(0, "min:bf16"))
+    report = fleet.status()
+    assert {(w["node"], w["level"]) for w in report["workers"]} == {("w-q8_0@test", "Q8_0"), ("w-q4_0@test", "Q4_0")}
+    unserved = {q["name"]: q["waiting"] for q in report["unserved"]}
+    assert unserved == {"render.exact.q6_k": 1, "render.min.bf16": 1}
+    queues = {q["name"]: q for q in report["queues"]}
+    assert set(queues["render.any"]["consumers"]) == {"w-q8_0@test", "w-q4_0@test"}
+    assert queues["render.min.q6_k"]["consumers"] == ["w-q8_0@test"]
+
+    env = {**os.environ, **farm_env(fleet.settings)}
+    table = subprocess.run([FLUXFARM, "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert "unserved: 1 jobs need exact:Q6_K and no live worker serves render.exact.q6_k" in table.stdout
+    redis.Redis.from_url(fleet.settings.broker_url).delete("render.exact.q6_k", "render.min.bf16")
+
+
+def test_jobs_of_a_killed_worker_show_as_unserved_within_10_seconds(fleet: Fleet) -> None:
+    """SIGKILL leaves no goodbye: the worker's heartbeat key expires and its exclusive queues go unserved."""
+    worker = fleet.workers["Q4_0"]
+    worker.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    with FarmClient(fleet.settings) as client:
+        client.submit(_job(1, "exact:Q4_0", steps=1))
+    while True:
+        unserved = {q["name"] for q in fleet.status()["unserved"]}
+        elapsed = time.monotonic() - killed_at
+        if "render.exact.q4_0" in unserved or elapsed > 10:
+            break
+        time.sleep(0.5)
+    assert "render.exact.q4_0" in unserved
+    assert elapsed <= 10, elapsed
+    assert HEARTBEAT_TTL_S < 10
