@@ -33,6 +33,8 @@ out = Console(soft_wrap=True)
 app.command("worker")(worker_cli.worker)
 app.command("tiny-model")(worker_cli.tiny_model)
 app.command("quantize")(worker_cli.quantize)
+app.command("probe-vram")(worker_cli.probe_vram)
+app.command("plan")(worker_cli.plan)
 
 
 def _job_defaults(**options: Any) -> dict[str, Any]:

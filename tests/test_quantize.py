@@ -14,7 +14,7 @@ from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
 from shared.ladder import QuantLevel
-from worker.kquants import quantize_rows
+from worker.gguf_blocks import quantize_rows
 from worker.quantize import QUANTIZABLE_LEVELS
 
 FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")

@@ -104,3 +104,61 @@ def quantize(
             on_tensor=lambda _name: progress.advance(task),
         )
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {parsed.value})")
+
+
+def probe_vram(
+    out: Annotated[Path, typer.Option(help="JSON-lines file the measurements are appended to.")],
+    levels: Annotated[
+        str, typer.Option(help="Levels to load, comma-separated.")
+    ] = "bf16,fp8,Q8_0,Q6_K,Q5_K,Q4_K,Q3_K,Q2_K",
+    sizes: Annotated[str, typer.Option(help="Image sizes, comma-separated WxH.")] = "1024x1024,512x512",
+    model: Annotated[str, typer.Option(help="flux.1-dev or flux.1-schnell.")] = "flux.1-dev",
+    device: Annotated[str, typer.Option(help="CUDA device.")] = "cuda:0",
+    plans: Annotated[
+        str | None, typer.Option(help="Budgets in GiB, comma-separated: check whole plans instead of levels.")
+    ] = None,
+) -> None:
+    """Measure resident and peak VRAM of full-size random-weight FLUX at each level (needs a GPU).
+
+    The table it writes calibrates and checks `fluxfarm plan`.
+    """
+    _require_gpu_stack()
+    from worker.flux_arch import TRANSFORMERS
+    from worker.vram_probe import run_probe
+
+    if model not in TRANSFORMERS:
+        raise FarmError(f"unknown model {model!r}; choose from {', '.join(TRANSFORMERS)}")
+    parsed_sizes = []
+    for size in sizes.split(","):
+        width, _, height = size.strip().partition("x")
+        parsed_sizes.append((int(width), int(height)))
+    budgets = [float(b) for b in plans.split(",")] if plans else None
+    run_probe(out, model, [parse_level(name) for name in levels.split(",")], parsed_sizes, device, budgets)
+
+
+def plan(
+    vram_gib: Annotated[float, typer.Option(help="The card's memory, or the budget to plan for, in GiB.")],
+    width: Annotated[int, typer.Option(help="Largest image width the worker will render.")] = 1024,
+    height: Annotated[int, typer.Option(help="Largest image height the worker will render.")] = 1024,
+    gpu: Annotated[str | None, typer.Option(help="GPU name, e.g. 'RTX 4090' (tells fp8 support).")] = None,
+    compute_capability: Annotated[str | None, typer.Option(help="e.g. 8.9; overrides --gpu.")] = None,
+    model: Annotated[str, typer.Option(help="flux.1-dev or flux.1-schnell.")] = "flux.1-dev",
+    quant: Annotated[str | None, typer.Option(help="Force this level; fails if it cannot fit.")] = None,
+) -> None:
+    """Which level and text-encoder placement a worker would choose for a card, as JSON."""
+    from worker.plan import PlanInputs, make_plan
+
+    capability = None
+    if compute_capability:
+        major, _, minor = compute_capability.partition(".")
+        capability = (int(major), int(minor or 0))
+    inputs = PlanInputs(
+        vram_gib=vram_gib,
+        width=width,
+        height=height,
+        model=model,
+        gpu_name=gpu,
+        compute_capability=capability,
+        forced_level=parse_level(quant) if quant else None,
+    )
+    typer.echo(make_plan(inputs).model_dump_json(indent=2))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
 
 from shared.errors import ModelLoadError
 from shared.ladder import QuantLevel
@@ -32,6 +32,13 @@ class LoadedModel:
     info: ModelInfo
     quant: str
     device: str
+
+
+def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
+    """Decode in tiles of `tile_px` pixels: the decoder's working memory becomes that of one tile."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def compute_dtype(device: str) -> torch.dtype:

@@ -4,7 +4,7 @@ Sources are a diffusers transformer folder (sharded safetensors) or one safetens
 diffusers or BFL tensor names; the names are kept, since diffusers loads both (it converts BFL
 names on load, as for the published city96 files). As in those files, small and sensitive tensors
 (biases, norms, the embedders and the output layer) keep higher precision. gguf-py quantizes the
-legacy levels; the K-quants come from `worker.kquants`, on a GPU when one is given.
+legacy levels and `worker.gguf_blocks` the K-quants; with a GPU at hand, it encodes every level.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from shared.errors import FarmError
 from shared.ladder import QuantLevel
-from worker.kquants import K_QUANTIZERS, quantize_rows
+from worker.gguf_blocks import ENCODERS, quantize_rows
 
 GGUF_ARCHITECTURE = "flux"
 
@@ -66,8 +66,12 @@ def ggml_type_for(name: str, shape: tuple[int, ...], target: gguf.GGMLQuantizati
 
 
 def encode_tensor(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType, device: str = "cpu") -> np.ndarray:
-    """One tensor as GGUF data of `ggml_type`: byte rows for quantized types, plain floats otherwise."""
-    if ggml_type.name in K_QUANTIZERS:
+    """One tensor as GGUF data of `ggml_type`: byte rows for quantized types, plain floats otherwise.
+
+    K-quants always come from our torch encoders; legacy types too when a GPU does the work (the
+    bytes are gguf-py's either way), since gguf-py's numpy is slow for a 12B-parameter model.
+    """
+    if ggml_type.name in ENCODERS and (torch.device(device).type == "cuda" or ggml_type.name.endswith("_K")):
         rows = quantize_rows(tensor.reshape(-1, tensor.shape[-1]), ggml_type.name, device)
         return rows.numpy().reshape(*tensor.shape[:-1], -1)
     data = tensor.detach().to(torch.float32).cpu().numpy()

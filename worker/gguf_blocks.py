@@ -1,10 +1,12 @@
-"""GGUF K-quant encoders (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K), which gguf-py cannot make.
+"""GGUF block encoders in torch: the legacy types (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0) and the K-quants.
 
-These follow ggml's reference quantizers (`quantize_row_qN_K_ref` and the `make_qx_quants`,
-`make_qkx2_quants`, `make_q3_quants` searches they call), vectorized with torch over many
-256-value super-blocks at once, so the same code runs on the CPU or, much faster, on a GPU.
-Every function takes rows of float32 weights shaped (n_blocks, 256) and returns the packed
-bytes shaped (n_blocks, type_size), exactly the layout ggml, gguf-py and diffusers read.
+gguf-py quantizes the legacy types in numpy (slow for a 12B-parameter model) and cannot make
+K-quants at all. The legacy encoders here repeat gguf-py's arithmetic, so their bytes are the same;
+the K-quant encoders follow ggml's reference quantizers (`quantize_row_qN_K_ref` and the
+`make_qx_quants`, `make_qkx2_quants`, `make_q3_quants` searches they call). All are vectorized over
+many blocks at once, so the same code runs on the CPU or, much faster, on a GPU. Each takes float32
+blocks shaped (n_blocks, block_size) and returns packed bytes shaped (n_blocks, type_size): the
+layout ggml, gguf-py and diffusers read.
 """
 
 from __future__ import annotations
@@ -236,26 +238,90 @@ def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([scale_bytes, _pack_2bit(levels), header], dim=1)
 
 
-K_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "Q6_K": quantize_q6_k,
-    "Q5_K": quantize_q5_k,
-    "Q4_K": quantize_q4_k,
-    "Q3_K": quantize_q3_k,
-    "Q2_K": quantize_q2_k,
-}
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (gguf-py's np_roundf): halves round away from zero, unlike torch.round."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
-_BLOCKS_PER_CHUNK = 4096  # bounds the (blocks x candidates x values) search tensors to ~100 MB
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, 0.0, 1.0 / torch.where(d == 0, 1.0, d))
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(B, 32) values 0..15 -> (B, 16): value j in the low nibble of byte j, value j+16 in the high one."""
+    halves = q.to(torch.uint8).view(-1, 2, 16)
+    return halves[:, 0] | (halves[:, 1] << 4)
+
+
+def _pack_fifth_bits(q: torch.Tensor) -> torch.Tensor:
+    """(B, 32) values 0..31 -> (B, 4): bit 4 of value j at bit j (little-endian)."""
+    bits = (q.to(torch.int32) >> 4).view(-1, 4, 8)
+    return (bits << torch.arange(8, device=q.device, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    d = x.abs().max(dim=1, keepdim=True).values / 127
+    qs = _round_half_away(x * _inverse(d)).to(torch.int8).view(torch.uint8)
+    return torch.cat([_fp16_bytes(d), qs], dim=1)
+
+
+def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
+    d = _signed_absmax(x).unsqueeze(1) / -8
+    q = torch.trunc(x * _inverse(d) + 8.5).clamp(0, 15)
+    return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1)
+
+
+def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
+    high, low = x.max(dim=1, keepdim=True).values, x.min(dim=1, keepdim=True).values
+    d = (high - low) / 15
+    q = torch.trunc((x - low) * _inverse(d) + 0.5).clamp(0, 15)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(low), _pack_nibbles(q)], dim=1)
+
+
+def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
+    d = _signed_absmax(x).unsqueeze(1) / -16
+    q = torch.trunc(x * _inverse(d) + 16.5).clamp(0, 31)
+    return torch.cat([_fp16_bytes(d), _pack_fifth_bits(q), _pack_nibbles(q.to(torch.int32) & 0xF)], dim=1)
+
+
+def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
+    high, low = x.max(dim=1, keepdim=True).values, x.min(dim=1, keepdim=True).values
+    d = (high - low) / 31
+    q = torch.trunc((x - low) * _inverse(d) + 0.5).clamp(0, 31)
+    nibbles = _pack_nibbles(q.to(torch.int32) & 0xF)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(low), _pack_fifth_bits(q), nibbles], dim=1)
+
+
+ENCODERS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "Q8_0": (32, quantize_q8_0),
+    "Q5_1": (32, quantize_q5_1),
+    "Q5_0": (32, quantize_q5_0),
+    "Q4_1": (32, quantize_q4_1),
+    "Q4_0": (32, quantize_q4_0),
+    "Q6_K": (QK_K, quantize_q6_k),
+    "Q5_K": (QK_K, quantize_q5_k),
+    "Q4_K": (QK_K, quantize_q4_k),
+    "Q3_K": (QK_K, quantize_q3_k),
+    "Q2_K": (QK_K, quantize_q2_k),
+}
+"""GGML type name -> (values per block, encoder)."""
+
+_VALUES_PER_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 25}
+"""Values encoded at once: bounds the (blocks x candidates x values) search tensors (~0.1 / 3 GB)."""
 
 
 def quantize_rows(weights: torch.Tensor, ggml_type_name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Quantize a 2-D weight (rows a multiple of 256 long) to packed K-quant bytes, shape (rows, bytes_per_row)."""
-    encode = K_QUANTIZERS[ggml_type_name]
+    """Quantize a 2-D weight (rows a multiple of the block size) to packed bytes, shape (rows, bytes_per_row)."""
+    block_size, encode = ENCODERS[ggml_type_name]
     rows, cols = weights.shape
-    if cols % QK_K:
-        raise ValueError(f"row length {cols} is not a multiple of {QK_K}")
-    blocks = weights.detach().reshape(-1, QK_K).to(torch.float32)
+    if cols % block_size:
+        raise ValueError(f"row length {cols} is not a multiple of the {ggml_type_name} block size {block_size}")
+    blocks = weights.detach().reshape(-1, block_size)
+    per_chunk = _VALUES_PER_CHUNK.get(torch.device(device).type, 1 << 20) // block_size
     out = [
-        encode(blocks[start : start + _BLOCKS_PER_CHUNK].to(device)).cpu()
-        for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK)
+        encode(blocks[start : start + per_chunk].to(device=device, dtype=torch.float32)).to("cpu", non_blocking=True)
+        for start in range(0, blocks.shape[0], per_chunk)
     ]
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     return torch.cat(out).reshape(rows, -1)

@@ -1,0 +1,86 @@
+"""The VRAM policy: monotonic in memory, honest about what fits, sizes equal to the architecture's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.errors import FarmError
+from shared.ladder import RESIDENT_TRANSFORMER_GIB, QuantLevel, resident_transformer_gib
+from worker.plan import PlanInputs, headroom_gib, make_plan
+
+FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
+BUDGETS = [b / 2 for b in range(8, 200)]  # 4 .. 99.5 GiB
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 6)])
+@pytest.mark.parametrize("size", [(1024, 1024), (512, 512), (1536, 640)])
+def test_more_vram_never_means_a_worse_level_and_every_plan_fits(
+    capability: tuple[int, int], size: tuple[int, int]
+) -> None:
+    previous_rank = len(QuantLevel)
+    chosen = set()
+    for budget in BUDGETS:
+        try:
+            plan = make_plan(PlanInputs(vram_gib=budget, width=size[0], height=size[1], compute_capability=capability))
+        except FarmError:
+            assert not chosen, f"{budget} GiB fits nothing though a smaller budget did"
+            continue
+        rank = QuantLevel(plan.level).quality_rank
+        assert rank <= previous_rank, (budget, plan.level)
+        assert plan.predicted_peak_gib + headroom_gib(budget) <= budget
+        previous_rank = rank
+        chosen.add(plan.level)
+    assert "bf16" in chosen and "Q2_K" in chosen
+    assert ("fp8" in chosen) == (capability >= (8, 9))
+
+
+def test_the_plan_places_text_encoders_by_what_fits() -> None:
+    big = make_plan(PlanInputs(vram_gib=80, gpu_name="NVIDIA H100 80GB HBM3"))
+    assert (big.level, big.text_encoders, big.vae_tiling) == ("bf16", "gpu", False)
+    card_12 = make_plan(PlanInputs(vram_gib=12, gpu_name="NVIDIA GeForce RTX 3060"))
+    assert card_12.level == "Q6_K" and card_12.text_encoders != "gpu"
+    assert any("all on the GPU would peak" in reason for reason in card_12.reasons)
+
+
+def test_a_forced_level_that_cannot_fit_fails_with_the_numbers() -> None:
+    with pytest.raises(FarmError, match=r"nothing fits 12\.0 GiB at 1024x1024 at level bf16: bf16: even 22\.\d+ GiB does not fit"):
+        make_plan(PlanInputs(vram_gib=12, forced_level=QuantLevel.BF16))
+    assert make_plan(PlanInputs(vram_gib=12, forced_level=QuantLevel.Q4_K)).level == "Q4_K"
+
+
+def test_fp8_needs_fp8_tensor_cores() -> None:
+    ampere = make_plan(PlanInputs(vram_gib=24, gpu_name="NVIDIA GeForce RTX 3090"))
+    ada = make_plan(PlanInputs(vram_gib=24, gpu_name="NVIDIA GeForce RTX 4090"))
+    assert (ampere.level, ada.level) == ("Q8_0", "fp8")
+    assert any("fp8: needs fp8 tensor cores" in reason for reason in ampere.reasons)
+
+
+@pytest.mark.parametrize("model", ["flux.1-dev", "flux.1-schnell"])
+def test_ladder_sizes_equal_the_architecture_count(model: str) -> None:
+    from worker.flux_arch import TRANSFORMERS
+    from worker.level_sizes import transformer_bytes
+
+    for level in RESIDENT_TRANSFORMER_GIB:
+        if level == QuantLevel.NF4:
+            continue
+        counted = transformer_bytes(TRANSFORMERS[model], level) / 1024**3
+        assert resident_transformer_gib(level, model) == pytest.approx(counted, abs=0.001), level
+
+
+def test_plan_command_prints_the_decision_as_json() -> None:
+    done = subprocess.run(
+        [FLUXFARM, "plan", "--vram-gib", "24", "--gpu", "RTX 4090"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    decision = json.loads(done.stdout)
+    assert {"level", "predicted_peak_gib", "text_encoders", "reasons"} <= set(decision)
+    assert decision["level"] == "fp8"
+    refused = subprocess.run(
+        [FLUXFARM, "plan", "--vram-gib", "8", "--quant", "Q8_0"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "nothing fits 8.0 GiB" in refused.stderr

@@ -1,0 +1,46 @@
+"""Exact resident bytes of a FLUX transformer at each level, counted from its architecture.
+
+GGUF levels: quantized weights at their block size; tensors kept in higher precision (see
+`worker.quantize.ggml_type_for`) are loaded into the bf16 compute dtype. fp8: diffusers' layerwise
+casting stores Linear weights in e4m3 except in modules named like norms or positional embeddings.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import gguf
+
+from shared.ladder import QuantLevel
+from worker.flux_arch import meta_transformer
+from worker.quantize import ggml_type_for
+
+_FP8_SKIPPED = re.compile(r"pos_embed|norm")
+_BF16_BYTES = 2
+
+
+def transformer_bytes(config: dict[str, Any], level: QuantLevel) -> int:
+    model = meta_transformer(config)
+    if level == QuantLevel.BF16:
+        return sum(p.numel() for p in model.parameters()) * _BF16_BYTES
+    if level == QuantLevel.FP8:
+        total = 0
+        for module_name, module in model.named_modules():
+            for param in module.parameters(recurse=False):
+                is_linear = module.__class__.__name__ == "Linear"
+                fp8 = is_linear and not _FP8_SKIPPED.search(module_name)
+                total += param.numel() * (1 if fp8 else _BF16_BYTES)
+        return total
+    if not level.is_gguf:
+        raise ValueError(f"no size model for {level}")
+    target = gguf.GGMLQuantizationType[level.value]
+    total = 0
+    for name, param in model.state_dict().items():
+        ggml_type = ggml_type_for(name, tuple(param.shape), target)
+        if ggml_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            total += param.numel() * _BF16_BYTES
+        else:
+            block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+            total += param.numel() // block_size * type_size
+    return total

@@ -1,0 +1,180 @@
+"""The VRAM policy: from a card (or a budget) and the job's size, the best level that fits, and where
+the text encoders go. A pure function of its inputs, no torch, so `fluxfarm plan` runs anywhere.
+
+Predicted peak = what `torch.cuda.max_memory_allocated` will show: resident weights plus the
+largest phase's working memory. The CUDA context and allocator slack come on top (`headroom`).
+Working-memory figures were measured on an H100 with full-size random-weight FLUX.1-dev
+(`fluxfarm probe-vram`, docs/VRAM.md) and are interpolated in pixel count between 512² and 1024².
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from shared.errors import FarmError
+from shared.ladder import QuantLevel, resident_transformer_gib
+
+Placement = Literal["gpu", "gpu-swap", "cpu"]
+
+_PIXELS_512 = 512 * 512
+_PIXELS_1024 = 1024 * 1024
+
+# Measured on an H100 (docs/VRAM.md): GiB above resident weights at (512², 1024²), batch 1.
+STEP_WORKING_GIB: dict[QuantLevel, tuple[float, float]] = {
+    QuantLevel.BF16: (0.156, 0.462),
+    QuantLevel.FP8: (0.218, 0.468),
+    QuantLevel.Q8_0: (0.440, 0.673),
+    QuantLevel.Q6_K: (0.403, 0.635),
+    QuantLevel.Q5_K: (0.471, 0.704),
+    QuantLevel.Q5_1: (0.684, 0.916),
+    QuantLevel.Q4_K: (0.408, 0.638),
+    QuantLevel.Q4_1: (0.350, 0.584),
+    QuantLevel.Q4_0: (0.356, 0.588),
+    QuantLevel.Q3_K: (0.577, 0.809),
+    QuantLevel.Q2_K: (0.402, 0.635),
+}
+_GGUF_STEP_WORKING_GIB = (0.684, 0.916)
+"""Unmeasured GGUF levels (Q5_0): the largest measured GGUF figures."""
+VAE_GIB = 0.161
+VAE_DECODE_WORKING_GIB = (0.627, 2.410)
+VAE_TILE_PX = 512
+"""Tiled decoding works on 512² tiles: its working memory is that of a 512² decode."""
+T5_XXL_GIB, T5_WORKING_GIB = 9.118, 0.226
+CLIP_L_GIB, CLIP_WORKING_GIB = 0.236, 0.002
+
+CUDA_CONTEXT_GIB = 0.6
+ALLOCATOR_SLACK = 0.04
+"""Fragmentation margin, as a share of the budget."""
+
+PCIE_GIB_S = 20.0
+CPU_T5_TFLOPS = 0.5
+_T5_TFLOP_PER_PROMPT = 2 * 4.76e9 * 512 / 1e12
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+
+KNOWN_GPUS: dict[str, tuple[int, int]] = {
+    "H200": (9, 0), "H100": (9, 0), "GH200": (9, 0), "B200": (10, 0), "RTX 5090": (12, 0), "RTX 5080": (12, 0),
+    "L40S": (8, 9), "L40": (8, 9), "L4": (8, 9), "RTX 4090": (8, 9), "RTX 4080": (8, 9), "RTX 4070": (8, 9),
+    "RTX 4060": (8, 9), "RTX 6000 ADA": (8, 9), "A100": (8, 0), "A800": (8, 0), "A40": (8, 6), "A10G": (8, 6),
+    "A10": (8, 6), "RTX A6000": (8, 6), "RTX 3090": (8, 6), "RTX 3080": (8, 6), "RTX 3070": (8, 6),
+    "RTX 3060": (8, 6), "V100": (7, 0), "T4": (7, 5), "RTX 2080": (7, 5),
+}  # fmt: skip
+
+
+def compute_capability_of(gpu_name: str) -> tuple[int, int] | None:
+    """Compute capability from a marketing name ("NVIDIA GeForce RTX 3060" -> (8, 6)); None if unknown."""
+    upper = gpu_name.upper()
+    for key in sorted(KNOWN_GPUS, key=len, reverse=True):
+        if key in upper:
+            return KNOWN_GPUS[key]
+    return None
+
+
+class PlanInputs(BaseModel):
+    vram_gib: float = Field(gt=0, description="The budget: the card's memory, or --vram-budget.")
+    width: int = 1024
+    height: int = 1024
+    model: str = "flux.1-dev"
+    compute_capability: tuple[int, int] | None = None
+    gpu_name: str | None = None
+    forced_level: QuantLevel | None = None
+    available_levels: list[QuantLevel] = Field(
+        default_factory=lambda: [lv for lv in QuantLevel if lv != QuantLevel.NF4]
+    )
+
+
+class Plan(BaseModel):
+    level: str
+    predicted_peak_gib: float
+    text_encoders: Placement
+    vae_tiling: bool
+    vram_budget_gib: float
+    components_gib: dict[str, float]
+    reasons: list[str]
+
+
+def _interpolate(at_512: float, at_1024: float, pixels: int) -> float:
+    share = (pixels - _PIXELS_512) / (_PIXELS_1024 - _PIXELS_512)
+    return max(0.0, at_512 + (at_1024 - at_512) * share)
+
+
+def step_working_gib(level: QuantLevel, pixels: int) -> float:
+    default = _GGUF_STEP_WORKING_GIB if level.is_gguf else STEP_WORKING_GIB[QuantLevel.BF16]
+    return _interpolate(*STEP_WORKING_GIB.get(level, default), pixels)
+
+
+def decode_working_gib(pixels: int, tiled: bool) -> float:
+    return _interpolate(*VAE_DECODE_WORKING_GIB, min(pixels, VAE_TILE_PX**2) if tiled else pixels)
+
+
+def headroom_gib(vram_gib: float) -> float:
+    return CUDA_CONTEXT_GIB + ALLOCATOR_SLACK * vram_gib
+
+
+def _peaks(level: QuantLevel, inputs: PlanInputs, tiled: bool) -> tuple[dict[Placement, float], dict[str, float]]:
+    pixels = inputs.width * inputs.height
+    transformer = resident_transformer_gib(level, inputs.model)
+    encoders = T5_XXL_GIB + CLIP_L_GIB
+    step = step_working_gib(level, pixels)
+    decode = decode_working_gib(pixels, tiled)
+    denoise_and_decode = transformer + VAE_GIB + max(step, decode)
+    peaks: dict[Placement, float] = {
+        "gpu": transformer + VAE_GIB + encoders + max(step, decode, T5_WORKING_GIB),
+        # The transformer leaves the GPU while the encoders are in: the phases never overlap.
+        "gpu-swap": max(encoders + VAE_GIB + T5_WORKING_GIB, denoise_and_decode),
+        "cpu": denoise_and_decode,
+    }
+    components = {"transformer": transformer, "vae": VAE_GIB, "text_encoders": encoders, "step": step, "decode": decode}
+    return peaks, {name: round(value, 3) for name, value in components.items()}
+
+
+def _encode_choice(level: QuantLevel, inputs: PlanInputs) -> tuple[list[Placement], str]:
+    """gpu-swap or cpu first, by estimated seconds per prompt."""
+    moved_gib = 2 * (resident_transformer_gib(level, inputs.model) + T5_XXL_GIB + CLIP_L_GIB)
+    swap_s = moved_gib / PCIE_GIB_S
+    cpu_s = _T5_TFLOP_PER_PROMPT / CPU_T5_TFLOPS
+    order: list[Placement] = ["gpu-swap", "cpu"] if swap_s <= cpu_s else ["cpu", "gpu-swap"]
+    return order, f"encoders: swapping costs ~{swap_s:.1f}s per encode phase, CPU T5 ~{cpu_s:.1f}s per prompt"
+
+
+def make_plan(inputs: PlanInputs) -> Plan:
+    """The best level that fits, with the fastest encoder placement that fits it; FarmError if none does."""
+    usable = inputs.vram_gib - headroom_gib(inputs.vram_gib)
+    cc = inputs.compute_capability or (compute_capability_of(inputs.gpu_name) if inputs.gpu_name else None)
+    reasons = [f"budget {inputs.vram_gib:.1f} GiB, {usable:.2f} GiB after CUDA context and allocator slack"]
+    candidates = [inputs.forced_level] if inputs.forced_level else list(QuantLevel)
+    for level in candidates:
+        if level not in inputs.available_levels:
+            reasons.append(f"{level}: not available on this worker")
+            continue
+        if level == QuantLevel.FP8 and (cc is None or cc < FP8_MIN_COMPUTE_CAPABILITY):
+            reasons.append(f"fp8: needs fp8 tensor cores (compute capability >= 8.9), card has {cc or 'unknown'}")
+            continue
+        encode_order, encode_reason = _encode_choice(level, inputs)
+        for tiled in (False, True):
+            peaks, components = _peaks(level, inputs, tiled)
+            for placement in ["gpu", *encode_order]:
+                if peaks[placement] <= usable:
+                    reasons.append(
+                        f"{level}: {placement} text encoders{' with tiled VAE decode' if tiled else ''} "
+                        f"peak {peaks[placement]:.2f} GiB fits"
+                    )
+                    if placement != "gpu":
+                        reasons.append(f"all on the GPU would peak at {peaks['gpu']:.2f} GiB; {encode_reason}")
+                    return Plan(
+                        level=level.value,
+                        predicted_peak_gib=round(peaks[placement], 3),
+                        text_encoders=placement,
+                        vae_tiling=tiled,
+                        vram_budget_gib=inputs.vram_gib,
+                        components_gib=components,
+                        reasons=reasons,
+                    )
+        reasons.append(f"{level}: even {min(peaks.values()):.2f} GiB does not fit")
+    raise FarmError(
+        f"nothing fits {inputs.vram_gib:.1f} GiB at {inputs.width}x{inputs.height}"
+        + (f" at level {inputs.forced_level}" if inputs.forced_level else "")
+        + ": "
+        + "; ".join(reasons[1:])
+    )
