@@ -72,7 +72,7 @@ BYTES_PER_WEIGHT: dict[QuantLevel, float] = {
 
 RESIDENT_TRANSFORMER_GIB: dict[QuantLevel, tuple[float, float]] = {
     QuantLevel.BF16: (22.168, 22.149),
-    QuantLevel.FP8: (14.108, 14.099),
+    QuantLevel.FP8: (11.158, 11.139),
     QuantLevel.Q8_0: (11.835, 11.816),
     QuantLevel.Q6_K: (9.166, 9.147),
     QuantLevel.Q5_K: (7.702, 7.683),
@@ -86,8 +86,8 @@ RESIDENT_TRANSFORMER_GIB: dict[QuantLevel, tuple[float, float]] = {
     QuantLevel.Q2_K: (3.742, 3.723),
 }
 """GiB the transformer takes on the GPU, for (FLUX.1-dev, FLUX.1-schnell). Counted from the architecture
-by `worker.level_sizes` (a test keeps them equal); kept tensors count as bf16, fp8 keeps norm-named
-Linear layers in bf16 as diffusers' layerwise casting does. NF4 is estimated from its bytes per weight."""
+by `worker.level_sizes` (a test keeps them equal); kept tensors (embedders, output layers) count as
+bf16; fp8 is e4m3 with a float32 scale per output row. NF4 is estimated from its bytes per weight."""
 
 
 def resident_transformer_gib(level: QuantLevel, model: str = "flux.1-dev") -> float:

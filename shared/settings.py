@@ -42,6 +42,16 @@ class FarmSettings(BaseSettings):
         description="Transformer weights for workers: a .gguf/.safetensors path, hf://, https:// or s3:// URL.",
     )
     device: str | None = Field(default=None, description="Torch device for workers; cuda:0 when present.")
+    quant: str | None = Field(
+        default=None, description="Force the worker's level (e.g. Q4_K); the VRAM policy picks when unset."
+    )
+    vram_budget_gib: float | None = Field(
+        default=None, gt=0, description="Use at most this much GPU memory (a shared card, or to emulate a smaller one)."
+    )
+    plan_size: str = Field(
+        default="2048x2048", pattern=r"^\d+x\d+$", description="Largest job the VRAM plan must fit, WxH."
+    )
+    catalog: Path | None = Field(default=None, description="TOML file overriding where each level's weights live.")
     worker_name: str | None = Field(default=None, description="Celery node name; host and device when unset.")
     visibility_timeout_s: int = Field(
         default=7200,

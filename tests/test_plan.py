@@ -48,7 +48,9 @@ def test_the_plan_places_text_encoders_by_what_fits() -> None:
 
 
 def test_a_forced_level_that_cannot_fit_fails_with_the_numbers() -> None:
-    with pytest.raises(FarmError, match=r"nothing fits 12\.0 GiB at 1024x1024 at level bf16: bf16: even 22\.\d+ GiB does not fit"):
+    with pytest.raises(
+        FarmError, match=r"nothing fits 12\.0 GiB at 1024x1024 at level bf16: bf16: even 22\.\d+ GiB does not fit"
+    ):
         make_plan(PlanInputs(vram_gib=12, forced_level=QuantLevel.BF16))
     assert make_plan(PlanInputs(vram_gib=12, forced_level=QuantLevel.Q4_K)).level == "Q4_K"
 

@@ -123,3 +123,16 @@ def test_quantize_refuses_unknown_levels_and_non_gguf_outputs(tiny_model: Path, 
         done = subprocess.run([FLUXFARM, "quantize", str(tiny_model), *args], capture_output=True, text=True)
         assert done.returncode == 1 and message in done.stderr, done.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"])
+def test_torch_legacy_encoders_write_the_same_bytes_as_gguf_py(name: str) -> None:
+    """The GPU path for big models must not change a single byte of what gguf-py would write."""
+    torch.manual_seed(2)
+    weights = torch.randn(64, 512) * 0.03
+    weights[0, :32] = 0.0
+    weights[1, :32] = 0.25
+    weights[2, :32] = torch.linspace(-1, 1, 32)  # exact halves exercise the rounding rule
+    ours = quantize_rows(weights, name).numpy()
+    theirs = gguf.quants.quantize(weights.numpy(), gguf.GGMLQuantizationType[name])
+    assert np.array_equal(ours, theirs)

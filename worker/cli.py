@@ -33,9 +33,17 @@ def worker(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="Torch device, e.g. cuda:1 [env: FLUXFARM_DEVICE].")] = None,
+    quant: Annotated[
+        str | None, typer.Option(help="Force a level (fails if it cannot fit) [env: FLUXFARM_QUANT].")
+    ] = None,
+    vram_budget: Annotated[
+        float | None, typer.Option(help="Use at most this many GiB of the card [env: FLUXFARM_VRAM_BUDGET_GIB].")
+    ] = None,
 ) -> None:
-    """Run a GPU worker: load the pipeline once, then render jobs from the queue until stopped."""
+    """Run a GPU worker: pick the level the card holds, load it once, render jobs until stopped."""
     settings = FarmSettings()
+    overrides = {"quant": quant, "vram_budget_gib": vram_budget}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     model = model or settings.model
     if not model:
         raise FarmError("no model: pass --model or set FLUXFARM_MODEL")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,17 +60,35 @@ class RenderEngine:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
 
+    @contextmanager
+    def _encoders_on_gpu(self) -> Iterator[None]:
+        """For a gpu-swap plan: the transformer waits in host memory while the encoders use the GPU."""
+        if self.model.text_encoders != "gpu-swap":
+            yield
+            return
+        pipe, device = self.model.pipe, self.model.device
+        pipe.transformer.to("cpu")
+        pipe.text_encoder.to(device)
+        pipe.text_encoder_2.to(device)
+        try:
+            yield
+        finally:
+            pipe.text_encoder.to("cpu")
+            pipe.text_encoder_2.to("cpu")
+            pipe.transformer.to(device)
+
     @torch.inference_mode()
     def render(self, job: RenderJob) -> RenderedImage:
         pipe = self.model.pipe
         device = self.model.device
         clock = _PhaseClock(device)
-        prompt_embeds, pooled_embeds, _ = pipe.encode_prompt(
-            prompt=job.prompt,
-            prompt_2=job.prompt_2,
-            device=torch.device(device),
-            max_sequence_length=job.max_sequence_length,
-        )
+        with self._encoders_on_gpu():
+            prompt_embeds, pooled_embeds, _ = pipe.encode_prompt(
+                prompt=job.prompt,
+                prompt_2=job.prompt_2,
+                device=torch.device(device),
+                max_sequence_length=job.max_sequence_length,
+            )
         encode_s = clock.lap()
         # A CPU generator gives the same starting noise for a seed on every card.
         generator = torch.Generator(device="cpu").manual_seed(job.seed)

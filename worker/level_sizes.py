@@ -1,23 +1,23 @@
 """Exact resident bytes of a FLUX transformer at each level, counted from its architecture.
 
 GGUF levels: quantized weights at their block size; tensors kept in higher precision (see
-`worker.quantize.ggml_type_for`) are loaded into the bf16 compute dtype. fp8: diffusers' layerwise
-casting stores Linear weights in e4m3 except in modules named like norms or positional embeddings.
+`worker.quantize.ggml_type_for`) are loaded into the bf16 compute dtype. fp8 (`worker.fp8`): every
+Linear weight outside the kept layers in e4m3 plus a float32 scale per output row; the rest in bf16.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import gguf
+import torch
 
 from shared.ladder import QuantLevel
 from worker.flux_arch import meta_transformer
-from worker.quantize import ggml_type_for
+from worker.quantize import ggml_type_for, keeps_high_precision
 
-_FP8_SKIPPED = re.compile(r"pos_embed|norm")
 _BF16_BYTES = 2
+_FP32_BYTES = 4
 
 
 def transformer_bytes(config: dict[str, Any], level: QuantLevel) -> int:
@@ -27,10 +27,12 @@ def transformer_bytes(config: dict[str, Any], level: QuantLevel) -> int:
     if level == QuantLevel.FP8:
         total = 0
         for module_name, module in model.named_modules():
-            for param in module.parameters(recurse=False):
-                is_linear = module.__class__.__name__ == "Linear"
-                fp8 = is_linear and not _FP8_SKIPPED.search(module_name)
-                total += param.numel() * (1 if fp8 else _BF16_BYTES)
+            for name, param in module.named_parameters(recurse=False):
+                fp8 = isinstance(module, torch.nn.Linear) and not keeps_high_precision(f"{module_name}.")
+                if fp8 and name == "weight":
+                    total += param.numel() + param.shape[0] * _FP32_BYTES
+                else:
+                    total += param.numel() * _BF16_BYTES
         return total
     if not level.is_gguf:
         raise ValueError(f"no size model for {level}")

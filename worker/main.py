@@ -8,10 +8,11 @@ import time
 from datetime import UTC, datetime
 
 import redis
+import torch
 
 from shared.celery_app import make_celery_app
 from shared.fleet import WorkerStatus
-from shared.ladder import parse_level
+from shared.ladder import QuantLevel, parse_level
 from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
@@ -19,6 +20,7 @@ from worker.engine import RenderEngine
 from worker.gpu import default_device, probe_device
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
+from worker.loadout import choose_loadout
 from worker.pipeline import load_model
 from worker.tasks import register_render_task
 
@@ -54,8 +56,22 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         redact_url(settings.broker_url),
         redact_url(settings.storage_url),
     )
+    if settings.vram_budget_gib and torch.device(device).type == "cuda":
+        total_gib = torch.cuda.get_device_properties(device).total_memory / 1024**3
+        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.vram_budget_gib / total_gib), device)
+    loadout = choose_loadout(settings, model, transformer, device)
+    if loadout.plan is not None:
+        log.info("plan: %s", loadout.plan.model_dump_json())
     load_start = time.perf_counter()
-    loaded = load_model(model, transformer, device, settings)
+    loaded = load_model(
+        model,
+        loadout.transformer,
+        device,
+        settings,
+        fp8=loadout.level == QuantLevel.FP8,
+        text_encoders=loadout.text_encoders,
+        vae_tiling=loadout.vae_tiling,
+    )
     load_s = time.perf_counter() - load_start
     queues = queues_for_level(parse_level(loaded.quant))
     log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)

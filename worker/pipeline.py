@@ -18,7 +18,9 @@ from shared.ladder import QuantLevel
 from shared.metadata import ModelInfo
 from shared.settings import FarmSettings
 from worker.file_digest import DigestCache
+from worker.fp8 import to_scaled_fp8
 from worker.model_sources import resolve_base, resolve_file
+from worker.plan import VAE_TILE_PX, Placement
 from worker.quantize import gguf_level
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ class LoadedModel:
     info: ModelInfo
     quant: str
     device: str
+    text_encoders: Placement = "gpu"
+    """gpu: resident; gpu-swap: on the GPU only while encoding; cpu: encode on the CPU."""
 
 
 def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
@@ -74,14 +78,39 @@ def _load_transformer(
     return model, level, digests.sha256(path)
 
 
-def load_model(model: str, transformer: str | None, device: str, settings: FarmSettings) -> LoadedModel:
+def place_pipeline(pipe: FluxPipeline, device: str, text_encoders: Placement) -> None:
+    """Move components one by one, so a small card never holds more than the plan says."""
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
+    encoders_device = device if text_encoders == "gpu" else "cpu"
+    pipe.text_encoder.to(encoders_device)
+    pipe.text_encoder_2.to(encoders_device)
+
+
+def load_model(
+    model: str,
+    transformer: str | None,
+    device: str,
+    settings: FarmSettings,
+    fp8: bool = False,
+    text_encoders: Placement = "gpu",
+    vae_tiling: bool = False,
+) -> LoadedModel:
     """Resolve, load and place the whole pipeline once; every later job reuses it."""
     dtype = compute_dtype(device)
     base = resolve_base(model, settings, with_transformer_weights=transformer is None)
     try:
         flux_transformer, level, sha256 = _load_transformer(base, transformer, dtype, settings)
+        if fp8:
+            if level != QuantLevel.BF16.value:
+                raise ModelLoadError(f"fp8 casts bf16 weights; {transformer} holds {level}")
+            # Quantize on the host: a bf16 copy on the GPU would not fit the cards fp8 is for.
+            to_scaled_fp8(flux_transformer, dtype)
+            level = QuantLevel.FP8.value
         pipe = FluxPipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
-        pipe.to(device)
+        place_pipeline(pipe, device, text_encoders)
+        if vae_tiling:
+            enable_vae_tiling(pipe.vae, VAE_TILE_PX)
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:
@@ -89,4 +118,4 @@ def load_model(model: str, transformer: str | None, device: str, settings: FarmS
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
     log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, level, device)
-    return LoadedModel(pipe=pipe, info=info, quant=level, device=device)
+    return LoadedModel(pipe=pipe, info=info, quant=level, device=device, text_encoders=text_encoders)

@@ -24,7 +24,7 @@ _PIXELS_1024 = 1024 * 1024
 # Measured on an H100 (docs/VRAM.md): GiB above resident weights at (512², 1024²), batch 1.
 STEP_WORKING_GIB: dict[QuantLevel, tuple[float, float]] = {
     QuantLevel.BF16: (0.156, 0.462),
-    QuantLevel.FP8: (0.218, 0.468),
+    QuantLevel.FP8: (0.547, 0.779),
     QuantLevel.Q8_0: (0.440, 0.673),
     QuantLevel.Q6_K: (0.403, 0.635),
     QuantLevel.Q5_K: (0.471, 0.704),

@@ -50,17 +50,18 @@ _CHECKPOINT_PREFIX = "model.diffusion_model."  # ComfyUI-saved BFL checkpoints
 _MIN_QUANTIZED_ELEMENTS = 1024
 
 
+def keeps_high_precision(name: str) -> bool:
+    """True for tensors (or modules) of FLUX's embedders and output layers, at every quantized level."""
+    return name.removeprefix(_CHECKPOINT_PREFIX).startswith(_KEEP_HIGH_PRECISION_PREFIXES)
+
+
 def ggml_type_for(name: str, shape: tuple[int, ...], target: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
     """The storage type of one tensor in a file of level `target`."""
     if len(shape) <= 1:
         return gguf.GGMLQuantizationType.F32
     block_size, _ = gguf.GGML_QUANT_SIZES[target]
     elements = int(np.prod(shape))
-    if (
-        name.removeprefix(_CHECKPOINT_PREFIX).startswith(_KEEP_HIGH_PRECISION_PREFIXES)
-        or shape[-1] % block_size != 0
-        or elements < _MIN_QUANTIZED_ELEMENTS
-    ):
+    if keeps_high_precision(name) or shape[-1] % block_size != 0 or elements < _MIN_QUANTIZED_ELEMENTS:
         return gguf.GGMLQuantizationType.F16
     return target
 

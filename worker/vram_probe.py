@@ -31,6 +31,7 @@ from worker.flux_arch import (
     random_vae,
     write_transformer_config,
 )
+from worker.fp8 import to_scaled_fp8
 from worker.gguf_blocks import quantize_rows
 from worker.pipeline import enable_vae_tiling
 from worker.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
@@ -103,8 +104,8 @@ def load_level(state: dict[str, torch.Tensor], level: QuantLevel, config_dir: Pa
         model = FluxTransformer2DModel.from_single_file(
             state, config=str(config_dir), subfolder="transformer", dtype=DTYPE
         )
-        if level == QuantLevel.FP8:  # cast on the host: a bf16 copy on the GPU would not fit the card fp8 is for
-            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPE)
+        if level == QuantLevel.FP8:  # quantize on the host: a bf16 copy on the GPU would not fit the card
+            to_scaled_fp8(model, DTYPE)
         return model.to(device)
     model = FluxTransformer2DModel.from_single_file(
         state,

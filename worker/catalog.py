@@ -1,0 +1,68 @@
+"""Where each level of a known model lives: built in for FLUX.1-dev and FLUX.1-schnell (city96's
+published GGUF files), overridable by a TOML file (`FLUXFARM_CATALOG`), e.g. for a private bucket:
+
+    [models."black-forest-labs/FLUX.1-dev"]
+    Q8_0 = "s3://models/flux1-dev-Q8_0.gguf"
+    Q4_K = "/mnt/models/flux1-dev-Q4_K_S.gguf"
+
+bf16 and fp8 need no entry: both load the base repo's bf16 transformer (fp8 casts it on the host).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from shared.errors import ModelLoadError
+from shared.ladder import QuantLevel, parse_level
+
+_CITY96_SUFFIX = {
+    QuantLevel.Q8_0: "Q8_0",
+    QuantLevel.Q6_K: "Q6_K",
+    QuantLevel.Q5_K: "Q5_K_S",
+    QuantLevel.Q5_1: "Q5_1",
+    QuantLevel.Q5_0: "Q5_0",
+    QuantLevel.Q4_K: "Q4_K_S",
+    QuantLevel.Q4_1: "Q4_1",
+    QuantLevel.Q4_0: "Q4_0",
+    QuantLevel.Q3_K: "Q3_K_S",
+    QuantLevel.Q2_K: "Q2_K",
+}
+_BUILT_IN_REPOS = {
+    "black-forest-labs/FLUX.1-dev": ("city96/FLUX.1-dev-gguf", "flux1-dev"),
+    "black-forest-labs/FLUX.1-schnell": ("city96/FLUX.1-schnell-gguf", "flux1-schnell"),
+}
+BASE_WEIGHT_LEVELS = (QuantLevel.BF16, QuantLevel.FP8)
+
+
+def built_in_catalog() -> dict[str, dict[QuantLevel, str]]:
+    return {
+        model: {level: f"hf://{repo}/{stem}-{suffix}.gguf" for level, suffix in _CITY96_SUFFIX.items()}
+        for model, (repo, stem) in _BUILT_IN_REPOS.items()
+    }
+
+
+def load_catalog(override: Path | None) -> dict[str, dict[QuantLevel, str]]:
+    """The built-in catalog, with the TOML file's entries replacing or adding levels per model."""
+    catalog = built_in_catalog()
+    if override is None:
+        return catalog
+    try:
+        data = tomllib.loads(override.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ModelLoadError(f"cannot read model catalog {override}: {error}") from None
+    for model, levels in data.get("models", {}).items():
+        entries = catalog.setdefault(model, {})
+        for name, source in levels.items():
+            entries[parse_level(name)] = str(source)
+    return catalog
+
+
+def model_family(model: str) -> str:
+    """The architecture whose sizes the plan uses: schnell if the name says so, else dev."""
+    return "flux.1-schnell" if "schnell" in model.lower() else "flux.1-dev"
+
+
+def available_levels(catalog: dict[str, dict[QuantLevel, str]], model: str) -> list[QuantLevel]:
+    """Levels a worker can load for `model` without being handed a transformer file."""
+    return [*BASE_WEIGHT_LEVELS, *catalog.get(model, {})]

@@ -1,0 +1,88 @@
+"""What a worker loads: the level (forced, given by the operator's file, or chosen by the VRAM plan),
+where its weights come from, and where the text encoders live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import FarmError
+from shared.ladder import QuantLevel, parse_level
+from shared.settings import FarmSettings
+from worker.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog, model_family
+from worker.model_sources import resolve_file
+from worker.plan import Placement, Plan, PlanInputs, make_plan
+from worker.quantize import gguf_level
+
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Loadout:
+    level: QuantLevel
+    transformer: str | None
+    """The transformer source; None means the base model's own bf16 weights."""
+    text_encoders: Placement
+    vae_tiling: bool
+    plan: Plan | None
+    """None on the CPU, where there is no VRAM to plan."""
+
+
+def _file_level(source: str, settings: FarmSettings) -> QuantLevel:
+    path = resolve_file(source, settings)
+    return parse_level(gguf_level(path)) if path.suffix == ".gguf" else QuantLevel.BF16
+
+
+def _plan_size(settings: FarmSettings) -> tuple[int, int]:
+    width, _, height = settings.plan_size.partition("x")
+    return int(width), int(height)
+
+
+def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, device: str) -> Loadout:
+    """Decide before loading anything, so a level that cannot fit fails at once and says why."""
+    forced = parse_level(settings.quant) if settings.quant else None
+    catalog = load_catalog(settings.catalog)
+    if transformer is not None:
+        held = _file_level(transformer, settings)
+        if forced is not None and forced != held and not (forced == QuantLevel.FP8 and held == QuantLevel.BF16):
+            raise FarmError(f"--quant {forced} asked for, but the transformer file {transformer} holds {held}")
+        candidates = [forced or held]
+    else:
+        candidates = available_levels(catalog, model)
+        if forced is not None and forced not in candidates:
+            raise FarmError(f"no weights for {forced} of {model}: pass --transformer or add it to the catalog")
+        if forced is not None:
+            candidates = [forced]
+    plan = None
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        total_gib = props.total_memory / _GIB
+        budget = min(settings.vram_budget_gib or total_gib, total_gib)
+        width, height = _plan_size(settings)
+        plan = make_plan(
+            PlanInputs(
+                vram_gib=budget,
+                width=width,
+                height=height,
+                model=model_family(model),
+                compute_capability=(props.major, props.minor),
+                gpu_name=props.name,
+                forced_level=candidates[0] if len(candidates) == 1 else None,
+                available_levels=candidates,
+            )
+        )
+        level = QuantLevel(plan.level)
+    else:
+        level = candidates[0] if len(candidates) == 1 else QuantLevel.BF16
+    source = transformer
+    if source is None and level not in BASE_WEIGHT_LEVELS:
+        source = catalog[model][level]
+    return Loadout(
+        level=level,
+        transformer=source,
+        text_encoders=plan.text_encoders if plan else "gpu",
+        vae_tiling=plan.vae_tiling if plan else False,
+        plan=plan,
+    )
