@@ -12,6 +12,8 @@ from typing import Any
 import boto3
 import pytest
 import redis
+import torch
+from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
 from producer.local_stack import RedisServer, WorkerProcess, free_port
 from shared.celery_app import QUEUE_ANY
@@ -141,13 +143,7 @@ def farm(
     bucket = s3_server.new_bucket()
     prefix = "renders"
     work = tmp_path_factory.mktemp("farm")
-    settings = FarmSettings(
-        broker_url=redis_server.url,
-        storage_url=f"s3://{bucket}/{prefix}",
-        s3_endpoint_url=s3_server.endpoint_url,
-        cache_dir=work / "cache",
-    )
-    redis.Redis.from_url(redis_server.url).flushdb()
+    settings = fresh_farm_settings(redis_server, s3_server, f"s3://{bucket}/{prefix}", work)
     worker = start_worker(
         settings,
         tiny_model,
@@ -157,6 +153,28 @@ def farm(
     )
     yield Farm(settings=settings, bucket=bucket, prefix=prefix, worker=worker, s3=s3_server)
     worker.stop()
+
+
+def fresh_farm_settings(redis_server: RedisServer, s3_server: S3Server, storage_url: str, work: Path) -> FarmSettings:
+    """Settings for a farm on the test Redis (emptied) and moto S3, with its own cache dir."""
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return FarmSettings(
+        broker_url=redis_server.url,
+        storage_url=storage_url,
+        s3_endpoint_url=s3_server.endpoint_url,
+        cache_dir=work / "cache",
+    )
+
+
+def load_gguf_transformer(path: Path, model_dir: Path) -> torch.nn.Module:
+    """A GGUF transformer file as diffusers loads it, in fp32 on the CPU."""
+    return FluxTransformer2DModel.from_single_file(
+        str(path),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=str(model_dir),
+        subfolder="transformer",
+        dtype=torch.float32,
+    )
 
 
 def queue_length(client: redis.Redis) -> int:

@@ -10,10 +10,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+from diffusers import FluxTransformer2DModel
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
 from shared.ladder import QuantLevel
+from tests.conftest import load_gguf_transformer
 from worker.gguf_blocks import quantize_rows
 from worker.quantize import QUANTIZABLE_LEVELS
 
@@ -72,13 +73,7 @@ def test_every_gguf_level_loads_and_matches_the_source_within_its_error(
     errors: dict[QuantLevel, float] = {}
     rows = []
     for level, path in quantized_files.items():
-        model = FluxTransformer2DModel.from_single_file(
-            str(path),
-            quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
-            config=str(tiny_model),
-            subfolder="transformer",
-            dtype=torch.float32,
-        )
+        model = load_gguf_transformer(path, tiny_model)
         quantized = {n: p for n, p in model.state_dict().items() if getattr(p, "quant_type", None) is not None}
         assert quantized, level
         assert {p.quant_type.name for p in quantized.values()} == {level.value}

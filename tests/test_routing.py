@@ -23,7 +23,7 @@ from shared.fleet import HEARTBEAT_TTL_S
 from shared.jobs import parse_job
 from shared.ladder import QuantLevel
 from shared.settings import FarmSettings
-from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env
+from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env, fresh_farm_settings
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +50,7 @@ def fleet(
     from worker.tiny_model import gguf_path
 
     work = tmp_path_factory.mktemp("fleet")
-    settings = FarmSettings(
-        broker_url=redis_server.url,
-        storage_url=f"s3://{s3_server.new_bucket()}/fleet",
-        s3_endpoint_url=s3_server.endpoint_url,
-        cache_dir=work / "cache",
-    )
-    redis.Redis.from_url(redis_server.url).flushdb()
+    settings = fresh_farm_settings(redis_server, s3_server, f"s3://{s3_server.new_bucket()}/fleet", work)
     workers = {}
     for level in (QuantLevel.Q8_0, QuantLevel.Q4_0):
         name = f"w-{level.value.lower()}@test"

@@ -10,13 +10,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
 from shared.errors import FarmError, ModelLoadError
 from shared.jobs import parse_job
 from shared.ladder import QuantLevel
 from shared.settings import FarmSettings
+from tests.conftest import load_gguf_transformer
 from worker.engine import RenderEngine
 from worker.pipeline import load_model
 from worker.quantize import gguf_level, write_gguf
@@ -49,13 +50,7 @@ def test_gguf_files_load_with_from_single_file_and_match_the_weights(tiny_model:
     path = gguf_path(tiny_model, level)
     assert gguf_level(path) == level.value
     reference = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer").state_dict()
-    quantized = FluxTransformer2DModel.from_single_file(
-        str(path),
-        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
-        config=str(tiny_model),
-        subfolder="transformer",
-        dtype=torch.float32,
-    )
+    quantized = load_gguf_transformer(path, tiny_model)
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
     errors = {}

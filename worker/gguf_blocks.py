@@ -12,6 +12,7 @@ layout ggml, gguf-py and diffusers read.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -143,22 +144,40 @@ def _pack_k4_scales(scale_levels: torch.Tensor, min_levels: torch.Tensor) -> tor
     return torch.cat([first, second, third], dim=1)
 
 
+@dataclass(frozen=True)
+class _SuperBlockScales:
+    """A super-block's group scales and mins, quantized to `top` levels under two fp16 maxima (d, dmin)."""
+
+    scale_levels: torch.Tensor
+    min_levels: torch.Tensor
+    step: torch.Tensor  # d * scale level: each group's decoded step
+    offset: torch.Tensor  # dmin * min level: each group's decoded (positive) min
+    header: torch.Tensor  # d and dmin as fp16 bytes
+
+    @classmethod
+    def quantize(cls, scales: torch.Tensor, mins: torch.Tensor, top: int) -> _SuperBlockScales:
+        max_scale = scales.max(dim=1).values.clamp(min=0.0)
+        max_min = mins.max(dim=1).values.clamp(min=0.0)
+        scale_levels = torch.round(_safe_div(torch.full_like(max_scale, float(top)), max_scale).unsqueeze(1) * scales)
+        min_levels = torch.round(_safe_div(torch.full_like(max_min, float(top)), max_min).unsqueeze(1) * mins)
+        scale_levels, min_levels = scale_levels.clamp(0, top), min_levels.clamp(0, top)
+        return cls(
+            scale_levels=scale_levels,
+            min_levels=min_levels,
+            step=_as_fp16(max_scale / top).unsqueeze(1) * scale_levels,
+            offset=_as_fp16(max_min / top).unsqueeze(1) * min_levels,
+            header=torch.cat([_fp16_bytes(max_scale / top), _fp16_bytes(max_min / top)], dim=1),
+        )
+
+
 def _affine_k_block(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch.Tensor, ...]:
     """Shared by Q4_K and Q5_K: 8 groups of 32 with 6-bit scales and mins."""
     groups = x.view(-1, 8, 32)
     rms = groups.pow(2).mean(-1, keepdim=True).sqrt()
     scales, mins = _make_qkx2_quants(groups, rms + groups.abs(), nmax, rmin, 0.1, nstep, use_mad=False)
-    max_scale = scales.max(dim=1).values.clamp(min=0.0)
-    max_min = mins.max(dim=1).values.clamp(min=0.0)
-    scale_levels = torch.round(_safe_div(torch.full_like(max_scale, 63.0), max_scale).unsqueeze(1) * scales)
-    min_levels = torch.round(_safe_div(torch.full_like(max_min, 63.0), max_min).unsqueeze(1) * mins)
-    scale_levels, min_levels = scale_levels.clamp(0, 63), min_levels.clamp(0, 63)
-    d, dmin = _as_fp16(max_scale / 63.0), _as_fp16(max_min / 63.0)
-    step = d.unsqueeze(1) * scale_levels
-    offset = dmin.unsqueeze(1) * min_levels
-    levels = torch.round(_safe_div(groups + offset.unsqueeze(-1), step.unsqueeze(-1))).clamp(0, nmax)
-    header = torch.cat([_fp16_bytes(max_scale / 63.0), _fp16_bytes(max_min / 63.0)], dim=1)
-    return header, _pack_k4_scales(scale_levels, min_levels), levels.reshape(-1, QK_K).to(torch.uint8)
+    q = _SuperBlockScales.quantize(scales, mins, top=63)
+    levels = torch.round(_safe_div(groups + q.offset.unsqueeze(-1), q.step.unsqueeze(-1))).clamp(0, nmax)
+    return q.header, _pack_k4_scales(q.scale_levels, q.min_levels), levels.reshape(-1, QK_K).to(torch.uint8)
 
 
 def quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
@@ -224,18 +243,10 @@ def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
 def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
     groups = x.view(-1, 16, 16)
     scales, mins = _make_qkx2_quants(groups, groups.abs(), 3, -0.5, 0.1, 15, use_mad=True)
-    max_scale = scales.max(dim=1).values.clamp(min=0.0)
-    max_min = mins.max(dim=1).values.clamp(min=0.0)
-    scale_levels = torch.round(_safe_div(torch.full_like(max_scale, 15.0), max_scale).unsqueeze(1) * scales)
-    min_levels = torch.round(_safe_div(torch.full_like(max_min, 15.0), max_min).unsqueeze(1) * mins)
-    scale_levels, min_levels = scale_levels.clamp(0, 15), min_levels.clamp(0, 15)
-    d, dmin = _as_fp16(max_scale / 15.0), _as_fp16(max_min / 15.0)
-    step = (d.unsqueeze(1) * scale_levels).unsqueeze(-1)
-    offset = (dmin.unsqueeze(1) * min_levels).unsqueeze(-1)
-    levels = torch.round(_safe_div(groups + offset, step)).clamp(0, 3).reshape(-1, QK_K)
-    scale_bytes = scale_levels.to(torch.uint8) | (min_levels.to(torch.uint8) << 4)
-    header = torch.cat([_fp16_bytes(max_scale / 15.0), _fp16_bytes(max_min / 15.0)], dim=1)
-    return torch.cat([scale_bytes, _pack_2bit(levels), header], dim=1)
+    q = _SuperBlockScales.quantize(scales, mins, top=15)
+    levels = torch.round(_safe_div(groups + q.offset.unsqueeze(-1), q.step.unsqueeze(-1))).clamp(0, 3)
+    scale_bytes = q.scale_levels.to(torch.uint8) | (q.min_levels.to(torch.uint8) << 4)
+    return torch.cat([scale_bytes, _pack_2bit(levels.reshape(-1, QK_K)), q.header], dim=1)
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
