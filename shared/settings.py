@@ -62,6 +62,9 @@ class FarmSettings(BaseSettings):
         default=7 * 24 * 3600, ge=60, description="How long task results stay in the result backend."
     )
     cache_dir: Path = Field(default=Path("~/.cache/fluxfarm"), description="Downloaded models and file digests.")
+    cache_max_gib: float | None = Field(
+        default=None, gt=0, description="Size limit of the model download cache; least recently used files go first."
+    )
     log_level: str = Field(default="INFO", description="Python logging level of the worker.")
 
     @field_validator("storage_url")

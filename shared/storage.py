@@ -182,6 +182,19 @@ class S3Store(ObjectStore):
         except (BotoCoreError, ClientError) as error:
             raise StorageError(f"could not read {self.uri(key)}: {error}") from None
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes (before downloading it)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return int(self._client.head_object(Bucket=self.bucket, Key=_check_key(key))["ContentLength"])
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                raise ObjectNotFound(key) from None
+            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
+        except BotoCoreError as error:
+            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
+
     def head_metadata(self, key: str) -> dict[str, str]:
         """The object's user metadata (S3 `x-amz-meta-*`)."""
         return self._client.head_object(Bucket=self.bucket, Key=_check_key(key))["Metadata"]

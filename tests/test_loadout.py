@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from shared.errors import FarmError
+from shared.errors import FarmError, ModelLoadError
 from shared.jobs import parse_job
 from shared.ladder import QuantLevel
 from shared.settings import FarmSettings
-from worker.catalog import available_levels, built_in_catalog, load_catalog, model_family
+from tests.conftest import S3Server
+from worker.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, model_family
 from worker.engine import RenderEngine
 from worker.loadout import choose_loadout
+from worker.model_sources import model_cache, resolve_file
 from worker.pipeline import load_model
 from worker.tiny_model import gguf_path
 
@@ -24,8 +28,8 @@ FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 def test_built_in_catalog_names_city96_files_for_every_gguf_level() -> None:
     dev = built_in_catalog()[FLUX_DEV]
-    assert dev[QuantLevel.Q8_0] == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q8_0.gguf"
-    assert dev[QuantLevel.Q4_K] == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf"
+    assert dev[QuantLevel.Q8_0].source == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q8_0.gguf"
+    assert dev[QuantLevel.Q4_K].source == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf"
     assert {level for level in QuantLevel if level.is_gguf} == set(dev)
     assert model_family("black-forest-labs/FLUX.1-schnell") == "flux.1-schnell"
 
@@ -33,14 +37,20 @@ def test_built_in_catalog_names_city96_files_for_every_gguf_level() -> None:
 def test_a_toml_catalog_overrides_and_adds_levels(tmp_path: Path) -> None:
     override = tmp_path / "catalog.toml"
     override.write_text(
-        f'[models."{FLUX_DEV}"]\nQ8_0 = "s3://models/dev-q8.gguf"\n[models."my/finetune"]\nq4_k = "/m/ft.gguf"\n'
+        f'[models."{FLUX_DEV}"]\n'
+        'Q8_0 = { source = "s3://models/dev-q8.gguf", sha256 = "ABC123" }\n'
+        '[models."my/finetune"]\n'
+        'q4_k = "/m/ft.gguf"\n'
     )
     catalog = load_catalog(override)
-    assert catalog[FLUX_DEV][QuantLevel.Q8_0] == "s3://models/dev-q8.gguf"
-    assert catalog[FLUX_DEV][QuantLevel.Q6_K].startswith("hf://city96/")
+    assert catalog[FLUX_DEV][QuantLevel.Q8_0] == CatalogEntry("s3://models/dev-q8.gguf", "abc123")
+    assert catalog[FLUX_DEV][QuantLevel.Q6_K].source.startswith("hf://city96/")
     assert available_levels(catalog, "my/finetune") == [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q4_K]
     override.write_text("[models.broken\n")
     with pytest.raises(FarmError, match="cannot read model catalog"):
+        load_catalog(override)
+    override.write_text(f'[models."{FLUX_DEV}"]\nQ8_0 = 3\n')
+    with pytest.raises(FarmError, match="must be a source string"):
         load_catalog(override)
 
 
@@ -71,7 +81,7 @@ def _pixels(engine: RenderEngine) -> np.ndarray:
 def test_fp8_keeps_scaled_e4m3_weights_and_renders_between_q8_0_and_q4_k(tiny_model: Path, tmp_path: Path) -> None:
     settings = FarmSettings(cache_dir=tmp_path / "cache")
     reference = _pixels(RenderEngine(load_model(str(tiny_model), None, "cpu", settings)))
-    fp8 = load_model(str(tiny_model), None, "cpu", settings, fp8=True)
+    fp8 = load_model(str(tiny_model), None, "cpu", settings, level=QuantLevel.FP8)
     assert fp8.quant == "fp8"
     dtypes = {name: p.dtype for name, p in fp8.pipe.transformer.named_parameters()}
     assert dtypes["transformer_blocks.0.ff.net.2.weight"].itemsize == 1
@@ -88,3 +98,40 @@ def test_fp8_keeps_scaled_e4m3_weights_and_renders_between_q8_0_and_q4_k(tiny_mo
     }
     print("\nmean absolute pixel error vs bf16:", error)
     assert error["Q8_0"] < error["fp8"] < error["Q4_K"], error
+
+
+def test_a_pinned_sha256_is_checked_and_a_bad_download_is_deleted(
+    tiny_model: Path, tmp_path: Path, s3_server: S3Server
+) -> None:
+    q8 = gguf_path(tiny_model, QuantLevel.Q8_0)
+    bucket = s3_server.new_bucket()
+    s3_server.client().upload_file(str(q8), bucket, "models/q8.gguf")
+    settings = FarmSettings(cache_dir=tmp_path / "cache", s3_endpoint_url=s3_server.endpoint_url)
+    good = hashlib.sha256(q8.read_bytes()).hexdigest()
+    fetched = resolve_file(f"s3://{bucket}/models/q8.gguf", settings, sha256=good)
+    assert fetched.read_bytes() == q8.read_bytes() and fetched.is_relative_to(tmp_path / "cache")
+    with pytest.raises(ModelLoadError, match="refusing to load it"):
+        resolve_file(f"s3://{bucket}/models/q8.gguf", settings, sha256="0" * 64)
+    assert not fetched.exists(), "a download that fails its pin is removed"
+    with pytest.raises(ModelLoadError, match="refusing to load it"):
+        resolve_file(str(q8), settings, sha256="0" * 64)
+    assert q8.exists(), "a file the cache did not fetch is never deleted"
+
+
+def test_the_download_cache_evicts_least_recently_used_files(tmp_path: Path, s3_server: S3Server) -> None:
+    bucket = s3_server.new_bucket()
+    for name in ("a", "b", "c"):
+        s3_server.client().put_object(Bucket=bucket, Key=f"m/{name}.gguf", Body=bytes(400 * 1024))
+    limit_gib = 1000 * 1024 / 1024**3  # room for two 400 KiB files
+    settings = FarmSettings(
+        cache_dir=tmp_path / "cache", s3_endpoint_url=s3_server.endpoint_url, cache_max_gib=limit_gib
+    )
+    a = resolve_file(f"s3://{bucket}/m/a.gguf", settings)
+    time.sleep(0.05)
+    b = resolve_file(f"s3://{bucket}/m/b.gguf", settings)
+    time.sleep(0.05)
+    resolve_file(f"s3://{bucket}/m/a.gguf", settings)  # a is used again: b is now the oldest
+    time.sleep(0.05)
+    c = resolve_file(f"s3://{bucket}/m/c.gguf", settings)
+    assert a.exists() and c.exists() and not b.exists()
+    assert sum(p.stat().st_size for p in model_cache(settings).files()) <= limit_gib * 1024**3

@@ -2,15 +2,19 @@
 published GGUF files), overridable by a TOML file (`FLUXFARM_CATALOG`), e.g. for a private bucket:
 
     [models."black-forest-labs/FLUX.1-dev"]
-    Q8_0 = "s3://models/flux1-dev-Q8_0.gguf"
+    Q8_0 = { source = "s3://models/flux1-dev-Q8_0.gguf", sha256 = "9f2c..." }
     Q4_K = "/mnt/models/flux1-dev-Q4_K_S.gguf"
 
-bf16 and fp8 need no entry: both load the base repo's bf16 transformer (fp8 casts it on the host).
+A pinned sha256 is checked before the file is loaded. bf16, fp8 and nf4 need no entry: they load the
+base repo's bf16 transformer (fp8 and nf4 quantize it on the host; nf4 only where bitsandbytes is
+installed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ModelLoadError
@@ -32,17 +36,35 @@ _BUILT_IN_REPOS = {
     "black-forest-labs/FLUX.1-dev": ("city96/FLUX.1-dev-gguf", "flux1-dev"),
     "black-forest-labs/FLUX.1-schnell": ("city96/FLUX.1-schnell-gguf", "flux1-schnell"),
 }
-BASE_WEIGHT_LEVELS = (QuantLevel.BF16, QuantLevel.FP8)
+BASE_WEIGHT_LEVELS = (QuantLevel.BF16, QuantLevel.FP8, QuantLevel.NF4)
 
 
-def built_in_catalog() -> dict[str, dict[QuantLevel, str]]:
+@dataclass(frozen=True)
+class CatalogEntry:
+    source: str
+    sha256: str | None = None
+
+
+Catalog = dict[str, dict[QuantLevel, CatalogEntry]]
+
+
+def built_in_catalog() -> Catalog:
     return {
-        model: {level: f"hf://{repo}/{stem}-{suffix}.gguf" for level, suffix in _CITY96_SUFFIX.items()}
+        model: {level: CatalogEntry(f"hf://{repo}/{stem}-{suffix}.gguf") for level, suffix in _CITY96_SUFFIX.items()}
         for model, (repo, stem) in _BUILT_IN_REPOS.items()
     }
 
 
-def load_catalog(override: Path | None) -> dict[str, dict[QuantLevel, str]]:
+def _entry(value: object, where: str) -> CatalogEntry:
+    if isinstance(value, str):
+        return CatalogEntry(value)
+    if isinstance(value, dict) and isinstance(value.get("source"), str):
+        sha256 = value.get("sha256")
+        return CatalogEntry(value["source"], str(sha256).lower() if sha256 else None)
+    raise ModelLoadError(f"catalog entry {where} must be a source string or {{ source = ..., sha256 = ... }}")
+
+
+def load_catalog(override: Path | None) -> Catalog:
     """The built-in catalog, with the TOML file's entries replacing or adding levels per model."""
     catalog = built_in_catalog()
     if override is None:
@@ -53,8 +75,8 @@ def load_catalog(override: Path | None) -> dict[str, dict[QuantLevel, str]]:
         raise ModelLoadError(f"cannot read model catalog {override}: {error}") from None
     for model, levels in data.get("models", {}).items():
         entries = catalog.setdefault(model, {})
-        for name, source in levels.items():
-            entries[parse_level(name)] = str(source)
+        for name, value in levels.items():
+            entries[parse_level(name)] = _entry(value, f"{model}.{name}")
     return catalog
 
 
@@ -63,6 +85,11 @@ def model_family(model: str) -> str:
     return "flux.1-schnell" if "schnell" in model.lower() else "flux.1-dev"
 
 
-def available_levels(catalog: dict[str, dict[QuantLevel, str]], model: str) -> list[QuantLevel]:
+def nf4_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def available_levels(catalog: Catalog, model: str) -> list[QuantLevel]:
     """Levels a worker can load for `model` without being handed a transformer file."""
-    return [*BASE_WEIGHT_LEVELS, *catalog.get(model, {})]
+    base = [level for level in BASE_WEIGHT_LEVELS if level != QuantLevel.NF4 or nf4_installed()]
+    return [*base, *catalog.get(model, {})]

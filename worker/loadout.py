@@ -24,6 +24,7 @@ class Loadout:
     level: QuantLevel
     transformer: str | None
     """The transformer source; None means the base model's own bf16 weights."""
+    transformer_sha256: str | None
     text_encoders: Placement
     vae_tiling: bool
     plan: Plan | None
@@ -46,7 +47,8 @@ def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, 
     catalog = load_catalog(settings.catalog)
     if transformer is not None:
         held = _file_level(transformer, settings)
-        if forced is not None and forced != held and not (forced == QuantLevel.FP8 and held == QuantLevel.BF16):
+        derived = forced in (QuantLevel.FP8, QuantLevel.NF4) and held == QuantLevel.BF16
+        if forced is not None and forced != held and not derived:
             raise FarmError(f"--quant {forced} asked for, but the transformer file {transformer} holds {held}")
         candidates = [forced or held]
     else:
@@ -76,12 +78,13 @@ def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, 
         level = QuantLevel(plan.level)
     else:
         level = candidates[0] if len(candidates) == 1 else QuantLevel.BF16
-    source = transformer
+    source, pinned = transformer, None
     if source is None and level not in BASE_WEIGHT_LEVELS:
-        source = catalog[model][level]
+        source, pinned = catalog[model][level].source, catalog[model][level].sha256
     return Loadout(
         level=level,
         transformer=source,
+        transformer_sha256=pinned,
         text_encoders=plan.text_encoders if plan else "gpu",
         vae_tiling=plan.vae_tiling if plan else False,
         plan=plan,

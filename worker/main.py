@@ -12,7 +12,7 @@ import torch
 
 from shared.celery_app import make_celery_app
 from shared.fleet import WorkerStatus
-from shared.ladder import QuantLevel, parse_level
+from shared.ladder import parse_level
 from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
@@ -68,9 +68,10 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         loadout.transformer,
         device,
         settings,
-        fp8=loadout.level == QuantLevel.FP8,
+        level=loadout.level,
         text_encoders=loadout.text_encoders,
         vae_tiling=loadout.vae_tiling,
+        transformer_sha256=loadout.transformer_sha256,
     )
     load_s = time.perf_counter() - load_start
     queues = queues_for_level(parse_level(loaded.quant))

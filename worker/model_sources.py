@@ -14,6 +14,8 @@ from pathlib import Path
 from shared.errors import ModelLoadError, StorageError
 from shared.settings import FarmSettings
 from shared.storage import S3Store
+from worker.file_digest import DigestCache
+from worker.model_cache import ModelCache
 
 _HF_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")
 _HF_SCHEME = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<file>.+)$")
@@ -41,25 +43,43 @@ def _hf_download(repo: str, filename: str, revision: str | None) -> Path:
         raise ModelLoadError(f"could not download {filename} from Hugging Face repo {repo}: {error}") from error
 
 
-def resolve_file(source: str, settings: FarmSettings) -> Path:
-    """A local path to the file `source` names, downloading it first when it is remote."""
+def model_cache(settings: FarmSettings) -> ModelCache:
+    return ModelCache(settings.cache_dir / "s3", settings.cache_max_gib, DigestCache(settings.cache_dir))
+
+
+def _s3_download(source: str, settings: FarmSettings) -> Path:
+    bucket, _, key = source.removeprefix("s3://").partition("/")
+    cache = model_cache(settings)
+    dest = cache.root / bucket / key
+    if dest.is_file():
+        cache.touch(dest)
+        return dest
+    store = S3Store(bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    try:
+        cache.make_room(store.size(key))
+        return store.fetch_to(key, dest)
+    except StorageError as error:
+        raise ModelLoadError(f"could not download {source}: {error}") from error
+
+
+def resolve_file(source: str, settings: FarmSettings, sha256: str | None = None) -> Path:
+    """A local path to the file `source` names, downloading it first when it is remote.
+
+    With `sha256`, the file must have that digest (a cached download that does not is deleted).
+    """
+    owned = False
     if match := _HF_SCHEME.match(source) or _HF_URL.match(source):
-        return _hf_download(match["repo"], match["file"], match["rev"])
-    if source.startswith("s3://"):
-        bucket, _, key = source.removeprefix("s3://").partition("/")
-        dest = settings.cache_dir / "s3" / bucket / key
-        if dest.is_file():
-            return dest
-        store = S3Store(bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        try:
-            return store.fetch_to(key, dest)
-        except StorageError as error:
-            raise ModelLoadError(f"could not download {source}: {error}") from error
-    if source.startswith(("http://", "https://")):
+        path = _hf_download(match["repo"], match["file"], match["rev"])
+    elif source.startswith("s3://"):
+        path, owned = _s3_download(source, settings), True
+    elif source.startswith(("http://", "https://")):
         raise ModelLoadError(f"{source}: only huggingface.co URLs, hf://, s3:// and local paths are supported")
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise ModelLoadError(f"transformer file {path} does not exist")
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"transformer file {path} does not exist")
+    if sha256 is not None:
+        model_cache(settings).verify(path, sha256, owned)
     return path
 
 

@@ -17,6 +17,7 @@ from shared.errors import ModelLoadError
 from shared.ladder import QuantLevel
 from shared.metadata import ModelInfo
 from shared.settings import FarmSettings
+from worker.catalog import nf4_installed
 from worker.file_digest import DigestCache
 from worker.fp8 import to_scaled_fp8
 from worker.model_sources import resolve_base, resolve_file
@@ -50,15 +51,34 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _load_nf4(base: Path, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """NF4 through bitsandbytes, quantizing the base bf16 weights as they load."""
+    if not nf4_installed():
+        raise ModelLoadError("the nf4 level needs bitsandbytes: pip install bitsandbytes")
+    from diffusers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return FluxTransformer2DModel.from_pretrained(
+        base, subfolder="transformer", quantization_config=config, dtype=dtype
+    )
+
+
 def _load_transformer(
-    base: Path, transformer: str | None, dtype: torch.dtype, settings: FarmSettings
+    base: Path,
+    transformer: str | None,
+    dtype: torch.dtype,
+    settings: FarmSettings,
+    sha256: str | None = None,
+    nf4: bool = False,
 ) -> tuple[FluxTransformer2DModel, str, str]:
     """The transformer, its level and its sha256."""
     digests = DigestCache(settings.cache_dir)
     if transformer is None:
+        if nf4:
+            return _load_nf4(base, dtype), QuantLevel.NF4.value, digests.folder_sha256(base / "transformer")
         model = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", dtype=dtype)
         return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
-    path = resolve_file(transformer, settings)
+    path = resolve_file(transformer, settings, sha256)
     if path.suffix == ".gguf":
         model = FluxTransformer2DModel.from_single_file(
             str(path),
@@ -92,21 +112,27 @@ def load_model(
     transformer: str | None,
     device: str,
     settings: FarmSettings,
-    fp8: bool = False,
+    level: QuantLevel | None = None,
     text_encoders: Placement = "gpu",
     vae_tiling: bool = False,
+    transformer_sha256: str | None = None,
 ) -> LoadedModel:
-    """Resolve, load and place the whole pipeline once; every later job reuses it."""
+    """Resolve, load and place the whole pipeline once; every later job reuses it.
+
+    `level` asks for fp8 or nf4, which are made from bf16 weights; other levels are what the file holds.
+    """
     dtype = compute_dtype(device)
     base = resolve_base(model, settings, with_transformer_weights=transformer is None)
     try:
-        flux_transformer, level, sha256 = _load_transformer(base, transformer, dtype, settings)
-        if fp8:
-            if level != QuantLevel.BF16.value:
-                raise ModelLoadError(f"fp8 casts bf16 weights; {transformer} holds {level}")
+        flux_transformer, held, sha256 = _load_transformer(
+            base, transformer, dtype, settings, transformer_sha256, nf4=level == QuantLevel.NF4
+        )
+        if level == QuantLevel.FP8:
+            if held != QuantLevel.BF16.value:
+                raise ModelLoadError(f"fp8 is made from bf16 weights; {transformer} holds {held}")
             # Quantize on the host: a bf16 copy on the GPU would not fit the cards fp8 is for.
             to_scaled_fp8(flux_transformer, dtype)
-            level = QuantLevel.FP8.value
+            held = QuantLevel.FP8.value
         pipe = FluxPipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
         place_pipeline(pipe, device, text_encoders)
         if vae_tiling:
@@ -117,5 +143,5 @@ def load_model(
         raise ModelLoadError(f"could not load FLUX pipeline from {model} ({transformer or 'bf16'}): {error}") from error
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
-    log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, level, device)
-    return LoadedModel(pipe=pipe, info=info, quant=level, device=device, text_encoders=text_encoders)
+    log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
+    return LoadedModel(pipe=pipe, info=info, quant=held, device=device, text_encoders=text_encoders)
