@@ -12,6 +12,8 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from shared.errors import ObjectNotFound, StorageError
 from shared.settings import FarmSettings
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 PNG_CONTENT_TYPE = "image/png"
 JSON_CONTENT_TYPE = "application/json"
@@ -159,73 +163,56 @@ class S3Store(ObjectStore):
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
         self._client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
-        self._errors = self._client.exceptions
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{_check_key(key)}"
 
-    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+    @contextmanager
+    def _errors_for(self, key: str, action: str) -> Iterator[None]:
+        """botocore's errors as ours: a missing key is ObjectNotFound, anything else a StorageError."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
+            yield
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                raise ObjectNotFound(key) from None
+            raise StorageError(f"could not {action} {self.uri(key)}: {error}") from None
+        except BotoCoreError as error:
+            raise StorageError(f"could not {action} {self.uri(key)}: {error}") from None
+
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        with self._errors_for(key, "store"):
             self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata)
-        except (BotoCoreError, ClientError) as error:
-            raise StorageError(f"could not store {self.uri(key)}: {error}") from None
 
     def _get(self, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._errors_for(key, "read"):
             return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except self._errors.NoSuchKey:
-            raise ObjectNotFound(key) from None
-        except (BotoCoreError, ClientError) as error:
-            raise StorageError(f"could not read {self.uri(key)}: {error}") from None
 
     def size(self, key: str) -> int:
         """The object's size in bytes (before downloading it)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._errors_for(key, "check"):
             return int(self._client.head_object(Bucket=self.bucket, Key=_check_key(key))["ContentLength"])
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                raise ObjectNotFound(key) from None
-            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
-        except BotoCoreError as error:
-            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
 
     def head_metadata(self, key: str) -> dict[str, str]:
         """The object's user metadata (S3 `x-amz-meta-*`)."""
-        return self._client.head_object(Bucket=self.bucket, Key=_check_key(key))["Metadata"]
+        with self._errors_for(key, "check"):
+            return self._client.head_object(Bucket=self.bucket, Key=_check_key(key))["Metadata"]
 
     def _exists(self, key: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
-            self._client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return False
-            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
-        except BotoCoreError as error:
-            raise StorageError(f"could not check {self.uri(key)}: {error}") from None
+            self.size(key)
+        except ObjectNotFound:
+            return False
         return True
 
     def _delete(self, key: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=key)
+        with self._errors_for(key, "delete"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
 
     def _fetch_to(self, key: str, dest: Path) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._errors_for(key, "download"):
             self._client.download_file(self.bucket, key, str(dest))
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                raise ObjectNotFound(key) from None
-            raise StorageError(f"could not download {self.uri(key)}: {error}") from None
-        except BotoCoreError as error:
-            raise StorageError(f"could not download {self.uri(key)}: {error}") from None
 
 
 def open_store(settings: FarmSettings) -> ObjectStore:
