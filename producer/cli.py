@@ -42,6 +42,30 @@ def _job_defaults(**options: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _warn_unserved(queues: set[str], settings: FarmSettings) -> None:
+    """Say at once when jobs went to a queue no live worker consumes, instead of letting them wait silently."""
+    if not queues:
+        return
+    import redis
+
+    from shared.fleet import fleet_report
+
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        report = fleet_report(client)
+    except redis.RedisError:
+        return  # the jobs are queued; the fleet check is advice, not a condition
+    finally:
+        client.close()
+    for queue in report.unserved:
+        if queue.name in queues:
+            err.print(
+                f"[yellow]warning:[/yellow] no live worker serves {queue.constraint}: {queue.waiting} jobs wait "
+                f"in {queue.name} until one starts (see `fluxfarm status`)",
+                highlight=False,
+            )
+
+
 @app.command()
 def submit(
     file: Annotated[
@@ -96,6 +120,7 @@ def submit(
         batch = client.submit_many(jobs)
         cached = sum(handle.cached for handle in batch)
         err.print(f"queued {len(batch) - cached} jobs ({cached} already stored)")
+        _warn_unserved({handle.job.constraint.queue for handle in batch if not handle.cached}, client.settings)
         if not wait:
             for handle in batch:
                 typer.echo(handle.job_id)

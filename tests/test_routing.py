@@ -108,7 +108,25 @@ def test_status_shows_the_fleet_and_jobs_no_live_worker_can_serve(fleet: Fleet) 
     env = {**os.environ, **farm_env(fleet.settings)}
     table = subprocess.run([FLUXFARM, "status"], env=env, capture_output=True, text=True, timeout=60)
     assert "unserved: 1 jobs need exact:Q6_K and no live worker serves render.exact.q6_k" in table.stdout
-    redis.Redis.from_url(fleet.settings.broker_url).delete("render.exact.q6_k", "render.min.bf16")
+
+    submitted = subprocess.run(
+        [FLUXFARM, "submit", "--prompt", "needs Q5_K", "--quant", "exact:Q5_K", "--width", "256", "--height", "256"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert "no live worker serves exact:Q5_K: 1 jobs wait in render.exact.q5_k" in submitted.stderr
+    served = subprocess.run(
+        [FLUXFARM, "submit", "--prompt", "any", "--quant", "min:Q4_0", "--width", "256", "--height", "256"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert served.returncode == 0 and "warning" not in served.stderr
+    redis.Redis.from_url(fleet.settings.broker_url).delete("render.exact.q6_k", "render.min.bf16", "render.exact.q5_k")
 
 
 def test_jobs_of_a_killed_worker_show_as_unserved_within_10_seconds(fleet: Fleet) -> None:
