@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from shared.errors import FarmError, InvalidJob
 from shared.jobs import RenderJob, parse_job
 from shared.settings import FarmSettings, redact_url
 from worker import cli as worker_cli
+
+if TYPE_CHECKING:
+    from shared.fleet import FleetReport
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -42,21 +45,29 @@ def _job_defaults(**options: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _warn_unserved(queues: set[str], settings: FarmSettings) -> None:
-    """Say at once when jobs went to a queue no live worker consumes, instead of letting them wait silently."""
-    if not queues:
-        return
+def _read_fleet(settings: FarmSettings) -> FleetReport:
+    """The fleet as the broker's Redis sees it; FarmError when the broker cannot be reached."""
     import redis
 
     from shared.fleet import fleet_report
 
     client = redis.Redis.from_url(settings.broker_url)
     try:
-        report = fleet_report(client)
-    except redis.RedisError:
-        return  # the jobs are queued; the fleet check is advice, not a condition
+        return fleet_report(client)
+    except redis.RedisError as error:
+        raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
     finally:
         client.close()
+
+
+def _warn_unserved(queues: set[str], settings: FarmSettings) -> None:
+    """Say at once when jobs went to a queue no live worker consumes, instead of letting them wait silently."""
+    if not queues:
+        return
+    try:
+        report = _read_fleet(settings)
+    except FarmError:
+        return  # the jobs are queued; the fleet check is advice, not a condition
     for queue in report.unserved:
         if queue.name in queues:
             err.print(
@@ -139,19 +150,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """The live fleet (workers, levels, jobs done) and the queues; jobs no live worker can serve are flagged."""
-    import redis
-
     from producer.status import print_report
-    from shared.fleet import fleet_report
 
-    settings = FarmSettings()
-    client = redis.Redis.from_url(settings.broker_url)
-    try:
-        report = fleet_report(client)
-    except redis.RedisError as error:
-        raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
-    finally:
-        client.close()
+    report = _read_fleet(FarmSettings())
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
     else:

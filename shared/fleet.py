@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
-from shared.routing import QUEUE_PREFIX, all_queues
+from shared.routing import all_queues, constraint_of_queue
 
 WORKER_KEY_PREFIX = "fluxfarm:worker:"
 HEARTBEAT_INTERVAL_S = 2.0
@@ -48,10 +48,8 @@ class QueueStatus(BaseModel):
     @computed_field
     @property
     def constraint(self) -> str:
-        """`render.exact.q8_0` -> `exact:Q8_0` style text, for people."""
-        rest = self.name.removeprefix(QUEUE_PREFIX)
-        kind, _, level = rest.partition(".")
-        return "auto" if kind == "any" else f"{kind}:{level.upper().replace('NF4', 'nf4')}"
+        """`render.exact.q8_0` -> `exact:Q8_0`, for people."""
+        return str(constraint_of_queue(self.name))
 
     @computed_field
     @property

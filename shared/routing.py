@@ -49,6 +49,12 @@ def parse_constraint(text: str) -> QuantConstraint:
     return QuantConstraint("min" if kind.lower() == "min" else "exact", parse_level(level))
 
 
+def constraint_of_queue(name: str) -> QuantConstraint:
+    """The constraint whose jobs go to queue `name` (the inverse of `QuantConstraint.queue`)."""
+    kind, _, level = name.removeprefix(QUEUE_PREFIX).partition(".")
+    return QuantConstraint("auto") if kind == "any" else parse_constraint(f"{kind}:{level}")
+
+
 def queues_for_level(level: QuantLevel) -> list[str]:
     """Every queue a worker holding `level` can serve: any, its exact level, and each min it meets."""
     queues = [QuantConstraint("auto").queue, QuantConstraint("exact", level).queue]

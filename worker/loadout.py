@@ -5,6 +5,7 @@ where its weights come from, and where the text encoders live.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,16 +24,16 @@ _GIB = 1024**3
 class Loadout:
     level: QuantLevel
     transformer: str | None
-    """The transformer source; None means the base model's own bf16 weights."""
-    transformer_sha256: str | None
+    """The transformer source as named (for the metadata); None means the base model's own bf16 weights."""
+    transformer_path: Path | None
+    """That source resolved to a local file (downloaded and, where the catalog pins one, sha256-checked)."""
     text_encoders: Placement
     vae_tiling: bool
     plan: Plan | None
     """None on the CPU, where there is no VRAM to plan."""
 
 
-def _file_level(source: str, settings: FarmSettings) -> QuantLevel:
-    path = resolve_file(source, settings)
+def _file_level(path: Path) -> QuantLevel:
     return parse_level(gguf_level(path)) if path.suffix == ".gguf" else QuantLevel.BF16
 
 
@@ -45,8 +46,9 @@ def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, 
     """Decide before loading anything, so a level that cannot fit fails at once and says why."""
     forced = parse_level(settings.quant) if settings.quant else None
     catalog = load_catalog(settings.catalog)
-    if transformer is not None:
-        held = _file_level(transformer, settings)
+    path = resolve_file(transformer, settings) if transformer is not None else None
+    if path is not None:
+        held = _file_level(path)
         derived = forced in (QuantLevel.FP8, QuantLevel.NF4) and held == QuantLevel.BF16
         if forced is not None and forced != held and not derived:
             raise FarmError(f"--quant {forced} asked for, but the transformer file {transformer} holds {held}")
@@ -78,13 +80,14 @@ def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, 
         level = QuantLevel(plan.level)
     else:
         level = candidates[0] if len(candidates) == 1 else QuantLevel.BF16
-    source, pinned = transformer, None
+    source = transformer
     if source is None and level not in BASE_WEIGHT_LEVELS:
-        source, pinned = catalog[model][level].source, catalog[model][level].sha256
+        entry = catalog[model][level]
+        source, path = entry.source, resolve_file(entry.source, settings, entry.sha256)
     return Loadout(
         level=level,
         transformer=source,
-        transformer_sha256=pinned,
+        transformer_path=path,
         text_encoders=plan.text_encoders if plan else "gpu",
         vae_tiling=plan.vae_tiling if plan else False,
         plan=plan,

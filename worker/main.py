@@ -71,7 +71,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         level=loadout.level,
         text_encoders=loadout.text_encoders,
         vae_tiling=loadout.vae_tiling,
-        transformer_sha256=loadout.transformer_sha256,
+        transformer_path=loadout.transformer_path,
     )
     load_s = time.perf_counter() - load_start
     queues = queues_for_level(parse_level(loaded.quant))

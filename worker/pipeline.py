@@ -68,7 +68,7 @@ def _load_transformer(
     transformer: str | None,
     dtype: torch.dtype,
     settings: FarmSettings,
-    sha256: str | None = None,
+    path: Path | None = None,
     nf4: bool = False,
 ) -> tuple[FluxTransformer2DModel, str, str]:
     """The transformer, its level and its sha256."""
@@ -78,7 +78,7 @@ def _load_transformer(
             return _load_nf4(base, dtype), QuantLevel.NF4.value, digests.folder_sha256(base / "transformer")
         model = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", dtype=dtype)
         return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
-    path = resolve_file(transformer, settings, sha256)
+    path = path or resolve_file(transformer, settings)
     if path.suffix == ".gguf":
         model = FluxTransformer2DModel.from_single_file(
             str(path),
@@ -115,17 +115,18 @@ def load_model(
     level: QuantLevel | None = None,
     text_encoders: Placement = "gpu",
     vae_tiling: bool = False,
-    transformer_sha256: str | None = None,
+    transformer_path: Path | None = None,
 ) -> LoadedModel:
     """Resolve, load and place the whole pipeline once; every later job reuses it.
 
     `level` asks for fp8 or nf4, which are made from bf16 weights; other levels are what the file holds.
+    `transformer_path` is `transformer` already resolved to a local file (the worker's loadout does that).
     """
     dtype = compute_dtype(device)
     base = resolve_base(model, settings, with_transformer_weights=transformer is None)
     try:
         flux_transformer, held, sha256 = _load_transformer(
-            base, transformer, dtype, settings, transformer_sha256, nf4=level == QuantLevel.NF4
+            base, transformer, dtype, settings, transformer_path, nf4=level == QuantLevel.NF4
         )
         if level == QuantLevel.FP8:
             if held != QuantLevel.BF16.value:

@@ -42,7 +42,7 @@ VAE_DECODE_WORKING_GIB = (0.627, 2.410)
 VAE_TILE_PX = 512
 """Tiled decoding works on 512² tiles: its working memory is that of a 512² decode."""
 T5_XXL_GIB, T5_WORKING_GIB = 9.118, 0.226
-CLIP_L_GIB, CLIP_WORKING_GIB = 0.236, 0.002
+CLIP_L_GIB = 0.236  # its encode working memory (2 MiB) is below T5's and never the peak
 
 CUDA_CONTEXT_GIB = 0.6
 ALLOCATOR_SLACK = 0.04
