@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,6 +176,19 @@ def load_gguf_transformer(path: Path, model_dir: Path) -> torch.nn.Module:
         config=str(model_dir),
         subfolder="transformer",
         dtype=torch.float32,
+    )
+
+
+FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
+"""The installed console script, as a user runs it."""
+
+
+def run_fluxfarm(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `fluxfarm ARGS` with `env` over this process's environment; output captured as text."""
+    return subprocess.run(
+        [FLUXFARM, *args], env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Farm
+from tests.conftest import Farm, run_fluxfarm
 
 pytestmark = pytest.mark.slow
 
-FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
-
 
 def _fluxfarm(farm: Farm, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **farm.worker_env()}
-    return subprocess.run([FLUXFARM, *args], env=env, capture_output=True, text=True, timeout=300)
+    return run_fluxfarm(*args, env=farm.worker_env())
 
 
 def test_submit_a_prompt_and_wait(farm: Farm) -> None:

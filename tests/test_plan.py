@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from shared.errors import FarmError
 from shared.ladder import RESIDENT_TRANSFORMER_GIB, QuantLevel, resident_transformer_gib
+from tests.conftest import run_fluxfarm
 from worker.plan import PlanInputs, headroom_gib, make_plan
 
-FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
 BUDGETS = [b / 2 for b in range(8, 200)]  # 4 .. 99.5 GiB
 
 
@@ -75,14 +72,10 @@ def test_ladder_sizes_equal_the_architecture_count(model: str) -> None:
 
 
 def test_plan_command_prints_the_decision_as_json() -> None:
-    done = subprocess.run(
-        [FLUXFARM, "plan", "--vram-gib", "24", "--gpu", "RTX 4090"], capture_output=True, text=True, timeout=60
-    )
+    done = run_fluxfarm("plan", "--vram-gib", "24", "--gpu", "RTX 4090", timeout=60)
     assert done.returncode == 0, done.stderr
     decision = json.loads(done.stdout)
     assert {"level", "predicted_peak_gib", "text_encoders", "reasons"} <= set(decision)
     assert decision["level"] == "fp8"
-    refused = subprocess.run(
-        [FLUXFARM, "plan", "--vram-gib", "8", "--quant", "Q8_0"], capture_output=True, text=True, timeout=60
-    )
+    refused = run_fluxfarm("plan", "--vram-gib", "8", "--quant", "Q8_0", timeout=60)
     assert refused.returncode == 1 and "nothing fits 8.0 GiB" in refused.stderr

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -14,11 +12,9 @@ from diffusers import FluxTransformer2DModel
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
 from shared.ladder import QuantLevel
-from tests.conftest import load_gguf_transformer
+from tests.conftest import load_gguf_transformer, run_fluxfarm
 from worker.gguf_blocks import quantize_rows
 from worker.quantize import QUANTIZABLE_LEVELS
-
-FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
 
 MAX_RELATIVE_RMS = {
     QuantLevel.Q8_0: 0.01,
@@ -55,12 +51,7 @@ def quantized_files(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     files = {}
     for level in QUANTIZABLE_LEVELS:
         path = out / f"tiny-{level.value}.gguf"
-        done = subprocess.run(
-            [FLUXFARM, "quantize", str(tiny_model), "--level", level.value, "--out", str(path), "--device", "cpu"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = run_fluxfarm("quantize", str(tiny_model), "--level", level.value, "--out", str(path), "--device", "cpu")
         assert done.returncode == 0, done.stderr
         files[level] = path
     return files
@@ -115,7 +106,7 @@ def test_quantize_refuses_unknown_levels_and_non_gguf_outputs(tiny_model: Path, 
         (["--level", "bf16", "--out", str(tmp_path / "x.gguf")], "cannot quantize to bf16"),
         (["--level", "Q8_0", "--out", str(tmp_path / "x.bin")], "must name a .gguf file"),
     ):
-        done = subprocess.run([FLUXFARM, "quantize", str(tiny_model), *args], capture_output=True, text=True)
+        done = run_fluxfarm("quantize", str(tiny_model), *args)
         assert done.returncode == 1 and message in done.stderr, done.stderr
     assert not list(tmp_path.iterdir())
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +20,10 @@ from shared.fleet import HEARTBEAT_TTL_S
 from shared.jobs import parse_job
 from shared.ladder import QuantLevel
 from shared.settings import FarmSettings
-from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env, fresh_farm_settings
+from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env, fresh_farm_settings, run_fluxfarm
 
 pytestmark = pytest.mark.slow
 
-FLUXFARM = str(Path(sys.executable).parent / "fluxfarm")
 RESULT_TIMEOUT_S = 240
 
 
@@ -37,8 +33,7 @@ class Fleet:
     workers: dict[str, WorkerProcess]
 
     def status(self) -> dict:
-        env = {**os.environ, **farm_env(self.settings)}
-        done = subprocess.run([FLUXFARM, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        done = run_fluxfarm("status", "--json", env=farm_env(self.settings), timeout=60)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
@@ -105,26 +100,15 @@ def test_status_shows_the_fleet_and_jobs_no_live_worker_can_serve(fleet: Fleet) 
     assert set(queues["render.any"]["consumers"]) == {"w-q8_0@test", "w-q4_0@test"}
     assert queues["render.min.q6_k"]["consumers"] == ["w-q8_0@test"]
 
-    env = {**os.environ, **farm_env(fleet.settings)}
-    table = subprocess.run([FLUXFARM, "status"], env=env, capture_output=True, text=True, timeout=60)
+    env = farm_env(fleet.settings)
+    table = run_fluxfarm("status", env=env, timeout=60)
     assert "unserved: 1 jobs need exact:Q6_K and no live worker serves render.exact.q6_k" in table.stdout
 
-    submitted = subprocess.run(
-        [FLUXFARM, "submit", "--prompt", "needs Q5_K", "--quant", "exact:Q5_K", "--width", "256", "--height", "256"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    small = ("--width", "256", "--height", "256")
+    submitted = run_fluxfarm("submit", "--prompt", "needs Q5_K", "--quant", "exact:Q5_K", *small, env=env, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     assert "no live worker serves exact:Q5_K: 1 jobs wait in render.exact.q5_k" in submitted.stderr
-    served = subprocess.run(
-        [FLUXFARM, "submit", "--prompt", "any", "--quant", "min:Q4_0", "--width", "256", "--height", "256"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    served = run_fluxfarm("submit", "--prompt", "any", "--quant", "min:Q4_0", *small, env=env, timeout=60)
     assert served.returncode == 0 and "warning" not in served.stderr
     redis.Redis.from_url(fleet.settings.broker_url).delete("render.exact.q6_k", "render.min.bf16", "render.exact.q5_k")
 
