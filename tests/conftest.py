@@ -6,6 +6,11 @@ import os
 import subprocess
 import sys
 import uuid
+
+if not os.path.exists("/dev/nvidiactl"):
+    # No NVIDIA GPU: Triton kernels run in its interpreter. Triton reads this when a kernel (its own
+    # library's too) is defined, so it must be set before torch or diffusers import triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
