@@ -2,11 +2,16 @@
 
 Plain casting to e4m3 (diffusers' layerwise casting) has no scale: FLUX's weights (std ~0.02) then
 sit largely in e4m3's subnormal range and lose most of their precision. Scaling each output row by
-its absolute maximum / 448 uses e4m3's whole range. Compute upcasts one layer at a time to the
-compute dtype; fp8 tensor-core matmuls can use the same weights and scales.
+its absolute maximum / 448 uses e4m3's whole range.
+
+Two ways to compute with the same weights: on cards with fp8 tensor cores (compute capability 8.9+:
+Ada, Hopper) the activations are quantized per row on the fly and multiplied in e4m3 by
+`torch._scaled_mm` at twice the bf16 rate; elsewhere each layer is upcast to the compute dtype.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -14,7 +19,36 @@ from torch.nn import functional
 
 from worker.quantize import keeps_high_precision
 
+log = logging.getLogger(__name__)
 E4M3_MAX = 448.0
+
+
+@torch.library.custom_op("fluxfarm::fp8_rows", mutates_args=())
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) activations -> e4m3 rows and their float32 scales, shaped (rows, 1)."""
+    from worker.kernels.fp8_rows import launch_quantize_rows
+
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    launch_quantize_rows(x, q, scales)
+    return q, scales
+
+
+@quantize_rows_fp8.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+    """x @ weight.T on fp8 tensor cores: x quantized per row, weight (out, in) e4m3 with scales (out, 1)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q, scales = quantize_rows_fp8(rows)
+    out = torch._scaled_mm(
+        q, weight.t(), scale_a=scales, scale_b=weight_scale.view(1, -1), bias=bias, out_dtype=x.dtype
+    )
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class ScaledFp8Linear(nn.Module):
@@ -29,6 +63,8 @@ class ScaledFp8Linear(nn.Module):
         self.weight = nn.Parameter((weight / scale).to(torch.float8_e4m3fn), requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None
+        self.tensor_cores = False
+        """Set by `use_fp8_tensor_cores` once the card is known to run the fp8 matmul."""
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
 
@@ -36,7 +72,10 @@ class ScaledFp8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.weight_scale).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.linear(x.to(self.compute_dtype), self.dequantized_weight(), self.bias)
+        x = x.to(self.compute_dtype)
+        if self.tensor_cores:
+            return fp8_matmul(x, self.weight, self.weight_scale, self.bias)
+        return functional.linear(x, self.dequantized_weight(), self.bias)
 
 
 def to_scaled_fp8(module: nn.Module, compute_dtype: torch.dtype, prefix: str = "") -> nn.Module:
@@ -51,3 +90,26 @@ def to_scaled_fp8(module: nn.Module, compute_dtype: torch.dtype, prefix: str = "
         else:
             to_scaled_fp8(child, compute_dtype, f"{qualified}.")
     return module
+
+
+def fp8_tensor_cores_work(device: torch.device) -> bool:
+    """Whether this card and build run the per-row-scaled fp8 matmul (tried once on a small case)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    probe = ScaledFp8Linear(nn.Linear(64, 32, bias=True), torch.bfloat16).to(device)
+    x = torch.randn(16, 64, device=device, dtype=torch.bfloat16)
+    try:
+        got = fp8_matmul(x, probe.weight, probe.weight_scale, probe.bias)
+    except (RuntimeError, NotImplementedError) as error:  # an older torch or a card without the kernel
+        log.warning("fp8 tensor cores unavailable, upcasting fp8 weights instead: %s", error)
+        return False
+    want = functional.linear(x, probe.dequantized_weight(), probe.bias)
+    return bool(torch.allclose(got.float(), want.float(), rtol=0.1, atol=0.1))
+
+
+def use_fp8_tensor_cores(module: nn.Module) -> int:
+    """Switch every ScaledFp8Linear below `module` to the fp8 matmul; returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, ScaledFp8Linear)]
+    for layer in layers:
+        layer.tensor_cores = True
+    return len(layers)

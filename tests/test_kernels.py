@@ -1,0 +1,98 @@
+"""The Triton fast paths against the reference dequantization: natively on a GPU, in Triton's
+interpreter on a CPU (conftest sets TRITON_INTERPRET=1 there)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shared.ladder import QuantLevel
+from tests.conftest import load_gguf_transformer
+from worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8
+from worker.gguf_blocks import quantize_rows
+from worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, use_triton_gguf
+from worker.kernels.gguf_dequant import BLOCK_LAYOUT
+from worker.tiny_model import gguf_path
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_fp8_tensor_cores = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="fp8 tensor cores need a CUDA card of compute capability 8.9+; tests/gpu runs this on the device",
+)
+
+
+def _weights(rows: int, cols: int) -> torch.Tensor:
+    """FLUX-like weights with outliers, so block scales and K-quant sub-block mins are exercised."""
+    generator = torch.Generator().manual_seed(rows * cols)
+    weights = torch.randn(rows, cols, generator=generator) * 0.02
+    weights[::3, ::17] *= 25
+    weights[1] = torch.linspace(-0.1, 0.3, cols)  # one skewed row: a nonzero minimum for the affine types
+    return weights
+
+
+@pytest.mark.parametrize("qtype", list(BLOCK_LAYOUT))
+def test_triton_dequantize_equals_gguf_py(qtype: str) -> None:
+    weights = _weights(6, 768)
+    blocks = quantize_rows(weights, qtype)
+    reference = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[qtype]).reshape(6, 768)
+    got = dequantize_gguf(blocks.to(DEVICE), qtype, 6, 768, torch.float32).cpu().numpy()
+    np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-9)
+    bf16 = dequantize_gguf(blocks.to(DEVICE), qtype, 6, 768, torch.bfloat16).cpu()
+    if DEVICE == "cuda":  # the GPU rounds to nearest even, as torch does
+        assert torch.equal(bf16, torch.from_numpy(reference).to(torch.bfloat16))
+    else:  # the interpreter truncates to bf16: within one bf16 step
+        np.testing.assert_allclose(bf16.float().numpy(), reference, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("level", [QuantLevel.Q8_0, QuantLevel.Q4_K, QuantLevel.Q6_K])
+def test_swapped_tiny_transformer_computes_what_diffusers_computes(tiny_model, level: QuantLevel) -> None:
+    stock = load_gguf_transformer(gguf_path(tiny_model, level), tiny_model).to(DEVICE)
+    fast = load_gguf_transformer(gguf_path(tiny_model, level), tiny_model).to(DEVICE)
+    swapped = use_triton_gguf(fast)
+    assert swapped == sum(isinstance(m, TritonGGUFLinear) for m in fast.modules()) > 10
+    generator = torch.Generator().manual_seed(0)
+    config = stock.config
+    inputs = {
+        "hidden_states": torch.randn(1, 64, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 16, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": torch.zeros(64, 3),
+        "txt_ids": torch.zeros(16, 3),
+    }
+    inputs = {name: value.to(DEVICE) for name, value in inputs.items()}
+    with torch.inference_mode():
+        want = stock(**inputs, return_dict=False)[0]
+        got = fast(**inputs, return_dict=False)[0]
+    # diffusers forms some K-quant scales in float16; the kernels follow ggml in float32
+    assert ((got - want).norm() / want.norm()).item() < 1e-3
+
+
+def test_fp8_row_scales_are_the_row_absmax_over_448() -> None:
+    x = torch.randn(5, 3072) * torch.tensor([1.0, 10.0, 0.01, 100.0, 0.0]).view(5, 1)
+    q, scales = quantize_rows_fp8(x.to(DEVICE))
+    want = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+    torch.testing.assert_close(scales.cpu(), want)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+
+
+@needs_fp8_tensor_cores
+def test_fp8_rows_round_like_torch() -> None:
+    x = torch.randn(64, 15360, device="cuda", dtype=torch.bfloat16)
+    q, scales = quantize_rows_fp8(x)
+    want = (x.float() / scales).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_fp8_tensor_cores
+def test_fp8_tensor_core_matmul_matches_the_upcast_layer() -> None:
+    layer = ScaledFp8Linear(nn.Linear(3072, 12288, bias=True), torch.bfloat16).cuda()
+    x = torch.randn(2, 333, 3072, device="cuda", dtype=torch.bfloat16)
+    want = layer(x).float()
+    got = fp8_matmul(x, layer.weight, layer.weight_scale, layer.bias).float()
+    relative = (got - want).norm() / want.norm()
+    assert relative < 0.05, relative  # the activations' own e4m3 rounding: ~2-3% relative
