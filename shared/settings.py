@@ -6,6 +6,7 @@ AWS credentials are not settings: boto3 reads them from its usual chain (environ
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
@@ -66,6 +67,19 @@ class FarmSettings(BaseSettings):
         default=None, gt=0, description="Size limit of the model download cache; least recently used files go first."
     )
     log_level: str = Field(default="INFO", description="Python logging level of the worker.")
+    fast_kernels: bool = Field(
+        default=True,
+        description="Triton GGUF dequantization and fp8 tensor-core matmuls on GPUs that run them.",
+    )
+    attention: Literal["auto", "native", "cudnn"] = Field(
+        default="auto", description="Attention kernel: cudnn (SDPA's cuDNN backend), native SDPA, or auto."
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the transformer blocks: faster steps after a warm-up of a minute or so per size.",
+    )
+    max_batch: int = Field(default=4, ge=1, le=64, description="Most jobs of one size denoised together.")
+    embedding_cache: int = Field(default=256, ge=0, description="Prompt embeddings kept in host memory (4 MiB each).")
 
     @field_validator("storage_url")
     @classmethod

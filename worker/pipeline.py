@@ -7,7 +7,7 @@ the base folder's `transformer/` (bf16).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from shared.ladder import QuantLevel
 from shared.metadata import ModelInfo
 from shared.settings import FarmSettings
 from worker.catalog import nf4_installed
+from worker.fast_paths import FastPaths, apply_fast_paths
 from worker.file_digest import DigestCache
 from worker.fp8 import to_scaled_fp8
 from worker.model_sources import resolve_base, resolve_file
@@ -37,6 +38,7 @@ class LoadedModel:
     device: str
     text_encoders: Placement = "gpu"
     """gpu: resident; gpu-swap: on the GPU only while encoding; cpu: encode on the CPU."""
+    fast_paths: FastPaths = field(default_factory=FastPaths)
 
 
 def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
@@ -138,6 +140,9 @@ def load_model(
         place_pipeline(pipe, device, text_encoders)
         if vae_tiling:
             enable_vae_tiling(pipe.vae, VAE_TILE_PX)
+        fast_paths = apply_fast_paths(
+            pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile
+        )
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:
@@ -145,4 +150,6 @@ def load_model(
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
     log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
-    return LoadedModel(pipe=pipe, info=info, quant=held, device=device, text_encoders=text_encoders)
+    return LoadedModel(
+        pipe=pipe, info=info, quant=held, device=device, text_encoders=text_encoders, fast_paths=fast_paths
+    )
