@@ -1,15 +1,24 @@
-"""The render loop: one job in, PNG bytes and phase timings out.
+"""The render loop: jobs in, PNG bytes and phase timings out.
 
 Encode, denoise and decode run as separate phases (the pipeline's own steps, called in turn), so
-each is timed on its own and later work can cache embeddings or batch the denoise.
+each is timed on its own and the expensive ones are shared across jobs:
+- encode: the prompts of all the jobs in hand are encoded in one phase (one swap of the text
+  encoders onto the GPU on a gpu-swap plan), and embeddings are cached by prompt, so a tight-budget
+  worker keeps its transformer resident instead of paying an offload per image;
+- denoise: jobs of the same size, steps and guidance run as one batch, up to `max_batch`;
+- decode: per image (its working memory is what the plan sized).
+A batched image keeps its own seed's starting noise, so it matches its batch-of-one render up to
+floating-point summation order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,7 +27,11 @@ from PIL import Image, PngImagePlugin
 
 from shared.jobs import RenderJob
 from worker.gpu import synchronize
+from worker.host_mirror import HostMirror
 from worker.pipeline import LoadedModel
+
+PROMPTS_PER_ENCODE = 8
+"""Prompts per text-encoder forward: T5-XXL at 512 tokens stays under 0.3 GiB of working memory a prompt."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,14 @@ class RenderedImage:
     encode_s: float
     denoise_s: float
     decode_s: float
+    batch_size: int = 1
+    """Jobs denoised together with this one; its encode and denoise seconds are its share of the phase."""
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    prompt: torch.Tensor
+    pooled: torch.Tensor
 
 
 class _PhaseClock:
@@ -45,6 +66,39 @@ class _PhaseClock:
         return elapsed
 
 
+class EmbeddingCache:
+    """Prompt embeddings by prompt hash, least recently used first out; kept in host memory so they
+    cost no VRAM (a T5 embedding is 4 MiB in bf16)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, Embeddings] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(job: RenderJob) -> str:
+        text = json.dumps([job.prompt, job.prompt_2, job.max_sequence_length], ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: str) -> Embeddings | None:
+        found = self._entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: str, value: Embeddings) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
 def encode_png(image: Image.Image, job: RenderJob) -> bytes:
     """PNG with the job's parameters in a text chunk, so a file on its own still says what it is."""
     info = PngImagePlugin.PngInfo()
@@ -54,67 +108,121 @@ def encode_png(image: Image.Image, job: RenderJob) -> bytes:
     return buffer.getvalue()
 
 
-class RenderEngine:
-    """Renders jobs with one loaded pipeline; holds no per-job state."""
+def denoise_groups(jobs: Sequence[RenderJob], max_batch: int) -> list[list[int]]:
+    """Indices of `jobs` in groups that can share a denoising batch (same shape of work), in job order."""
+    by_shape: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        by_shape.setdefault((job.width, job.height, job.steps, job.guidance, job.max_sequence_length), []).append(index)
+    groups = []
+    for indices in by_shape.values():
+        groups.extend(indices[start : start + max_batch] for start in range(0, len(indices), max_batch))
+    return sorted(groups, key=lambda group: group[0])
 
-    def __init__(self, model: LoadedModel) -> None:
+
+class RenderEngine:
+    """Renders jobs with one loaded pipeline; keeps only the embedding cache between calls."""
+
+    def __init__(self, model: LoadedModel, max_batch: int = 1, embedding_cache: int = 64) -> None:
         self.model = model
+        self.max_batch = max(1, max_batch)
+        self.embeddings = EmbeddingCache(embedding_cache)
+        self._mirrors: list[HostMirror] = []
+        if model.text_encoders == "gpu-swap":
+            pipe = model.pipe
+            self._mirrors = [HostMirror(m) for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)]
 
     @contextmanager
     def _encoders_on_gpu(self) -> Iterator[None]:
         """For a gpu-swap plan: the transformer waits in host memory while the encoders use the GPU."""
-        if self.model.text_encoders != "gpu-swap":
+        if not self._mirrors:
             yield
             return
-        pipe, device = self.model.pipe, self.model.device
-        pipe.transformer.to("cpu")
-        pipe.text_encoder.to(device)
-        pipe.text_encoder_2.to(device)
+        transformer, *encoders = self._mirrors
+        transformer.to_host()
+        for encoder in encoders:
+            encoder.to_device(self.model.device)
         try:
             yield
         finally:
-            pipe.text_encoder.to("cpu")
-            pipe.text_encoder_2.to("cpu")
-            pipe.transformer.to(device)
+            for encoder in encoders:
+                encoder.to_host()
+            transformer.to_device(self.model.device)
 
-    @torch.inference_mode()
-    def render(self, job: RenderJob) -> RenderedImage:
-        pipe = self.model.pipe
-        device = self.model.device
-        clock = _PhaseClock(device)
-        with self._encoders_on_gpu():
-            prompt_embeds, pooled_embeds, _ = pipe.encode_prompt(
-                prompt=job.prompt,
-                prompt_2=job.prompt_2,
-                device=torch.device(device),
-                max_sequence_length=job.max_sequence_length,
-            )
-        encode_s = clock.lap()
-        # A CPU generator gives the same starting noise for a seed on every card.
-        generator = torch.Generator(device="cpu").manual_seed(job.seed)
-        latents = pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_embeds,
-            width=job.width,
-            height=job.height,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            max_sequence_length=job.max_sequence_length,
-            generator=generator,
+    def _encode(self, jobs: Sequence[RenderJob]) -> list[Embeddings]:
+        """Embeddings for every job: cached ones as they are, the rest in one encoder phase."""
+        keys = [EmbeddingCache.key(job) for job in jobs]
+        found = {key: self.embeddings.get(key) for key in dict.fromkeys(keys)}
+        first_job_of = dict(zip(keys, jobs, strict=True))
+        missing = [job for key, job in first_job_of.items() if found[key] is None]
+        if missing:
+            pipe, device = self.model.pipe, torch.device(self.model.device)
+            with self._encoders_on_gpu():
+                for start in range(0, len(missing), PROMPTS_PER_ENCODE):
+                    chunk = missing[start : start + PROMPTS_PER_ENCODE]
+                    # One forward a prompt length: T5 pads to max_sequence_length, which may differ.
+                    for length in dict.fromkeys(job.max_sequence_length for job in chunk):
+                        same = [job for job in chunk if job.max_sequence_length == length]
+                        prompt, pooled, _ = pipe.encode_prompt(
+                            prompt=[job.prompt for job in same],
+                            prompt_2=[job.prompt_2 or job.prompt for job in same],
+                            device=device,
+                            max_sequence_length=length,
+                        )
+                        for row, job in enumerate(same):
+                            key = EmbeddingCache.key(job)
+                            found[key] = Embeddings(prompt[row : row + 1].cpu(), pooled[row : row + 1].cpu())
+                            self.embeddings.put(key, found[key])
+        return [found[key] for key in keys]  # type: ignore[misc]
+
+    def _denoise(self, jobs: Sequence[RenderJob], embeddings: Sequence[Embeddings]) -> torch.Tensor:
+        pipe, device = self.model.pipe, self.model.device
+        first = jobs[0]
+        return pipe(
+            prompt_embeds=torch.cat([e.prompt for e in embeddings]).to(device),
+            pooled_prompt_embeds=torch.cat([e.pooled for e in embeddings]).to(device),
+            width=first.width,
+            height=first.height,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            max_sequence_length=first.max_sequence_length,
+            # CPU generators, one a job: the same starting noise for a seed on every card and in any batch.
+            generator=[torch.Generator(device="cpu").manual_seed(job.seed) for job in jobs],
             output_type="latent",
         ).images
-        denoise_s = clock.lap()
+
+    def _decode(self, latents: torch.Tensor, job: RenderJob) -> Image.Image:
+        pipe = self.model.pipe
         vae = pipe.vae
         latents = pipe._unpack_latents(latents, job.height, job.width, pipe.vae_scale_factor)
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
-        decode_s = clock.lap()
-        return RenderedImage(
-            png=encode_png(image, job),
-            width=image.width,
-            height=image.height,
-            encode_s=encode_s,
-            denoise_s=denoise_s,
-            decode_s=decode_s,
-        )
+        return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+    @torch.inference_mode()
+    def render_batch(self, jobs: Sequence[RenderJob]) -> list[RenderedImage]:
+        """Render `jobs` sharing one encode phase and denoising compatible ones together; results in job order."""
+        clock = _PhaseClock(self.model.device)
+        embeddings = self._encode(jobs)
+        encode_share = clock.lap() / len(jobs)
+        results: dict[int, RenderedImage] = {}
+        for group in denoise_groups(jobs, self.max_batch):
+            group_jobs = [jobs[i] for i in group]
+            latents = self._denoise(group_jobs, [embeddings[i] for i in group])
+            denoise_share = clock.lap() / len(group)
+            for row, index in enumerate(group):
+                job = jobs[index]
+                image = self._decode(latents[row : row + 1], job)
+                png = encode_png(image, job)
+                results[index] = RenderedImage(
+                    png=png,
+                    width=image.width,
+                    height=image.height,
+                    encode_s=encode_share,
+                    denoise_s=denoise_share,
+                    decode_s=clock.lap(),
+                    batch_size=len(group),
+                )
+        return [results[i] for i in range(len(jobs))]
+
+    def render(self, job: RenderJob) -> RenderedImage:
+        return self.render_batch([job])[0]

@@ -77,7 +77,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     queues = queues_for_level(parse_level(loaded.quant))
     log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
     log.info("consuming %s", ", ".join(queues))
-    runner = JobRunner(RenderEngine(loaded), store, worker_info, load_s)
+    engine = RenderEngine(loaded, max_batch=settings.max_batch, embedding_cache=settings.embedding_cache)
+    runner = JobRunner(engine, store, worker_info, load_s)
     started_at = datetime.now(UTC)
 
     def snapshot() -> WorkerStatus:

@@ -1,0 +1,85 @@
+"""The render engine's shared phases on the tiny model: one encode phase for many jobs, embeddings
+cached by prompt, compatible jobs denoised as one batch, every image still its own seed's image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.jobs import RenderJob, parse_job
+from shared.ladder import QuantLevel
+from shared.settings import FarmSettings
+from worker.engine import EmbeddingCache, RenderEngine, denoise_groups
+from worker.host_mirror import HostMirror
+from worker.pipeline import load_model
+from worker.tiny_model import gguf_path
+
+
+def _job(prompt: str, seed: int, width: int = 256, height: int = 256) -> RenderJob:
+    return parse_job({"prompt": prompt, "seed": seed, "width": width, "height": height, "steps": 3})
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> RenderEngine:
+    settings = FarmSettings(cache_dir=tiny_model.parent / "cache")
+    model = load_model(str(tiny_model), str(gguf_path(tiny_model, QuantLevel.Q8_0)), "cpu", settings)
+    return RenderEngine(model, max_batch=2, embedding_cache=8)
+
+
+def test_denoise_groups_batch_only_jobs_of_the_same_shape_up_to_the_limit() -> None:
+    jobs = [_job("a", 1), _job("b", 2, width=320), _job("c", 3), _job("d", 4), _job("e", 5, width=320)]
+    assert denoise_groups(jobs, 2) == [[0, 2], [1, 4], [3]]
+    assert denoise_groups(jobs, 1) == [[0], [1], [2], [3], [4]]
+
+
+def test_a_batch_renders_each_job_as_its_own_render_would(engine: RenderEngine) -> None:
+    jobs = [_job("a red fox", 1), _job("a blue whale", 2, width=320), _job("a green owl", 3)]
+    batched = engine.render_batch(jobs)
+    assert [r.batch_size for r in batched] == [2, 1, 2]
+    assert [(r.width, r.height) for r in batched] == [(256, 256), (320, 256), (256, 256)]
+    for job, result in zip(jobs, batched, strict=True):
+        alone = engine.render(job)
+        difference = np.abs(_pixels(result.png) - _pixels(alone.png)).max()
+        assert difference <= 2, (job.prompt, difference)  # the same seed's image; summation order aside
+    assert not np.array_equal(_pixels(batched[0].png), _pixels(batched[2].png))
+
+
+def test_prompts_are_encoded_once_and_then_come_from_the_cache(engine: RenderEngine) -> None:
+    cache = engine.embeddings
+    engine.render(_job("a lighthouse at dusk", 7))
+    hits, misses = cache.hits, cache.misses
+    engine.render(_job("a lighthouse at dusk", 8))
+    assert (cache.hits, cache.misses) == (hits + 1, misses)
+    engine.render_batch([_job("a quiet harbour", 9), _job("a quiet harbour", 10)])
+    assert cache.misses == misses + 1, "two jobs with one prompt encode it once"
+
+
+def test_embedding_cache_evicts_the_least_recently_used() -> None:
+    cache = EmbeddingCache(2)
+    value = object()
+    for key in ("a", "b"):
+        cache.put(key, value)  # type: ignore[arg-type]
+    cache.get("a")
+    cache.put("c", value)  # type: ignore[arg-type]
+    assert cache.get("b") is None and cache.get("a") is value and cache.get("c") is value
+    assert EmbeddingCache.key(_job("x", 1)) == EmbeddingCache.key(_job("x", 2)) != EmbeddingCache.key(_job("y", 1))
+
+
+def test_host_mirror_keeps_one_host_copy_and_restores_the_weights() -> None:
+    module = torch.nn.Linear(8, 4)
+    before = module.weight.detach().clone()
+    mirror = HostMirror(module)
+    pointer = module.weight.data_ptr()
+    mirror.to_device("cpu")
+    mirror.to_host()
+    assert module.weight.data_ptr() == pointer, "going back to the host copies nothing"
+    assert torch.equal(module.weight, before)
