@@ -38,6 +38,7 @@ app.command("tiny-model")(worker_cli.tiny_model)
 app.command("quantize")(worker_cli.quantize)
 app.command("probe-vram")(worker_cli.probe_vram)
 app.command("plan")(worker_cli.plan)
+app.command("bench")(worker_cli.bench)
 
 
 def _job_defaults(**options: Any) -> dict[str, Any]:

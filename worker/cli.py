@@ -136,12 +136,80 @@ def probe_vram(
 
     if model not in TRANSFORMERS:
         raise FarmError(f"unknown model {model!r}; choose from {', '.join(TRANSFORMERS)}")
-    parsed_sizes = []
-    for size in sizes.split(","):
-        width, _, height = size.strip().partition("x")
-        parsed_sizes.append((int(width), int(height)))
     budgets = [float(b) for b in plans.split(",")] if plans else None
-    run_probe(out, model, [parse_level(name) for name in levels.split(",")], parsed_sizes, device, budgets)
+    run_probe(out, model, _levels(levels), _sizes(sizes), device, budgets)
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for size in text.split(","):
+        width, _, height = size.strip().partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise FarmError(f"size {size!r} is not WxH, e.g. 1024x1024")
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
+def _levels(text: str) -> list:
+    return [parse_level(name) for name in text.split(",") if name.strip()]
+
+
+def bench(
+    out: Annotated[Path | None, typer.Option(help="JSON-lines file the rows are appended to.")] = None,
+    model: Annotated[
+        str, typer.Option(help="flux.1-dev, flux.1-schnell, or tiny (CPU check of the tool).")
+    ] = "flux.1-dev",
+    levels: Annotated[str, typer.Option(help="Levels whose transformer step is timed.")] = "bf16,fp8,Q8_0,Q6_K,Q4_K",
+    sizes: Annotated[str, typer.Option(help="Step sizes, WxH comma-separated.")] = "512x512,1024x1024",
+    batches: Annotated[str, typer.Option(help="Batch sizes to try.")] = "1,2,4",
+    vram_budget: Annotated[
+        str, typer.Option("--vram-budget", help="Budgets in GiB for whole-image runs; the plan picks the level.")
+    ] = "12,80",
+    image_levels: Annotated[str, typer.Option(help="Levels forced for whole-image runs on the whole card.")] = "fp8",
+    image_size: Annotated[str, typer.Option(help="Whole-image size, WxH.")] = "1024x1024",
+    steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 28,
+    images: Annotated[int, typer.Option(help="Images per whole-image measurement.")] = 4,
+    baselines: Annotated[bool, typer.Option(help="Also run plain diffusers bf16 and the seed recipe.")] = True,
+    compile_blocks: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile.")] = False,
+    attention: Annotated[str, typer.Option(help="auto, native or cudnn.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="Torch device; cuda:0 when present.")] = None,
+) -> None:
+    """Time transformer steps and whole images at each level and VRAM budget, with baselines from the same run.
+
+    Full-size random-weight FLUX.1 (same bytes and FLOPs as trained weights) needs a GPU; budgets are
+    enforced with torch.cuda.set_per_process_memory_fraction. Every performance figure in BENCHMARKS.md
+    comes from this command.
+    """
+    _require_gpu_stack()
+    import torch
+    from rich.console import Console
+
+    from worker.bench import BenchOptions, bench_jobs, run_bench
+    from worker.bench_report import BenchLog
+    from worker.gpu import default_device
+
+    device = device or default_device()
+    if model != "tiny" and torch.device(device).type != "cuda":
+        raise FarmError("full-size bench needs a CUDA GPU; use --model tiny to check the tool on a CPU")
+    bench_jobs(BenchOptions(image_size=_sizes(image_size)[0], steps=steps), 1)  # a bad size fails before any work
+    options = BenchOptions(
+        model=model,
+        levels=_levels(levels),
+        sizes=_sizes(sizes),
+        batches=[int(b) for b in batches.split(",")],
+        budgets=[float(b) for b in vram_budget.split(",") if b.strip()],
+        image_levels=_levels(image_levels),
+        image_size=_sizes(image_size)[0],
+        steps=steps,
+        images=images,
+        baselines=baselines,
+        attention=attention,
+        compile=compile_blocks,
+    )
+    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    log = BenchLog(out, {"gpu": gpu, "torch": torch.__version__, "model": model}, Console(stderr=True))
+    run_bench(options, device, log)
+    log.print_tables()
 
 
 def plan(

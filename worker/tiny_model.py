@@ -64,7 +64,8 @@ def _corpus() -> list[str]:
     return list(_WORDS) + phrases * 4
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
+def clip_tokenizer() -> CLIPTokenizer:
+    """A small CLIP BPE tokenizer trained offline: real tokenizer classes, no download."""
     bpe = Tokenizer(models.BPE(unk_token=_SPECIAL_CLIP[1], end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,7 +83,8 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
 
 
-def _t5_tokenizer() -> T5Tokenizer:
+def t5_tokenizer() -> T5Tokenizer:
+    """A small T5 Unigram tokenizer trained offline, padding to 512 tokens like FLUX's."""
     unigram = Tokenizer(models.Unigram())
     unigram.pre_tokenizer = pre_tokenizers.Metaspace()
     trainer = trainers.UnigramTrainer(
@@ -93,11 +95,24 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's scheduler configuration (the published repos' scheduler_config.json)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def build_tiny_pipeline(dims: TinyDims = TinyDims(), seed: int = 0) -> FluxPipeline:
     """A FluxPipeline of tiny random-weight components, deterministic for a given seed."""
     torch.manual_seed(seed)
-    tokenizer = _clip_tokenizer()
-    tokenizer_2 = _t5_tokenizer()
+    tokenizer = clip_tokenizer()
+    tokenizer_2 = t5_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -153,17 +168,8 @@ def build_tiny_pipeline(dims: TinyDims = TinyDims(), seed: int = 0) -> FluxPipel
         scaling_factor=0.3611,
         shift_factor=0.1159,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
     return FluxPipeline(
-        scheduler=scheduler,
+        scheduler=flux_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -67,11 +67,11 @@ def _timed(device: str, run: Callable[[], Any], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def random_master_weights(config: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
-    """bf16 random weights for every transformer tensor, generated on the GPU, kept in host memory."""
+def random_master_weights(config: dict[str, Any], device: str, dtype: torch.dtype = DTYPE) -> dict[str, torch.Tensor]:
+    """Random weights for every transformer tensor, generated on `device`, kept in host memory."""
     weights = {}
     for name, param in meta_transformer(config).state_dict().items():
-        weights[name] = (torch.randn(param.shape, device=device, dtype=DTYPE) * 0.02).cpu()
+        weights[name] = (torch.randn(param.shape, device=device, dtype=dtype) * 0.02).cpu()
     return weights
 
 
@@ -98,40 +98,45 @@ def level_state_dict(master: dict[str, torch.Tensor], level: QuantLevel, device:
     return gguf_state_dict(master, level, device)
 
 
-def load_level(state: dict[str, torch.Tensor], level: QuantLevel, config_dir: Path, device: str) -> torch.nn.Module:
-    """A full-size transformer at `level` on `device` (bf16; fp8 = e4m3 storage with bf16 compute)."""
+def load_level(
+    state: dict[str, torch.Tensor], level: QuantLevel, config_dir: Path, device: str, dtype: torch.dtype = DTYPE
+) -> FluxTransformer2DModel:
+    """A transformer at `level` on `device`, the way diffusers loads it (fp8 = e4m3 storage, upcast)."""
     if level in (QuantLevel.BF16, QuantLevel.FP8):
         model = FluxTransformer2DModel.from_single_file(
-            state, config=str(config_dir), subfolder="transformer", dtype=DTYPE
+            state, config=str(config_dir), subfolder="transformer", dtype=dtype
         )
         if level == QuantLevel.FP8:  # quantize on the host: a bf16 copy on the GPU would not fit the card
-            to_scaled_fp8(model, DTYPE)
+            to_scaled_fp8(model, dtype)
         return model.to(device)
     model = FluxTransformer2DModel.from_single_file(
         state,
-        quantization_config=GGUFQuantizationConfig(compute_dtype=DTYPE),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
         config=str(config_dir),
         subfolder="transformer",
-        dtype=DTYPE,
+        dtype=dtype,
     )
     return model.to(device)
 
 
-def _step_inputs(config: dict[str, Any], width: int, height: int, batch: int, device: str) -> dict[str, Any]:
+def step_inputs(
+    config: dict[str, Any], width: int, height: int, batch: int, device: str, dtype: torch.dtype = DTYPE
+) -> dict[str, Any]:
+    """Random inputs of one denoising step at `width`x`height`, as FluxPipeline passes them."""
     tokens = (width // 16) * (height // 16)
     inputs = {
-        "hidden_states": torch.randn(batch, tokens, config["in_channels"], device=device, dtype=DTYPE),
+        "hidden_states": torch.randn(batch, tokens, config["in_channels"], device=device, dtype=dtype),
         "encoder_hidden_states": torch.randn(
-            batch, T5_TOKENS, config["joint_attention_dim"], device=device, dtype=DTYPE
+            batch, T5_TOKENS, config["joint_attention_dim"], device=device, dtype=dtype
         ),
-        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], device=device, dtype=DTYPE),
-        "timestep": torch.full((batch,), 0.5, device=device, dtype=DTYPE),
-        "img_ids": torch.zeros(tokens, 3, device=device, dtype=DTYPE),
-        "txt_ids": torch.zeros(T5_TOKENS, 3, device=device, dtype=DTYPE),
+        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], device=device, dtype=dtype),
+        "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+        "img_ids": torch.zeros(tokens, 3, device=device, dtype=dtype),
+        "txt_ids": torch.zeros(T5_TOKENS, 3, device=device, dtype=dtype),
         "return_dict": False,
     }
     if config["guidance_embeds"]:
-        inputs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=DTYPE)
+        inputs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
     return inputs
 
 
@@ -159,7 +164,7 @@ def probe_levels(
                 "build_s": time.perf_counter() - started,
             }
             for width, height in sizes:
-                inputs = _step_inputs(config, width, height, 1, device)
+                inputs = step_inputs(config, width, height, 1, device)
                 step = lambda inputs=inputs, model=model: model(**inputs)  # noqa: E731
                 row[f"step_peak_gib_{width}x{height}"] = _peak_above(device, base, step)
                 row[f"step_s_{width}x{height}"] = _timed(device, step, repeats)
@@ -259,7 +264,7 @@ def _run_plan(
             del t5, clip
             gc.collect()
             transformer.to(device)
-    transformer(**_step_inputs(config, width, height, 1, device))
+    transformer(**step_inputs(config, width, height, 1, device))
     vae.decode(torch.randn(1, 16, height // 8, width // 8, device=device, dtype=DTYPE))
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / GIB

@@ -1,0 +1,43 @@
+"""`fluxfarm bench` as a user runs it, on the tiny model on the CPU: every row kind, the baselines,
+agreement with bf16 and the ratios table (the full-size run needs a GPU; BENCHMARKS.md has it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_fluxfarm
+
+
+def test_bench_on_the_tiny_model_reports_steps_images_baselines_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    result = run_fluxfarm(
+        "bench", "--model", "tiny", "--levels", "bf16,Q8_0", "--sizes", "128x128", "--batches", "1,2",
+        "--vram-budget", "12", "--image-levels", "Q4_K", "--image-size", "256x256", "--steps", "2",
+        "--images", "2", "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert {(r["level"], r["path"], r["batch"]) for r in steps} == {
+        (level, path, batch) for level in ("bf16", "Q8_0") for path in ("diffusers", "fluxfarm") for batch in (1, 2)
+    }
+    assert all(r["step_ms"] > 0 and r["ms_per_image_step"] * r["batch"] == r["step_ms"] for r in steps)
+    images = {(r["name"], r["batch"]): r for r in rows if r["kind"] == "image"}
+    assert {"diffusers-bf16", "seed-recipe", "fluxfarm@12GiB", "fluxfarm-Q4_K"} == {name for name, _ in images}
+    planned = images[("fluxfarm@12GiB", 1)]
+    assert (planned["level"], planned["text_encoders"], planned["images"]) == ("Q6_K", "gpu-swap", 2)
+    assert planned["images_per_hour"] == 3600 / planned["s_per_image"]
+    assert images[("seed-recipe", 1)]["level"] == "Q8_0"
+    # the quantized images differ from bf16, by less than noise would
+    assert 20 < images[("fluxfarm-Q4_K", 1)]["psnr_db_vs_bf16"] < 99
+    ratios = next(r for r in rows if r["kind"] == "ratios")["ratios"]
+    assert "step Q8_0 fluxfarm / bf16 fluxfarm @128x128" in ratios
+    assert "images/hour fluxfarm@12GiB batch 1 / seed-recipe" in ratios
+    assert "ratios" in result.stderr  # the tables are printed for people
+
+
+def test_bench_refuses_full_size_without_a_gpu() -> None:
+    result = run_fluxfarm("bench", "--device", "cpu")
+    assert result.returncode == 1
+    assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
