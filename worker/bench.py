@@ -20,19 +20,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxPipeline
+from PIL import Image
 from pydantic import BaseModel
 from transformers import CLIPTextModel, T5EncoderModel
 
 from shared.jobs import RenderJob, parse_job
 from shared.ladder import QuantLevel
 from shared.metadata import ModelInfo
-from worker.engine import RenderEngine
+from worker.engine import RenderEngine, encode_png
 from worker.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
 from worker.flux_arch import TRANSFORMERS, random_clip, random_t5, random_vae, write_transformer_config
 from worker.pipeline import LoadedModel, compute_dtype, enable_vae_tiling, place_pipeline
@@ -221,10 +223,6 @@ def agreement(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 
 
 def _pixels(png: bytes) -> np.ndarray:
-    from io import BytesIO
-
-    from PIL import Image
-
     return np.asarray(Image.open(BytesIO(png)).convert("RGB"))
 
 
@@ -289,8 +287,6 @@ class Bench:
 
     def _diffusers_run(self, name: str, pipe: FluxPipeline, level: QuantLevel, offload: bool) -> list[bytes]:
         """Plain `pipe(prompt=...)`, one image a call, the way the diffusers docs and the seed article run it."""
-        from worker.engine import encode_png
-
         jobs = bench_jobs(self.options, self.options.images)
 
         def render(job: RenderJob, steps: int) -> bytes:
