@@ -17,8 +17,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -37,6 +36,7 @@ from shared.metadata import ModelInfo
 from worker.engine import RenderEngine, encode_png
 from worker.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
 from worker.flux_arch import TRANSFORMERS, random_clip, random_t5, random_vae, write_transformer_config
+from worker.gpu import memory_cap, synchronize, time_calls
 from worker.pipeline import LoadedModel, compute_dtype, enable_vae_tiling, place_pipeline
 from worker.plan import VAE_TILE_PX, PlanInputs, make_plan
 from worker.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
@@ -150,11 +150,6 @@ def build_parts(model: str, device: str, folder: Path) -> FluxParts:
     return FluxParts(config, master, vae, clip, t5, config_dir, dtype)
 
 
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _free(device: str) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -166,32 +161,6 @@ def _peak_gib(device: str) -> float | None:
     if torch.device(device).type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / GIB
-
-
-@contextmanager
-def memory_cap(device: str, budget_gib: float | None) -> Iterator[None]:
-    """Let the process allocate at most `budget_gib` (the H100 standing in for a smaller card)."""
-    if budget_gib is None or torch.device(device).type != "cuda":
-        yield
-        return
-    total = torch.cuda.get_device_properties(device).total_memory / GIB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total), device)
-    try:
-        yield
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-
-
-def time_steps(run: Callable[[], Any], device: str, repeats: int) -> float:
-    """Seconds per call after two warm-up calls (the first allocates, a compiled one compiles)."""
-    run()
-    run()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def bench_jobs(options: BenchOptions, count: int, offset: int = 0) -> list[RenderJob]:
@@ -242,7 +211,9 @@ class Bench:
                 inputs = step_inputs(self.parts.transformer_config, width, height, batch, self.device, self.parts.dtype)
                 _free(self.device)
                 try:
-                    seconds = time_steps(lambda inputs=inputs: model(**inputs), self.device, self.options.step_repeats)
+                    seconds = time_calls(
+                        lambda inputs=inputs: model(**inputs), self.device, self.options.step_repeats, warmup=2
+                    )
                 except torch.cuda.OutOfMemoryError:
                     del inputs
                     break
@@ -303,10 +274,10 @@ class Bench:
 
         render(bench_jobs(self.options, 1, offset=100)[0], 2)  # warm-up: allocations, cuDNN plans
         _free(self.device)
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         pngs = [render(job, job.steps) for job in jobs]
-        _sync(self.device)
+        synchronize(self.device)
         elapsed = (time.perf_counter() - start) / len(jobs)
         width, height = self.options.image_size
         row = ImageRow(
@@ -397,7 +368,7 @@ class Bench:
                     engine.render_batch(bench_jobs(self.options, batch, offset=100))  # warm-up at this batch
                     _free(self.device)
                     jobs = bench_jobs(self.options, max(self.options.images, batch))
-                    _sync(self.device)
+                    synchronize(self.device)
                     start = time.perf_counter()
                     rendered = engine.render_batch(jobs)
                     elapsed = (time.perf_counter() - start) / len(jobs)

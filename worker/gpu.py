@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -36,3 +40,35 @@ def synchronize(device: str) -> None:
     """Wait for queued GPU work, so phase timings measure the work and not its launch."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_calls(run: Callable[[], Any], device: str, repeats: int, warmup: int = 1) -> float:
+    """Seconds per call of `run`, after `warmup` calls (allocations, cuDNN plans, compilation)."""
+    for _ in range(warmup):
+        run()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def cap_memory(device: str, budget_gib: float | None) -> None:
+    """Let this process allocate at most `budget_gib` on `device` (None lifts the cap): a shared card, or
+    a large card standing in for a smaller one."""
+    if torch.device(device).type != "cuda":
+        return
+    total_gib = torch.cuda.get_device_properties(device).total_memory / _BYTES_PER_GIB
+    fraction = 1.0 if budget_gib is None else min(1.0, budget_gib / total_gib)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+
+
+@contextmanager
+def memory_cap(device: str, budget_gib: float | None) -> Iterator[None]:
+    """`cap_memory` for the duration of a block."""
+    cap_memory(device, budget_gib)
+    try:
+        yield
+    finally:
+        cap_memory(device, None)

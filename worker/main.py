@@ -8,7 +8,6 @@ import time
 from datetime import UTC, datetime
 
 import redis
-import torch
 
 from shared.celery_app import make_celery_app
 from shared.fleet import WorkerStatus
@@ -17,7 +16,7 @@ from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
 from worker.engine import RenderEngine
-from worker.gpu import default_device, probe_device
+from worker.gpu import cap_memory, default_device, probe_device
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
 from worker.loadout import choose_loadout
@@ -56,9 +55,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         redact_url(settings.broker_url),
         redact_url(settings.storage_url),
     )
-    if settings.vram_budget_gib and torch.device(device).type == "cuda":
-        total_gib = torch.cuda.get_device_properties(device).total_memory / 1024**3
-        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.vram_budget_gib / total_gib), device)
+    if settings.vram_budget_gib:
+        cap_memory(device, settings.vram_budget_gib)
     loadout = choose_loadout(settings, model, transformer, device)
     if loadout.plan is not None:
         log.info("plan: %s", loadout.plan.model_dump_json())

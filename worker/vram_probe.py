@@ -33,6 +33,7 @@ from worker.flux_arch import (
 )
 from worker.fp8 import to_scaled_fp8
 from worker.gguf_blocks import quantize_rows
+from worker.gpu import cap_memory, time_calls
 from worker.pipeline import enable_vae_tiling
 from worker.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
 from worker.quantize import ggml_type_for
@@ -55,16 +56,6 @@ def _peak_above(device: str, base: int, run: Callable[[], Any]) -> float:
     run()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / GIB
-
-
-def _timed(device: str, run: Callable[[], Any], repeats: int) -> float:
-    run()
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def random_master_weights(config: dict[str, Any], device: str, dtype: torch.dtype = DTYPE) -> dict[str, torch.Tensor]:
@@ -167,7 +158,7 @@ def probe_levels(
                 inputs = step_inputs(config, width, height, 1, device)
                 step = lambda inputs=inputs, model=model: model(**inputs)  # noqa: E731
                 row[f"step_peak_gib_{width}x{height}"] = _peak_above(device, base, step)
-                row[f"step_s_{width}x{height}"] = _timed(device, step, repeats)
+                row[f"step_s_{width}x{height}"] = time_calls(step, device, repeats)
                 del inputs, step
             del model  # casting hooks make cycles: _settle's gc.collect frees them before the next level
             row["leftover_gib"] = (_settle(device) - base) / GIB
@@ -209,7 +200,6 @@ def probe_plans(
     """For each budget: make the plan, build exactly that configuration under the budget's memory cap,
     run encode, one step and decode as the plan says, and record the measured peak beside the prediction."""
     config = TRANSFORMERS[model_name]
-    total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     capability = torch.cuda.get_device_capability(device)
     base = _settle(device)
     master = random_master_weights(config, device)
@@ -221,7 +211,7 @@ def probe_plans(
             )
             state = level_state_dict(master, QuantLevel(plan.level), device)  # quantizing is not the worker's cost
             _settle(device)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_gib), device)
+            cap_memory(device, budget)
             row: dict[str, Any] = {
                 "budget_gib": budget,
                 "size": f"{width}x{height}",
@@ -235,7 +225,7 @@ def probe_plans(
             on_row(row)
             del state
             _settle(device)
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            cap_memory(device, None)
 
 
 def _run_plan(

@@ -14,8 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from shared.ladder import QuantLevel
-from worker.bench import build_parts, time_steps
+from worker.bench import build_parts
 from worker.fast_paths import apply_fast_paths
+from worker.gpu import time_calls
 from worker.vram_probe import step_inputs
 
 
@@ -29,7 +30,7 @@ def main() -> None:
             model = parts.transformer(level, device)
             apply_fast_paths(model, device, True, "native", False)
             inputs = step_inputs(parts.transformer_config, size, size, 1, device)
-            eager = time_steps(lambda model=model, inputs=inputs: model(**inputs), device, 5)
+            eager = time_calls(lambda model=model, inputs=inputs: model(**inputs), device, 5, warmup=2)
             graph = torch.cuda.CUDAGraph()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -38,7 +39,7 @@ def main() -> None:
             torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(graph):
                 model(**inputs)
-            graphed = time_steps(graph.replay, device, 5)
+            graphed = time_calls(graph.replay, device, 5, warmup=2)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 model(**inputs)
                 torch.cuda.synchronize()
