@@ -33,12 +33,13 @@ from transformers import CLIPTextModel, T5EncoderModel
 from shared.jobs import RenderJob, parse_job
 from shared.ladder import QuantLevel
 from shared.metadata import ModelInfo
+from shared.settings import FarmSettings
 from worker.engine import RenderEngine, encode_png
 from worker.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
 from worker.flux_arch import TRANSFORMERS, random_clip, random_t5, random_vae, write_transformer_config
 from worker.gpu import memory_cap, synchronize, time_calls
-from worker.pipeline import LoadedModel, compute_dtype, enable_vae_tiling, place_pipeline
-from worker.plan import VAE_TILE_PX, PlanInputs, make_plan
+from worker.pipeline import LoadedModel, compute_dtype, place_pipeline, ready_pipeline
+from worker.plan import PlanInputs, make_plan
 from worker.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
 from worker.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
 
@@ -347,11 +348,8 @@ class Bench:
         with memory_cap(self.device, budget):
             transformer = self.parts.transformer(chosen, self.device)
             pipe = self.parts.pipeline(transformer)
-            place_pipeline(pipe, self.device, plan.text_encoders)
-            if plan.vae_tiling:
-                enable_vae_tiling(pipe.vae, VAE_TILE_PX)
-            pipe.set_progress_bar_config(disable=True)
-            paths = apply_fast_paths(transformer, self.device, True, self.options.attention, self.options.compile)
+            settings = FarmSettings(fast_kernels=True, attention=self.options.attention, compile=self.options.compile)
+            paths = ready_pipeline(pipe, self.device, plan.text_encoders, plan.vae_tiling, settings)
             model = LoadedModel(
                 pipe=pipe,
                 info=ModelInfo(

@@ -109,6 +109,21 @@ def place_pipeline(pipe: FluxPipeline, device: str, text_encoders: Placement) ->
     pipe.text_encoder_2.to(encoders_device)
 
 
+def ready_pipeline(
+    pipe: FluxPipeline,
+    device: str,
+    text_encoders: Placement,
+    vae_tiling: bool,
+    settings: FarmSettings,
+) -> FastPaths:
+    """Place the components as planned, tile the decode if planned, and switch on the fast paths."""
+    place_pipeline(pipe, device, text_encoders)
+    if vae_tiling:
+        enable_vae_tiling(pipe.vae, VAE_TILE_PX)
+    pipe.set_progress_bar_config(disable=True)
+    return apply_fast_paths(pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile)
+
+
 def load_model(
     model: str,
     transformer: str | None,
@@ -137,17 +152,11 @@ def load_model(
             to_scaled_fp8(flux_transformer, dtype)
             held = QuantLevel.FP8.value
         pipe = FluxPipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
-        place_pipeline(pipe, device, text_encoders)
-        if vae_tiling:
-            enable_vae_tiling(pipe.vae, VAE_TILE_PX)
-        fast_paths = apply_fast_paths(
-            pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile
-        )
+        fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load FLUX pipeline from {model} ({transformer or 'bf16'}): {error}") from error
-    pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
     log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
     return LoadedModel(
