@@ -14,7 +14,7 @@ from tests.conftest import load_gguf_transformer
 from worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8
 from worker.gguf_blocks import quantize_rows
 from worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, use_triton_gguf
-from worker.kernels.gguf_dequant import BLOCK_LAYOUT
+from worker.kernels.gguf_dequant import KERNEL_TYPES
 from worker.tiny_model import gguf_path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +33,7 @@ def _weights(rows: int, cols: int) -> torch.Tensor:
     return weights
 
 
-@pytest.mark.parametrize("qtype", list(BLOCK_LAYOUT))
+@pytest.mark.parametrize("qtype", list(KERNEL_TYPES))
 def test_triton_dequantize_equals_gguf_py(qtype: str) -> None:
     weights = _weights(6, 768)
     blocks = quantize_rows(weights, qtype)

@@ -20,7 +20,7 @@ from torch.nn import functional
 from worker.quantize import keeps_high_precision
 
 log = logging.getLogger(__name__)
-E4M3_MAX = 448.0
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 @torch.library.custom_op("fluxfarm::fp8_rows", mutates_args=())

@@ -15,7 +15,7 @@ from diffusers.quantizers.gguf.utils import GGUFLinear
 from torch import nn
 from torch.nn import functional
 
-from worker.kernels.gguf_dequant import BLOCK_LAYOUT, launch_dequantize
+from worker.kernels.gguf_dequant import KERNEL_TYPES, launch_dequantize
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def use_triton_gguf(module: nn.Module) -> int:
     """Swap every GGUFLinear below `module` whose block type has a kernel; returns how many were swapped."""
     swapped = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, GGUFLinear) and child.weight.quant_type.name in BLOCK_LAYOUT:
+        if isinstance(child, GGUFLinear) and child.weight.quant_type.name in KERNEL_TYPES:
             setattr(module, name, TritonGGUFLinear(child))
             swapped += 1
         else:

@@ -7,10 +7,9 @@ before every Linear; this kernel reads the row once and writes the e4m3 row and 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-
-E4M3_MAX = 448.0
 
 
 @triton.jit
@@ -26,8 +25,9 @@ def _rows_kernel(x, q, scales, cols, stride, BLOCK: tl.constexpr, LIMIT: tl.cons
 
 
 def launch_quantize_rows(x, q, scales) -> None:
-    """x: (rows, cols) with unit column stride; q: (rows, cols) e4m3 contiguous; scales: (rows,) float32."""
+    """x: (rows, cols) with unit column stride; q: (rows, cols) fp8 contiguous; scales: (rows,) float32.
+    Each row is scaled so that its largest magnitude lands on q's largest finite value."""
     rows, cols = x.shape
     block = triton.next_power_of_2(cols)
     warps = max(1, min(16, block // 1024))
-    _rows_kernel[(rows,)](x, q, scales, cols, x.stride(0), BLOCK=block, LIMIT=E4M3_MAX, num_warps=warps)
+    _rows_kernel[(rows,)](x, q, scales, cols, x.stride(0), BLOCK=block, LIMIT=torch.finfo(q.dtype).max, num_warps=warps)

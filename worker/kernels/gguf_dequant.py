@@ -13,20 +13,10 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-# ggml type -> (values per block, bytes per block); the same numbers as gguf.GGML_QUANT_SIZES.
-BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
-    "Q8_0": (32, 34),
-    "Q5_1": (32, 24),
-    "Q5_0": (32, 22),
-    "Q4_1": (32, 20),
-    "Q4_0": (32, 18),
-    "Q6_K": (256, 210),
-    "Q5_K": (256, 176),
-    "Q4_K": (256, 144),
-    "Q3_K": (256, 110),
-    "Q2_K": (256, 84),
-}
+KERNEL_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+"""The ggml block types `_dequant_kernel` decodes; their sizes come from gguf-py's GGML_QUANT_SIZES."""
 # Values per program: enough work to hide memory latency, small enough for registers.
 _VALUES_PER_PROGRAM = 4096
 
@@ -118,7 +108,7 @@ def _dequant_kernel(
 
 def launch_dequantize(raw, out, qtype: str) -> None:
     """Dequantize the contiguous uint8 blocks `raw` into the contiguous tensor `out` (any float dtype)."""
-    values, size = BLOCK_LAYOUT[qtype]
+    values, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     n_blocks = raw.numel() // size
     blocks_per_program = _VALUES_PER_PROGRAM // values
     grid = (triton.cdiv(n_blocks, blocks_per_program),)
