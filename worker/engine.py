@@ -152,24 +152,22 @@ class RenderEngine:
         """Embeddings for every job: cached ones as they are, the rest in one encoder phase."""
         keys = [EmbeddingCache.key(job) for job in jobs]
         found = {key: self.embeddings.get(key) for key in dict.fromkeys(keys)}
-        first_job_of = dict(zip(keys, jobs, strict=True))
-        missing = [job for key, job in first_job_of.items() if found[key] is None]
+        missing = [(key, job) for key, job in dict(zip(keys, jobs, strict=True)).items() if found[key] is None]
         if missing:
             pipe, device = self.model.pipe, torch.device(self.model.device)
             with self._encoders_on_gpu():
                 for start in range(0, len(missing), PROMPTS_PER_ENCODE):
                     chunk = missing[start : start + PROMPTS_PER_ENCODE]
                     # One forward a prompt length: T5 pads to max_sequence_length, which may differ.
-                    for length in dict.fromkeys(job.max_sequence_length for job in chunk):
-                        same = [job for job in chunk if job.max_sequence_length == length]
+                    for length in dict.fromkeys(job.max_sequence_length for _, job in chunk):
+                        same = [(key, job) for key, job in chunk if job.max_sequence_length == length]
                         prompt, pooled, _ = pipe.encode_prompt(
-                            prompt=[job.prompt for job in same],
-                            prompt_2=[job.prompt_2 or job.prompt for job in same],
+                            prompt=[job.prompt for _, job in same],
+                            prompt_2=[job.prompt_2 or job.prompt for _, job in same],
                             device=device,
                             max_sequence_length=length,
                         )
-                        for row, job in enumerate(same):
-                            key = EmbeddingCache.key(job)
+                        for row, (key, _) in enumerate(same):
                             found[key] = Embeddings(prompt[row : row + 1].cpu(), pooled[row : row + 1].cpu())
                             self.embeddings.put(key, found[key])
         return [found[key] for key in keys]  # type: ignore[misc]
