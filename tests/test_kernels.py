@@ -11,7 +11,7 @@ from torch import nn
 
 from shared.ladder import QuantLevel
 from tests.conftest import load_gguf_transformer
-from worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8
+from worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8, quantize_rows_torch
 from worker.gguf_blocks import quantize_rows
 from worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, use_triton_gguf
 from worker.kernels.gguf_dequant import KERNEL_TYPES
@@ -78,13 +78,16 @@ def test_fp8_row_scales_are_the_row_absmax_over_448() -> None:
     want = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
     torch.testing.assert_close(scales.cpu(), want)
     assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    # the torch-ops twin that runs inside torch.compile scales the same way
+    torch.testing.assert_close(quantize_rows_torch(x)[1], want)
 
 
 @needs_fp8_tensor_cores
 def test_fp8_rows_round_like_torch() -> None:
     x = torch.randn(64, 15360, device="cuda", dtype=torch.bfloat16)
     q, scales = quantize_rows_fp8(x)
-    want = (x.float() / scales).clamp(-448, 448).to(torch.float8_e4m3fn)
+    want, want_scales = quantize_rows_torch(x)
+    assert torch.equal(scales, want_scales)
     assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
 
 
@@ -96,3 +99,14 @@ def test_fp8_tensor_core_matmul_matches_the_upcast_layer() -> None:
     got = fp8_matmul(x, layer.weight, layer.weight_scale, layer.bias).float()
     relative = (got - want).norm() / want.norm()
     assert relative < 0.05, relative  # the activations' own e4m3 rounding: ~2-3% relative
+
+
+@needs_fp8_tensor_cores
+def test_compiled_fp8_layer_matches_the_eager_one() -> None:
+    """Under torch.compile the activations are quantized by torch ops Inductor fuses; same numbers."""
+    layer = ScaledFp8Linear(nn.Linear(3072, 3072, bias=True), torch.bfloat16).cuda()
+    layer.tensor_cores = True
+    x = torch.randn(1, 512, 3072, device="cuda", dtype=torch.bfloat16)
+    want = layer(x).float()
+    got = torch.compile(layer, fullgraph=True)(x).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -4,8 +4,11 @@
   instead of diffusers' per-step torch ops.
 - fp8: matmuls on fp8 tensor cores (compute capability 8.9+), activations quantized per row.
 - Attention: SDPA as torch picks it, or diffusers' cuDNN backend where asked.
+- Query, key and value projections stacked into one matmul (worker/fused_projections.py).
 - compile: `torch.compile` of the repeated transformer blocks (regional compilation), which fuses
   the norms, modulation and activation quantization around the matmuls.
+- CUDA graphs: each step shape is captured once and replayed (worker/step_graphs.py), which removes
+  the per-kernel launch cost that makes small images CPU-bound.
 Each is skipped, with the reason logged, where the card or the installed stack cannot run it, so a
 worker always starts.
 """
@@ -20,6 +23,8 @@ from diffusers import FluxTransformer2DModel
 from pydantic import BaseModel
 
 from worker.fp8 import fp8_tensor_cores_work, use_fp8_tensor_cores
+from worker.fused_projections import fuse_attention_projections
+from worker.step_graphs import use_step_graphs
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +36,10 @@ class FastPaths(BaseModel):
 
     triton_gguf_layers: int = 0
     fp8_tensor_core_layers: int = 0
+    fused_attentions: int = 0
     attention: str = "native"
     compiled: bool = False
+    cuda_graphs: bool = False
 
 
 def triton_available(device: torch.device) -> bool:
@@ -56,6 +63,7 @@ def compile_blocks(transformer: FluxTransformer2DModel) -> None:
     """Regional compilation: each repeated block type compiles once per image size and batch, with static
     shapes (a worker sees few sizes; static kernels beat dynamic ones)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly, the worker goes on
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
 
 
@@ -65,6 +73,7 @@ def apply_fast_paths(
     kernels: bool = True,
     attention: AttentionChoice = "auto",
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> FastPaths:
     """Switch `transformer` (already on `device`) to the fastest paths this card runs."""
     dev = torch.device(device)
@@ -75,6 +84,8 @@ def apply_fast_paths(
         paths.triton_gguf_layers = use_triton_gguf(transformer)
         if fp8_tensor_cores_work(dev):
             paths.fp8_tensor_core_layers = use_fp8_tensor_cores(transformer)
+    if kernels:
+        paths.fused_attentions = fuse_attention_projections(transformer)
     backend = _attention_backend(attention, dev)
     if backend != "native":
         transformer.set_attention_backend(backend)
@@ -82,5 +93,8 @@ def apply_fast_paths(
     if compile and dev.type == "cuda":
         compile_blocks(transformer)
         paths.compiled = True
+    if cuda_graphs and dev.type == "cuda":
+        use_step_graphs(transformer)
+        paths.cuda_graphs = True
     log.info("transformer fast paths: %s", paths.model_dump_json())
     return paths

@@ -39,12 +39,21 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same per-row quantization in torch ops. Inside torch.compile this is the one to use: Inductor
+    fuses it into the kernel that produced `x` (norm, modulation, GELU), which an opaque kernel prevents."""
+    scales = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    q = (x.float() / scales).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
     """x @ weight.T on fp8 tensor cores: x quantized per row, weight (out, in) e4m3 with scales (out, 1)."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    q, scales = quantize_rows_fp8(rows)
+    quantize = quantize_rows_torch if torch.compiler.is_compiling() else quantize_rows_fp8
+    q, scales = quantize(rows)
     out = torch._scaled_mm(
         q, weight.t(), scale_a=scales, scale_b=weight_scale.view(1, -1), bias=bias, out_dtype=x.dtype
     )

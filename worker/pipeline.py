@@ -121,7 +121,9 @@ def ready_pipeline(
     if vae_tiling:
         enable_vae_tiling(pipe.vae, VAE_TILE_PX)
     pipe.set_progress_bar_config(disable=True)
-    return apply_fast_paths(pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile)
+    return apply_fast_paths(
+        pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile, settings.cuda_graphs
+    )
 
 
 def load_model(

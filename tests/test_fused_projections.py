@@ -1,0 +1,55 @@
+"""Stacked query/key/value projections compute what the separate ones compute, at every storage kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttention
+
+from shared.ladder import QuantLevel
+from tests.conftest import load_gguf_transformer
+from worker.fp8 import to_scaled_fp8
+from worker.fused_projections import fuse_attention_projections, stack_layers
+from worker.gguf_linear import TritonGGUFLinear, use_triton_gguf
+from worker.tiny_model import gguf_path
+from worker.vram_probe import step_inputs
+
+
+def _fused_matches(model: torch.nn.Module, tolerance: float) -> None:
+    attentions = [m for m in model.modules() if isinstance(m, FluxAttention)]
+    torch.manual_seed(0)
+    inputs = step_inputs(dict(model.config), 128, 128, 2, "cpu", torch.float32)
+    with torch.inference_mode():
+        want = model(**inputs)[0]
+        assert fuse_attention_projections(model) == len(attentions) > 0
+        got = model(**inputs)[0]
+    assert all(a.fused_projections and not hasattr(a, "to_q") for a in attentions)
+    assert ((got - want).norm() / want.norm()).item() < tolerance
+
+
+def test_stacked_bf16_attention_equals_separate(tiny_model) -> None:
+    model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", dtype=torch.float32)
+    _fused_matches(model, 1e-6)
+
+
+def test_stacked_fp8_attention_equals_separate(tiny_model) -> None:
+    model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", dtype=torch.float32)
+    to_scaled_fp8(model, torch.float32)
+    _fused_matches(model, 1e-6)  # rows keep their own scales, so stacking changes no number
+
+
+@pytest.mark.parametrize("level", [QuantLevel.Q8_0, QuantLevel.Q4_K])
+def test_stacked_gguf_attention_equals_separate(tiny_model, level: QuantLevel) -> None:
+    model = load_gguf_transformer(gguf_path(tiny_model, level), tiny_model)
+    use_triton_gguf(model)  # Triton's interpreter on a CPU
+    _fused_matches(model, 1e-6)
+    assert isinstance(model.transformer_blocks[0].attn.to_qkv, TritonGGUFLinear)
+
+
+def test_layers_of_different_kinds_are_left_separate() -> None:
+    plain = torch.nn.Linear(8, 8)
+    fp8 = to_scaled_fp8(torch.nn.Sequential(torch.nn.Linear(8, 8)), torch.float32)[0]
+    assert stack_layers([plain, fp8]) is None
+    assert stack_layers([plain, torch.nn.Linear(4, 8)]) is None
+    assert stack_layers([plain, torch.nn.Linear(8, 8, bias=False)]) is None

@@ -1,0 +1,50 @@
+"""CUDA-graph replay of the transformer step: same numbers as eager, recaptured when weights move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from worker.host_mirror import HostMirror
+from worker.step_graphs import step_graphs, use_step_graphs
+from worker.vram_probe import step_inputs
+
+
+def _tiny(tiny_model, device: str) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", dtype=torch.float32).to(device)
+
+
+def test_on_a_cpu_steps_run_eagerly_and_uninstall_restores_forward(tiny_model) -> None:
+    model = _tiny(tiny_model, "cpu")
+    inputs = step_inputs(dict(model.config), 128, 128, 1, "cpu", torch.float32)
+    with torch.inference_mode():
+        want = model(**inputs)[0]
+        graphs = use_step_graphs(model)
+        assert use_step_graphs(model) is graphs and step_graphs(model) is graphs
+        got = model(**inputs)[0]
+    assert torch.equal(got, want) and graphs.captures == 0 and graphs.replays == 0
+    graphs.uninstall()
+    assert step_graphs(model) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; tests/gpu runs this on the device")
+def test_replayed_steps_equal_eager_ones_and_survive_a_weight_move(tiny_model) -> None:
+    model = _tiny(tiny_model, "cuda")
+    torch.manual_seed(0)
+    first = step_inputs(dict(model.config), 128, 128, 1, "cuda", torch.float32)
+    second = step_inputs(dict(model.config), 128, 128, 1, "cuda", torch.float32)
+    with torch.inference_mode():
+        want = [model(**first)[0], model(**second)[0]]
+        graphs = use_step_graphs(model)
+        got = [model(**first)[0], model(**second)[0]]
+        assert graphs.captures == 1 and graphs.replays == 2
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        mirror = HostMirror(model)
+        graphs.release()
+        mirror.to_host()
+        mirror.to_device("cuda")
+        again = model(**second)[0]
+    assert graphs.captures == 2
+    torch.testing.assert_close(again, want[1], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,97 @@
+"""One matmul for an attention's query, key and value instead of three, at every level.
+
+The three projections read the same input, so their weights stacked by output row compute all three
+at once: one GEMM of 9,216 columns runs closer to peak than three of 3,072, the fp8 level quantizes
+its input once instead of three times, and a GGUF level launches one dequantization instead of three.
+Stacking by rows is exact for every storage this worker uses: bf16 rows, fp8 rows with their own
+scales, and GGUF rows (a GGUF block never spans two rows). diffusers' own `fuse_projections` only
+handles plain `nn.Linear`; this one also stacks the quantized layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttention
+from torch import nn
+
+from worker.fp8 import ScaledFp8Linear
+from worker.gguf_linear import TritonGGUFLinear
+
+
+def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Row-stack tensors of any dtype (fp8 included, through a byte view)."""
+    if tensors[0].dtype == torch.float8_e4m3fn:
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(torch.float8_e4m3fn)
+    return torch.cat(tensors)
+
+
+def _bias(layers: list[nn.Module]) -> nn.Parameter | None:
+    if layers[0].bias is None:
+        return None
+    return nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
+
+
+def _stacked(kind: type[nn.Module], layers: list[nn.Module], **attributes: object) -> nn.Module:
+    """A `kind` layer for `layers` side by side, made without `kind`'s constructor (which converts a
+    source layer); tensors among `attributes` become buffers unless they are Parameters."""
+    stacked = kind.__new__(kind)
+    nn.Module.__init__(stacked)
+    stacked.in_features, stacked.out_features = layers[0].in_features, sum(layer.out_features for layer in layers)
+    for name, value in attributes.items():
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            stacked.register_buffer(name, value)
+        else:
+            setattr(stacked, name, value)
+    stacked.bias = _bias(layers)
+    return stacked
+
+
+def _same(layers: list[nn.Module], *names: str) -> bool:
+    return all(len({getattr(layer, name) for layer in layers}) == 1 for name in names)
+
+
+def stack_layers(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer of the same kind computing `layers`' outputs side by side; None where they differ in
+    kind, input width, storage type or bias (the attention then keeps its separate projections)."""
+    first = layers[0]
+    if len({type(layer) for layer in layers}) != 1 or not _same(layers, "in_features"):
+        return None
+    if {layer.bias is None for layer in layers} != {first.bias is None}:
+        return None
+    if isinstance(first, TritonGGUFLinear) and _same(layers, "qtype", "compute_dtype"):
+        blocks = torch.cat([layer.blocks for layer in layers])
+        return _stacked(TritonGGUFLinear, layers, qtype=first.qtype, compute_dtype=first.compute_dtype, blocks=blocks)
+    if isinstance(first, ScaledFp8Linear) and _same(layers, "compute_dtype", "tensor_cores"):
+        weight = nn.Parameter(_cat_rows([layer.weight.detach() for layer in layers]), requires_grad=False)
+        scale = nn.Parameter(torch.cat([layer.weight_scale.detach() for layer in layers]), requires_grad=False)
+        attributes = {"compute_dtype": first.compute_dtype, "tensor_cores": first.tensor_cores}
+        return _stacked(ScaledFp8Linear, layers, weight=weight, weight_scale=scale, **attributes)
+    if type(first) is nn.Linear:
+        weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
+        return _stacked(nn.Linear, layers, weight=weight)
+    return None
+
+
+def fuse_attention_projections(module: nn.Module) -> int:
+    """Stack query, key and value (and the text stream's added ones) of every FluxAttention below
+    `module`; returns how many attentions now run fused."""
+    fused = 0
+    for attn in [m for m in module.modules() if isinstance(m, FluxAttention)]:
+        if attn.fused_projections:
+            continue
+        qkv = stack_layers([attn.to_q, attn.to_k, attn.to_v])
+        added = None
+        if attn.added_kv_proj_dim is not None:
+            added = stack_layers([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+            if added is None:
+                continue
+        if qkv is None:
+            continue
+        attn.to_qkv = qkv
+        del attn.to_q, attn.to_k, attn.to_v
+        if added is not None:
+            attn.to_added_qkv = added
+            del attn.add_q_proj, attn.add_k_proj, attn.add_v_proj
+        attn.fused_projections = True
+        fused += 1
+    return fused
