@@ -39,8 +39,12 @@ class Timings(_Record):
     load_s: float = Field(description="Model load time paid before this job: only the first job of a worker.")
     encode_s: float
     denoise_s: float
-    decode_s: float
+    decode_s: float = Field(description="VAE decode to pixels; PNG encoding is png_s.")
+    png_s: float = Field(default=0.0, description="PNG encoding, done while the GPU renders the next batch.")
     upload_s: float = Field(description="Time to store the PNG (the metadata JSON is written after).")
+    batch_size: int = Field(
+        default=1, ge=1, description="Jobs denoised together with this one; encode and denoise are its share."
+    )
 
 
 class ImageInfo(_Record):

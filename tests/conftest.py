@@ -130,7 +130,8 @@ def start_worker(
     args = ["--model", str(model), "--device", "cpu"]
     if transformer is not None:
         args += ["--transformer", str(transformer)]
-    env = {**farm_env(settings), "FLUXFARM_WORKER_NAME": name}
+    # Long enough for jobs submitted together to be rendered together even on a busy CI machine.
+    env = {**farm_env(settings), "FLUXFARM_WORKER_NAME": name, "FLUXFARM_BATCH_WAIT_S": "0.5"}
     worker = WorkerProcess(args, env, log_path).start()
     worker.wait_ready(WORKER_READY_TIMEOUT_S)
     return worker

@@ -83,3 +83,34 @@ def test_host_mirror_keeps_one_host_copy_and_restores_the_weights() -> None:
     mirror.to_host()
     assert module.weight.data_ptr() == pointer, "going back to the host copies nothing"
     assert torch.equal(module.weight, before)
+
+
+def test_jobs_held_by_several_task_threads_render_together(engine: RenderEngine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.batcher import RenderBatcher
+
+    batcher = RenderBatcher(engine, max_jobs=3, wait_s=2.0)
+    jobs = [_job(f"a paper boat {i}", 20 + i) for i in range(3)]
+    with ThreadPoolExecutor(3) as threads:  # as Celery's threads pool hands them over
+        rendered = list(threads.map(batcher.render, jobs))
+    assert sorted(r.batch_size for r in rendered) == [1, 2, 2]  # one gathered call; the engine batches by 2
+    assert len({r.png for r in rendered}) == 3
+    with pytest.raises(ZeroDivisionError):  # a failing job (no steps; bypassing validation) reaches its caller
+        batcher.render(_job("a kite", 1).model_copy(update={"steps": 0}))
+
+
+def test_rendering_as_a_worker_keeps_job_order_encodes_pngs_off_the_gpu_thread_and_stops(engine: RenderEngine) -> None:
+    import threading
+
+    from worker.bench import render_as_worker
+
+    jobs = [_job(f"a lantern {i}", 40 + i) for i in range(3)]
+    threads_before = threading.active_count()
+    rendered, pngs = render_as_worker(engine, jobs, batch=2, wait_s=0.5)
+    assert [r.job for r in rendered] == jobs
+    assert [r.batch_size for r in rendered] == [2, 2, 1]
+    assert pngs == [r.png for r in rendered]  # encoded once, by the task thread, then kept
+    alone = engine.render(jobs[2])
+    assert np.abs(_pixels(pngs[2]) - _pixels(alone.png)).max() <= 2
+    assert threading.active_count() == threads_before  # the render thread and the task threads are gone

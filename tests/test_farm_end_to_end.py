@@ -75,6 +75,18 @@ def test_three_jobs_land_in_s3_as_png_and_full_metadata(farm: Farm) -> None:
         assert min(timings.encode_s, timings.denoise_s, timings.decode_s) > 0
 
 
+def test_jobs_submitted_together_are_rendered_together_and_each_is_stored(farm: Farm) -> None:
+    jobs = [
+        {"prompt": f"a heron {i}", "width": 256, "height": 256, "steps": 2, "seed": i, "dataset": "together"}
+        for i in range(4)
+    ]
+    with FarmClient(farm.settings) as client:
+        results = [handle.result(timeout=RESULT_TIMEOUT_S) for handle in client.submit_many(jobs)]
+    assert max(r.timings.batch_size for r in results) > 1  # the worker held several and batched them
+    assert len({r.image.sha256 for r in results}) == 4
+    assert len(farm.s3.keys(farm.bucket, f"{farm.prefix}/together/")) == 8
+
+
 def test_the_worker_loads_the_model_once(farm: Farm) -> None:
     jobs = [
         {"prompt": f"an owl {i}", "width": 256, "height": 256, "steps": 1, "dataset": "load-once"} for i in range(3)

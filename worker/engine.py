@@ -1,4 +1,4 @@
-"""The render loop: jobs in, PNG bytes and phase timings out.
+"""The render loop: jobs in, decoded images and phase timings out.
 
 Encode, denoise and decode run as separate phases (the pipeline's own steps, called in turn), so
 each is timed on its own and the expensive ones are shared across jobs:
@@ -7,6 +7,8 @@ each is timed on its own and the expensive ones are shared across jobs:
   worker keeps its transformer resident instead of paying an offload per image;
 - denoise: jobs of the same size, steps and guidance run as one batch, up to `max_batch`;
 - decode: per image (its working memory is what the plan sized).
+PNG encoding is not a phase here: `RenderedImage.png` encodes on first use, in the caller's thread
+(the worker's task thread), so it overlaps the next render instead of idling the GPU (zlib releases the GIL).
 A batched image keeps its own seed's starting noise, so it matches its batch-of-one render up to
 floating-point summation order.
 """
@@ -16,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -29,6 +33,9 @@ from shared.jobs import RenderJob
 from worker.gpu import synchronize
 from worker.host_mirror import HostMirror
 from worker.pipeline import LoadedModel
+from worker.step_graphs import step_graphs
+
+log = logging.getLogger(__name__)
 
 PROMPTS_PER_ENCODE = 8
 """Prompts per text-encoder forward: T5-XXL at 512 tokens stays under 0.3 GiB of working memory a prompt."""
@@ -36,14 +43,26 @@ PROMPTS_PER_ENCODE = 8
 
 @dataclass(frozen=True)
 class RenderedImage:
-    png: bytes
-    width: int
-    height: int
+    job: RenderJob
+    image: Image.Image
     encode_s: float
     denoise_s: float
     decode_s: float
     batch_size: int = 1
     """Jobs denoised together with this one; its encode and denoise seconds are its share of the phase."""
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @cached_property
+    def png(self) -> bytes:
+        """Encoded on first use, by whichever thread asks (the GPU thread never does)."""
+        return encode_png(self.image, self.job)
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,9 @@ class RenderEngine:
             yield
             return
         transformer, *encoders = self._mirrors
+        graphs = step_graphs(self.model.pipe.transformer)
+        if graphs is not None:
+            graphs.release()  # their memory pool is the encoders' room, and the weights are about to move
         transformer.to_host()
         for encoder in encoders:
             encoder.to_device(self.model.device)
@@ -196,6 +218,15 @@ class RenderEngine:
         decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
 
+    def _shrink_batch(self, failed: int) -> None:
+        """A batch of `failed` jobs ran out of memory: from now on batches stay below it."""
+        self.max_batch = max(1, failed // 2)
+        log.warning("a batch of %d ran out of GPU memory; batching at most %d from now on", failed, self.max_batch)
+        graphs = step_graphs(self.model.pipe.transformer)
+        if graphs is not None:
+            graphs.release()
+        torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def render_batch(self, jobs: Sequence[RenderJob]) -> list[RenderedImage]:
         """Render `jobs` sharing one encode phase and denoising compatible ones together; results in job order."""
@@ -203,18 +234,26 @@ class RenderEngine:
         embeddings = self._encode(jobs)
         encode_share = clock.lap() / len(jobs)
         results: dict[int, RenderedImage] = {}
-        for group in denoise_groups(jobs, self.max_batch):
+        groups = denoise_groups(jobs, self.max_batch)
+        while groups:
+            group = groups.pop(0)
             group_jobs = [jobs[i] for i in group]
-            latents = self._denoise(group_jobs, [embeddings[i] for i in group])
+            try:
+                latents = self._denoise(group_jobs, [embeddings[i] for i in group])
+            except torch.cuda.OutOfMemoryError:
+                if len(group) == 1:
+                    raise
+                self._shrink_batch(len(group))
+                half = len(group) // 2
+                groups[:0] = [group[:half], group[half:]]
+                clock.lap()
+                continue
             denoise_share = clock.lap() / len(group)
             for row, index in enumerate(group):
                 job = jobs[index]
-                image = self._decode(latents[row : row + 1], job)
-                png = encode_png(image, job)
                 results[index] = RenderedImage(
-                    png=png,
-                    width=image.width,
-                    height=image.height,
+                    job=job,
+                    image=self._decode(latents[row : row + 1], job),
                     encode_s=encode_share,
                     denoise_s=denoise_share,
                     decode_s=clock.lap(),

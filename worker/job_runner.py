@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +22,7 @@ from shared.jobs import parse_job
 from shared.ladder import parse_level
 from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
 from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
-from worker.engine import RenderEngine
+from worker.batcher import RenderBatcher
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,25 @@ def _parse_time(value: Any) -> datetime | None:
 
 @dataclass
 class RunnerStats:
-    """Counters the heartbeat publishes; written by the rendering thread only."""
+    """Counters the heartbeat publishes; updated by the task threads under `lock`."""
 
     jobs_done: int = 0
     jobs_failed: int = 0
     current_job: str | None = None
+    """The job most recently started (a worker may hold several at once)."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class JobRunner:
-    """Holds the engine, the store and this worker's facts; `run` is what the Celery task calls."""
+    """Holds the batcher, the store and this worker's facts; `run` is what each Celery task thread calls."""
 
-    def __init__(self, engine: RenderEngine, store: ObjectStore, worker: WorkerInfo, load_s: float) -> None:
-        self._engine = engine
+    def __init__(self, batcher: RenderBatcher, store: ObjectStore, worker: WorkerInfo, load_s: float) -> None:
+        self._batcher = batcher
+        self._model = batcher.engine.model
         self._store = store
         self._worker = worker
         self._unreported_load_s = load_s
+        self._load_lock = threading.Lock()
         self.stats = RunnerStats()
 
     def _stored_result(self, keys: ResultKeys) -> RenderResult | None:
@@ -68,35 +73,43 @@ class JobRunner:
         try:
             result = self._run(payload, queued_at)
         except Exception:
-            self.stats.jobs_failed += 1
+            with self.stats.lock:
+                self.stats.jobs_failed += 1
             raise
         finally:
-            self.stats.current_job = None
-        self.stats.jobs_done += 1
+            with self.stats.lock:
+                self.stats.current_job = None
+        with self.stats.lock:
+            self.stats.jobs_done += 1
         return result
 
     def _run(self, payload: Any, queued_at: Any) -> RenderResult:
         job = parse_job(payload)
-        self.stats.current_job = job.id
-        level = self._engine.model.quant
+        with self.stats.lock:
+            self.stats.current_job = job.id
+        level = self._model.quant
         if not job.constraint.allows(parse_level(level)):
             raise InvalidJob(f"job {job.id} needs {job.quant}; this worker holds {level}")
         keys = self._store.result_keys(job.dataset, job.id)
         if (stored := self._stored_result(keys)) is not None:
             log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
             return stored
-        started_at = datetime.now(UTC)
-        rendered = self._engine.render(job)
-        model = self._engine.model
+        with self._load_lock:
+            # Claimed with the start time under one lock, so the earliest job to start carries the load.
+            started_at = datetime.now(UTC)
+            load_s, self._unreported_load_s = self._unreported_load_s, 0.0
+        rendered = self._batcher.render(job)
+        model = self._model
+        png_start = time.perf_counter()
+        png = rendered.png  # encoded here, in this task's thread, while the GPU thread renders the next batch
         upload_start = time.perf_counter()
         self._store.put(
             keys.image,
-            rendered.png,
+            png,
             PNG_CONTENT_TYPE,
             png_object_metadata(job, model.info, model.quant, __version__),
         )
         upload_s = time.perf_counter() - upload_start
-        load_s, self._unreported_load_s = self._unreported_load_s, 0.0
         result = RenderResult(
             job_id=job.id,
             job=job,
@@ -111,13 +124,15 @@ class JobRunner:
                 encode_s=rendered.encode_s,
                 denoise_s=rendered.denoise_s,
                 decode_s=rendered.decode_s,
+                png_s=upload_start - png_start,
                 upload_s=upload_s,
+                batch_size=rendered.batch_size,
             ),
             image=ImageInfo(
                 key=keys.image,
                 uri=self._store.uri(keys.image),
-                sha256=hashlib.sha256(rendered.png).hexdigest(),
-                bytes=len(rendered.png),
+                sha256=hashlib.sha256(png).hexdigest(),
+                bytes=len(png),
                 width=rendered.width,
                 height=rendered.height,
             ),

@@ -1,4 +1,8 @@
-"""`fluxfarm worker`: load the pipeline once, then consume render jobs with a solo Celery pool."""
+"""`fluxfarm worker`: load the pipeline once, then consume render jobs.
+
+Celery's threads pool holds two batches of jobs (2 x FLUXFARM_MAX_BATCH), one task thread each; the
+RenderBatcher's single render thread renders them a batch at a time while the other batch's threads
+encode and store their PNGs (worker/batcher.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from shared.ladder import parse_level
 from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
+from worker.batcher import RenderBatcher, held_jobs
 from worker.engine import RenderEngine
 from worker.gpu import cap_memory, default_device, probe_device
 from worker.heartbeat import Heartbeat
@@ -76,7 +81,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
     log.info("consuming %s", ", ".join(queues))
     engine = RenderEngine(loaded, max_batch=settings.max_batch, embedding_cache=settings.embedding_cache)
-    runner = JobRunner(engine, store, worker_info, load_s)
+    batcher = RenderBatcher(engine, max_jobs=settings.max_batch, wait_s=settings.batch_wait_s)
+    runner = JobRunner(batcher, store, worker_info, load_s)
     started_at = datetime.now(UTC)
 
     def snapshot() -> WorkerStatus:
@@ -103,8 +109,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         app.worker_main(
             [
                 "worker",
-                "--pool=solo",
-                "--concurrency=1",
+                "--pool=threads",
+                f"--concurrency={held_jobs(settings.max_batch)}",
                 f"--hostname={node}",
                 f"--queues={','.join(queues)}",
                 f"--loglevel={settings.log_level}",
@@ -113,3 +119,4 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         )
     finally:
         heartbeat.stop(node)
+        batcher.close()
