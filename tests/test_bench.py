@@ -13,6 +13,7 @@ def test_bench_on_the_tiny_model_reports_steps_images_baselines_and_ratios(tmp_p
     out = tmp_path / "bench.jsonl"
     result = run_fluxfarm(
         "bench", "--model", "tiny", "--levels", "bf16,Q8_0", "--sizes", "128x128", "--batches", "1,2",
+        "--image-batches", "1,2",
         "--vram-budget", "12", "--image-levels", "Q4_K", "--image-size", "256x256", "--steps", "2",
         "--images", "2", "--out", str(out), "--device", "cpu",
     )  # fmt: skip
@@ -25,6 +26,7 @@ def test_bench_on_the_tiny_model_reports_steps_images_baselines_and_ratios(tmp_p
     assert all(r["step_ms"] > 0 and r["ms_per_image_step"] * r["batch"] == r["step_ms"] for r in steps)
     images = {(r["name"], r["batch"]): r for r in rows if r["kind"] == "image"}
     assert {"diffusers-bf16", "seed-recipe", "fluxfarm@12GiB", "fluxfarm-Q4_K"} == {name for name, _ in images}
+    assert {batch for name, batch in images if name == "fluxfarm@12GiB"} == {1, 2}
     planned = images[("fluxfarm@12GiB", 1)]
     assert (planned["level"], planned["text_encoders"], planned["images"]) == ("Q6_K", "gpu-swap", 2)
     assert planned["images_per_hour"] == 3600 / planned["s_per_image"]

@@ -5,7 +5,8 @@ the tiny model on a CPU, to check the tool itself) and measures, against baselin
 run:
 - steps: one transformer forward at each level, size and batch, through diffusers' stock layers
   ("diffusers") and through the worker's fast paths ("fluxfarm");
-- images: whole renders (encode, 28 steps, decode) through the worker's RenderEngine for each VRAM
+- images: whole renders (encode, 28 steps, decode, PNG) through the worker's RenderEngine and
+  batcher, PNGs encoded off the GPU thread as a worker does, for each VRAM
   budget (the plan picks the level, the budget is enforced with set_per_process_memory_fraction) and
   each forced level, beside plain diffusers bf16 and the seed recipe (GGUF Q8_0 +
   enable_model_cpu_offload); each image is compared with the plain-bf16 image of the same job.
@@ -18,6 +19,7 @@ import gc
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -34,12 +36,14 @@ from shared.jobs import RenderJob, parse_job
 from shared.ladder import QuantLevel
 from shared.metadata import ModelInfo
 from shared.settings import FarmSettings
-from worker.engine import RenderEngine, encode_png
+from worker.batcher import RenderBatcher, held_jobs
+from worker.engine import RenderedImage, RenderEngine, encode_png
 from worker.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
 from worker.flux_arch import TRANSFORMERS, random_clip, random_t5, random_vae, write_transformer_config
 from worker.gpu import memory_cap, synchronize, time_calls
 from worker.pipeline import LoadedModel, compute_dtype, place_pipeline, ready_pipeline
 from worker.plan import PlanInputs, make_plan
+from worker.step_graphs import remove_step_graphs, step_graphs
 from worker.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
 from worker.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
 
@@ -53,6 +57,7 @@ class BenchOptions(BaseModel):
     levels: list[QuantLevel] = [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q8_0, QuantLevel.Q6_K, QuantLevel.Q4_K]
     sizes: list[tuple[int, int]] = [(512, 512), (1024, 1024)]
     batches: list[int] = [1, 2, 4]
+    image_batches: list[int] = [1, 2, 4]
     budgets: list[float] = [12.0, 80.0]
     image_levels: list[QuantLevel] = [QuantLevel.FP8]
     image_size: tuple[int, int] = (1024, 1024)
@@ -61,7 +66,8 @@ class BenchOptions(BaseModel):
     step_repeats: int = 5
     baselines: bool = True
     attention: AttentionChoice = "auto"
-    compile: bool = False
+    compile: bool = True
+    cuda_graphs: bool = True
 
 
 class StepRow(BaseModel):
@@ -196,6 +202,25 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(BytesIO(png)).convert("RGB"))
 
 
+def render_as_worker(
+    engine: RenderEngine, jobs: list[RenderJob], batch: int, wait_s: float
+) -> tuple[list[RenderedImage], list[bytes]]:
+    """Render `jobs` the way a worker does: one GPU thread gathering batches, and a thread a held job
+    that encodes its PNG while the next batch renders. Returns the images and their PNGs, in job order."""
+    batcher = RenderBatcher(engine, max_jobs=batch, wait_s=wait_s)
+
+    def task(job: RenderJob) -> tuple[RenderedImage, bytes]:
+        rendered = batcher.render(job)
+        return rendered, rendered.png
+
+    try:
+        with ThreadPoolExecutor(held_jobs(batch)) as pool:
+            done = list(pool.map(task, jobs))
+    finally:
+        batcher.close()
+    return [r for r, _ in done], [png for _, png in done]
+
+
 class Bench:
     """Runs the measurements of one `fluxfarm bench` call, handing each row to `on_row` as it is made."""
 
@@ -238,11 +263,15 @@ class Bench:
         for level in self.options.levels:
             model = self.parts.transformer(level, self.device)
             self._step_row(model, level, "diffusers", None)
-            paths = apply_fast_paths(model, self.device, True, self.options.attention, False)
+            paths = apply_fast_paths(model, self.device, True, self.options.attention, False, self.options.cuda_graphs)
             self._step_row(model, level, "fluxfarm", paths)
             if self.options.compile and torch.device(self.device).type == "cuda":
+                graphs = step_graphs(model)
+                if graphs is not None:
+                    graphs.release()  # captured from the eager blocks
                 compile_blocks(model)
                 self._step_row(model, level, "fluxfarm+compile", paths.model_copy(update={"compiled": True}))
+            remove_step_graphs(model)
             del model
             _free(self.device)
 
@@ -320,6 +349,7 @@ class Bench:
         self._release(pipe)
 
     def _release(self, pipe: FluxPipeline) -> None:
+        remove_step_graphs(pipe.transformer)
         for component in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             component.to("cpu")
         del pipe
@@ -348,7 +378,12 @@ class Bench:
         with memory_cap(self.device, budget):
             transformer = self.parts.transformer(chosen, self.device)
             pipe = self.parts.pipeline(transformer)
-            settings = FarmSettings(fast_kernels=True, attention=self.options.attention, compile=self.options.compile)
+            settings = FarmSettings(
+                fast_kernels=True,
+                attention=self.options.attention,
+                compile=self.options.compile,
+                cuda_graphs=self.options.cuda_graphs,
+            )
             paths = ready_pipeline(pipe, self.device, plan.text_encoders, plan.vae_tiling, settings)
             model = LoadedModel(
                 pipe=pipe,
@@ -360,7 +395,7 @@ class Bench:
                 text_encoders=plan.text_encoders,
                 fast_paths=paths,
             )
-            for batch in self.options.batches:
+            for batch in self.options.image_batches:
                 engine = RenderEngine(model, max_batch=batch, embedding_cache=0)
                 try:
                     engine.render_batch(bench_jobs(self.options, batch, offset=100))  # warm-up at this batch
@@ -368,7 +403,7 @@ class Bench:
                     jobs = bench_jobs(self.options, max(self.options.images, batch))
                     synchronize(self.device)
                     start = time.perf_counter()
-                    rendered = engine.render_batch(jobs)
+                    rendered, pngs = render_as_worker(engine, jobs, batch, settings.batch_wait_s)
                     elapsed = (time.perf_counter() - start) / len(jobs)
                 except torch.cuda.OutOfMemoryError:
                     break
@@ -391,7 +426,7 @@ class Bench:
                     decode_s=float(np.mean([r.decode_s for r in rendered])),
                     fast_paths=paths,
                 )
-                self._record(row, [r.png for r in rendered], jobs)
+                self._record(row, pngs, jobs)
                 if best is None or row.s_per_image < best.s_per_image:
                     best = row
             self._release(pipe)
@@ -400,8 +435,7 @@ class Bench:
         return best
 
     def run(self) -> None:
-        if self.options.levels:
-            self.steps()
+        """Whole images first (the baselines, then the engine), then steps."""
         if self.options.baselines:
             self.diffusers_bf16()
             self.seed_recipe()
@@ -409,6 +443,8 @@ class Bench:
             self.engine_run(f"fluxfarm@{budget:g}GiB", budget, None)
         for level in self.options.image_levels:
             self.engine_run(f"fluxfarm-{level.value}", None, level)
+        if self.options.levels:
+            self.steps()
 
 
 def run_bench(options: BenchOptions, device: str, on_row: Callable[[BaseModel], None]) -> None:

@@ -161,7 +161,8 @@ def bench(
     ] = "flux.1-dev",
     levels: Annotated[str, typer.Option(help="Levels whose transformer step is timed.")] = "bf16,fp8,Q8_0,Q6_K,Q4_K",
     sizes: Annotated[str, typer.Option(help="Step sizes, WxH comma-separated.")] = "512x512,1024x1024",
-    batches: Annotated[str, typer.Option(help="Batch sizes to try.")] = "1,2,4",
+    batches: Annotated[str, typer.Option(help="Step batch sizes to try.")] = "1,2,4",
+    image_batches: Annotated[str, typer.Option(help="Whole-image batch sizes to try.")] = "1,2,4",
     vram_budget: Annotated[
         str, typer.Option("--vram-budget", help="Budgets in GiB for whole-image runs; the plan picks the level.")
     ] = "12,80",
@@ -170,7 +171,10 @@ def bench(
     steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 28,
     images: Annotated[int, typer.Option(help="Images per whole-image measurement.")] = 4,
     baselines: Annotated[bool, typer.Option(help="Also run plain diffusers bf16 and the seed recipe.")] = True,
-    compile_blocks: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile.")] = False,
+    compile_blocks: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="Also time torch.compile, and compile for images.")
+    ] = True,
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay steps as CUDA graphs (the worker's default).")] = True,
     attention: Annotated[str, typer.Option(help="auto, native or cudnn.")] = "auto",
     device: Annotated[str | None, typer.Option(help="Torch device; cuda:0 when present.")] = None,
 ) -> None:
@@ -197,6 +201,7 @@ def bench(
         levels=_levels(levels),
         sizes=_sizes(sizes),
         batches=[int(b) for b in batches.split(",")],
+        image_batches=[int(b) for b in image_batches.split(",")],
         budgets=[float(b) for b in vram_budget.split(",") if b.strip()],
         image_levels=_levels(image_levels),
         image_size=_sizes(image_size)[0],
@@ -205,6 +210,7 @@ def bench(
         baselines=baselines,
         attention=attention,
         compile=compile_blocks,
+        cuda_graphs=cuda_graphs,
     )
     gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     log = BenchLog(out, {"gpu": gpu, "torch": torch.__version__, "model": model}, Console(stderr=True))
