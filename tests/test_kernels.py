@@ -13,8 +13,9 @@ from shared.ladder import QuantLevel
 from tests.conftest import load_gguf_transformer
 from worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8, quantize_rows_torch
 from worker.gguf_blocks import quantize_rows
-from worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, use_triton_gguf
+from worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, gemv_gguf, use_triton_gguf
 from worker.kernels.gguf_dequant import KERNEL_TYPES
+from worker.kernels.gguf_gemv import GEMV_MAX_ROWS, gemv_fits
 from worker.tiny_model import gguf_path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,6 +46,24 @@ def test_triton_dequantize_equals_gguf_py(qtype: str) -> None:
         assert torch.equal(bf16, torch.from_numpy(reference).to(torch.bfloat16))
     else:  # the interpreter truncates to bf16: within one bf16 step
         np.testing.assert_allclose(bf16.float().numpy(), reference, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("qtype", list(KERNEL_TYPES))
+def test_fused_gemv_equals_the_reference_weight_times_the_input(qtype: str) -> None:
+    weights = _weights(9, 768)  # 9 output rows: programs of several rows, the last one partly masked
+    blocks = quantize_rows(weights, qtype).to(DEVICE)
+    reference = torch.from_numpy(
+        gguf.quants.dequantize(blocks.cpu().numpy(), gguf.GGMLQuantizationType[qtype]).reshape(9, 768)
+    ).double()
+    generator = torch.Generator().manual_seed(3)
+    bias = torch.randn(9, generator=generator)
+    for rows in (1, GEMV_MAX_ROWS):
+        x = torch.randn(rows, 768, generator=generator)
+        for b in (None, bias):
+            got = gemv_gguf(blocks, x.to(DEVICE), None if b is None else b.to(DEVICE), qtype, 9).cpu().double()
+            want = x.double() @ reference.T + (0 if b is None else b.double())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert gemv_fits(qtype, GEMV_MAX_ROWS, 768) and not gemv_fits(qtype, GEMV_MAX_ROWS + 1, 768)
 
 
 @pytest.mark.parametrize("level", [QuantLevel.Q8_0, QuantLevel.Q4_K, QuantLevel.Q6_K])

@@ -1,9 +1,10 @@
 """GGUF linear layers that dequantize with the Triton kernels instead of diffusers' torch ops.
 
 The swap keeps diffusers' loader (file parsing, names, which tensors stay 16-bit) and replaces only
-the per-step work: each quantized Linear becomes one dequantize launch plus one cuBLAS matmul. The
-dequantize is a registered custom op, so `torch.compile` treats it as one opaque node and still
-fuses everything around it.
+the per-step work: each quantized Linear becomes one dequantize launch plus one cuBLAS matmul, or,
+for an input of a few rows (the modulation layers), one fused dequantize + matrix-vector kernel that
+never writes a bf16 weight. Both are registered custom ops, so `torch.compile` treats each as one
+opaque node and still fuses everything around it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn import functional
 
 from worker.kernels.gguf_dequant import KERNEL_TYPES, launch_dequantize
+from worker.kernels.gguf_gemv import gemv_fits, launch_gemv
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,19 @@ def _(blocks: torch.Tensor, qtype: str, rows: int, cols: int, dtype: torch.dtype
     return blocks.new_empty((rows, cols), dtype=dtype)
 
 
+@torch.library.custom_op("fluxfarm::gemv_gguf", mutates_args=())
+def gemv_gguf(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, qtype: str, rows: int) -> torch.Tensor:
+    """x (M, cols) times the transposed (rows, cols) GGUF weight, plus bias: (M, rows) in x's dtype."""
+    out = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
+    launch_gemv(blocks, x, bias, out, qtype)
+    return out
+
+
+@gemv_gguf.register_fake
+def _(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, qtype: str, rows: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], rows))
+
+
 class TritonGGUFLinear(nn.Module):
     """A Linear whose weight stays in GGUF blocks and is dequantized by one kernel per call."""
 
@@ -46,6 +61,11 @@ class TritonGGUFLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(self.compute_dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if gemv_fits(self.qtype, rows, self.in_features):
+            flat = x.reshape(rows, self.in_features).to(self.compute_dtype).contiguous()
+            out = gemv_gguf(self.blocks, flat, self.bias, self.qtype, self.out_features)
+            return out.reshape(*x.shape[:-1], self.out_features)
         weight = dequantize_gguf(self.blocks, self.qtype, self.out_features, self.in_features, self.compute_dtype)
         return functional.linear(x.to(self.compute_dtype), weight, self.bias)
 

@@ -46,12 +46,8 @@ def _k4_scale_min(src, base, sub, mask):
 
 
 @triton.jit
-def _dequant_kernel(
-    src, dst, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, SIZE: tl.constexpr, BLOCKS: tl.constexpr
-):
-    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
-    e = tl.arange(0, QK)[None, :]
-    mask = block < n_blocks
+def decode_blocks(src, block, e, mask, QTYPE: tl.constexpr, SIZE: tl.constexpr):
+    """Value `e` (a row of offsets within a block) of each block in `block` (a column), as float32."""
     base = block.to(tl.int64) * SIZE
     if QTYPE == "Q8_0":
         d = _f16(src, base, mask)
@@ -103,6 +99,17 @@ def _dequant_kernel(
         packed = _u8(src, base + half * 8 + 2 * pair + upper, mask)
         y = _f16(src, base + 80, mask) * (packed & 15).to(tl.float32) * q.to(tl.float32)
         y = y - _f16(src, base + 82, mask) * (packed >> 4).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _dequant_kernel(
+    src, dst, n_blocks, QTYPE: tl.constexpr, QK: tl.constexpr, SIZE: tl.constexpr, BLOCKS: tl.constexpr
+):
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
+    e = tl.arange(0, QK)[None, :]
+    mask = block < n_blocks
+    y = decode_blocks(src, block, e, mask, QTYPE, SIZE)
     tl.store(dst + block.to(tl.int64) * QK + e, y.to(dst.dtype.element_ty), mask=mask)
 
 
