@@ -69,6 +69,20 @@ class ObjectStore(ABC):
     def delete(self, key: str) -> None:
         self._delete(_check_key(key))
 
+    def dataset_folder(self, dataset: str) -> str:
+        """The key prefix (ending in '/') under which a dataset's objects live."""
+        return _check_key("/".join(part for part in (self.prefix, dataset) if part)) + "/"
+
+    def stored_job_ids(self, dataset: str) -> set[str]:
+        """Ids of the dataset's finished jobs (those whose metadata JSON exists), from one listing:
+        a resubmit learns what is done without a request per job."""
+        folder = self.dataset_folder(dataset)
+        return {
+            key[len(folder) : -len(".json")]
+            for key in self._list(folder)
+            if key.endswith(".json") and "/" not in key[len(folder) :]
+        }
+
     def fetch_to(self, key: str, dest: Path) -> Path:
         """Copy an object to a local file (atomically): large model files stream, never sit in memory."""
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +94,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def uri(self, key: str) -> str:
         """A URI a person can paste: s3://bucket/key or file:///path."""
+
+    @abstractmethod
+    def _list(self, folder: str) -> Iterator[str]:
+        """Every key that starts with `folder`, in any order."""
 
     @abstractmethod
     def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None: ...
@@ -124,6 +142,14 @@ class LocalStore(ObjectStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _list(self, folder: str) -> Iterator[str]:
+        directory = self._path(folder.rstrip("/"))
+        if not directory.is_dir():
+            return
+        for path in directory.rglob("*"):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                yield path.relative_to(self.root).as_posix()
 
     def _get(self, key: str) -> bytes:
         try:
@@ -184,6 +210,13 @@ class S3Store(ObjectStore):
     def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
         with self._errors_for(key, "store"):
             self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata)
+
+    def _list(self, folder: str) -> Iterator[str]:
+        with self._errors_for(folder.rstrip("/"), "list"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    yield entry["Key"]
 
     def _get(self, key: str) -> bytes:
         with self._errors_for(key, "read"):

@@ -17,8 +17,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared import __version__
+from shared.datasets import DatasetBook
 from shared.errors import InvalidJob, ObjectNotFound
-from shared.jobs import parse_job
+from shared.jobs import RenderJob, parse_job
 from shared.ladder import parse_level
 from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
 from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
@@ -50,8 +51,11 @@ class RunnerStats:
 class JobRunner:
     """Holds the batcher, the store and this worker's facts; `run` is what each Celery task thread calls."""
 
-    def __init__(self, batcher: RenderBatcher, store: ObjectStore, worker: WorkerInfo, load_s: float) -> None:
+    def __init__(
+        self, batcher: RenderBatcher, store: ObjectStore, book: DatasetBook, worker: WorkerInfo, load_s: float
+    ) -> None:
         self._batcher = batcher
+        self._book = book
         self._model = batcher.engine.model
         self._store = store
         self._worker = worker
@@ -93,7 +97,18 @@ class JobRunner:
         keys = self._store.result_keys(job.dataset, job.id)
         if (stored := self._stored_result(keys)) is not None:
             log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
+            self._book.mark_done(job.dataset, job.id, stored.quant)
             return stored
+        self._book.mark_running(job.dataset, job.id)
+        try:
+            result = self._render_and_store(job, keys, queued_at)
+        except Exception as error:
+            self._book.mark_failed(job.dataset, job.id, f"{type(error).__name__}: {error}")
+            raise
+        self._book.mark_done(job.dataset, job.id, result.quant)
+        return result
+
+    def _render_and_store(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
         with self._load_lock:
             # Claimed with the start time under one lock, so the earliest job to start carries the load.
             started_at = datetime.now(UTC)

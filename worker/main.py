@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import redis
 
 from shared.celery_app import make_celery_app
+from shared.datasets import DatasetBook
 from shared.fleet import WorkerStatus
 from shared.ladder import parse_level
 from shared.routing import queues_for_level
@@ -82,7 +83,9 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     log.info("consuming %s", ", ".join(queues))
     engine = RenderEngine(loaded, max_batch=settings.max_batch, embedding_cache=settings.embedding_cache)
     batcher = RenderBatcher(engine, max_jobs=settings.max_batch, wait_s=settings.batch_wait_s)
-    runner = JobRunner(batcher, store, worker_info, load_s)
+    broker_redis = redis.Redis.from_url(settings.broker_url)  # thread-safe: heartbeat and task threads share it
+    book = DatasetBook(broker_redis)
+    runner = JobRunner(batcher, store, book, worker_info, load_s)
     started_at = datetime.now(UTC)
 
     def snapshot() -> WorkerStatus:
@@ -104,7 +107,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
 
     app = make_celery_app(settings)
     register_render_task(app, runner)
-    heartbeat = Heartbeat(redis.Redis.from_url(settings.broker_url), snapshot).start()
+    heartbeat = Heartbeat(broker_redis, snapshot).start()
     try:
         app.worker_main(
             [
