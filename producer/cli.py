@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from producer.bulk_submit import report_failures, submit_file, wait_for_dataset
 from producer.client import FarmClient
-from producer.job_files import read_job_file
+from producer.fleet_check import read_fleet, warn_unserved
 from producer.progress import wait_with_progress
 from shared.errors import FarmError, InvalidJob
-from shared.jobs import RenderJob, parse_job
-from shared.settings import FarmSettings, redact_url
+from shared.jobs import DEFAULT_DATASET, parse_job
+from shared.settings import FarmSettings
 from worker import cli as worker_cli
-
-if TYPE_CHECKING:
-    from shared.fleet import FleetReport
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -46,38 +44,6 @@ def _job_defaults(**options: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _read_fleet(settings: FarmSettings) -> FleetReport:
-    """The fleet as the broker's Redis sees it; FarmError when the broker cannot be reached."""
-    import redis
-
-    from shared.fleet import fleet_report
-
-    client = redis.Redis.from_url(settings.broker_url)
-    try:
-        return fleet_report(client)
-    except redis.RedisError as error:
-        raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
-    finally:
-        client.close()
-
-
-def _warn_unserved(queues: set[str], settings: FarmSettings) -> None:
-    """Say at once when jobs went to a queue no live worker consumes, instead of letting them wait silently."""
-    if not queues:
-        return
-    try:
-        report = _read_fleet(settings)
-    except FarmError:
-        return  # the jobs are queued; the fleet check is advice, not a condition
-    for queue in report.unserved:
-        if queue.name in queues:
-            err.print(
-                f"[yellow]warning:[/yellow] no live worker serves {queue.constraint}: {queue.waiting} jobs wait "
-                f"in {queue.name} until one starts (see `fluxfarm status`)",
-                highlight=False,
-            )
-
-
 @app.command()
 def submit(
     file: Annotated[
@@ -96,10 +62,22 @@ def submit(
     quant: Annotated[
         str | None, typer.Option(help="Level: auto, min:LEVEL (or better) or exact:LEVEL [default: auto].")
     ] = None,
+    seeds: Annotated[
+        int, typer.Option(help="With a file: render each row with this many seeds (seed, seed+1, ...).")
+    ] = 1,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With a file: validate every row, report bad ones, enqueue nothing.")
+    ] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="With a file: enqueue the valid rows even if some are bad.")
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the images, with a progress bar.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
-    """Validate and enqueue render jobs. Nothing is enqueued unless every job is valid."""
+    """Validate and enqueue render jobs: one --prompt, or a .txt/.jsonl/.csv/.parquet file as a dataset.
+
+    A file is checked row by row first and refused whole if any row is bad (unless --skip-invalid);
+    jobs already stored or queued are not sent again, so a file can be resubmitted after any crash."""
     defaults = _job_defaults(
         prompt_2=prompt_2,
         seed=seed,
@@ -112,27 +90,25 @@ def submit(
         job_id=job_id,
         quant=quant,
     )
-    jobs: list[RenderJob]
     if (file is None) == (prompt is None):
         raise InvalidJob("give either --prompt or a prompt file, not both and not neither")
     if file is not None:
         if job_id is not None:
             raise InvalidJob("--job-id names a single job; it cannot apply to a whole file")
-        if not file.is_file():
+        if not file.is_file() and not file.is_fifo():
             raise InvalidJob(f"{file}: no such file")
-        parsed, errors = read_job_file(file, defaults)
-        if errors:
-            for problem in errors:
-                err.print(f"[red]{file}:{problem.line}[/red]: {problem.reason}", highlight=False)
-            raise InvalidJob(f"{len(errors)} invalid rows in {file}; nothing was enqueued")
-        jobs = list(parsed)
-    else:
-        jobs = [parse_job({"prompt": prompt, **defaults})]
+        submit_file(
+            file, defaults, seeds, dry_run=dry_run, skip_invalid=skip_invalid, wait=wait, timeout_s=timeout, console=err
+        )
+        return
+    if seeds != 1 or dry_run or skip_invalid:
+        raise InvalidJob("--seeds, --dry-run and --skip-invalid apply to a prompt file")
+    jobs = [parse_job({"prompt": prompt, **defaults})]
     with FarmClient.from_env() as client:
         batch = client.submit_many(jobs)
         cached = sum(handle.cached for handle in batch)
         err.print(f"queued {len(batch) - cached} jobs ({cached} already stored)")
-        _warn_unserved({handle.job.constraint.queue for handle in batch if not handle.cached}, client.settings)
+        warn_unserved({handle.job.constraint.queue for handle in batch if not handle.cached}, client.settings, err)
         if not wait:
             for handle in batch:
                 typer.echo(handle.job_id)
@@ -146,6 +122,16 @@ def submit(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("wait")
+def wait_command(
+    dataset: Annotated[str, typer.Option(help="The dataset to wait for.")] = DEFAULT_DATASET,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+) -> None:
+    """Wait until none of a dataset's jobs is queued or running, with a progress bar; fails if any failed."""
+    if report_failures(wait_for_dataset(FarmSettings(), dataset, timeout, err), err):
+        raise typer.Exit(EXIT_FAILED)
+
+
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -153,11 +139,36 @@ def status(
     """The live fleet (workers, levels, jobs done) and the queues; jobs no live worker can serve are flagged."""
     from producer.status import print_report
 
-    report = _read_fleet(FarmSettings())
+    report = read_fleet(FarmSettings())
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
     else:
         print_report(report, out)
+
+
+@app.command("bench-submit")
+def bench_submit(
+    rows: Annotated[int, typer.Option(min=1, help="Rows in the generated prompt file.")] = 100_000,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Also append the rows here as JSON lines.")] = None,
+) -> None:
+    """How fast `fluxfarm submit FILE` enqueues a dataset and its peak memory, on a private redis-server."""
+    from rich.table import Table
+
+    from producer.submit_bench import run_submit_bench
+
+    results = run_submit_bench(rows)
+    table = Table(title=f"fluxfarm submit, {rows} rows")
+    for column in ("run", "seconds", "jobs/s", "peak RSS MiB", "queue length after"):
+        table.add_column(column)
+    for row in results:
+        table.add_row(
+            row.run, f"{row.seconds:.2f}", f"{row.jobs_per_s:.0f}", f"{row.peak_rss_mib:.0f}", str(row.queue_length)
+        )
+    out.print(table)
+    if out_file is not None:
+        with out_file.open("a", encoding="utf-8") as handle:
+            for row in results:
+                handle.write(row.model_dump_json() + "\n")
 
 
 @app.command()

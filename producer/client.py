@@ -11,16 +11,17 @@ A job already in storage is not sent again: its handle is complete at once (`han
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shared.celery_app import RENDER_TASK, make_celery_app
+from shared.datasets import DatasetBook
 from shared.errors import InvalidJob, JobFailed, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
 from shared.metadata import RenderResult
@@ -99,6 +100,19 @@ class JobBatch:
             raise TimeoutError(f"{len(waiting)} jobs did not finish within {timeout}s") from None
 
 
+class StreamCounts(BaseModel):
+    """What `FarmClient.submit_stream` did with the jobs it was given."""
+
+    enqueued: int = 0
+    already_stored: int = 0
+    already_waiting: int = 0
+    """Queued or running already (per the dataset record), or repeated earlier in the same stream."""
+
+    @property
+    def seen(self) -> int:
+        return self.enqueued + self.already_stored + self.already_waiting
+
+
 class FarmClient:
     """Submits jobs to the farm's Redis queue and reads results from its storage."""
 
@@ -106,6 +120,7 @@ class FarmClient:
         self.settings = settings or FarmSettings()
         self._app = make_celery_app(self.settings)
         self._store = open_store(self.settings)
+        self._book = DatasetBook.from_url(self.settings.broker_url)
 
     @classmethod
     def from_env(cls) -> FarmClient:
@@ -120,6 +135,7 @@ class FarmClient:
 
     def close(self) -> None:
         self._app.close()
+        self._book.close()
 
     def stored_result(self, job: RenderJob) -> RenderResult | None:
         """The stored metadata of `job`, or None when it has not been rendered."""
@@ -147,6 +163,69 @@ class FarmClient:
             raise InvalidJob("; ".join(problems))
         return JobBatch(self, [self._submit_valid(job) for job in valid])
 
+    def submit_stream(
+        self, jobs: Iterable[RenderJob | Mapping[str, Any]], on_progress: Callable[[StreamCounts], None] | None = None
+    ) -> StreamCounts:
+        """Enqueue a stream of jobs of any length, for datasets: constant memory beyond one id per job of
+        the datasets touched, and thousands of jobs a second.
+
+        Jobs already stored (one storage listing per dataset, no request per job) or queued or running
+        (the dataset record) are skipped, so resubmitting after a crash sends only what is missing.
+        Messages go out in pipelined chunks of `FLUXFARM_SUBMIT_CHUNK` and keep no Celery result:
+        results of a stream are read from storage and the dataset record (`fluxfarm wait`, `stored_result`).
+        """
+        counts = StreamCounts()
+        known: dict[str, tuple[set[str], set[str]]] = {}
+        chunk: list[RenderJob] = []
+        with self._app.producer_or_acquire() as producer:
+            for item in jobs:
+                job = parse_job(dict(item) if isinstance(item, Mapping) else item)
+                if job.dataset not in known:
+                    known[job.dataset] = (self._store.stored_job_ids(job.dataset), self._book.waiting_ids(job.dataset))
+                stored, waiting = known[job.dataset]
+                if job.id in stored:
+                    counts.already_stored += 1
+                elif job.id in waiting:
+                    counts.already_waiting += 1
+                else:
+                    waiting.add(job.id)
+                    chunk.append(job)
+                if len(chunk) >= self.settings.submit_chunk:
+                    self._publish(producer, chunk)
+                    counts.enqueued += len(chunk)
+                    chunk = []
+                    if on_progress is not None:
+                        on_progress(counts)
+            if chunk:
+                self._publish(producer, chunk)
+                counts.enqueued += len(chunk)
+        if on_progress is not None:
+            on_progress(counts)
+        return counts
+
+    def _publish(self, producer: Any, jobs: list[RenderJob]) -> None:
+        """One pipelined round trip for the messages, then one for the dataset record: a crash between
+        the two re-sends these jobs on the next submit instead of losing them."""
+        queued_at = datetime.now(UTC).isoformat()
+        with producer.batch(max_size=2 * len(jobs)):
+            for job in jobs:
+                self._app.send_task(
+                    RENDER_TASK,
+                    kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
+                    task_id=job.id,
+                    queue=job.constraint.queue,
+                    producer=producer,
+                    ignore_result=True,
+                    # Celery's own repr of the payload (for its logs) costs more than sending it.
+                    argsrepr="()",
+                    kwargsrepr=f"{{'job': {job.id}}}",
+                )
+        by_dataset: dict[str, list[str]] = {}
+        for job in jobs:
+            by_dataset.setdefault(job.dataset, []).append(job.id)
+        for dataset, ids in by_dataset.items():
+            self._book.note_queued(dataset, ids)
+
     def _submit_valid(self, job: RenderJob) -> JobHandle:
         stored = self.stored_result(job)
         if stored is not None:
@@ -161,4 +240,5 @@ class FarmClient:
             task_id=job.id,
             queue=job.constraint.queue,
         )
+        self._book.note_queued(job.dataset, [job.id])
         return JobHandle(job, async_result=self._app.AsyncResult(job.id), stored=None)

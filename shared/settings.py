@@ -62,6 +62,9 @@ class FarmSettings(BaseSettings):
     result_expires_s: int = Field(
         default=7 * 24 * 3600, ge=60, description="How long task results stay in the result backend."
     )
+    submit_chunk: int = Field(
+        default=500, ge=1, le=10_000, description="Jobs a file submit publishes per pipelined round trip to Redis."
+    )
     cache_dir: Path = Field(default=Path("~/.cache/fluxfarm"), description="Downloaded models and file digests.")
     cache_max_gib: float | None = Field(
         default=None, gt=0, description="Size limit of the model download cache; least recently used files go first."
