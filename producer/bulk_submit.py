@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from producer.client import FarmClient, StreamCounts
 from producer.fleet_check import warn_unserved
 from producer.job_files import RowError, iter_file_jobs
+from producer.progress import progress_bar
 from shared.datasets import DatasetBook, DatasetRecord
 from shared.errors import InvalidJob, JobFailed
 from shared.jobs import DEFAULT_DATASET, RenderJob
@@ -54,19 +54,6 @@ def _check(path: Path, defaults: Mapping[str, Any], seeds: int, errors: _RowErro
         else:
             jobs += 1
     return jobs
-
-
-def _progress(console: Console, verb: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{verb}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 def submit_file(
@@ -106,7 +93,7 @@ def submit_file(
             yield item.job
 
     settings = FarmSettings()
-    with FarmClient(settings) as client, _progress(console, "submitting") as progress:
+    with FarmClient(settings) as client, progress_bar(console, "submitting") as progress:
         task = progress.add_task("jobs", total=expected)
         counts = client.submit_stream(valid_jobs(), on_progress=lambda c: progress.update(task, completed=c.seen))
         progress.update(task, completed=counts.seen, total=counts.seen)
@@ -155,7 +142,7 @@ def wait_for_dataset(
     book = DatasetBook.from_url(settings.broker_url)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        with _progress(console, f"rendering {dataset}") as progress:
+        with progress_bar(console, f"rendering {dataset}") as progress:
             task = progress.add_task("jobs", total=None)
             while True:
                 record = book.record(dataset)

@@ -25,19 +25,25 @@ class BatchOutcome:
     failures: list[JobFailed] = field(default_factory=list)
 
 
-def wait_with_progress(batch: JobBatch, console: Console, timeout_s: float | None = None) -> BatchOutcome:
-    """Collect every job's result as it lands, advancing a bar; raises TimeoutError past `timeout_s`."""
-    outcome = BatchOutcome()
-    columns = (
-        TextColumn("[bold]rendering"),
+def progress_bar(console: Console, verb: str, *extra: TextColumn) -> Progress:
+    """The one bar of the CLI: verb, bar, done/total, elapsed, eta, and any extra columns."""
+    return Progress(
+        TextColumn(f"[bold]{verb}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[failed]} failed"),
+        *extra,
+        console=console,
+        transient=False,
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+
+
+def wait_with_progress(batch: JobBatch, console: Console, timeout_s: float | None = None) -> BatchOutcome:
+    """Collect every job's result as it lands, advancing a bar; raises TimeoutError past `timeout_s`."""
+    outcome = BatchOutcome()
+    with progress_bar(console, "rendering", TextColumn("{task.fields[failed]} failed")) as progress:
         task = progress.add_task("jobs", total=len(batch), failed=0)
         for handle in batch.as_completed(timeout=timeout_s):
             try:
