@@ -76,41 +76,38 @@ class DatasetBook:
             pipe.hset(_key(dataset, "meta"), "defaults", json.dumps(dict(defaults), sort_keys=True))
             pipe.execute()
 
+    def _move(self, dataset: str, ids: list[str], state: str, pipe: Any) -> None:
+        """Queue commands that put `ids` in `state` and in no other: a job is in one state at a time."""
+        self._touch(pipe, dataset)
+        for other in STATES:
+            if other != state:
+                pipe.srem(_key(dataset, other), *ids)
+        if state != "failed":
+            pipe.hdel(_key(dataset, "failures"), *ids)
+        pipe.sadd(_key(dataset, state), *ids)
+
     def note_queued(self, dataset: str, job_ids: Iterable[str]) -> None:
         """Jobs whose messages are published (call after publishing: a crash in between re-sends, never loses)."""
         ids = list(job_ids)
-        if not ids:
-            return
-        with self._redis.pipeline() as pipe:
-            self._touch(pipe, dataset)
-            pipe.srem(_key(dataset, "failed"), *ids)
-            pipe.hdel(_key(dataset, "failures"), *ids)
-            pipe.sadd(_key(dataset, "queued"), *ids)
-            pipe.execute()
+        if ids:
+            with self._redis.pipeline() as pipe:
+                self._move(dataset, ids, "queued", pipe)
+                pipe.execute()
 
     def mark_running(self, dataset: str, job_id: str) -> None:
         with self._redis.pipeline() as pipe:
-            self._touch(pipe, dataset)
-            pipe.srem(_key(dataset, "queued"), job_id)
-            pipe.sadd(_key(dataset, "running"), job_id)
+            self._move(dataset, [job_id], "running", pipe)
             pipe.execute()
 
     def mark_done(self, dataset: str, job_id: str, level: str) -> None:
         with self._redis.pipeline() as pipe:
-            self._touch(pipe, dataset)
-            for state in ("queued", "running", "failed"):
-                pipe.srem(_key(dataset, state), job_id)
-            pipe.hdel(_key(dataset, "failures"), job_id)
-            pipe.sadd(_key(dataset, "done"), job_id)
+            self._move(dataset, [job_id], "done", pipe)
             pipe.sadd(_key(dataset, "levels"), level)
             pipe.execute()
 
     def mark_failed(self, dataset: str, job_id: str, reason: str) -> None:
         with self._redis.pipeline() as pipe:
-            self._touch(pipe, dataset)
-            for state in ("queued", "running"):
-                pipe.srem(_key(dataset, state), job_id)
-            pipe.sadd(_key(dataset, "failed"), job_id)
+            self._move(dataset, [job_id], "failed", pipe)
             pipe.hset(_key(dataset, "failures"), job_id, reason[:MAX_FAILURE_CHARS])
             pipe.execute()
 
