@@ -97,12 +97,8 @@ def submit_file(
         task = progress.add_task("jobs", total=expected)
         counts = client.submit_stream(valid_jobs(), on_progress=lambda c: progress.update(task, completed=c.seen))
         progress.update(task, completed=counts.seen, total=counts.seen)
-    book = DatasetBook.from_url(settings.broker_url)
-    try:
         for dataset in datasets:
-            book.set_defaults(dataset, defaults)
-    finally:
-        book.close()
+            client.datasets.set_defaults(dataset, defaults)
     skipped = f", {errors.summary()} skipped" if errors.count else ""
     if counts.enqueued == 0:
         console.print(

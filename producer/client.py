@@ -120,7 +120,8 @@ class FarmClient:
         self.settings = settings or FarmSettings()
         self._app = make_celery_app(self.settings)
         self._store = open_store(self.settings)
-        self._book = DatasetBook.from_url(self.settings.broker_url)
+        self.datasets = DatasetBook.from_url(self.settings.broker_url)
+        """The dataset records in the broker's Redis (what is queued, running, done, failed)."""
 
     @classmethod
     def from_env(cls) -> FarmClient:
@@ -135,7 +136,7 @@ class FarmClient:
 
     def close(self) -> None:
         self._app.close()
-        self._book.close()
+        self.datasets.close()
 
     def stored_result(self, job: RenderJob) -> RenderResult | None:
         """The stored metadata of `job`, or None when it has not been rendered."""
@@ -181,7 +182,8 @@ class FarmClient:
             for item in jobs:
                 job = parse_job(dict(item) if isinstance(item, Mapping) else item)
                 if job.dataset not in known:
-                    known[job.dataset] = (self._store.stored_job_ids(job.dataset), self._book.waiting_ids(job.dataset))
+                    dataset = job.dataset
+                    known[dataset] = (self._store.stored_job_ids(dataset), self.datasets.waiting_ids(dataset))
                 stored, waiting = known[job.dataset]
                 if job.id in stored:
                     counts.already_stored += 1
@@ -224,7 +226,7 @@ class FarmClient:
         for job in jobs:
             by_dataset.setdefault(job.dataset, []).append(job.id)
         for dataset, ids in by_dataset.items():
-            self._book.note_queued(dataset, ids)
+            self.datasets.note_queued(dataset, ids)
 
     def _submit_valid(self, job: RenderJob) -> JobHandle:
         stored = self.stored_result(job)
@@ -240,5 +242,5 @@ class FarmClient:
             task_id=job.id,
             queue=job.constraint.queue,
         )
-        self._book.note_queued(job.dataset, [job.id])
+        self.datasets.note_queued(job.dataset, [job.id])
         return JobHandle(job, async_result=self._app.AsyncResult(job.id), stored=None)
