@@ -273,6 +273,7 @@ class Bench:
                 self._step_row(model, level, "fluxfarm+compile", paths.model_copy(update={"compiled": True}))
             remove_step_graphs(model)
             del model
+            torch._dynamo.reset()  # compiled code keeps the blocks' weights alive past the model
             _free(self.device)
 
     # ---- whole images ------------------------------------------------------------------------------------
