@@ -8,8 +8,7 @@ file in memory.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,15 @@ from producer.client import FarmClient, StreamCounts
 from producer.fleet_check import warn_unserved
 from producer.job_files import RowError, iter_file_jobs
 from producer.progress import progress_bar
-from shared.datasets import DatasetBook, DatasetRecord
+from shared.celery_app import Priority
+from shared.datasets import DatasetRecord, store_manifest
 from shared.errors import InvalidJob, JobFailed
 from shared.jobs import DEFAULT_DATASET, RenderJob
+from shared.metadata import RenderResult
 from shared.settings import FarmSettings
 
 ROW_ERRORS_SHOWN = 100
 """Bad rows named one by one; past this many only their number is given."""
-_WAIT_POLL_S = 0.5
 
 
 class _RowErrors:
@@ -63,6 +63,7 @@ def submit_file(
     *,
     dry_run: bool,
     skip_invalid: bool,
+    priority: Priority = "normal",
     wait: bool,
     timeout_s: float | None,
     console: Console,
@@ -95,10 +96,13 @@ def submit_file(
     settings = FarmSettings()
     with FarmClient(settings) as client, progress_bar(console, "submitting") as progress:
         task = progress.add_task("jobs", total=expected)
-        counts = client.submit_stream(valid_jobs(), on_progress=lambda c: progress.update(task, completed=c.seen))
+        counts = client.submit_stream(
+            valid_jobs(), on_progress=lambda c: progress.update(task, completed=c.seen), priority=priority
+        )
         progress.update(task, completed=counts.seen, total=counts.seen)
         for dataset in datasets:
             client.datasets.set_defaults(dataset, defaults)
+            store_manifest(client.store, client.datasets.record(dataset))
     skipped = f", {errors.summary()} skipped" if errors.count else ""
     if counts.enqueued == 0:
         console.print(
@@ -120,6 +124,19 @@ def submit_file(
     return counts
 
 
+def cancel_dataset(settings: FarmSettings, dataset: str, console: Console) -> int:
+    """`fluxfarm cancel`: queued jobs become cancelled at once; returns how many."""
+    with FarmClient(settings) as client:
+        dropped = client.datasets.cancel(dataset)
+        record = client.datasets.record(dataset)
+        store_manifest(client.store, record)
+    console.print(
+        f"cancelled {dropped} queued jobs of {dataset}; {record.running} running will finish "
+        f"({record.done} done, {record.failed} failed)"
+    )
+    return dropped
+
+
 def report_failures(record: DatasetRecord, console: Console) -> int:
     """Print each failed job of the dataset with its reason; returns how many failed."""
     for job_id, reason in sorted(record.failures.items()):
@@ -132,23 +149,22 @@ def wait_for_dataset(
     dataset: str = DEFAULT_DATASET,
     timeout_s: float | None = None,
     console: Console | None = None,
+    on_result: Callable[[RenderResult], None] | None = None,
 ) -> DatasetRecord:
-    """Block until none of `dataset`'s jobs is queued or running, showing done/total; TimeoutError past `timeout_s`."""
+    """Block until none of `dataset`'s jobs is queued or running, showing done/total, handing each
+    result to `on_result` as it lands (if given); TimeoutError past `timeout_s`. Returns the final record
+    (also written to storage as the dataset's manifest)."""
     console = console or Console(stderr=True)
-    book = DatasetBook.from_url(settings.broker_url)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        with progress_bar(console, f"rendering {dataset}") as progress:
-            task = progress.add_task("jobs", total=None)
-            while True:
-                record = book.record(dataset)
-                progress.update(task, completed=record.done + record.failed, total=record.total)
-                if record.queued == 0 and record.running == 0:
-                    return record
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"dataset {dataset}: {record.queued + record.running} jobs still waiting after {timeout_s}s"
-                    )
-                time.sleep(_WAIT_POLL_S)
-    finally:
-        book.close()
+    with FarmClient(settings) as client, progress_bar(console, f"rendering {dataset}") as progress:
+        task = progress.add_task("jobs", total=None)
+
+        def show(record: DatasetRecord) -> None:
+            progress.update(task, completed=record.done + record.failed, total=record.total)
+
+        for outcome in client.as_completed(dataset, timeout_s, with_results=on_result is not None, on_poll=show):
+            if on_result is not None and outcome.result is not None:
+                on_result(outcome.result)
+        record = client.datasets.record(dataset)
+        show(record)
+        store_manifest(client.store, record)
+    return record

@@ -11,10 +11,13 @@ from rich.console import Console
 
 from producer.bulk_submit import report_failures, submit_file, wait_for_dataset
 from producer.client import FarmClient
-from producer.fleet_check import read_fleet, warn_unserved
+from producer.export import ExportFormat
+from producer.fleet_check import warn_unserved
 from producer.progress import wait_with_progress
+from shared.celery_app import Priority
 from shared.errors import FarmError, InvalidJob
-from shared.jobs import DEFAULT_DATASET, parse_job
+from shared.jobs import DEFAULT_DATASET, parse_dataset_name, parse_job
+from shared.metadata import RenderResult
 from shared.settings import FarmSettings
 from worker import cli as worker_cli
 
@@ -71,6 +74,9 @@ def submit(
     skip_invalid: Annotated[
         bool, typer.Option("--skip-invalid", help="With a file: enqueue the valid rows even if some are bad.")
     ] = False,
+    priority: Annotated[
+        Priority, typer.Option(help="Queue priority: high jobs overtake every normal and low job still waiting.")
+    ] = "normal",
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the images, with a progress bar.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
@@ -98,14 +104,22 @@ def submit(
         if not file.is_file() and not file.is_fifo():
             raise InvalidJob(f"{file}: no such file")
         submit_file(
-            file, defaults, seeds, dry_run=dry_run, skip_invalid=skip_invalid, wait=wait, timeout_s=timeout, console=err
+            file,
+            defaults,
+            seeds,
+            dry_run=dry_run,
+            skip_invalid=skip_invalid,
+            priority=priority,
+            wait=wait,
+            timeout_s=timeout,
+            console=err,
         )
         return
     if seeds != 1 or dry_run or skip_invalid:
         raise InvalidJob("--seeds, --dry-run and --skip-invalid apply to a prompt file")
     jobs = [parse_job({"prompt": prompt, **defaults})]
     with FarmClient.from_env() as client:
-        batch = client.submit_many(jobs)
+        batch = client.submit_many(jobs, priority)
         cached = sum(handle.cached for handle in batch)
         err.print(f"queued {len(batch) - cached} jobs ({cached} already stored)")
         warn_unserved({handle.job.constraint.queue for handle in batch if not handle.cached}, client.settings, err)
@@ -126,24 +140,91 @@ def submit(
 def wait_command(
     dataset: Annotated[str, typer.Option(help="The dataset to wait for.")] = DEFAULT_DATASET,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+    results: Annotated[
+        bool, typer.Option("--results", help="Print each image as it lands: job id, tab, its URI.")
+    ] = False,
 ) -> None:
     """Wait until none of a dataset's jobs is queued or running, with a progress bar; fails if any failed."""
-    if report_failures(wait_for_dataset(FarmSettings(), dataset, timeout, err), err):
+
+    def show(result: RenderResult) -> None:
+        typer.echo(f"{result.job_id}\t{result.image.uri}")
+
+    record = wait_for_dataset(FarmSettings(), parse_dataset_name(dataset), timeout, err, show if results else None)
+    if report_failures(record, err):
         raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
+def cancel(
+    dataset: Annotated[str, typer.Option(help="The dataset whose queued jobs are dropped.")],
+) -> None:
+    """Drop a dataset's queued jobs (workers discard their messages unrendered); running jobs finish.
+    Submitting the file again later queues the dropped jobs anew."""
+    from producer.bulk_submit import cancel_dataset
+
+    cancel_dataset(FarmSettings(), parse_dataset_name(dataset), err)
+
+
+@app.command()
+def export(
+    dataset: Annotated[str, typer.Option(help="The dataset to export (its finished jobs).")],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="imagefolder, parquet, jsonl, webdataset or contact-sheet."),
+    ],
+    out: Annotated[str, typer.Option(help="A folder, or s3://bucket/prefix (same S3 endpoint as the farm's).")],
+    shard_mb: Annotated[int, typer.Option(min=1, help="webdataset: shard size in MiB.")] = 1024,
+    count: Annotated[int, typer.Option(min=1, help="contact-sheet: how many images.")] = 64,
+) -> None:
+    """Export a dataset from storage: Hugging Face imagefolder, parquet (a row per image), jsonl, webdataset
+    tar shards, or a contact sheet of the first images with their prompts."""
+    from producer.export import export_dataset
+    from producer.progress import progress_bar
+    from shared.storage import open_store, open_store_url
+
+    settings = FarmSettings()
+    name = parse_dataset_name(dataset)
+    source = open_store(settings)
+    dest = open_store_url(out, settings)
+    with progress_bar(err, f"exporting {name} as {fmt}") as progress:
+        task = progress.add_task("jobs", total=None)
+        summary = export_dataset(
+            source,
+            name,
+            fmt,
+            dest,
+            shard_bytes=shard_mb << 20,
+            limit=count if fmt == "contact-sheet" else None,
+            on_start=lambda total: progress.update(task, total=total),
+            on_row=lambda: progress.advance(task),
+        )
+    if summary.rows == 0:
+        raise FarmError(f"dataset {name} has no finished jobs in {settings.storage_url}")
+    err.print(f"exported {summary.rows} jobs of {name} as {fmt} to {out}")
+    for uri in summary.files:
+        typer.echo(uri)
+
+
+@app.command()
 def status(
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset, with its objects in storage counted.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s (Ctrl-C stops).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """The live fleet (workers, levels, jobs done) and the queues; jobs no live worker can serve are flagged."""
-    from producer.status import print_report
+    """The live fleet (each worker's card, level, jobs, images/hour, heartbeat), the queues and the datasets
+    (progress, rate, ETA, failures with reasons); jobs no live worker can serve are flagged."""
+    from producer.status import read_status, render_status, watch_status
 
-    report = read_fleet(FarmSettings())
+    settings = FarmSettings()
+    dataset = None if dataset is None else parse_dataset_name(dataset)
+    if watch:
+        watch_status(settings, dataset, out)
+        return
+    report = read_status(settings, dataset, list_storage=dataset is not None)
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
     else:
-        print_report(report, out)
+        out.print(render_status(report))
 
 
 @app.command("bench-submit")

@@ -5,12 +5,15 @@
     result = handle.result(timeout=600)          # RenderResult: the stored metadata
     for done in client.submit_many(jobs).as_completed():
         print(done.result().image.uri)
+    for outcome in client.as_completed(dataset="moths"):   # a whole dataset, however it was submitted
+        print(outcome.job_id, outcome.result.image.uri if outcome.result else outcome.failure)
 
 A job already in storage is not sent again: its handle is complete at once (`handle.cached`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -20,8 +23,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
-from shared.celery_app import RENDER_TASK, make_celery_app
-from shared.datasets import DatasetBook
+from shared.celery_app import PRIORITY_STEPS, RENDER_TASK, Priority, make_celery_app
+from shared.datasets import DatasetBook, DatasetRecord
 from shared.errors import InvalidJob, JobFailed, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
 from shared.metadata import RenderResult
@@ -29,6 +32,9 @@ from shared.settings import FarmSettings
 from shared.storage import open_store
 
 _POLL_INTERVAL_S = 0.25
+_DATASET_POLL_S = 0.5
+_CLOCK_SLACK_S = 2.0
+"""A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
 
 
 class JobHandle:
@@ -113,13 +119,27 @@ class StreamCounts(BaseModel):
         return self.enqueued + self.already_stored + self.already_waiting
 
 
+class DatasetOutcome(BaseModel):
+    """One finished job of a dataset stream: its stored result, or the worker's reason for failing it."""
+
+    job_id: str
+    result: RenderResult | None = None
+    """None for a failure, and for successes when the stream was asked not to load results."""
+    failure: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
 class FarmClient:
     """Submits jobs to the farm's Redis queue and reads results from its storage."""
 
     def __init__(self, settings: FarmSettings | None = None) -> None:
         self.settings = settings or FarmSettings()
         self._app = make_celery_app(self.settings)
-        self._store = open_store(self.settings)
+        self.store = open_store(self.settings)
+        """Where the images and their metadata are."""
         self.datasets = DatasetBook.from_url(self.settings.broker_url)
         """The dataset records in the broker's Redis (what is queued, running, done, failed)."""
 
@@ -140,18 +160,58 @@ class FarmClient:
 
     def stored_result(self, job: RenderJob) -> RenderResult | None:
         """The stored metadata of `job`, or None when it has not been rendered."""
-        keys = self._store.result_keys(job.dataset, job.id)
+        keys = self.store.result_keys(job.dataset, job.id)
         try:
-            return RenderResult.model_validate_json(self._store.get(keys.metadata))
+            return RenderResult.model_validate_json(self.store.get(keys.metadata))
         except (ObjectNotFound, ValidationError):
             return None
 
-    def submit(self, job: RenderJob | Mapping[str, Any]) -> JobHandle:
-        """Validate and enqueue one job; a job already stored returns its stored result instead."""
-        valid = parse_job(dict(job) if isinstance(job, Mapping) else job)
-        return self._submit_valid(valid)
+    def as_completed(
+        self,
+        dataset: str,
+        timeout: float | None = None,
+        with_results: bool = True,
+        on_poll: Callable[[DatasetRecord], None] | None = None,
+    ) -> Iterator[DatasetOutcome]:
+        """Yield each of `dataset`'s jobs as it finishes, until none is queued or running (jobs finished
+        before the call come first). Works for jobs sent by any producer, `submit_stream` included: it
+        reads the dataset record, not Celery results. TimeoutError past `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: set[str] = set()
+        since = 0.0
+        while True:
+            record = self.datasets.record(dataset)  # before the finished list, so a final empty poll misses nothing
+            if on_poll is not None:
+                on_poll(record)
+            for job_id, finished_at in self.datasets.finished_since(dataset, since):
+                since = max(since, finished_at - _CLOCK_SLACK_S)
+                if job_id not in seen:
+                    seen.add(job_id)
+                    yield DatasetOutcome(job_id=job_id, result=self._dataset_result(dataset, job_id, with_results))
+            for job_id, reason in sorted(record.failures.items()):
+                if job_id not in seen:
+                    seen.add(job_id)
+                    yield DatasetOutcome(job_id=job_id, failure=reason)
+            if record.queued == 0 and record.running == 0:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"dataset {dataset}: {record.queued + record.running} jobs still waiting after {timeout}s"
+                )
+            time.sleep(_DATASET_POLL_S)
 
-    def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]]) -> JobBatch:
+    def _dataset_result(self, dataset: str, job_id: str, load: bool) -> RenderResult | None:
+        if not load:
+            return None
+        return RenderResult.model_validate_json(self.store.get(self.store.result_keys(dataset, job_id).metadata))
+
+    def submit(self, job: RenderJob | Mapping[str, Any], priority: Priority = "normal") -> JobHandle:
+        """Validate and enqueue one job; a job already stored returns its stored result instead.
+        A `high` job is served before every `normal` and `low` one still waiting."""
+        valid = parse_job(dict(job) if isinstance(job, Mapping) else job)
+        return self._submit_valid(valid, priority)
+
+    def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]], priority: Priority = "normal") -> JobBatch:
         """Validate every job first (nothing is enqueued if any is invalid), then enqueue them all."""
         valid: list[RenderJob] = []
         problems: list[str] = []
@@ -162,10 +222,13 @@ class FarmClient:
                 problems.append(f"job {index}: {error}")
         if problems:
             raise InvalidJob("; ".join(problems))
-        return JobBatch(self, [self._submit_valid(job) for job in valid])
+        return JobBatch(self, [self._submit_valid(job, priority) for job in valid])
 
     def submit_stream(
-        self, jobs: Iterable[RenderJob | Mapping[str, Any]], on_progress: Callable[[StreamCounts], None] | None = None
+        self,
+        jobs: Iterable[RenderJob | Mapping[str, Any]],
+        on_progress: Callable[[StreamCounts], None] | None = None,
+        priority: Priority = "normal",
     ) -> StreamCounts:
         """Enqueue a stream of jobs of any length, for datasets: constant memory beyond one id per job of
         the datasets touched, and thousands of jobs a second.
@@ -183,7 +246,7 @@ class FarmClient:
                 job = parse_job(dict(item) if isinstance(item, Mapping) else item)
                 if job.dataset not in known:
                     dataset = job.dataset
-                    known[dataset] = (self._store.stored_job_ids(dataset), self.datasets.waiting_ids(dataset))
+                    known[dataset] = (self.store.stored_job_ids(dataset), self.datasets.waiting_ids(dataset))
                 stored, waiting = known[job.dataset]
                 if job.id in stored:
                     counts.already_stored += 1
@@ -193,19 +256,19 @@ class FarmClient:
                     waiting.add(job.id)
                     chunk.append(job)
                 if len(chunk) >= self.settings.submit_chunk:
-                    self._publish(producer, chunk)
+                    self._publish(producer, chunk, priority)
                     counts.enqueued += len(chunk)
                     chunk = []
                     if on_progress is not None:
                         on_progress(counts)
             if chunk:
-                self._publish(producer, chunk)
+                self._publish(producer, chunk, priority)
                 counts.enqueued += len(chunk)
         if on_progress is not None:
             on_progress(counts)
         return counts
 
-    def _publish(self, producer: Any, jobs: list[RenderJob]) -> None:
+    def _publish(self, producer: Any, jobs: list[RenderJob], priority: Priority) -> None:
         """One pipelined round trip for the messages, then one for the dataset record: a crash between
         the two re-sends these jobs on the next submit instead of losing them."""
         queued_at = datetime.now(UTC).isoformat()
@@ -216,6 +279,7 @@ class FarmClient:
                     kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
                     task_id=job.id,
                     queue=job.constraint.queue,
+                    priority=PRIORITY_STEPS[priority],
                     producer=producer,
                     ignore_result=True,
                     # Celery's own repr of the payload (for its logs) costs more than sending it.
@@ -228,7 +292,7 @@ class FarmClient:
         for dataset, ids in by_dataset.items():
             self.datasets.note_queued(dataset, ids)
 
-    def _submit_valid(self, job: RenderJob) -> JobHandle:
+    def _submit_valid(self, job: RenderJob, priority: Priority) -> JobHandle:
         stored = self.stored_result(job)
         if stored is not None:
             return JobHandle(job, async_result=None, stored=stored)
@@ -241,6 +305,7 @@ class FarmClient:
             kwargs={"job": job.model_dump(mode="json"), "queued_at": datetime.now(UTC).isoformat()},
             task_id=job.id,
             queue=job.constraint.queue,
+            priority=PRIORITY_STEPS[priority],
         )
         self.datasets.note_queued(job.dataset, [job.id])
         return JobHandle(job, async_result=self._app.AsyncResult(job.id), stored=None)

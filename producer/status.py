@@ -1,26 +1,98 @@
-"""`fluxfarm status`: the live fleet and the queues, with jobs that no live worker can serve in red."""
+"""`fluxfarm status`: the live fleet, the queues and the datasets, once or refreshed (`--watch`).
+
+Workers and queue depths come from the fleet heartbeats, datasets from their records in Redis; with
+`--dataset` the storage is listed too, so the record's done count can be checked against the objects.
+"""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
-from rich.console import Console
+import redis
+from pydantic import BaseModel
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from producer.fleet_check import read_fleet
+from shared.datasets import DatasetBook, DatasetRecord
+from shared.errors import FarmError
 from shared.fleet import FleetReport
+from shared.settings import FarmSettings, redact_url
+from shared.storage import open_store
+
+WATCH_INTERVAL_S = 2.0
+FAILURES_SHOWN = 20
+
+
+class DatasetStatus(BaseModel):
+    record: DatasetRecord
+    stored_images: int | None = None
+    """PNG objects in storage (listed only for `--dataset`)."""
+    stored_metadata: int | None = None
+
+
+class FarmStatus(BaseModel):
+    fleet: FleetReport
+    datasets: list[DatasetStatus]
+
+
+def read_status(settings: FarmSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
+    """The fleet and every dataset (or just `dataset`, with its stored objects counted if `list_storage`)."""
+    fleet = read_fleet(settings)
+    book = DatasetBook.from_url(settings.broker_url)
+    try:
+        names = [dataset] if dataset is not None else book.names()
+        records = [book.record(name) for name in names]
+    except redis.RedisError as error:
+        raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
+    finally:
+        book.close()
+    datasets = [DatasetStatus(record=record) for record in records]
+    if dataset is not None and list_storage:
+        images, metadata = open_store(settings).count_stored(dataset)
+        datasets = [datasets[0].model_copy(update={"stored_images": images, "stored_metadata": metadata})]
+    return FarmStatus(fleet=fleet, datasets=datasets)
 
 
 def _ago(moment: datetime, now: datetime) -> str:
     return f"{max(0.0, (now - moment).total_seconds()):.0f}s ago"
 
 
-def print_report(report: FleetReport, console: Console) -> None:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _rate(per_hour: float | None) -> str:
+    return f"{per_hour:,.0f}" if per_hour is not None else "-"
+
+
+def _workers_table(report: FleetReport) -> Table:
     now = report.checked_at
-    workers = Table(title=f"{len(report.workers)} workers")
-    for column in ("node", "host", "device", "GPU", "VRAM GiB", "level", "done", "failed", "rendering", "seen"):
-        workers.add_column(column, overflow="fold")
+    table = Table(title=f"{len(report.workers)} workers")
+    for column in (
+        "node",
+        "host",
+        "device",
+        "GPU",
+        "VRAM GiB",
+        "level",
+        "done",
+        "rendered",
+        "failed",
+        "images/h",
+        "rendering",
+    ):
+        table.add_column(column, overflow="fold")
+    table.add_column("heartbeat")
     for w in report.workers:
-        workers.add_row(
+        table.add_row(
             w.node,
             w.hostname,
             w.device,
@@ -28,20 +100,77 @@ def print_report(report: FleetReport, console: Console) -> None:
             f"{w.vram_gib:.0f}" if w.vram_gib else "-",
             w.level,
             str(w.jobs_done),
+            str(w.images_rendered),
             str(w.jobs_failed),
+            _rate(w.images_per_hour),
             w.current_job or "-",
             _ago(w.last_seen, now),
         )
-    console.print(workers)
-    queues = Table(title="queues")
+    return table
+
+
+def _queues_table(report: FleetReport) -> Table:
+    table = Table(title="queues")
     for column in ("queue", "jobs for", "waiting", "served by"):
-        queues.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold")
     for q in report.queues:
         served = ", ".join(q.consumers) if q.consumers else "[red]no live worker[/red]"
-        queues.add_row(q.name, q.constraint, str(q.waiting), served)
-    console.print(queues)
-    for q in report.unserved:
-        console.print(
-            f"[red]unserved:[/red] {q.waiting} jobs need {q.constraint} and no live worker serves {q.name}",
-            highlight=False,
-        )
+        table.add_row(q.name, q.constraint, str(q.waiting), served)
+    return table
+
+
+def _datasets_table(datasets: list[DatasetStatus]) -> Table:
+    table = Table(title=f"{len(datasets)} datasets")
+    columns = ["dataset", "progress", "done/total", "queued", "running", "failed", "cancelled", "images/h", "eta"]
+    storage = any(d.stored_metadata is not None for d in datasets)
+    for column in columns + (["stored png/json"] if storage else []) + ["levels"]:
+        table.add_column(column, overflow="fold")
+    for d in datasets:
+        r = d.record
+        cells = [
+            r.name,
+            ProgressBar(total=max(r.total, 1), completed=r.done + r.failed, width=24),
+            f"{r.done}/{r.total}",
+            str(r.queued),
+            str(r.running),
+            f"[red]{r.failed}[/red]" if r.failed else "0",
+            str(r.cancelled),
+            _rate(r.rate_per_hour),
+            _duration(r.eta_s),
+        ]
+        if storage:
+            cells.append(f"{d.stored_images}/{d.stored_metadata}" if d.stored_metadata is not None else "-")
+        table.add_row(*cells, ", ".join(r.levels) or "-")
+    return table
+
+
+def render_status(status: FarmStatus) -> Group:
+    """The report as rich renderables: workers, queues, datasets, then unserved queues and failures."""
+    parts: list = [_workers_table(status.fleet), _queues_table(status.fleet), _datasets_table(status.datasets)]
+    for q in status.fleet.unserved:
+        parts.append(f"[red]unserved:[/red] {q.waiting} jobs need {q.constraint} and no live worker serves {q.name}")
+    for d in status.datasets:
+        failures = sorted(d.record.failures.items())
+        for job_id, reason in failures[:FAILURES_SHOWN]:
+            parts.append(f"[red]failed[/red] {d.record.name}/{job_id}: {reason}")
+        if len(failures) > FAILURES_SHOWN:
+            parts.append(f"... and {len(failures) - FAILURES_SHOWN} more failures in {d.record.name}")
+    return Group(*parts)
+
+
+def watch_status(settings: FarmSettings, dataset: str | None, console: Console) -> None:
+    """Refresh the report every WATCH_INTERVAL_S until Ctrl-C, or until `dataset` has nothing left to do."""
+    with Live(render_status(read_status(settings, dataset)), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(WATCH_INTERVAL_S)
+                status = read_status(settings, dataset)
+                live.update(render_status(status), refresh=True)
+                if (
+                    dataset is not None
+                    and status.datasets[0].record.total
+                    and not (status.datasets[0].record.queued or status.datasets[0].record.running)
+                ):
+                    return
+        except KeyboardInterrupt:
+            return

@@ -21,7 +21,7 @@ import redis
 from pydantic import BaseModel
 
 from producer.local_stack import RedisServer
-from shared.celery_app import QUEUE_ANY
+from shared.celery_app import QUEUE_ANY, waiting_messages
 
 
 class SubmitBenchRow(BaseModel):
@@ -82,7 +82,7 @@ def run_submit_bench(rows: int) -> list[SubmitBenchRow]:
                     jobs_per_s=rows / seconds,
                     peak_rss_mib=peak_mib,
                     enqueued=enqueued,
-                    queue_length=int(broker.llen(QUEUE_ANY)),
+                    queue_length=waiting_messages(broker, [QUEUE_ANY])[0],
                 )
             )
         broker.close()

@@ -1,10 +1,13 @@
 """The dataset record in Redis: which of a dataset's jobs are queued, running, done or failed.
 
 Producers add job ids to `queued` after their messages are published; the worker moves each id to
-`running` when it starts and to `done` or `failed` when it ends. The states are sets, not counters,
-so redeliveries, resubmits and retries cannot count a job twice, and a resubmit can tell which jobs
-are already waiting without asking storage. Storage stays the truth for what is finished: a job
-whose metadata JSON exists is done whatever Redis says (Redis may be flushed; storage is not).
+`running` when it starts and to `done` or `failed` when it ends; `fluxfarm cancel` moves every
+queued id to `cancelled`, and a worker drops a cancelled job's message without rendering it. The
+states are sets, not counters, so redeliveries, resubmits and retries cannot count a job twice, and
+a resubmit can tell which jobs are already waiting without asking storage. Storage stays the truth
+for what is finished: a job whose metadata JSON exists is done whatever Redis says (Redis may be
+flushed; storage is not). Each done job also carries its finishing time (Redis' own clock, so
+workers' clocks do not matter) in a sorted set: the dataset's rate, ETA and result stream read it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,19 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict
 
+from shared.rates import RATE_WINDOW_S, per_hour
+from shared.storage import JSON_CONTENT_TYPE, ObjectStore
+
 DATASETS_KEY = "fluxfarm:datasets"
 """A set of every dataset name the farm has seen."""
-STATES = ("queued", "running", "done", "failed")
+STATES = ("queued", "running", "done", "failed", "cancelled")
 MAX_FAILURE_CHARS = 500
+
+_STAMP_DONE = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
+"""
+"""ZADD with Redis' clock as the score: one clock for every worker."""
 
 
 def _key(dataset: str, part: str) -> str:
@@ -39,6 +51,9 @@ class DatasetRecord(BaseModel):
     running: int
     done: int
     failed: int
+    cancelled: int = 0
+    rate_per_hour: float | None = None
+    """Jobs finished per hour over the last RATE_WINDOW_S (None before the first one)."""
     defaults: dict[str, Any]
     """The job defaults of its most recent file submit (CLI options)."""
     levels: list[str]
@@ -48,7 +63,23 @@ class DatasetRecord(BaseModel):
 
     @property
     def total(self) -> int:
-        return self.queued + self.running + self.done + self.failed
+        return self.queued + self.running + self.done + self.failed + self.cancelled
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until nothing is queued or running, at the recent rate (None when unknown)."""
+        left = self.queued + self.running
+        if left == 0:
+            return 0.0
+        return left / self.rate_per_hour * 3600 if self.rate_per_hour else None
+
+
+def store_manifest(store: ObjectStore, record: DatasetRecord) -> str:
+    """Write the dataset's record beside its images (`ObjectStore.manifest_key`), so storage alone
+    tells what a dataset is, when Redis is gone; returns the key."""
+    key = store.manifest_key(record.name)
+    store.put(key, record.model_dump_json(indent=2).encode(), JSON_CONTENT_TYPE)
+    return key
 
 
 class DatasetBook:
@@ -56,6 +87,7 @@ class DatasetBook:
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
+        self._stamp_done = client.register_script(_STAMP_DONE)
 
     @classmethod
     def from_url(cls, url: str) -> DatasetBook:
@@ -84,6 +116,8 @@ class DatasetBook:
                 pipe.srem(_key(dataset, other), *ids)
         if state != "failed":
             pipe.hdel(_key(dataset, "failures"), *ids)
+        if state != "done":
+            pipe.zrem(_key(dataset, "done_at"), *ids)
         pipe.sadd(_key(dataset, state), *ids)
 
     def note_queued(self, dataset: str, job_ids: Iterable[str]) -> None:
@@ -103,6 +137,7 @@ class DatasetBook:
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "done", pipe)
             pipe.sadd(_key(dataset, "levels"), level)
+            self._stamp_done(keys=[_key(dataset, "done_at")], args=[job_id], client=pipe)
             pipe.execute()
 
     def mark_failed(self, dataset: str, job_id: str, reason: str) -> None:
@@ -110,6 +145,27 @@ class DatasetBook:
             self._move(dataset, [job_id], "failed", pipe)
             pipe.hset(_key(dataset, "failures"), job_id, reason[:MAX_FAILURE_CHARS])
             pipe.execute()
+
+    def cancel(self, dataset: str) -> int:
+        """Move every queued job to `cancelled` at once (running ones finish); returns how many.
+        Their messages stay in the queue until a worker takes and drops them, without rendering."""
+        queued, cancelled = _key(dataset, "queued"), _key(dataset, "cancelled")
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.scard(queued)
+            pipe.sunionstore(cancelled, [cancelled, queued])
+            pipe.delete(queued)
+            self._touch(pipe, dataset)
+            count = pipe.execute()[0]
+        return int(count)
+
+    def is_cancelled(self, dataset: str, job_id: str) -> bool:
+        return bool(self._redis.sismember(_key(dataset, "cancelled"), job_id))
+
+    def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
+        """(job id, finishing time) of the done jobs that finished at or after `since` (Redis' clock),
+        oldest first: a stream of results reads this with its last time as the next `since`."""
+        rows = self._redis.zrangebyscore(_key(dataset, "done_at"), since, "+inf", withscores=True)
+        return [(member.decode(), float(score)) for member, score in rows]
 
     def waiting_ids(self, dataset: str) -> set[str]:
         """Jobs queued or running: a resubmit does not send them again."""
@@ -119,6 +175,15 @@ class DatasetBook:
     def names(self) -> list[str]:
         return sorted(name.decode() for name in self._redis.smembers(DATASETS_KEY))
 
+    def _rate_per_hour(self, dataset: str) -> float | None:
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1e6
+        first = self._redis.zrangebyscore(_key(dataset, "done_at"), now - RATE_WINDOW_S, "+inf", 0, 1, withscores=True)
+        if not first:
+            return None
+        recent = self._redis.zcount(_key(dataset, "done_at"), now - RATE_WINDOW_S, "+inf")
+        return per_hour(recent, float(first[0][1]), now)
+
     def record(self, dataset: str) -> DatasetRecord:
         with self._redis.pipeline() as pipe:
             pipe.hgetall(_key(dataset, "meta"))
@@ -126,7 +191,7 @@ class DatasetBook:
                 pipe.scard(_key(dataset, state))
             pipe.smembers(_key(dataset, "levels"))
             pipe.hgetall(_key(dataset, "failures"))
-            meta, queued, running, done, failed, levels, failures = pipe.execute()
+            meta, queued, running, done, failed, cancelled, levels, failures = pipe.execute()
         meta = {k.decode(): v.decode() for k, v in meta.items()}
 
         def moment(name: str) -> datetime | None:
@@ -140,6 +205,8 @@ class DatasetBook:
             running=running,
             done=done,
             failed=failed,
+            cancelled=cancelled,
+            rate_per_hour=self._rate_per_hour(dataset),
             defaults=json.loads(meta.get("defaults", "{}")),
             levels=sorted(level.decode() for level in levels),
             failures={k.decode(): v.decode() for k, v in failures.items()},

@@ -18,6 +18,10 @@ class JobFailed(FarmError):
         self.reason = reason
 
 
+class JobCancelled(FarmError):
+    """The job's dataset was cancelled while it waited: the worker dropped it without rendering."""
+
+
 class StorageError(FarmError):
     """The object store refused or could not be reached."""
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
+from shared.celery_app import waiting_messages
 from shared.routing import all_queues, constraint_of_queue
 
 WORKER_KEY_PREFIX = "fluxfarm:worker:"
@@ -37,6 +38,10 @@ class WorkerStatus(BaseModel):
     last_seen: datetime
     jobs_done: int = 0
     jobs_failed: int = 0
+    images_rendered: int = 0
+    """Rendered and stored by this worker (jobs_done also counts jobs found already stored)."""
+    images_per_hour: float | None = None
+    """Rendered over the last few minutes (shared.rates); None before the first image."""
     current_job: str | None = None
 
 
@@ -92,12 +97,9 @@ def read_workers(client: redis.Redis) -> list[WorkerStatus]:
 def fleet_report(client: redis.Redis) -> FleetReport:
     """Workers alive now, and every render queue that has jobs or consumers."""
     workers = read_workers(client)
-    pipe = client.pipeline()
     names = all_queues()
-    for name in names:
-        pipe.llen(name)
     queues = []
-    for name, waiting in zip(names, pipe.execute(), strict=True):
+    for name, waiting in zip(names, waiting_messages(client, names), strict=True):
         consumers = [w.node for w in workers if name in w.queues]
         if waiting or consumers:
             queues.append(QueueStatus(name=name, waiting=int(waiting), consumers=consumers))

@@ -51,6 +51,14 @@ def _check_text(value: str, what: str) -> str:
     return value
 
 
+def parse_dataset_name(value: str) -> str:
+    """A dataset name given on its own (CLI options, exports): the same rule as the job field."""
+    try:
+        return _check_safe_name(value, "dataset name")
+    except ValueError as error:
+        raise InvalidJob(str(error)) from None
+
+
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 

@@ -73,6 +73,26 @@ class ObjectStore(ABC):
         """The key prefix (ending in '/') under which a dataset's objects live."""
         return _check_key("/".join(part for part in (self.prefix, dataset) if part)) + "/"
 
+    def manifest_key(self, dataset: str) -> str:
+        """The dataset's manifest: in a subfolder, where no job's objects can be (job ids hold no '/')."""
+        return _check_key(f"{self.dataset_folder(dataset)}fluxfarm/manifest.json")
+
+    def stored_results(self, dataset: str) -> list[ResultKeys]:
+        """The finished jobs' keys (metadata JSON present, and so the PNG before it), in job id order,
+        from one listing."""
+        return [self.result_keys(dataset, job_id) for job_id in sorted(self.stored_job_ids(dataset))]
+
+    def count_stored(self, dataset: str) -> tuple[int, int]:
+        """(images, metadata objects) of the dataset's jobs, from one listing."""
+        folder = self.dataset_folder(dataset)
+        images = metadata = 0
+        for key in self._list(folder):
+            name = key[len(folder) :]
+            if "/" not in name:
+                images += name.endswith(".png")
+                metadata += name.endswith(".json")
+        return images, metadata
+
     def stored_job_ids(self, dataset: str) -> set[str]:
         """Ids of the dataset's finished jobs (those whose metadata JSON exists), from one listing:
         a resubmit learns what is done without a request per job."""
@@ -82,6 +102,10 @@ class ObjectStore(ABC):
             for key in self._list(folder)
             if key.endswith(".json") and "/" not in key[len(folder) :]
         }
+
+    def put_file(self, key: str, source: Path, content_type: str) -> None:
+        """Store a local file without reading it into memory (large exports: tar shards, parquet)."""
+        self._put_file(_check_key(key), source, content_type)
 
     def fetch_to(self, key: str, dest: Path) -> Path:
         """Copy an object to a local file (atomically): large model files stream, never sit in memory."""
@@ -101,6 +125,9 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def _put_file(self, key: str, source: Path, content_type: str) -> None: ...
 
     @abstractmethod
     def _get(self, key: str) -> bytes: ...
@@ -142,6 +169,13 @@ class LocalStore(ObjectStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _put_file(self, key: str, source: Path, content_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".tmp-{path.name}")
+        shutil.copyfile(source, partial)
+        partial.replace(path)
 
     def _list(self, folder: str) -> Iterator[str]:
         directory = self._path(folder.rstrip("/"))
@@ -211,6 +245,10 @@ class S3Store(ObjectStore):
         with self._errors_for(key, "store"):
             self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata)
 
+    def _put_file(self, key: str, source: Path, content_type: str) -> None:
+        with self._errors_for(key, "store"):  # multipart above boto3's threshold
+            self._client.upload_file(str(source), self.bucket, key, ExtraArgs={"ContentType": content_type})
+
     def _list(self, folder: str) -> Iterator[str]:
         with self._errors_for(folder.rstrip("/"), "list"):
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
@@ -250,7 +288,12 @@ class S3Store(ObjectStore):
 
 def open_store(settings: FarmSettings) -> ObjectStore:
     """The store named by `FLUXFARM_STORAGE_URL`."""
-    url = settings.storage_url
+    return open_store_url(settings.storage_url, settings)
+
+
+def open_store_url(url: str, settings: FarmSettings) -> ObjectStore:
+    """A store at `url` (s3://bucket/prefix, file:///dir or a path), reached with `settings`' S3
+    endpoint and region."""
     if url.startswith("s3://"):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:

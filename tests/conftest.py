@@ -23,7 +23,7 @@ import torch
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
 from producer.local_stack import RedisServer, WorkerProcess, free_port
-from shared.celery_app import QUEUE_ANY
+from shared.celery_app import QUEUE_ANY, waiting_messages
 from shared.ladder import QuantLevel
 from shared.settings import FarmSettings
 
@@ -83,8 +83,8 @@ class S3Server:
         return name
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
-        listing = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
-        return sorted(item["Key"] for item in listing.get("Contents", []))
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
 
 @pytest.fixture(scope="session")
@@ -125,13 +125,18 @@ def farm_env(settings: FarmSettings) -> dict[str, str]:
 
 
 def start_worker(
-    settings: FarmSettings, model: Path, transformer: Path | None, log_path: Path, name: str
+    settings: FarmSettings,
+    model: Path,
+    transformer: Path | None,
+    log_path: Path,
+    name: str,
+    extra_env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     args = ["--model", str(model), "--device", "cpu"]
     if transformer is not None:
         args += ["--transformer", str(transformer)]
     # Long enough for jobs submitted together to be rendered together even on a busy CI machine.
-    env = {**farm_env(settings), "FLUXFARM_WORKER_NAME": name, "FLUXFARM_BATCH_WAIT_S": "0.5"}
+    env = {**farm_env(settings), "FLUXFARM_WORKER_NAME": name, "FLUXFARM_BATCH_WAIT_S": "0.5", **(extra_env or {})}
     worker = WorkerProcess(args, env, log_path).start()
     worker.wait_ready(WORKER_READY_TIMEOUT_S)
     return worker
@@ -199,4 +204,4 @@ def run_fluxfarm(
 
 
 def queue_length(client: redis.Redis) -> int:
-    return int(client.llen(QUEUE_ANY))
+    return waiting_messages(client, [QUEUE_ANY])[0]

@@ -1,6 +1,7 @@
 """A prompt file as a dataset, against a real worker process, Redis and moto S3: a producer killed half
 way and resubmitted ends with every image exactly once; a finished dataset resubmits nothing; a dry run
-names bad rows and enqueues nothing."""
+names bad rows and enqueues nothing; the finished dataset exports to every format and loads with the
+libraries people use; status agrees with storage; cancel drops queued jobs; priorities reorder."""
 
 from __future__ import annotations
 
@@ -22,12 +23,18 @@ SMALL = ("--width", "256", "--height", "256", "--steps", "1")
 
 
 def _objects(farm: Farm, dataset: str) -> tuple[list[str], list[str]]:
-    keys = farm.s3.keys(farm.bucket, f"{farm.prefix}/{dataset}/")
+    """The dataset's images and metadata objects (not its manifest, in a subfolder)."""
+    folder = f"{farm.prefix}/{dataset}/"
+    keys = [k for k in farm.s3.keys(farm.bucket, folder) if "/" not in k[len(folder) :]]
     return [k for k in keys if k.endswith(".png")], [k for k in keys if k.endswith(".json")]
 
 
+def _moth_rows() -> list[str]:
+    return [json.dumps({"prompt": f"a moth, study {i}", "seed": i}) for i in range(200)]
+
+
 def test_a_producer_killed_half_way_then_resubmitted_ends_with_every_image_once(farm: Farm, tmp_path: Path) -> None:
-    rows = [json.dumps({"prompt": f"a moth, study {i}", "seed": i}) for i in range(200)]
+    rows = _moth_rows()
     full = tmp_path / "moths.jsonl"
     full.write_text("\n".join(rows) + "\n")
     stream = tmp_path / "stream.jsonl"
@@ -85,3 +92,168 @@ def test_a_dry_run_names_every_bad_line_and_enqueues_nothing(farm: Farm, tmp_pat
     assert skipping.returncode == 0, skipping.stderr
     assert "queued 5 jobs" in skipping.stderr and "3 invalid rows skipped" in skipping.stderr
     assert len(_objects(farm, "beetles")[1]) == 5
+
+
+@pytest.fixture(scope="module")
+def moths(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The first test's 200-image dataset, finished: resubmitting is idempotent, so this renders it only
+    when that test did not run."""
+    path = tmp_path_factory.mktemp("moths") / "moths.jsonl"
+    path.write_text("\n".join(_moth_rows()) + "\n")
+    done = run_fluxfarm(
+        "submit",
+        "--dataset",
+        "moths",
+        *SMALL,
+        "--wait",
+        "--timeout",
+        "400",
+        str(path),
+        env=farm.worker_env(),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return "moths"
+
+
+def _export(farm: Farm, fmt: str, out: str, *extra: str) -> list[str]:
+    done = run_fluxfarm("export", "--dataset", "moths", "--format", fmt, "--out", out, *extra, env=farm.worker_env())
+    assert done.returncode == 0, done.stderr
+    assert f"exported {16 if fmt == 'contact-sheet' else 200} jobs of moths" in done.stderr
+    return done.stdout.split()
+
+
+def test_an_imagefolder_export_loads_with_hugging_face_datasets(
+    farm: Farm, moths: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    folder = tmp_path / "hf"
+    _export(farm, "imagefolder", str(folder))
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "c"))
+    assert len(loaded) == 200
+    assert sorted(loaded["prompt"]) == sorted(json.loads(row)["prompt"] for row in _moth_rows())
+    assert {"seed", "quant", "image_key", "timings_denoise_s"} <= set(loaded.column_names)
+    first = loaded[0]
+    assert first["image"].size == (256, 256) and first["quant"] == "Q8_0"
+
+
+def test_webdataset_parquet_jsonl_and_contact_sheet_exports_hold_every_image(
+    farm: Farm, moths: str, tmp_path: Path
+) -> None:
+    import io
+
+    import boto3
+    import pyarrow.parquet as pq
+    import webdataset
+    from PIL import Image
+
+    from shared.metadata import RenderResult
+
+    pngs, metas = _objects(farm, "moths")
+    shards = _export(farm, "webdataset", str(tmp_path / "wds"), "--shard-mb", "2")
+    assert len(shards) >= 3 and all(Path(s.removeprefix("file://")).stat().st_size <= 2 << 20 for s in shards)
+    samples = list(webdataset.WebDataset([s.removeprefix("file://") for s in shards], shardshuffle=False))
+    assert len(samples) == 200 and all({"png", "json"} <= set(sample) for sample in samples)
+    ids = [json.loads(sample["json"])["job_id"] for sample in samples]
+    assert sorted(ids) == sorted(Path(k).stem for k in metas) and [s["__key__"] for s in samples] == ids
+
+    bucket = farm.s3.new_bucket()
+    [parquet_uri] = _export(farm, "parquet", f"s3://{bucket}/exports")
+    assert parquet_uri == f"s3://{bucket}/exports/moths.parquet"
+    s3 = boto3.client("s3", endpoint_url=farm.settings.s3_endpoint_url)
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key="exports/moths.parquet")["Body"].read()))
+    assert table.num_rows == 200 and sorted(table.column("image_key").to_pylist()) == sorted(pngs)
+    assert set(table.column("steps").to_pylist()) == {1} and "worker_node" in table.column_names
+
+    [jsonl] = _export(farm, "jsonl", str(tmp_path / "jsonl"))
+    lines = Path(jsonl.removeprefix("file://")).read_text().splitlines()
+    assert sorted(RenderResult.model_validate_json(line).image.key for line in lines) == sorted(pngs)
+
+    [sheet] = _export(farm, "contact-sheet", str(tmp_path / "sheet"), "--count", "16")
+    assert Image.open(sheet.removeprefix("file://")).size == (4 * 256, 4 * 276)
+
+
+def test_status_figures_match_the_stored_objects(farm: Farm, moths: str) -> None:
+    from shared.metadata import RenderResult
+
+    done = run_fluxfarm("status", "--dataset", "moths", "--json", env=farm.worker_env())
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    [dataset] = report["datasets"]
+    pngs, metas = _objects(farm, "moths")
+    assert dataset["record"]["done"] == dataset["stored_metadata"] == len(metas) == 200
+    assert dataset["stored_images"] == len(pngs) and dataset["record"]["queued"] == dataset["record"]["running"] == 0
+    [worker] = report["fleet"]["workers"]
+    s3 = farm.s3.client()
+    rendered_by = [
+        RenderResult.model_validate_json(s3.get_object(Bucket=farm.bucket, Key=key)["Body"].read()).worker.node
+        for key in farm.s3.keys(farm.bucket, f"{farm.prefix}/")
+        if key.endswith(".json") and "/fluxfarm/" not in key
+    ]
+    assert worker["images_rendered"] == rendered_by.count(worker["node"]) == len(rendered_by)
+    assert worker["images_per_hour"] > 0
+    table = run_fluxfarm("status", "--dataset", "moths", env={**farm.worker_env(), "COLUMNS": "220"})
+    assert "200/200" in table.stdout and "moths" in table.stdout
+
+
+def test_cancel_drops_queued_jobs_and_a_resubmit_brings_them_back(farm: Farm, tmp_path: Path) -> None:
+    path = tmp_path / "wasps.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"a wasp {i}"}) for i in range(80)) + "\n")
+    env = farm.worker_env()
+    slow = ("--width", "256", "--height", "256", "--steps", "30")  # so that jobs are still queued at the cancel
+    args = ("submit", "--dataset", "wasps", *slow, str(path))
+    assert run_fluxfarm(*args, env=env).returncode == 0
+    cancelled = run_fluxfarm("cancel", "--dataset", "wasps", env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    waited = run_fluxfarm("wait", "--dataset", "wasps", "--timeout", "300", env=env, timeout=400)
+    assert waited.returncode == 0, waited.stderr
+    broker = redis.Redis.from_url(farm.settings.broker_url)
+    book = DatasetBook(broker)
+    record = book.record("wasps")
+    dropped = {m.decode() for m in broker.smembers("fluxfarm:dataset:wasps:cancelled")}
+    assert f"cancelled {record.cancelled} queued jobs of wasps" in cancelled.stderr
+    assert record.cancelled == len(dropped) > 0 and record.done + record.cancelled == 80
+    stored = {Path(k).stem for k in _objects(farm, "wasps")[1]}
+    assert len(stored) == record.done and not stored & dropped  # no cancelled job was rendered
+
+    again = run_fluxfarm(*args, "--wait", "--timeout", "300", env=env, timeout=400)
+    assert again.returncode == 0, again.stderr
+    assert f"queued {len(dropped)} jobs" in again.stderr
+    assert len(_objects(farm, "wasps")[1]) == 80 and book.record("wasps").cancelled == 0
+
+
+def test_high_priority_jobs_overtake_waiting_normal_and_low_ones(farm: Farm, tiny_model: Path, tmp_path: Path) -> None:
+    from shared.ladder import QuantLevel
+    from shared.metadata import RenderResult
+    from tests.conftest import start_worker
+    from worker.tiny_model import gguf_path
+
+    env = farm.worker_env()
+    for priority in ("low", "normal", "high"):  # queued before any worker serves exact:Q4_0
+        rows = tmp_path / f"{priority}.txt"
+        rows.write_text("\n".join(f"{priority} {i}" for i in range(4)) + "\n")
+        sent = run_fluxfarm(
+            "submit", str(rows), "--dataset", "ranks", "--quant", "exact:Q4_0", "--priority", priority, *SMALL, env=env
+        )
+        assert sent.returncode == 0, sent.stderr
+    worker = start_worker(  # one job at a time, so the finishing order is the serving order
+        farm.settings,
+        tiny_model,
+        gguf_path(tiny_model, QuantLevel.Q4_0),
+        tmp_path / "q4.log",
+        "w-ranks",
+        {"FLUXFARM_MAX_BATCH": "1"},
+    )
+    try:
+        assert run_fluxfarm("wait", "--dataset", "ranks", "--timeout", "300", env=env, timeout=400).returncode == 0
+    finally:
+        worker.stop()
+    s3 = farm.s3.client()
+    results = [
+        RenderResult.model_validate_json(s3.get_object(Bucket=farm.bucket, Key=key)["Body"].read())
+        for key in _objects(farm, "ranks")[1]
+    ]
+    order = [r.job.prompt.split()[0] for r in sorted(results, key=lambda r: r.timings.finished_at)]
+    assert order == ["high"] * 4 + ["normal"] * 4 + ["low"] * 4, order

@@ -14,7 +14,7 @@ import redis
 
 from producer.client import FarmClient, JobHandle
 from producer.local_stack import RedisServer, WorkerProcess
-from shared.celery_app import RENDER_TASK
+from shared.celery_app import RENDER_TASK, queue_lists
 from shared.errors import JobFailed
 from shared.fleet import HEARTBEAT_TTL_S
 from shared.jobs import parse_job
@@ -35,7 +35,7 @@ class Fleet:
     def status(self) -> dict:
         done = run_fluxfarm("status", "--json", env=farm_env(self.settings), timeout=60)
         assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        return json.loads(done.stdout)["fleet"]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,8 @@ def test_status_shows_the_fleet_and_jobs_no_live_worker_can_serve(fleet: Fleet) 
     assert "no live worker serves exact:Q5_K: 1 jobs wait in render.exact.q5_k" in submitted.stderr
     served = run_fluxfarm("submit", "--prompt", "any", "--quant", "min:Q4_0", *small, env=env, timeout=60)
     assert served.returncode == 0 and "warning" not in served.stderr
-    redis.Redis.from_url(fleet.settings.broker_url).delete("render.exact.q6_k", "render.min.bf16", "render.exact.q5_k")
+    stranded = ("render.exact.q6_k", "render.min.bf16", "render.exact.q5_k")
+    redis.Redis.from_url(fleet.settings.broker_url).delete(*(name for q in stranded for name in queue_lists(q)))
 
 
 def test_jobs_of_a_killed_worker_show_as_unserved_within_10_seconds(fleet: Fleet) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,10 +19,11 @@ from pydantic import ValidationError
 
 from shared import __version__
 from shared.datasets import DatasetBook
-from shared.errors import InvalidJob, ObjectNotFound
+from shared.errors import InvalidJob, JobCancelled, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
 from shared.ladder import parse_level
 from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
+from shared.rates import RATE_WINDOW_S, per_hour
 from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
 from worker.batcher import RenderBatcher
 
@@ -43,9 +45,20 @@ class RunnerStats:
 
     jobs_done: int = 0
     jobs_failed: int = 0
+    images_rendered: int = 0
+    """Jobs this worker rendered and stored (jobs_done also counts those it found already stored)."""
     current_job: str | None = None
     """The job most recently started (a worker may hold several at once)."""
+    rendered_at: deque[float] = field(default_factory=lambda: deque(maxlen=10_000), repr=False)
+    """time.monotonic() of each recent render (not of jobs found already stored)."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def images_per_hour(self) -> float | None:
+        """This worker's render rate over the last RATE_WINDOW_S (None before its first image)."""
+        now = time.monotonic()
+        with self.lock:
+            recent = [t for t in self.rendered_at if t >= now - RATE_WINDOW_S]
+        return per_hour(len(recent), recent[0], now) if recent else None
 
 
 class JobRunner:
@@ -76,6 +89,8 @@ class JobRunner:
         """Render one job message, counting it as done or failed for the fleet status."""
         try:
             result = self._run(payload, queued_at)
+        except JobCancelled:
+            raise  # dropped, neither done nor failed
         except Exception:
             with self.stats.lock:
                 self.stats.jobs_failed += 1
@@ -99,12 +114,18 @@ class JobRunner:
             log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
             self._book.mark_done(job.dataset, job.id, stored.quant)
             return stored
+        if self._book.is_cancelled(job.dataset, job.id):
+            log.info("job %s: dataset %s was cancelled; dropping it without rendering", job.id, job.dataset)
+            raise JobCancelled(f"dataset {job.dataset} was cancelled before job {job.id} started")
         self._book.mark_running(job.dataset, job.id)
         try:
             result = self._render_and_store(job, keys, queued_at)
         except Exception as error:
             self._book.mark_failed(job.dataset, job.id, f"{type(error).__name__}: {error}")
             raise
+        with self.stats.lock:
+            self.stats.rendered_at.append(time.monotonic())
+            self.stats.images_rendered += 1
         self._book.mark_done(job.dataset, job.id, result.quant)
         return result
 

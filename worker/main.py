@@ -102,6 +102,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             last_seen=started_at,
             jobs_done=runner.stats.jobs_done,
             jobs_failed=runner.stats.jobs_failed,
+            images_rendered=runner.stats.images_rendered,
+            images_per_hour=runner.stats.images_per_hour(),
             current_job=runner.stats.current_job,
         )
 
