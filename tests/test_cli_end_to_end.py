@@ -44,7 +44,8 @@ def test_submit_a_prompt_file_with_cli_defaults(farm: Farm, tmp_path: Path) -> N
     for path in (prompts, rows):
         done = _fluxfarm(farm, "submit", str(path), *defaults)
         assert done.returncode == 0, done.stderr
-    keys = farm.s3.keys(farm.bucket, f"{farm.prefix}/cli-file/")
+    folder = f"{farm.prefix}/cli-file/"
+    keys = [k for k in farm.s3.keys(farm.bucket, folder) if "/" not in k[len(folder) :]]  # not the manifest
     assert len([k for k in keys if k.endswith(".png")]) == 3
     metas = [
         json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=k)["Body"].read())

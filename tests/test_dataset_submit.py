@@ -198,46 +198,33 @@ def test_status_figures_match_the_stored_objects(farm: Farm, moths: str) -> None
     assert "200/200" in table.stdout and "moths" in table.stdout
 
 
-def test_cancel_drops_queued_jobs_and_a_resubmit_brings_them_back(farm: Farm, tmp_path: Path) -> None:
-    path = tmp_path / "wasps.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": f"a wasp {i}"}) for i in range(80)) + "\n")
-    env = farm.worker_env()
-    slow = ("--width", "256", "--height", "256", "--steps", "30")  # so that jobs are still queued at the cancel
-    args = ("submit", "--dataset", "wasps", *slow, str(path))
-    assert run_fluxfarm(*args, env=env).returncode == 0
-    cancelled = run_fluxfarm("cancel", "--dataset", "wasps", env=env)
-    assert cancelled.returncode == 0, cancelled.stderr
-    waited = run_fluxfarm("wait", "--dataset", "wasps", "--timeout", "300", env=env, timeout=400)
-    assert waited.returncode == 0, waited.stderr
-    broker = redis.Redis.from_url(farm.settings.broker_url)
-    book = DatasetBook(broker)
-    record = book.record("wasps")
-    dropped = {m.decode() for m in broker.smembers("fluxfarm:dataset:wasps:cancelled")}
-    assert f"cancelled {record.cancelled} queued jobs of wasps" in cancelled.stderr
-    assert record.cancelled == len(dropped) > 0 and record.done + record.cancelled == 80
-    stored = {Path(k).stem for k in _objects(farm, "wasps")[1]}
-    assert len(stored) == record.done and not stored & dropped  # no cancelled job was rendered
-
-    again = run_fluxfarm(*args, "--wait", "--timeout", "300", env=env, timeout=400)
-    assert again.returncode == 0, again.stderr
-    assert f"queued {len(dropped)} jobs" in again.stderr
-    assert len(_objects(farm, "wasps")[1]) == 80 and book.record("wasps").cancelled == 0
-
-
-def test_high_priority_jobs_overtake_waiting_normal_and_low_ones(farm: Farm, tiny_model: Path, tmp_path: Path) -> None:
+def test_cancel_drops_queued_jobs_and_priorities_reorder_the_queue(
+    farm: Farm, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Everything goes to exact:Q4_0, which no worker serves until the test starts one: the cancelled
+    jobs must then be dropped unrendered, and high jobs must be served before normal and low ones."""
+    from shared.celery_app import waiting_messages
     from shared.ladder import QuantLevel
     from shared.metadata import RenderResult
     from tests.conftest import start_worker
     from worker.tiny_model import gguf_path
 
     env = farm.worker_env()
-    for priority in ("low", "normal", "high"):  # queued before any worker serves exact:Q4_0
+    queue = ("--quant", "exact:Q4_0", *SMALL)
+    wasps = tmp_path / "wasps.txt"
+    wasps.write_text("\n".join(f"a wasp {i}" for i in range(20)) + "\n")
+    assert run_fluxfarm("submit", str(wasps), "--dataset", "wasps", *queue, env=env).returncode == 0
+    cancelled = run_fluxfarm("cancel", "--dataset", "wasps", env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancelled 20 queued jobs of wasps; 0 running will finish" in cancelled.stderr
+    for priority in ("low", "normal", "high"):
         rows = tmp_path / f"{priority}.txt"
         rows.write_text("\n".join(f"{priority} {i}" for i in range(4)) + "\n")
-        sent = run_fluxfarm(
-            "submit", str(rows), "--dataset", "ranks", "--quant", "exact:Q4_0", "--priority", priority, *SMALL, env=env
-        )
+        sent = run_fluxfarm("submit", str(rows), "--dataset", "ranks", "--priority", priority, *queue, env=env)
         assert sent.returncode == 0, sent.stderr
+    broker = redis.Redis.from_url(farm.settings.broker_url)
+    assert waiting_messages(broker, ["render.exact.q4_0"]) == [32]
+
     worker = start_worker(  # one job at a time, so the finishing order is the serving order
         farm.settings,
         tiny_model,
@@ -248,6 +235,17 @@ def test_high_priority_jobs_overtake_waiting_normal_and_low_ones(farm: Farm, tin
     )
     try:
         assert run_fluxfarm("wait", "--dataset", "ranks", "--timeout", "300", env=env, timeout=400).returncode == 0
+        deadline = time.monotonic() + 60
+        while waiting_messages(broker, ["render.exact.q4_0"]) != [0]:  # the cancelled messages, dropped
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert _objects(farm, "wasps") == ([], []) and DatasetBook(broker).record("wasps").cancelled == 20
+
+        again = run_fluxfarm("submit", str(wasps), "--dataset", "wasps", *queue, "--wait", env=env, timeout=400)
+        assert again.returncode == 0, again.stderr
+        assert "queued 20 jobs" in again.stderr
+        record = DatasetBook(broker).record("wasps")
+        assert (record.done, record.cancelled, len(_objects(farm, "wasps")[1])) == (20, 0, 20)
     finally:
         worker.stop()
     s3 = farm.s3.client()
@@ -257,3 +255,17 @@ def test_high_priority_jobs_overtake_waiting_normal_and_low_ones(farm: Farm, tin
     ]
     order = [r.job.prompt.split()[0] for r in sorted(results, key=lambda r: r.timings.finished_at)]
     assert order == ["high"] * 4 + ["normal"] * 4 + ["low"] * 4, order
+
+
+def test_a_finished_dataset_streams_every_result_to_the_client_and_the_cli(farm: Farm, moths: str) -> None:
+    from producer.client import FarmClient
+
+    with FarmClient(farm.settings) as client:
+        outcomes = list(client.as_completed("moths", timeout=60))
+    assert len(outcomes) == 200 and all(o.ok and o.result is not None for o in outcomes)
+    assert len({o.job_id for o in outcomes}) == 200 and {o.result.job.dataset for o in outcomes} == {"moths"}
+    printed = run_fluxfarm("wait", "--dataset", "moths", "--results", env=farm.worker_env())
+    assert printed.returncode == 0, printed.stderr
+    lines = [line.split("\t") for line in printed.stdout.splitlines()]
+    assert sorted(job_id for job_id, _ in lines) == sorted(o.job_id for o in outcomes)
+    assert all(uri.startswith(f"s3://{farm.bucket}/{farm.prefix}/moths/") for _, uri in lines)
