@@ -194,8 +194,11 @@ def test_status_figures_match_the_stored_objects(farm: Farm, moths: str) -> None
     ]
     assert worker["images_rendered"] == rendered_by.count(worker["node"]) == len(rendered_by)
     assert worker["images_per_hour"] > 0
-    table = run_fluxfarm("status", "--dataset", "moths", env={**farm.worker_env(), "COLUMNS": "220"})
+    wide = {**farm.worker_env(), "COLUMNS": "220"}
+    table = run_fluxfarm("status", "--dataset", "moths", env=wide)
     assert "200/200" in table.stdout and "moths" in table.stdout
+    watched = run_fluxfarm("status", "--dataset", "moths", "--watch", env=wide, timeout=60)  # ends: nothing left
+    assert watched.returncode == 0 and "200/200" in watched.stdout
 
 
 def test_cancel_drops_queued_jobs_and_priorities_reorder_the_queue(
