@@ -142,6 +142,15 @@ class ObjectStore(ABC):
     def _fetch_to(self, key: str, dest: Path) -> None: ...
 
 
+@contextmanager
+def _os_errors(key: str, action: str) -> Iterator[None]:
+    """A local file system's refusals as StorageError, like S3's."""
+    try:
+        yield
+    except OSError as error:
+        raise StorageError(f"could not {action} {key}: {error.strerror or error}") from None
+
+
 class LocalStore(ObjectStore):
     """A directory on disk; writes are atomic (temp file + rename), so readers never see half a file."""
 
@@ -160,22 +169,24 @@ class LocalStore(ObjectStore):
 
     def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _os_errors(key, "store"):  # e.g. a key whose folder is a stored file, or the reverse
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def _put_file(self, key: str, source: Path, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".tmp-{path.name}")
-        shutil.copyfile(source, partial)
-        partial.replace(path)
+        with _os_errors(key, "store"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".tmp-{path.name}")
+            shutil.copyfile(source, partial)
+            partial.replace(path)
 
     def _list(self, folder: str) -> Iterator[str]:
         directory = self._path(folder.rstrip("/"))
@@ -186,10 +197,11 @@ class LocalStore(ObjectStore):
                 yield path.relative_to(self.root).as_posix()
 
     def _get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise ObjectNotFound(key) from None
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        with _os_errors(key, "read"):
+            return path.read_bytes()
 
     def _exists(self, key: str) -> bool:
         return self._path(key).is_file()

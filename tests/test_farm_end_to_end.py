@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from producer.client import FarmClient, JobHandle
@@ -144,3 +147,43 @@ def test_the_worker_validates_jobs_again_and_the_caller_gets_the_reason(farm: Fa
         with pytest.raises(JobFailed, match=r"InvalidJob: .*width.*dataset"):
             handle.result(timeout=RESULT_TIMEOUT_S)
     assert not [key for key in farm.s3.keys(farm.bucket) if "escape" in key or "sneaky" in key]
+
+
+class _TouchOnUnpickle:
+    """Unpickling this creates a file: proof of whether a worker ever deserialized a pickle."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_pickled_task_message_is_refused_unread_and_the_worker_goes_on(farm: Farm, tmp_path: Path) -> None:
+    """JSON is the only accepted content: a pickle payload on the queue is rejected before it is decoded."""
+    from shared.celery_app import QUEUE_ANY, make_celery_app, waiting_messages
+
+    marker = tmp_path / "unpickled"
+    app = make_celery_app(farm.settings)
+    with app.connection_for_write() as connection:
+        producer = connection.Producer()
+        producer.publish(
+            ((), {"job": _TouchOnUnpickle(str(marker))}, {}),
+            exchange="",
+            routing_key=QUEUE_ANY,
+            serializer="pickle",
+            headers={"lang": "py", "task": RENDER_TASK, "id": "pickled-1", "argsrepr": "()", "kwargsrepr": "{}"},
+        )
+    app.close()
+    broker = redis.Redis.from_url(farm.settings.broker_url)
+    deadline = time.monotonic() + 60
+    while waiting_messages(broker, [QUEUE_ANY]) != [0]:  # the worker took it off the queue ...
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    job = {"prompt": "after the pickle", "width": 256, "height": 256, "steps": 1, "dataset": "after-pickle"}
+    with FarmClient(farm.settings) as client:
+        assert client.submit(job).result(timeout=RESULT_TIMEOUT_S).job.prompt == "after the pickle"
+    assert not marker.exists()  # ... and never unpickled it
+    assert "pickle" in farm.worker.log_text().lower()  # it says why it refused the message

@@ -73,3 +73,15 @@ def test_local_writes_leave_no_temporary_files(tmp_path: Path) -> None:
 def test_storage_url_must_name_a_known_scheme() -> None:
     with pytest.raises(ValueError, match="s3:// or file://"):
         FarmSettings(storage_url="ftp://somewhere")
+
+
+def test_a_key_that_collides_with_a_folder_is_a_storage_error_not_an_os_error(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put("a/b", b"x", "text/plain")
+    with pytest.raises(StorageError, match="could not store a"):
+        store.put("a", b"y", "text/plain")  # "a" is a folder
+    with pytest.raises(StorageError, match="could not store a/b/c"):
+        store.put("a/b/c", b"z", "text/plain")  # "a/b" is a file
+    with pytest.raises(ObjectNotFound):
+        store.get("a")
+    assert store.get("a/b") == b"x"
