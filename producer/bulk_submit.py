@@ -157,14 +157,14 @@ def wait_for_dataset(
     console = console or Console(stderr=True)
     with FarmClient(settings) as client, progress_bar(console, f"rendering {dataset}") as progress:
         task = progress.add_task("jobs", total=None)
+        polled: list[DatasetRecord] = []
 
         def show(record: DatasetRecord) -> None:
+            polled[:] = [record]  # the stream's last poll is the final record
             progress.update(task, completed=record.done + record.failed, total=record.total)
 
         for outcome in client.as_completed(dataset, timeout_s, with_results=on_result is not None, on_poll=show):
             if on_result is not None and outcome.result is not None:
                 on_result(outcome.result)
-        record = client.datasets.record(dataset)
-        show(record)
-        store_manifest(client.store, record)
-    return record
+        store_manifest(client.store, polled[0])
+    return polled[0]

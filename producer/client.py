@@ -27,7 +27,7 @@ from shared.celery_app import PRIORITY_STEPS, RENDER_TASK, Priority, make_celery
 from shared.datasets import DatasetBook, DatasetRecord
 from shared.errors import InvalidJob, JobFailed, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
-from shared.metadata import RenderResult
+from shared.metadata import RenderResult, read_result
 from shared.settings import FarmSettings
 from shared.storage import open_store
 
@@ -162,7 +162,7 @@ class FarmClient:
         """The stored metadata of `job`, or None when it has not been rendered."""
         keys = self.store.result_keys(job.dataset, job.id)
         try:
-            return RenderResult.model_validate_json(self.store.get(keys.metadata))
+            return read_result(self.store, keys)
         except (ObjectNotFound, ValidationError):
             return None
 
@@ -203,7 +203,7 @@ class FarmClient:
     def _dataset_result(self, dataset: str, job_id: str, load: bool) -> RenderResult | None:
         if not load:
             return None
-        return RenderResult.model_validate_json(self.store.get(self.store.result_keys(dataset, job_id).metadata))
+        return read_result(self.store, self.store.result_keys(dataset, job_id))
 
     def submit(self, job: RenderJob | Mapping[str, Any], priority: Priority = "normal") -> JobHandle:
         """Validate and enqueue one job; a job already stored returns its stored result instead.

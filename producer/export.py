@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from shared.metadata import RenderResult
+from shared.metadata import RenderResult, read_result
 from shared.storage import PNG_CONTENT_TYPE, ObjectStore, ResultKeys
 
 if typing.TYPE_CHECKING:
@@ -60,7 +60,7 @@ class Row:
 
 
 def _fetch(store: ObjectStore, keys: ResultKeys, with_image: bool) -> Row:
-    result = RenderResult.model_validate_json(store.get(keys.metadata))
+    result = read_result(store, keys)
     return Row(result=result, png=store.get(keys.image) if with_image else None)
 
 
@@ -140,15 +140,12 @@ class _Writer:
         self.dest, self.scratch = dest, scratch
         self.files: list[str] = []
 
-    def _key(self, name: str) -> str:
-        return f"{self.dest.prefix}/{name}" if self.dest.prefix else name
-
     def put(self, name: str, data: bytes, content_type: str) -> None:
-        self.dest.put(self._key(name), data, content_type)
+        self.dest.put(self.dest.key(name), data, content_type)
 
     def put_file(self, name: str, path: Path, content_type: str) -> None:
-        self.dest.put_file(self._key(name), path, content_type)
-        self.files.append(self.dest.uri(self._key(name)))
+        self.dest.put_file(self.dest.key(name), path, content_type)
+        self.files.append(self.dest.uri(self.dest.key(name)))
         path.unlink()
 
 

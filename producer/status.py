@@ -166,11 +166,8 @@ def watch_status(settings: FarmSettings, dataset: str | None, console: Console) 
                 time.sleep(WATCH_INTERVAL_S)
                 status = read_status(settings, dataset)
                 live.update(render_status(status), refresh=True)
-                if (
-                    dataset is not None
-                    and status.datasets[0].record.total
-                    and not (status.datasets[0].record.queued or status.datasets[0].record.running)
-                ):
+                record = status.datasets[0].record if dataset is not None else None
+                if record is not None and record.total and not (record.queued or record.running):
                     return
         except KeyboardInterrupt:
             return

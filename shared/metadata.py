@@ -7,11 +7,15 @@ each phase took, and where the image is, so a dataset can be audited without the
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.jobs import RenderJob
+
+if TYPE_CHECKING:
+    from shared.storage import ObjectStore, ResultKeys
 
 
 class _Record(BaseModel):
@@ -68,6 +72,11 @@ class RenderResult(_Record):
     image: ImageInfo
     metadata_key: str
     fluxfarm_version: str
+
+
+def read_result(store: ObjectStore, keys: ResultKeys) -> RenderResult:
+    """A job's stored metadata; ObjectNotFound when it is not stored, ValidationError when unreadable."""
+    return RenderResult.model_validate_json(store.get(keys.metadata))
 
 
 def png_object_metadata(job: RenderJob, model: ModelInfo, quant: str, version: str) -> dict[str, str]:

@@ -52,10 +52,13 @@ class ObjectStore(ABC):
         if self.prefix:
             _check_key(self.prefix)
 
+    def key(self, *parts: str) -> str:
+        """`parts` joined under the store's prefix, checked."""
+        return _check_key("/".join(part for part in (self.prefix, *parts) if part))
+
     def result_keys(self, dataset: str, job_id: str) -> ResultKeys:
         """The key layout: the only place that knows it."""
-        base = "/".join(part for part in (self.prefix, dataset, job_id) if part)
-        return ResultKeys(image=_check_key(f"{base}.png"), metadata=_check_key(f"{base}.json"))
+        return ResultKeys(image=self.key(dataset, f"{job_id}.png"), metadata=self.key(dataset, f"{job_id}.json"))
 
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
         self._put(_check_key(key), data, content_type, metadata or {})
@@ -71,7 +74,7 @@ class ObjectStore(ABC):
 
     def dataset_folder(self, dataset: str) -> str:
         """The key prefix (ending in '/') under which a dataset's objects live."""
-        return _check_key("/".join(part for part in (self.prefix, dataset) if part)) + "/"
+        return self.key(dataset) + "/"
 
     def manifest_key(self, dataset: str) -> str:
         """The dataset's manifest: in a subfolder, where no job's objects can be (job ids hold no '/')."""
@@ -82,26 +85,24 @@ class ObjectStore(ABC):
         from one listing."""
         return [self.result_keys(dataset, job_id) for job_id in sorted(self.stored_job_ids(dataset))]
 
-    def count_stored(self, dataset: str) -> tuple[int, int]:
-        """(images, metadata objects) of the dataset's jobs, from one listing."""
+    def _job_files(self, dataset: str) -> Iterator[str]:
+        """Names of the files directly in the dataset's folder (its jobs' objects, not the manifest's
+        subfolder), from one listing."""
         folder = self.dataset_folder(dataset)
-        images = metadata = 0
         for key in self._list(folder):
             name = key[len(folder) :]
             if "/" not in name:
-                images += name.endswith(".png")
-                metadata += name.endswith(".json")
-        return images, metadata
+                yield name
+
+    def count_stored(self, dataset: str) -> tuple[int, int]:
+        """(images, metadata objects) of the dataset's jobs, from one listing."""
+        names = list(self._job_files(dataset))
+        return sum(n.endswith(".png") for n in names), sum(n.endswith(".json") for n in names)
 
     def stored_job_ids(self, dataset: str) -> set[str]:
         """Ids of the dataset's finished jobs (those whose metadata JSON exists), from one listing:
         a resubmit learns what is done without a request per job."""
-        folder = self.dataset_folder(dataset)
-        return {
-            key[len(folder) : -len(".json")]
-            for key in self._list(folder)
-            if key.endswith(".json") and "/" not in key[len(folder) :]
-        }
+        return {name.removesuffix(".json") for name in self._job_files(dataset) if name.endswith(".json")}
 
     def put_file(self, key: str, source: Path, content_type: str) -> None:
         """Store a local file without reading it into memory (large exports: tar shards, parquet)."""

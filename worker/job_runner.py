@@ -22,7 +22,7 @@ from shared.datasets import DatasetBook
 from shared.errors import InvalidJob, JobCancelled, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
 from shared.ladder import parse_level
-from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
+from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata, read_result
 from shared.rates import RATE_WINDOW_S, per_hour
 from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
 from worker.batcher import RenderBatcher
@@ -78,7 +78,7 @@ class JobRunner:
 
     def _stored_result(self, keys: ResultKeys) -> RenderResult | None:
         try:
-            return RenderResult.model_validate_json(self._store.get(keys.metadata))
+            return read_result(self._store, keys)
         except ObjectNotFound:
             return None
         except ValidationError:
