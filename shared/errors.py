@@ -18,6 +18,14 @@ class JobFailed(FarmError):
         self.reason = reason
 
 
+class RenderAttemptFailed(FarmError):
+    """One attempt at a job failed and it has attempts left: the message goes back to the queue."""
+
+
+class JobDeadLettered(FarmError):
+    """The farm gave up on a job after its attempts; its dead letter holds the reason and the job."""
+
+
 class JobCancelled(FarmError):
     """The job's dataset was cancelled while it waited: the worker dropped it without rendering."""
 
@@ -31,6 +39,10 @@ class ObjectNotFound(StorageError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else "object not found"
+
+
+class ObjectExists(StorageError):
+    """A put meant only for a new object found one already there (a concurrent or earlier writer)."""
 
 
 class ModelLoadError(FarmError):

@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import ObjectNotFound, StorageError
+from shared.errors import ObjectExists, ObjectNotFound, StorageError
 from shared.settings import FarmSettings
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+_CONFLICT_CODES = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+"""A conditional put lost: the object exists (412), or another conditional write was in flight (409)."""
 
 PNG_CONTENT_TYPE = "image/png"
 JSON_CONTENT_TYPE = "application/json"
@@ -60,8 +62,18 @@ class ObjectStore(ABC):
         """The key layout: the only place that knows it."""
         return ResultKeys(image=self.key(dataset, f"{job_id}.png"), metadata=self.key(dataset, f"{job_id}.json"))
 
-    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
-        self._put(_check_key(key), data, content_type, metadata or {})
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> None:
+        """Store `data` at `key`. With `if_absent` the write happens only if no object is there (S3's
+        conditional `If-None-Match: *`; a hard link on disk), else ObjectExists: of two racing
+        writers exactly one wins."""
+        self._put(_check_key(key), data, content_type, metadata or {}, if_absent)
 
     def get(self, key: str) -> bytes:
         return self._get(_check_key(key))
@@ -125,7 +137,7 @@ class ObjectStore(ABC):
         """Every key that starts with `folder`, in any order."""
 
     @abstractmethod
-    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None: ...
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str], if_absent: bool) -> None: ...
 
     @abstractmethod
     def _put_file(self, key: str, source: Path, content_type: str) -> None: ...
@@ -168,7 +180,7 @@ class LocalStore(ObjectStore):
     def uri(self, key: str) -> str:
         return self._path(_check_key(key)).as_uri()
 
-    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str], if_absent: bool) -> None:
         path = self._path(key)
         with _os_errors(key, "store"):  # e.g. a key whose folder is a stored file, or the reverse
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,10 +188,15 @@ class LocalStore(ObjectStore):
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
-                os.replace(tmp, path)
-            except BaseException:
+                if if_absent:
+                    try:
+                        os.link(tmp, path)  # atomic, and refuses an existing name
+                    except FileExistsError:
+                        raise ObjectExists(key) from None
+                else:
+                    os.replace(tmp, path)
+            finally:
                 Path(tmp).unlink(missing_ok=True)
-                raise
 
     def _put_file(self, key: str, source: Path, content_type: str) -> None:
         path = self._path(key)
@@ -248,15 +265,21 @@ class S3Store(ObjectStore):
         try:
             yield
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in _MISSING_CODES:
+            code = error.response.get("Error", {}).get("Code")
+            if code in _MISSING_CODES:
                 raise ObjectNotFound(key) from None
+            if code in _CONFLICT_CODES:
+                raise ObjectExists(key) from None
             raise StorageError(f"could not {action} {self.uri(key)}: {error}") from None
         except BotoCoreError as error:
             raise StorageError(f"could not {action} {self.uri(key)}: {error}") from None
 
-    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str], if_absent: bool) -> None:
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
         with self._errors_for(key, "store"):
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata)
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata, **condition
+            )
 
     def _put_file(self, key: str, source: Path, content_type: str) -> None:
         with self._errors_for(key, "store"):  # multipart above boto3's threshold
