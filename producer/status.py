@@ -17,14 +17,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from producer.fleet_check import read_fleet
-from shared.datasets import DatasetBook, DatasetRecord
+from shared.datasets import DatasetBook, DatasetRecord, DeadLetter
 from shared.errors import FarmError
 from shared.fleet import FleetReport
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
 
 WATCH_INTERVAL_S = 2.0
-FAILURES_SHOWN = 20
+DEAD_LETTERS_SHOWN = 20
 
 
 class DatasetStatus(BaseModel):
@@ -37,6 +37,8 @@ class DatasetStatus(BaseModel):
 class FarmStatus(BaseModel):
     fleet: FleetReport
     datasets: list[DatasetStatus]
+    dead_letters: list[DeadLetter] = []
+    """The newest jobs the farm gave up on (of `--dataset` when given), newest first."""
 
 
 def read_status(settings: FarmSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
@@ -46,6 +48,7 @@ def read_status(settings: FarmSettings, dataset: str | None = None, list_storage
     try:
         names = [dataset] if dataset is not None else book.names()
         records = [book.record(name) for name in names]
+        letters = book.dead_letters(DEAD_LETTERS_SHOWN, dataset)
     except redis.RedisError as error:
         raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
     finally:
@@ -54,7 +57,7 @@ def read_status(settings: FarmSettings, dataset: str | None = None, list_storage
     if dataset is not None and list_storage:
         images, metadata = open_store(settings).count_stored(dataset)
         datasets = [datasets[0].model_copy(update={"stored_images": images, "stored_metadata": metadata})]
-    return FarmStatus(fleet=fleet, datasets=datasets)
+    return FarmStatus(fleet=fleet, datasets=datasets, dead_letters=letters)
 
 
 def _ago(moment: datetime, now: datetime) -> str:
@@ -144,17 +147,24 @@ def _datasets_table(datasets: list[DatasetStatus]) -> Table:
     return table
 
 
+def _dead_letters_table(letters: list[DeadLetter], now: datetime) -> Table:
+    table = Table(title=f"dead letters (newest {len(letters)})", title_style="red")
+    for column in ("dataset", "job", "attempts", "last worker", "when", "reason"):
+        table.add_column(column, overflow="fold")
+    for letter in letters:
+        table.add_row(
+            letter.dataset, letter.job_id, str(letter.attempts), letter.node, _ago(letter.at, now), letter.reason
+        )
+    return table
+
+
 def render_status(status: FarmStatus) -> Group:
-    """The report as rich renderables: workers, queues, datasets, then unserved queues and failures."""
+    """The report as rich renderables: workers, queues, datasets, unserved queues, then dead letters."""
     parts: list = [_workers_table(status.fleet), _queues_table(status.fleet), _datasets_table(status.datasets)]
     for q in status.fleet.unserved:
         parts.append(f"[red]unserved:[/red] {q.waiting} jobs need {q.constraint} and no live worker serves {q.name}")
-    for d in status.datasets:
-        failures = sorted(d.record.failures.items())
-        for job_id, reason in failures[:FAILURES_SHOWN]:
-            parts.append(f"[red]failed[/red] {d.record.name}/{job_id}: {reason}")
-        if len(failures) > FAILURES_SHOWN:
-            parts.append(f"... and {len(failures) - FAILURES_SHOWN} more failures in {d.record.name}")
+    if status.dead_letters:
+        parts.append(_dead_letters_table(status.dead_letters, status.fleet.checked_at))
     return Group(*parts)
 
 

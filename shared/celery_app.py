@@ -9,6 +9,7 @@ overtakes every normal and low one still waiting, whichever level queue it is in
 
 from __future__ import annotations
 
+import ssl
 from typing import Literal
 
 import redis
@@ -47,13 +48,37 @@ def waiting_messages(client: redis.Redis, queues: list[str]) -> list[int]:
     return [sum(lengths[i * steps : (i + 1) * steps]) for i in range(len(queues))]
 
 
+def lease_renew_interval_s(lease_s: float) -> float:
+    """How often a worker renews its leases: six chances before one lapses."""
+    return lease_s / 6
+
+
+def _transport_options(settings: FarmSettings) -> dict[str, object]:
+    """kombu's Redis ack emulation as a lease: an unacked message whose `unacked_index` score is older
+    than `visibility_timeout` goes back to its queue at the next sweep. Workers renew the score of the
+    messages they hold (worker/leases.py), so the timeout is the lease, not the longest render, and
+    every live worker sweeps often enough to put a dead one's jobs back within lease + one sweep."""
+    sweep_s = max(1, round(lease_renew_interval_s(settings.lease_s)))
+    return {
+        "visibility_timeout": settings.lease_s,
+        "unacked_restore_interval": sweep_s,
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": settings.lease_s,  # a sweeper killed holding the mutex blocks sweeps this long
+        "priority_steps": sorted(PRIORITY_STEPS.values()),
+        "sep": _PRIORITY_LIST_SEP,
+    }
+
+
+def _tls_options(url: str) -> dict[str, object] | None:
+    """rediss:// verifies the server's certificate unless the URL says otherwise (ssl_cert_reqs=...)."""
+    if not url.startswith("rediss://") or "ssl_cert_reqs" in url:
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
     """A configured Celery app; nothing global, so tests and processes can hold several."""
     app = Celery(name, broker=settings.broker_url, backend=settings.result_backend)
-    # An unacked job comes back after this long; it must outlast the longest render (celery#5935),
-    # and Celery reads it in three places.
-    visibility = {"visibility_timeout": settings.visibility_timeout_s}
-    priorities = {"priority_steps": sorted(PRIORITY_STEPS.values()), "sep": _PRIORITY_LIST_SEP}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -64,10 +89,11 @@ def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        broker_transport_options={**visibility, **priorities},
-        result_backend_transport_options=visibility,
-        visibility_timeout=settings.visibility_timeout_s,
+        broker_transport_options=_transport_options(settings),
+        broker_use_ssl=_tls_options(settings.broker_url),
+        redis_backend_use_ssl=_tls_options(settings.result_backend),
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a Redis restart may take a while: keep trying
         task_track_started=True,
         task_default_queue=QUEUE_ANY,
         task_default_priority=PRIORITY_STEPS["normal"],

@@ -25,6 +25,9 @@ from shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
 DATASETS_KEY = "fluxfarm:datasets"
 """A set of every dataset name the farm has seen."""
+DEAD_LETTERS_KEY = "fluxfarm:dead_letters"
+"""A list of DeadLetter JSON, newest first, capped at MAX_DEAD_LETTERS."""
+MAX_DEAD_LETTERS = 10_000
 STATES = ("queued", "running", "done", "failed", "cancelled")
 MAX_FAILURE_CHARS = 500
 
@@ -72,6 +75,21 @@ class DatasetRecord(BaseModel):
         if left == 0:
             return 0.0
         return left / self.rate_per_hour * 3600 if self.rate_per_hour else None
+
+
+class DeadLetter(BaseModel):
+    """A job the farm gave up on after its attempts: what it was, why, and where it was last tried."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dataset: str
+    job_id: str
+    reason: str
+    attempts: int
+    node: str
+    at: datetime
+    job: dict[str, Any]
+    """The job as the worker validated it: enough to submit it again."""
 
 
 def store_manifest(store: ObjectStore, record: DatasetRecord) -> str:
@@ -126,24 +144,52 @@ class DatasetBook:
         if ids:
             with self._redis.pipeline() as pipe:
                 self._move(dataset, ids, "queued", pipe)
+                pipe.hdel(_key(dataset, "attempts"), *ids)  # a resubmit gets a fresh set of attempts
+                pipe.hdel(_key(dataset, "errors"), *ids)
                 pipe.execute()
 
-    def mark_running(self, dataset: str, job_id: str) -> None:
+    def start_attempt(self, dataset: str, job_id: str) -> int:
+        """Mark the job running and count this attempt; returns the attempt's number (1 for the first).
+        Counted when a render starts, so a job that kills its worker runs out of attempts too."""
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "running", pipe)
+            pipe.hincrby(_key(dataset, "attempts"), job_id, 1)
+            return int(pipe.execute()[-1])
+
+    def note_attempt_failed(self, dataset: str, job_id: str, reason: str) -> None:
+        """An attempt failed and the job goes back to the queue; the reason is kept for its dead
+        letter, should no attempt succeed."""
+        with self._redis.pipeline() as pipe:
+            self._move(dataset, [job_id], "queued", pipe)
+            pipe.hset(_key(dataset, "errors"), job_id, reason[:MAX_FAILURE_CHARS])
             pipe.execute()
+
+    def last_error(self, dataset: str, job_id: str) -> str | None:
+        value = self._redis.hget(_key(dataset, "errors"), job_id)
+        return value.decode() if value is not None else None
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        """Give up on a job: it is failed with the reason, and its letter heads the dead-letter list."""
+        with self._redis.pipeline() as pipe:
+            self._move(letter.dataset, [letter.job_id], "failed", pipe)
+            pipe.hset(_key(letter.dataset, "failures"), letter.job_id, letter.reason[:MAX_FAILURE_CHARS])
+            pipe.lpush(DEAD_LETTERS_KEY, letter.model_dump_json())
+            pipe.ltrim(DEAD_LETTERS_KEY, 0, MAX_DEAD_LETTERS - 1)
+            pipe.execute()
+
+    def dead_letters(self, limit: int = 20, dataset: str | None = None) -> list[DeadLetter]:
+        """The newest dead letters (of one dataset when given), newest first."""
+        rows = self._redis.lrange(DEAD_LETTERS_KEY, 0, -1 if dataset else limit - 1)
+        letters = [DeadLetter.model_validate_json(raw) for raw in rows]
+        return [letter for letter in letters if dataset is None or letter.dataset == dataset][:limit]
 
     def mark_done(self, dataset: str, job_id: str, level: str) -> None:
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "done", pipe)
+            pipe.hdel(_key(dataset, "attempts"), job_id)
+            pipe.hdel(_key(dataset, "errors"), job_id)
             pipe.sadd(_key(dataset, "levels"), level)
             self._stamp_done(keys=[_key(dataset, "done_at")], args=[job_id], client=pipe)
-            pipe.execute()
-
-    def mark_failed(self, dataset: str, job_id: str, reason: str) -> None:
-        with self._redis.pipeline() as pipe:
-            self._move(dataset, [job_id], "failed", pipe)
-            pipe.hset(_key(dataset, "failures"), job_id, reason[:MAX_FAILURE_CHARS])
             pipe.execute()
 
     def cancel(self, dataset: str) -> int:

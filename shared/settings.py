@@ -54,10 +54,36 @@ class FarmSettings(BaseSettings):
     )
     catalog: Path | None = Field(default=None, description="TOML file overriding where each level's weights live.")
     worker_name: str | None = Field(default=None, description="Celery node name; host and device when unset.")
-    visibility_timeout_s: int = Field(
-        default=7200,
-        ge=60,
-        description="Seconds before an unacknowledged job is delivered again: longer than the longest render.",
+    lease_s: int = Field(
+        default=30,
+        ge=5,
+        le=3600,
+        description=(
+            "A job's lease: a live worker renews it every lease_s/6 however long the render takes; a dead "
+            "worker's jobs are delivered again within about lease_s + lease_s/6."
+        ),
+    )
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Render attempts a job gets (failures and worker deaths) before it is dead-lettered.",
+    )
+    storage_retry_s: float = Field(
+        default=600,
+        ge=0,
+        description="Seconds a worker retries (with backoff) a store it cannot reach before the attempt fails.",
+    )
+    oom_step_down: bool = Field(
+        default=True,
+        description=(
+            "A job that runs out of GPU memory even alone makes the worker reload one level down (only a "
+            "worker that picked its own level: no FLUXFARM_QUANT, no FLUXFARM_TRANSFORMER)."
+        ),
+    )
+    inject_faults: str | None = Field(
+        default=None,
+        description="Fault drills only: JSON of worker.fault_injection.FaultPlan (poison prompts, injected OOM).",
     )
     result_expires_s: int = Field(
         default=7 * 24 * 3600, ge=60, description="How long task results stay in the result backend."

@@ -10,16 +10,16 @@ from shared.settings import FarmSettings, redact_url
 def test_settings_read_fluxfarm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLUXFARM_BROKER_URL", "rediss://:pw@redis.example:6380/2")
     monkeypatch.setenv("FLUXFARM_STORAGE_URL", "s3://bucket/renders")
-    monkeypatch.setenv("FLUXFARM_VISIBILITY_TIMEOUT_S", "9000")
+    monkeypatch.setenv("FLUXFARM_LEASE_S", "45")
     settings = FarmSettings()
     assert settings.broker_url == "rediss://:pw@redis.example:6380/2"
     assert settings.result_backend == settings.broker_url
-    assert settings.visibility_timeout_s == 9000
+    assert settings.lease_s == 45
 
 
-def test_a_too_short_visibility_timeout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLUXFARM_VISIBILITY_TIMEOUT_S", "5")
-    with pytest.raises(ValueError, match="visibility_timeout_s"):
+def test_a_too_short_lease_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUXFARM_LEASE_S", "1")
+    with pytest.raises(ValueError, match="lease_s"):
         FarmSettings()
 
 
@@ -34,3 +34,25 @@ def test_a_too_short_visibility_timeout_is_refused(monkeypatch: pytest.MonkeyPat
 def test_redact_url_hides_passwords(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "s3cret" not in redact_url(url)
+
+
+def test_the_lease_is_kombu_s_visibility_timeout_and_dead_workers_are_swept_often() -> None:
+    from shared.celery_app import make_celery_app
+
+    app = make_celery_app(FarmSettings(lease_s=30))
+    options = app.conf.broker_transport_options
+    assert options["visibility_timeout"] == 30
+    assert options["unacked_restore_interval"] == 5 and options["unacked_restore_throttle"] == 1
+    assert app.conf.broker_use_ssl is None
+
+
+def test_rediss_urls_verify_the_server_certificate_unless_the_url_says_otherwise() -> None:
+    import ssl
+
+    from shared.celery_app import make_celery_app
+
+    app = make_celery_app(FarmSettings(broker_url="rediss://:pw@redis.example:6380/0"))
+    assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert app.conf.redis_backend_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    app = make_celery_app(FarmSettings(broker_url="rediss://:pw@redis.example:6380/0?ssl_cert_reqs=required"))
+    assert app.conf.broker_use_ssl is None  # the URL's own choice stands

@@ -1,7 +1,11 @@
-"""One job through the worker: validate again, skip if already stored, render, store PNG then JSON.
+"""One job through the worker: validate again, skip if already stored, claim, render, store PNG then JSON.
 
 The queue is not trusted, so the job is validated here too. A job whose metadata already exists is
-not rendered again: redeliveries and resubmits return the stored result.
+not rendered again: redeliveries and resubmits return the stored result. A job claimed by another
+live process is waited for, not rendered twice (worker/leases.py). Each render attempt is counted
+in the dataset record when it starts; a failed attempt goes back to the queue after a backoff, and
+once `max_attempts` attempts have failed or died with their worker the job is dead-lettered with the
+reason: a poison job cannot loop forever, and a job that kills its worker cannot crash-loop the fleet.
 """
 
 from __future__ import annotations
@@ -13,21 +17,27 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
-from pydantic import ValidationError
+import torch
 
 from shared import __version__
-from shared.datasets import DatasetBook
-from shared.errors import InvalidJob, JobCancelled, ObjectNotFound
+from shared.datasets import DatasetBook, DeadLetter
+from shared.errors import InvalidJob, JobCancelled, JobDeadLettered, RenderAttemptFailed
 from shared.jobs import RenderJob, parse_job
 from shared.ladder import parse_level
-from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata, read_result
+from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
 from shared.rates import RATE_WINDOW_S, per_hour
-from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
+from shared.storage import ResultKeys
 from worker.batcher import RenderBatcher
+from worker.leases import JobClaims
+from worker.result_store import ResultStore
 
 log = logging.getLogger(__name__)
+
+CLAIM_POLL_S = 1.0
+"""How often a duplicate delivery looks for the result of the job another process is rendering."""
+MAX_RETRY_PAUSE_S = 30.0
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -65,32 +75,33 @@ class JobRunner:
     """Holds the batcher, the store and this worker's facts; `run` is what each Celery task thread calls."""
 
     def __init__(
-        self, batcher: RenderBatcher, store: ObjectStore, book: DatasetBook, worker: WorkerInfo, load_s: float
+        self,
+        batcher: RenderBatcher,
+        results: ResultStore,
+        book: DatasetBook,
+        claims: JobClaims,
+        worker: WorkerInfo,
+        load_s: float,
+        max_attempts: int,
     ) -> None:
         self._batcher = batcher
         self._book = book
-        self._model = batcher.engine.model
-        self._store = store
+        self._claims = claims
+        self._first_level = parse_level(batcher.engine.model.quant)
+        self._results = results
+        self._store = results.store
         self._worker = worker
+        self._max_attempts = max_attempts
         self._unreported_load_s = load_s
         self._load_lock = threading.Lock()
         self.stats = RunnerStats()
-
-    def _stored_result(self, keys: ResultKeys) -> RenderResult | None:
-        try:
-            return read_result(self._store, keys)
-        except ObjectNotFound:
-            return None
-        except ValidationError:
-            log.warning("stored metadata %s is unreadable; rendering the job again", keys.metadata)
-            return None
 
     def run(self, payload: Any, queued_at: Any = None) -> RenderResult:
         """Render one job message, counting it as done or failed for the fleet status."""
         try:
             result = self._run(payload, queued_at)
-        except JobCancelled:
-            raise  # dropped, neither done nor failed
+        except (JobCancelled, RenderAttemptFailed):
+            raise  # dropped, or back in the queue: neither done nor failed yet
         except Exception:
             with self.stats.lock:
                 self.stats.jobs_failed += 1
@@ -106,28 +117,87 @@ class JobRunner:
         job = parse_job(payload)
         with self.stats.lock:
             self.stats.current_job = job.id
-        level = self._model.quant
-        if not job.constraint.allows(parse_level(level)):
+        level = parse_level(self._batcher.engine.model.quant)
+        if not job.constraint.allows(level):
+            if job.constraint.allows(self._first_level):  # taken before this worker stepped down a level
+                raise RenderAttemptFailed(f"job {job.id} needs {job.quant}; this worker stepped down to {level}")
             raise InvalidJob(f"job {job.id} needs {job.quant}; this worker holds {level}")
         keys = self._store.result_keys(job.dataset, job.id)
-        if (stored := self._stored_result(keys)) is not None:
-            log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
-            self._book.mark_done(job.dataset, job.id, stored.quant)
-            return stored
+        if (stored := self._results.stored(keys)) is not None:
+            return self._already_stored(job, keys, stored)
         if self._book.is_cancelled(job.dataset, job.id):
             log.info("job %s: dataset %s was cancelled; dropping it without rendering", job.id, job.dataset)
             raise JobCancelled(f"dataset {job.dataset} was cancelled before job {job.id} started")
-        self._book.mark_running(job.dataset, job.id)
+        if (stored := self._claim(job, keys)) is not None:
+            return self._already_stored(job, keys, stored)
+        try:
+            if (stored := self._results.stored(keys)) is not None:  # finished while we took the claim
+                return self._already_stored(job, keys, stored)
+            return self._attempt(job, keys, queued_at)
+        finally:
+            self._claims.release(job.dataset, job.id)
+
+    def _already_stored(self, job: RenderJob, keys: ResultKeys, stored: RenderResult) -> RenderResult:
+        log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
+        self._book.mark_done(job.dataset, job.id, stored.quant)
+        return stored
+
+    def _claim(self, job: RenderJob, keys: ResultKeys) -> RenderResult | None:
+        """Take the job's claim (None), or return its result once the claim's holder stores it."""
+        announced = False
+        while not self._claims.try_claim(job.dataset, job.id):
+            if not announced:
+                holder = self._claims.holder(job.dataset, job.id)
+                log.info("job %s is being rendered by %s; waiting for its result", job.id, holder)
+                announced = True
+            time.sleep(CLAIM_POLL_S)
+            if (stored := self._results.stored(keys)) is not None:
+                return stored
+        return None
+
+    def _attempt(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
+        attempt = self._book.start_attempt(job.dataset, job.id)
+        if attempt > self._max_attempts:
+            died = f"its worker died during each of its last attempts ({attempt - 1} in all)"
+            last = self._book.last_error(job.dataset, job.id)
+            self._give_up(job, f"{attempt - 1} attempts, the last error: {last}" if last else died, attempt - 1)
         try:
             result = self._render_and_store(job, keys, queued_at)
         except Exception as error:
-            self._book.mark_failed(job.dataset, job.id, f"{type(error).__name__}: {error}")
-            raise
+            reason = _failure_reason(error, self._batcher.engine.model.quant)
+            if attempt >= self._max_attempts:
+                self._give_up(job, f"{attempt} attempts failed, the last: {reason}", attempt)
+            pause = min(2.0 ** (attempt - 1), MAX_RETRY_PAUSE_S)
+            log.warning(
+                "job %s attempt %d/%d failed (%s); back to the queue in %.0fs",
+                job.id,
+                attempt,
+                self._max_attempts,
+                reason,
+                pause,
+            )
+            self._book.note_attempt_failed(job.dataset, job.id, reason)
+            time.sleep(pause)
+            raise RenderAttemptFailed(reason) from error
         with self.stats.lock:
             self.stats.rendered_at.append(time.monotonic())
             self.stats.images_rendered += 1
         self._book.mark_done(job.dataset, job.id, result.quant)
         return result
+
+    def _give_up(self, job: RenderJob, reason: str, attempts: int) -> NoReturn:
+        letter = DeadLetter(
+            dataset=job.dataset,
+            job_id=job.id,
+            reason=reason,
+            attempts=attempts,
+            node=self._worker.node,
+            at=datetime.now(UTC),
+            job=job.model_dump(mode="json"),
+        )
+        self._book.dead_letter(letter)
+        log.error("job %s dead-lettered: %s", job.id, reason)
+        raise JobDeadLettered(f"job {job.id} dead-lettered: {reason}")
 
     def _render_and_store(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
         with self._load_lock:
@@ -135,16 +205,15 @@ class JobRunner:
             started_at = datetime.now(UTC)
             load_s, self._unreported_load_s = self._unreported_load_s, 0.0
         rendered = self._batcher.render(job)
-        model = self._model
+        model = rendered.model
         png_start = time.perf_counter()
         png = rendered.png  # encoded here, in this task's thread, while the GPU thread renders the next batch
         upload_start = time.perf_counter()
-        self._store.put(
-            keys.image,
-            png,
-            PNG_CONTENT_TYPE,
-            png_object_metadata(job, model.info, model.quant, __version__),
-        )
+
+        def png_metadata() -> dict[str, str]:
+            return png_object_metadata(job, model.info, model.quant, __version__)
+
+        self._results.put_image(keys, png, png_metadata())
         upload_s = time.perf_counter() - upload_start
         result = RenderResult(
             job_id=job.id,
@@ -176,7 +245,7 @@ class JobRunner:
             fluxfarm_version=__version__,
         )
         # The JSON goes last: its existence is what marks the job done.
-        self._store.put(keys.metadata, result.model_dump_json(indent=2).encode(), JSON_CONTENT_TYPE)
+        result = self._results.put_result(keys, result, png, png_metadata)
         log.info(
             "rendered job %s (%s, %dx%d, %d steps) encode %.2fs denoise %.2fs decode %.2fs upload %.2fs",
             job.id,
@@ -190,3 +259,10 @@ class JobRunner:
             upload_s,
         )
         return result
+
+
+def _failure_reason(error: BaseException, level: str) -> str:
+    """What the dataset record and the dead letter say about a failed attempt."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"GPU out of memory rendering this job alone at level {level} ({error})"
+    return f"{type(error).__name__}: {error}"
