@@ -49,15 +49,19 @@ def find_redis_server() -> str:
 class RedisServer:
     """A redis-server child process on 127.0.0.1; `appendonly` gives it AOF persistence in `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, appendonly: bool = False, password: str | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -75,11 +79,15 @@ class RedisServer:
             "yes" if self.appendonly else "no",
             "--maxmemory-policy",
             "noeviction",
+            "--appendfsync",
+            "everysec",
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]
+        if self.password:
+            command += ["--requirepass", self.password]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while True:
             try:
@@ -94,9 +102,10 @@ class RedisServer:
             finally:
                 client.close()
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """SIGTERM: Redis writes its AOF and exits, as on a restart; SIGKILL: a crash."""
         if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
+            self._process.send_signal(sig)
             try:
                 self._process.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -16,8 +16,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import torch
 
 from shared.jobs import RenderJob
 from worker.engine import RenderedImage, RenderEngine
@@ -43,8 +46,15 @@ _STOP = None
 class RenderBatcher:
     """`render(job)` from any thread; rendering happens on one daemon thread, in gathered groups."""
 
-    def __init__(self, engine: RenderEngine, max_jobs: int, wait_s: float) -> None:
+    def __init__(
+        self,
+        engine: RenderEngine,
+        max_jobs: int,
+        wait_s: float,
+        step_down: Callable[[RenderEngine, RenderJob], RenderEngine | None] | None = None,
+    ) -> None:
         self.engine = engine
+        self._step_down = step_down
         self.max_jobs = max(1, max_jobs)
         self.wait_s = wait_s
         self._inbox: queue.Queue[_Pending | None] = queue.Queue()
@@ -86,12 +96,12 @@ class RenderBatcher:
             self._render(batch)
 
     def _render(self, batch: list[_Pending]) -> None:
+        if len(batch) == 1:
+            self._render_alone(batch[0])
+            return
         try:
             rendered = self.engine.render_batch([p.job for p in batch])
         except Exception as error:  # each job gets its own try below
-            if len(batch) == 1:
-                batch[0].future.set_exception(error)
-                return
             log.warning("rendering %d jobs together failed (%s); rendering them one by one", len(batch), error)
             for pending in batch:
                 self._render_alone(pending)
@@ -101,6 +111,17 @@ class RenderBatcher:
 
     def _render_alone(self, pending: _Pending) -> None:
         try:
-            pending.future.set_result(self.engine.render(pending.job))
+            pending.future.set_result(self._render_one(pending.job))
         except Exception as error:  # handed to the job's own task, which reports it
             pending.future.set_exception(error)
+
+    def _render_one(self, job: RenderJob) -> RenderedImage:
+        """Render one job; out of memory even alone, step the engine down a level (if allowed) and retry."""
+        try:
+            return self.engine.render(job)
+        except torch.OutOfMemoryError:
+            lower = self._step_down(self.engine, job) if self._step_down is not None else None
+            if lower is None:
+                raise
+        self.engine = lower
+        return self.engine.render(job)

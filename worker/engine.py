@@ -15,6 +15,7 @@ floating-point summation order.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from shared.jobs import RenderJob
+from worker.fault_injection import FaultPlan
 from worker.gpu import synchronize
 from worker.host_mirror import HostMirror
 from worker.pipeline import LoadedModel
@@ -44,6 +46,8 @@ PROMPTS_PER_ENCODE = 8
 @dataclass(frozen=True)
 class RenderedImage:
     job: RenderJob
+    model: LoadedModel
+    """What rendered it: a worker that stepped down a level renders later jobs with another model."""
     image: Image.Image
     encode_s: float
     denoise_s: float
@@ -141,8 +145,11 @@ def denoise_groups(jobs: Sequence[RenderJob], max_batch: int) -> list[list[int]]
 class RenderEngine:
     """Renders jobs with one loaded pipeline; keeps only the embedding cache between calls."""
 
-    def __init__(self, model: LoadedModel, max_batch: int = 1, embedding_cache: int = 64) -> None:
+    def __init__(
+        self, model: LoadedModel, max_batch: int = 1, embedding_cache: int = 64, faults: FaultPlan | None = None
+    ) -> None:
         self.model = model
+        self.faults = faults
         self.max_batch = max(1, max_batch)
         self.embeddings = EmbeddingCache(embedding_cache)
         self._mirrors: list[HostMirror] = []
@@ -197,6 +204,8 @@ class RenderEngine:
     def _denoise(self, jobs: Sequence[RenderJob], embeddings: Sequence[Embeddings]) -> torch.Tensor:
         pipe, device = self.model.pipe, self.model.device
         first = jobs[0]
+        if self.faults is not None:
+            self.faults.check_denoise(jobs, self.model.quant)
         return pipe(
             prompt_embeds=torch.cat([e.prompt for e in embeddings]).to(device),
             pooled_prompt_embeds=torch.cat([e.pooled for e in embeddings]).to(device),
@@ -217,6 +226,20 @@ class RenderEngine:
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+    def unload(self) -> None:
+        """Drop the pipeline's weights so another level can take their memory; the engine is done."""
+        graphs = step_graphs(self.model.pipe.transformer)
+        if graphs is not None:
+            graphs.release()
+        self._mirrors = []
+        pipe = self.model.pipe
+        for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+            setattr(pipe, name, None)
+        torch._dynamo.reset()  # compiled blocks hold their weights too
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _shrink_batch(self, failed: int) -> None:
         """A batch of `failed` jobs ran out of memory: from now on batches stay below it."""
@@ -253,6 +276,7 @@ class RenderEngine:
                 job = jobs[index]
                 results[index] = RenderedImage(
                     job=job,
+                    model=self.model,
                     image=self._decode(latents[row : row + 1], job),
                     encode_s=encode_share,
                     denoise_s=denoise_share,

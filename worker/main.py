@@ -12,21 +12,26 @@ import time
 from datetime import UTC, datetime
 
 import redis
+from celery.utils.nodenames import default_nodename
 
-from shared.celery_app import make_celery_app
+from shared.celery_app import lease_renew_interval_s, make_celery_app
 from shared.datasets import DatasetBook
 from shared.fleet import WorkerStatus
-from shared.ladder import parse_level
+from shared.ladder import QuantLevel, parse_level
 from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
 from worker.batcher import RenderBatcher, held_jobs
 from worker.engine import RenderEngine
+from worker.fault_injection import parse_fault_plan
 from worker.gpu import cap_memory, default_device, probe_device
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
+from worker.leases import JobClaims, LeaseKeeper
+from worker.level_step_down import LevelStepDown, step_down_levels
 from worker.loadout import choose_loadout
 from worker.pipeline import load_model
+from worker.result_store import ResultStore
 from worker.tasks import register_render_task
 
 log = logging.getLogger("fluxfarm.worker")
@@ -63,29 +68,56 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     )
     if settings.vram_budget_gib:
         cap_memory(device, settings.vram_budget_gib)
-    loadout = choose_loadout(settings, model, transformer, device)
-    if loadout.plan is not None:
-        log.info("plan: %s", loadout.plan.model_dump_json())
-    load_start = time.perf_counter()
-    loaded = load_model(
-        model,
-        loadout.transformer,
-        device,
-        settings,
-        level=loadout.level,
-        text_encoders=loadout.text_encoders,
-        vae_tiling=loadout.vae_tiling,
-        transformer_path=loadout.transformer_path,
-    )
-    load_s = time.perf_counter() - load_start
-    queues = queues_for_level(parse_level(loaded.quant))
-    log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
+    faults = parse_fault_plan(settings.inject_faults)
+    if faults is not None:
+        log.warning("fault drill: this worker injects %s", faults.model_dump_json(exclude_none=True))
+
+    def load_engine(level_settings: FarmSettings) -> tuple[RenderEngine, float]:
+        loadout = choose_loadout(level_settings, model, transformer, device)
+        if loadout.plan is not None:
+            log.info("plan: %s", loadout.plan.model_dump_json())
+        load_start = time.perf_counter()
+        loaded = load_model(
+            model,
+            loadout.transformer,
+            device,
+            level_settings,
+            level=loadout.level,
+            text_encoders=loadout.text_encoders,
+            vae_tiling=loadout.vae_tiling,
+            transformer_path=loadout.transformer_path,
+        )
+        load_s = time.perf_counter() - load_start
+        log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
+        engine = RenderEngine(loaded, settings.max_batch, settings.embedding_cache, faults)
+        return engine, load_s
+
+    engine, load_s = load_engine(settings)
+    queues = queues_for_level(parse_level(engine.model.quant))
     log.info("consuming %s", ", ".join(queues))
-    engine = RenderEngine(loaded, max_batch=settings.max_batch, embedding_cache=settings.embedding_cache)
-    batcher = RenderBatcher(engine, max_jobs=settings.max_batch, wait_s=settings.batch_wait_s)
+    app = make_celery_app(settings)
+
+    def switch_queues(level: QuantLevel) -> None:
+        """After a step down: consume the new level's queues, stop consuming the ones it cannot serve."""
+        new, me = queues_for_level(level), [default_nodename(node)]
+        for queue in [q for q in new if q not in queues]:
+            app.control.add_consumer(queue, destination=me)
+        for queue in [q for q in queues if q not in new]:
+            app.control.cancel_consumer(queue, destination=me)
+        queues[:] = new
+        log.info("consuming %s", ", ".join(queues))
+
+    stepper = LevelStepDown(
+        step_down_levels(settings, model, transformer, device),
+        lambda level: load_engine(settings.model_copy(update={"quant": level.value}))[0],
+        switch_queues,
+    )
+    batcher = RenderBatcher(engine, settings.max_batch, settings.batch_wait_s, stepper.step_down)
     broker_redis = redis.Redis.from_url(settings.broker_url)  # thread-safe: heartbeat and task threads share it
     book = DatasetBook(broker_redis)
-    runner = JobRunner(batcher, store, book, worker_info, load_s)
+    claims = JobClaims(broker_redis, node, settings.lease_s)
+    results = ResultStore(store, settings.storage_retry_s)
+    runner = JobRunner(batcher, results, book, claims, worker_info, load_s, settings.max_attempts)
     started_at = datetime.now(UTC)
 
     def snapshot() -> WorkerStatus:
@@ -95,9 +127,9 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             device=device,
             gpu_name=worker_info.gpu_name,
             vram_gib=worker_info.vram_gib,
-            level=loaded.quant,
-            model=loaded.info.id,
-            queues=queues,
+            level=batcher.engine.model.quant,
+            model=batcher.engine.model.info.id,
+            queues=list(queues),
             started_at=started_at,
             last_seen=started_at,
             jobs_done=runner.stats.jobs_done,
@@ -107,9 +139,9 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             current_job=runner.stats.current_job,
         )
 
-    app = make_celery_app(settings)
     register_render_task(app, runner)
     heartbeat = Heartbeat(broker_redis, snapshot).start()
+    leases = LeaseKeeper(broker_redis, claims, lease_renew_interval_s(settings.lease_s)).start()
     try:
         app.worker_main(
             [
@@ -123,5 +155,6 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             ]
         )
     finally:
+        leases.stop()
         heartbeat.stop(node)
         batcher.close()
