@@ -1,0 +1,119 @@
+"""The chaos run: 300 jobs, two workers, one of them SIGKILLed every ~10 s and started again, Redis
+restarted once in the middle. Every job must end stored exactly once; the report is printed."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from producer.client import FarmClient
+from producer.local_stack import RedisServer, WorkerProcess
+from shared.datasets import DatasetBook
+from shared.storage import open_store
+from tests.conftest import S3Server, farm_env, fresh_farm_settings
+from tests.fault_farm import SMALL_JOB, renders_logged, stored_once
+
+pytestmark = pytest.mark.chaos
+
+JOBS = 300
+KILL_EVERY_S = (8.0, 12.0)
+RUN_LIMIT_S = 900
+WORKER_ENV = {
+    "FLUXFARM_MAX_BATCH": "2",
+    "FLUXFARM_BATCH_WAIT_S": "0.2",
+    # A card this slow keeps the run long enough for a dozen kills; the lease is a drill-short 10 s.
+    "FLUXFARM_INJECT_FAULTS": '{"slow_denoise_s": 0.5}',
+    "FLUXFARM_LEASE_S": "10",
+}
+
+
+class ChaosReport(BaseModel):
+    jobs: int
+    stored: int
+    kills: int
+    worker_restarts: int
+    redis_restarts: int
+    lost: int
+    duplicates: int
+    """Stored objects beyond one PNG and one JSON per job, or a JSON that does not describe its PNG."""
+    rerendered: int
+    """Jobs rendered more than once (a worker died after rendering, before storing): allowed, at-least-once."""
+    seconds: float
+
+
+def test_chaos_300_jobs_two_workers_killed_every_ten_seconds_and_a_redis_restart(
+    s3_server: S3Server, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.ladder import QuantLevel
+    from worker.tiny_model import gguf_path
+
+    rng = random.Random(6)
+    redis_server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    bucket = s3_server.new_bucket()
+    settings = fresh_farm_settings(redis_server, s3_server, f"s3://{bucket}/renders", tmp_path)
+    args = ["--model", str(tiny_model), "--device", "cpu", "--transformer", str(gguf_path(tiny_model, QuantLevel.Q8_0))]
+    logs = [tmp_path / f"w-{i}.log" for i in range(2)]
+
+    def launch(i: int) -> WorkerProcess:
+        env = {**farm_env(settings), "FLUXFARM_WORKER_NAME": f"w-{i}", **WORKER_ENV}
+        return WorkerProcess(args, env, logs[i]).start()
+
+    workers = [launch(0), launch(1)]
+    for worker in workers:
+        worker.wait_ready(180)
+    store = open_store(settings)
+    kills = restarts = redis_restarts = 0
+    start = time.monotonic()
+    try:
+        with FarmClient(settings) as client:
+            jobs = [{"prompt": f"a storm over field {i}", "dataset": "chaos", **SMALL_JOB} for i in range(JOBS)]
+            ids = {handle.job_id for handle in client.submit_many(jobs)}
+        next_kill = time.monotonic() + rng.uniform(*KILL_EVERY_S)
+        while (stored := store.count_stored("chaos")[1]) < JOBS:
+            assert time.monotonic() - start < RUN_LIMIT_S, f"only {stored}/{JOBS} stored after {RUN_LIMIT_S}s"
+            if redis_restarts == 0 and stored >= JOBS // 3:
+                redis_server.stop()
+                time.sleep(2)
+                redis_server.start()
+                redis_restarts += 1
+            if time.monotonic() >= next_kill:
+                victim = kills % 2
+                process = workers[victim].process
+                assert process is not None
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+                workers[victim] = launch(victim)
+                restarts += 1
+                next_kill = time.monotonic() + rng.uniform(*KILL_EVERY_S)
+            time.sleep(0.5)
+        seconds = time.monotonic() - start
+        texts = [log.read_text(errors="replace") for log in logs]
+        stored_once(s3_server, bucket, "renders", "chaos", ids)  # raises on a lost or duplicated object
+        record = DatasetBook.from_url(settings.broker_url).record("chaos")
+    finally:
+        for worker in workers:
+            worker.stop(signal.SIGKILL)
+        redis_server.stop()
+    keys = s3_server.keys(bucket, "renders/chaos/")
+    report = ChaosReport(
+        jobs=JOBS,
+        stored=len([key for key in keys if key.endswith(".json")]),
+        kills=kills,
+        worker_restarts=restarts,
+        redis_restarts=redis_restarts,
+        lost=len(ids) - len([key for key in keys if key.endswith(".json")]),
+        duplicates=len(keys) - 2 * len(ids),
+        rerendered=sum(renders_logged(texts, job_id) > 1 for job_id in ids),
+        seconds=round(seconds, 1),
+    )
+    with capsys.disabled():
+        print(f"\nchaos report: {report.model_dump_json()}")
+    assert (report.lost, report.duplicates, report.stored) == (0, 0, JOBS)
+    assert report.kills >= 5 and report.redis_restarts == 1
+    assert (record.done, record.failed) == (JOBS, 0)
