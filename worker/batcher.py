@@ -119,9 +119,14 @@ class RenderBatcher:
         """Render one job; out of memory even alone, step the engine down a level (if allowed) and retry."""
         try:
             return self.engine.render(job)
-        except torch.OutOfMemoryError:
-            lower = self._step_down(self.engine, job) if self._step_down is not None else None
-            if lower is None:
+        except torch.OutOfMemoryError as error:
+            if self._step_down is None:
                 raise
+            reason = str(error)
+        # Out of the except block on purpose: the exception's traceback holds the frames of the failed
+        # forward pass, and with them the old weights, which must be freed before a level can load.
+        lower = self._step_down(self.engine, job)
+        if lower is None:
+            raise torch.OutOfMemoryError(reason)
         self.engine = lower
         return self.engine.render(job)

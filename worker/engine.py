@@ -229,6 +229,8 @@ class RenderEngine:
 
     def unload(self) -> None:
         """Drop the pipeline's weights so another level can take their memory; the engine is done."""
+        if self.model.pipe.transformer is None:
+            return
         graphs = step_graphs(self.model.pipe.transformer)
         if graphs is not None:
             graphs.release()

@@ -5,13 +5,16 @@ smaller transformer. A worker that picked its own level (no FLUXFARM_QUANT, no t
 the operator left the choice to the policy) reloads the best level below its own that the job
 accepts, from the same catalog it loaded from, and from then on consumes that level's queues. The
 old weights go first (both never fit); if no lower level loads, the old level is loaded again and
-the job fails with its reason. A worker whose level was chosen by its operator never changes it.
+the job fails with its reason; if not even that loads, the worker has no model and `on_stranded`
+ends it (its held jobs go back to the queue with their leases, and its supervisor restarts it).
+A worker whose level was chosen by its operator never changes it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 
@@ -45,10 +48,12 @@ class LevelStepDown:
         levels: list[QuantLevel],
         load: Callable[[QuantLevel], RenderEngine],
         on_switch: Callable[[QuantLevel], None],
+        on_stranded: Callable[[str], NoReturn],
     ) -> None:
         self._levels = levels
         self._load = load
         self._on_switch = on_switch
+        self._on_stranded = on_stranded
 
     def below(self, current: QuantLevel, job: RenderJob) -> list[QuantLevel]:
         """Levels under `current` that `job` accepts, best first."""
@@ -76,4 +81,4 @@ class LevelStepDown:
                 log.warning("stepped down from %s to %s", current, level)
                 self._on_switch(level)
             return loaded
-        raise FarmError(f"no level could be loaded after unloading {current}")
+        self._on_stranded(f"no level could be loaded after unloading {current}")
