@@ -23,8 +23,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
-from shared.celery_app import PRIORITY_STEPS, RENDER_TASK, Priority, make_celery_app
-from shared.datasets import DatasetBook, DatasetRecord
+from shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_render
+from shared.datasets import DatasetBook, DatasetRecord, SentJob
 from shared.errors import InvalidJob, JobFailed, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
 from shared.metadata import RenderResult, read_result
@@ -276,26 +276,15 @@ class FarmClient:
             # Once here (cached per channel), instead of once per message inside send_task, which cost a
             # fifth of a stream's time in kombu's entity copies.
             producer.maybe_declare(self._app.amqp.queues[queue])
+        sent = [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=False) for job in jobs]
         with producer.batch(max_size=2 * len(jobs)):
             for job in jobs:
-                self._app.send_task(
-                    RENDER_TASK,
-                    kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
-                    task_id=job.id,
-                    queue=job.constraint.queue,
-                    priority=PRIORITY_STEPS[priority],
-                    producer=producer,
-                    declare=[],
-                    ignore_result=True,
-                    # Celery's own repr of the payload (for its logs) costs more than sending it.
-                    argsrepr="()",
-                    kwargsrepr=f"{{'job': {job.id}}}",
-                )
-        by_dataset: dict[str, list[str]] = {}
-        for job in jobs:
-            by_dataset.setdefault(job.dataset, []).append(job.id)
-        for dataset, ids in by_dataset.items():
-            self.datasets.note_queued(dataset, ids)
+                send_render(self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=False, producer=producer)
+        by_dataset: dict[str, list[SentJob]] = {}
+        for record in sent:
+            by_dataset.setdefault(record.job["dataset"], []).append(record)
+        for dataset, records in by_dataset.items():
+            self.datasets.note_queued(dataset, records)
 
     def _submit_valid(self, job: RenderJob, priority: Priority) -> JobHandle:
         stored = self.stored_result(job)
@@ -305,12 +294,7 @@ class FarmClient:
         previous = self._app.AsyncResult(job.id)
         if previous.state == states.FAILURE:
             previous.forget()
-        self._app.send_task(
-            RENDER_TASK,
-            kwargs={"job": job.model_dump(mode="json"), "queued_at": datetime.now(UTC).isoformat()},
-            task_id=job.id,
-            queue=job.constraint.queue,
-            priority=PRIORITY_STEPS[priority],
-        )
-        self.datasets.note_queued(job.dataset, [job.id])
+        queued_at = datetime.now(UTC).isoformat()
+        send_render(self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=True)
+        self.datasets.note_queued(job.dataset, [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=True)])
         return JobHandle(job, async_result=self._app.AsyncResult(job.id), stored=None)

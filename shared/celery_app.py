@@ -10,11 +10,12 @@ overtakes every normal and low one still waiting, whichever level queue it is in
 from __future__ import annotations
 
 import ssl
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 from celery import Celery
 
+from shared.jobs import RenderJob
 from shared.routing import QuantConstraint
 from shared.settings import FarmSettings
 
@@ -46,6 +47,27 @@ def waiting_messages(client: redis.Redis, queues: list[str]) -> list[int]:
         lengths = pipe.execute()
     steps = len(PRIORITY_STEPS)
     return [sum(lengths[i * steps : (i + 1) * steps]) for i in range(len(queues))]
+
+
+def send_render(
+    app: Celery, job: RenderJob, priority: int, queued_at: str, keep_result: bool, producer: Any = None
+) -> None:
+    """Publish one render job: the only way one is sent (client, bulk submit, lost-job sweeper).
+    The task id is the job id; `producer` batches many sends into one round trip (queues declared
+    by the caller)."""
+    batching = {"producer": producer, "declare": []} if producer is not None else {}
+    app.send_task(
+        RENDER_TASK,
+        kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
+        task_id=job.id,
+        queue=job.constraint.queue,
+        priority=priority,
+        ignore_result=not keep_result,
+        # Celery's own repr of the payload (for its logs) costs more than sending it.
+        argsrepr="()",
+        kwargsrepr=f"{{'job': {job.id}}}",
+        **batching,
+    )
 
 
 def lease_renew_interval_s(lease_s: float) -> float:

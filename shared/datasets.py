@@ -20,6 +20,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict
 
+from shared.jobs import RenderJob
 from shared.rates import RATE_WINDOW_S, per_hour
 from shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
@@ -75,6 +76,22 @@ class DatasetRecord(BaseModel):
         if left == 0:
             return 0.0
         return left / self.rate_per_hour * 3600 if self.rate_per_hour else None
+
+
+class SentJob(BaseModel):
+    """What a producer published for a job: enough for the farm to publish it again should its
+    message be lost (worker/lost_jobs.py)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job: dict[str, Any]
+    priority: int
+    queued_at: str
+    keep_result: bool
+
+    @classmethod
+    def of(cls, job: RenderJob, priority: int, queued_at: str, keep_result: bool) -> SentJob:
+        return cls(job=job.model_dump(mode="json"), priority=priority, queued_at=queued_at, keep_result=keep_result)
 
 
 class DeadLetter(BaseModel):
@@ -138,12 +155,15 @@ class DatasetBook:
             pipe.zrem(_key(dataset, "done_at"), *ids)
         pipe.sadd(_key(dataset, state), *ids)
 
-    def note_queued(self, dataset: str, job_ids: Iterable[str]) -> None:
-        """Jobs whose messages are published (call after publishing: a crash in between re-sends, never loses)."""
-        ids = list(job_ids)
+    def note_queued(self, dataset: str, sent: Iterable[SentJob]) -> None:
+        """Jobs whose messages are published (call after publishing: a crash in between re-sends, never
+        loses). What was sent is kept until the job is done, so a lost message can be sent again."""
+        records = {record.job["job_id"]: record.model_dump_json() for record in sent}
+        ids = list(records)
         if ids:
             with self._redis.pipeline() as pipe:
                 self._move(dataset, ids, "queued", pipe)
+                pipe.hset(_key(dataset, "sent"), mapping=records)
                 pipe.hdel(_key(dataset, "attempts"), *ids)  # a resubmit gets a fresh set of attempts
                 pipe.hdel(_key(dataset, "errors"), *ids)
                 pipe.execute()
@@ -172,6 +192,7 @@ class DatasetBook:
         """Give up on a job: it is failed with the reason, and its letter heads the dead-letter list."""
         with self._redis.pipeline() as pipe:
             self._move(letter.dataset, [letter.job_id], "failed", pipe)
+            pipe.hdel(_key(letter.dataset, "sent"), letter.job_id)
             pipe.hset(_key(letter.dataset, "failures"), letter.job_id, letter.reason[:MAX_FAILURE_CHARS])
             pipe.lpush(DEAD_LETTERS_KEY, letter.model_dump_json())
             pipe.ltrim(DEAD_LETTERS_KEY, 0, MAX_DEAD_LETTERS - 1)
@@ -186,6 +207,7 @@ class DatasetBook:
     def mark_done(self, dataset: str, job_id: str, level: str) -> None:
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "done", pipe)
+            pipe.hdel(_key(dataset, "sent"), job_id)
             pipe.hdel(_key(dataset, "attempts"), job_id)
             pipe.hdel(_key(dataset, "errors"), job_id)
             pipe.sadd(_key(dataset, "levels"), level)
@@ -202,6 +224,9 @@ class DatasetBook:
             pipe.delete(queued)
             self._touch(pipe, dataset)
             count = pipe.execute()[0]
+        dropped = [member for member in self._redis.sscan_iter(cancelled, count=1000)]
+        for start in range(0, len(dropped), 1000):  # their messages are dropped, never sent again
+            self._redis.hdel(_key(dataset, "sent"), *dropped[start : start + 1000])
         return int(count)
 
     def is_cancelled(self, dataset: str, job_id: str) -> bool:
@@ -212,6 +237,14 @@ class DatasetBook:
         oldest first: a stream of results reads this with its last time as the next `since`."""
         rows = self._redis.zrangebyscore(_key(dataset, "done_at"), since, "+inf", withscores=True)
         return [(member.decode(), float(score)) for member, score in rows]
+
+    def queued_ids(self, dataset: str) -> set[str]:
+        return {member.decode() for member in self._redis.smembers(_key(dataset, "queued"))}
+
+    def sent_job(self, dataset: str, job_id: str) -> SentJob | None:
+        """What was published for a job still queued (None once it is done, failed or unknown)."""
+        raw = self._redis.hget(_key(dataset, "sent"), job_id)
+        return SentJob.model_validate_json(raw) if raw is not None else None
 
     def waiting_ids(self, dataset: str) -> set[str]:
         """Jobs queued or running: a resubmit does not send them again."""

@@ -196,3 +196,29 @@ def test_a_job_delivered_twice_to_two_workers_is_rendered_and_stored_once(
         if b is not None:
             b.stop()
         book.close()
+
+
+def test_a_job_whose_message_was_lost_in_delivery_is_sent_again(
+    redis_server: RedisServer, s3_server: S3Server, tiny_model: Path, tmp_path: Path
+) -> None:
+    """kombu pops a message before it records it as unacknowledged: a worker killed in between loses
+    it. Here the message of one of three queued jobs is taken off the queue by hand, as that pop would;
+    the workers' lost-job sweep must find the job queued with no message anywhere and send it again."""
+    from shared.celery_app import QUEUE_ANY, queue_lists
+
+    settings, bucket = _farm_settings(redis_server, s3_server, tmp_path)
+    broker = redis.Redis.from_url(settings.broker_url)
+    with FarmClient(settings) as client:
+        handles = list(client.submit_many(_jobs("lost", 3)))
+        (lost_list,) = [name for name in queue_lists(QUEUE_ANY) if broker.llen(name)]
+        assert broker.rpop(lost_list) is not None  # the next message a worker would have taken
+        worker = fault_worker(settings, tiny_model, tmp_path / "w.log", "w-sweeper", lease_s="5")
+        try:
+            results = [h.result(timeout=RESULT_TIMEOUT_S) for h in handles]
+        finally:
+            worker.stop()
+    stored_once(s3_server, bucket, "renders", "lost", {r.job_id for r in results})
+    log = worker.log_text()
+    assert log.count("(lost in delivery); sent again") == 1
+    assert all(renders_logged([log], r.job_id) == 1 for r in results)
+    broker.close()

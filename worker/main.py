@@ -7,16 +7,19 @@ encode and store their PNGs (worker/batcher.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import redis
 from celery.utils.nodenames import default_nodename
 
-from shared.celery_app import lease_renew_interval_s, make_celery_app
-from shared.datasets import DatasetBook
+from shared.celery_app import lease_renew_interval_s, make_celery_app, send_render
+from shared.datasets import DatasetBook, SentJob
 from shared.fleet import WorkerStatus
+from shared.jobs import parse_job
 from shared.ladder import QuantLevel, parse_level
 from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
@@ -30,6 +33,7 @@ from worker.job_runner import JobRunner
 from worker.leases import JobClaims, LeaseKeeper
 from worker.level_step_down import LevelStepDown, step_down_levels
 from worker.loadout import choose_loadout
+from worker.lost_jobs import LostJobSweeper
 from worker.pipeline import load_model
 from worker.result_store import ResultStore
 from worker.tasks import register_render_task
@@ -44,6 +48,17 @@ def _quiet_library_progress_bars() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+
+EXIT_STRANDED = 75
+"""The worker's exit status when it lost its model (EX_TEMPFAIL: a restart loads it afresh)."""
+
+
+def _exit_stranded(reason: str) -> NoReturn:
+    """No model left to render with: leave at once; the held jobs' leases lapse and others take them."""
+    log.critical("%s; exiting so that the worker is restarted", reason)
+    logging.shutdown()
+    os._exit(EXIT_STRANDED)
 
 
 def node_name(settings: FarmSettings, device: str) -> str:
@@ -111,6 +126,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         step_down_levels(settings, model, transformer, device),
         lambda level: load_engine(settings.model_copy(update={"quant": level.value}))[0],
         switch_queues,
+        _exit_stranded,
     )
     batcher = RenderBatcher(engine, settings.max_batch, settings.batch_wait_s, stepper.step_down)
     broker_redis = redis.Redis.from_url(settings.broker_url)  # thread-safe: heartbeat and task threads share it
@@ -142,6 +158,13 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     register_render_task(app, runner)
     heartbeat = Heartbeat(broker_redis, snapshot).start()
     leases = LeaseKeeper(broker_redis, claims, lease_renew_interval_s(settings.lease_s)).start()
+
+    def resend(sent: SentJob) -> None:
+        send_render(app, parse_job(sent.job), sent.priority, sent.queued_at, sent.keep_result)
+
+    sweeper = LostJobSweeper(
+        broker_redis, book, resend, grace_s=2 * settings.lease_s, interval_s=max(10, settings.lease_s)
+    ).start()
     try:
         app.worker_main(
             [
@@ -155,6 +178,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             ]
         )
     finally:
+        sweeper.stop()
         leases.stop()
         heartbeat.stop(node)
         batcher.close()
