@@ -19,6 +19,7 @@ from shared.errors import FarmError, InvalidJob
 from shared.jobs import DEFAULT_DATASET, parse_dataset_name, parse_job
 from shared.metadata import RenderResult
 from shared.settings import FarmSettings
+from shared.storage import open_store
 from worker import cli as worker_cli
 
 EXIT_FAILED = 1
@@ -143,13 +144,24 @@ def wait_command(
     results: Annotated[
         bool, typer.Option("--results", help="Print each image as it lands: job id, tab, its URI.")
     ] = False,
+    presign: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=7 * 24 * 3600,
+            help="With --results: print URLs that work without credentials for this many seconds.",
+        ),
+    ] = None,
 ) -> None:
     """Wait until none of a dataset's jobs is queued or running, with a progress bar; fails if any failed."""
+    settings = FarmSettings()
+    store = open_store(settings) if presign else None
 
     def show(result: RenderResult) -> None:
-        typer.echo(f"{result.job_id}\t{result.image.uri}")
+        url = store.share_url(result.image.key, presign) if store is not None and presign else result.image.uri
+        typer.echo(f"{result.job_id}\t{url}")
 
-    record = wait_for_dataset(FarmSettings(), parse_dataset_name(dataset), timeout, err, show if results else None)
+    record = wait_for_dataset(settings, parse_dataset_name(dataset), timeout, err, show if results else None)
     if report_failures(record, err):
         raise typer.Exit(EXIT_FAILED)
 

@@ -166,6 +166,10 @@ class FarmClient:
         except (ObjectNotFound, ValidationError):
             return None
 
+    def image_url(self, result: RenderResult, expires_s: int = 3600) -> str:
+        """A URL that fetches the result's PNG without credentials for `expires_s` (presigned on S3)."""
+        return self.store.share_url(result.image.key, expires_s)
+
     def as_completed(
         self,
         dataset: str,

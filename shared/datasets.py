@@ -168,13 +168,19 @@ class DatasetBook:
                 pipe.hdel(_key(dataset, "errors"), *ids)
                 pipe.execute()
 
-    def start_attempt(self, dataset: str, job_id: str) -> int:
-        """Mark the job running and count this attempt; returns the attempt's number (1 for the first).
-        Counted when a render starts, so a job that kills its worker runs out of attempts too."""
+    def mark_running(self, dataset: str, job_id: str) -> None:
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "running", pipe)
-            pipe.hincrby(_key(dataset, "attempts"), job_id, 1)
-            return int(pipe.execute()[-1])
+            pipe.execute()
+
+    def attempts(self, dataset: str, job_id: str) -> int:
+        """Render attempts the job has started (and not finished) so far."""
+        return int(self._redis.hget(_key(dataset, "attempts"), job_id) or 0)
+
+    def start_attempt(self, dataset: str, job_id: str) -> int:
+        """Count an attempt as its render begins; returns its number (1 for the first). A job that
+        kills its worker runs out of attempts too; one that waited in a dying worker does not."""
+        return int(self._redis.hincrby(_key(dataset, "attempts"), job_id, 1))
 
     def note_attempt_failed(self, dataset: str, job_id: str, reason: str) -> None:
         """An attempt failed and the job goes back to the queue; the reason is kept for its dead

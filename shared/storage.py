@@ -133,6 +133,10 @@ class ObjectStore(ABC):
         """A URI a person can paste: s3://bucket/key or file:///path."""
 
     @abstractmethod
+    def share_url(self, key: str, expires_s: int) -> str:
+        """A URL that reads the object without credentials for `expires_s` (S3: presigned GET)."""
+
+    @abstractmethod
     def _list(self, folder: str) -> Iterator[str]:
         """Every key that starts with `folder`, in any order."""
 
@@ -179,6 +183,9 @@ class LocalStore(ObjectStore):
 
     def uri(self, key: str) -> str:
         return self._path(_check_key(key)).as_uri()
+
+    def share_url(self, key: str, expires_s: int) -> str:
+        return self.uri(key)  # a local file is as shared as its file system: no expiry to sign
 
     def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str], if_absent: bool) -> None:
         path = self._path(key)
@@ -250,12 +257,19 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             retries={"max_attempts": 8, "mode": "standard"},
+            signature_version="s3v4",  # presigned URLs too (SigV2 is deprecated)
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
         self._client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{_check_key(key)}"
+
+    def share_url(self, key: str, expires_s: int) -> str:
+        """A presigned GET: signed with the worker's or client's credentials, which it does not contain."""
+        params = {"Bucket": self.bucket, "Key": _check_key(key)}
+        with self._errors_for(key, "sign"):
+            return str(self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
 
     @contextmanager
     def _errors_for(self, key: str, action: str) -> Iterator[None]:

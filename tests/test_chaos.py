@@ -63,8 +63,14 @@ def test_chaos_300_jobs_two_workers_killed_every_ten_seconds_and_a_redis_restart
         return WorkerProcess(args, env, logs[i]).start()
 
     workers = [launch(0), launch(1)]
+    launches = [1, 1]
     for worker in workers:
         worker.wait_ready(180)
+
+    def ready(i: int) -> bool:
+        """Up since its last launch (its log gains a ' ready.' line per start): worth killing."""
+        return workers[i].log_text().count(" ready.") >= launches[i]
+
     store = open_store(settings)
     kills = restarts = redis_restarts = 0
     start = time.monotonic()
@@ -80,14 +86,17 @@ def test_chaos_300_jobs_two_workers_killed_every_ten_seconds_and_a_redis_restart
                 time.sleep(2)
                 redis_server.start()
                 redis_restarts += 1
-            if time.monotonic() >= next_kill:
-                victim = kills % 2
+            # Every ~10 s one worker that is up (the other one, where both are) dies and starts again.
+            candidates = [i for i in (kills % 2, 1 - kills % 2) if ready(i)]
+            if time.monotonic() >= next_kill and candidates:
+                victim = candidates[0]
                 process = workers[victim].process
                 assert process is not None
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 kills += 1
                 workers[victim] = launch(victim)
+                launches[victim] += 1
                 restarts += 1
                 next_kill = time.monotonic() + rng.uniform(*KILL_EVERY_S)
             time.sleep(0.5)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,9 @@ def test_a_finished_dataset_streams_every_result_to_the_client_and_the_cli(farm:
     lines = [line.split("\t") for line in printed.stdout.splitlines()]
     assert sorted(job_id for job_id, _ in lines) == sorted(o.job_id for o in outcomes)
     assert all(uri.startswith(f"s3://{farm.bucket}/{farm.prefix}/moths/") for _, uri in lines)
+    shared = run_fluxfarm("wait", "--dataset", "moths", "--results", "--presign", "600", env=farm.worker_env())
+    assert shared.returncode == 0, shared.stderr
+    job_id, url = shared.stdout.splitlines()[0].split("\t")
+    with urllib.request.urlopen(url, timeout=10) as response:  # presigned: no credentials needed
+        assert response.read()[:4] == b"\x89PNG"
+    assert "X-Amz-Signature=" in url and f"/moths/{job_id}.png" in url

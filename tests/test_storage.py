@@ -85,3 +85,17 @@ def test_a_key_that_collides_with_a_folder_is_a_storage_error_not_an_os_error(tm
     with pytest.raises(ObjectNotFound):
         store.get("a")
     assert store.get("a/b") == b"x"
+
+
+def test_a_share_url_reads_the_object_without_credentials(store: ObjectStore) -> None:
+    import os
+    import urllib.request
+
+    key = store.key("shared", "image.png")
+    store.put(key, b"\x89PNG shared bytes", "image/png")
+    url = store.share_url(key, expires_s=600)
+    with urllib.request.urlopen(url, timeout=10) as response:  # no AWS credentials in this request
+        assert response.read() == b"\x89PNG shared bytes"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in url
+    if url.startswith("http"):
+        assert "X-Amz-Signature=" in url and "X-Amz-Expires=600" in url

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Pending:
     job: RenderJob
+    on_start: Callable[[], None] | None = None
     future: Future[RenderedImage] = field(default_factory=Future)
 
 
@@ -61,9 +62,10 @@ class RenderBatcher:
         self._thread = threading.Thread(target=self._loop, name="fluxfarm-render", daemon=True)
         self._thread.start()
 
-    def render(self, job: RenderJob) -> RenderedImage:
-        """Blocks until `job` is rendered (with whatever else gathered); raises what its render raised."""
-        pending = _Pending(job)
+    def render(self, job: RenderJob, on_start: Callable[[], None] | None = None) -> RenderedImage:
+        """Blocks until `job` is rendered (with whatever else gathered); raises what its render raised.
+        `on_start` runs on the render thread just before the job's render begins (not while it waits)."""
+        pending = _Pending(job, on_start)
         self._inbox.put(pending)
         return pending.future.result()
 
@@ -95,7 +97,23 @@ class RenderBatcher:
         while batch := self._gather():
             self._render(batch)
 
+    def _started(self, batch: list[_Pending]) -> list[_Pending]:
+        """Run each job's `on_start`; a job whose hook fails is failed with that error, not rendered."""
+        started = []
+        for pending in batch:
+            try:
+                if pending.on_start is not None:
+                    pending.on_start()
+            except Exception as error:
+                pending.future.set_exception(error)
+                continue
+            started.append(pending)
+        return started
+
     def _render(self, batch: list[_Pending]) -> None:
+        batch = self._started(batch)
+        if not batch:
+            return
         if len(batch) == 1:
             self._render_alone(batch[0])
             return

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -156,22 +157,28 @@ class JobRunner:
         return None
 
     def _attempt(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
-        attempt = self._book.start_attempt(job.dataset, job.id)
-        if attempt > self._max_attempts:
-            died = f"its worker died during each of its last attempts ({attempt - 1} in all)"
+        started = self._book.attempts(job.dataset, job.id)
+        if started >= self._max_attempts:
+            died = f"its worker died during each of its last attempts ({started} in all)"
             last = self._book.last_error(job.dataset, job.id)
-            self._give_up(job, f"{attempt - 1} attempts, the last error: {last}" if last else died, attempt - 1)
+            self._give_up(job, f"{started} attempts, the last error: {last}" if last else died, started)
+        self._book.mark_running(job.dataset, job.id)
+        attempt = [started + 1]
+
+        def count_attempt() -> None:  # on the render thread, as the render begins
+            attempt[0] = self._book.start_attempt(job.dataset, job.id)
+
         try:
-            result = self._render_and_store(job, keys, queued_at)
+            result = self._render_and_store(job, keys, queued_at, count_attempt)
         except Exception as error:
             reason = _failure_reason(error, self._batcher.engine.model.quant)
-            if attempt >= self._max_attempts:
-                self._give_up(job, f"{attempt} attempts failed, the last: {reason}", attempt)
-            pause = min(2.0 ** (attempt - 1), MAX_RETRY_PAUSE_S)
+            if attempt[0] >= self._max_attempts:
+                self._give_up(job, f"{attempt[0]} attempts failed, the last: {reason}", attempt[0])
+            pause = min(2.0 ** (attempt[0] - 1), MAX_RETRY_PAUSE_S)
             log.warning(
                 "job %s attempt %d/%d failed (%s); back to the queue in %.0fs",
                 job.id,
-                attempt,
+                attempt[0],
                 self._max_attempts,
                 reason,
                 pause,
@@ -199,12 +206,14 @@ class JobRunner:
         log.error("job %s dead-lettered: %s", job.id, reason)
         raise JobDeadLettered(f"job {job.id} dead-lettered: {reason}")
 
-    def _render_and_store(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
+    def _render_and_store(
+        self, job: RenderJob, keys: ResultKeys, queued_at: Any, on_start: Callable[[], None]
+    ) -> RenderResult:
         with self._load_lock:
             # Claimed with the start time under one lock, so the earliest job to start carries the load.
             started_at = datetime.now(UTC)
             load_s, self._unreported_load_s = self._unreported_load_s, 0.0
-        rendered = self._batcher.render(job)
+        rendered = self._batcher.render(job, on_start)
         model = rendered.model
         png_start = time.perf_counter()
         png = rendered.png  # encoded here, in this task's thread, while the GPU thread renders the next batch
