@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
@@ -32,6 +33,8 @@ from shared.settings import FarmSettings
 from shared.storage import open_store
 
 _POLL_INTERVAL_S = 0.25
+STORAGE_CHECK_S = 10.0
+"""A waiting `result()` also looks in storage this often, so a result the backend lost still arrives."""
 _DATASET_POLL_S = 0.5
 _CLOCK_SLACK_S = 2.0
 """A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
@@ -40,10 +43,18 @@ _CLOCK_SLACK_S = 2.0
 class JobHandle:
     """A submitted job: like a future, `result()` blocks until the worker has stored it."""
 
-    def __init__(self, job: RenderJob, async_result: AsyncResult | None, stored: RenderResult | None) -> None:
+    def __init__(
+        self,
+        job: RenderJob,
+        async_result: AsyncResult | None,
+        stored: RenderResult | None,
+        lookup: Callable[[], RenderResult | None] | None = None,
+    ) -> None:
         self.job = job
         self._async = async_result
         self._stored = stored
+        self._lookup = lookup
+        """Reads the job's stored result: the truth when the result backend is away or restarting."""
 
     @property
     def job_id(self) -> str:
@@ -62,10 +73,22 @@ class JobHandle:
         if self._stored is not None:
             return self._stored
         assert self._async is not None
-        try:
-            value = self._async.get(timeout=timeout, propagate=False)
-        except CeleryTimeoutError:
-            raise TimeoutError(f"job {self.job_id} did not finish within {timeout}s") from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = STORAGE_CHECK_S if deadline is None else max(0.0, min(STORAGE_CHECK_S, deadline - time.monotonic()))
+            try:
+                value = self._async.get(timeout=left, propagate=False)
+                break
+            except (CeleryTimeoutError, redis.RedisError, RuntimeError) as error:
+                # RuntimeError: Celery's result consumer gives up after a Redis restart ("must be
+                # restarted"). Storage is the truth: a stored job is done whatever the backend says.
+                if self._lookup is not None and (stored := self._lookup()) is not None:
+                    self._stored = stored
+                    return stored
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.job_id} did not finish within {timeout}s") from None
+                if not isinstance(error, CeleryTimeoutError):
+                    time.sleep(1.0)
         if self._async.state != states.SUCCESS:
             error = self._async.result
             reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
@@ -301,4 +324,6 @@ class FarmClient:
         queued_at = datetime.now(UTC).isoformat()
         send_render(self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=True)
         self.datasets.note_queued(job.dataset, [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=True)])
-        return JobHandle(job, async_result=self._app.AsyncResult(job.id), stored=None)
+        return JobHandle(
+            job, async_result=self._app.AsyncResult(job.id), stored=None, lookup=lambda: self.stored_result(job)
+        )

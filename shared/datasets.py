@@ -244,9 +244,6 @@ class DatasetBook:
         rows = self._redis.zrangebyscore(_key(dataset, "done_at"), since, "+inf", withscores=True)
         return [(member.decode(), float(score)) for member, score in rows]
 
-    def queued_ids(self, dataset: str) -> set[str]:
-        return {member.decode() for member in self._redis.smembers(_key(dataset, "queued"))}
-
     def sent_job(self, dataset: str, job_id: str) -> SentJob | None:
         """What was published for a job still queued (None once it is done, failed or unknown)."""
         raw = self._redis.hget(_key(dataset, "sent"), job_id)

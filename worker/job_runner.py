@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+import redis
 import torch
 
 from shared import __version__
@@ -136,12 +137,18 @@ class JobRunner:
                 return self._already_stored(job, keys, stored)
             return self._attempt(job, keys, queued_at)
         finally:
-            self._claims.release(job.dataset, job.id)
+            _unless_redis_is_down(lambda: self._claims.release(job.dataset, job.id), "claim release")
 
     def _already_stored(self, job: RenderJob, keys: ResultKeys, stored: RenderResult) -> RenderResult:
         log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
-        self._book.mark_done(job.dataset, job.id, stored.quant)
+        self._mark_done(job, stored.quant)
         return stored
+
+    def _mark_done(self, job: RenderJob, level: str) -> None:
+        """Record a stored job as done. Storage is the truth, so Redis being away must not fail a job
+        that is stored: its message cannot be acknowledged then either, and its redelivery (found
+        stored) records it."""
+        _unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, level), f"job {job.id}'s record")
 
     def _claim(self, job: RenderJob, keys: ResultKeys) -> RenderResult | None:
         """Take the job's claim (None), or return its result once the claim's holder stores it."""
@@ -183,13 +190,15 @@ class JobRunner:
                 reason,
                 pause,
             )
-            self._book.note_attempt_failed(job.dataset, job.id, reason)
+            _unless_redis_is_down(
+                lambda: self._book.note_attempt_failed(job.dataset, job.id, reason), f"job {job.id}'s failure"
+            )
             time.sleep(pause)
             raise RenderAttemptFailed(reason) from error
         with self.stats.lock:
             self.stats.rendered_at.append(time.monotonic())
             self.stats.images_rendered += 1
-        self._book.mark_done(job.dataset, job.id, result.quant)
+        self._mark_done(job, result.quant)
         return result
 
     def _give_up(self, job: RenderJob, reason: str, attempts: int) -> NoReturn:
@@ -268,6 +277,14 @@ class JobRunner:
             upload_s,
         )
         return result
+
+
+def _unless_redis_is_down(action: Callable[[], object], what: str) -> None:
+    """Run a bookkeeping write; if Redis cannot be reached, log it and go on."""
+    try:
+        action()
+    except redis.ConnectionError as error:
+        log.warning("%s not written, Redis is unreachable: %s", what, error)
 
 
 def _failure_reason(error: BaseException, level: str) -> str:

@@ -16,15 +16,13 @@ step (NTP) to well within a lease.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import redis
-
-log = logging.getLogger(__name__)
 
 UNACKED_INDEX_KEY = "unacked_index"
 """kombu's sorted set of unacked delivery tags (its default `unacked_index_key`)."""
@@ -47,14 +45,42 @@ return renewed
 """Compare-and-act in one step: a claim that lapsed and was taken by another worker stays theirs."""
 
 
-def held_delivery_tags() -> list[str]:
-    """Delivery tags of every message this worker process holds (reserved or running)."""
+class InFlight:
+    """Task ids whose task body is running in this process now. Celery's own request sets keep a
+    request whose message can no longer be acknowledged (after a broker connection loss) even once
+    its task has ended; renewing that message's lease would keep it from ever being redelivered."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def running(self, task_id: str) -> Iterator[None]:
+        with self._lock:
+            self._counts[task_id] = self._counts.get(task_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._counts.pop(task_id) - 1
+                if left:
+                    self._counts[task_id] = left
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return set(self._counts)
+
+
+def held_delivery_tags(in_flight: InFlight) -> list[str]:
+    """Delivery tags of the messages whose tasks this process is running now."""
     from celery.worker import state
 
+    running = in_flight.ids()
     for _ in range(3):  # the sets are weak and change under us; a retry sees a settled copy
         try:
-            messages = [request.message for request in (*state.reserved_requests, *state.active_requests)]
-            return sorted({str(m.delivery_tag) for m in messages if m.delivery_tag is not None})
+            requests = [*state.reserved_requests, *state.active_requests]
+            tags = {str(r.message.delivery_tag) for r in requests if r.id in running}
+            return sorted(tag for tag in tags if tag != "None")
         except RuntimeError:
             continue
     return []
@@ -105,45 +131,19 @@ class JobClaims:
 
 
 class LeaseKeeper:
-    """A daemon thread renewing this worker's message leases and job claims; Redis errors are logged
-    and retried at the next beat (a lease has six beats before it lapses)."""
+    """Renews this worker's message leases and job claims; `worker/periodic.py` runs it every
+    `lease_s / 6` (a lease has six beats before it lapses)."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        claims: JobClaims,
-        interval_s: float,
-        delivery_tags: Callable[[], list[str]] = held_delivery_tags,
-    ) -> None:
+    def __init__(self, client: redis.Redis, claims: JobClaims, in_flight: InFlight) -> None:
         self._redis = client
         self._claims = claims
-        self._interval_s = interval_s
-        self._delivery_tags = delivery_tags
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fluxfarm-leases", daemon=True)
-
-    def start(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
+        self._in_flight = in_flight
 
     def renew_once(self) -> tuple[int, int]:
         """Renew now; returns (messages, claims) renewed."""
-        tags = self._delivery_tags()
+        tags = held_delivery_tags(self._in_flight)
         messages = 0
         if tags:
             # XX: only tags still unacked; an ack between our read and this write stays an ack.
             messages = int(self._redis.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, time.time()), xx=True, ch=True))
         return messages, self._claims.renew(self._claims.held())
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.renew_once()
-            except redis.RedisError as error:
-                log.warning("leases not renewed: %s", error)
-            except Exception:  # the thread must live: without it every held job is redelivered
-                log.exception("leases not renewed")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self._interval_s * 2)

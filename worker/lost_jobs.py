@@ -4,10 +4,11 @@ Redis transport has a gap.
 kombu takes a message off its queue with BRPOP and only then records it as unacknowledged; a worker
 SIGKILLed while the popped message is still on its way (a busy process may read it late), or a Redis
 restart in between, loses the message: nothing is left to redeliver (the chaos run caught one in
-300). The dataset record still says the job is queued, and the producer left what it sent
-(`SentJob`). Every `interval_s` one worker (a lock in Redis) compares the queued jobs with the
-messages in the queues and in `unacked`; a job missing from both for `grace_s` (far longer than a
-delivery takes) is published again with its own id, priority and result setting. A copy of a job
+300; a Redis restart while a worker restores its messages is another way). The dataset record still
+says the job is queued or running, and the producer left what it sent (`SentJob`). Every
+`interval_s` one worker (a lock in Redis) compares those jobs with the messages in the queues and in
+`unacked`; a job missing from both, with no live claim, for `grace_s` (far longer than a delivery
+takes) is published again with its own id, priority and result setting. A copy of a job
 that was not lost after all is harmless: the claim and the stored-result check keep one result.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable
 
 import redis
@@ -23,6 +23,7 @@ import redis
 from shared.celery_app import queue_lists, waiting_messages
 from shared.datasets import DatasetBook, SentJob
 from shared.routing import all_queues
+from worker.leases import JobClaims
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def _message_id(raw: bytes) -> str | None:
 
 
 class LostJobSweeper:
-    """A daemon thread running `sweep_once` every `interval_s`; errors are logged, never fatal."""
+    """`sweep_once` is run every `interval_s` by every worker (worker/periodic.py); the lock lets one
+    of them sweep per interval."""
 
     def __init__(
         self,
@@ -64,23 +66,6 @@ class LostJobSweeper:
         self._resend = resend
         self._grace_s = grace_s
         self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fluxfarm-lost-jobs", daemon=True)
-
-    def start(self) -> LostJobSweeper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.sweep_once()
-            except Exception:  # a sweep that fails is tried again at the next interval
-                log.exception("lost-job sweep failed")
 
     def message_ids(self) -> set[str] | None:
         """Ids of every job with a message in a queue or unacknowledged; None if the queues are too long."""
@@ -104,8 +89,10 @@ class LostJobSweeper:
         still_missing: dict[str, float] = {}
         resent: list[str] = []
         for dataset in self._book.names():
-            for job_id in sorted(self._book.queued_ids(dataset) - present):
+            for job_id in sorted(self._book.waiting_ids(dataset) - present):
                 key = f"{dataset}/{job_id}"
+                if self._redis.exists(JobClaims.key(dataset, job_id)):
+                    continue  # a live worker is on it (a dead one's claim expires with its lease)
                 since = seen.get(key, now)
                 sent = self._book.sent_job(dataset, job_id)
                 if sent is None:

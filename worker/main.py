@@ -30,10 +30,11 @@ from worker.fault_injection import parse_fault_plan
 from worker.gpu import cap_memory, default_device, probe_device
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
-from worker.leases import JobClaims, LeaseKeeper
+from worker.leases import InFlight, JobClaims, LeaseKeeper
 from worker.level_step_down import LevelStepDown, step_down_levels
 from worker.loadout import choose_loadout
 from worker.lost_jobs import LostJobSweeper
+from worker.periodic import Periodic
 from worker.pipeline import load_model
 from worker.result_store import ResultStore
 from worker.tasks import register_render_task
@@ -155,16 +156,18 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             current_job=runner.stats.current_job,
         )
 
-    register_render_task(app, runner)
+    in_flight = InFlight()
+    register_render_task(app, runner, in_flight)
     heartbeat = Heartbeat(broker_redis, snapshot).start()
-    leases = LeaseKeeper(broker_redis, claims, lease_renew_interval_s(settings.lease_s)).start()
+    leases = LeaseKeeper(broker_redis, claims, in_flight)
+    renewals = Periodic("fluxfarm-leases", lease_renew_interval_s(settings.lease_s), leases.renew_once).start()
 
     def resend(sent: SentJob) -> None:
         send_render(app, parse_job(sent.job), sent.priority, sent.queued_at, sent.keep_result)
 
-    sweeper = LostJobSweeper(
-        broker_redis, book, resend, grace_s=2 * settings.lease_s, interval_s=max(10, settings.lease_s)
-    ).start()
+    sweep_s = max(10, settings.lease_s)
+    sweeper = LostJobSweeper(broker_redis, book, resend, grace_s=2 * settings.lease_s, interval_s=sweep_s)
+    sweeps = Periodic("fluxfarm-lost-jobs", sweep_s, sweeper.sweep_once).start()
     try:
         app.worker_main(
             [
@@ -178,7 +181,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             ]
         )
     finally:
-        sweeper.stop()
-        leases.stop()
+        sweeps.stop()
+        renewals.stop()
         heartbeat.stop(node)
         batcher.close()
