@@ -68,3 +68,42 @@ def stored_once(s3: S3Server, bucket: str, prefix: str, dataset: str, job_ids: s
 def renders_logged(logs: list[str], job_id: str) -> int:
     """How many times the workers' logs say they rendered and stored `job_id`."""
     return sum(text.count(f"rendered job {job_id} ") for text in logs)
+
+
+def where_jobs_are(redis_url: str, dataset: str, job_ids: set[str], logs: list[str]) -> str:
+    """Everything Redis and the worker logs say about `job_ids`: what a stuck-job failure reports."""
+    import redis
+
+    from shared.celery_app import queue_lists
+    from shared.datasets import STATES
+    from shared.routing import all_queues
+    from worker.leases import UNACKED_INDEX_KEY, JobClaims
+    from worker.lost_jobs import MISSING_SINCE_KEY, UNACKED_KEY, _message_id
+
+    client = redis.Redis.from_url(redis_url)
+    now = client.time()[0]
+    lines = []
+    messages: dict[str, list[str]] = {}
+    for queue in all_queues():
+        for name in queue_lists(queue):
+            for raw in client.lrange(name, 0, -1):
+                messages.setdefault(_message_id(raw) or "?", []).append(f"list {name}")
+    index = {tag.decode(): score for tag, score in client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)}
+    for tag, raw in client.hgetall(UNACKED_KEY).items():
+        score = index.get(tag.decode())
+        age = f"renewed {now - score:.0f}s ago" if score is not None else "NOT in unacked_index"
+        messages.setdefault(_message_id(raw) or "?", []).append(f"unacked tag {tag.decode()} ({age})")
+    missing_since = client.hgetall(MISSING_SINCE_KEY)
+    for job_id in sorted(job_ids):
+        key = f"fluxfarm:dataset:{dataset}:"
+        states = [state for state in STATES if client.sismember(key + state, job_id)]
+        claim = client.get(JobClaims.key(dataset, job_id))
+        lines.append(
+            f"{job_id}: states {states}, attempts {client.hget(key + 'attempts', job_id)}, "
+            f"error {client.hget(key + 'errors', job_id)}, sent copy {client.hexists(key + 'sent', job_id)}, "
+            f"claim {claim} (pttl {client.pttl(JobClaims.key(dataset, job_id))}), "
+            f"messages {messages.get(job_id, [])}, missing since {missing_since.get(f'{dataset}/{job_id}'.encode())}"
+        )
+        for i, text in enumerate(logs):
+            lines += [f"  w-{i}: {line}" for line in text.splitlines() if job_id in line][-12:]
+    return "\n".join(lines)
