@@ -239,6 +239,21 @@ def status(
         out.print(render_status(report))
 
 
+@app.command()
+def exporter(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the /metrics endpoint.")] = 9463,
+    address: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+) -> None:
+    """Serve the farm (live workers, queue depths, dataset progress, dead letters) as Prometheus
+    metrics, read from Redis at each scrape; each worker serves its own on FLUXFARM_METRICS_PORT."""
+    import logging
+
+    from producer.exporter import run_exporter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_exporter(FarmSettings(), address, port)
+
+
 @app.command("bench-submit")
 def bench_submit(
     rows: Annotated[int, typer.Option(min=1, help="Rows in the generated prompt file.")] = 100_000,

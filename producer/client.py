@@ -29,6 +29,7 @@ from shared.datasets import DatasetBook, DatasetRecord, SentJob
 from shared.errors import InvalidJob, JobFailed, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
 from shared.metadata import RenderResult, read_result
+from shared.redis_conn import open_redis
 from shared.settings import FarmSettings
 from shared.storage import open_store
 
@@ -163,7 +164,7 @@ class FarmClient:
         self._app = make_celery_app(self.settings)
         self.store = open_store(self.settings)
         """Where the images and their metadata are."""
-        self.datasets = DatasetBook.from_url(self.settings.broker_url)
+        self.datasets = DatasetBook(open_redis(self.settings))
         """The dataset records in the broker's Redis (what is queued, running, done, failed)."""
 
     @classmethod

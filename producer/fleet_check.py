@@ -7,12 +7,13 @@ from rich.console import Console
 
 from shared.errors import FarmError
 from shared.fleet import FleetReport, fleet_report
+from shared.redis_conn import open_redis
 from shared.settings import FarmSettings, redact_url
 
 
 def read_fleet(settings: FarmSettings) -> FleetReport:
     """The fleet as the broker's Redis sees it; FarmError when the broker cannot be reached."""
-    client = redis.Redis.from_url(settings.broker_url)
+    client = open_redis(settings)
     try:
         return fleet_report(client)
     except redis.RedisError as error:

@@ -20,6 +20,7 @@ from producer.fleet_check import read_fleet
 from shared.datasets import DatasetBook, DatasetRecord, DeadLetter
 from shared.errors import FarmError
 from shared.fleet import FleetReport
+from shared.redis_conn import open_redis
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
 
@@ -39,16 +40,19 @@ class FarmStatus(BaseModel):
     datasets: list[DatasetStatus]
     dead_letters: list[DeadLetter] = []
     """The newest jobs the farm gave up on (of `--dataset` when given), newest first."""
+    dead_letter_count: int = 0
+    """Every dead letter kept, of all datasets."""
 
 
 def read_status(settings: FarmSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
     """The fleet and every dataset (or just `dataset`, with its stored objects counted if `list_storage`)."""
     fleet = read_fleet(settings)
-    book = DatasetBook.from_url(settings.broker_url)
+    book = DatasetBook(open_redis(settings))
     try:
         names = [dataset] if dataset is not None else book.names()
         records = [book.record(name) for name in names]
         letters = book.dead_letters(DEAD_LETTERS_SHOWN, dataset)
+        letter_count = book.dead_letter_count()
     except redis.RedisError as error:
         raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
     finally:
@@ -57,7 +61,7 @@ def read_status(settings: FarmSettings, dataset: str | None = None, list_storage
     if dataset is not None and list_storage:
         images, metadata = open_store(settings).count_stored(dataset)
         datasets = [datasets[0].model_copy(update={"stored_images": images, "stored_metadata": metadata})]
-    return FarmStatus(fleet=fleet, datasets=datasets, dead_letters=letters)
+    return FarmStatus(fleet=fleet, datasets=datasets, dead_letters=letters, dead_letter_count=letter_count)
 
 
 def _ago(moment: datetime, now: datetime) -> str:
@@ -85,6 +89,7 @@ def _workers_table(report: FleetReport) -> Table:
         "device",
         "GPU",
         "VRAM GiB",
+        "peak GiB",
         "level",
         "done",
         "rendered",
@@ -101,6 +106,7 @@ def _workers_table(report: FleetReport) -> Table:
             w.device,
             w.gpu_name or "-",
             f"{w.vram_gib:.0f}" if w.vram_gib else "-",
+            f"{w.vram_peak_gib:.1f}" if w.vram_peak_gib is not None else "-",
             w.level,
             str(w.jobs_done),
             str(w.images_rendered),

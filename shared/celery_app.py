@@ -9,13 +9,13 @@ overtakes every normal and low one still waiting, whichever level queue it is in
 
 from __future__ import annotations
 
-import ssl
 from typing import Any, Literal
 
 import redis
 from celery import Celery
 
 from shared.jobs import RenderJob
+from shared.redis_conn import tls_options
 from shared.routing import QuantConstraint
 from shared.settings import FarmSettings
 
@@ -91,13 +91,6 @@ def _transport_options(settings: FarmSettings) -> dict[str, object]:
     }
 
 
-def _tls_options(url: str) -> dict[str, object] | None:
-    """rediss:// verifies the server's certificate unless the URL says otherwise (ssl_cert_reqs=...)."""
-    if not url.startswith("rediss://") or "ssl_cert_reqs" in url:
-        return None
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-
-
 def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
     """A configured Celery app; nothing global, so tests and processes can hold several."""
     app = Celery(name, broker=settings.broker_url, backend=settings.result_backend)
@@ -112,8 +105,8 @@ def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_transport_options=_transport_options(settings),
-        broker_use_ssl=_tls_options(settings.broker_url),
-        redis_backend_use_ssl=_tls_options(settings.result_backend),
+        broker_use_ssl=tls_options(settings.broker_url, settings.tls_ca_file),
+        redis_backend_use_ssl=tls_options(settings.result_backend, settings.tls_ca_file),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a Redis restart may take a while: keep trying
         task_track_started=True,

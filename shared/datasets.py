@@ -126,6 +126,7 @@ class DatasetBook:
 
     @classmethod
     def from_url(cls, url: str) -> DatasetBook:
+        """Tests and local tools on a plain redis:// URL; farm processes pass `open_redis(settings)`."""
         return cls(redis.Redis.from_url(url))
 
     def close(self) -> None:
@@ -209,6 +210,10 @@ class DatasetBook:
         rows = self._redis.lrange(DEAD_LETTERS_KEY, 0, -1 if dataset else limit - 1)
         letters = [DeadLetter.model_validate_json(raw) for raw in rows]
         return [letter for letter in letters if dataset is None or letter.dataset == dataset][:limit]
+
+    def dead_letter_count(self) -> int:
+        """Dead letters kept (at most MAX_DEAD_LETTERS)."""
+        return int(self._redis.llen(DEAD_LETTERS_KEY))
 
     def mark_done(self, dataset: str, job_id: str, level: str) -> None:
         with self._redis.pipeline() as pipe:

@@ -43,6 +43,15 @@ class WorkerStatus(BaseModel):
     images_per_hour: float | None = None
     """Rendered over the last few minutes (shared.rates); None before the first image."""
     current_job: str | None = None
+    compute_capability: str | None = None
+    """CUDA compute capability (`8.6`, `9.0`); None on a CPU worker."""
+    vram_budget_gib: float | None = None
+    """FLUXFARM_VRAM_BUDGET_GIB, when the worker is capped below its card."""
+    vram_peak_gib: float | None = None
+    """Peak GPU memory torch allocated since the worker started."""
+    torch_version: str | None = None
+    metrics_url: str | None = None
+    """Where Prometheus scrapes this worker; None with metrics off."""
 
 
 class QueueStatus(BaseModel):

@@ -35,6 +35,11 @@ class FarmSettings(BaseSettings):
         default=None, description="S3-compatible endpoint (MinIO, R2, ...); AWS when unset."
     )
     s3_region: str | None = Field(default=None, description="S3 region; boto3's default chain when unset.")
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="CA certificate (PEM) that signed the Redis (rediss://) and S3 (https://) servers' certificates, "
+        "for a private CA; the system's CAs when unset.",
+    )
     model: str | None = Field(
         default=None, description="Base pipeline for workers: a diffusers folder or a Hugging Face repo id."
     )
@@ -96,6 +101,13 @@ class FarmSettings(BaseSettings):
         default=None, gt=0, description="Size limit of the model download cache; least recently used files go first."
     )
     log_level: str = Field(default="INFO", description="Python logging level of the worker.")
+    metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="The worker's Prometheus /metrics port (one per worker on a host); 0 turns metrics off.",
+    )
+    metrics_address: str = Field(default="0.0.0.0", description="Address the worker's /metrics listens on.")
     fast_kernels: bool = Field(
         default=True,
         description="Triton GGUF dequantization and fp8 tensor-core matmuls on GPUs that run them.",
@@ -124,6 +136,12 @@ class FarmSettings(BaseSettings):
         if not value.startswith(("s3://", "file://")):
             raise ValueError("storage_url must start with s3:// or file://")
         return value
+
+    @field_validator("tls_ca_file", "s3_endpoint_url", "transformer", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        """An empty variable (compose's `${VAR:-}`) means unset: not the current folder, not an endpoint."""
+        return None if value == "" else value
 
     @field_validator("cache_dir")
     @classmethod

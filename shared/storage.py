@@ -245,7 +245,12 @@ class S3Store(ObjectStore):
     """Any S3-compatible store through boto3: AWS, MinIO, R2. Credentials come from boto3's chain."""
 
     def __init__(
-        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         super().__init__(prefix)
         import boto3
@@ -260,7 +265,8 @@ class S3Store(ObjectStore):
             signature_version="s3v4",  # presigned URLs too (SigV2 is deprecated)
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
-        self._client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        verify = str(ca_file) if ca_file is not None else None  # None: boto3's own (AWS_CA_BUNDLE, certifi)
+        self._client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config, verify=verify)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{_check_key(key)}"
@@ -348,5 +354,6 @@ def open_store_url(url: str, settings: FarmSettings) -> ObjectStore:
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
             raise StorageError(f"storage URL {url!r} names no bucket")
-        return S3Store(bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        endpoint, region, ca_file = settings.s3_endpoint_url, settings.s3_region, settings.tls_ca_file
+        return S3Store(bucket, prefix, endpoint_url=endpoint, region=region, ca_file=ca_file)
     return LocalStore(Path(url.removeprefix("file://")))

@@ -56,3 +56,20 @@ def test_rediss_urls_verify_the_server_certificate_unless_the_url_says_otherwise
     assert app.conf.redis_backend_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     app = make_celery_app(FarmSettings(broker_url="rediss://:pw@redis.example:6380/0?ssl_cert_reqs=required"))
     assert app.conf.broker_use_ssl is None  # the URL's own choice stands
+
+
+def test_a_private_ca_reaches_celery_s_broker_and_backend_and_a_blank_one_is_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ssl
+
+    from shared.celery_app import make_celery_app
+
+    settings = FarmSettings(broker_url="rediss://:pw@farm:6380/0", tls_ca_file="/etc/fluxfarm/ca.crt")
+    app = make_celery_app(settings)
+    wanted = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/etc/fluxfarm/ca.crt"}
+    assert app.conf.broker_use_ssl == wanted and app.conf.redis_backend_use_ssl == wanted
+    monkeypatch.setenv("FLUXFARM_TLS_CA_FILE", "")
+    monkeypatch.setenv("FLUXFARM_S3_ENDPOINT_URL", "")
+    blank = FarmSettings()
+    assert blank.tls_ca_file is None and blank.s3_endpoint_url is None

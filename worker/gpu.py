@@ -72,3 +72,18 @@ def memory_cap(device: str, budget_gib: float | None) -> Iterator[None]:
         yield
     finally:
         cap_memory(device, None)
+
+
+def vram_peak_bytes(device: str) -> float:
+    """Peak memory torch allocated on `device` since the process started (0 off CUDA)."""
+    dev = torch.device(device)
+    return float(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0.0
+
+
+def compute_capability(device: str) -> str | None:
+    """`9.0` for an H100, `8.6` for a 3060: which fast paths (fp8, Triton kernels) the card runs."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(dev)
+    return f"{major}.{minor}"

@@ -33,6 +33,7 @@ from shared.rates import RATE_WINDOW_S, per_hour
 from shared.storage import ResultKeys
 from worker.batcher import RenderBatcher
 from worker.leases import JobClaims
+from worker.metrics import Outcome, WorkerMetrics
 from worker.result_store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class JobRunner:
         worker: WorkerInfo,
         load_s: float,
         max_attempts: int,
+        metrics: WorkerMetrics,
     ) -> None:
         self._batcher = batcher
         self._book = book
@@ -96,24 +98,32 @@ class JobRunner:
         self._max_attempts = max_attempts
         self._unreported_load_s = load_s
         self._load_lock = threading.Lock()
+        self._metrics = metrics
         self.stats = RunnerStats()
 
     def run(self, payload: Any, queued_at: Any = None) -> RenderResult:
-        """Render one job message, counting it as done or failed for the fleet status."""
+        """Render one job message, counting it as done or failed for the fleet status and the metrics."""
+        self._metrics.in_progress.inc()
         try:
             result = self._run(payload, queued_at)
-        except (JobCancelled, RenderAttemptFailed):
+        except (JobCancelled, RenderAttemptFailed) as error:
+            self._metrics.job_ended(self._level(), _outcome(error))
             raise  # dropped, or back in the queue: neither done nor failed yet
-        except Exception:
+        except Exception as error:
+            self._metrics.job_ended(self._level(), _outcome(error))
             with self.stats.lock:
                 self.stats.jobs_failed += 1
             raise
         finally:
+            self._metrics.in_progress.dec()
             with self.stats.lock:
                 self.stats.current_job = None
         with self.stats.lock:
             self.stats.jobs_done += 1
         return result
+
+    def _level(self) -> str:
+        return self._batcher.engine.model.quant
 
     def _run(self, payload: Any, queued_at: Any) -> RenderResult:
         job = parse_job(payload)
@@ -141,6 +151,7 @@ class JobRunner:
 
     def _already_stored(self, job: RenderJob, keys: ResultKeys, stored: RenderResult) -> RenderResult:
         log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
+        self._metrics.job_ended(self._level(), "already_stored")
         self._mark_done(job, stored.quant)
         return stored
 
@@ -198,6 +209,7 @@ class JobRunner:
         with self.stats.lock:
             self.stats.rendered_at.append(time.monotonic())
             self.stats.images_rendered += 1
+        self._metrics.job_rendered(result)
         self._mark_done(job, result.quant)
         return result
 
@@ -285,6 +297,19 @@ def _unless_redis_is_down(action: Callable[[], object], what: str) -> None:
         action()
     except redis.ConnectionError as error:
         log.warning("%s not written, Redis is unreachable: %s", what, error)
+
+
+def _outcome(error: Exception) -> Outcome:
+    """The metrics' name for how a job that raised `error` left the worker."""
+    if isinstance(error, JobCancelled):
+        return "cancelled"
+    if isinstance(error, RenderAttemptFailed):
+        return "retried"
+    if isinstance(error, InvalidJob):
+        return "refused"
+    if isinstance(error, JobDeadLettered):
+        return "dead_lettered"
+    return "failed"  # an error outside any attempt (Redis or storage unreachable): Celery fails the task
 
 
 def _failure_reason(error: BaseException, level: str) -> str:

@@ -13,27 +13,30 @@ import time
 from datetime import UTC, datetime
 from typing import NoReturn
 
-import redis
+import torch
 from celery.utils.nodenames import default_nodename
 
+from shared import __version__
 from shared.celery_app import lease_renew_interval_s, make_celery_app, send_render
 from shared.datasets import DatasetBook, SentJob
 from shared.fleet import WorkerStatus
 from shared.jobs import parse_job
 from shared.ladder import QuantLevel, parse_level
+from shared.redis_conn import open_redis
 from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
 from worker.batcher import RenderBatcher, held_jobs
 from worker.engine import RenderEngine
 from worker.fault_injection import parse_fault_plan
-from worker.gpu import cap_memory, default_device, probe_device
+from worker.gpu import cap_memory, compute_capability, default_device, probe_device, vram_peak_bytes
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
 from worker.leases import InFlight, JobClaims, LeaseKeeper
 from worker.level_step_down import LevelStepDown, step_down_levels
 from worker.loadout import choose_loadout
 from worker.lost_jobs import LostJobSweeper
+from worker.metrics import WorkerMetrics, serve_metrics
 from worker.periodic import Periodic
 from worker.pipeline import load_model
 from worker.result_store import ResultStore
@@ -84,6 +87,10 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     )
     if settings.vram_budget_gib:
         cap_memory(device, settings.vram_budget_gib)
+    metrics = WorkerMetrics()
+    metrics_port = serve_metrics(metrics, settings.metrics_address, settings.metrics_port)
+    if worker_info.vram_gib is not None:
+        metrics.watch_vram(device, lambda: vram_peak_bytes(device), worker_info.vram_gib * 2**30)
     faults = parse_fault_plan(settings.inject_faults)
     if faults is not None:
         log.warning("fault drill: this worker injects %s", faults.model_dump_json(exclude_none=True))
@@ -105,6 +112,18 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         )
         load_s = time.perf_counter() - load_start
         log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
+        metrics.model_loaded(loaded.quant, load_s)
+        metrics.describe_worker(
+            {
+                "node": node,
+                "hostname": worker_info.hostname,
+                "device": device,
+                "gpu": worker_info.gpu_name or "cpu",
+                "level": loaded.quant,
+                "model": loaded.info.id,
+                "version": __version__,
+            }
+        )
         engine = RenderEngine(loaded, settings.max_batch, settings.embedding_cache, faults)
         return engine, load_s
 
@@ -130,12 +149,14 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         _exit_stranded,
     )
     batcher = RenderBatcher(engine, settings.max_batch, settings.batch_wait_s, stepper.step_down)
-    broker_redis = redis.Redis.from_url(settings.broker_url)  # thread-safe: heartbeat and task threads share it
+    broker_redis = open_redis(settings)  # thread-safe: heartbeat and task threads share it
     book = DatasetBook(broker_redis)
     claims = JobClaims(broker_redis, node, settings.lease_s)
     results = ResultStore(store, settings.storage_retry_s)
-    runner = JobRunner(batcher, results, book, claims, worker_info, load_s, settings.max_attempts)
+    runner = JobRunner(batcher, results, book, claims, worker_info, load_s, settings.max_attempts, metrics)
     started_at = datetime.now(UTC)
+    capability = compute_capability(device)
+    metrics_url = f"http://{worker_info.hostname}:{metrics_port}/metrics" if metrics_port else None
 
     def snapshot() -> WorkerStatus:
         return WorkerStatus(
@@ -154,6 +175,11 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             images_rendered=runner.stats.images_rendered,
             images_per_hour=runner.stats.images_per_hour(),
             current_job=runner.stats.current_job,
+            compute_capability=capability,
+            vram_budget_gib=settings.vram_budget_gib,
+            vram_peak_gib=round(vram_peak_bytes(device) / 2**30, 2) if capability else None,
+            torch_version=torch.__version__,
+            metrics_url=metrics_url,
         )
 
     in_flight = InFlight()

@@ -1,0 +1,107 @@
+"""`fluxfarm exporter`: the farm as Redis sees it (live workers, queues, datasets, dead letters) as
+Prometheus metrics, read afresh at every scrape.
+
+Workers serve their own process metrics (worker/metrics.py); what no single worker knows (how many
+jobs wait in each queue, how far each dataset is, which queue no live worker serves) comes from the
+same records `fluxfarm status` reads, through this one small process beside Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from producer.status import FarmStatus, read_status
+from shared.datasets import STATES
+from shared.errors import FarmError
+from shared.settings import FarmSettings
+
+log = logging.getLogger(__name__)
+
+DATASET_MAX_AGE = timedelta(days=7)
+"""Finished datasets untouched this long drop out of the metrics: a farm's dataset count only grows."""
+
+
+class FarmCollector(Collector):
+    """A Prometheus collector that reads the farm's status from Redis at each scrape."""
+
+    def __init__(self, settings: FarmSettings) -> None:
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("fluxfarm_broker_up", "1 when the exporter could read the farm from Redis.")
+        try:
+            status = read_status(self._settings)
+        except FarmError as error:
+            log.warning("scrape without the farm: %s", error)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from _fleet_metrics(status)
+        yield from _dataset_metrics(status, datetime.now(UTC))
+
+
+def _fleet_metrics(status: FarmStatus) -> Iterator[Metric]:
+    node_labels = ["node", "host", "gpu", "level"]
+    alive = GaugeMetricFamily("fluxfarm_fleet_worker_up", "Workers whose heartbeat is fresh.", labels=node_labels)
+    rate = GaugeMetricFamily(
+        "fluxfarm_fleet_worker_images_per_hour", "Each worker's recent images per hour.", labels=["node", "level"]
+    )
+    peak = GaugeMetricFamily(
+        "fluxfarm_fleet_worker_vram_peak_bytes", "Each GPU worker's peak GPU memory.", labels=["node", "gpu"]
+    )
+    for worker in status.fleet.workers:
+        gpu = worker.gpu_name or "cpu"
+        alive.add_metric([worker.node, worker.hostname, gpu, worker.level], 1)
+        rate.add_metric([worker.node, worker.level], worker.images_per_hour or 0.0)
+        if worker.vram_peak_gib is not None:
+            peak.add_metric([worker.node, gpu], worker.vram_peak_gib * 2**30)
+    waiting = GaugeMetricFamily(
+        "fluxfarm_queue_waiting", "Jobs waiting in each queue (all priorities).", labels=["queue", "constraint"]
+    )
+    consumers = GaugeMetricFamily("fluxfarm_queue_consumers", "Live workers consuming each queue.", labels=["queue"])
+    for queue in status.fleet.queues:
+        waiting.add_metric([queue.name, queue.constraint], queue.waiting)
+        consumers.add_metric([queue.name], len(queue.consumers))
+    yield from (alive, rate, peak, waiting, consumers)
+
+
+def _dataset_metrics(status: FarmStatus, now: datetime) -> Iterator[Metric]:
+    jobs = GaugeMetricFamily("fluxfarm_dataset_jobs", "Jobs of each dataset by state.", labels=["dataset", "state"])
+    rate = GaugeMetricFamily(
+        "fluxfarm_dataset_jobs_per_hour", "Each dataset's recent finishing rate.", labels=["dataset"]
+    )
+    eta = GaugeMetricFamily(
+        "fluxfarm_dataset_eta_seconds", "Seconds until each dataset has nothing queued or running.", labels=["dataset"]
+    )
+    for dataset in status.datasets:
+        record = dataset.record
+        active = record.queued + record.running > 0
+        if not active and record.updated_at is not None and now - record.updated_at > DATASET_MAX_AGE:
+            continue
+        for state in STATES:
+            jobs.add_metric([record.name, state], getattr(record, state))
+        rate.add_metric([record.name], record.rate_per_hour or 0.0)
+        if (seconds := record.eta_s) is not None:
+            eta.add_metric([record.name], seconds)
+    letters = GaugeMetricFamily("fluxfarm_dead_letters", "Dead letters kept in Redis (newest first, capped).")
+    letters.add_metric([], status.dead_letter_count)
+    yield from (jobs, rate, eta, letters)
+
+
+def run_exporter(settings: FarmSettings, address: str, port: int) -> None:
+    """Serve the farm's metrics until the process is stopped."""
+    registry = CollectorRegistry()
+    registry.register(FarmCollector(settings))
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    log.info("farm metrics at http://%s:%d/metrics", address, server.server_port)
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,31 @@
+"""How every fluxfarm process reaches Redis: the one place that knows TLS (rediss://) and its CA.
+
+Celery's broker and result backend take the same options (shared/celery_app.py), so a farm behind a
+private CA needs one setting, FLUXFARM_TLS_CA_FILE, on every host.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import redis
+
+from shared.settings import FarmSettings
+
+
+def tls_options(url: str, ca_file: Path | None) -> dict[str, object] | None:
+    """rediss:// verifies the server's certificate (against `ca_file` when given, else the system's
+    CAs) unless the URL itself says otherwise (ssl_cert_reqs=...); None for plain redis://."""
+    if not url.startswith("rediss://") or "ssl_cert_reqs" in url:
+        return None
+    options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if ca_file is not None:
+        options["ssl_ca_certs"] = str(ca_file)
+    return options
+
+
+def open_redis(settings: FarmSettings, url: str | None = None) -> redis.Redis:
+    """A client of the broker's Redis (or of `url`), with the farm's TLS options."""
+    url = url or settings.broker_url
+    return redis.Redis.from_url(url, **(tls_options(url, settings.tls_ca_file) or {}))
