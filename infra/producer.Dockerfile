@@ -11,5 +11,7 @@ COPY worker ./worker
 RUN pip install . && useradd --create-home --uid 10001 fluxfarm
 
 USER fluxfarm
+# `fluxfarm exporter`'s /metrics
+EXPOSE 9463
 ENTRYPOINT ["fluxfarm"]
 CMD ["--help"]

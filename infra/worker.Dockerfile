@@ -1,8 +1,10 @@
 # GPU worker: CUDA runtime with PyTorch, plus fluxfarm[gpu]. One container per GPU.
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 
+# expandable_segments: a tight VRAM budget keeps the memory that fragmentation would strand.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     HF_HOME=/cache/huggingface \
     FLUXFARM_CACHE_DIR=/cache/fluxfarm
 
@@ -18,4 +20,6 @@ RUN pip install '.[gpu]' \
 
 USER fluxfarm
 VOLUME ["/cache"]
+# Prometheus /metrics (FLUXFARM_METRICS_PORT)
+EXPOSE 9464
 ENTRYPOINT ["fluxfarm", "worker"]

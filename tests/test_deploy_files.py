@@ -2,26 +2,108 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 import yaml
+from check_jsonschema.builtin_schemas import get_builtin_schema
 
 from shared.settings import FarmSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILES = ["docker-compose.yml", "infra/compose.tls.yml", "infra/worker-host.yml"]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+WORKERS = [name for name in SERVICES if name.startswith("worker")]
 SECRET_NAMES = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH", re.IGNORECASE)
+VARIABLE_NAME = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)")
+VARIABLE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(:?[-?])?([^}]*)\}")
+
+
+def env_example() -> dict[str, str]:
+    lines = (ROOT / "infra" / "env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def interpolate(node: Any, env: dict[str, str]) -> Any:
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}` (and `$$`) over a loaded file."""
+    if isinstance(node, dict):
+        return {key: interpolate(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [interpolate(value, env) for value in node]
+    if not isinstance(node, str):
+        return node
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, word = match.groups()
+        if operator and "?" in operator:
+            assert env.get(name), f"{name} must be set: {word}"
+        return env.get(name) or (word if operator and "-" in operator else "")
+
+    return VARIABLE.sub(one, node).replace("$$", "$")
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Compose's merge of a later file: mappings merge, sequences append, a command is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = copy.deepcopy(base)
+        for key, value in override.items():
+            replace = key in ("command", "entrypoint") or (key == "healthcheck" and "test" in value)
+            merged[key] = value if replace or key not in merged else merge(merged[key], value)
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        return base + [item for item in override if item not in base]
+    return override
+
+
+def validate_compose(document: dict[str, Any]) -> None:
+    jsonschema.validate(document, get_builtin_schema("vendor.compose-spec"))
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES)
+def test_compose_files_validate_against_the_compose_specification(path: str) -> None:
+    document = yaml.safe_load((ROOT / path).read_text())
+    validate_compose(document)
+    # What the central host's .env (from infra/env.example) and a GPU host's worker.env hold.
+    worker_env = {"FLUXFARM_BROKER_URL": "rediss://:pw@farm:6380/0", "FLUXFARM_STORAGE_URL": "s3://farm/renders"}
+    filled = {**env_example(), **worker_env, "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
+    validate_compose(interpolate(document, filled))
+
+
+def test_the_schema_check_catches_a_broken_file() -> None:
+    broken = copy.deepcopy(COMPOSE)
+    del broken["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"]
+    with pytest.raises(jsonschema.ValidationError, match="capabilities"):
+        validate_compose(broken)
+
+
+def test_the_tls_override_merged_into_the_farm_is_valid_and_serves_tls_with_the_guide_s_files() -> None:
+    override = yaml.safe_load((ROOT / "infra" / "compose.tls.yml").read_text())
+    merged = merge(COMPOSE, override)
+    validate_compose(merged)
+    redis = merged["services"]["redis"]
+    assert "--requirepass" in redis["command"] and "--appendonly" in redis["command"]
+    assert "6380:6380" in redis["ports"] and "127.0.0.1:6379:6379" in redis["ports"]
+    guide = (ROOT / "docs" / "deploy" / "multi-host.md").read_text()
+    made = set(re.findall(r"(?:-keyout|-out|cp \S+) (\S+\.(?:crt|key))", guide))
+    for path in [a for a in redis["command"] if a.startswith("/tls/")]:
+        assert Path(path).name in {Path(m).name for m in made}, path
+    assert {"minio/public.crt", "minio/private.key", "minio/CAs/ca.crt"} <= made
+    assert "./infra/tls/minio:/certs:ro" in merged["services"]["minio"]["volumes"]
+
+
+def test_compose_has_the_farm_services() -> None:
+    assert {"redis", "minio", "minio-init", "worker", "producer", "exporter", "flower", "prometheus", "grafana"} <= set(
+        SERVICES
+    )
 
 
 def _env(service: str) -> dict[str, str]:
     return {key: str(value) for key, value in SERVICES[service].get("environment", {}).items()}
-
-
-def test_compose_has_the_farm_services() -> None:
-    assert {"redis", "minio", "minio-init", "worker", "producer"} <= set(SERVICES)
 
 
 def test_redis_persists_with_aof_refuses_eviction_and_needs_a_password() -> None:
@@ -32,17 +114,66 @@ def test_redis_persists_with_aof_refuses_eviction_and_needs_a_password() -> None
     assert any(volume.endswith(":/data") for volume in SERVICES["redis"]["volumes"])
 
 
-def test_worker_reserves_one_gpu_and_stops_warm() -> None:
-    devices = SERVICES["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert SERVICES["worker"]["stop_grace_period"] == "10m"
-    assert any(volume.startswith("models-cache:") for volume in SERVICES["worker"]["volumes"])
+def test_each_worker_service_reserves_its_own_gpu_and_stops_warm() -> None:
+    """Docker hands every replica of one service the same card, so each GPU has its own service."""
+    cards = []
+    for name in WORKERS:
+        worker = SERVICES[name]
+        (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device
+        cards += device["device_ids"]
+        assert worker["stop_grace_period"] == "10m"
+        assert any(volume.startswith("models-cache:") for volume in worker["volumes"])
+        assert worker["environment"] == SERVICES["worker"]["environment"]  # one template
+        assert worker["networks"]["default"]["aliases"] == ["workers"]
+        assert name == "worker" or worker["profiles"] == [name.removeprefix("worker-")]
+    assert cards == [str(i) for i in range(len(WORKERS))] and len(WORKERS) == 8
 
 
-@pytest.mark.parametrize("service", ["redis", "minio"])
-def test_stateful_services_have_healthchecks_and_volumes(service: str) -> None:
-    assert SERVICES[service]["healthcheck"]["test"]
-    assert SERVICES[service]["volumes"]
+def test_prometheus_scrapes_every_worker_and_the_exporter_on_their_ports() -> None:
+    config = yaml.safe_load((ROOT / "infra" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    (workers,) = jobs["fluxfarm-workers"]["dns_sd_configs"]
+    assert workers["names"] == ["workers"] and workers["port"] == int(SERVICES["worker"]["expose"][0])
+    assert int(_env("worker")["FLUXFARM_METRICS_PORT"]) == workers["port"] == FarmSettings().metrics_port
+    (static,) = jobs["fluxfarm-farm"]["static_configs"]
+    exporter = SERVICES["exporter"]
+    port = exporter["command"][exporter["command"].index("--port") + 1]
+    assert static["targets"] == [f"exporter:{port}"] and exporter["expose"] == [port]
+    assert "./infra/prometheus:/etc/prometheus:ro" in SERVICES["prometheus"]["volumes"]
+    (files,) = jobs["fluxfarm-workers"]["file_sd_configs"]
+    assert files["files"] == ["/etc/prometheus/targets/*.yml"]
+    assert (ROOT / "infra" / "prometheus" / "targets").is_dir()
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_dashboard_it_mounts() -> None:
+    grafana = SERVICES["grafana"]
+    mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in grafana["volumes"] if volume.startswith("./"))
+    provider = yaml.safe_load((ROOT / "infra/grafana/provisioning/dashboards/fluxfarm.yml").read_text())
+    dashboards_dir = provider["providers"][0]["options"]["path"]
+    assert mounts["./infra/grafana/dashboards"] == dashboards_dir
+    assert mounts["./infra/grafana/provisioning"] == "/etc/grafana/provisioning"
+    source = yaml.safe_load((ROOT / "infra/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{dashboards_dir}/fluxfarm.json"
+
+
+def test_monitoring_without_a_login_stays_on_the_host_and_flower_needs_a_password() -> None:
+    assert SERVICES["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert SERVICES["redis"]["ports"] == ["127.0.0.1:6379:6379"]
+    assert "${FLOWER_PASSWORD:?" in SERVICES["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert "${GRAFANA_ADMIN_PASSWORD:?" in SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+
+
+@pytest.mark.parametrize("service", ["redis", "minio", "worker", "exporter", "flower", "prometheus", "grafana"])
+def test_long_running_services_have_healthchecks(service: str) -> None:
+    assert SERVICES[service]["healthcheck"]["test"][0] == "CMD"
+
+
+@pytest.mark.parametrize("service", ["redis", "minio", "prometheus", "grafana"])
+def test_stateful_services_keep_their_data_in_named_volumes(service: str) -> None:
+    named = [volume.split(":", 1)[0] for volume in SERVICES[service]["volumes"]]
+    assert set(named) & set(COMPOSE["volumes"]), service
 
 
 def test_services_start_after_what_they_need() -> None:
@@ -62,21 +193,33 @@ def test_no_secret_is_baked_into_compose() -> None:
 
 
 def test_env_example_names_every_variable_compose_reads() -> None:
-    wanted = set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
-    example = {
-        line.split("=", 1)[0]
-        for line in (ROOT / "infra" / "env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    }
-    assert wanted <= example, wanted - example
+    for path in ("docker-compose.yml", "infra/compose.tls.yml"):
+        wanted = set(VARIABLE_NAME.findall((ROOT / path).read_text()))
+        assert wanted <= set(env_example()), wanted - set(env_example())
 
 
-def test_compose_worker_settings_are_real_settings() -> None:
+def test_farm_env_names_every_setting_and_every_fluxfarm_container_loads_it() -> None:
+    """infra/farm.env lists every FLUXFARM_* setting with its default, commented out, and holds no secret."""
+    text = (ROOT / "infra" / "farm.env").read_text()
+    for name, field in FarmSettings.model_fields.items():
+        match = re.search(rf"^# FLUXFARM_{name.upper()}=(.*)$", text, re.MULTILINE)
+        assert match, name
+        default = field.default
+        shown = "" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        assert match.group(1) == shown, name
+    assert not [line for line in text.splitlines() if line and not line.startswith("#")]  # nothing set
+    for name in [*WORKERS, "producer", "exporter"]:
+        assert SERVICES[name]["env_file"] == ["infra/farm.env"], name
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES)
+def test_compose_fluxfarm_variables_are_real_settings(path: str) -> None:
     fields = {f"FLUXFARM_{name.upper()}" for name in FarmSettings.model_fields}
-    for service in ("worker", "producer"):
-        for key in _env(service):
-            if key.startswith("FLUXFARM_"):
-                assert key in fields, key
+    document = yaml.safe_load((ROOT / path).read_text())
+    for name, service in document["services"].items():
+        for key in service.get("environment", {}):
+            if key.startswith("FLUXFARM_") and name != "minio-init":
+                assert key in fields, f"{path}: {name}.{key}"
 
 
 @pytest.mark.parametrize(("dockerfile", "installs_gpu"), [("worker.Dockerfile", True), ("producer.Dockerfile", False)])
@@ -96,3 +239,9 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in FarmSettings.model_fields:
         assert f"`FLUXFARM_{name.upper()}`" in readme, name
+
+
+def test_the_worker_image_lets_a_tight_budget_use_fragmented_memory_and_exposes_its_metrics() -> None:
+    text = (ROOT / "infra" / "worker.Dockerfile").read_text()
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
+    assert f"EXPOSE {FarmSettings().metrics_port}" in text
