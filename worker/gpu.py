@@ -74,6 +74,12 @@ def memory_cap(device: str, budget_gib: float | None) -> Iterator[None]:
         cap_memory(device, None)
 
 
+def card_bytes(device: str) -> int | None:
+    """The card's memory in bytes (before any budget cap); None off CUDA."""
+    dev = torch.device(device)
+    return int(torch.cuda.get_device_properties(dev).total_memory) if dev.type == "cuda" else None
+
+
 def vram_peak_bytes(device: str) -> float:
     """Peak memory torch allocated on `device` since the process started (0 off CUDA)."""
     dev = torch.device(device)

@@ -29,7 +29,7 @@ from shared.storage import open_store
 from worker.batcher import RenderBatcher, held_jobs
 from worker.engine import RenderEngine
 from worker.fault_injection import parse_fault_plan
-from worker.gpu import cap_memory, compute_capability, default_device, probe_device, vram_peak_bytes
+from worker.gpu import cap_memory, card_bytes, compute_capability, default_device, probe_device, vram_peak_bytes
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
 from worker.leases import InFlight, JobClaims, LeaseKeeper
@@ -89,8 +89,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         cap_memory(device, settings.vram_budget_gib)
     metrics = WorkerMetrics()
     metrics_port = serve_metrics(metrics, settings.metrics_address, settings.metrics_port)
-    if worker_info.vram_gib is not None:
-        metrics.watch_vram(device, lambda: vram_peak_bytes(device), worker_info.vram_gib * 2**30)
+    if (total := card_bytes(device)) is not None:
+        metrics.watch_vram(device, lambda: vram_peak_bytes(device), total)
     faults = parse_fault_plan(settings.inject_faults)
     if faults is not None:
         log.warning("fault drill: this worker injects %s", faults.model_dump_json(exclude_none=True))
