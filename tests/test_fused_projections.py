@@ -53,3 +53,17 @@ def test_layers_of_different_kinds_are_left_separate() -> None:
     assert stack_layers([plain, fp8]) is None
     assert stack_layers([plain, torch.nn.Linear(4, 8)]) is None
     assert stack_layers([plain, torch.nn.Linear(8, 8, bias=False)]) is None
+
+
+def test_a_stacked_fp8_layer_keeps_every_setting_of_its_layers() -> None:
+    """The fp8 level on the GPU crashed here: the stacked layer lacked `fast_accum`, which its CPU
+    path never reads (found by `fluxfarm bench` on the H200)."""
+    layers = [to_scaled_fp8(torch.nn.Sequential(torch.nn.Linear(8, 8)), torch.float32)[0] for _ in range(3)]
+    for layer in layers:
+        layer.tensor_cores, layer.fast_accum = True, False
+    stacked = stack_layers(layers)
+    assert stacked is not None
+    assert (stacked.tensor_cores, stacked.fast_accum, stacked.compute_dtype) == (True, False, torch.float32)
+    assert (stacked.in_features, stacked.out_features) == (8, 24)
+    layers[1].fast_accum = True
+    assert stack_layers(layers) is None  # layers that compute differently are left separate

@@ -46,26 +46,31 @@ def _stacked(kind: type[nn.Module], layers: list[nn.Module], **attributes: objec
     return stacked
 
 
-def _same(layers: list[nn.Module], *names: str) -> bool:
-    return all(len({getattr(layer, name) for layer in layers}) == 1 for name in names)
+def _settings(layer: nn.Module) -> dict[str, object]:
+    """A layer's plain attributes (compute dtype, block type, fp8 flags): the stacked layer keeps them
+    all, so a setting added to a layer class later cannot be lost in stacking."""
+    skipped = {"training", "in_features", "out_features"}
+    return {name: value for name, value in vars(layer).items() if not name.startswith("_") and name not in skipped}
 
 
 def stack_layers(layers: list[nn.Module]) -> nn.Module | None:
     """One layer of the same kind computing `layers`' outputs side by side; None where they differ in
-    kind, input width, storage type or bias (the attention then keeps its separate projections)."""
+    kind, input width, settings or bias (the attention then keeps its separate projections)."""
     first = layers[0]
-    if len({type(layer) for layer in layers}) != 1 or not _same(layers, "in_features"):
+    if len({type(layer) for layer in layers}) != 1 or len({layer.in_features for layer in layers}) != 1:
         return None
     if {layer.bias is None for layer in layers} != {first.bias is None}:
         return None
-    if isinstance(first, TritonGGUFLinear) and _same(layers, "qtype", "compute_dtype"):
+    settings = _settings(first)
+    if any(_settings(layer) != settings for layer in layers):
+        return None
+    if isinstance(first, TritonGGUFLinear):
         blocks = torch.cat([layer.blocks for layer in layers])
-        return _stacked(TritonGGUFLinear, layers, qtype=first.qtype, compute_dtype=first.compute_dtype, blocks=blocks)
-    if isinstance(first, ScaledFp8Linear) and _same(layers, "compute_dtype", "tensor_cores"):
+        return _stacked(TritonGGUFLinear, layers, blocks=blocks, **settings)
+    if isinstance(first, ScaledFp8Linear):
         weight = nn.Parameter(_cat_rows([layer.weight.detach() for layer in layers]), requires_grad=False)
         scale = nn.Parameter(torch.cat([layer.weight_scale.detach() for layer in layers]), requires_grad=False)
-        attributes = {"compute_dtype": first.compute_dtype, "tensor_cores": first.tensor_cores}
-        return _stacked(ScaledFp8Linear, layers, weight=weight, weight_scale=scale, **attributes)
+        return _stacked(ScaledFp8Linear, layers, weight=weight, weight_scale=scale, **settings)
     if type(first) is nn.Linear:
         weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
         return _stacked(nn.Linear, layers, weight=weight)
