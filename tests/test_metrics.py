@@ -214,3 +214,12 @@ def test_the_dashboard_queries_only_families_the_worker_and_exporter_serve(metri
     named = {re.sub(r"_(bucket|sum|count|total)$", "", name) for name in names}
     assert named <= served, sorted(named - served)
     assert named >= WORKER_FAMILIES - {"fluxfarm_jobs_in_progress"}  # every worker family is on a panel
+
+
+def test_the_readme_names_every_family_the_worker_and_exporter_serve(metrics_farm: MetricsFarm) -> None:
+    readme = (ROOT / "README.md").read_text()
+    served = set(scrape(metrics_farm.worker_port)) | set(scrape(metrics_farm.exporter_port))
+    ours = {name for name in served if name.startswith("fluxfarm_")}
+    assert len(ours) >= 18
+    missing = [name for name in sorted(ours) if f"`{name}" not in readme and f"`{name}_total" not in readme]
+    assert not missing, missing

@@ -20,6 +20,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 
@@ -42,6 +43,7 @@ class WorkerMetrics:
     """Every metric family a worker serves; the job runner and the model loader record into it."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # `*_created` would be one more series per counter and histogram, unused
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
