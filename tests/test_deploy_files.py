@@ -144,6 +144,8 @@ def test_prometheus_scrapes_every_worker_and_the_exporter_on_their_ports() -> No
     (files,) = jobs["fluxfarm-workers"]["file_sd_configs"]
     assert files["files"] == ["/etc/prometheus/targets/*.yml"]
     assert (ROOT / "infra" / "prometheus" / "targets").is_dir()
+    (rules,) = config["rule_files"]  # the mounted ./infra/prometheus
+    assert (ROOT / "infra" / "prometheus" / Path(rules).relative_to("/etc/prometheus")).is_file()
 
 
 def test_grafana_is_provisioned_with_the_datasource_and_dashboard_it_mounts() -> None:

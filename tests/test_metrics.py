@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import promql_parser
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -28,6 +30,7 @@ from tests.fault_farm import SMALL_JOB, fault_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "fluxfarm.json"
+ALERTS = ROOT / "infra" / "prometheus" / "alerts.yml"
 RESULT_TIMEOUT_S = 300
 WORKER_FAMILIES = {
     "fluxfarm_jobs",
@@ -200,6 +203,14 @@ def test_a_taken_metrics_port_leaves_the_worker_rendering_without_metrics() -> N
     assert serve_metrics(WorkerMetrics(), "127.0.0.1", 0) is None  # 0: metrics off
 
 
+def _named_families(exprs: list[str]) -> set[str]:
+    """The metric families PromQL expressions read; each expression must parse as Prometheus parses it."""
+    for expr in exprs:
+        promql_parser.parse(expr)  # raises ValueError on a syntax error
+    names = {name for expr in exprs for name in re.findall(r"fluxfarm_\w+", expr)}
+    return {re.sub(r"_(bucket|sum|count|total)$", "", name) for name in names}
+
+
 def test_the_dashboard_queries_only_families_the_worker_and_exporter_serve(metrics_farm: MetricsFarm) -> None:
     served = set(scrape(metrics_farm.worker_port)) | set(scrape(metrics_farm.exporter_port))
     dashboard = json.loads(DASHBOARD.read_text())
@@ -210,10 +221,20 @@ def test_the_dashboard_queries_only_families_the_worker_and_exporter_serve(metri
             assert target["datasource"]["uid"] in datasource
             exprs.append(target["expr"])
     assert len(exprs) >= 20
-    names = {name for expr in exprs for name in re.findall(r"fluxfarm_\w+", expr)}
-    named = {re.sub(r"_(bucket|sum|count|total)$", "", name) for name in names}
+    named = _named_families(exprs)
     assert named <= served, sorted(named - served)
     assert named >= WORKER_FAMILIES - {"fluxfarm_jobs_in_progress"}  # every worker family is on a panel
+
+
+def test_the_alert_rules_parse_and_watch_only_served_families(metrics_farm: MetricsFarm) -> None:
+    served = set(scrape(metrics_farm.worker_port)) | set(scrape(metrics_farm.exporter_port))
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert {rule["alert"] for rule in rules} >= {"FluxfarmJobsWithNoWorker", "FluxfarmJobsDeadLettered"}
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"warning", "critical"} and rule["annotations"]["summary"], rule
+    named = _named_families([rule["expr"] for rule in rules])
+    assert named <= served, sorted(named - served)
 
 
 def test_the_readme_names_every_family_the_worker_and_exporter_serve(metrics_farm: MetricsFarm) -> None:
