@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from producer.local_stack import RedisServer, WorkerProcess, free_port
 from shared.errors import JobFailed
 from shared.settings import FarmSettings
 from tests.conftest import S3Server, farm_env, fresh_farm_settings, run_fluxfarm
-from tests.fault_farm import SMALL_JOB, fault_worker
+from tests.fault_farm import SMALL_JOB, fault_worker, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "fluxfarm.json"
@@ -58,6 +57,27 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
     return matches[0]
 
 
+def start_exporter(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`fluxfarm exporter` on 127.0.0.1:`port`, once it accepts connections."""
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "exporter", "--port", str(port), "--address", "127.0.0.1"],
+        env={**env, "PATH": str(Path(sys.executable).parent)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        assert exporter.poll() is None, "the exporter exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    wait_until(listening, 60, "the exporter to listen", poll_s=0.2)
+    return exporter
+
+
 @dataclass(frozen=True)
 class MetricsFarm:
     settings: FarmSettings
@@ -82,20 +102,7 @@ def metrics_farm(
         max_attempts="1",
         metrics_port=str(worker_port),
     )
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "exporter", "--port", str(exporter_port), "--address", "127.0.0.1"],
-        env={**farm_env(settings), "PATH": str(Path(sys.executable).parent)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", exporter_port), timeout=1).close()
-            break
-        except OSError:
-            assert exporter.poll() is None and time.monotonic() < deadline, "exporter did not start"
-            time.sleep(0.2)
+    exporter = start_exporter(exporter_port, farm_env(settings))
     with FarmClient(settings) as client:
         handles = list(
             client.submit_many(
@@ -172,22 +179,9 @@ def test_the_exporter_serves_fleet_queues_datasets_and_dead_letters(metrics_farm
 def test_the_exporter_reports_a_broker_it_cannot_reach_instead_of_failing_the_scrape(tmp_path: Path) -> None:
     port = free_port()
     closed = free_port()
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "exporter", "--port", str(port), "--address", "127.0.0.1"],
-        env={"FLUXFARM_BROKER_URL": f"redis://127.0.0.1:{closed}/0", "PATH": str(Path(sys.executable).parent)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    exporter = start_exporter(port, {"FLUXFARM_BROKER_URL": f"redis://127.0.0.1:{closed}/0"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                families = scrape(port)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "exporter did not start"
-                time.sleep(0.2)
-        assert value(families["fluxfarm_broker_up"], "fluxfarm_broker_up") == 0
+        assert value(scrape(port)["fluxfarm_broker_up"], "fluxfarm_broker_up") == 0
     finally:
         exporter.terminate()
         exporter.wait(timeout=30)
