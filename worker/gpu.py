@@ -59,7 +59,9 @@ def cap_memory(device: str, budget_gib: float | None) -> None:
     a large card standing in for a smaller one."""
     if torch.device(device).type != "cuda":
         return
-    total_gib = torch.cuda.get_device_properties(device).total_memory / _BYTES_PER_GIB
+    total_bytes = card_bytes(device)
+    assert total_bytes is not None
+    total_gib = total_bytes / _BYTES_PER_GIB
     fraction = 1.0 if budget_gib is None else min(1.0, budget_gib / total_gib)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
 
