@@ -13,6 +13,7 @@ import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
 from shared.settings import FarmSettings
+from tests.compose_files import interpolate
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.yml", "infra/compose.tls.yml", "infra/worker-host.yml"]
@@ -21,30 +22,11 @@ SERVICES = COMPOSE["services"]
 WORKERS = [name for name in SERVICES if name.startswith("worker")]
 SECRET_NAMES = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH", re.IGNORECASE)
 VARIABLE_NAME = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)")
-VARIABLE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(:?[-?])?([^}]*)\}")
 
 
 def env_example() -> dict[str, str]:
     lines = (ROOT / "infra" / "env.example").read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
-
-
-def interpolate(node: Any, env: dict[str, str]) -> Any:
-    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}` (and `$$`) over a loaded file."""
-    if isinstance(node, dict):
-        return {key: interpolate(value, env) for key, value in node.items()}
-    if isinstance(node, list):
-        return [interpolate(value, env) for value in node]
-    if not isinstance(node, str):
-        return node
-
-    def one(match: re.Match[str]) -> str:
-        name, operator, word = match.groups()
-        if operator and "?" in operator:
-            assert env.get(name), f"{name} must be set: {word}"
-        return env.get(name) or (word if operator and "-" in operator else "")
-
-    return VARIABLE.sub(one, node).replace("$$", "$")
 
 
 def merge(base: Any, override: Any) -> Any:

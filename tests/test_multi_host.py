@@ -20,6 +20,7 @@ import yaml
 
 from producer.local_stack import find_redis_server, free_port
 from shared.ladder import QuantLevel
+from tests.compose_files import interpolate
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "deploy" / "multi-host.md"
@@ -56,9 +57,9 @@ def central(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_redis_command(tls_dir: Path, data_dir: Path, tls_port: int) -> list[str]:
     """infra/compose.tls.yml's Redis command with this machine's paths, port and password."""
     command = yaml.safe_load(TLS_OVERRIDE.read_text())["services"]["redis"]["command"]
+    command = interpolate(command, {"REDIS_PASSWORD": REDIS_PASSWORD})
     assert command[0] == "redis-server"
     args = [arg.replace("/tls/", f"{tls_dir}/") for arg in command[1:]]
-    args = [REDIS_PASSWORD if arg.startswith("${REDIS_PASSWORD") else arg for arg in args]
     args[args.index("--tls-port") + 1] = str(tls_port)
     # Plain port off, loopback, a private data folder: what the container's network and volume give.
     return [find_redis_server(), *args, "--port", "0", "--bind", "127.0.0.1", "--dir", str(data_dir)]
