@@ -47,3 +47,12 @@ class ObjectExists(StorageError):
 
 class ModelLoadError(FarmError):
     """The worker could not resolve or load the model it was asked to serve."""
+
+
+class ModelMissing(ModelLoadError):
+    """The named model file or folder does not exist at its source (not a transient failure to reach it)."""
+
+
+class JobInputError(FarmError):
+    """A job's own inputs (a LoRA, a ControlNet, a control image) cannot be used: missing, of another
+    architecture, too large. Another attempt would fail the same way, so the job fails at once."""

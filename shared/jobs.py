@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.adapters import MAX_LORAS, ControlNetSpec, LoraSpec, lora_set_id
 from shared.errors import FarmError, InvalidJob
 from shared.routing import AUTO, QuantConstraint, parse_constraint
 
@@ -79,6 +80,8 @@ class RenderJob(BaseModel):
     max_sequence_length: int = Field(default=512, ge=1, le=MAX_T5_TOKENS)
     dataset: str = DEFAULT_DATASET
     quant: str = Field(default=AUTO, description="auto (any level), min:LEVEL (that level or better) or exact:LEVEL.")
+    loras: tuple[LoraSpec, ...] = Field(default=(), max_length=MAX_LORAS, description="LoRAs fused into the weights.")
+    controlnet: ControlNetSpec | None = Field(default=None, description="A ControlNet and its control image.")
     job_id: str | None = Field(default=None, description="Defaults to the hash of the other fields.")
 
     @field_validator("prompt", "prompt_2")
@@ -127,6 +130,11 @@ class RenderJob(BaseModel):
         return self
 
     @property
+    def lora_set(self) -> str | None:
+        """Which fused weights the job needs (None: the base weights)."""
+        return lora_set_id(self.loras)
+
+    @property
     def id(self) -> str:
         """The job id, always set after validation (typed as `str`, unlike the optional field)."""
         assert self.job_id is not None
@@ -134,8 +142,10 @@ class RenderJob(BaseModel):
 
 
 def canonical_job_id(job: RenderJob) -> str:
-    """The hash of the job's canonical parameters: same job, same id, on every machine."""
-    params = job.model_dump(mode="json", exclude={"job_id"})
+    """The hash of the job's canonical parameters: same job, same id, on every machine. Adapter fields
+    count only when set, so jobs written before they existed keep their ids (and their stored results)."""
+    unset = {name for name in ("loras", "controlnet") if not getattr(job, name)}
+    params = job.model_dump(mode="json", exclude={"job_id", *unset})
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:_JOB_ID_CHARS]
 

@@ -28,6 +28,21 @@ class ModelInfo(_Record):
     transformer_sha256: str = Field(description="sha256 of the transformer file (or of its shard list).")
 
 
+class LoraInfo(_Record):
+    source: str
+    sha256: str = Field(description="sha256 of the LoRA file that was fused.")
+    weight: float
+
+
+class ControlNetInfo(_Record):
+    source: str
+    sha256: str = Field(description="sha256 of the ControlNet's weight files.")
+    conditioning_scale: float
+    control_mode: int | None = None
+    control_image: str = Field(description="Where the control image came from ('inline' for one in the job).")
+    control_image_sha256: str
+
+
 class WorkerInfo(_Record):
     node: str = Field(description="The worker's Celery node name: which process rendered the job.")
     hostname: str
@@ -46,6 +61,9 @@ class Timings(_Record):
     decode_s: float = Field(description="VAE decode to pixels; PNG encoding is png_s.")
     png_s: float = Field(default=0.0, description="PNG encoding, done while the GPU renders the next batch.")
     upload_s: float = Field(description="Time to store the PNG (the metadata JSON is written after).")
+    adapter_s: float = Field(
+        default=0.0, description="Its share of fusing its LoRA set and loading its ControlNet and control image."
+    )
     batch_size: int = Field(
         default=1, ge=1, description="Jobs denoised together with this one; encode and denoise are its share."
     )
@@ -67,6 +85,10 @@ class RenderResult(_Record):
     job: RenderJob
     model: ModelInfo
     quant: str = Field(description="The quantization level actually used, e.g. bf16 or Q8_0.")
+    loras: tuple[LoraInfo, ...] = Field(
+        default=(), description="LoRAs fused into the weights, with their files' hashes."
+    )
+    controlnet: ControlNetInfo | None = None
     worker: WorkerInfo
     timings: Timings
     image: ImageInfo

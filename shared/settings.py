@@ -5,12 +5,13 @@ AWS credentials are not settings: boto3 reads them from its usual chain (environ
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_STORAGE_URL = "file://./fluxfarm-output"
 
@@ -100,6 +101,13 @@ class FarmSettings(BaseSettings):
     cache_max_gib: float | None = Field(
         default=None, gt=0, description="Size limit of the model download cache; least recently used files go first."
     )
+    job_file_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Folders (':'-separated) under which jobs may name worker paths for LoRAs, ControlNets and control "
+            "images; jobs naming any other path fail. Empty: jobs may only name hf:// and s3:// sources."
+        ),
+    )
     log_level: str = Field(default="INFO", description="Python logging level of the worker.")
     metrics_port: int = Field(
         default=9464,
@@ -142,6 +150,18 @@ class FarmSettings(BaseSettings):
     def _blank_is_none(cls, value: object) -> object:
         """An empty variable (compose's `${VAR:-}`) means unset: not the current folder, not an endpoint."""
         return None if value == "" else value
+
+    @field_validator("job_file_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part]
+        return value
+
+    @field_validator("job_file_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        return [root.expanduser().resolve() for root in value]
 
     @field_validator("cache_dir")
     @classmethod

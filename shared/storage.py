@@ -116,6 +116,10 @@ class ObjectStore(ABC):
         a resubmit learns what is done without a request per job."""
         return {name.removesuffix(".json") for name in self._job_files(dataset) if name.endswith(".json")}
 
+    def keys_under(self, folder: str) -> list[str]:
+        """Every key that starts with `folder` (a model folder to download), in any order."""
+        return list(self._list(folder))
+
     def put_file(self, key: str, source: Path, content_type: str) -> None:
         """Store a local file without reading it into memory (large exports: tar shards, parquet)."""
         self._put_file(_check_key(key), source, content_type)

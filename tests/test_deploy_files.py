@@ -188,8 +188,8 @@ def test_farm_env_names_every_setting_and_every_fluxfarm_container_loads_it() ->
     for name, field in FarmSettings.model_fields.items():
         match = re.search(rf"^# FLUXFARM_{name.upper()}=(.*)$", text, re.MULTILINE)
         assert match, name
-        default = field.default
-        shown = "" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default in (None, []) else str(default).lower() if isinstance(default, bool) else str(default)
         assert match.group(1) == shown, name
     assert not [line for line in text.splitlines() if line and not line.startswith("#")]  # nothing set
     for name in [*WORKERS, "producer", "exporter"]:

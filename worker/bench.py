@@ -397,7 +397,7 @@ class Bench:
                 fast_paths=paths,
             )
             for batch in self.options.image_batches:
-                engine = RenderEngine(model, max_batch=batch, embedding_cache=0)
+                engine = RenderEngine(model, max_batch=batch, embedding_cache=0, settings=settings)
                 try:
                     engine.render_batch(bench_jobs(self.options, batch, offset=100))  # warm-up at this batch
                     _free(self.device)

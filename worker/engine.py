@@ -31,9 +31,13 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from shared.jobs import RenderJob
+from shared.metadata import ControlNetInfo, LoraInfo
+from shared.settings import FarmSettings
+from worker.controlnet import ControlNets
 from worker.fault_injection import FaultPlan
 from worker.gpu import synchronize
 from worker.host_mirror import HostMirror
+from worker.lora_fuser import LoraFuser
 from worker.pipeline import LoadedModel
 from worker.step_graphs import step_graphs
 
@@ -54,6 +58,10 @@ class RenderedImage:
     decode_s: float
     batch_size: int = 1
     """Jobs denoised together with this one; its encode and denoise seconds are its share of the phase."""
+    adapter_s: float = 0.0
+    """Its share of fusing its LoRA set and loading its ControlNet, where its batch had to."""
+    loras: tuple[LoraInfo, ...] = ()
+    controlnet: ControlNetInfo | None = None
 
     @property
     def width(self) -> int:
@@ -100,8 +108,9 @@ class EmbeddingCache:
         self.misses = 0
 
     @staticmethod
-    def key(job: RenderJob) -> str:
-        text = json.dumps([job.prompt, job.prompt_2, job.max_sequence_length], ensure_ascii=False)
+    def key(job: RenderJob, text_encoder_loras: str | None = None) -> str:
+        """`text_encoder_loras`: the LoRA set fused into the text encoder, which changes the embeddings."""
+        text = json.dumps([job.prompt, job.prompt_2, job.max_sequence_length, text_encoder_loras], ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def get(self, key: str) -> Embeddings | None:
@@ -132,10 +141,14 @@ def encode_png(image: Image.Image, job: RenderJob) -> bytes:
 
 
 def denoise_groups(jobs: Sequence[RenderJob], max_batch: int) -> list[list[int]]:
-    """Indices of `jobs` in groups that can share a denoising batch (same shape of work), in job order."""
+    """Indices of `jobs` in groups that can share a denoising batch (same shape of work, same LoRA set and
+    ControlNet settings), in job order."""
     by_shape: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
-        by_shape.setdefault((job.width, job.height, job.steps, job.guidance, job.max_sequence_length), []).append(index)
+        control = job.controlnet
+        control_key = None if control is None else (control.source, control.conditioning_scale, control.control_mode)
+        shape = (job.width, job.height, job.steps, job.guidance, job.max_sequence_length, job.lora_set, control_key)
+        by_shape.setdefault(shape, []).append(index)
     groups = []
     for indices in by_shape.values():
         groups.extend(indices[start : start + max_batch] for start in range(0, len(indices), max_batch))
@@ -146,15 +159,30 @@ class RenderEngine:
     """Renders jobs with one loaded pipeline; keeps only the embedding cache between calls."""
 
     def __init__(
-        self, model: LoadedModel, max_batch: int = 1, embedding_cache: int = 64, faults: FaultPlan | None = None
+        self,
+        model: LoadedModel,
+        max_batch: int = 1,
+        embedding_cache: int = 64,
+        faults: FaultPlan | None = None,
+        settings: FarmSettings | None = None,
     ) -> None:
+        """`settings` say where LoRAs, ControlNets and control images may come from and where fused weights
+        are cached; the environment's FLUXFARM_* settings when not given."""
         self.model = model
         self.faults = faults
         self.max_batch = max(1, max_batch)
         self.embeddings = EmbeddingCache(embedding_cache)
+        settings = settings or FarmSettings()
+        pipe = model.pipe
+        self.loras = LoraFuser(
+            {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder},
+            model.info.transformer_sha256,
+            model.quant,
+            settings,
+        )
+        self.controlnets = ControlNets(pipe, model.quant, model.device, settings)
         self._mirrors: list[HostMirror] = []
         if model.text_encoders == "gpu-swap":
-            pipe = model.pipe
             self._mirrors = [HostMirror(m) for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)]
 
     @contextmanager
@@ -179,7 +207,8 @@ class RenderEngine:
 
     def _encode(self, jobs: Sequence[RenderJob]) -> list[Embeddings]:
         """Embeddings for every job: cached ones as they are, the rest in one encoder phase."""
-        keys = [EmbeddingCache.key(job) for job in jobs]
+        text_loras = self.loras.active_id if self.loras.touches_text_encoder else None
+        keys = [EmbeddingCache.key(job, text_loras) for job in jobs]
         found = {key: self.embeddings.get(key) for key in dict.fromkeys(keys)}
         missing = [(key, job) for key, job in dict(zip(keys, jobs, strict=True)).items() if found[key] is None]
         if missing:
@@ -201,12 +230,23 @@ class RenderEngine:
                             self.embeddings.put(key, found[key])
         return [found[key] for key in keys]  # type: ignore[misc]
 
-    def _denoise(self, jobs: Sequence[RenderJob], embeddings: Sequence[Embeddings]) -> torch.Tensor:
+    def _denoise(
+        self, jobs: Sequence[RenderJob], embeddings: Sequence[Embeddings], control: Sequence[Image.Image]
+    ) -> torch.Tensor:
         pipe, device = self.model.pipe, self.model.device
         first = jobs[0]
         if self.faults is not None:
             self.faults.check_denoise(jobs, self.model.quant)
+        extra = {}
+        if first.controlnet is not None:
+            pipe = self.controlnets.get(first.controlnet).pipeline
+            extra = {
+                "control_image": list(control),
+                "controlnet_conditioning_scale": first.controlnet.conditioning_scale,
+                "control_mode": first.controlnet.control_mode,
+            }
         return pipe(
+            **extra,
             prompt_embeds=torch.cat([e.prompt for e in embeddings]).to(device),
             pooled_prompt_embeds=torch.cat([e.pooled for e in embeddings]).to(device),
             width=first.width,
@@ -235,6 +275,7 @@ class RenderEngine:
         if graphs is not None:
             graphs.release()
         self._mirrors = []
+        self.controlnets.release()
         pipe = self.model.pipe
         for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
             setattr(pipe, name, None)
@@ -252,9 +293,32 @@ class RenderEngine:
             graphs.release()
         torch.cuda.empty_cache()
 
+    def _use_loras(self, jobs: Sequence[RenderJob]) -> tuple[tuple[LoraInfo, ...], float]:
+        """Fuse the jobs' (shared) LoRA set into the weights if they do not carry it already."""
+        changed = self.loras.active_id != jobs[0].lora_set
+        start = time.perf_counter()
+        loras = self.loras.activate(jobs[0].loras)
+        if changed and self._mirrors:
+            self._mirrors[0].keep_current()  # the host copy is what the next swap brings back
+        return tuple(lora.info for lora in loras), time.perf_counter() - start if changed else 0.0
+
     @torch.inference_mode()
     def render_batch(self, jobs: Sequence[RenderJob]) -> list[RenderedImage]:
-        """Render `jobs` sharing one encode phase and denoising compatible ones together; results in job order."""
+        """Render `jobs`, a LoRA set at a time (the set the weights carry first), sharing one encode phase
+        per set and denoising compatible jobs together; results in job order."""
+        by_set: dict[str | None, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_set.setdefault(job.lora_set, []).append(index)
+        order = sorted(by_set, key=lambda set_id: set_id != self.loras.active_id)
+        results: dict[int, RenderedImage] = {}
+        for set_id in order:
+            indices = by_set[set_id]
+            rendered = self._render_set([jobs[i] for i in indices])
+            results.update(zip(indices, rendered, strict=True))
+        return [results[i] for i in range(len(jobs))]
+
+    def _render_set(self, jobs: Sequence[RenderJob]) -> list[RenderedImage]:
+        loras, fuse_s = self._use_loras(jobs)
         clock = _PhaseClock(self.model.device)
         embeddings = self._encode(jobs)
         encode_share = clock.lap() / len(jobs)
@@ -263,8 +327,11 @@ class RenderEngine:
         while groups:
             group = groups.pop(0)
             group_jobs = [jobs[i] for i in group]
+            controls = [self.controlnets.image(job.controlnet) for job in group_jobs if job.controlnet is not None]
+            adapter_s = (fuse_s + clock.lap()) / len(group)
+            fuse_s = 0.0
             try:
-                latents = self._denoise(group_jobs, [embeddings[i] for i in group])
+                latents = self._denoise(group_jobs, [embeddings[i] for i in group], [image for image, _ in controls])
             except torch.cuda.OutOfMemoryError:
                 if len(group) == 1:
                     raise
@@ -284,6 +351,9 @@ class RenderEngine:
                     denoise_s=denoise_share,
                     decode_s=clock.lap(),
                     batch_size=len(group),
+                    adapter_s=adapter_s,
+                    loras=loras,
+                    controlnet=controls[row][1] if controls else None,
                 )
         return [results[i] for i in range(len(jobs))]
 

@@ -75,16 +75,23 @@ def fp8_matmul(
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def quantize_weight_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (out, in) weight as e4m3 rows and their float32 scales (out, 1): each row's absolute maximum
+    maps to e4m3's largest value."""
+    weight = weight.to(torch.float32)
+    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (weight / scale).to(torch.float8_e4m3fn), scale
+
+
 class ScaledFp8Linear(nn.Module):
     """A Linear whose weight is e4m3 with a float32 scale per output row."""
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype) -> None:
         super().__init__()
-        weight = linear.weight.detach().to(torch.float32)
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+        weight, scale = quantize_weight_rows(linear.weight.detach())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
-        self.weight = nn.Parameter((weight / scale).to(torch.float8_e4m3fn), requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None
         self.tensor_cores = False

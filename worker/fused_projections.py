@@ -53,9 +53,17 @@ def _settings(layer: nn.Module) -> dict[str, object]:
     return {name: value for name, value in vars(layer).items() if not name.startswith("_") and name not in skipped}
 
 
-def stack_layers(layers: list[nn.Module]) -> nn.Module | None:
+def stack_layers(layers: list[nn.Module], names: tuple[str, ...] | None = None) -> nn.Module | None:
     """One layer of the same kind computing `layers`' outputs side by side; None where they differ in
-    kind, input width, settings or bias (the attention then keeps its separate projections)."""
+    kind, input width, settings or bias (the attention then keeps its separate projections). The stacked
+    layer's `stacked_parts` names each layer's rows (worker/weight_slots.py finds them there)."""
+    stacked = _stack(layers)
+    if stacked is not None and names is not None:
+        stacked.stacked_parts = tuple(zip(names, (layer.out_features for layer in layers), strict=True))
+    return stacked
+
+
+def _stack(layers: list[nn.Module]) -> nn.Module | None:
     first = layers[0]
     if len({type(layer) for layer in layers}) != 1 or len({layer.in_features for layer in layers}) != 1:
         return None
@@ -84,10 +92,12 @@ def fuse_attention_projections(module: nn.Module) -> int:
     for attn in [m for m in module.modules() if isinstance(m, FluxAttention)]:
         if attn.fused_projections:
             continue
-        qkv = stack_layers([attn.to_q, attn.to_k, attn.to_v])
+        qkv = stack_layers([attn.to_q, attn.to_k, attn.to_v], ("to_q", "to_k", "to_v"))
         added = None
         if attn.added_kv_proj_dim is not None:
-            added = stack_layers([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+            added = stack_layers(
+                [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj], ("add_q_proj", "add_k_proj", "add_v_proj")
+            )
             if added is None:
                 continue
         if qkv is None:

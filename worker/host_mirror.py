@@ -1,6 +1,7 @@
 """Move a module between host and GPU without copying it back each time.
 
-Weights never change while a worker runs, so a pinned host copy made once serves every swap:
+Weights change only when a LoRA set is fused (which copies them back with `keep_current`), so a
+pinned host copy made once serves every swap:
 sending the module "to the host" only points its tensors back at that copy (no transfer), and
 bringing it to the GPU is one pinned host-to-device copy per tensor (~2x the rate of pageable
 memory). A gpu-swap worker swaps the transformer out and the text encoders in for every encode phase.
@@ -39,3 +40,10 @@ class HostMirror:
             tensor.data = self._host[name].to(device, non_blocking=True)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
+
+    def keep_current(self) -> None:
+        """Copy the module's tensors, changed in place on the device (a fused LoRA), into the host copy."""
+        for name, tensor in self._tensors():
+            host = self._host[name]
+            if tensor.data_ptr() != host.data_ptr():
+                host.copy_(tensor.detach())

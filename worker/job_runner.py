@@ -6,6 +6,8 @@ live process is waited for, not rendered twice (worker/leases.py). Each render a
 in the dataset record when it starts; a failed attempt goes back to the queue after a backoff, and
 once `max_attempts` attempts have failed or died with their worker the job is dead-lettered with the
 reason: a poison job cannot loop forever, and a job that kills its worker cannot crash-loop the fleet.
+A job whose own inputs cannot be used (a missing LoRA, a ControlNet for another model, an oversized
+control image) is dead-lettered at its first attempt, with the reason.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from shared import __version__
 from shared.datasets import DatasetBook, DeadLetter
-from shared.errors import InvalidJob, JobCancelled, JobDeadLettered, RenderAttemptFailed
+from shared.errors import InvalidJob, JobCancelled, JobDeadLettered, JobInputError, RenderAttemptFailed
 from shared.jobs import RenderJob, parse_job
 from shared.ladder import parse_level
 from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
@@ -190,6 +192,8 @@ class JobRunner:
             result = self._render_and_store(job, keys, queued_at, count_attempt)
         except Exception as error:
             reason = _failure_reason(error, self._batcher.engine.model.quant)
+            if isinstance(error, JobInputError):  # another attempt would fail the same way
+                self._give_up(job, f"the job's input cannot be used: {reason}", attempt[0])
             if attempt[0] >= self._max_attempts:
                 self._give_up(job, f"{attempt[0]} attempts failed, the last: {reason}", attempt[0])
             pause = min(2.0 ** (attempt[0] - 1), MAX_RETRY_PAUSE_S)
@@ -250,6 +254,8 @@ class JobRunner:
             job=job,
             model=model.info,
             quant=model.quant,
+            loras=rendered.loras,
+            controlnet=rendered.controlnet,
             worker=self._worker,
             timings=Timings(
                 queued_at=_parse_time(queued_at),
@@ -262,6 +268,7 @@ class JobRunner:
                 png_s=upload_start - png_start,
                 upload_s=upload_s,
                 batch_size=rendered.batch_size,
+                adapter_s=rendered.adapter_s,
             ),
             image=ImageInfo(
                 key=keys.image,
@@ -316,4 +323,6 @@ def _failure_reason(error: BaseException, level: str) -> str:
     """What the dataset record and the dead letter say about a failed attempt."""
     if isinstance(error, torch.OutOfMemoryError):
         return f"GPU out of memory rendering this job alone at level {level} ({error})"
+    if isinstance(error, JobInputError):
+        return str(error)
     return f"{type(error).__name__}: {error}"

@@ -124,7 +124,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
                 "version": __version__,
             }
         )
-        engine = RenderEngine(loaded, settings.max_batch, settings.embedding_cache, faults)
+        engine = RenderEngine(loaded, settings.max_batch, settings.embedding_cache, faults, settings)
         return engine, load_s
 
     engine, load_s = load_engine(settings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared.errors import ModelLoadError, StorageError
+from shared.errors import JobInputError, ModelLoadError, ModelMissing, ObjectNotFound, StorageError
 from shared.settings import FarmSettings
 from shared.storage import S3Store
 from worker.file_digest import DigestCache
@@ -34,17 +34,33 @@ BASE_COMPONENT_PATTERNS = [
 """What a worker needs of a FLUX repo when the transformer weights come from elsewhere."""
 
 
+def _hf_error(error: Exception, what: str) -> ModelLoadError:
+    """ModelMissing when the hub says the repo, revision or file does not exist; ModelLoadError otherwise
+    (network, auth), which a later attempt may get past."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    missing = isinstance(error, EntryNotFoundError | RepositoryNotFoundError | RevisionNotFoundError)
+    return (ModelMissing if missing else ModelLoadError)(f"could not download {what} from Hugging Face: {error}")
+
+
 def _hf_download(repo: str, filename: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(repo, filename, revision=revision))
     except Exception as error:  # the hub raises many types: network, auth, missing file
-        raise ModelLoadError(f"could not download {filename} from Hugging Face repo {repo}: {error}") from error
+        raise _hf_error(error, f"{filename} of repo {repo}") from error
 
 
 def model_cache(settings: FarmSettings) -> ModelCache:
     return ModelCache(settings.cache_dir / "s3", settings.cache_max_gib, DigestCache(settings.cache_dir))
+
+
+def bucket_store(bucket: str, settings: FarmSettings) -> S3Store:
+    """The store of a bucket a model or job input lives in, on the farm's S3 endpoint and CA."""
+    return S3Store(
+        bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, ca_file=settings.tls_ca_file
+    )
 
 
 def _s3_download(source: str, settings: FarmSettings) -> Path:
@@ -54,10 +70,12 @@ def _s3_download(source: str, settings: FarmSettings) -> Path:
     if dest.is_file():
         cache.touch(dest)
         return dest
-    store = S3Store(bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    store = bucket_store(bucket, settings)
     try:
         cache.make_room(store.size(key))
         return store.fetch_to(key, dest)
+    except ObjectNotFound as error:
+        raise ModelMissing(f"{source} does not exist: {error}") from error
     except StorageError as error:
         raise ModelLoadError(f"could not download {source}: {error}") from error
 
@@ -77,7 +95,7 @@ def resolve_file(source: str, settings: FarmSettings, sha256: str | None = None)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise ModelLoadError(f"transformer file {path} does not exist")
+            raise ModelMissing(f"file {path} does not exist")
     if sha256 is not None:
         model_cache(settings).verify(path, sha256, owned)
     return path
@@ -99,3 +117,74 @@ def resolve_base(model: str, settings: FarmSettings, with_transformer_weights: b
         return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as error:  # network, auth (gated FLUX.1-dev needs HF_TOKEN), missing repo
         raise ModelLoadError(f"could not fetch base pipeline {model} from Hugging Face: {error}") from error
+
+
+def _job_path(source: str, settings: FarmSettings, what: str) -> Path:
+    """A worker path a job names, allowed only under FLUXFARM_JOB_FILE_ROOTS (symlinks resolved first)."""
+    path = Path(source).resolve()
+    if not any(path.is_relative_to(root) for root in settings.job_file_roots):
+        raise JobInputError(f"{what} {source}: this worker reads job paths only under FLUXFARM_JOB_FILE_ROOTS")
+    if not path.exists():
+        raise JobInputError(f"{what} {source} does not exist")
+    return path
+
+
+def resolve_job_file(source: str, settings: FarmSettings, what: str) -> Path:
+    """A file a job names (a LoRA, a control image), local. A missing file fails the job (JobInputError);
+    an unreachable source is a ModelLoadError, which the job's next attempt retries."""
+    if source.startswith("/"):
+        path = _job_path(source, settings, what)
+        if not path.is_file():
+            raise JobInputError(f"{what} {source} is not a file")
+        return path
+    try:
+        return resolve_file(source, settings)
+    except ModelMissing as error:
+        raise JobInputError(f"{what}: {error}") from None
+
+
+def _s3_folder(source: str, settings: FarmSettings, what: str) -> Path:
+    """Every object under an s3:// prefix, downloaded once into the cache (a diffusers model folder)."""
+    bucket, _, prefix = source.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    dest = model_cache(settings).root / bucket / prefix
+    marker = dest / ".complete"
+    if marker.is_file():
+        return dest
+    store = bucket_store(bucket, settings)
+    try:
+        keys = store.keys_under(prefix)
+        if not keys:
+            raise JobInputError(f"{what} {source}: no objects under that prefix")
+        for key in keys:
+            store.fetch_to(key, dest / key.removeprefix(prefix))
+    except StorageError as error:
+        raise ModelLoadError(f"could not download {what} {source}: {error}") from error
+    marker.touch()
+    return dest
+
+
+def resolve_job_folder(source: str, settings: FarmSettings, what: str) -> Path:
+    """A model folder a job names (a ControlNet): a worker path, hf://owner/repo[@rev][/subfolder] or s3://."""
+    if source.startswith("/"):
+        path = _job_path(source, settings, what)
+        if not path.is_dir():
+            raise JobInputError(f"{what} {source} is not a folder")
+        return path
+    if source.startswith("s3://"):
+        return _s3_folder(source, settings, what)
+    match = re.match(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?$", source)
+    if match is None:
+        raise JobInputError(
+            f"{what} {source} must be a worker folder, hf://owner/repo[/subfolder] or s3://bucket/prefix"
+        )
+    from huggingface_hub import snapshot_download
+
+    sub = match["sub"]
+    patterns = [f"{sub}/*"] if sub else ["*.json", "*.safetensors"]
+    try:
+        root = Path(snapshot_download(match["repo"], revision=match["rev"], allow_patterns=patterns))
+    except Exception as error:  # network, auth, missing repo
+        hub_error = _hf_error(error, f"{what} {match['repo']}")
+        raise (JobInputError(str(hub_error)) if isinstance(hub_error, ModelMissing) else hub_error) from error
+    return root / sub if sub else root
