@@ -43,3 +43,21 @@ def test_bench_refuses_full_size_without_a_gpu() -> None:
     result = run_fluxfarm("bench", "--device", "cpu")
     assert result.returncode == 1
     assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_fuses_a_lora_and_times_the_steps_with_it(tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    result = run_fluxfarm(
+        "bench", "--model", "tiny", "--levels", "Q8_0", "--sizes", "128x128", "--batches", "1",
+        "--vram-budget", "", "--image-levels", "", "--no-baselines", "--lora-rank", "4",
+        "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["path"] for r in rows if r["kind"] == "step"} == {"diffusers", "fluxfarm", "fluxfarm+lora4"}
+    (fuse,) = [r for r in rows if r["kind"] == "lora-fuse"]
+    assert (fuse["level"], fuse["rank"]) == ("Q8_0", 4)
+    assert fuse["layers"] == 14 + 2 * 6  # every Linear of its blocks: one double block, two single blocks
+    assert fuse["fuse_s"] > 0 and fuse["cached_fuse_s"] > 0
+    ratios = next(r for r in rows if r["kind"] == "ratios")["ratios"]
+    assert "step Q8_0 fluxfarm+lora4 / Q8_0 fluxfarm @128x128" in ratios

@@ -32,6 +32,7 @@ from PIL import Image
 from pydantic import BaseModel
 from transformers import CLIPTextModel, T5EncoderModel
 
+from shared.adapters import LoraSpec
 from shared.jobs import RenderJob, parse_job
 from shared.ladder import QuantLevel
 from shared.metadata import ModelInfo
@@ -39,10 +40,19 @@ from shared.settings import FarmSettings
 from worker.batcher import RenderBatcher, held_jobs
 from worker.engine import RenderedImage, RenderEngine, encode_png
 from worker.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
-from worker.flux_arch import TRANSFORMERS, random_clip, random_t5, random_vae, write_transformer_config
+from worker.flux_arch import (
+    TRANSFORMERS,
+    meta_transformer,
+    random_clip,
+    random_t5,
+    random_vae,
+    write_transformer_config,
+)
 from worker.gpu import memory_cap, synchronize, time_calls
+from worker.lora_fuser import LoraFuser
 from worker.pipeline import LoadedModel, compute_dtype, place_pipeline, ready_pipeline
 from worker.plan import PlanInputs, make_plan
+from worker.random_lora import write_random_lora
 from worker.step_graphs import remove_step_graphs, step_graphs
 from worker.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
 from worker.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
@@ -68,6 +78,9 @@ class BenchOptions(BaseModel):
     attention: AttentionChoice = "auto"
     compile: bool = True
     cuda_graphs: bool = True
+    lora_rank: int = 0
+    """Above 0: after a level's step rows, fuse a random LoRA of this rank and measure its steps again."""
+    lora_levels: list[QuantLevel] = [QuantLevel.Q8_0]
 
 
 class StepRow(BaseModel):
@@ -104,6 +117,18 @@ class ImageRow(BaseModel):
     psnr_db_vs_bf16: float | None = None
     rel_error_vs_bf16: float | None = None
     fast_paths: FastPaths | None = None
+
+
+class LoraFuseRow(BaseModel):
+    """The one-time cost of a LoRA set: fused and re-quantized, then again from the disk cache."""
+
+    kind: Literal["lora-fuse"] = "lora-fuse"
+    level: str
+    rank: int
+    layers: int
+    fuse_s: float
+    cached_fuse_s: float
+    unfuse_s: float
 
 
 @dataclass
@@ -270,11 +295,46 @@ class Bench:
                 if graphs is not None:
                     graphs.release()  # captured from the eager blocks
                 compile_blocks(model)
-                self._step_row(model, level, "fluxfarm+compile", paths.model_copy(update={"compiled": True}))
+                paths = paths.model_copy(update={"compiled": True})
+                self._step_row(model, level, "fluxfarm+compile", paths)
+            if self.options.lora_rank and level in self.options.lora_levels:
+                self._lora_rows(model, level, paths)
             remove_step_graphs(model)
             del model
             torch._dynamo.reset()  # compiled code keeps the blocks' weights alive past the model
             _free(self.device)
+
+    def _lora_rows(self, model: torch.nn.Module, level: QuantLevel, paths: FastPaths) -> None:
+        """Fuse a random LoRA of the asked rank into the running model, time its steps, and unfuse it."""
+        rank = self.options.lora_rank
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            lora = write_random_lora(
+                meta_transformer(self.parts.transformer_config), folder / "lora.safetensors", rank, rank
+            )
+            settings = FarmSettings(cache_dir=folder / "cache", job_file_roots=[str(folder)])
+            fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
+            spec = [LoraSpec(source=str(lora), weight=1.0)]
+            fuser.activate(spec)
+            fuse_s = fuser.last_fuse_s
+            layers = len(fuser.active[0].updates)
+            start = time.perf_counter()
+            fuser.activate([])
+            unfuse_s = time.perf_counter() - start
+            fuser.activate(spec)
+            _free(self.device)
+            self.on_row(
+                LoraFuseRow(
+                    level=level.value,
+                    rank=rank,
+                    layers=layers,
+                    fuse_s=fuse_s,
+                    cached_fuse_s=fuser.last_fuse_s,
+                    unfuse_s=unfuse_s,
+                )
+            )
+            self._step_row(model, level, f"{'fluxfarm+compile' if paths.compiled else 'fluxfarm'}+lora{rank}", paths)
+            fuser.activate([])
 
     # ---- whole images ------------------------------------------------------------------------------------
 

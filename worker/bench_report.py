@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from worker.bench import DIFFUSERS_BF16, SEED_RECIPE, ImageRow, StepRow
+from worker.bench import DIFFUSERS_BF16, SEED_RECIPE, ImageRow, LoraFuseRow, StepRow
 
 
 class BenchLog:
@@ -21,11 +21,17 @@ class BenchLog:
         self.out, self.header, self.console = out, header, console
         self.steps: list[StepRow] = []
         self.images: list[ImageRow] = []
+        self.fuses: list[LoraFuseRow] = []
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, row: BaseModel) -> None:
-        (self.steps if isinstance(row, StepRow) else self.images).append(row)  # type: ignore[arg-type]
+        if isinstance(row, StepRow):
+            self.steps.append(row)
+        elif isinstance(row, LoraFuseRow):
+            self.fuses.append(row)
+        else:
+            self.images.append(row)  # type: ignore[arg-type]
         line = json.dumps({**self.header, **row.model_dump(mode="json")})
         if self.out is not None:
             with self.out.open("a") as handle:
@@ -48,6 +54,14 @@ class BenchLog:
             stock = stock_bf16.get((row.width, row.height, row.batch))
             if stock and row.path != "diffusers":
                 out[f"step {row.level} {row.path} / bf16 diffusers @{row.width}x{row.height}"] = row.step_ms / stock
+        same_level = {(r.level, r.path, r.width, r.height, r.batch): r.step_ms for r in self.steps}
+        for row in self.steps:
+            base_path, plus, lora = row.path.rpartition("+")
+            if plus and lora.startswith("lora") and row.batch == 1:
+                plain = same_level.get((row.level, base_path, row.width, row.height, row.batch))
+                if plain:
+                    key = f"step {row.level} {row.path} / {row.level} {base_path} @{row.width}x{row.height}"
+                    out[key] = row.step_ms / plain
         baselines = {row.name: row for row in self.images if row.name in (SEED_RECIPE, DIFFUSERS_BF16)}
         for row in self.images:
             if row.name in baselines:
@@ -88,6 +102,20 @@ class BenchLog:
                     r.name, "-" if r.budget_gib is None else f"{r.budget_gib:g}", r.level, r.text_encoders,
                     str(r.batch), f"{r.s_per_image:.2f}", f"{r.images_per_hour:.0f}", _gib(r.peak_gib), psnr,
                 )  # fmt: skip
+            self.console.print(table)
+        if self.fuses:
+            table = Table(title="LoRA fuse (once per LoRA set)")
+            for column in ("level", "rank", "layers", "fuse s", "from cache s", "unfuse s"):
+                table.add_column(column, justify="right")
+            for f in self.fuses:
+                table.add_row(
+                    f.level,
+                    str(f.rank),
+                    str(f.layers),
+                    f"{f.fuse_s:.1f}",
+                    f"{f.cached_fuse_s:.1f}",
+                    f"{f.unfuse_s:.1f}",
+                )
             self.console.print(table)
         ratios = self.ratios()
         if ratios:

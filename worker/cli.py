@@ -176,6 +176,10 @@ def bench(
     ] = True,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay steps as CUDA graphs (the worker's default).")] = True,
     attention: Annotated[str, typer.Option(help="auto, native or cudnn.")] = "auto",
+    lora_rank: Annotated[
+        int, typer.Option(help="Above 0: also fuse a random LoRA of this rank and time the steps with it.")
+    ] = 0,
+    lora_levels: Annotated[str, typer.Option(help="Levels whose steps are timed with the LoRA fused.")] = "Q8_0",
     device: Annotated[str | None, typer.Option(help="Torch device; cuda:0 when present.")] = None,
 ) -> None:
     """Time transformer steps and whole images at each level and VRAM budget, with baselines from the same run.
@@ -211,6 +215,8 @@ def bench(
         attention=attention,
         compile=compile_blocks,
         cuda_graphs=cuda_graphs,
+        lora_rank=lora_rank,
+        lora_levels=_levels(lora_levels),
     )
     gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     log = BenchLog(out, {"gpu": gpu, "torch": torch.__version__, "model": model}, Console(stderr=True))
