@@ -91,7 +91,9 @@ class ControlNets:
         model.to(self._device)
         if self._level == QuantLevel.FP8.value and fp8_tensor_cores_work(torch.device(self._device)):
             use_fp8_tensor_cores(model)
-        pipeline = FluxControlNetPipeline.from_pipe(self._pipe, controlnet=model)
+        # Built from the loaded parts as they are (from_pipe would cast the quantized transformer).
+        parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+        pipeline = FluxControlNetPipeline(**{name: getattr(self._pipe, name) for name in parts}, controlnet=model)
         pipeline.set_progress_bar_config(disable=True)
         self.loaded = LoadedControlNet(source=spec.source, model=model, sha256=sha256, pipeline=pipeline)
         log.info("loaded ControlNet %s (sha256 %s)", spec.source, sha256[:12])
