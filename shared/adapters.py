@@ -93,10 +93,11 @@ class ControlNetSpec(BaseModel):
         if value.startswith("data:"):
             inline_png(value)
             return value
-        _check_source(value, "control image")
-        if value.startswith("https://"):
-            raise ValueError("control_image must be s3://, a worker path or an inline PNG, not a URL")
-        return value
+        if value.startswith("s3://") or value.startswith("/"):
+            return _check_source(value, "control image")
+        raise ValueError(
+            f"control_image {value[:80]!r} must be s3://bucket/key, an absolute worker path or {INLINE_PNG_PREFIX}..."
+        )
 
 
 def inline_png(value: str) -> bytes:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from shared.errors import InvalidJob
@@ -73,3 +76,41 @@ def test_the_largest_valid_values_pass() -> None:
 def test_a_non_object_is_refused() -> None:
     with pytest.raises(InvalidJob, match="JSON object"):
         parse_job(["prompt"])  # type: ignore[arg-type]
+
+
+ADAPTER_PROBLEMS = [
+    ({"loras": [{"source": f"/loras/{i}.safetensors"} for i in range(5)]}, "loras: Tuple should have at most 4"),
+    ({"loras": [{"source": "/loras/style.ckpt"}]}, "must be a .safetensors file"),
+    ({"loras": [{"source": "https://example.com/style.safetensors"}]}, "must be hf://owner/repo/file"),
+    ({"loras": [{"source": "loras/relative.safetensors"}]}, "absolute path"),
+    ({"loras": [{"source": "/loras/a.safetensors", "weight": 5}]}, "less than or equal to 4"),
+    ({"loras": [{"source": "/loras/a.safetensors", "scale": 1}]}, "unknown field"),
+    ({"controlnet": {"source": "/cn", "control_image": "data:image/png;base64,AAAA"}}, "must be a PNG"),
+    ({"controlnet": {"source": "/cn", "control_image": "data:image/png;base64," + "A" * 1_500_000}}, "at most 1 MiB"),
+    (
+        {"controlnet": {"source": "/cn", "control_image": "https://x.org/c.png"}},
+        "must be s3://bucket/key, an absolute worker path",
+    ),
+    ({"controlnet": {"source": "/cn", "control_image": "/c.png", "conditioning_scale": 3}}, "less than or equal to 2"),
+]
+
+
+@pytest.mark.parametrize(("fields", "reason"), ADAPTER_PROBLEMS)
+def test_adapter_fields_are_bounded_and_their_sources_checked(fields: dict, reason: str) -> None:
+    with pytest.raises(InvalidJob, match=reason):
+        parse_job({"prompt": "p", **fields})
+
+
+def test_adapter_fields_count_in_the_job_id_only_when_set() -> None:
+    plain = parse_job({"prompt": "p", "seed": 1})
+    params = {k: v for k, v in plain.model_dump(mode="json").items() if k not in ("job_id", "loras", "controlnet")}
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert plain.id == hashlib.sha256(canonical.encode()).hexdigest()[:32], "ids of jobs from before LoRAs stand"
+    assert parse_job({"prompt": "p", "seed": 1, "loras": []}).id == plain.id
+    lora = {"source": "hf://owner/repo/style.safetensors", "weight": 0.7}
+    other = {"source": "s3://loras/subject.safetensors", "weight": 1.0}
+    with_lora = parse_job({"prompt": "p", "seed": 1, "loras": [lora]})
+    assert with_lora.id != plain.id
+    assert with_lora.lora_set is not None and plain.lora_set is None
+    one_way = parse_job({"prompt": "p", "loras": [lora, other]})
+    assert one_way.lora_set == parse_job({"prompt": "p", "loras": [other, lora]}).lora_set
