@@ -7,6 +7,10 @@ each is timed on its own and the expensive ones are shared across jobs:
   worker keeps its transformer resident instead of paying an offload per image;
 - denoise: jobs of the same size, steps and guidance run as one batch, up to `max_batch`;
 - decode: per image (its working memory is what the plan sized).
+Jobs with LoRAs render a LoRA set at a time, the set the weights already carry first: the set is
+fused into the weights once (worker/lora_fuser.py), so its steps cost what the level's plain steps
+cost. ControlNet jobs denoise through diffusers' ControlNet pipeline on the same loaded parts
+(worker/controlnet.py), batched with jobs of the same ControlNet and scale.
 PNG encoding is not a phase here: `RenderedImage.png` encodes on first use, in the caller's thread
 (the worker's task thread), so it overlaps the next render instead of idling the GPU (zlib releases the GIL).
 A batched image keeps its own seed's starting noise, so it matches its batch-of-one render up to
