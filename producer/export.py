@@ -81,14 +81,24 @@ def flat_row(result: RenderResult) -> dict[str, Any]:
     data = result.model_dump(mode="json")
     job = data.pop("job")
     row: dict[str, Any] = {"job_id": data.pop("job_id")}
-    row.update({name: value for name, value in job.items() if name not in ("job_id", "quant")})
+    row.update({name: _cell(value) for name, value in job.items() if name not in ("job_id", "quant")})
     row["quant_asked"] = job["quant"]
     for name, value in data.items():
-        if isinstance(value, dict):
-            row.update({f"{name}_{field}": inner for field, inner in value.items()})
+        if _is_section(RenderResult.model_fields[name].annotation):
+            row.update({f"{name}_{field}": _cell(inner) for field, inner in value.items()})
         else:
-            row[name] = value
+            row[name] = _cell(value)
     return row
+
+
+def _is_section(annotation: Any) -> bool:
+    """A metadata section always present (model, worker, timings, image): flattened into prefixed columns."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _cell(value: Any) -> Any:
+    """Lists and optional records (LoRAs, ControlNet) go into one column as JSON text."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
 
 
 def _arrow_type(annotation: Any) -> pa.DataType:
@@ -123,7 +133,7 @@ def flat_schema() -> pa.Schema:
     for name, info in RenderResult.model_fields.items():
         if name in ("job_id", "job"):
             continue
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+        if _is_section(info.annotation):
             fields.update({f"{name}_{inner}": kind for inner, kind in _flat_fields(info.annotation).items()})
         else:
             fields[name] = _arrow_type(info.annotation)
