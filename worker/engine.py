@@ -299,12 +299,13 @@ class RenderEngine:
 
     def _use_loras(self, jobs: Sequence[RenderJob]) -> tuple[tuple[LoraInfo, ...], float]:
         """Fuse the jobs' (shared) LoRA set into the weights if they do not carry it already."""
-        changed = self.loras.active_id != jobs[0].lora_set
-        start = time.perf_counter()
-        loras = self.loras.activate(jobs[0].loras)
-        if changed and self._mirrors:
+        carried = self.loras.active_id
+        infos = tuple(lora.info for lora in self.loras.activate(jobs[0].loras))
+        if self.loras.active_id == carried:
+            return infos, 0.0
+        if self._mirrors:
             self._mirrors[0].keep_current()  # the host copy is what the next swap brings back
-        return tuple(lora.info for lora in loras), time.perf_counter() - start if changed else 0.0
+        return infos, self.loras.last_fuse_s
 
     @torch.inference_mode()
     def render_batch(self, jobs: Sequence[RenderJob]) -> list[RenderedImage]:

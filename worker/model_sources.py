@@ -19,6 +19,7 @@ from worker.model_cache import ModelCache
 
 _HF_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")
 _HF_SCHEME = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<file>.+)$")
+_HF_FOLDER = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 BASE_COMPONENT_PATTERNS = [
@@ -173,7 +174,7 @@ def resolve_job_folder(source: str, settings: FarmSettings, what: str) -> Path:
         return path
     if source.startswith("s3://"):
         return _s3_folder(source, settings, what)
-    match = re.match(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?$", source)
+    match = _HF_FOLDER.match(source)
     if match is None:
         raise JobInputError(
             f"{what} {source} must be a worker folder, hf://owner/repo[/subfolder] or s3://bucket/prefix"
