@@ -121,7 +121,9 @@ class FarmSettings(BaseSettings):
         description="Triton GGUF dequantization and fp8 tensor-core matmuls on GPUs that run them.",
     )
     attention: Literal["auto", "native", "cudnn"] = Field(
-        default="auto", description="Attention kernel: cudnn (SDPA's cuDNN backend), native SDPA, or auto."
+        default="auto",
+        description="Attention kernel: cudnn (SDPA's cuDNN backend), native SDPA, or auto (also fp8 attention "
+        "on the fp8 level where cuDNN runs it: Hopper).",
     )
     compile: bool = Field(
         default=True,

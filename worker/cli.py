@@ -175,7 +175,9 @@ def bench(
         bool, typer.Option("--compile/--no-compile", help="Also time torch.compile, and compile for images.")
     ] = True,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay steps as CUDA graphs (the worker's default).")] = True,
-    attention: Annotated[str, typer.Option(help="auto, native or cudnn.")] = "auto",
+    attention: Annotated[
+        str, typer.Option(help="auto (fp8 attention on the fp8 level on Hopper), native or cudnn.")
+    ] = "auto",
     lora_rank: Annotated[
         int, typer.Option(help="Above 0: also fuse a random LoRA of this rank and time the steps with it.")
     ] = 0,

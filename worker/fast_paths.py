@@ -2,7 +2,8 @@
 
 - GGUF levels: every quantized Linear dequantizes with one Triton kernel (worker/gguf_linear.py)
   instead of diffusers' per-step torch ops.
-- fp8: matmuls on fp8 tensor cores (compute capability 8.9+), activations quantized per row.
+- fp8: matmuls on fp8 tensor cores (compute capability 8.9+), activations quantized per row; on Hopper
+  the attention too, through cuDNN's fp8 flash attention (worker/fp8_attention.py).
 - Attention: SDPA as torch picks it, or diffusers' cuDNN backend where asked.
 - Query, key and value projections stacked into one matmul (worker/fused_projections.py).
 - compile: `torch.compile` of the repeated transformer blocks (regional compilation), which fuses
@@ -23,6 +24,7 @@ from diffusers import FluxTransformer2DModel
 from pydantic import BaseModel
 
 from worker.fp8 import fp8_tensor_cores_work, use_fp8_tensor_cores
+from worker.fp8_attention import fp8_attention_works, use_fp8_attention
 from worker.fused_projections import fuse_attention_projections
 from worker.step_graphs import use_step_graphs
 
@@ -36,6 +38,7 @@ class FastPaths(BaseModel):
 
     triton_gguf_layers: int = 0
     fp8_tensor_core_layers: int = 0
+    fp8_attentions: int = 0
     fused_attentions: int = 0
     attention: str = "native"
     compiled: bool = False
@@ -90,6 +93,9 @@ def apply_fast_paths(
     if backend != "native":
         transformer.set_attention_backend(backend)
     paths.attention = backend
+    if paths.fp8_tensor_core_layers and attention == "auto" and fp8_attention_works(dev):
+        paths.fp8_attentions = use_fp8_attention(transformer)
+        paths.attention = "cudnn_fp8"
     if compile and dev.type == "cuda":
         compile_blocks(transformer)
         paths.compiled = True

@@ -29,7 +29,7 @@ def main() -> None:
         parts = build_parts("flux.1-dev", device, Path(tmp))
         for level in levels:
             model = parts.transformer(level, device)
-            apply_fast_paths(model, device, True, "native", compile_blocks)
+            apply_fast_paths(model, device, True, "auto", compile_blocks)
             inputs = step_inputs(parts.transformer_config, size, size, 1, device)
             start = time.perf_counter()
             model(**inputs)
