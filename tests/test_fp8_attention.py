@@ -30,11 +30,13 @@ from worker.fp8_attention import (
 from worker.vram_probe import step_inputs
 
 CALLS: list[tuple[int, ...]] = []
+QUERY_DESCALES: list[float] = []
 
 
 def _reference_kernel(q, k, v, descale_q, descale_k, descale_v, scale_o) -> torch.Tensor:
     """What cuDNN's fp8 attention computes: dequantized inputs, exact softmax, e4m3 output at scale_o."""
     CALLS.append(tuple(q.shape))
+    QUERY_DESCALES.append(float(descale_q))
     q, k, v = (x.float() * s for x, s in ((q, descale_q), (k, descale_k), (v, descale_v)))
     out = functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
     return (out * scale_o).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
@@ -123,10 +125,14 @@ def test_the_fp8_processor_matches_diffusers_processor_on_the_fp8_level(tiny_mod
         assert use_fp8_attention(model) == len(attentions) > 0
         assert use_fp8_attention(model) == 0  # already switched
         CALLS.clear()
+        QUERY_DESCALES.clear()
         got = model(**inputs)[0]
     assert all(isinstance(a.processor, Fp8AttnProcessor) for a in attentions)
     text_tokens = inputs["encoder_hidden_states"].shape[1]
     assert [(2, text_tokens + tokens, 2, 128)] * len(attentions) == CALLS
+    double = attentions[0]  # its query comes from two norms: the image's and the text's
+    bound = rms_norm_bound([double.norm_q, double.norm_added_q], double.head_dim)
+    assert QUERY_DESCALES[0] == pytest.approx(float(bound) / E4M3_MAX)
     assert 0 < _relative(got, want) < 0.1
 
 
