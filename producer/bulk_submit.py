@@ -89,7 +89,7 @@ def submit_file(
             if isinstance(item, RowError):
                 errors.add(item)  # only with --skip-invalid: the check above refused them otherwise
                 continue
-            queues.add(item.job.constraint.queue)
+            queues.add(item.job.queue)
             datasets.add(item.job.dataset)
             yield item.job
 

@@ -123,7 +123,7 @@ def submit(
         batch = client.submit_many(jobs, priority)
         cached = sum(handle.cached for handle in batch)
         err.print(f"queued {len(batch) - cached} jobs ({cached} already stored)")
-        warn_unserved({handle.job.constraint.queue for handle in batch if not handle.cached}, client.settings, err)
+        warn_unserved({handle.job.queue for handle in batch if not handle.cached}, client.settings, err)
         if not wait:
             for handle in batch:
                 typer.echo(handle.job_id)

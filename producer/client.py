@@ -28,6 +28,7 @@ from shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_re
 from shared.datasets import DatasetBook, DatasetRecord, SentJob
 from shared.errors import InvalidJob, JobFailed, ObjectNotFound
 from shared.jobs import RenderJob, parse_job
+from shared.lora_queues import note_lora_queues
 from shared.metadata import RenderResult, read_result
 from shared.redis_conn import open_redis
 from shared.settings import FarmSettings
@@ -164,7 +165,8 @@ class FarmClient:
         self._app = make_celery_app(self.settings)
         self.store = open_store(self.settings)
         """Where the images and their metadata are."""
-        self.datasets = DatasetBook(open_redis(self.settings))
+        self._redis = open_redis(self.settings)
+        self.datasets = DatasetBook(self._redis)
         """The dataset records in the broker's Redis (what is queued, running, done, failed)."""
 
     @classmethod
@@ -300,7 +302,9 @@ class FarmClient:
         """One pipelined round trip for the messages, then one for the dataset record: a crash between
         the two re-sends these jobs on the next submit instead of losing them."""
         queued_at = datetime.now(UTC).isoformat()
-        for queue in {job.constraint.queue for job in jobs}:
+        queues = {job.queue for job in jobs}
+        note_lora_queues(self._redis, queues)
+        for queue in queues:
             # Once here (cached per channel), instead of once per message inside send_task, which cost a
             # fifth of a stream's time in kombu's entity copies.
             producer.maybe_declare(self._app.amqp.queues[queue])
@@ -323,6 +327,7 @@ class FarmClient:
         if previous.state == states.FAILURE:
             previous.forget()
         queued_at = datetime.now(UTC).isoformat()
+        note_lora_queues(self._redis, [job.queue])
         send_render(self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=True)
         self.datasets.note_queued(job.dataset, [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=True)])
         return JobHandle(

@@ -107,7 +107,7 @@ def _workers_table(report: FleetReport) -> Table:
             w.gpu_name or "-",
             f"{w.vram_gib:.0f}" if w.vram_gib else "-",
             f"{w.vram_peak_gib:.1f}" if w.vram_peak_gib is not None else "-",
-            w.level,
+            w.level if w.lora_set is None else f"{w.level} + LoRA set {w.lora_set}",
             str(w.jobs_done),
             str(w.images_rendered),
             str(w.jobs_failed),
@@ -123,7 +123,12 @@ def _queues_table(report: FleetReport) -> Table:
     for column in ("queue", "jobs for", "waiting", "served by"):
         table.add_column(column, overflow="fold")
     for q in report.queues:
-        served = ", ".join(q.consumers) if q.consumers else "[red]no live worker[/red]"
+        if q.consumers:
+            served = ", ".join(q.consumers)
+        elif q.adopters:
+            served = f"[yellow]waiting for one of {len(q.adopters)} workers to adopt it[/yellow]"
+        else:
+            served = "[red]no live worker[/red]"
         table.add_row(q.name, q.constraint, str(q.waiting), served)
     return table
 

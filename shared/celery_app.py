@@ -54,13 +54,14 @@ def send_render(
 ) -> None:
     """Publish one render job: the only way one is sent (client, bulk submit, lost-job sweeper).
     The task id is the job id; `producer` batches many sends into one round trip (queues declared
-    by the caller)."""
+    by the caller). A job with LoRAs goes to its set's queue, which the caller has noted first
+    (shared/lora_queues.py)."""
     batching = {"producer": producer, "declare": []} if producer is not None else {}
     app.send_task(
         RENDER_TASK,
         kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
         task_id=job.id,
-        queue=job.constraint.queue,
+        queue=job.queue,
         priority=priority,
         ignore_result=not keep_result,
         # Celery's own repr of the payload (for its logs) costs more than sending it.

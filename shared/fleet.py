@@ -13,7 +13,10 @@ import redis
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
 from shared.celery_app import waiting_messages
-from shared.routing import all_queues, constraint_of_queue
+from shared.errors import FarmError
+from shared.ladder import parse_level
+from shared.lora_queues import known_queues
+from shared.routing import constraint_of_queue, split_lora_queue
 
 WORKER_KEY_PREFIX = "fluxfarm:worker:"
 HEARTBEAT_INTERVAL_S = 2.0
@@ -52,12 +55,16 @@ class WorkerStatus(BaseModel):
     torch_version: str | None = None
     metrics_url: str | None = None
     """Where Prometheus scrapes this worker; None with metrics off."""
+    lora_set: str | None = None
+    """The LoRA set fused into its weights (shared.adapters.lora_set_id); None: the base weights."""
 
 
 class QueueStatus(BaseModel):
     name: str
     waiting: int
     consumers: list[str]
+    adopters: list[str] = []
+    """For a LoRA set's queue: the live workers whose level lets them adopt it (worker/lora_adoption.py)."""
 
     @computed_field
     @property
@@ -68,7 +75,7 @@ class QueueStatus(BaseModel):
     @computed_field
     @property
     def unserved(self) -> bool:
-        return self.waiting > 0 and not self.consumers
+        return self.waiting > 0 and not self.consumers and not self.adopters
 
 
 class FleetReport(BaseModel):
@@ -103,13 +110,21 @@ def read_workers(client: redis.Redis) -> list[WorkerStatus]:
     return workers
 
 
+def _serves(worker: WorkerStatus, queue: str) -> bool:
+    try:
+        return constraint_of_queue(queue).allows(parse_level(worker.level))
+    except FarmError:
+        return False  # a level this version does not know
+
+
 def fleet_report(client: redis.Redis) -> FleetReport:
     """Workers alive now, and every render queue that has jobs or consumers."""
     workers = read_workers(client)
-    names = all_queues()
+    names = known_queues(client)
     queues = []
     for name, waiting in zip(names, waiting_messages(client, names), strict=True):
         consumers = [w.node for w in workers if name in w.queues]
+        adopters = [w.node for w in workers if _serves(w, name)] if split_lora_queue(name)[1] else []
         if waiting or consumers:
-            queues.append(QueueStatus(name=name, waiting=int(waiting), consumers=consumers))
+            queues.append(QueueStatus(name=name, waiting=int(waiting), consumers=consumers, adopters=adopters))
     return FleetReport(checked_at=datetime.now(UTC), workers=workers, queues=queues)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.adapters import MAX_LORAS, ControlNetSpec, LoraSpec, lora_set_id
 from shared.errors import FarmError, InvalidJob
-from shared.routing import AUTO, QuantConstraint, parse_constraint
+from shared.routing import AUTO, QuantConstraint, lora_queue, parse_constraint
 
 MAX_PROMPT_CHARS = 4000
 """CLIP reads 77 tokens and T5 at most 512; 4,000 characters is well past either, so longer is a mistake."""
@@ -133,6 +133,11 @@ class RenderJob(BaseModel):
     def lora_set(self) -> str | None:
         """Which fused weights the job needs (None: the base weights)."""
         return lora_set_id(self.loras)
+
+    @property
+    def queue(self) -> str:
+        """The queue the job is sent to: its constraint's, or its LoRA set's under it."""
+        return lora_queue(self.constraint.queue, self.lora_set)
 
     @property
     def id(self) -> str:

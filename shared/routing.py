@@ -3,6 +3,10 @@
 A job asks for `auto` (any level), `min:LEVEL` (that level or better) or `exact:LEVEL`. Each
 constraint has its own queue, and a worker consumes exactly the queues its level satisfies, so a
 job is only ever delivered to a capable worker and a dataset can insist on one level everywhere.
+
+A job with LoRAs goes to a queue of its own LoRA set under its constraint's queue
+(`render.any.lora.<set id>`), which a worker of a fitting level adopts (worker/lora_adoption.py):
+jobs of one set then reach the worker that already carries its fused weights.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from shared.ladder import QuantLevel, parse_level
 
 AUTO = "auto"
 QUEUE_PREFIX = "render."
+LORA_QUEUE_MARK = ".lora."
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,21 @@ def parse_constraint(text: str) -> QuantConstraint:
     return QuantConstraint("min" if kind.lower() == "min" else "exact", parse_level(level))
 
 
+def lora_queue(constraint_queue: str, lora_set: str | None) -> str:
+    """The queue of jobs with this constraint queue and LoRA set (the constraint's own without a set)."""
+    return constraint_queue if lora_set is None else f"{constraint_queue}{LORA_QUEUE_MARK}{lora_set}"
+
+
+def split_lora_queue(name: str) -> tuple[str, str | None]:
+    """`render.any.lora.<set>` -> (`render.any`, `<set>`); a queue without a set -> (name, None)."""
+    base, mark, lora_set = name.partition(LORA_QUEUE_MARK)
+    return (base, lora_set) if mark else (name, None)
+
+
 def constraint_of_queue(name: str) -> QuantConstraint:
-    """The constraint whose jobs go to queue `name` (the inverse of `QuantConstraint.queue`)."""
-    kind, _, level = name.removeprefix(QUEUE_PREFIX).partition(".")
+    """The constraint whose jobs go to queue `name` (the inverse of `QuantConstraint.queue`), LoRA set
+    queues included."""
+    kind, _, level = split_lora_queue(name)[0].removeprefix(QUEUE_PREFIX).partition(".")
     return QuantConstraint("auto") if kind == "any" else parse_constraint(f"{kind}:{level}")
 
 
@@ -63,7 +80,8 @@ def queues_for_level(level: QuantLevel) -> list[str]:
 
 
 def all_queues() -> list[str]:
-    """Every render queue that can exist, for status reports."""
+    """Every render queue without a LoRA set (those are registered as they are used:
+    shared/lora_queues.py)."""
     names = {QuantConstraint("auto").queue}
     for level in QuantLevel:
         names.update({QuantConstraint("exact", level).queue, QuantConstraint("min", level).queue})

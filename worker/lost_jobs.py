@@ -22,7 +22,7 @@ import redis
 
 from shared.celery_app import queue_lists, waiting_messages
 from shared.datasets import DatasetBook, SentJob
-from shared.routing import all_queues
+from shared.lora_queues import known_queues
 from worker.leases import JobClaims
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class LostJobSweeper:
 
     def message_ids(self) -> set[str] | None:
         """Ids of every job with a message in a queue or unacknowledged; None if the queues are too long."""
-        queues = all_queues()
+        queues = known_queues(self._redis)
         if sum(waiting_messages(self._redis, queues)) > MAX_SCANNED_MESSAGES:
             return None
         raws = [raw for queue in queues for name in queue_lists(queue) for raw in self._redis.lrange(name, 0, -1)]

@@ -14,16 +14,17 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 import torch
-from celery.utils.nodenames import default_nodename
+from celery.signals import worker_ready
+from celery.worker.consumer import Consumer
 
 from shared import __version__
 from shared.celery_app import lease_renew_interval_s, make_celery_app, send_render
 from shared.datasets import DatasetBook, SentJob
 from shared.fleet import WorkerStatus
 from shared.jobs import parse_job
-from shared.ladder import QuantLevel, parse_level
+from shared.ladder import parse_level
+from shared.lora_queues import note_lora_queues
 from shared.redis_conn import open_redis
-from shared.routing import queues_for_level
 from shared.settings import FarmSettings, redact_url
 from shared.storage import open_store
 from worker.batcher import RenderBatcher, held_jobs
@@ -35,6 +36,7 @@ from worker.job_runner import JobRunner
 from worker.leases import InFlight, JobClaims, LeaseKeeper
 from worker.level_step_down import LevelStepDown, step_down_levels
 from worker.loadout import choose_loadout
+from worker.lora_adoption import CHECK_INTERVAL_S, LoraAdoption
 from worker.lost_jobs import LostJobSweeper
 from worker.metrics import WorkerMetrics, serve_metrics
 from worker.periodic import Periodic
@@ -128,28 +130,31 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         return engine, load_s
 
     engine, load_s = load_engine(settings)
-    queues = queues_for_level(parse_level(engine.model.quant))
-    log.info("consuming %s", ", ".join(queues))
     app = make_celery_app(settings)
+    broker_redis = open_redis(settings)  # thread-safe: heartbeat and task threads share it
+    consumers: list[Consumer] = []  # Celery's consumer, once the worker is ready
 
-    def switch_queues(level: QuantLevel) -> None:
-        """After a step down: consume the new level's queues, stop consuming the ones it cannot serve."""
-        new, me = queues_for_level(level), [default_nodename(node)]
-        for queue in [q for q in new if q not in queues]:
-            app.control.add_consumer(queue, destination=me)
-        for queue in [q for q in queues if q not in new]:
-            app.control.cancel_consumer(queue, destination=me)
-        queues[:] = new
-        log.info("consuming %s", ", ".join(queues))
+    def change_queues(added: list[str], cancelled: list[str]) -> None:
+        """Consume `added`, stop consuming `cancelled`: run in the consumer's own loop, as Celery's remote
+        add_consumer / cancel_consumer commands do, but without a broadcast that a broker hiccup can lose."""
+        consumer = consumers[0]
+        for queue in added:
+            consumer.call_soon(consumer.add_task_queue, queue)
+        for queue in cancelled:
+            consumer.call_soon(consumer.cancel_task_queue, queue)
+        log.info("consuming %s (added %s, cancelled %s)", ", ".join(adoption.queues), added, cancelled)
 
+    adoption = LoraAdoption(
+        broker_redis, node, parse_level(engine.model.quant), lambda: batcher.engine.loras.active_id, change_queues
+    )
+    log.info("consuming %s", ", ".join(adoption.queues))
     stepper = LevelStepDown(
         step_down_levels(settings, model, transformer, device),
         lambda level: load_engine(settings.model_copy(update={"quant": level.value}))[0],
-        switch_queues,
+        adoption.set_level,
         _exit_stranded,
     )
     batcher = RenderBatcher(engine, settings.max_batch, settings.batch_wait_s, stepper.step_down)
-    broker_redis = open_redis(settings)  # thread-safe: heartbeat and task threads share it
     book = DatasetBook(broker_redis)
     claims = JobClaims(broker_redis, node, settings.lease_s)
     results = ResultStore(store, settings.storage_retry_s)
@@ -167,7 +172,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             vram_gib=worker_info.vram_gib,
             level=batcher.engine.model.quant,
             model=batcher.engine.model.info.id,
-            queues=list(queues),
+            queues=list(adoption.queues),
+            lora_set=batcher.engine.loras.active_id,
             started_at=started_at,
             last_seen=started_at,
             jobs_done=runner.stats.jobs_done,
@@ -189,11 +195,21 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     renewals = Periodic("fluxfarm-leases", lease_renew_interval_s(settings.lease_s), leases.renew_once).start()
 
     def resend(sent: SentJob) -> None:
-        send_render(app, parse_job(sent.job), sent.priority, sent.queued_at, sent.keep_result)
+        job = parse_job(sent.job)
+        note_lora_queues(broker_redis, [job.queue])
+        send_render(app, job, sent.priority, sent.queued_at, sent.keep_result)
 
     sweep_s = max(10, settings.lease_s)
     sweeper = LostJobSweeper(broker_redis, book, resend, grace_s=2 * settings.lease_s, interval_s=sweep_s)
     sweeps = Periodic("fluxfarm-lost-jobs", sweep_s, sweeper.sweep_once).start()
+    adoptions = Periodic("fluxfarm-lora-queues", CHECK_INTERVAL_S, adoption.tick)
+
+    def on_ready(sender: Consumer, **_: object) -> None:
+        if sender.app is app and not consumers:
+            consumers.append(sender)
+            adoptions.start()  # queue changes go through the consumer: none before it runs
+
+    worker_ready.connect(on_ready, weak=False)
     try:
         app.worker_main(
             [
@@ -201,12 +217,13 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
                 "--pool=threads",
                 f"--concurrency={held_jobs(settings.max_batch)}",
                 f"--hostname={node}",
-                f"--queues={','.join(queues)}",
+                f"--queues={','.join(adoption.queues)}",
                 f"--loglevel={settings.log_level}",
                 "--task-events",
             ]
         )
     finally:
+        adoptions.stop()
         sweeps.stop()
         renewals.stop()
         heartbeat.stop(node)

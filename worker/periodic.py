@@ -29,7 +29,8 @@ class Periodic:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=max(5.0, 2 * self._interval_s))
+        if self._thread.ident is not None:  # started (a duty started late may never have been)
+            self._thread.join(timeout=max(5.0, 2 * self._interval_s))
 
     def run_once(self) -> None:
         try:

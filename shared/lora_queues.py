@@ -1,0 +1,52 @@
+"""The registry of LoRA-set queues: which exist, for the workers that adopt them and the reports.
+
+A LoRA set's queue (shared/routing.py) is made by the first job sent to it, so nobody can list these
+queues in advance as they can the constraint queues. Every sender notes the queues it is about to
+publish to in one Redis hash, queue -> when a job was last sent there, before it publishes. Workers
+read it to find LoRA jobs they can take, the lost-job sweeper to look for messages there, and
+`fluxfarm status` and the exporter to show them. An entry is forgotten once its queue has been empty,
+unconsumed and unsent to for `LORA_QUEUE_IDLE_S`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import redis
+
+from shared.celery_app import waiting_messages
+from shared.routing import all_queues, split_lora_queue
+
+REGISTRY_KEY = "fluxfarm:lora-queues"
+LORA_QUEUE_IDLE_S = 3600.0
+"""A LoRA queue unused this long leaves the registry (a sender notes it again before its next job)."""
+
+
+def note_lora_queues(client: redis.Redis, queues: Iterable[str]) -> None:
+    """Record that jobs are about to be sent to `queues` (those without a LoRA set are skipped)."""
+    now = time.time()
+    entries = {queue: now for queue in set(queues) if split_lora_queue(queue)[1] is not None}
+    if entries:
+        client.hset(REGISTRY_KEY, mapping=entries)
+
+
+def lora_queues(client: redis.Redis) -> dict[str, float]:
+    """Registered LoRA queues and when a job was last sent to each."""
+    return {name.decode(): float(sent) for name, sent in client.hgetall(REGISTRY_KEY).items()}
+
+
+def known_queues(client: redis.Redis) -> list[str]:
+    """Every render queue there is: the constraint queues and the registered LoRA queues."""
+    return all_queues() + sorted(lora_queues(client))
+
+
+def forget_idle_lora_queues(client: redis.Redis, consumed: set[str], idle_s: float = LORA_QUEUE_IDLE_S) -> list[str]:
+    """Drop registry entries of queues empty, consumed by no live worker (`consumed`) and not sent to
+    for `idle_s`; returns them."""
+    now = time.time()
+    stale = [name for name, sent in lora_queues(client).items() if now - sent > idle_s and name not in consumed]
+    idle = [name for name, waiting in zip(stale, waiting_messages(client, stale), strict=True) if waiting == 0]
+    if idle:
+        client.hdel(REGISTRY_KEY, *idle)
+    return idle

@@ -1,0 +1,184 @@
+"""LoRA-set queues: routing, the registry, the fleet report, the lost-job sweep, and the policy by which
+workers adopt them, on a real Redis (other workers are their heartbeats; messages are real kombu
+messages published by the client)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+import redis
+
+from producer.client import FarmClient
+from shared.celery_app import waiting_messages
+from shared.fleet import WorkerStatus, fleet_report, publish_heartbeat
+from shared.jobs import RenderJob, parse_job
+from shared.ladder import QuantLevel
+from shared.lora_queues import REGISTRY_KEY, forget_idle_lora_queues, known_queues, lora_queues
+from shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
+from shared.settings import FarmSettings
+from worker.lora_adoption import LoraAdoption
+from worker.lost_jobs import LostJobSweeper
+
+BASE = {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2}
+
+
+def _job(weight: float | None, quant: str = "auto", seed: int = 0) -> RenderJob:
+    loras = [] if weight is None else [{"source": "hf://owner/style/style.safetensors", "weight": weight}]
+    return parse_job({**BASE, "seed": seed, "quant": quant, "loras": loras})
+
+
+@pytest.fixture
+def client(redis_server) -> redis.Redis:
+    connection = redis.Redis.from_url(redis_server.url)
+    connection.flushdb()
+    return connection
+
+
+@pytest.fixture
+def farm_client(redis_server, client, tmp_path):
+    settings = FarmSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path}/out", cache_dir=tmp_path)
+    with FarmClient(settings) as farm:
+        yield farm
+
+
+def _worker(node: str, level: str, queues: list[str]) -> WorkerStatus:
+    now = datetime.now(UTC)
+    return WorkerStatus(
+        node=node,
+        hostname="h",
+        device="cpu",
+        gpu_name=None,
+        vram_gib=None,
+        level=level,
+        model="m",
+        queues=queues,
+        started_at=now,
+        last_seen=now,
+    )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.changes: list[tuple[list[str], list[str]]] = []
+
+    def __call__(self, added: list[str], cancelled: list[str]) -> None:
+        self.changes.append((added, cancelled))
+
+
+def _adoption(
+    client: redis.Redis, node: str = "w1", level: QuantLevel = QuantLevel.Q8_0, carried: str | None = None, grace_s=60
+) -> tuple[LoraAdoption, Recorder]:
+    recorder = Recorder()
+    return LoraAdoption(client, node, level, lambda: carried, recorder, grace_s=grace_s), recorder
+
+
+def test_a_lora_job_goes_to_its_sets_queue_under_its_constraint() -> None:
+    plain, styled = _job(None), _job(0.8)
+    assert plain.queue == "render.any"
+    assert styled.queue == f"render.any.lora.{styled.lora_set}"
+    assert _job(0.5).queue != styled.queue  # another weight, another set
+    exact = _job(0.8, quant="exact:Q8_0")
+    assert exact.queue == f"render.exact.q8_0.lora.{exact.lora_set}"
+    assert split_lora_queue(exact.queue) == ("render.exact.q8_0", exact.lora_set)
+    assert str(constraint_of_queue(exact.queue)) == "exact:Q8_0"
+
+
+def test_senders_register_lora_queues_and_the_registry_forgets_idle_ones(farm_client, client) -> None:
+    styled = _job(0.8)
+    farm_client.submit_many([styled, _job(None, seed=1)])
+    assert set(lora_queues(client)) == {styled.queue}
+    assert styled.queue in known_queues(client) and "render.any" in known_queues(client)
+    assert waiting_messages(client, [styled.queue, "render.any"]) == [1, 1]
+    assert forget_idle_lora_queues(client, set(), idle_s=0) == []  # a job still waits there
+    client.delete(*[name for name in client.keys(f"{styled.queue}*")])
+    assert forget_idle_lora_queues(client, {styled.queue}, idle_s=0) == []  # a worker consumes it
+    assert forget_idle_lora_queues(client, set(), idle_s=3600) == []  # sent to recently
+    assert forget_idle_lora_queues(client, set(), idle_s=0) == [styled.queue]
+    assert client.hlen(REGISTRY_KEY) == 0
+
+
+def test_the_sweeper_sees_jobs_waiting_in_lora_queues(farm_client, client) -> None:
+    """A job waiting in its set's queue is not lost: sending it again would duplicate it."""
+    farm_client.submit_many([_job(0.8)])
+    resent: list[str] = []
+    sweeper = LostJobSweeper(client, farm_client.datasets, lambda sent: resent.append(sent.job["id"]), 0, 1)
+    assert sweeper.sweep_once() == [] and resent == []
+
+
+def test_a_lora_queue_waiting_for_adoption_is_served_only_if_a_fitting_worker_lives(farm_client, client) -> None:
+    job = _job(0.8, quant="exact:Q8_0")
+    farm_client.submit_many([job])
+    publish_heartbeat(client, _worker("w-q4", "Q4_K", queues_for_level(QuantLevel.Q4_K)))
+    [queue] = [q for q in fleet_report(client).queues if q.name == job.queue]
+    assert queue.unserved and queue.adopters == []
+    publish_heartbeat(client, _worker("w-q8", "Q8_0", queues_for_level(QuantLevel.Q8_0)))
+    [queue] = [q for q in fleet_report(client).queues if q.name == job.queue]
+    assert not queue.unserved and queue.adopters == ["w-q8"] and queue.consumers == []
+
+
+def test_the_worker_carrying_a_set_adopts_its_orphaned_queue_alone_then_returns(farm_client, client) -> None:
+    job = _job(0.8)
+    farm_client.submit_many([job, _job(0.8, seed=1)])
+    adoption, changes = _adoption(client, carried=job.lora_set)
+    base = queues_for_level(QuantLevel.Q8_0)
+    assert adoption.queues == base
+    adoption.tick()
+    assert adoption.queues == [job.queue]
+    assert changes.changes == [([job.queue], base)]  # the set's queue alone: no base jobs in between
+    adoption.tick()
+    assert adoption.queues == [job.queue]  # stays while jobs wait
+    client.delete(*client.keys(f"{job.queue}*"))
+    adoption.tick()
+    assert adoption.queues == base
+    assert changes.changes[-1] == (base, [job.queue])
+
+
+def test_another_worker_waits_for_the_grace_period_then_adopts(farm_client, client) -> None:
+    job = _job(0.8)
+    farm_client.submit_many([job])
+    adoption, _ = _adoption(client, carried=None, grace_s=0.3)
+    adoption.tick()
+    assert adoption.lora_queue is None  # the carrier, if any, gets the first chance
+    time.sleep(0.35)
+    adoption.tick()
+    assert adoption.lora_queue == job.queue
+
+
+def test_one_worker_adopts_an_orphan_not_all(farm_client, client) -> None:
+    job = _job(0.8)
+    farm_client.submit_many([job])
+    first, _ = _adoption(client, "w1", grace_s=0)
+    second, _ = _adoption(client, "w2", grace_s=0)
+    first.tick()
+    second.tick()
+    assert first.lora_queue == job.queue and second.lora_queue is None
+
+
+def test_an_idle_worker_joins_a_crowded_queue_and_a_busy_one_does_not(farm_client, client) -> None:
+    styled = [_job(0.8, seed=seed) for seed in range(3)]
+    farm_client.submit_many(styled)
+    publish_heartbeat(client, _worker("w-other", "Q8_0", [styled[0].queue]))
+    busy, _ = _adoption(client, "w-busy", grace_s=0)
+    farm_client.submit_many([_job(None, seed=9)])  # waits in render.any, which w-busy serves
+    busy.tick()
+    assert busy.lora_queue is None
+    client.delete(*client.keys("render.any"), *client.keys("render.any:*"))
+    idle, _ = _adoption(client, "w-idle", grace_s=0)
+    idle.tick()
+    assert idle.lora_queue == styled[0].queue  # 3 waiting, 1 consumer
+
+
+def test_a_worker_only_adopts_queues_its_level_serves_and_leaves_them_on_a_step_down(farm_client, client) -> None:
+    job = _job(0.8, quant="min:Q8_0")
+    farm_client.submit_many([job])
+    low, _ = _adoption(client, "w-q4", QuantLevel.Q4_K, carried=job.lora_set, grace_s=0)
+    low.tick()
+    assert low.lora_queue is None
+    high, changes = _adoption(client, "w-q8", QuantLevel.Q8_0, carried=job.lora_set, grace_s=0)
+    high.tick()
+    assert high.lora_queue == job.queue
+    high.set_level(QuantLevel.Q4_K)
+    assert high.lora_queue is None and high.queues == queues_for_level(QuantLevel.Q4_K)
+    assert changes.changes[-1] == (queues_for_level(QuantLevel.Q4_K), [job.queue])
