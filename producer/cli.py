@@ -48,6 +48,32 @@ def _job_defaults(**options: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _lora_fields(values: list[str]) -> list[dict[str, Any]] | None:
+    """`--lora SOURCE[=WEIGHT]` options as the job's `loras` (weight 1.0 when not given)."""
+    loras = []
+    for value in values:
+        source, sep, weight = value.rpartition("=")
+        if not sep:
+            loras.append({"source": value})
+            continue
+        try:
+            loras.append({"source": source, "weight": float(weight)})
+        except ValueError:
+            raise InvalidJob(f"--lora {value!r}: the weight after '=' must be a number") from None
+    return loras or None
+
+
+def _controlnet_field(source: str | None, image: str | None, scale: float | None) -> dict[str, Any] | None:
+    """`--controlnet`, `--control-image` and `--control-scale` as the job's `controlnet`."""
+    if source is None:
+        if image is not None or scale is not None:
+            raise InvalidJob("--control-image and --control-scale need --controlnet")
+        return None
+    if image is None:
+        raise InvalidJob("--controlnet needs --control-image")
+    return _job_defaults(source=source, control_image=image, conditioning_scale=scale)
+
+
 @app.command()
 def submit(
     file: Annotated[
@@ -78,6 +104,17 @@ def submit(
     priority: Annotated[
         Priority, typer.Option(help="Queue priority: high jobs overtake every normal and low job still waiting.")
     ] = "normal",
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="A LoRA: SOURCE or SOURCE=WEIGHT (hf://, s3:// or a worker path); repeat for up to 4."),
+    ] = None,
+    controlnet: Annotated[
+        str | None, typer.Option(help="FLUX ControlNet folder: hf://owner/repo(/sub), s3:// prefix, worker path.")
+    ] = None,
+    control_image: Annotated[
+        str | None, typer.Option(help="With --controlnet: the control image (s3://, a worker path or a PNG data URL).")
+    ] = None,
+    control_scale: Annotated[float | None, typer.Option(help="With --controlnet: conditioning scale 0..2.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the images, with a progress bar.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
@@ -96,6 +133,8 @@ def submit(
         dataset=dataset,
         job_id=job_id,
         quant=quant,
+        loras=_lora_fields(lora or []),
+        controlnet=_controlnet_field(controlnet, control_image, control_scale),
     )
     if (file is None) == (prompt is None):
         raise InvalidJob("give either --prompt or a prompt file, not both and not neither")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.adapter_files import write_peft_lora
 from tests.conftest import Farm, run_fluxfarm
 
 pytestmark = pytest.mark.slow
@@ -65,3 +66,27 @@ def test_wait_gives_up_after_its_timeout_with_a_clear_error(farm: Farm, tmp_path
     assert done.returncode == 1
     assert "did not finish within 0.5s" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_submit_with_a_lora_and_clear_errors_for_bad_adapter_options(
+    farm: Farm, tiny_model: Path, tmp_path: Path
+) -> None:
+    lora = write_peft_lora(tiny_model, tmp_path / "style")
+    farm.s3.client().upload_file(str(lora), farm.bucket, "loras/style.safetensors")
+    source = f"s3://{farm.bucket}/loras/style.safetensors"
+    job = ["--prompt", "a kite", "--width", "256", "--height", "256", "--steps", "1", "--dataset", "cli-lora"]
+    done = _fluxfarm(farm, "submit", *job, "--lora", f"{source}=0.7", "--wait", "--timeout", "240")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().split("\t")[0]
+    meta_key = f"{farm.prefix}/cli-lora/{job_id}.json"
+    meta = json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=meta_key)["Body"].read())
+    assert meta["job"]["loras"] == [{"source": source, "weight": 0.7}]
+    assert [(info["source"], info["weight"]) for info in meta["loras"]] == [(source, 0.7)]
+    for options, reason in (
+        (["--lora", f"{source}=strong"], "the weight after '=' must be a number"),
+        (["--controlnet", f"s3://{farm.bucket}/controlnets/canny"], "--controlnet needs --control-image"),
+        (["--control-scale", "0.5"], "--control-image and --control-scale need --controlnet"),
+    ):
+        refused = _fluxfarm(farm, "submit", *job, *options)
+        assert refused.returncode != 0 and reason in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr

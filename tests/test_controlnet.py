@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from shared.adapters import as_inline_png
@@ -20,6 +21,7 @@ from shared.ladder import QuantLevel
 from shared.settings import FarmSettings
 from tests.adapter_files import control_png, write_tiny_controlnet
 from worker.engine import RenderEngine
+from worker.fp8 import ScaledFp8Linear
 from worker.pipeline import load_model
 from worker.tiny_model import gguf_path
 
@@ -71,6 +73,11 @@ def test_the_control_image_steers_the_render_and_the_metadata_names_it(engine: R
     assert info.control_image_sha256 == hashlib.sha256((files / "edges.png").read_bytes()).hexdigest()
     assert len(info.sha256) == 64
     assert other_image.controlnet is not None and other_image.controlnet.control_image == "inline"
+    # A quantized level (here Q8_0) keeps the ControlNet in scaled fp8, not bf16.
+    loaded = engine.controlnets.loaded
+    assert loaded is not None
+    assert any(isinstance(m, ScaledFp8Linear) for m in loaded.model.modules())
+    assert not any(type(m) is torch.nn.Linear and m.in_features > 64 for m in loaded.model.transformer_blocks.modules())
 
 
 def test_unusable_controlnets_and_control_images_fail_with_the_reason(

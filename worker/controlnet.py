@@ -1,9 +1,11 @@
 """ControlNet jobs: the FLUX ControlNet a job names, its control image, and the pipeline that uses both.
 
 The ControlNet loads from the same resolver as every model (a worker folder, hf://, s3://), is
-checked against the loaded transformer's architecture, and on the fp8 level is stored in scaled fp8
-like the transformer (as DiffSynth does for FLUX ControlNets), computing on fp8 tensor cores where the
-card has them. One ControlNet stays loaded at a time: a dataset uses one, and each costs 1-4 GB.
+checked against the loaded transformer's architecture, and on every quantized level (fp8, GGUF, NF4)
+is stored in scaled fp8 (as DiffSynth does for FLUX ControlNets): half its bf16 bytes on the card a
+quantized level was chosen for, computing on fp8 tensor cores where the card has them and upcast per
+layer elsewhere. (Not GGUF blocks: a ControlNet is a few blocks, run once per step, and 8 bits keep
+its residuals closer to bf16.) One ControlNet stays loaded at a time: a dataset uses one, and each costs 1-4 GB.
 Control images come from S3, a worker path, or inline in the job; all are bounded in bytes and
 pixels before they are decoded.
 """
@@ -86,10 +88,11 @@ class ControlNets:
             sha256 = self._digests.folder_sha256(folder)
         except (OSError, ValueError, RuntimeError) as error:
             raise JobInputError(f"ControlNet {spec.source} could not be loaded: {error}") from None
-        if self._level == QuantLevel.FP8.value:
+        quantized = self._level != QuantLevel.BF16.value
+        if quantized:
             to_scaled_fp8(model, dtype)  # on the host, as the transformer was
         model.to(self._device)
-        if self._level == QuantLevel.FP8.value and fp8_tensor_cores_work(torch.device(self._device)):
+        if quantized and fp8_tensor_cores_work(torch.device(self._device)):
             use_fp8_tensor_cores(model)
         # Built from the loaded parts as they are (from_pipe would cast the quantized transformer).
         parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
