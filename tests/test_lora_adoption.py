@@ -135,15 +135,25 @@ def test_the_worker_carrying_a_set_adopts_its_orphaned_queue_alone_then_returns(
     assert changes.changes[-1] == (base, [job.queue])
 
 
-def test_another_worker_waits_for_the_grace_period_then_adopts(farm_client, client) -> None:
+def test_a_set_nobody_carries_is_adopted_at_once(farm_client, client) -> None:
     job = _job(0.8)
     farm_client.submit_many([job])
-    adoption, _ = _adoption(client, carried=None, grace_s=0.3)
-    adoption.tick()
-    assert adoption.lora_queue is None  # the carrier, if any, gets the first chance
-    time.sleep(0.35)
+    adoption, _ = _adoption(client, carried=None, grace_s=60)
     adoption.tick()
     assert adoption.lora_queue == job.queue
+
+
+def test_another_worker_waits_for_the_grace_period_when_a_live_worker_carries_the_set(farm_client, client) -> None:
+    job = _job(0.8)
+    farm_client.submit_many([job])
+    carrier = _worker("w-carrier", "Q8_0", queues_for_level(QuantLevel.Q8_0))
+    publish_heartbeat(client, carrier.model_copy(update={"lora_set": job.lora_set}))
+    adoption, _ = _adoption(client, carried=None, grace_s=0.3)
+    adoption.tick()
+    assert adoption.lora_queue is None  # the carrier gets the first chance
+    time.sleep(0.35)
+    adoption.tick()
+    assert adoption.lora_queue == job.queue  # it did not take it: no set waits long
 
 
 def test_one_worker_adopts_an_orphan_not_all(farm_client, client) -> None:

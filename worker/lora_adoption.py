@@ -5,9 +5,10 @@ Switching a worker's weights between LoRA sets costs seconds (unfuse, then fuse 
 cache at best: 8.7 s for a rank-64 set at Q8_0 on an H200), so a fleet must not pass sets around:
 - A worker that adopts a set's queue consumes that queue alone, until it is empty. It never mixes
   those jobs with base jobs or another set's, so it fuses once per stint.
-- An orphaned queue (jobs waiting, no live consumer) is adopted by the worker that carries its set
-  at once. Any other worker whose level fits adopts it after `grace_s`, so the carrier gets the first
-  chance and no set waits long for a worker.
+- An orphaned queue (jobs waiting, no live consumer) is adopted at once by the worker that carries its
+  set, or by any worker whose level fits when no live worker carries it. Where another worker carries
+  it (its heartbeat says so), the others wait `grace_s`: the carrier gets the first chance, and no set
+  waits long for a worker.
 - A worker with nothing waiting in its own queues joins the set queue with the most jobs per
   consumer, so that a large LoRA dataset spreads over idle workers.
 - Otherwise, and when its set's queue has emptied, the worker goes back to its constraint queues.
@@ -85,19 +86,26 @@ class LoraAdoption:
             if self.lora_queue is not None and waiting[self.lora_queue] > 0:
                 return  # a stint lasts until the set's queue is empty
             consumers = Counter(queue for w in workers for queue in w.queues)
-            target = self._choose(waiting, consumers, idle=sum(counts[len(names) :]) == 0)
+            carried_elsewhere = {w.lora_set for w in workers if w.lora_set is not None}
+            target = self._choose(waiting, consumers, carried_elsewhere, idle=sum(counts[len(names) :]) == 0)
             if target != self.lora_queue:
                 log.info("LoRA queue: %s -> %s", self.lora_queue or "none", target or "none (constraint queues)")
                 self.lora_queue = target
                 self._apply()
 
-    def _choose(self, waiting: dict[str, int], consumers: Counter[str], idle: bool) -> str | None:
+    def _choose(
+        self, waiting: dict[str, int], consumers: Counter[str], carried_elsewhere: set[str], idle: bool
+    ) -> str | None:
         carried = self._carried()
         now = time.monotonic()
         orphans = [q for q, n in waiting.items() if n > 0 and consumers[q] == 0 and q != self.lora_queue]
         self._orphaned_since = {q: self._orphaned_since.get(q, now) for q in orphans}
         ready = [
-            q for q in orphans if split_lora_queue(q)[1] == carried or now - self._orphaned_since[q] >= self._grace_s
+            q
+            for q in orphans
+            if split_lora_queue(q)[1] == carried
+            or split_lora_queue(q)[1] not in carried_elsewhere
+            or now - self._orphaned_since[q] >= self._grace_s
         ]
         ready.sort(key=lambda q: (split_lora_queue(q)[1] != carried, -waiting[q]))
         if idle:  # help with a queue that has more jobs than consumers
