@@ -28,7 +28,7 @@ import redis
 from shared.celery_app import waiting_messages
 from shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
 from shared.ladder import QuantLevel
-from shared.lora_queues import forget_idle_lora_queues, lora_queues
+from shared.lora_queues import REGISTRY_KEY, forget_idle_lora_queues, lora_queues
 from shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class LoraAdoption:
 
     def tick(self) -> None:
         with self._lock:
+            if not self._redis.exists(REGISTRY_KEY) and self.lora_queue is None:
+                return  # a farm without LoRA jobs pays one EXISTS a tick, not a scan of the fleet
             workers = [w for w in read_workers(self._redis) if w.node != self._node]
             forget_idle_lora_queues(self._redis, {queue for w in workers for queue in w.queues} | set(self.queues))
             fitting = [q for q in lora_queues(self._redis) if constraint_of_queue(q).allows(self.level)]
