@@ -275,8 +275,11 @@ class FarmClient:
             for item in jobs:
                 job = parse_job(dict(item) if isinstance(item, Mapping) else item)
                 if job.dataset not in known:
-                    dataset = job.dataset
-                    known[dataset] = (self.store.stored_job_ids(dataset), self.datasets.waiting_ids(dataset))
+                    # Waiting first, then stored: a job that finishes in between is still in one of the two.
+                    # (Listing storage first missed a job stored just after the listing and marked done
+                    # just before the record was read, and sent it again.)
+                    waiting_ids = self.datasets.waiting_ids(job.dataset)
+                    known[job.dataset] = (self.store.stored_job_ids(job.dataset), waiting_ids)
                 stored, waiting = known[job.dataset]
                 if job.id in stored:
                     counts.already_stored += 1
