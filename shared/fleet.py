@@ -16,7 +16,7 @@ from shared.celery_app import waiting_messages
 from shared.errors import FarmError
 from shared.ladder import parse_level
 from shared.lora_queues import known_queues
-from shared.routing import constraint_of_queue, split_lora_queue
+from shared.routing import constraint_of_queue, level_serves, split_lora_queue
 
 WORKER_KEY_PREFIX = "fluxfarm:worker:"
 HEARTBEAT_INTERVAL_S = 2.0
@@ -112,7 +112,7 @@ def read_workers(client: redis.Redis) -> list[WorkerStatus]:
 
 def _serves(worker: WorkerStatus, queue: str) -> bool:
     try:
-        return constraint_of_queue(queue).allows(parse_level(worker.level))
+        return level_serves(parse_level(worker.level), queue)
     except FarmError:
         return False  # a level this version does not know
 

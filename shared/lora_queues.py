@@ -41,11 +41,13 @@ def known_queues(client: redis.Redis) -> list[str]:
     return all_queues() + sorted(lora_queues(client))
 
 
-def forget_idle_lora_queues(client: redis.Redis, consumed: set[str], idle_s: float = LORA_QUEUE_IDLE_S) -> list[str]:
-    """Drop registry entries of queues empty, consumed by no live worker (`consumed`) and not sent to
-    for `idle_s`; returns them."""
+def forget_idle_lora_queues(
+    client: redis.Redis, registered: dict[str, float], consumed: set[str], idle_s: float = LORA_QUEUE_IDLE_S
+) -> list[str]:
+    """Drop the entries of `registered` (as `lora_queues` read them) whose queues are empty, consumed by no
+    live worker (`consumed`) and not sent to for `idle_s`; returns them."""
     now = time.time()
-    stale = [name for name, sent in lora_queues(client).items() if now - sent > idle_s and name not in consumed]
+    stale = [name for name, sent in registered.items() if now - sent > idle_s and name not in consumed]
     idle = [name for name, waiting in zip(stale, waiting_messages(client, stale), strict=True) if waiting == 0]
     if idle:
         client.hdel(REGISTRY_KEY, *idle)

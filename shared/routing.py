@@ -72,6 +72,11 @@ def constraint_of_queue(name: str) -> QuantConstraint:
     return QuantConstraint("auto") if kind == "any" else parse_constraint(f"{kind}:{level}")
 
 
+def level_serves(level: QuantLevel, queue: str) -> bool:
+    """Whether a worker holding `level` may take the jobs of `queue` (LoRA set queues included)."""
+    return constraint_of_queue(queue).allows(level)
+
+
 def queues_for_level(level: QuantLevel) -> list[str]:
     """Every queue a worker holding `level` can serve: any, its exact level, and each min it meets."""
     queues = [QuantConstraint("auto").queue, QuantConstraint("exact", level).queue]

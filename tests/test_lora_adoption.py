@@ -91,11 +91,11 @@ def test_senders_register_lora_queues_and_the_registry_forgets_idle_ones(farm_cl
     assert set(lora_queues(client)) == {styled.queue}
     assert styled.queue in known_queues(client) and "render.any" in known_queues(client)
     assert waiting_messages(client, [styled.queue, "render.any"]) == [1, 1]
-    assert forget_idle_lora_queues(client, set(), idle_s=0) == []  # a job still waits there
+    assert forget_idle_lora_queues(client, lora_queues(client), set(), idle_s=0) == []  # a job still waits there
     client.delete(*[name for name in client.keys(f"{styled.queue}*")])
-    assert forget_idle_lora_queues(client, {styled.queue}, idle_s=0) == []  # a worker consumes it
-    assert forget_idle_lora_queues(client, set(), idle_s=3600) == []  # sent to recently
-    assert forget_idle_lora_queues(client, set(), idle_s=0) == [styled.queue]
+    assert forget_idle_lora_queues(client, lora_queues(client), {styled.queue}, idle_s=0) == []  # a worker consumes it
+    assert forget_idle_lora_queues(client, lora_queues(client), set(), idle_s=3600) == []  # sent to recently
+    assert forget_idle_lora_queues(client, lora_queues(client), set(), idle_s=0) == [styled.queue]
     assert client.hlen(REGISTRY_KEY) == 0
 
 

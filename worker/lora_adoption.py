@@ -28,8 +28,8 @@ import redis
 from shared.celery_app import waiting_messages
 from shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
 from shared.ladder import QuantLevel
-from shared.lora_queues import REGISTRY_KEY, forget_idle_lora_queues, lora_queues
-from shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
+from shared.lora_queues import forget_idle_lora_queues, lora_queues
+from shared.routing import level_serves, queues_for_level, split_lora_queue
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,19 @@ class LoraAdoption:
         """After a step down: the new level's constraint queues; a set queue it cannot serve is left."""
         with self._lock:
             self.level = level
-            if self.lora_queue is not None and not constraint_of_queue(self.lora_queue).allows(level):
+            if self.lora_queue is not None and not level_serves(level, self.lora_queue):
                 self.lora_queue = None
             self._apply()
 
     def tick(self) -> None:
         with self._lock:
-            if not self._redis.exists(REGISTRY_KEY) and self.lora_queue is None:
-                return  # a farm without LoRA jobs pays one EXISTS a tick, not a scan of the fleet
+            registered = lora_queues(self._redis)
+            if not registered and self.lora_queue is None:
+                return  # a farm without LoRA jobs pays one read of an empty hash a tick, not a scan of the fleet
             workers = [w for w in read_workers(self._redis) if w.node != self._node]
-            forget_idle_lora_queues(self._redis, {queue for w in workers for queue in w.queues} | set(self.queues))
-            fitting = [q for q in lora_queues(self._redis) if constraint_of_queue(q).allows(self.level)]
+            consumed = {queue for w in workers for queue in w.queues} | set(self.queues)
+            forgotten = forget_idle_lora_queues(self._redis, registered, consumed)
+            fitting = [q for q in registered if q not in forgotten and level_serves(self.level, q)]
             if not fitting and self.lora_queue is None:
                 return
             names = sorted(set(fitting) | ({self.lora_queue} if self.lora_queue else set()))
@@ -123,6 +125,6 @@ class LoraAdoption:
         wanted = [self.lora_queue] if self.lora_queue is not None else queues_for_level(self.level)
         added = [q for q in wanted if q not in self.queues]
         cancelled = [q for q in self.queues if q not in wanted]
+        self.queues = wanted  # before `change`, which logs them
         if added or cancelled:
             self._change(added, cancelled)
-        self.queues = wanted
