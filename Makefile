@@ -7,19 +7,30 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed first and pinned: an unpinned torch can pull a multi-GB CUDA build.
 # On a GPU machine pick the build you need, e.g. `make demo TORCH='torch==2.13.0 --index-url ...'`.
-TORCH ?= torch==2.13.0
+TORCH_PIN := torch==2.13.0
+TORCH ?= $(TORCH_PIN)
+# Every other package at the version CI tested: constraints.txt is the lock (`make lock` refreshes it);
+# pyproject keeps its ranges for those who install fluxfarm as a library.
+LOCK := constraints.txt
 STAMP := $(VENV)/.fluxfarm-installed
 
-.PHONY: demo test test-faults lint env clean
+.PHONY: demo test test-faults lint env lock clean
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[gpu,local,test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[gpu,local,test]'
 	touch $@
+
+# Resolve pyproject's ranges (every extra, torch at its pin) to exact versions for Python 3.11 on Linux.
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q uv
+	echo '$(TORCH_PIN)' | $(VENV)/bin/uv pip compile pyproject.toml - --all-extras \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet -o $(LOCK)
 
 demo: $(STAMP)
 	$(VENV)/bin/fluxfarm demo

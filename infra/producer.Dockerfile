@@ -5,6 +5,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY fluxfarm ./fluxfarm
 COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker

@@ -10,6 +10,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY fluxfarm ./fluxfarm
 COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker

@@ -14,16 +14,16 @@ from typing import Any
 
 from rich.console import Console
 
-from producer.client import FarmClient, StreamCounts
-from producer.fleet_check import warn_unserved
-from producer.job_files import RowError, iter_file_jobs
-from producer.progress import progress_bar
-from shared.celery_app import Priority
-from shared.datasets import DatasetRecord, store_manifest
-from shared.errors import InvalidJob, JobFailed
-from shared.jobs import DEFAULT_DATASET, RenderJob
-from shared.metadata import RenderResult
-from shared.settings import FarmSettings
+from fluxfarm.producer.client import FarmClient, StreamCounts
+from fluxfarm.producer.fleet_check import warn_unserved
+from fluxfarm.producer.job_files import RowError, iter_file_jobs
+from fluxfarm.producer.progress import progress_bar
+from fluxfarm.shared.celery_app import Priority
+from fluxfarm.shared.datasets import DatasetRecord, store_manifest
+from fluxfarm.shared.errors import InvalidJob, JobFailed
+from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob
+from fluxfarm.shared.metadata import RenderResult
+from fluxfarm.shared.settings import FarmSettings
 
 ROW_ERRORS_SHOWN = 100
 """Bad rows named one by one; past this many only their number is given."""

@@ -9,18 +9,18 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from producer.bulk_submit import report_failures, submit_file, wait_for_dataset
-from producer.client import FarmClient
-from producer.export import ExportFormat
-from producer.fleet_check import warn_unserved
-from producer.progress import wait_with_progress
-from shared.celery_app import Priority
-from shared.errors import FarmError, InvalidJob
-from shared.jobs import DEFAULT_DATASET, parse_dataset_name, parse_job
-from shared.metadata import RenderResult
-from shared.settings import FarmSettings
-from shared.storage import open_store
-from worker import cli as worker_cli
+from fluxfarm.producer.bulk_submit import report_failures, submit_file, wait_for_dataset
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.export import ExportFormat
+from fluxfarm.producer.fleet_check import warn_unserved
+from fluxfarm.producer.progress import wait_with_progress
+from fluxfarm.shared.celery_app import Priority
+from fluxfarm.shared.errors import FarmError, InvalidJob
+from fluxfarm.shared.jobs import DEFAULT_DATASET, parse_dataset_name, parse_job
+from fluxfarm.shared.metadata import RenderResult
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.storage import open_store
+from fluxfarm.worker import cli as worker_cli
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -211,7 +211,7 @@ def cancel(
 ) -> None:
     """Drop a dataset's queued jobs (workers discard their messages unrendered); running jobs finish.
     Submitting the file again later queues the dropped jobs anew."""
-    from producer.bulk_submit import cancel_dataset
+    from fluxfarm.producer.bulk_submit import cancel_dataset
 
     cancel_dataset(FarmSettings(), parse_dataset_name(dataset), err)
 
@@ -229,9 +229,9 @@ def export(
 ) -> None:
     """Export a dataset from storage: Hugging Face imagefolder, parquet (a row per image), jsonl, webdataset
     tar shards, or a contact sheet of the first images with their prompts."""
-    from producer.export import export_dataset
-    from producer.progress import progress_bar
-    from shared.storage import open_store, open_store_url
+    from fluxfarm.producer.export import export_dataset
+    from fluxfarm.producer.progress import progress_bar
+    from fluxfarm.shared.storage import open_store, open_store_url
 
     settings = FarmSettings()
     name = parse_dataset_name(dataset)
@@ -264,7 +264,7 @@ def status(
 ) -> None:
     """The live fleet (each worker's card, level, jobs, images/hour, heartbeat), the queues and the datasets
     (progress, rate, ETA, failures with reasons); jobs no live worker can serve are flagged."""
-    from producer.status import read_status, render_status, watch_status
+    from fluxfarm.producer.status import read_status, render_status, watch_status
 
     settings = FarmSettings()
     dataset = None if dataset is None else parse_dataset_name(dataset)
@@ -287,7 +287,7 @@ def exporter(
     metrics, read from Redis at each scrape; each worker serves its own on FLUXFARM_METRICS_PORT."""
     import logging
 
-    from producer.exporter import run_exporter
+    from fluxfarm.producer.exporter import run_exporter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_exporter(FarmSettings(), address, port)
@@ -301,7 +301,7 @@ def bench_submit(
     """How fast `fluxfarm submit FILE` enqueues a dataset and its peak memory, on a private redis-server."""
     from rich.table import Table
 
-    from producer.submit_bench import run_submit_bench
+    from fluxfarm.producer.submit_bench import run_submit_bench
 
     results = run_submit_bench(rows)
     table = Table(title=f"fluxfarm submit, {rows} rows")
@@ -329,32 +329,25 @@ def demo(
 
     Uses FLUXFARM_MODEL (and FLUXFARM_TRANSFORMER) when set, else an offline tiny model that renders noise.
     """
-    from producer.demo import run_demo
+    from fluxfarm.producer.demo import run_demo
 
     run_demo(jobs, out_dir, out, err)
 
 
 def main() -> None:
-    """Console entry point: our errors become one red line and an exit code, not a traceback."""
+    """Console entry point: our errors become one red line and an exit code, not a traceback.
+
+    Typer runs in standalone mode, so usage errors (a missing or unknown option, a bad value) are
+    handled by the click that typer itself uses: the usage, the reason, exit code 2. Catching click's
+    exceptions here instead broke once typer began to vendor its own click (0.29)."""
     try:
-        code = app(standalone_mode=False)  # click returns an Exit's code instead of raising it here
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(EXIT_FAILED)
+        app()
     except InvalidJob as error:
         err.print(f"[red]invalid job[/red]: {error}", highlight=False)
         sys.exit(EXIT_INVALID)
     except (FarmError, TimeoutError) as error:
         err.print(f"[red]error[/red]: {error}", highlight=False)
         sys.exit(EXIT_FAILED)
-    except Exception as error:
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

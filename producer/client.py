@@ -24,15 +24,15 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
-from shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_render
-from shared.datasets import DatasetBook, DatasetRecord, SentJob
-from shared.errors import InvalidJob, JobFailed, ObjectNotFound
-from shared.jobs import RenderJob, parse_job
-from shared.lora_queues import note_lora_queues
-from shared.metadata import RenderResult, read_result
-from shared.redis_conn import open_redis
-from shared.settings import FarmSettings
-from shared.storage import open_store
+from fluxfarm.shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_render
+from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, SentJob
+from fluxfarm.shared.errors import InvalidJob, JobFailed, ObjectNotFound
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.lora_queues import note_lora_queues
+from fluxfarm.shared.metadata import RenderResult, read_result
+from fluxfarm.shared.redis_conn import open_redis
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.storage import open_store
 
 _POLL_INTERVAL_S = 0.25
 STORAGE_CHECK_S = 10.0

@@ -12,11 +12,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from producer.client import FarmClient
-from producer.local_stack import RedisServer, WorkerProcess
-from producer.progress import wait_with_progress
-from shared.errors import FarmError
-from shared.settings import FarmSettings
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
+from fluxfarm.producer.progress import wait_with_progress
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.settings import FarmSettings
 
 DEMO_PROMPTS = (
     "a red fox curled up in fresh snow at dawn, soft light",
@@ -35,8 +35,8 @@ def _demo_model(settings: FarmSettings, out_dir: Path, err: Console) -> tuple[st
     """(model, transformer, is_tiny): the configured FLUX model, else the tiny one, built once."""
     if settings.model:
         return settings.model, settings.transformer, False
-    from shared.ladder import QuantLevel
-    from worker.tiny_model import gguf_path, write_tiny_model
+    from fluxfarm.shared.ladder import QuantLevel
+    from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
 
     tiny_dir = out_dir / "tiny-model"
     level = QuantLevel.Q8_0

@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from shared.metadata import RenderResult, read_result
-from shared.storage import PNG_CONTENT_TYPE, ObjectStore, ResultKeys
+from fluxfarm.shared.metadata import RenderResult, read_result
+from fluxfarm.shared.storage import PNG_CONTENT_TYPE, ObjectStore, ResultKeys
 
 if typing.TYPE_CHECKING:
     import pyarrow as pa

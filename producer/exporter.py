@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from producer.status import FarmStatus, read_status
-from shared.datasets import STATES
-from shared.errors import FarmError
-from shared.settings import FarmSettings
+from fluxfarm.producer.status import FarmStatus, read_status
+from fluxfarm.shared.datasets import STATES
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.settings import FarmSettings
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import redis
 from rich.console import Console
 
-from shared.errors import FarmError
-from shared.fleet import FleetReport, fleet_report
-from shared.redis_conn import open_redis
-from shared.settings import FarmSettings, redact_url
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.fleet import FleetReport, fleet_report
+from fluxfarm.shared.redis_conn import open_redis
+from fluxfarm.shared.settings import FarmSettings, redact_url
 
 
 def read_fleet(settings: FarmSettings) -> FleetReport:

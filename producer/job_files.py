@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InvalidJob
-from shared.jobs import MAX_SEED, RenderJob, parse_job
+from fluxfarm.shared.errors import InvalidJob
+from fluxfarm.shared.jobs import MAX_SEED, RenderJob, parse_job
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 _PARQUET_BATCH_ROWS = 4096

@@ -18,7 +18,7 @@ from types import TracebackType
 
 import redis
 
-from shared.errors import FarmError
+from fluxfarm.shared.errors import FarmError
 
 _START_TIMEOUT_S = 20.0
 
@@ -133,7 +133,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", "worker", *self.args],
+                [sys.executable, "-m", "fluxfarm", "worker", *self.args],
                 env={**os.environ, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -14,9 +14,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from producer.client import JobBatch
-from shared.errors import JobFailed
-from shared.metadata import RenderResult
+from fluxfarm.producer.client import JobBatch
+from fluxfarm.shared.errors import JobFailed
+from fluxfarm.shared.metadata import RenderResult
 
 
 @dataclass

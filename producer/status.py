@@ -16,13 +16,13 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from producer.fleet_check import read_fleet
-from shared.datasets import DatasetBook, DatasetRecord, DeadLetter
-from shared.errors import FarmError
-from shared.fleet import FleetReport
-from shared.redis_conn import open_redis
-from shared.settings import FarmSettings, redact_url
-from shared.storage import open_store
+from fluxfarm.producer.fleet_check import read_fleet
+from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, DeadLetter
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.fleet import FleetReport
+from fluxfarm.shared.redis_conn import open_redis
+from fluxfarm.shared.settings import FarmSettings, redact_url
+from fluxfarm.shared.storage import open_store
 
 WATCH_INTERVAL_S = 2.0
 DEAD_LETTERS_SHOWN = 20

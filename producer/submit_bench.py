@@ -20,8 +20,8 @@ from pathlib import Path
 import redis
 from pydantic import BaseModel
 
-from producer.local_stack import RedisServer
-from shared.celery_app import QUEUE_ANY, waiting_messages
+from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 
 
 class SubmitBenchRow(BaseModel):
@@ -43,7 +43,7 @@ def write_prompt_file(path: Path, rows: int) -> None:
 
 def _timed_submit(path: Path, env: dict[str, str], log: Path) -> tuple[float, float, str]:
     """Seconds, peak RSS (MiB) and stderr of one `fluxfarm submit` child."""
-    command = [sys.executable, "-m", "producer.cli", "submit", str(path), "--dataset", "bench-submit"]
+    command = [sys.executable, "-m", "fluxfarm", "submit", str(path), "--dataset", "bench-submit"]
     with log.open("w") as stderr:
         start = time.perf_counter()
         child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)

@@ -14,10 +14,10 @@ from typing import Any, Literal
 import redis
 from celery import Celery
 
-from shared.jobs import RenderJob
-from shared.redis_conn import tls_options
-from shared.routing import QuantConstraint
-from shared.settings import FarmSettings
+from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.redis_conn import tls_options
+from fluxfarm.shared.routing import QuantConstraint
+from fluxfarm.shared.settings import FarmSettings
 
 RENDER_TASK = "fluxfarm.render"
 """The task name the producer sends and the worker registers."""

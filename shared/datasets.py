@@ -20,9 +20,9 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict
 
-from shared.jobs import RenderJob
-from shared.rates import RATE_WINDOW_S, per_hour
-from shared.storage import JSON_CONTENT_TYPE, ObjectStore
+from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
+from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
 DATASETS_KEY = "fluxfarm:datasets"
 """A set of every dataset name the farm has seen."""

@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
-from shared.celery_app import waiting_messages
-from shared.errors import FarmError
-from shared.ladder import parse_level
-from shared.lora_queues import known_queues
-from shared.routing import constraint_of_queue, level_serves, split_lora_queue
+from fluxfarm.shared.celery_app import waiting_messages
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.ladder import parse_level
+from fluxfarm.shared.lora_queues import known_queues
+from fluxfarm.shared.routing import constraint_of_queue, level_serves, split_lora_queue
 
 WORKER_KEY_PREFIX = "fluxfarm:worker:"
 HEARTBEAT_INTERVAL_S = 2.0

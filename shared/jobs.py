@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shared.adapters import MAX_LORAS, ControlNetSpec, LoraSpec, lora_set_id
-from shared.errors import FarmError, InvalidJob
-from shared.routing import AUTO, QuantConstraint, lora_queue, parse_constraint
+from fluxfarm.shared.adapters import MAX_LORAS, ControlNetSpec, LoraSpec, lora_set_id
+from fluxfarm.shared.errors import FarmError, InvalidJob
+from fluxfarm.shared.routing import AUTO, QuantConstraint, lora_queue, parse_constraint
 
 MAX_PROMPT_CHARS = 4000
 """CLIP reads 77 tokens and T5 at most 512; 4,000 characters is well past either, so longer is a mistake."""

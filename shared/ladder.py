@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from shared.errors import FarmError
+from fluxfarm.shared.errors import FarmError
 
 
 class QuantLevel(StrEnum):

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 import redis
 
-from shared.celery_app import waiting_messages
-from shared.routing import all_queues, split_lora_queue
+from fluxfarm.shared.celery_app import waiting_messages
+from fluxfarm.shared.routing import all_queues, split_lora_queue
 
 REGISTRY_KEY = "fluxfarm:lora-queues"
 LORA_QUEUE_IDLE_S = 3600.0

@@ -12,10 +12,10 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.jobs import RenderJob
+from fluxfarm.shared.jobs import RenderJob
 
 if TYPE_CHECKING:
-    from shared.storage import ObjectStore, ResultKeys
+    from fluxfarm.shared.storage import ObjectStore, ResultKeys
 
 
 class _Record(BaseModel):

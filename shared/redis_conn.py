@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from shared.settings import FarmSettings
+from fluxfarm.shared.settings import FarmSettings
 
 
 def tls_options(url: str, ca_file: Path | None) -> dict[str, object] | None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.errors import FarmError
-from shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.ladder import QuantLevel, parse_level
 
 AUTO = "auto"
 QUEUE_PREFIX = "render."

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import ObjectExists, ObjectNotFound, StorageError
-from shared.settings import FarmSettings
+from fluxfarm.shared.errors import ObjectExists, ObjectNotFound, StorageError
+from fluxfarm.shared.settings import FarmSettings
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

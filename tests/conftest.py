@@ -22,10 +22,10 @@ import redis
 import torch
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
-from producer.local_stack import RedisServer, WorkerProcess, free_port
-from shared.celery_app import QUEUE_ANY, waiting_messages
-from shared.ladder import QuantLevel
-from shared.settings import FarmSettings
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
+from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.settings import FarmSettings
 
 TINY_LEVELS = (
     QuantLevel.Q8_0,
@@ -52,7 +52,7 @@ for _name in [name for name in os.environ if name.startswith("FLUXFARM_")]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_model import write_tiny_model
+    from fluxfarm.worker.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", TINY_LEVELS)
 
@@ -152,7 +152,7 @@ def farm(
     s3_server: S3Server,
 ) -> Iterator[Farm]:
     """One GGUF Q8_0 worker for a whole test module, storing into a fresh bucket."""
-    from worker.tiny_model import gguf_path
+    from fluxfarm.worker.tiny_model import gguf_path
 
     bucket = s3_server.new_bucket()
     prefix = "renders"

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from producer.local_stack import WorkerProcess
-from shared.ladder import QuantLevel
-from shared.metadata import RenderResult
-from shared.settings import FarmSettings
+from fluxfarm.producer.local_stack import WorkerProcess
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import RenderResult
+from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, start_worker
 
 SMALL_JOB = {"width": 256, "height": 256, "steps": 2}
@@ -26,7 +26,7 @@ def fault_worker(
     **env: str,
 ) -> WorkerProcess:
     """A Q8_0 worker on the tiny model; `faults` is its FaultPlan, `env` more FLUXFARM_* settings."""
-    from worker.tiny_model import gguf_path
+    from fluxfarm.worker.tiny_model import gguf_path
 
     extra = {f"FLUXFARM_{key.upper()}": value for key, value in env.items()}
     if faults:
@@ -74,11 +74,11 @@ def where_jobs_are(redis_url: str, dataset: str, job_ids: set[str], logs: list[s
     """Everything Redis and the worker logs say about `job_ids`: what a stuck-job failure reports."""
     import redis
 
-    from shared.celery_app import queue_lists
-    from shared.datasets import STATES
-    from shared.routing import all_queues
-    from worker.leases import UNACKED_INDEX_KEY, JobClaims
-    from worker.lost_jobs import MISSING_SINCE_KEY, UNACKED_KEY, _message_id
+    from fluxfarm.shared.celery_app import queue_lists
+    from fluxfarm.shared.datasets import STATES
+    from fluxfarm.shared.routing import all_queues
+    from fluxfarm.worker.leases import UNACKED_INDEX_KEY, JobClaims
+    from fluxfarm.worker.lost_jobs import MISSING_SINCE_KEY, UNACKED_KEY, _message_id
 
     client = redis.Redis.from_url(redis_url)
     now = client.time()[0]

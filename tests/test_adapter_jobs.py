@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer.client import FarmClient
-from shared.errors import JobFailed
-from shared.ladder import QuantLevel
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.shared.errors import JobFailed
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.tiny_model import gguf_path
 from tests.adapter_files import control_png, write_peft_lora, write_tiny_controlnet
 from tests.conftest import Farm, S3Server, fresh_farm_settings, start_worker
-from worker.tiny_model import gguf_path
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.client import FarmClient
-from producer.local_stack import RedisServer
-from shared.errors import InvalidJob
-from shared.jobs import MAX_PROMPT_CHARS
-from shared.settings import FarmSettings
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.shared.errors import InvalidJob
+from fluxfarm.shared.jobs import MAX_PROMPT_CHARS
+from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import queue_length
 
 # (what is wrong, the job, CLI options that say the same, the field the error must name)
@@ -41,7 +41,7 @@ def client_settings(redis_server: RedisServer, tmp_path: Path, redis_client: red
 def _cli(args: list[str], settings: FarmSettings) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLUXFARM_BROKER_URL": settings.broker_url, "FLUXFARM_STORAGE_URL": settings.storage_url}
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", "submit", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fluxfarm", "submit", *args], env=env, capture_output=True, text=True, timeout=120
     )
 
 

@@ -12,10 +12,10 @@ import pytest
 import redis
 from pydantic import BaseModel
 
-from producer.client import FarmClient
-from producer.local_stack import RedisServer, WorkerProcess
-from shared.datasets import DatasetBook
-from shared.storage import open_store
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
+from fluxfarm.shared.datasets import DatasetBook
+from fluxfarm.shared.storage import open_store
 from tests.conftest import S3Server, farm_env, fresh_farm_settings
 from tests.fault_farm import SMALL_JOB, renders_logged, stored_once, where_jobs_are
 
@@ -66,8 +66,8 @@ def _dead_lettered(book: DatasetBook) -> int:
 def test_chaos_300_jobs_two_workers_killed_every_ten_seconds_and_a_redis_restart(
     s3_server: S3Server, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from shared.ladder import QuantLevel
-    from worker.tiny_model import gguf_path
+    from fluxfarm.shared.ladder import QuantLevel
+    from fluxfarm.worker.tiny_model import gguf_path
 
     rng = random.Random(6)
     redis_server = RedisServer(tmp_path / "redis", appendonly=True).start()

@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.adapters import as_inline_png
-from shared.errors import JobInputError
-from shared.jobs import RenderJob, parse_job
-from shared.ladder import QuantLevel
-from shared.settings import FarmSettings
+from fluxfarm.shared.adapters import as_inline_png
+from fluxfarm.shared.errors import JobInputError
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.engine import RenderEngine
+from fluxfarm.worker.fp8 import ScaledFp8Linear
+from fluxfarm.worker.pipeline import load_model
+from fluxfarm.worker.tiny_model import gguf_path
 from tests.adapter_files import control_png, write_tiny_controlnet
-from worker.engine import RenderEngine
-from worker.fp8 import ScaledFp8Linear
-from worker.pipeline import load_model
-from worker.tiny_model import gguf_path
 
 JOB = {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 3, "seed": 3}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.datasets import DatasetBook
+from fluxfarm.shared.datasets import DatasetBook
 from tests.conftest import FLUXFARM, Farm, queue_length, run_fluxfarm
 
 pytestmark = pytest.mark.slow
@@ -150,7 +150,7 @@ def test_webdataset_parquet_jsonl_and_contact_sheet_exports_hold_every_image(
     import webdataset
     from PIL import Image
 
-    from shared.metadata import RenderResult
+    from fluxfarm.shared.metadata import RenderResult
 
     pngs, metas = _objects(farm, "moths")
     shards = _export(farm, "webdataset", str(tmp_path / "wds"), "--shard-mb", "2")
@@ -177,7 +177,7 @@ def test_webdataset_parquet_jsonl_and_contact_sheet_exports_hold_every_image(
 
 
 def test_status_figures_match_the_stored_objects(farm: Farm, moths: str) -> None:
-    from shared.metadata import RenderResult
+    from fluxfarm.shared.metadata import RenderResult
 
     done = run_fluxfarm("status", "--dataset", "moths", "--json", env=farm.worker_env())
     assert done.returncode == 0, done.stderr
@@ -207,11 +207,11 @@ def test_cancel_drops_queued_jobs_and_priorities_reorder_the_queue(
 ) -> None:
     """Everything goes to exact:Q4_0, which no worker serves until the test starts one: the cancelled
     jobs must then be dropped unrendered, and high jobs must be served before normal and low ones."""
-    from shared.celery_app import waiting_messages
-    from shared.ladder import QuantLevel
-    from shared.metadata import RenderResult
+    from fluxfarm.shared.celery_app import waiting_messages
+    from fluxfarm.shared.ladder import QuantLevel
+    from fluxfarm.shared.metadata import RenderResult
+    from fluxfarm.worker.tiny_model import gguf_path
     from tests.conftest import start_worker
-    from worker.tiny_model import gguf_path
 
     env = farm.worker_env()
     queue = ("--quant", "exact:Q4_0", *SMALL)
@@ -262,7 +262,7 @@ def test_cancel_drops_queued_jobs_and_priorities_reorder_the_queue(
 
 
 def test_a_finished_dataset_streams_every_result_to_the_client_and_the_cli(farm: Farm, moths: str) -> None:
-    from producer.client import FarmClient
+    from fluxfarm.producer.client import FarmClient
 
     with FarmClient(farm.settings) as client:
         outcomes = list(client.as_completed("moths", timeout=60))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
-from shared.settings import FarmSettings
+from fluxfarm.shared.settings import FarmSettings
 from tests.compose_files import interpolate
 
 ROOT = Path(__file__).resolve().parent.parent

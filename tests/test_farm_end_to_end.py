@@ -11,11 +11,11 @@ import pytest
 import redis
 from PIL import Image
 
-from producer.client import FarmClient, JobHandle
-from shared.celery_app import RENDER_TASK
-from shared.errors import JobFailed
-from shared.jobs import parse_job
-from shared.metadata import RenderResult
+from fluxfarm.producer.client import FarmClient, JobHandle
+from fluxfarm.shared.celery_app import RENDER_TASK
+from fluxfarm.shared.errors import JobFailed
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.metadata import RenderResult
 from tests.conftest import Farm
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,7 @@ class _TouchOnUnpickle:
 
 def test_a_pickled_task_message_is_refused_unread_and_the_worker_goes_on(farm: Farm, tmp_path: Path) -> None:
     """JSON is the only accepted content: a pickle payload on the queue is rejected before it is decoded."""
-    from shared.celery_app import QUEUE_ANY, make_celery_app, waiting_messages
+    from fluxfarm.shared.celery_app import QUEUE_ANY, make_celery_app, waiting_messages
 
     marker = tmp_path / "unpickled"
     app = make_celery_app(farm.settings)

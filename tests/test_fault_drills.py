@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.client import FarmClient
-from producer.local_stack import RedisServer, WorkerProcess
-from shared.datasets import DatasetBook
-from shared.errors import JobFailed
-from shared.ladder import QuantLevel
-from shared.settings import FarmSettings
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
+from fluxfarm.shared.datasets import DatasetBook
+from fluxfarm.shared.errors import JobFailed
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, fresh_farm_settings, run_fluxfarm
 from tests.fault_farm import SMALL_JOB, fault_worker, stored_once
 
@@ -144,11 +144,11 @@ def test_a_job_too_big_alone_steps_a_self_chosen_worker_down_a_level(
 ) -> None:
     """A worker that picked its own level (bf16, from a catalog) meets a job that does not fit at bf16
     even alone: it reloads at Q8_0, renders the job, and from then on serves Q8_0's queues, not bf16's."""
-    from shared.celery_app import waiting_messages
-    from shared.fleet import read_workers
+    from fluxfarm.shared.celery_app import waiting_messages
+    from fluxfarm.shared.fleet import read_workers
+    from fluxfarm.worker.tiny_model import gguf_path
     from tests.conftest import start_worker
     from tests.fault_farm import wait_until
-    from worker.tiny_model import gguf_path
 
     catalog = tmp_path / "catalog.toml"
     levels = "\n".join(f'{level} = "{gguf_path(tiny_model, QuantLevel(level))}"' for level in ("Q8_0", "Q4_0"))

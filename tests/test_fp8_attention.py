@@ -16,9 +16,9 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch.nn import functional
 
-from worker.fast_paths import apply_fast_paths
-from worker.fp8 import E4M3_MAX, to_scaled_fp8
-from worker.fp8_attention import (
+from fluxfarm.worker.fast_paths import apply_fast_paths
+from fluxfarm.worker.fp8 import E4M3_MAX, to_scaled_fp8
+from fluxfarm.worker.fp8_attention import (
     Fp8AttnProcessor,
     attention_fp8,
     fp8_attention_op,
@@ -27,7 +27,7 @@ from worker.fp8_attention import (
     rms_norm_bound,
     use_fp8_attention,
 )
-from worker.vram_probe import step_inputs
+from fluxfarm.worker.vram_probe import step_inputs
 
 CALLS: list[tuple[int, ...]] = []
 QUERY_DESCALES: list[float] = []

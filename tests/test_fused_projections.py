@@ -7,13 +7,13 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
-from shared.ladder import QuantLevel
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.fp8 import to_scaled_fp8
+from fluxfarm.worker.fused_projections import fuse_attention_projections, stack_layers
+from fluxfarm.worker.gguf_linear import TritonGGUFLinear, use_triton_gguf
+from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.vram_probe import step_inputs
 from tests.conftest import load_gguf_transformer
-from worker.fp8 import to_scaled_fp8
-from worker.fused_projections import fuse_attention_projections, stack_layers
-from worker.gguf_linear import TritonGGUFLinear, use_triton_gguf
-from worker.tiny_model import gguf_path
-from worker.vram_probe import step_inputs
 
 
 def _fused_matches(model: torch.nn.Module, tolerance: float) -> None:

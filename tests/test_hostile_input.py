@@ -13,9 +13,17 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shared.errors import InvalidJob, StorageError
-from shared.jobs import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE_PX, MIN_SIDE_PX, RenderJob, parse_dataset_name, parse_job
-from shared.storage import LocalStore
+from fluxfarm.shared.errors import InvalidJob, StorageError
+from fluxfarm.shared.jobs import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE_PX,
+    MIN_SIDE_PX,
+    RenderJob,
+    parse_dataset_name,
+    parse_job,
+)
+from fluxfarm.shared.storage import LocalStore
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
 JSON_VALUES = st.recursive(

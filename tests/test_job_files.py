@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from producer.job_files import FileJob, RowError, iter_file_jobs
-from shared.errors import InvalidJob
-from shared.jobs import parse_job
+from fluxfarm.producer.job_files import FileJob, RowError, iter_file_jobs
+from fluxfarm.shared.errors import InvalidJob
+from fluxfarm.shared.jobs import parse_job
 
 DEFAULTS = {"width": 256, "height": 256, "steps": 2, "dataset": "files"}
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from shared.errors import InvalidJob
-from shared.jobs import MAX_PROMPT_CHARS, RenderJob, parse_job
+from fluxfarm.shared.errors import InvalidJob
+from fluxfarm.shared.jobs import MAX_PROMPT_CHARS, RenderJob, parse_job
 
 
 def test_job_id_is_the_same_for_the_same_job_and_differs_for_any_change() -> None:

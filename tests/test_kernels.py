@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from shared.ladder import QuantLevel
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8, quantize_rows_torch
+from fluxfarm.worker.gguf_blocks import quantize_rows
+from fluxfarm.worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, gemv_gguf, use_triton_gguf
+from fluxfarm.worker.kernels.gguf_dequant import KERNEL_TYPES
+from fluxfarm.worker.kernels.gguf_gemv import GEMV_MAX_ROWS, gemv_fits
+from fluxfarm.worker.tiny_model import gguf_path
 from tests.conftest import load_gguf_transformer
-from worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8, quantize_rows_torch
-from worker.gguf_blocks import quantize_rows
-from worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, gemv_gguf, use_triton_gguf
-from worker.kernels.gguf_dequant import KERNEL_TYPES
-from worker.kernels.gguf_gemv import GEMV_MAX_ROWS, gemv_fits
-from worker.tiny_model import gguf_path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_fp8_tensor_cores = pytest.mark.skipif(

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.errors import FarmError, ModelLoadError
-from shared.jobs import parse_job
-from shared.ladder import QuantLevel
-from shared.settings import FarmSettings
+from fluxfarm.shared.errors import FarmError, ModelLoadError
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, model_family
+from fluxfarm.worker.engine import RenderEngine
+from fluxfarm.worker.loadout import choose_loadout
+from fluxfarm.worker.model_sources import model_cache, resolve_file
+from fluxfarm.worker.pipeline import load_model
+from fluxfarm.worker.tiny_model import gguf_path
 from tests.conftest import S3Server
-from worker.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, model_family
-from worker.engine import RenderEngine
-from worker.loadout import choose_loadout
-from worker.model_sources import model_cache, resolve_file
-from worker.pipeline import load_model
-from worker.tiny_model import gguf_path
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 

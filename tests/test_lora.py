@@ -12,17 +12,17 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from shared.errors import JobInputError
-from shared.jobs import RenderJob, parse_job
-from shared.ladder import QuantLevel
-from shared.metadata import ModelInfo
-from shared.settings import FarmSettings
+from fluxfarm.shared.errors import JobInputError
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.engine import RenderEngine
+from fluxfarm.worker.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
+from fluxfarm.worker.pipeline import LoadedModel, load_model
+from fluxfarm.worker.random_lora import write_random_lora
+from fluxfarm.worker.tiny_model import gguf_path
 from tests.adapter_files import load_clip_lora_with_peft, write_peft_lora
-from worker.engine import RenderEngine
-from worker.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
-from worker.pipeline import LoadedModel, load_model
-from worker.random_lora import write_random_lora
-from worker.tiny_model import gguf_path
 
 WEIGHT = 0.8
 JOB = {"prompt": "a red fox in the snow", "width": 256, "height": 256, "steps": 3, "seed": 11}

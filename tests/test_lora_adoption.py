@@ -10,16 +10,16 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from producer.client import FarmClient
-from shared.celery_app import waiting_messages
-from shared.fleet import WorkerStatus, fleet_report, publish_heartbeat
-from shared.jobs import RenderJob, parse_job
-from shared.ladder import QuantLevel
-from shared.lora_queues import REGISTRY_KEY, forget_idle_lora_queues, known_queues, lora_queues
-from shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
-from shared.settings import FarmSettings
-from worker.lora_adoption import LoraAdoption
-from worker.lost_jobs import LostJobSweeper
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.shared.celery_app import waiting_messages
+from fluxfarm.shared.fleet import WorkerStatus, fleet_report, publish_heartbeat
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.lora_queues import REGISTRY_KEY, forget_idle_lora_queues, known_queues, lora_queues
+from fluxfarm.shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.lora_adoption import LoraAdoption
+from fluxfarm.worker.lost_jobs import LostJobSweeper
 
 BASE = {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2}
 

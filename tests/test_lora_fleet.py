@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from producer.client import FarmClient
-from shared.ladder import QuantLevel
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.tiny_model import gguf_path
 from tests.adapter_files import write_peft_lora
 from tests.conftest import S3Server, fresh_farm_settings, start_worker
-from worker.tiny_model import gguf_path
 
 pytestmark = pytest.mark.slow
 

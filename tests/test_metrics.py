@@ -20,10 +20,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from producer.client import FarmClient
-from producer.local_stack import RedisServer, WorkerProcess, free_port
-from shared.errors import JobFailed
-from shared.settings import FarmSettings
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
+from fluxfarm.shared.errors import JobFailed
+from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, farm_env, fresh_farm_settings, run_fluxfarm
 from tests.fault_farm import SMALL_JOB, fault_worker, wait_until
 
@@ -60,7 +60,7 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
 def start_exporter(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`fluxfarm exporter` on 127.0.0.1:`port`, once it accepts connections."""
     exporter = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "exporter", "--port", str(port), "--address", "127.0.0.1"],
+        [sys.executable, "-m", "fluxfarm", "exporter", "--port", str(port), "--address", "127.0.0.1"],
         env={**env, "PATH": str(Path(sys.executable).parent)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -188,7 +188,7 @@ def test_the_exporter_reports_a_broker_it_cannot_reach_instead_of_failing_the_sc
 
 
 def test_a_taken_metrics_port_leaves_the_worker_rendering_without_metrics() -> None:
-    from worker.metrics import WorkerMetrics, serve_metrics
+    from fluxfarm.worker.metrics import WorkerMetrics, serve_metrics
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

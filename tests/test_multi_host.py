@@ -18,8 +18,8 @@ import boto3
 import pytest
 import yaml
 
-from producer.local_stack import find_redis_server, free_port
-from shared.ladder import QuantLevel
+from fluxfarm.producer.local_stack import find_redis_server, free_port
+from fluxfarm.shared.ladder import QuantLevel
 from tests.compose_files import interpolate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def https_s3(central: Path) -> Iterator[int]:
 
 def host_env(central: Path, redis_port: int, s3_port: int, tiny_model: Path, home: Path) -> dict[str, str]:
     """What the guide's "say where the farm is" block exports, for this machine."""
-    from worker.tiny_model import gguf_path
+    from fluxfarm.worker.tiny_model import gguf_path
 
     return {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

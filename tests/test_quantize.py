@@ -11,10 +11,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
-from shared.ladder import QuantLevel
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.gguf_blocks import quantize_rows
+from fluxfarm.worker.quantize import QUANTIZABLE_LEVELS
 from tests.conftest import load_gguf_transformer, run_fluxfarm
-from worker.gguf_blocks import quantize_rows
-from worker.quantize import QUANTIZABLE_LEVELS
 
 MAX_RELATIVE_RMS = {
     QuantLevel.Q8_0: 0.01,

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.client import FarmClient
-from producer.local_stack import RedisServer, free_port
-from shared.celery_app import RENDER_TASK
-from shared.datasets import DatasetBook
-from shared.jobs import parse_job
-from shared.metadata import RenderResult
-from shared.settings import FarmSettings
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, free_port
+from fluxfarm.shared.celery_app import RENDER_TASK
+from fluxfarm.shared.datasets import DatasetBook
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.metadata import RenderResult
+from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, fresh_farm_settings
 from tests.fault_farm import SMALL_JOB, fault_worker, renders_logged, stored_once, wait_until
 
@@ -204,7 +204,7 @@ def test_a_job_whose_message_was_lost_in_delivery_is_sent_again(
     """kombu pops a message before it records it as unacknowledged: a worker killed in between loses
     it. Here the message of one of three queued jobs is taken off the queue by hand, as that pop would;
     the workers' lost-job sweep must find the job queued with no message anywhere and send it again."""
-    from shared.celery_app import QUEUE_ANY, queue_lists
+    from fluxfarm.shared.celery_app import QUEUE_ANY, queue_lists
 
     settings, bucket = _farm_settings(redis_server, s3_server, tmp_path)
     broker = redis.Redis.from_url(settings.broker_url)

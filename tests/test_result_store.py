@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ObjectExists
-from shared.jobs import parse_job
-from shared.metadata import ImageInfo, ModelInfo, RenderResult, Timings, WorkerInfo, read_result
-from shared.storage import LocalStore, ObjectStore, S3Store
+from fluxfarm.shared.errors import ObjectExists
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.metadata import ImageInfo, ModelInfo, RenderResult, Timings, WorkerInfo, read_result
+from fluxfarm.shared.storage import LocalStore, ObjectStore, S3Store
+from fluxfarm.worker.result_store import ResultStore
 from tests.conftest import S3Server
-from worker.result_store import ResultStore
 
 JOB = parse_job({"prompt": "a contested job", "dataset": "race"})
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.client import FarmClient, JobHandle
-from producer.local_stack import RedisServer, WorkerProcess
-from shared.celery_app import RENDER_TASK, queue_lists
-from shared.errors import JobFailed
-from shared.fleet import HEARTBEAT_TTL_S
-from shared.jobs import parse_job
-from shared.ladder import QuantLevel
-from shared.settings import FarmSettings
+from fluxfarm.producer.client import FarmClient, JobHandle
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
+from fluxfarm.shared.celery_app import RENDER_TASK, queue_lists
+from fluxfarm.shared.errors import JobFailed
+from fluxfarm.shared.fleet import HEARTBEAT_TTL_S
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env, fresh_farm_settings, run_fluxfarm
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ class Fleet:
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_server: RedisServer, s3_server: S3Server
 ) -> Iterator[Fleet]:
-    from worker.tiny_model import gguf_path
+    from fluxfarm.worker.tiny_model import gguf_path
 
     work = tmp_path_factory.mktemp("fleet")
     settings = fresh_farm_settings(redis_server, s3_server, f"s3://{s3_server.new_bucket()}/fleet", work)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.settings import FarmSettings, redact_url
+from fluxfarm.shared.settings import FarmSettings, redact_url
 
 
 def test_settings_read_fluxfarm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,7 +37,7 @@ def test_redact_url_hides_passwords(url: str, shown: str) -> None:
 
 
 def test_the_lease_is_kombu_s_visibility_timeout_and_dead_workers_are_swept_often() -> None:
-    from shared.celery_app import make_celery_app
+    from fluxfarm.shared.celery_app import make_celery_app
 
     app = make_celery_app(FarmSettings(lease_s=30))
     options = app.conf.broker_transport_options
@@ -49,7 +49,7 @@ def test_the_lease_is_kombu_s_visibility_timeout_and_dead_workers_are_swept_ofte
 def test_rediss_urls_verify_the_server_certificate_unless_the_url_says_otherwise() -> None:
     import ssl
 
-    from shared.celery_app import make_celery_app
+    from fluxfarm.shared.celery_app import make_celery_app
 
     app = make_celery_app(FarmSettings(broker_url="rediss://:pw@redis.example:6380/0"))
     assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
@@ -63,7 +63,7 @@ def test_a_private_ca_reaches_celery_s_broker_and_backend_and_a_blank_one_is_uns
 ) -> None:
     import ssl
 
-    from shared.celery_app import make_celery_app
+    from fluxfarm.shared.celery_app import make_celery_app
 
     settings = FarmSettings(broker_url="rediss://:pw@farm:6380/0", tls_ca_file="/etc/fluxfarm/ca.crt")
     app = make_celery_app(settings)

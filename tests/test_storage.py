@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ObjectNotFound, StorageError
-from shared.settings import FarmSettings
-from shared.storage import LocalStore, ObjectStore, S3Store, open_store
+from fluxfarm.shared.errors import ObjectNotFound, StorageError
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.storage import LocalStore, ObjectStore, S3Store, open_store
 from tests.conftest import S3Server
 
 

@@ -13,15 +13,15 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
-from shared.errors import FarmError, ModelLoadError
-from shared.jobs import parse_job
-from shared.ladder import QuantLevel
-from shared.settings import FarmSettings
+from fluxfarm.shared.errors import FarmError, ModelLoadError
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.engine import RenderEngine
+from fluxfarm.worker.pipeline import load_model
+from fluxfarm.worker.quantize import gguf_level, write_gguf
+from fluxfarm.worker.tiny_model import gguf_path
 from tests.conftest import load_gguf_transformer
-from worker.engine import RenderEngine
-from worker.pipeline import load_model
-from worker.quantize import gguf_level, write_gguf
-from worker.tiny_model import gguf_path
 
 # Relative RMS error of the dequantized weights; Q4_0 keeps 4 bits per weight, Q8_0 eight.
 MAX_RELATIVE_RMS = {QuantLevel.Q8_0: 0.01, QuantLevel.Q4_0: 0.15}

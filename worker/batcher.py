@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.jobs import RenderJob
-from worker.engine import RenderedImage, RenderEngine
+from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.worker.engine import RenderedImage, RenderEngine
 
 log = logging.getLogger(__name__)
 

@@ -32,15 +32,15 @@ from PIL import Image
 from pydantic import BaseModel
 from transformers import CLIPTextModel, T5EncoderModel
 
-from shared.adapters import LoraSpec
-from shared.jobs import RenderJob, parse_job
-from shared.ladder import QuantLevel
-from shared.metadata import ModelInfo
-from shared.settings import FarmSettings
-from worker.batcher import RenderBatcher, held_jobs
-from worker.engine import RenderedImage, RenderEngine, encode_png
-from worker.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
-from worker.flux_arch import (
+from fluxfarm.shared.adapters import LoraSpec
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.batcher import RenderBatcher, held_jobs
+from fluxfarm.worker.engine import RenderedImage, RenderEngine, encode_png
+from fluxfarm.worker.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
+from fluxfarm.worker.flux_arch import (
     TRANSFORMERS,
     meta_transformer,
     random_clip,
@@ -48,14 +48,14 @@ from worker.flux_arch import (
     random_vae,
     write_transformer_config,
 )
-from worker.gpu import memory_cap, synchronize, time_calls
-from worker.lora_fuser import LoraFuser
-from worker.pipeline import LoadedModel, compute_dtype, place_pipeline, ready_pipeline
-from worker.plan import PlanInputs, make_plan
-from worker.random_lora import write_random_lora
-from worker.step_graphs import remove_step_graphs, step_graphs
-from worker.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
-from worker.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
+from fluxfarm.worker.gpu import memory_cap, synchronize, time_calls
+from fluxfarm.worker.lora_fuser import LoraFuser
+from fluxfarm.worker.pipeline import LoadedModel, compute_dtype, place_pipeline, ready_pipeline
+from fluxfarm.worker.plan import PlanInputs, make_plan
+from fluxfarm.worker.random_lora import write_random_lora
+from fluxfarm.worker.step_graphs import remove_step_graphs, step_graphs
+from fluxfarm.worker.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
+from fluxfarm.worker.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
 
 GIB = 1024**3
 SEED_RECIPE = "seed-recipe"

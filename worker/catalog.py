@@ -17,8 +17,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import ModelLoadError
-from shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.errors import ModelLoadError
+from fluxfarm.shared.ladder import QuantLevel, parse_level
 
 _CITY96_SUFFIX = {
     QuantLevel.Q8_0: "Q8_0",

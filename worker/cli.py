@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from shared.errors import FarmError
-from shared.ladder import parse_level
-from shared.settings import FarmSettings
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.ladder import parse_level
+from fluxfarm.shared.settings import FarmSettings
 
 _GPU_EXTRA_HINT = "the worker needs the GPU stack: pip install 'fluxfarm[gpu]'"
 
@@ -48,7 +48,7 @@ def worker(
     if not model:
         raise FarmError("no model: pass --model or set FLUXFARM_MODEL")
     _require_gpu_stack()
-    from worker.main import run_worker
+    from fluxfarm.worker.main import run_worker
 
     run_worker(settings, model, transformer or settings.transformer, device)
 
@@ -66,7 +66,7 @@ def tiny_model(
     """
     parsed = [parse_level(name) for name in levels.split(",") if name.strip()]
     _require_gpu_stack()
-    from worker.tiny_model import gguf_path, write_tiny_model
+    from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
 
     written = write_tiny_model(out_dir, parsed, seed=seed)
     typer.echo(f"tiny FLUX pipeline (renders noise) in {written}")
@@ -93,8 +93,8 @@ def quantize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors import safe_open
 
-    from worker.gpu import default_device
-    from worker.quantize import iter_safetensors, safetensors_files, write_gguf
+    from fluxfarm.worker.gpu import default_device
+    from fluxfarm.worker.quantize import iter_safetensors, safetensors_files, write_gguf
 
     files = safetensors_files(src)
     total = 0
@@ -131,8 +131,8 @@ def probe_vram(
     The table it writes calibrates and checks `fluxfarm plan`.
     """
     _require_gpu_stack()
-    from worker.flux_arch import TRANSFORMERS
-    from worker.vram_probe import run_probe
+    from fluxfarm.worker.flux_arch import TRANSFORMERS
+    from fluxfarm.worker.vram_probe import run_probe
 
     if model not in TRANSFORMERS:
         raise FarmError(f"unknown model {model!r}; choose from {', '.join(TRANSFORMERS)}")
@@ -194,9 +194,9 @@ def bench(
     import torch
     from rich.console import Console
 
-    from worker.bench import BenchOptions, bench_jobs, run_bench
-    from worker.bench_report import BenchLog
-    from worker.gpu import default_device
+    from fluxfarm.worker.bench import BenchOptions, bench_jobs, run_bench
+    from fluxfarm.worker.bench_report import BenchLog
+    from fluxfarm.worker.gpu import default_device
 
     device = device or default_device()
     if model != "tiny" and torch.device(device).type != "cuda":
@@ -236,7 +236,7 @@ def plan(
     quant: Annotated[str | None, typer.Option(help="Force this level; fails if it cannot fit.")] = None,
 ) -> None:
     """Which level and text-encoder placement a worker would choose for a card, as JSON."""
-    from worker.plan import PlanInputs, make_plan
+    from fluxfarm.worker.plan import PlanInputs, make_plan
 
     capability = None
     if compute_capability:

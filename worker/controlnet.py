@@ -23,15 +23,15 @@ import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
 from PIL import Image
 
-from shared.adapters import MAX_CONTROL_IMAGE_BYTES, MAX_CONTROL_IMAGE_PIXELS, ControlNetSpec, inline_png
-from shared.errors import JobInputError, ObjectNotFound, StorageError
-from shared.ladder import QuantLevel
-from shared.metadata import ControlNetInfo
-from shared.settings import FarmSettings
-from worker.file_digest import DigestCache
-from worker.fp8 import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
-from worker.model_sources import bucket_store, resolve_job_file, resolve_job_folder
-from worker.pipeline import compute_dtype
+from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, MAX_CONTROL_IMAGE_PIXELS, ControlNetSpec, inline_png
+from fluxfarm.shared.errors import JobInputError, ObjectNotFound, StorageError
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ControlNetInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.file_digest import DigestCache
+from fluxfarm.worker.fp8 import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
+from fluxfarm.worker.model_sources import bucket_store, resolve_job_file, resolve_job_folder
+from fluxfarm.worker.pipeline import compute_dtype
 
 log = logging.getLogger(__name__)
 

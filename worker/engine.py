@@ -34,16 +34,16 @@ from functools import cached_property
 import torch
 from PIL import Image, PngImagePlugin
 
-from shared.jobs import RenderJob
-from shared.metadata import ControlNetInfo, LoraInfo
-from shared.settings import FarmSettings
-from worker.controlnet import ControlNets
-from worker.fault_injection import FaultPlan
-from worker.gpu import synchronize
-from worker.host_mirror import HostMirror
-from worker.lora_fuser import LoraFuser
-from worker.pipeline import LoadedModel
-from worker.step_graphs import step_graphs
+from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.metadata import ControlNetInfo, LoraInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.controlnet import ControlNets
+from fluxfarm.worker.fault_injection import FaultPlan
+from fluxfarm.worker.gpu import synchronize
+from fluxfarm.worker.host_mirror import HostMirror
+from fluxfarm.worker.lora_fuser import LoraFuser
+from fluxfarm.worker.pipeline import LoadedModel
+from fluxfarm.worker.step_graphs import step_graphs
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 from pydantic import BaseModel
 
-from worker.fp8 import fp8_tensor_cores_work, use_fp8_tensor_cores
-from worker.fp8_attention import fp8_attention_works, use_fp8_attention
-from worker.fused_projections import fuse_attention_projections
-from worker.step_graphs import use_step_graphs
+from fluxfarm.worker.fp8 import fp8_tensor_cores_work, use_fp8_tensor_cores
+from fluxfarm.worker.fp8_attention import fp8_attention_works, use_fp8_attention
+from fluxfarm.worker.fused_projections import fuse_attention_projections
+from fluxfarm.worker.step_graphs import use_step_graphs
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def apply_fast_paths(
     dev = torch.device(device)
     paths = FastPaths()
     if kernels and triton_available(dev):
-        from worker.gguf_linear import use_triton_gguf
+        from fluxfarm.worker.gguf_linear import use_triton_gguf
 
         paths.triton_gguf_layers = use_triton_gguf(transformer)
         if fp8_tensor_cores_work(dev):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.jobs import RenderJob
+from fluxfarm.shared.jobs import RenderJob
 
 
 class InjectedFault(RuntimeError):

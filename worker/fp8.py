@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from worker.quantize import keeps_high_precision
+from fluxfarm.worker.quantize import keeps_high_precision
 
 log = logging.getLogger(__name__)
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -26,7 +26,7 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 @torch.library.custom_op("fluxfarm::fp8_rows", mutates_args=())
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) activations -> e4m3 rows and their float32 scales, shaped (rows, 1)."""
-    from worker.kernels.fp8_rows import launch_quantize_rows
+    from fluxfarm.worker.kernels.fp8_rows import launch_quantize_rows
 
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)

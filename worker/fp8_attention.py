@@ -35,7 +35,7 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 from torch.nn import functional
 
-from worker.fp8 import E4M3_MAX
+from fluxfarm.worker.fp8 import E4M3_MAX
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import nn
 
-from worker.fp8 import ScaledFp8Linear
-from worker.gguf_linear import TritonGGUFLinear
+from fluxfarm.worker.fp8 import ScaledFp8Linear
+from fluxfarm.worker.gguf_linear import TritonGGUFLinear
 
 
 def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:

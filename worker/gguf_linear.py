@@ -16,8 +16,8 @@ from diffusers.quantizers.gguf.utils import GGUFLinear
 from torch import nn
 from torch.nn import functional
 
-from worker.kernels.gguf_dequant import KERNEL_TYPES, launch_dequantize
-from worker.kernels.gguf_gemv import gemv_fits, launch_gemv
+from fluxfarm.worker.kernels.gguf_dequant import KERNEL_TYPES, launch_dequantize
+from fluxfarm.worker.kernels.gguf_gemv import gemv_fits, launch_gemv
 
 log = logging.getLogger(__name__)
 

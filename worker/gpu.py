@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from shared.metadata import WorkerInfo
+from fluxfarm.shared.metadata import WorkerInfo
 
 _BYTES_PER_GIB = 1024**3
 

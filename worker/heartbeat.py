@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import redis
 
-from shared.fleet import HEARTBEAT_INTERVAL_S, WorkerStatus, publish_heartbeat, remove_worker
-from worker.periodic import Periodic
+from fluxfarm.shared.fleet import HEARTBEAT_INTERVAL_S, WorkerStatus, publish_heartbeat, remove_worker
+from fluxfarm.worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,18 @@ from typing import Any, NoReturn
 import redis
 import torch
 
-from shared import __version__
-from shared.datasets import DatasetBook, DeadLetter
-from shared.errors import InvalidJob, JobCancelled, JobDeadLettered, JobInputError, RenderAttemptFailed
-from shared.jobs import RenderJob, parse_job
-from shared.ladder import parse_level
-from shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
-from shared.rates import RATE_WINDOW_S, per_hour
-from shared.storage import ResultKeys
-from worker.batcher import RenderBatcher
-from worker.leases import JobClaims
-from worker.metrics import Outcome, WorkerMetrics
-from worker.result_store import ResultStore
+from fluxfarm.shared import __version__
+from fluxfarm.shared.datasets import DatasetBook, DeadLetter
+from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered, JobInputError, RenderAttemptFailed
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import parse_level
+from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
+from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
+from fluxfarm.shared.storage import ResultKeys
+from fluxfarm.worker.batcher import RenderBatcher
+from fluxfarm.worker.leases import JobClaims
+from fluxfarm.worker.metrics import Outcome, WorkerMetrics
+from fluxfarm.worker.result_store import ResultStore
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 import gguf
 import torch
 
-from shared.ladder import QuantLevel
-from worker.flux_arch import meta_transformer
-from worker.quantize import ggml_type_for, keeps_high_precision
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.flux_arch import meta_transformer
+from fluxfarm.worker.quantize import ggml_type_for, keeps_high_precision
 
 _BF16_BYTES = 2
 _FP32_BYTES = 4

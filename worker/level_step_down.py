@@ -18,12 +18,12 @@ from typing import NoReturn
 
 import torch
 
-from shared.errors import FarmError
-from shared.jobs import RenderJob
-from shared.ladder import QuantLevel, parse_level
-from shared.settings import FarmSettings
-from worker.catalog import available_levels, load_catalog
-from worker.engine import RenderEngine
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.catalog import available_levels, load_catalog
+from fluxfarm.worker.engine import RenderEngine
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from shared.errors import FarmError
-from shared.ladder import QuantLevel, parse_level
-from shared.settings import FarmSettings
-from worker.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog, model_family
-from worker.model_sources import resolve_file
-from worker.plan import Placement, Plan, PlanInputs, make_plan
-from worker.quantize import gguf_level
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog, model_family
+from fluxfarm.worker.model_sources import resolve_file
+from fluxfarm.worker.plan import Placement, Plan, PlanInputs, make_plan
+from fluxfarm.worker.quantize import gguf_level
 
 _GIB = 1024**3
 

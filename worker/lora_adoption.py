@@ -25,11 +25,11 @@ from collections.abc import Callable
 
 import redis
 
-from shared.celery_app import waiting_messages
-from shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
-from shared.ladder import QuantLevel
-from shared.lora_queues import forget_idle_lora_queues, lora_queues
-from shared.routing import level_serves, queues_for_level, split_lora_queue
+from fluxfarm.shared.celery_app import waiting_messages
+from fluxfarm.shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.lora_queues import forget_idle_lora_queues, lora_queues
+from fluxfarm.shared.routing import level_serves, queues_for_level, split_lora_queue
 
 log = logging.getLogger(__name__)
 

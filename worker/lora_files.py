@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from shared.errors import JobInputError
+from fluxfarm.shared.errors import JobInputError
 
 COMPONENTS = ("transformer", "text_encoder")
 """The pipeline parts a FLUX LoRA may train: the transformer and the CLIP text encoder."""

@@ -27,15 +27,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from shared.adapters import LoraSpec, lora_set_id
-from shared.errors import JobInputError
-from shared.metadata import LoraInfo
-from shared.settings import FarmSettings
-from worker.file_digest import DigestCache
-from worker.lora_files import LowRank, read_lora
-from worker.model_cache import ModelCache
-from worker.model_sources import resolve_job_file
-from worker.weight_slots import Storage, WeightSlot, check_update_shape, find_slots
+from fluxfarm.shared.adapters import LoraSpec, lora_set_id
+from fluxfarm.shared.errors import JobInputError
+from fluxfarm.shared.metadata import LoraInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.file_digest import DigestCache
+from fluxfarm.worker.lora_files import LowRank, read_lora
+from fluxfarm.worker.model_cache import ModelCache
+from fluxfarm.worker.model_sources import resolve_job_file
+from fluxfarm.worker.weight_slots import Storage, WeightSlot, check_update_shape, find_slots
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import redis
 
-from shared.celery_app import queue_lists, waiting_messages
-from shared.datasets import DatasetBook, SentJob
-from shared.lora_queues import known_queues
-from worker.leases import JobClaims
+from fluxfarm.shared.celery_app import queue_lists, waiting_messages
+from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.lora_queues import known_queues
+from fluxfarm.worker.leases import JobClaims
 
 log = logging.getLogger(__name__)
 

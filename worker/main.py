@@ -17,32 +17,39 @@ import torch
 from celery.signals import worker_ready
 from celery.worker.consumer import Consumer
 
-from shared import __version__
-from shared.celery_app import lease_renew_interval_s, make_celery_app, send_render
-from shared.datasets import DatasetBook, SentJob
-from shared.fleet import WorkerStatus
-from shared.jobs import parse_job
-from shared.ladder import parse_level
-from shared.lora_queues import note_lora_queues
-from shared.redis_conn import open_redis
-from shared.settings import FarmSettings, redact_url
-from shared.storage import open_store
-from worker.batcher import RenderBatcher, held_jobs
-from worker.engine import RenderEngine
-from worker.fault_injection import parse_fault_plan
-from worker.gpu import cap_memory, card_bytes, compute_capability, default_device, probe_device, vram_peak_bytes
-from worker.heartbeat import Heartbeat
-from worker.job_runner import JobRunner
-from worker.leases import InFlight, JobClaims, LeaseKeeper
-from worker.level_step_down import LevelStepDown, step_down_levels
-from worker.loadout import choose_loadout
-from worker.lora_adoption import CHECK_INTERVAL_S, LoraAdoption
-from worker.lost_jobs import LostJobSweeper
-from worker.metrics import WorkerMetrics, serve_metrics
-from worker.periodic import Periodic
-from worker.pipeline import load_model
-from worker.result_store import ResultStore
-from worker.tasks import register_render_task
+from fluxfarm.shared import __version__
+from fluxfarm.shared.celery_app import lease_renew_interval_s, make_celery_app, send_render
+from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.fleet import WorkerStatus
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.ladder import parse_level
+from fluxfarm.shared.lora_queues import note_lora_queues
+from fluxfarm.shared.redis_conn import open_redis
+from fluxfarm.shared.settings import FarmSettings, redact_url
+from fluxfarm.shared.storage import open_store
+from fluxfarm.worker.batcher import RenderBatcher, held_jobs
+from fluxfarm.worker.engine import RenderEngine
+from fluxfarm.worker.fault_injection import parse_fault_plan
+from fluxfarm.worker.gpu import (
+    cap_memory,
+    card_bytes,
+    compute_capability,
+    default_device,
+    probe_device,
+    vram_peak_bytes,
+)
+from fluxfarm.worker.heartbeat import Heartbeat
+from fluxfarm.worker.job_runner import JobRunner
+from fluxfarm.worker.leases import InFlight, JobClaims, LeaseKeeper
+from fluxfarm.worker.level_step_down import LevelStepDown, step_down_levels
+from fluxfarm.worker.loadout import choose_loadout
+from fluxfarm.worker.lora_adoption import CHECK_INTERVAL_S, LoraAdoption
+from fluxfarm.worker.lost_jobs import LostJobSweeper
+from fluxfarm.worker.metrics import WorkerMetrics, serve_metrics
+from fluxfarm.worker.periodic import Periodic
+from fluxfarm.worker.pipeline import load_model
+from fluxfarm.worker.result_store import ResultStore
+from fluxfarm.worker.tasks import register_render_task
 
 log = logging.getLogger("fluxfarm.worker")
 

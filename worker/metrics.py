@@ -24,7 +24,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from shared.metadata import RenderResult
+from fluxfarm.shared.metadata import RenderResult
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shared.errors import ModelLoadError
-from worker.file_digest import DigestCache
+from fluxfarm.shared.errors import ModelLoadError
+from fluxfarm.worker.file_digest import DigestCache
 
 _GIB = 1024**3
 

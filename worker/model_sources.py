@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared.errors import JobInputError, ModelLoadError, ModelMissing, ObjectNotFound, StorageError
-from shared.settings import FarmSettings
-from shared.storage import S3Store
-from worker.file_digest import DigestCache
-from worker.model_cache import ModelCache
+from fluxfarm.shared.errors import JobInputError, ModelLoadError, ModelMissing, ObjectNotFound, StorageError
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.storage import S3Store
+from fluxfarm.worker.file_digest import DigestCache
+from fluxfarm.worker.model_cache import ModelCache
 
 _HF_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")
 _HF_SCHEME = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<file>.+)$")

@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
 
-from shared.errors import ModelLoadError
-from shared.ladder import QuantLevel
-from shared.metadata import ModelInfo
-from shared.settings import FarmSettings
-from worker.catalog import nf4_installed
-from worker.fast_paths import FastPaths, apply_fast_paths
-from worker.file_digest import DigestCache
-from worker.fp8 import to_scaled_fp8
-from worker.model_sources import resolve_base, resolve_file
-from worker.plan import VAE_TILE_PX, Placement
-from worker.quantize import gguf_level
+from fluxfarm.shared.errors import ModelLoadError
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.catalog import nf4_installed
+from fluxfarm.worker.fast_paths import FastPaths, apply_fast_paths
+from fluxfarm.worker.file_digest import DigestCache
+from fluxfarm.worker.fp8 import to_scaled_fp8
+from fluxfarm.worker.model_sources import resolve_base, resolve_file
+from fluxfarm.worker.plan import VAE_TILE_PX, Placement
+from fluxfarm.worker.quantize import gguf_level
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from shared.errors import FarmError
-from shared.ladder import QuantLevel, resident_transformer_gib
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.ladder import QuantLevel, resident_transformer_gib
 
 Placement = Literal["gpu", "gpu-swap", "cpu"]
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from shared.errors import FarmError
-from shared.ladder import QuantLevel
-from worker.gguf_blocks import ENCODERS, quantize_rows
+from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.gguf_blocks import ENCODERS, quantize_rows
 
 GGUF_ARCHITECTURE = "flux"
 

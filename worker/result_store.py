@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from shared.errors import ObjectExists, ObjectNotFound
-from shared.metadata import RenderResult, read_result
-from shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
-from worker.storage_retry import with_storage_retries
+from fluxfarm.shared.errors import ObjectExists, ObjectNotFound
+from fluxfarm.shared.metadata import RenderResult, read_result
+from fluxfarm.shared.storage import JSON_CONTENT_TYPE, PNG_CONTENT_TYPE, ObjectStore, ResultKeys
+from fluxfarm.worker.storage_retry import with_storage_retries
 
 log = logging.getLogger(__name__)
 

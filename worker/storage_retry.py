@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from shared.errors import ObjectExists, ObjectNotFound, StorageError
+from fluxfarm.shared.errors import ObjectExists, ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
 

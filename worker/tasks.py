@@ -7,10 +7,10 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Reject
 
-from shared.celery_app import RENDER_TASK
-from shared.errors import InvalidJob, JobCancelled, JobDeadLettered, RenderAttemptFailed
-from worker.job_runner import JobRunner
-from worker.leases import InFlight
+from fluxfarm.shared.celery_app import RENDER_TASK
+from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered, RenderAttemptFailed
+from fluxfarm.worker.job_runner import JobRunner
+from fluxfarm.worker.leases import InFlight
 
 
 def register_render_task(app: Celery, runner: JobRunner, in_flight: InFlight) -> None:

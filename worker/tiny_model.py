@@ -18,8 +18,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from shared.ladder import QuantLevel
-from worker.quantize import write_gguf
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.quantize import write_gguf
 
 GGUF_SUBDIR = "gguf"
 _MARKER = "fluxfarm-tiny-model.json"

@@ -22,8 +22,8 @@ import torch
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 from diffusers.quantizers.gguf.utils import GGUFParameter
 
-from shared.ladder import QuantLevel
-from worker.flux_arch import (
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.flux_arch import (
     TRANSFORMERS,
     meta_transformer,
     random_clip,
@@ -31,12 +31,12 @@ from worker.flux_arch import (
     random_vae,
     write_transformer_config,
 )
-from worker.fp8 import to_scaled_fp8
-from worker.gguf_blocks import quantize_rows
-from worker.gpu import cap_memory, time_calls
-from worker.pipeline import enable_vae_tiling
-from worker.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
-from worker.quantize import ggml_type_for
+from fluxfarm.worker.fp8 import to_scaled_fp8
+from fluxfarm.worker.gguf_blocks import quantize_rows
+from fluxfarm.worker.gpu import cap_memory, time_calls
+from fluxfarm.worker.pipeline import enable_vae_tiling
+from fluxfarm.worker.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
+from fluxfarm.worker.quantize import ggml_type_for
 
 GIB = 1024**3
 T5_TOKENS = 512

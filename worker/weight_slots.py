@@ -18,10 +18,10 @@ import torch
 from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_functions
 from torch import nn
 
-from shared.errors import JobInputError
-from worker.fp8 import ScaledFp8Linear, quantize_weight_rows
-from worker.gguf_blocks import quantize_rows
-from worker.gguf_linear import TritonGGUFLinear
+from fluxfarm.shared.errors import JobInputError
+from fluxfarm.worker.fp8 import ScaledFp8Linear, quantize_weight_rows
+from fluxfarm.worker.gguf_blocks import quantize_rows
+from fluxfarm.worker.gguf_linear import TritonGGUFLinear
 
 _PLAIN_GGML = {"F32", "F16", "BF16"}
 

@@ -18,14 +18,14 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from shared.jobs import parse_job
-from shared.ladder import QuantLevel
-from shared.metadata import ModelInfo
-from shared.settings import FarmSettings
+from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.engine import RenderEngine
+from fluxfarm.worker.pipeline import LoadedModel, load_model
+from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
 from tests.adapter_files import control_png, write_peft_lora, write_tiny_controlnet
-from worker.engine import RenderEngine
-from worker.pipeline import LoadedModel, load_model
-from worker.tiny_model import gguf_path, write_tiny_model
 
 JOB = {"prompt": "a red fox in the snow", "width": 256, "height": 256, "steps": 4, "seed": 11}
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
-from worker.fp8_attention import attention_fp8, fp8_attention_op, fp8_attention_works, quantize_tensor_fp8
-from worker.gpu import time_calls
+from fluxfarm.worker.fp8_attention import attention_fp8, fp8_attention_op, fp8_attention_works, quantize_tensor_fp8
+from fluxfarm.worker.gpu import time_calls
 
 SHAPES = {"1024x1024": 4096 + 512, "512x512": 1024 + 512}
 

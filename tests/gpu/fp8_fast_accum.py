@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from shared.ladder import QuantLevel
-from worker.bench import build_parts
-from worker.fast_paths import apply_fast_paths
-from worker.fp8 import ScaledFp8Linear
-from worker.gpu import time_calls
-from worker.vram_probe import step_inputs
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.bench import build_parts
+from fluxfarm.worker.fast_paths import apply_fast_paths
+from fluxfarm.worker.fp8 import ScaledFp8Linear
+from fluxfarm.worker.gpu import time_calls
+from fluxfarm.worker.vram_probe import step_inputs
 
 
 def graphed_ms(model: torch.nn.Module, inputs: dict) -> tuple[float, torch.Tensor]:

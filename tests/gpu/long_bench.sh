@@ -15,11 +15,11 @@ args=${BENCH_ARGS:---levels bf16,Q8_0,fp8,Q4_K --sizes 1024x1024,512x512 --batch
 if [ "${1:-wait}" = start ]; then
   mkdir -p "$run"
   # shellcheck disable=SC2086
-  setsid nohup python3 -u -m producer.cli bench --out "$run/bench.jsonl" $args >"$run/bench.log" 2>&1 </dev/null &
+  setsid nohup python3 -u -m fluxfarm bench --out "$run/bench.jsonl" $args >"$run/bench.log" 2>&1 </dev/null &
   echo "bench started: $args"
 fi
 end=$((SECONDS + wait_s))
-while [ $SECONDS -lt $end ] && pgrep -f "producer.cli bench" >/dev/null; do sleep 10; done
+while [ $SECONDS -lt $end ] && pgrep -f "fluxfarm bench" >/dev/null; do sleep 10; done
 cp "$run/bench.jsonl" "$run/bench.log" "${OUT:-.}/" 2>/dev/null
-if pgrep -f "producer.cli bench" >/dev/null; then echo "bench still running"; else echo "bench finished"; fi
+if pgrep -f "fluxfarm bench" >/dev/null; then echo "bench still running"; else echo "bench finished"; fi
 tail -n 30 "$run/bench.log"

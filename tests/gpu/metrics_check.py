@@ -19,11 +19,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.client import FarmClient
-from producer.local_stack import RedisServer, WorkerProcess, free_port
-from shared.ladder import QuantLevel
-from shared.settings import FarmSettings
-from worker.tiny_model import gguf_path, write_tiny_model
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
 
 SHOWN = ("fluxfarm_vram_peak_bytes", "fluxfarm_vram_total_bytes", "fluxfarm_worker_info", "fluxfarm_jobs")
 
@@ -56,7 +56,7 @@ def main() -> None:
         worker = WorkerProcess(args, env, work / "worker.log").start()
         worker.wait_ready(300)
         exporter = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "exporter", "--port", str(exporter_port)],
+            [sys.executable, "-m", "fluxfarm", "exporter", "--port", str(exporter_port)],
             env={**os.environ, **env},
         )
         try:
@@ -68,7 +68,7 @@ def main() -> None:
             for name in SHOWN:
                 print(json.dumps({"family": name, "samples": families.get(name)}))
             status = subprocess.run(
-                [sys.executable, "-m", "producer.cli", "status", "--json"],
+                [sys.executable, "-m", "fluxfarm", "status", "--json"],
                 env={**os.environ, **env},
                 capture_output=True,
                 text=True,

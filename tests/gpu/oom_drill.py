@@ -20,16 +20,16 @@ from typing import NoReturn
 
 import torch
 
-from shared.jobs import RenderJob, parse_job
-from shared.ladder import QuantLevel
-from shared.metadata import ModelInfo
-from shared.settings import FarmSettings
-from worker.batcher import RenderBatcher
-from worker.bench import build_parts
-from worker.engine import RenderEngine
-from worker.gpu import memory_cap
-from worker.level_step_down import LevelStepDown
-from worker.pipeline import LoadedModel, ready_pipeline
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.batcher import RenderBatcher
+from fluxfarm.worker.bench import build_parts
+from fluxfarm.worker.engine import RenderEngine
+from fluxfarm.worker.gpu import memory_cap
+from fluxfarm.worker.level_step_down import LevelStepDown
+from fluxfarm.worker.pipeline import LoadedModel, ready_pipeline
 
 GIB = 1024**3
 DEVICE = "cuda:0"

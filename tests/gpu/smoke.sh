@@ -19,10 +19,10 @@ for path in metas:
     print(meta["job_id"], meta["quant"], meta["worker"]["gpu_name"], meta["worker"]["vram_gib"], seconds)
 PY
 }
-FLUXFARM_DEVICE=cuda:0 python3 -m producer.cli demo --jobs 4 --out-dir "$out/full"
+FLUXFARM_DEVICE=cuda:0 python3 -m fluxfarm demo --jobs 4 --out-dir "$out/full"
 check "$out/full"
 grep -m1 "plan:" "$out/full/worker.log"
-FLUXFARM_DEVICE=cuda:0 FLUXFARM_VRAM_BUDGET_GIB=16 python3 -m producer.cli demo --jobs 4 --out-dir "$out/capped"
+FLUXFARM_DEVICE=cuda:0 FLUXFARM_VRAM_BUDGET_GIB=16 python3 -m fluxfarm demo --jobs 4 --out-dir "$out/capped"
 check "$out/capped"
 grep -m1 "plan:" "$out/capped/worker.log" | grep '"text_encoders":"gpu-swap"' | grep '"vae_tiling":true'
 python3 -c "import json,pathlib; print(json.dumps(json.loads(sorted(pathlib.Path('$out/capped/output/demo').glob('*.json'))[0].read_text()), indent=2))"

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from worker.kernels.gguf_dequant import decode_blocks
+from fluxfarm.worker.kernels.gguf_dequant import decode_blocks
 
 GEMV_MAX_ROWS = 4
 """Inputs with more rows (tokens x images) than this go through dequantize + cuBLAS instead."""
