@@ -13,8 +13,7 @@ from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8, quantize_rows_torch
 from fluxfarm.worker.gguf_blocks import quantize_rows
 from fluxfarm.worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, gemv_gguf, use_triton_gguf
-from fluxfarm.worker.kernels.gguf_dequant import KERNEL_TYPES
-from fluxfarm.worker.kernels.gguf_gemv import GEMV_MAX_ROWS, gemv_fits
+from fluxfarm.worker.kernels.gguf_support import GEMV_MAX_ROWS, KERNEL_TYPES, gemv_fits
 from fluxfarm.worker.tiny_model import gguf_path
 from tests.conftest import load_gguf_transformer
 

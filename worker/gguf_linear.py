@@ -16,8 +16,7 @@ from diffusers.quantizers.gguf.utils import GGUFLinear
 from torch import nn
 from torch.nn import functional
 
-from fluxfarm.worker.kernels.gguf_dequant import KERNEL_TYPES, launch_dequantize
-from fluxfarm.worker.kernels.gguf_gemv import gemv_fits, launch_gemv
+from fluxfarm.worker.kernels.gguf_support import KERNEL_TYPES, gemv_fits
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +24,8 @@ log = logging.getLogger(__name__)
 @torch.library.custom_op("fluxfarm::dequantize_gguf", mutates_args=())
 def dequantize_gguf(blocks: torch.Tensor, qtype: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """The (rows, cols) weight in `dtype` from its GGUF blocks (uint8, contiguous)."""
+    from fluxfarm.worker.kernels.gguf_dequant import launch_dequantize  # Triton loads where a kernel runs
+
     out = torch.empty((rows, cols), dtype=dtype, device=blocks.device)
     launch_dequantize(blocks, out, qtype)
     return out
@@ -38,6 +39,8 @@ def _(blocks: torch.Tensor, qtype: str, rows: int, cols: int, dtype: torch.dtype
 @torch.library.custom_op("fluxfarm::gemv_gguf", mutates_args=())
 def gemv_gguf(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, qtype: str, rows: int) -> torch.Tensor:
     """x (M, cols) times the transposed (rows, cols) GGUF weight, plus bias: (M, rows) in x's dtype."""
+    from fluxfarm.worker.kernels.gguf_gemv import launch_gemv  # Triton loads where a kernel runs
+
     out = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
     launch_gemv(blocks, x, bias, out, qtype)
     return out

@@ -15,8 +15,6 @@ import triton
 import triton.language as tl
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-KERNEL_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
-"""The ggml block types `_dequant_kernel` decodes; their sizes come from gguf-py's GGML_QUANT_SIZES."""
 # Values per program: enough work to hide memory latency, small enough for registers.
 _VALUES_PER_PROGRAM = 4096
 

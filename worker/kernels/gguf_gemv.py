@@ -15,10 +15,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from fluxfarm.worker.kernels.gguf_dequant import decode_blocks
 
-GEMV_MAX_ROWS = 4
-"""Inputs with more rows (tokens x images) than this go through dequantize + cuBLAS instead."""
-GEMV_MAX_COLS = 8192
-"""Weights wider than this too: one program holds a whole row of the weight in registers."""
 _VALUES_PER_PROGRAM = 4096
 
 
@@ -54,12 +50,6 @@ def _gemv_kernel(
         if HAS_BIAS:
             y += tl.load(bias + rows_out, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(out + m * n_out + rows_out, y.to(out.dtype.element_ty), mask=out_mask)
-
-
-def gemv_fits(qtype: str, rows: int, in_features: int) -> bool:
-    """Whether `launch_gemv` takes an input of `rows` rows against a weight `in_features` wide."""
-    values, _ = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
-    return 1 <= rows <= GEMV_MAX_ROWS and in_features <= GEMV_MAX_COLS and in_features % values == 0
 
 
 def launch_gemv(raw, x, bias, out, qtype: str) -> None:
