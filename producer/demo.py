@@ -36,7 +36,7 @@ def _demo_model(settings: FarmSettings, out_dir: Path, err: Console) -> tuple[st
     if settings.model:
         return settings.model, settings.transformer, False
     from fluxfarm.shared.ladder import QuantLevel
-    from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
+    from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 
     tiny_dir = out_dir / "tiny-model"
     level = QuantLevel.Q8_0

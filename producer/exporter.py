@@ -1,7 +1,7 @@
 """`fluxfarm exporter`: the farm as Redis sees it (live workers, queues, datasets, dead letters) as
 Prometheus metrics, read afresh at every scrape.
 
-Workers serve their own process metrics (worker/metrics.py); what no single worker knows (how many
+Workers serve their own process metrics (worker/serve/metrics.py); what no single worker knows (how many
 jobs wait in each queue, how far each dataset is, which queue no live worker serves) comes from the
 same records `fluxfarm status` reads, through this one small process beside Redis.
 """

@@ -1,7 +1,7 @@
 """What a job may add to the base model: LoRAs and a ControlNet, as job fields.
 
 Only where things come from and how strongly they apply is said here; the worker fetches, checks and
-applies them (worker/lora_fuser.py, worker/controlnet.py). Sources are the forms the worker's model
+applies them (worker/adapters/lora_fuser.py, worker/adapters/controlnet.py). Sources are the forms the worker's model
 resolver reads: `hf://owner/repo[@rev]/file`, huggingface.co URLs, `s3://bucket/key` and absolute
 paths on the worker (which only reads paths under its FLUXFARM_JOB_FILE_ROOTS). LoRA files must be
 safetensors: a pickled checkpoint can run code when it is read.

@@ -79,7 +79,7 @@ def lease_renew_interval_s(lease_s: float) -> float:
 def _transport_options(settings: FarmSettings) -> dict[str, object]:
     """kombu's Redis ack emulation as a lease: an unacked message whose `unacked_index` score is older
     than `visibility_timeout` goes back to its queue at the next sweep. Workers renew the score of the
-    messages they hold (worker/leases.py), so the timeout is the lease, not the longest render, and
+    messages they hold (worker/serve/leases.py), so the timeout is the lease, not the longest render, and
     every live worker sweeps often enough to put a dead one's jobs back within lease + one sweep."""
     sweep_s = max(1, round(lease_renew_interval_s(settings.lease_s)))
     return {

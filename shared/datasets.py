@@ -80,7 +80,7 @@ class DatasetRecord(BaseModel):
 
 class SentJob(BaseModel):
     """What a producer published for a job: enough for the farm to publish it again should its
-    message be lost (worker/lost_jobs.py)."""
+    message be lost (worker/serve/lost_jobs.py)."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -64,7 +64,7 @@ class QueueStatus(BaseModel):
     waiting: int
     consumers: list[str]
     adopters: list[str] = []
-    """For a LoRA set's queue: the live workers whose level lets them adopt it (worker/lora_adoption.py)."""
+    """For a LoRA set's queue: the live workers whose level lets them adopt it (worker/serve/queue_adoption.py)."""
 
     @computed_field
     @property

@@ -5,7 +5,7 @@ constraint has its own queue, and a worker consumes exactly the queues its level
 job is only ever delivered to a capable worker and a dataset can insist on one level everywhere.
 
 A job with LoRAs goes to a queue of its own LoRA set under its constraint's queue
-(`render.any.lora.<set id>`), which a worker of a fitting level adopts (worker/lora_adoption.py):
+(`render.any.lora.<set id>`), which a worker of a fitting level adopts (worker/serve/queue_adoption.py):
 jobs of one set then reach the worker that already carries its fused weights.
 """
 

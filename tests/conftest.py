@@ -52,7 +52,7 @@ for _name in [name for name in os.environ if name.startswith("FLUXFARM_")]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fluxfarm.worker.tiny_model import write_tiny_model
+    from fluxfarm.worker.tools.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", TINY_LEVELS)
 
@@ -152,7 +152,7 @@ def farm(
     s3_server: S3Server,
 ) -> Iterator[Farm]:
     """One GGUF Q8_0 worker for a whole test module, storing into a fresh bucket."""
-    from fluxfarm.worker.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path
 
     bucket = s3_server.new_bucket()
     prefix = "renders"

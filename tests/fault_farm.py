@@ -26,7 +26,7 @@ def fault_worker(
     **env: str,
 ) -> WorkerProcess:
     """A Q8_0 worker on the tiny model; `faults` is its FaultPlan, `env` more FLUXFARM_* settings."""
-    from fluxfarm.worker.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path
 
     extra = {f"FLUXFARM_{key.upper()}": value for key, value in env.items()}
     if faults:
@@ -77,8 +77,8 @@ def where_jobs_are(redis_url: str, dataset: str, job_ids: set[str], logs: list[s
     from fluxfarm.shared.celery_app import queue_lists
     from fluxfarm.shared.datasets import STATES
     from fluxfarm.shared.routing import all_queues
-    from fluxfarm.worker.leases import UNACKED_INDEX_KEY, JobClaims
-    from fluxfarm.worker.lost_jobs import MISSING_SINCE_KEY, UNACKED_KEY, _message_id
+    from fluxfarm.worker.serve.leases import UNACKED_INDEX_KEY, JobClaims
+    from fluxfarm.worker.serve.lost_jobs import MISSING_SINCE_KEY, UNACKED_KEY, _message_id
 
     client = redis.Redis.from_url(redis_url)
     now = client.time()[0]

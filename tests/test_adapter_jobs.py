@@ -13,7 +13,7 @@ from PIL import Image
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.adapter_files import control_png, write_peft_lora, write_tiny_controlnet
 from tests.conftest import Farm, S3Server, fresh_farm_settings, start_worker
 

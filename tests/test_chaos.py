@@ -67,7 +67,7 @@ def test_chaos_300_jobs_two_workers_killed_every_ten_seconds_and_a_redis_restart
     s3_server: S3Server, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fluxfarm.shared.ladder import QuantLevel
-    from fluxfarm.worker.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path
 
     rng = random.Random(6)
     redis_server = RedisServer(tmp_path / "redis", appendonly=True).start()

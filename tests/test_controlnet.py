@@ -19,10 +19,10 @@ from fluxfarm.shared.errors import JobInputError
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.engine import RenderEngine
-from fluxfarm.worker.fp8 import ScaledFp8Linear
-from fluxfarm.worker.pipeline import load_model
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.model.pipeline import load_model
+from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.adapter_files import control_png, write_tiny_controlnet
 
 JOB = {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 3, "seed": 3}

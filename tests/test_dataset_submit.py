@@ -210,7 +210,7 @@ def test_cancel_drops_queued_jobs_and_priorities_reorder_the_queue(
     from fluxfarm.shared.celery_app import waiting_messages
     from fluxfarm.shared.ladder import QuantLevel
     from fluxfarm.shared.metadata import RenderResult
-    from fluxfarm.worker.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path
     from tests.conftest import start_worker
 
     env = farm.worker_env()

@@ -14,10 +14,10 @@ from PIL import Image
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.engine import EmbeddingCache, RenderEngine, denoise_groups
-from fluxfarm.worker.host_mirror import HostMirror
-from fluxfarm.worker.pipeline import load_model
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.model.host_mirror import HostMirror
+from fluxfarm.worker.model.pipeline import load_model
+from fluxfarm.worker.render.engine import EmbeddingCache, RenderEngine, denoise_groups
+from fluxfarm.worker.tools.tiny_model import gguf_path
 
 
 def _job(prompt: str, seed: int, width: int = 256, height: int = 256) -> RenderJob:
@@ -88,7 +88,7 @@ def test_host_mirror_keeps_one_host_copy_and_restores_the_weights() -> None:
 def test_jobs_held_by_several_task_threads_render_together(engine: RenderEngine) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from fluxfarm.worker.batcher import RenderBatcher
+    from fluxfarm.worker.render.batcher import RenderBatcher
 
     batcher = RenderBatcher(engine, max_jobs=3, wait_s=2.0)
     jobs = [_job(f"a paper boat {i}", 20 + i) for i in range(3)]
@@ -103,7 +103,7 @@ def test_jobs_held_by_several_task_threads_render_together(engine: RenderEngine)
 def test_rendering_as_a_worker_keeps_job_order_encodes_pngs_off_the_gpu_thread_and_stops(engine: RenderEngine) -> None:
     import threading
 
-    from fluxfarm.worker.bench import render_as_worker
+    from fluxfarm.worker.tools.bench import render_as_worker
 
     jobs = [_job(f"a lantern {i}", 40 + i) for i in range(3)]
     threads_before = threading.active_count()

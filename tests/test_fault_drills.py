@@ -146,7 +146,7 @@ def test_a_job_too_big_alone_steps_a_self_chosen_worker_down_a_level(
     even alone: it reloads at Q8_0, renders the job, and from then on serves Q8_0's queues, not bf16's."""
     from fluxfarm.shared.celery_app import waiting_messages
     from fluxfarm.shared.fleet import read_workers
-    from fluxfarm.worker.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path
     from tests.conftest import start_worker
     from tests.fault_farm import wait_until
 

@@ -16,9 +16,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch.nn import functional
 
-from fluxfarm.worker.fast_paths import apply_fast_paths
-from fluxfarm.worker.fp8 import E4M3_MAX, to_scaled_fp8
-from fluxfarm.worker.fp8_attention import (
+from fluxfarm.worker.fast.fast_paths import apply_fast_paths
+from fluxfarm.worker.quant.fp8.attention import (
     Fp8AttnProcessor,
     attention_fp8,
     fp8_attention_op,
@@ -27,7 +26,8 @@ from fluxfarm.worker.fp8_attention import (
     rms_norm_bound,
     use_fp8_attention,
 )
-from fluxfarm.worker.vram_probe import step_inputs
+from fluxfarm.worker.quant.fp8.weights import E4M3_MAX, to_scaled_fp8
+from fluxfarm.worker.tools.vram_probe import step_inputs
 
 CALLS: list[tuple[int, ...]] = []
 QUERY_DESCALES: list[float] = []

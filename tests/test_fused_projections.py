@@ -8,11 +8,11 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.fp8 import to_scaled_fp8
-from fluxfarm.worker.fused_projections import fuse_attention_projections, stack_layers
-from fluxfarm.worker.gguf_linear import TritonGGUFLinear, use_triton_gguf
-from fluxfarm.worker.tiny_model import gguf_path
-from fluxfarm.worker.vram_probe import step_inputs
+from fluxfarm.worker.fast.fused_projections import fuse_attention_projections, stack_layers
+from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
+from fluxfarm.worker.quant.gguf.linear import TritonGGUFLinear, use_triton_gguf
+from fluxfarm.worker.tools.tiny_model import gguf_path
+from fluxfarm.worker.tools.vram_probe import step_inputs
 from tests.conftest import load_gguf_transformer
 
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.fp8 import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8, quantize_rows_torch
-from fluxfarm.worker.gguf_blocks import quantize_rows
-from fluxfarm.worker.gguf_linear import TritonGGUFLinear, dequantize_gguf, gemv_gguf, use_triton_gguf
-from fluxfarm.worker.kernels.gguf_support import GEMV_MAX_ROWS, KERNEL_TYPES, gemv_fits
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear, fp8_matmul, quantize_rows_fp8, quantize_rows_torch
+from fluxfarm.worker.quant.gguf.blocks import quantize_rows
+from fluxfarm.worker.quant.gguf.kernel_support import GEMV_MAX_ROWS, KERNEL_TYPES, gemv_fits
+from fluxfarm.worker.quant.gguf.linear import TritonGGUFLinear, dequantize_gguf, gemv_gguf, use_triton_gguf
+from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.conftest import load_gguf_transformer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,12 +15,12 @@ from fluxfarm.shared.errors import FarmError, ModelLoadError
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, model_family
-from fluxfarm.worker.engine import RenderEngine
-from fluxfarm.worker.loadout import choose_loadout
-from fluxfarm.worker.model_sources import model_cache, resolve_file
-from fluxfarm.worker.pipeline import load_model
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.model.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, model_family
+from fluxfarm.worker.model.loadout import choose_loadout
+from fluxfarm.worker.model.pipeline import load_model
+from fluxfarm.worker.model.sources import model_cache, resolve_file
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.conftest import S3Server
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"

@@ -17,11 +17,11 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.engine import RenderEngine
-from fluxfarm.worker.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
-from fluxfarm.worker.pipeline import LoadedModel, load_model
-from fluxfarm.worker.random_lora import write_random_lora
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
+from fluxfarm.worker.model.pipeline import LoadedModel, load_model
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.tools.random_lora import write_random_lora
+from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.adapter_files import load_clip_lora_with_peft, write_peft_lora
 
 WEIGHT = 0.8

@@ -18,8 +18,8 @@ from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.lora_queues import REGISTRY_KEY, forget_idle_lora_queues, known_queues, lora_queues
 from fluxfarm.shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.lora_adoption import LoraAdoption
-from fluxfarm.worker.lost_jobs import LostJobSweeper
+from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
+from fluxfarm.worker.serve.queue_adoption import LoraAdoption
 
 BASE = {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2}
 

@@ -1,5 +1,5 @@
 """A fleet and LoRA sets: jobs of two sets, interleaved, reach two real worker processes through their
-sets' queues (shared/routing.py, worker/lora_adoption.py). Its own module: no other worker may share
+sets' queues (shared/routing.py, worker/serve/queue_adoption.py). Its own module: no other worker may share
 the Redis while the switches are counted."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.adapter_files import write_peft_lora
 from tests.conftest import S3Server, fresh_farm_settings, start_worker
 

@@ -188,7 +188,7 @@ def test_the_exporter_reports_a_broker_it_cannot_reach_instead_of_failing_the_sc
 
 
 def test_a_taken_metrics_port_leaves_the_worker_rendering_without_metrics() -> None:
-    from fluxfarm.worker.metrics import WorkerMetrics, serve_metrics
+    from fluxfarm.worker.serve.metrics import WorkerMetrics, serve_metrics
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

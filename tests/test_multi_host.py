@@ -118,7 +118,7 @@ def https_s3(central: Path) -> Iterator[int]:
 
 def host_env(central: Path, redis_port: int, s3_port: int, tiny_model: Path, home: Path) -> dict[str, str]:
     """What the guide's "say where the farm is" block exports, for this machine."""
-    from fluxfarm.worker.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path
 
     return {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

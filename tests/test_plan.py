@@ -8,7 +8,7 @@ import pytest
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import RESIDENT_TRANSFORMER_GIB, QuantLevel, resident_transformer_gib
-from fluxfarm.worker.plan import PlanInputs, headroom_gib, make_plan
+from fluxfarm.worker.model.plan import PlanInputs, headroom_gib, make_plan
 from tests.conftest import run_fluxfarm
 
 BUDGETS = [b / 2 for b in range(8, 200)]  # 4 .. 99.5 GiB
@@ -61,8 +61,8 @@ def test_fp8_needs_fp8_tensor_cores() -> None:
 
 @pytest.mark.parametrize("model", ["flux.1-dev", "flux.1-schnell"])
 def test_ladder_sizes_equal_the_architecture_count(model: str) -> None:
-    from fluxfarm.worker.flux_arch import TRANSFORMERS
-    from fluxfarm.worker.level_sizes import transformer_bytes
+    from fluxfarm.worker.model.flux_arch import TRANSFORMERS
+    from fluxfarm.worker.model.level_sizes import transformer_bytes
 
     for level in RESIDENT_TRANSFORMER_GIB:
         if level == QuantLevel.NF4:

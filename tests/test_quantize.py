@@ -12,8 +12,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.gguf_blocks import quantize_rows
-from fluxfarm.worker.quantize import QUANTIZABLE_LEVELS
+from fluxfarm.worker.quant.gguf.blocks import quantize_rows
+from fluxfarm.worker.quant.gguf.writer import QUANTIZABLE_LEVELS
 from tests.conftest import load_gguf_transformer, run_fluxfarm
 
 MAX_RELATIVE_RMS = {

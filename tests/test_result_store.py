@@ -14,7 +14,7 @@ from fluxfarm.shared.errors import ObjectExists
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.metadata import ImageInfo, ModelInfo, RenderResult, Timings, WorkerInfo, read_result
 from fluxfarm.shared.storage import LocalStore, ObjectStore, S3Store
-from fluxfarm.worker.result_store import ResultStore
+from fluxfarm.worker.serve.result_store import ResultStore
 from tests.conftest import S3Server
 
 JOB = parse_job({"prompt": "a contested job", "dataset": "race"})

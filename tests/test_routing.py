@@ -42,7 +42,7 @@ class Fleet:
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_server: RedisServer, s3_server: S3Server
 ) -> Iterator[Fleet]:
-    from fluxfarm.worker.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path
 
     work = tmp_path_factory.mktemp("fleet")
     settings = fresh_farm_settings(redis_server, s3_server, f"s3://{s3_server.new_bucket()}/fleet", work)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from fluxfarm.worker.host_mirror import HostMirror
-from fluxfarm.worker.step_graphs import step_graphs, use_step_graphs
-from fluxfarm.worker.vram_probe import step_inputs
+from fluxfarm.worker.fast.step_graphs import step_graphs, use_step_graphs
+from fluxfarm.worker.model.host_mirror import HostMirror
+from fluxfarm.worker.tools.vram_probe import step_inputs
 
 
 def _tiny(tiny_model, device: str) -> FluxTransformer2DModel:

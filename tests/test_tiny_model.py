@@ -17,10 +17,10 @@ from fluxfarm.shared.errors import FarmError, ModelLoadError
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.engine import RenderEngine
-from fluxfarm.worker.pipeline import load_model
-from fluxfarm.worker.quantize import gguf_level, write_gguf
-from fluxfarm.worker.tiny_model import gguf_path
+from fluxfarm.worker.model.pipeline import load_model
+from fluxfarm.worker.quant.gguf.writer import gguf_level, write_gguf
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.conftest import load_gguf_transformer
 
 # Relative RMS error of the dequantized weights; Q4_0 keeps 4 bits per weight, Q8_0 eight.

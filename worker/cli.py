@@ -66,7 +66,7 @@ def tiny_model(
     """
     parsed = [parse_level(name) for name in levels.split(",") if name.strip()]
     _require_gpu_stack()
-    from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
+    from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 
     written = write_tiny_model(out_dir, parsed, seed=seed)
     typer.echo(f"tiny FLUX pipeline (renders noise) in {written}")
@@ -93,8 +93,8 @@ def quantize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors import safe_open
 
-    from fluxfarm.worker.gpu import default_device
-    from fluxfarm.worker.quantize import iter_safetensors, safetensors_files, write_gguf
+    from fluxfarm.worker.model.gpu import default_device
+    from fluxfarm.worker.quant.gguf.writer import iter_safetensors, safetensors_files, write_gguf
 
     files = safetensors_files(src)
     total = 0
@@ -131,8 +131,8 @@ def probe_vram(
     The table it writes calibrates and checks `fluxfarm plan`.
     """
     _require_gpu_stack()
-    from fluxfarm.worker.flux_arch import TRANSFORMERS
-    from fluxfarm.worker.vram_probe import run_probe
+    from fluxfarm.worker.model.flux_arch import TRANSFORMERS
+    from fluxfarm.worker.tools.vram_probe import run_probe
 
     if model not in TRANSFORMERS:
         raise FarmError(f"unknown model {model!r}; choose from {', '.join(TRANSFORMERS)}")
@@ -194,9 +194,9 @@ def bench(
     import torch
     from rich.console import Console
 
-    from fluxfarm.worker.bench import BenchOptions, bench_jobs, run_bench
-    from fluxfarm.worker.bench_report import BenchLog
-    from fluxfarm.worker.gpu import default_device
+    from fluxfarm.worker.model.gpu import default_device
+    from fluxfarm.worker.tools.bench import BenchOptions, bench_jobs, run_bench
+    from fluxfarm.worker.tools.bench_report import BenchLog
 
     device = device or default_device()
     if model != "tiny" and torch.device(device).type != "cuda":
@@ -236,7 +236,7 @@ def plan(
     quant: Annotated[str | None, typer.Option(help="Force this level; fails if it cannot fit.")] = None,
 ) -> None:
     """Which level and text-encoder placement a worker would choose for a card, as JSON."""
-    from fluxfarm.worker.plan import PlanInputs, make_plan
+    from fluxfarm.worker.model.plan import PlanInputs, make_plan
 
     capability = None
     if compute_capability:

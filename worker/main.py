@@ -2,7 +2,7 @@
 
 Celery's threads pool holds two batches of jobs (2 x FLUXFARM_MAX_BATCH), one task thread each; the
 RenderBatcher's single render thread renders them a batch at a time while the other batch's threads
-encode and store their PNGs (worker/batcher.py)."""
+encode and store their PNGs (worker/render/batcher.py)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,7 @@ from fluxfarm.shared.lora_queues import note_lora_queues
 from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.settings import FarmSettings, redact_url
 from fluxfarm.shared.storage import open_store
-from fluxfarm.worker.batcher import RenderBatcher, held_jobs
-from fluxfarm.worker.engine import RenderEngine
-from fluxfarm.worker.fault_injection import parse_fault_plan
-from fluxfarm.worker.gpu import (
+from fluxfarm.worker.model.gpu import (
     cap_memory,
     card_bytes,
     compute_capability,
@@ -38,18 +35,21 @@ from fluxfarm.worker.gpu import (
     probe_device,
     vram_peak_bytes,
 )
-from fluxfarm.worker.heartbeat import Heartbeat
-from fluxfarm.worker.job_runner import JobRunner
-from fluxfarm.worker.leases import InFlight, JobClaims, LeaseKeeper
-from fluxfarm.worker.level_step_down import LevelStepDown, step_down_levels
-from fluxfarm.worker.loadout import choose_loadout
-from fluxfarm.worker.lora_adoption import CHECK_INTERVAL_S, LoraAdoption
-from fluxfarm.worker.lost_jobs import LostJobSweeper
-from fluxfarm.worker.metrics import WorkerMetrics, serve_metrics
-from fluxfarm.worker.periodic import Periodic
-from fluxfarm.worker.pipeline import load_model
-from fluxfarm.worker.result_store import ResultStore
-from fluxfarm.worker.tasks import register_render_task
+from fluxfarm.worker.model.loadout import choose_loadout
+from fluxfarm.worker.model.pipeline import load_model
+from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.render.fault_injection import parse_fault_plan
+from fluxfarm.worker.serve.heartbeat import Heartbeat
+from fluxfarm.worker.serve.job_runner import JobRunner
+from fluxfarm.worker.serve.leases import InFlight, JobClaims, LeaseKeeper
+from fluxfarm.worker.serve.level_step_down import LevelStepDown, step_down_levels
+from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
+from fluxfarm.worker.serve.metrics import WorkerMetrics, serve_metrics
+from fluxfarm.worker.serve.periodic import Periodic
+from fluxfarm.worker.serve.queue_adoption import CHECK_INTERVAL_S, LoraAdoption
+from fluxfarm.worker.serve.result_store import ResultStore
+from fluxfarm.worker.serve.tasks import register_render_task
 
 log = logging.getLogger("fluxfarm.worker")
 

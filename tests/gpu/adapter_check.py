@@ -22,9 +22,9 @@ from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.engine import RenderEngine
-from fluxfarm.worker.pipeline import LoadedModel, load_model
-from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
+from fluxfarm.worker.model.pipeline import LoadedModel, load_model
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 from tests.adapter_files import control_png, write_peft_lora, write_tiny_controlnet
 
 JOB = {"prompt": "a red fox in the snow", "width": 256, "height": 256, "steps": 4, "seed": 11}

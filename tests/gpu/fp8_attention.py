@@ -1,4 +1,4 @@
-"""The fp8 level's attention on the GPU (device test): cuDNN's fp8 kernel through worker/fp8_attention.py
+"""The fp8 level's attention on the GPU (device test): cuDNN's fp8 kernel through worker/quant/fp8/attention.py
 at FLUX's attention shapes, against bf16 SDPA: time, relative error, and the same output when replayed
 from a CUDA graph. python3 tests/gpu/fp8_attention.py"""
 
@@ -7,8 +7,13 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
-from fluxfarm.worker.fp8_attention import attention_fp8, fp8_attention_op, fp8_attention_works, quantize_tensor_fp8
-from fluxfarm.worker.gpu import time_calls
+from fluxfarm.worker.model.gpu import time_calls
+from fluxfarm.worker.quant.fp8.attention import (
+    attention_fp8,
+    fp8_attention_op,
+    fp8_attention_works,
+    quantize_tensor_fp8,
+)
 
 SHAPES = {"1024x1024": 4096 + 512, "512x512": 1024 + 512}
 

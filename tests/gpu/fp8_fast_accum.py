@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.bench import build_parts
-from fluxfarm.worker.fast_paths import apply_fast_paths
-from fluxfarm.worker.fp8 import ScaledFp8Linear
-from fluxfarm.worker.gpu import time_calls
-from fluxfarm.worker.vram_probe import step_inputs
+from fluxfarm.worker.fast.fast_paths import apply_fast_paths
+from fluxfarm.worker.model.gpu import time_calls
+from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear
+from fluxfarm.worker.tools.bench import build_parts
+from fluxfarm.worker.tools.vram_probe import step_inputs
 
 
 def graphed_ms(model: torch.nn.Module, inputs: dict) -> tuple[float, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxfarm.worker.gpu import time_calls
+from fluxfarm.worker.model.gpu import time_calls
 
 SHAPES = [(4608, 3072, 3072), (4608, 3072, 9216), (4608, 3072, 12288), (4096, 12288, 3072), (4608, 15360, 3072)]
 

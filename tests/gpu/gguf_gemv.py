@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from fluxfarm.worker.gguf_blocks import quantize_rows
-from fluxfarm.worker.gguf_linear import dequantize_gguf, gemv_gguf
-from fluxfarm.worker.gpu import time_calls
+from fluxfarm.worker.model.gpu import time_calls
+from fluxfarm.worker.quant.gguf.blocks import quantize_rows
+from fluxfarm.worker.quant.gguf.linear import dequantize_gguf, gemv_gguf
 
 SHAPES = [(18432, 3072), (9216, 3072), (6144, 3072)]
 """(out, in) of the double blocks' norm1, the single blocks' norm and norm_out."""

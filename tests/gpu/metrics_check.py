@@ -23,7 +23,7 @@ from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.tiny_model import gguf_path, write_tiny_model
+from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 
 SHOWN = ("fluxfarm_vram_peak_bytes", "fluxfarm_vram_total_bytes", "fluxfarm_worker_info", "fluxfarm_jobs")
 

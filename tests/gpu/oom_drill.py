@@ -24,12 +24,12 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.worker.batcher import RenderBatcher
-from fluxfarm.worker.bench import build_parts
-from fluxfarm.worker.engine import RenderEngine
-from fluxfarm.worker.gpu import memory_cap
-from fluxfarm.worker.level_step_down import LevelStepDown
-from fluxfarm.worker.pipeline import LoadedModel, ready_pipeline
+from fluxfarm.worker.model.gpu import memory_cap
+from fluxfarm.worker.model.pipeline import LoadedModel, ready_pipeline
+from fluxfarm.worker.render.batcher import RenderBatcher
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.serve.level_step_down import LevelStepDown
+from fluxfarm.worker.tools.bench import build_parts
 
 GIB = 1024**3
 DEVICE = "cuda:0"

@@ -14,10 +14,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.bench import build_parts
-from fluxfarm.worker.fast_paths import apply_fast_paths
-from fluxfarm.worker.gpu import time_calls
-from fluxfarm.worker.vram_probe import step_inputs
+from fluxfarm.worker.fast.fast_paths import apply_fast_paths
+from fluxfarm.worker.model.gpu import time_calls
+from fluxfarm.worker.tools.bench import build_parts
+from fluxfarm.worker.tools.vram_probe import step_inputs
 
 
 def main() -> None:

@@ -1,0 +1,159 @@
+"""ControlNet jobs: the FLUX ControlNet a job names, its control image, and the pipeline that uses both.
+
+The ControlNet loads from the same resolver as every model (a worker folder, hf://, s3://), is
+checked against the loaded transformer's architecture, and on every quantized level (fp8, GGUF, NF4)
+is stored in scaled fp8 (as DiffSynth does for FLUX ControlNets): half its bf16 bytes on the card a
+quantized level was chosen for, computing on fp8 tensor cores where the card has them and upcast per
+layer elsewhere. (Not GGUF blocks: a ControlNet is a few blocks, run once per step, and 8 bits keep
+its residuals closer to bf16.) One ControlNet stays loaded at a time: a dataset uses one, and each costs 1-4 GB.
+Control images come from S3, a worker path, or inline in the job; all are bounded in bytes and
+pixels before they are decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
+from PIL import Image
+
+from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, MAX_CONTROL_IMAGE_PIXELS, ControlNetSpec, inline_png
+from fluxfarm.shared.errors import JobInputError, ObjectNotFound, StorageError
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ControlNetInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.model.file_digest import DigestCache
+from fluxfarm.worker.model.pipeline import compute_dtype
+from fluxfarm.worker.model.sources import bucket_store, resolve_job_file, resolve_job_folder
+from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
+
+log = logging.getLogger(__name__)
+
+_MATCHING_CONFIG = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim")
+"""What a ControlNet shares with the transformer it was trained beside: another base model differs here."""
+
+
+@dataclass(frozen=True)
+class LoadedControlNet:
+    source: str
+    model: FluxControlNetModel
+    sha256: str
+    pipeline: FluxControlNetPipeline
+
+
+def _check_architecture(folder: Path, transformer_config: dict, source: str) -> None:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise JobInputError(f"ControlNet {source} has no config.json: it is not a diffusers model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise JobInputError(f"ControlNet {source}: config.json is unreadable ({error})") from None
+    if config.get("_class_name") != FluxControlNetModel.__name__:
+        raise JobInputError(f"ControlNet {source} is a {config.get('_class_name')}, not a FluxControlNetModel")
+    for key in _MATCHING_CONFIG:
+        if config.get(key) != transformer_config.get(key):
+            raise JobInputError(
+                f"ControlNet {source} was made for another base model: its {key} is {config.get(key)}, "
+                f"this worker's transformer has {transformer_config.get(key)}"
+            )
+
+
+class ControlNets:
+    """The ControlNet a worker holds now (at most one) and the control images of its jobs."""
+
+    def __init__(self, pipe: FluxPipeline, level: str, device: str, settings: FarmSettings) -> None:
+        self._pipe = pipe
+        self._level = level
+        self._device = device
+        self._settings = settings
+        self._digests = DigestCache(settings.cache_dir)
+        self.loaded: LoadedControlNet | None = None
+
+    def get(self, spec: ControlNetSpec) -> LoadedControlNet:
+        if self.loaded is not None and self.loaded.source == spec.source:
+            return self.loaded
+        self.release()
+        folder = resolve_job_folder(spec.source, self._settings, "ControlNet")
+        _check_architecture(folder, dict(self._pipe.transformer.config), spec.source)
+        dtype = compute_dtype(self._device)
+        try:
+            model = FluxControlNetModel.from_pretrained(folder, dtype=dtype)
+            sha256 = self._digests.folder_sha256(folder)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise JobInputError(f"ControlNet {spec.source} could not be loaded: {error}") from None
+        quantized = self._level != QuantLevel.BF16.value
+        if quantized:
+            to_scaled_fp8(model, dtype)  # on the host, as the transformer was
+        model.to(self._device)
+        if quantized and fp8_tensor_cores_work(torch.device(self._device)):
+            use_fp8_tensor_cores(model)
+        # Built from the loaded parts as they are (from_pipe would cast the quantized transformer).
+        parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+        pipeline = FluxControlNetPipeline(**{name: getattr(self._pipe, name) for name in parts}, controlnet=model)
+        pipeline.set_progress_bar_config(disable=True)
+        self.loaded = LoadedControlNet(source=spec.source, model=model, sha256=sha256, pipeline=pipeline)
+        log.info("loaded ControlNet %s (sha256 %s)", spec.source, sha256[:12])
+        return self.loaded
+
+    def release(self) -> None:
+        """Drop the loaded ControlNet (before another loads, or the worker's weights go)."""
+        if self.loaded is not None:
+            self.loaded = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _image_bytes(self, source: str) -> tuple[bytes, str]:
+        """The control image's bytes and where they came from, at most MAX_CONTROL_IMAGE_BYTES."""
+        if source.startswith("data:"):
+            try:
+                return inline_png(source), "inline"
+            except ValueError as error:
+                raise JobInputError(f"control image: {error}") from None
+        limit = f"at most {MAX_CONTROL_IMAGE_BYTES >> 20} MiB"
+        if source.startswith("s3://"):
+            bucket, _, key = source.removeprefix("s3://").partition("/")
+            store = bucket_store(bucket, self._settings)
+            try:
+                if store.size(key) > MAX_CONTROL_IMAGE_BYTES:
+                    raise JobInputError(f"control image {source} is larger than the {limit} a control image may be")
+                return store.get(key), source
+            except ObjectNotFound:
+                raise JobInputError(f"control image {source} does not exist") from None
+            except StorageError as error:  # unreachable: the next attempt tries again
+                raise StorageError(f"could not read control image {source}: {error}") from error
+        path = resolve_job_file(source, self._settings, "control image")
+        if path.stat().st_size > MAX_CONTROL_IMAGE_BYTES:
+            raise JobInputError(f"control image {source} is larger than the {limit} a control image may be")
+        return path.read_bytes(), source
+
+    def image(self, spec: ControlNetSpec) -> tuple[Image.Image, ControlNetInfo]:
+        """The decoded RGB control image (checked for pixel count before decoding) and the metadata entry."""
+        data, origin = self._image_bytes(spec.control_image)
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_CONTROL_IMAGE_PIXELS:
+                raise JobInputError(
+                    f"control image {origin} is {width}x{height}: more than the {MAX_CONTROL_IMAGE_PIXELS:,} pixels "
+                    "a control image may have"
+                )
+            image = image.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as error:
+            raise JobInputError(f"control image {origin} is not a readable image: {error}") from None
+        loaded = self.get(spec)
+        info = ControlNetInfo(
+            source=spec.source,
+            sha256=loaded.sha256,
+            conditioning_scale=spec.conditioning_scale,
+            control_mode=spec.control_mode,
+            control_image=origin,
+            control_image_sha256=hashlib.sha256(data).hexdigest(),
+        )
+        return image, info

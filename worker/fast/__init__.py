@@ -1,0 +1,1 @@
+"""The transformer's fast paths: regional compilation, fused attention projections, CUDA-graph steps."""

@@ -1,0 +1,48 @@
+"""Exact resident bytes of a FLUX transformer at each level, counted from its architecture.
+
+GGUF levels: quantized weights at their block size; tensors kept in higher precision (see
+`worker.quantize.ggml_type_for`) are loaded into the bf16 compute dtype. fp8 (`worker.fp8`): every
+Linear weight outside the kept layers in e4m3 plus a float32 scale per output row; the rest in bf16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import torch
+
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.model.flux_arch import meta_transformer
+from fluxfarm.worker.quant.gguf.writer import ggml_type_for, keeps_high_precision
+
+_BF16_BYTES = 2
+_FP32_BYTES = 4
+
+
+def transformer_bytes(config: dict[str, Any], level: QuantLevel) -> int:
+    model = meta_transformer(config)
+    if level == QuantLevel.BF16:
+        return sum(p.numel() for p in model.parameters()) * _BF16_BYTES
+    if level == QuantLevel.FP8:
+        total = 0
+        for module_name, module in model.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                fp8 = isinstance(module, torch.nn.Linear) and not keeps_high_precision(f"{module_name}.")
+                if fp8 and name == "weight":
+                    total += param.numel() + param.shape[0] * _FP32_BYTES
+                else:
+                    total += param.numel() * _BF16_BYTES
+        return total
+    if not level.is_gguf:
+        raise ValueError(f"no size model for {level}")
+    target = gguf.GGMLQuantizationType[level.value]
+    total = 0
+    for name, param in model.state_dict().items():
+        ggml_type = ggml_type_for(name, tuple(param.shape), target)
+        if ggml_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            total += param.numel() * _BF16_BYTES
+        else:
+            block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+            total += param.numel() // block_size * type_size
+    return total

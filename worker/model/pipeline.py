@@ -1,0 +1,166 @@
+"""Build the diffusers FLUX pipeline a worker keeps loaded: base components plus one transformer.
+
+The transformer comes from a GGUF file (diffusers' GGUF quantizer), a single safetensors file, or
+the base folder's `transformer/` (bf16).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+
+from fluxfarm.shared.errors import ModelLoadError
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths
+from fluxfarm.worker.model.catalog import nf4_installed
+from fluxfarm.worker.model.file_digest import DigestCache
+from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement
+from fluxfarm.worker.model.sources import resolve_base, resolve_file
+from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
+from fluxfarm.worker.quant.gguf.writer import gguf_level
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A pipeline on its device, with what the metadata says about it."""
+
+    pipe: FluxPipeline
+    info: ModelInfo
+    quant: str
+    device: str
+    text_encoders: Placement = "gpu"
+    """gpu: resident; gpu-swap: on the GPU only while encoding; cpu: encode on the CPU."""
+    fast_paths: FastPaths = field(default_factory=FastPaths)
+
+
+def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
+    """Decode in tiles of `tile_px` pixels: the decoder's working memory becomes that of one tile."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs, as FLUX was trained; fp32 on CPU, where bf16 convolutions run ~40x slower."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _load_nf4(base: Path, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """NF4 through bitsandbytes, quantizing the base bf16 weights as they load."""
+    if not nf4_installed():
+        raise ModelLoadError("the nf4 level needs bitsandbytes: pip install bitsandbytes")
+    from diffusers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return FluxTransformer2DModel.from_pretrained(
+        base, subfolder="transformer", quantization_config=config, dtype=dtype
+    )
+
+
+def _load_transformer(
+    base: Path,
+    transformer: str | None,
+    dtype: torch.dtype,
+    settings: FarmSettings,
+    path: Path | None = None,
+    nf4: bool = False,
+) -> tuple[FluxTransformer2DModel, str, str]:
+    """The transformer, its level and its sha256."""
+    digests = DigestCache(settings.cache_dir)
+    if transformer is None:
+        if nf4:
+            return _load_nf4(base, dtype), QuantLevel.NF4.value, digests.folder_sha256(base / "transformer")
+        model = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", dtype=dtype)
+        return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
+    path = path or resolve_file(transformer, settings)
+    if path.suffix == ".gguf":
+        model = FluxTransformer2DModel.from_single_file(
+            str(path),
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+            config=str(base),
+            subfolder="transformer",
+            dtype=dtype,
+        )
+        level = gguf_level(path)
+    elif path.suffix == ".safetensors":
+        model = FluxTransformer2DModel.from_single_file(
+            str(path), config=str(base), subfolder="transformer", dtype=dtype
+        )
+        level = QuantLevel.BF16.value
+    else:
+        raise ModelLoadError(f"transformer file {path} is neither .gguf nor .safetensors")
+    return model, level, digests.sha256(path)
+
+
+def place_pipeline(pipe: FluxPipeline, device: str, text_encoders: Placement) -> None:
+    """Move components one by one, so a small card never holds more than the plan says."""
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
+    encoders_device = device if text_encoders == "gpu" else "cpu"
+    pipe.text_encoder.to(encoders_device)
+    pipe.text_encoder_2.to(encoders_device)
+
+
+def ready_pipeline(
+    pipe: FluxPipeline,
+    device: str,
+    text_encoders: Placement,
+    vae_tiling: bool,
+    settings: FarmSettings,
+) -> FastPaths:
+    """Place the components as planned, tile the decode if planned, and switch on the fast paths."""
+    place_pipeline(pipe, device, text_encoders)
+    if vae_tiling:
+        enable_vae_tiling(pipe.vae, VAE_TILE_PX)
+    pipe.set_progress_bar_config(disable=True)
+    return apply_fast_paths(
+        pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile, settings.cuda_graphs
+    )
+
+
+def load_model(
+    model: str,
+    transformer: str | None,
+    device: str,
+    settings: FarmSettings,
+    level: QuantLevel | None = None,
+    text_encoders: Placement = "gpu",
+    vae_tiling: bool = False,
+    transformer_path: Path | None = None,
+) -> LoadedModel:
+    """Resolve, load and place the whole pipeline once; every later job reuses it.
+
+    `level` asks for fp8 or nf4, which are made from bf16 weights; other levels are what the file holds.
+    `transformer_path` is `transformer` already resolved to a local file (the worker's loadout does that).
+    """
+    dtype = compute_dtype(device)
+    base = resolve_base(model, settings, with_transformer_weights=transformer is None)
+    try:
+        flux_transformer, held, sha256 = _load_transformer(
+            base, transformer, dtype, settings, transformer_path, nf4=level == QuantLevel.NF4
+        )
+        if level == QuantLevel.FP8:
+            if held != QuantLevel.BF16.value:
+                raise ModelLoadError(f"fp8 is made from bf16 weights; {transformer} holds {held}")
+            # Quantize on the host: a bf16 copy on the GPU would not fit the cards fp8 is for.
+            to_scaled_fp8(flux_transformer, dtype)
+            held = QuantLevel.FP8.value
+        pipe = FluxPipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
+        fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load FLUX pipeline from {model} ({transformer or 'bf16'}): {error}") from error
+    info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
+    log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
+    return LoadedModel(
+        pipe=pipe, info=info, quant=held, device=device, text_encoders=text_encoders, fast_paths=fast_paths
+    )

@@ -1,0 +1,191 @@
+"""Turn a model reference into local files: Hugging Face, S3 or a local path, one resolver.
+
+Accepted transformer sources: a local `.gguf`/`.safetensors` path; `hf://owner/repo[@rev]/file`;
+`https://huggingface.co/owner/repo/(resolve|blob)/rev/file`; `s3://bucket/key` (downloaded once into
+the cache dir). Base pipelines: a local diffusers folder or a Hugging Face repo id. Hugging Face
+reads its token from `HF_TOKEN` itself.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fluxfarm.shared.errors import JobInputError, ModelLoadError, ModelMissing, ObjectNotFound, StorageError
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.storage import S3Store
+from fluxfarm.worker.model.cache import ModelCache
+from fluxfarm.worker.model.file_digest import DigestCache
+
+_HF_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")
+_HF_SCHEME = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<file>.+)$")
+_HF_FOLDER = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+BASE_COMPONENT_PATTERNS = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "text_encoder/*",
+    "text_encoder_2/*",
+    "vae/*",
+    "transformer/config.json",
+]
+"""What a worker needs of a FLUX repo when the transformer weights come from elsewhere."""
+
+
+def _hf_error(error: Exception, what: str) -> ModelLoadError:
+    """ModelMissing when the hub says the repo, revision or file does not exist; ModelLoadError otherwise
+    (network, auth), which a later attempt may get past."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    missing = isinstance(error, EntryNotFoundError | RepositoryNotFoundError | RevisionNotFoundError)
+    return (ModelMissing if missing else ModelLoadError)(f"could not download {what} from Hugging Face: {error}")
+
+
+def _hf_download(repo: str, filename: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except Exception as error:  # the hub raises many types: network, auth, missing file
+        raise _hf_error(error, f"{filename} of repo {repo}") from error
+
+
+def model_cache(settings: FarmSettings) -> ModelCache:
+    return ModelCache(settings.cache_dir / "s3", settings.cache_max_gib, DigestCache(settings.cache_dir))
+
+
+def bucket_store(bucket: str, settings: FarmSettings) -> S3Store:
+    """The store of a bucket a model or job input lives in, on the farm's S3 endpoint and CA."""
+    return S3Store(
+        bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, ca_file=settings.tls_ca_file
+    )
+
+
+def _s3_download(source: str, settings: FarmSettings) -> Path:
+    bucket, _, key = source.removeprefix("s3://").partition("/")
+    cache = model_cache(settings)
+    dest = cache.root / bucket / key
+    if dest.is_file():
+        cache.touch(dest)
+        return dest
+    store = bucket_store(bucket, settings)
+    try:
+        cache.make_room(store.size(key))
+        return store.fetch_to(key, dest)
+    except ObjectNotFound as error:
+        raise ModelMissing(f"{source} does not exist: {error}") from error
+    except StorageError as error:
+        raise ModelLoadError(f"could not download {source}: {error}") from error
+
+
+def resolve_file(source: str, settings: FarmSettings, sha256: str | None = None) -> Path:
+    """A local path to the file `source` names, downloading it first when it is remote.
+
+    With `sha256`, the file must have that digest (a cached download that does not is deleted).
+    """
+    owned = False
+    if match := _HF_SCHEME.match(source) or _HF_URL.match(source):
+        path = _hf_download(match["repo"], match["file"], match["rev"])
+    elif source.startswith("s3://"):
+        path, owned = _s3_download(source, settings), True
+    elif source.startswith(("http://", "https://")):
+        raise ModelLoadError(f"{source}: only huggingface.co URLs, hf://, s3:// and local paths are supported")
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ModelMissing(f"file {path} does not exist")
+    if sha256 is not None:
+        model_cache(settings).verify(path, sha256, owned)
+    return path
+
+
+def resolve_base(model: str, settings: FarmSettings, with_transformer_weights: bool) -> Path:
+    """A local diffusers folder for the base pipeline: the folder itself, or a snapshot of a repo."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return path
+    if not _REPO_ID.match(model):
+        raise ModelLoadError(f"model {model!r} is neither a diffusers folder nor a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+
+    patterns = BASE_COMPONENT_PATTERNS + (["transformer/*"] if with_transformer_weights else [])
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as error:  # network, auth (gated FLUX.1-dev needs HF_TOKEN), missing repo
+        raise ModelLoadError(f"could not fetch base pipeline {model} from Hugging Face: {error}") from error
+
+
+def _job_path(source: str, settings: FarmSettings, what: str) -> Path:
+    """A worker path a job names, allowed only under FLUXFARM_JOB_FILE_ROOTS (symlinks resolved first)."""
+    path = Path(source).resolve()
+    if not any(path.is_relative_to(root) for root in settings.job_file_roots):
+        raise JobInputError(f"{what} {source}: this worker reads job paths only under FLUXFARM_JOB_FILE_ROOTS")
+    if not path.exists():
+        raise JobInputError(f"{what} {source} does not exist")
+    return path
+
+
+def resolve_job_file(source: str, settings: FarmSettings, what: str) -> Path:
+    """A file a job names (a LoRA, a control image), local. A missing file fails the job (JobInputError);
+    an unreachable source is a ModelLoadError, which the job's next attempt retries."""
+    if source.startswith("/"):
+        path = _job_path(source, settings, what)
+        if not path.is_file():
+            raise JobInputError(f"{what} {source} is not a file")
+        return path
+    try:
+        return resolve_file(source, settings)
+    except ModelMissing as error:
+        raise JobInputError(f"{what}: {error}") from None
+
+
+def _s3_folder(source: str, settings: FarmSettings, what: str) -> Path:
+    """Every object under an s3:// prefix, downloaded once into the cache (a diffusers model folder)."""
+    bucket, _, prefix = source.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    dest = model_cache(settings).root / bucket / prefix
+    marker = dest / ".complete"
+    if marker.is_file():
+        return dest
+    store = bucket_store(bucket, settings)
+    try:
+        keys = store.keys_under(prefix)
+        if not keys:
+            raise JobInputError(f"{what} {source}: no objects under that prefix")
+        for key in keys:
+            store.fetch_to(key, dest / key.removeprefix(prefix))
+    except StorageError as error:
+        raise ModelLoadError(f"could not download {what} {source}: {error}") from error
+    marker.touch()
+    return dest
+
+
+def resolve_job_folder(source: str, settings: FarmSettings, what: str) -> Path:
+    """A model folder a job names (a ControlNet): a worker path, hf://owner/repo[@rev][/subfolder] or s3://."""
+    if source.startswith("/"):
+        path = _job_path(source, settings, what)
+        if not path.is_dir():
+            raise JobInputError(f"{what} {source} is not a folder")
+        return path
+    if source.startswith("s3://"):
+        return _s3_folder(source, settings, what)
+    match = _HF_FOLDER.match(source)
+    if match is None:
+        raise JobInputError(
+            f"{what} {source} must be a worker folder, hf://owner/repo[/subfolder] or s3://bucket/prefix"
+        )
+    from huggingface_hub import snapshot_download
+
+    sub = match["sub"]
+    patterns = [f"{sub}/*"] if sub else ["*.json", "*.safetensors"]
+    try:
+        root = Path(snapshot_download(match["repo"], revision=match["rev"], allow_patterns=patterns))
+    except Exception as error:  # network, auth, missing repo
+        hub_error = _hf_error(error, f"{what} {match['repo']}")
+        raise (JobInputError(str(hub_error)) if isinstance(hub_error, ModelMissing) else hub_error) from error
+    return root / sub if sub else root

@@ -1,0 +1,3 @@
+"""The GGUF levels: block encoders, the Triton-dequantized linear layer and its kernels, and the GGUF writer
+(`fluxfarm quantize`).
+"""

@@ -1,0 +1,328 @@
+"""One job through the worker: validate again, skip if already stored, claim, render, store PNG then JSON.
+
+The queue is not trusted, so the job is validated here too. A job whose metadata already exists is
+not rendered again: redeliveries and resubmits return the stored result. A job claimed by another
+live process is waited for, not rendered twice (worker/serve/leases.py). Each render attempt is counted
+in the dataset record when it starts; a failed attempt goes back to the queue after a backoff, and
+once `max_attempts` attempts have failed or died with their worker the job is dead-lettered with the
+reason: a poison job cannot loop forever, and a job that kills its worker cannot crash-loop the fleet.
+A job whose own inputs cannot be used (a missing LoRA, a ControlNet for another model, an oversized
+control image) is dead-lettered at its first attempt, with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import redis
+import torch
+
+from fluxfarm.shared import __version__
+from fluxfarm.shared.datasets import DatasetBook, DeadLetter
+from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered, JobInputError, RenderAttemptFailed
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import parse_level
+from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
+from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
+from fluxfarm.shared.storage import ResultKeys
+from fluxfarm.worker.render.batcher import RenderBatcher
+from fluxfarm.worker.serve.leases import JobClaims
+from fluxfarm.worker.serve.metrics import Outcome, WorkerMetrics
+from fluxfarm.worker.serve.result_store import ResultStore
+
+log = logging.getLogger(__name__)
+
+CLAIM_POLL_S = 1.0
+"""How often a duplicate delivery looks for the result of the job another process is rendering."""
+MAX_RETRY_PAUSE_S = 30.0
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+@dataclass
+class RunnerStats:
+    """Counters the heartbeat publishes; updated by the task threads under `lock`."""
+
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    images_rendered: int = 0
+    """Jobs this worker rendered and stored (jobs_done also counts those it found already stored)."""
+    current_job: str | None = None
+    """The job most recently started (a worker may hold several at once)."""
+    rendered_at: deque[float] = field(default_factory=lambda: deque(maxlen=10_000), repr=False)
+    """time.monotonic() of each recent render (not of jobs found already stored)."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def images_per_hour(self) -> float | None:
+        """This worker's render rate over the last RATE_WINDOW_S (None before its first image)."""
+        now = time.monotonic()
+        with self.lock:
+            recent = [t for t in self.rendered_at if t >= now - RATE_WINDOW_S]
+        return per_hour(len(recent), recent[0], now) if recent else None
+
+
+class JobRunner:
+    """Holds the batcher, the store and this worker's facts; `run` is what each Celery task thread calls."""
+
+    def __init__(
+        self,
+        batcher: RenderBatcher,
+        results: ResultStore,
+        book: DatasetBook,
+        claims: JobClaims,
+        worker: WorkerInfo,
+        load_s: float,
+        max_attempts: int,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._batcher = batcher
+        self._book = book
+        self._claims = claims
+        self._first_level = parse_level(batcher.engine.model.quant)
+        self._results = results
+        self._store = results.store
+        self._worker = worker
+        self._max_attempts = max_attempts
+        self._unreported_load_s = load_s
+        self._load_lock = threading.Lock()
+        self._metrics = metrics
+        self.stats = RunnerStats()
+
+    def run(self, payload: Any, queued_at: Any = None) -> RenderResult:
+        """Render one job message, counting it as done or failed for the fleet status and the metrics."""
+        self._metrics.in_progress.inc()
+        try:
+            result = self._run(payload, queued_at)
+        except (JobCancelled, RenderAttemptFailed) as error:
+            self._metrics.job_ended(self._level(), _outcome(error))
+            raise  # dropped, or back in the queue: neither done nor failed yet
+        except Exception as error:
+            self._metrics.job_ended(self._level(), _outcome(error))
+            with self.stats.lock:
+                self.stats.jobs_failed += 1
+            raise
+        finally:
+            self._metrics.in_progress.dec()
+            with self.stats.lock:
+                self.stats.current_job = None
+        with self.stats.lock:
+            self.stats.jobs_done += 1
+        return result
+
+    def _level(self) -> str:
+        return self._batcher.engine.model.quant
+
+    def _run(self, payload: Any, queued_at: Any) -> RenderResult:
+        job = parse_job(payload)
+        with self.stats.lock:
+            self.stats.current_job = job.id
+        level = parse_level(self._batcher.engine.model.quant)
+        if not job.constraint.allows(level):
+            if job.constraint.allows(self._first_level):  # taken before this worker stepped down a level
+                raise RenderAttemptFailed(f"job {job.id} needs {job.quant}; this worker stepped down to {level}")
+            raise InvalidJob(f"job {job.id} needs {job.quant}; this worker holds {level}")
+        keys = self._store.result_keys(job.dataset, job.id)
+        if (stored := self._results.stored(keys)) is not None:
+            return self._already_stored(job, keys, stored)
+        if self._book.is_cancelled(job.dataset, job.id):
+            log.info("job %s: dataset %s was cancelled; dropping it without rendering", job.id, job.dataset)
+            raise JobCancelled(f"dataset {job.dataset} was cancelled before job {job.id} started")
+        if (stored := self._claim(job, keys)) is not None:
+            return self._already_stored(job, keys, stored)
+        try:
+            if (stored := self._results.stored(keys)) is not None:  # finished while we took the claim
+                return self._already_stored(job, keys, stored)
+            return self._attempt(job, keys, queued_at)
+        finally:
+            _unless_redis_is_down(lambda: self._claims.release(job.dataset, job.id), "claim release")
+
+    def _already_stored(self, job: RenderJob, keys: ResultKeys, stored: RenderResult) -> RenderResult:
+        log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
+        self._metrics.job_ended(self._level(), "already_stored")
+        self._mark_done(job, stored.quant)
+        return stored
+
+    def _mark_done(self, job: RenderJob, level: str) -> None:
+        """Record a stored job as done. Storage is the truth, so Redis being away must not fail a job
+        that is stored: its message cannot be acknowledged then either, and its redelivery (found
+        stored) records it."""
+        _unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, level), f"job {job.id}'s record")
+
+    def _claim(self, job: RenderJob, keys: ResultKeys) -> RenderResult | None:
+        """Take the job's claim (None), or return its result once the claim's holder stores it."""
+        announced = False
+        while not self._claims.try_claim(job.dataset, job.id):
+            if not announced:
+                holder = self._claims.holder(job.dataset, job.id)
+                log.info("job %s is being rendered by %s; waiting for its result", job.id, holder)
+                announced = True
+            time.sleep(CLAIM_POLL_S)
+            if (stored := self._results.stored(keys)) is not None:
+                return stored
+        return None
+
+    def _attempt(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
+        started = self._book.attempts(job.dataset, job.id)
+        if started >= self._max_attempts:
+            died = f"its worker died during each of its last attempts ({started} in all)"
+            last = self._book.last_error(job.dataset, job.id)
+            self._give_up(job, f"{started} attempts, the last error: {last}" if last else died, started)
+        self._book.mark_running(job.dataset, job.id)
+        attempt = [started + 1]
+
+        def count_attempt() -> None:  # on the render thread, as the render begins
+            attempt[0] = self._book.start_attempt(job.dataset, job.id)
+
+        try:
+            result = self._render_and_store(job, keys, queued_at, count_attempt)
+        except Exception as error:
+            reason = _failure_reason(error, self._batcher.engine.model.quant)
+            if isinstance(error, JobInputError):  # another attempt would fail the same way
+                self._give_up(job, f"the job's input cannot be used: {reason}", attempt[0])
+            if attempt[0] >= self._max_attempts:
+                self._give_up(job, f"{attempt[0]} attempts failed, the last: {reason}", attempt[0])
+            pause = min(2.0 ** (attempt[0] - 1), MAX_RETRY_PAUSE_S)
+            log.warning(
+                "job %s attempt %d/%d failed (%s); back to the queue in %.0fs",
+                job.id,
+                attempt[0],
+                self._max_attempts,
+                reason,
+                pause,
+            )
+            _unless_redis_is_down(
+                lambda: self._book.note_attempt_failed(job.dataset, job.id, reason), f"job {job.id}'s failure"
+            )
+            time.sleep(pause)
+            raise RenderAttemptFailed(reason) from error
+        with self.stats.lock:
+            self.stats.rendered_at.append(time.monotonic())
+            self.stats.images_rendered += 1
+        self._metrics.job_rendered(result)
+        self._mark_done(job, result.quant)
+        return result
+
+    def _give_up(self, job: RenderJob, reason: str, attempts: int) -> NoReturn:
+        letter = DeadLetter(
+            dataset=job.dataset,
+            job_id=job.id,
+            reason=reason,
+            attempts=attempts,
+            node=self._worker.node,
+            at=datetime.now(UTC),
+            job=job.model_dump(mode="json"),
+        )
+        self._book.dead_letter(letter)
+        log.error("job %s dead-lettered: %s", job.id, reason)
+        raise JobDeadLettered(f"job {job.id} dead-lettered: {reason}")
+
+    def _render_and_store(
+        self, job: RenderJob, keys: ResultKeys, queued_at: Any, on_start: Callable[[], None]
+    ) -> RenderResult:
+        with self._load_lock:
+            # Claimed with the start time under one lock, so the earliest job to start carries the load.
+            started_at = datetime.now(UTC)
+            load_s, self._unreported_load_s = self._unreported_load_s, 0.0
+        rendered = self._batcher.render(job, on_start)
+        model = rendered.model
+        png_start = time.perf_counter()
+        png = rendered.png  # encoded here, in this task's thread, while the GPU thread renders the next batch
+        upload_start = time.perf_counter()
+
+        def png_metadata() -> dict[str, str]:
+            return png_object_metadata(job, model.info, model.quant, __version__)
+
+        self._results.put_image(keys, png, png_metadata())
+        upload_s = time.perf_counter() - upload_start
+        result = RenderResult(
+            job_id=job.id,
+            job=job,
+            model=model.info,
+            quant=model.quant,
+            loras=rendered.loras,
+            controlnet=rendered.controlnet,
+            worker=self._worker,
+            timings=Timings(
+                queued_at=_parse_time(queued_at),
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                load_s=load_s,
+                encode_s=rendered.encode_s,
+                denoise_s=rendered.denoise_s,
+                decode_s=rendered.decode_s,
+                png_s=upload_start - png_start,
+                upload_s=upload_s,
+                batch_size=rendered.batch_size,
+                adapter_s=rendered.adapter_s,
+            ),
+            image=ImageInfo(
+                key=keys.image,
+                uri=self._store.uri(keys.image),
+                sha256=hashlib.sha256(png).hexdigest(),
+                bytes=len(png),
+                width=rendered.width,
+                height=rendered.height,
+            ),
+            metadata_key=keys.metadata,
+            fluxfarm_version=__version__,
+        )
+        # The JSON goes last: its existence is what marks the job done.
+        result = self._results.put_result(keys, result, png, png_metadata)
+        log.info(
+            "rendered job %s (%s, %dx%d, %d steps) encode %.2fs denoise %.2fs decode %.2fs upload %.2fs",
+            job.id,
+            job.dataset,
+            job.width,
+            job.height,
+            job.steps,
+            rendered.encode_s,
+            rendered.denoise_s,
+            rendered.decode_s,
+            upload_s,
+        )
+        return result
+
+
+def _unless_redis_is_down(action: Callable[[], object], what: str) -> None:
+    """Run a bookkeeping write; if Redis cannot be reached, log it and go on."""
+    try:
+        action()
+    except redis.ConnectionError as error:
+        log.warning("%s not written, Redis is unreachable: %s", what, error)
+
+
+def _outcome(error: Exception) -> Outcome:
+    """The metrics' name for how a job that raised `error` left the worker."""
+    if isinstance(error, JobCancelled):
+        return "cancelled"
+    if isinstance(error, RenderAttemptFailed):
+        return "retried"
+    if isinstance(error, InvalidJob):
+        return "refused"
+    if isinstance(error, JobDeadLettered):
+        return "dead_lettered"
+    return "failed"  # an error outside any attempt (Redis or storage unreachable): Celery fails the task
+
+
+def _failure_reason(error: BaseException, level: str) -> str:
+    """What the dataset record and the dead letter say about a failed attempt."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"GPU out of memory rendering this job alone at level {level} ({error})"
+    if isinstance(error, JobInputError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

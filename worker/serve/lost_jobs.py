@@ -1,0 +1,111 @@
+"""Find jobs whose message was lost and publish them again, so at-least-once holds where kombu's
+Redis transport has a gap.
+
+kombu takes a message off its queue with BRPOP and only then records it as unacknowledged; a worker
+SIGKILLed while the popped message is still on its way (a busy process may read it late), or a Redis
+restart in between, loses the message: nothing is left to redeliver (the chaos run caught one in
+300; a Redis restart while a worker restores its messages is another way). The dataset record still
+says the job is queued or running, and the producer left what it sent (`SentJob`). Every
+`interval_s` one worker (a lock in Redis) compares those jobs with the messages in the queues and in
+`unacked`; a job missing from both, with no live claim, for `grace_s` (far longer than a delivery
+takes) is published again with its own id, priority and result setting. A copy of a job
+that was not lost after all is harmless: the claim and the stored-result check keep one result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import redis
+
+from fluxfarm.shared.celery_app import queue_lists, waiting_messages
+from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.lora_queues import known_queues
+from fluxfarm.worker.serve.leases import JobClaims
+
+log = logging.getLogger(__name__)
+
+SWEEP_LOCK_KEY = "fluxfarm:lost-jobs:lock"
+MISSING_SINCE_KEY = "fluxfarm:lost-jobs:missing"
+"""A hash `<dataset>/<job id>` -> when (Redis' clock) the job was first seen without a message."""
+UNACKED_KEY = "unacked"
+"""kombu's hash of unacknowledged messages (its default `unacked_key`)."""
+MAX_SCANNED_MESSAGES = 20_000
+"""Queues longer than this are not scanned (too costly a sweep); lost jobs are found as they drain."""
+
+
+def _message_id(raw: bytes) -> str | None:
+    """The task id in a kombu message as stored in a queue list, or in `unacked` ([message, exchange, key])."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(message, list) and message:
+        message = message[0]
+    headers = message.get("headers") if isinstance(message, dict) else None
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    return task_id if isinstance(task_id, str) else None
+
+
+class LostJobSweeper:
+    """`sweep_once` is run every `interval_s` by every worker (worker/serve/periodic.py); the lock lets one
+    of them sweep per interval."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        book: DatasetBook,
+        resend: Callable[[SentJob], None],
+        grace_s: float,
+        interval_s: float,
+    ) -> None:
+        self._redis = client
+        self._book = book
+        self._resend = resend
+        self._grace_s = grace_s
+        self._interval_s = interval_s
+
+    def message_ids(self) -> set[str] | None:
+        """Ids of every job with a message in a queue or unacknowledged; None if the queues are too long."""
+        queues = known_queues(self._redis)
+        if sum(waiting_messages(self._redis, queues)) > MAX_SCANNED_MESSAGES:
+            return None
+        raws = [raw for queue in queues for name in queue_lists(queue) for raw in self._redis.lrange(name, 0, -1)]
+        raws += self._redis.hvals(UNACKED_KEY)
+        return {task_id for raw in raws if (task_id := _message_id(raw)) is not None}
+
+    def sweep_once(self) -> list[str]:
+        """One sweep (if no other worker swept within the interval); returns the ids sent again."""
+        if not self._redis.set(SWEEP_LOCK_KEY, "1", nx=True, ex=max(1, int(self._interval_s))):
+            return []
+        present = self.message_ids()
+        if present is None:
+            return []
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1e6
+        seen = {key.decode(): float(value) for key, value in self._redis.hgetall(MISSING_SINCE_KEY).items()}
+        still_missing: dict[str, float] = {}
+        resent: list[str] = []
+        for dataset in self._book.names():
+            for job_id in sorted(self._book.waiting_ids(dataset) - present):
+                key = f"{dataset}/{job_id}"
+                if self._redis.exists(JobClaims.key(dataset, job_id)):
+                    continue  # a live worker is on it (a dead one's claim expires with its lease)
+                since = seen.get(key, now)
+                sent = self._book.sent_job(dataset, job_id)
+                if sent is None:
+                    continue  # published by a producer that kept no copy: nothing to send again
+                if now - since < self._grace_s:
+                    still_missing[key] = since
+                    continue
+                log.warning("job %s of %s has no message in Redis (lost in delivery); sent again", job_id, dataset)
+                self._resend(sent)
+                resent.append(job_id)
+        with self._redis.pipeline() as pipe:
+            pipe.delete(MISSING_SINCE_KEY)
+            if still_missing:
+                pipe.hset(MISSING_SINCE_KEY, mapping=still_missing)
+            pipe.execute()
+        return resent

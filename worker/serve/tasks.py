@@ -1,0 +1,26 @@
+"""The Celery task: thin. It hands the message to the job runner and returns the metadata as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Reject
+
+from fluxfarm.shared.celery_app import RENDER_TASK
+from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered, RenderAttemptFailed
+from fluxfarm.worker.serve.job_runner import JobRunner
+from fluxfarm.worker.serve.leases import InFlight
+
+
+def register_render_task(app: Celery, runner: JobRunner, in_flight: InFlight) -> None:
+    """Bind the render task to `app`, closing over the loaded runner (no global model)."""
+
+    @app.task(name=RENDER_TASK, bind=True, throws=(InvalidJob, JobCancelled, JobDeadLettered))
+    def render(task: Task, job: Any, queued_at: Any = None) -> dict[str, Any]:
+        try:
+            with in_flight.running(task.request.id):  # its message's lease is renewed meanwhile
+                return runner.run(job, queued_at).model_dump(mode="json")
+        except RenderAttemptFailed as error:
+            # The same message goes back, to the far end of its queue: other jobs flow meanwhile.
+            raise Reject(str(error), requeue=True) from error

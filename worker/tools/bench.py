@@ -1,0 +1,514 @@
+"""`fluxfarm bench`: seconds, images/hour and peak VRAM of every way a worker can render, in one run.
+
+Builds FLUX.1 with random weights (full size on a GPU: the same bytes and FLOPs as trained weights;
+the tiny model on a CPU, to check the tool itself) and measures, against baselines taken in the same
+run:
+- steps: one transformer forward at each level, size and batch, through diffusers' stock layers
+  ("diffusers") and through the worker's fast paths ("fluxfarm");
+- images: whole renders (encode, 28 steps, decode, PNG) through the worker's RenderEngine and
+  batcher, PNGs encoded off the GPU thread as a worker does, for each VRAM
+  budget (the plan picks the level, the budget is enforced with set_per_process_memory_fraction) and
+  each forced level, beside plain diffusers bf16 and the seed recipe (GGUF Q8_0 +
+  enable_model_cpu_offload); each image is compared with the plain-bf16 image of the same job.
+No image is judged: agreement with bf16 (PSNR, relative error) is all that is reported.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FluxPipeline
+from PIL import Image
+from pydantic import BaseModel
+from transformers import CLIPTextModel, T5EncoderModel
+
+from fluxfarm.shared.adapters import LoraSpec
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.adapters.lora_fuser import LoraFuser
+from fluxfarm.worker.fast.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
+from fluxfarm.worker.fast.step_graphs import remove_step_graphs, step_graphs
+from fluxfarm.worker.model.flux_arch import (
+    TRANSFORMERS,
+    meta_transformer,
+    random_clip,
+    random_t5,
+    random_vae,
+    write_transformer_config,
+)
+from fluxfarm.worker.model.gpu import memory_cap, synchronize, time_calls
+from fluxfarm.worker.model.pipeline import LoadedModel, compute_dtype, place_pipeline, ready_pipeline
+from fluxfarm.worker.model.plan import PlanInputs, make_plan
+from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
+from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_png
+from fluxfarm.worker.tools.random_lora import write_random_lora
+from fluxfarm.worker.tools.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
+from fluxfarm.worker.tools.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
+
+GIB = 1024**3
+SEED_RECIPE = "seed-recipe"
+DIFFUSERS_BF16 = "diffusers-bf16"
+
+
+class BenchOptions(BaseModel):
+    model: Literal["flux.1-dev", "flux.1-schnell", "tiny"] = "flux.1-dev"
+    levels: list[QuantLevel] = [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q8_0, QuantLevel.Q6_K, QuantLevel.Q4_K]
+    sizes: list[tuple[int, int]] = [(512, 512), (1024, 1024)]
+    batches: list[int] = [1, 2, 4]
+    image_batches: list[int] = [1, 2, 4]
+    budgets: list[float] = [12.0, 80.0]
+    image_levels: list[QuantLevel] = [QuantLevel.FP8]
+    image_size: tuple[int, int] = (1024, 1024)
+    steps: int = 28
+    images: int = 4
+    step_repeats: int = 5
+    baselines: bool = True
+    attention: AttentionChoice = "auto"
+    compile: bool = True
+    cuda_graphs: bool = True
+    lora_rank: int = 0
+    """Above 0: after a level's step rows, fuse a random LoRA of this rank and measure its steps again."""
+    lora_levels: list[QuantLevel] = [QuantLevel.Q8_0]
+
+
+class StepRow(BaseModel):
+    kind: Literal["step"] = "step"
+    level: str
+    path: str
+    width: int
+    height: int
+    batch: int
+    step_ms: float
+    ms_per_image_step: float
+    peak_gib: float | None
+    fast_paths: FastPaths | None = None
+
+
+class ImageRow(BaseModel):
+    kind: Literal["image"] = "image"
+    name: str
+    budget_gib: float | None
+    level: str
+    text_encoders: str
+    vae_tiling: bool
+    width: int
+    height: int
+    steps: int
+    images: int
+    batch: int
+    s_per_image: float
+    images_per_hour: float
+    peak_gib: float | None
+    encode_s: float | None = None
+    denoise_s: float | None = None
+    decode_s: float | None = None
+    psnr_db_vs_bf16: float | None = None
+    rel_error_vs_bf16: float | None = None
+    fast_paths: FastPaths | None = None
+
+
+class LoraFuseRow(BaseModel):
+    """The one-time cost of a LoRA set: fused and re-quantized, then again from the disk cache."""
+
+    kind: Literal["lora-fuse"] = "lora-fuse"
+    level: str
+    rank: int
+    layers: int
+    fuse_s: float
+    cached_fuse_s: float
+    unfuse_s: float
+
+
+@dataclass
+class FluxParts:
+    """The random-weight components every configuration shares (host memory between runs)."""
+
+    transformer_config: dict[str, Any]
+    master: dict[str, torch.Tensor]
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: T5EncoderModel
+    config_dir: Path
+    dtype: torch.dtype
+    states: dict[QuantLevel, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def state(self, level: QuantLevel, device: str) -> dict[str, torch.Tensor]:
+        if level not in self.states:
+            self.states[level] = level_state_dict(self.master, level, device)
+        return self.states[level]
+
+    def transformer(self, level: QuantLevel, device: str) -> torch.nn.Module:
+        """The transformer at `level` on `device`, loaded through diffusers' own code paths."""
+        return load_level(self.state(level, device), level, self.config_dir, device, self.dtype)
+
+    def pipeline(self, transformer: torch.nn.Module) -> FluxPipeline:
+        return FluxPipeline(
+            scheduler=flux_scheduler(),
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=t5_tokenizer(),
+            transformer=transformer,
+        )
+
+
+def build_parts(model: str, device: str, folder: Path) -> FluxParts:
+    """Full-size random FLUX.1 (weights drawn on `device`, kept on the host) or, for "tiny", the tiny model."""
+    dtype = compute_dtype(device)
+    torch.manual_seed(0)
+    if model == "tiny":
+        pipe = build_tiny_pipeline()
+        config = dict(pipe.transformer.config)
+        master = {name: tensor.to(dtype) for name, tensor in pipe.transformer.state_dict().items()}
+        vae, clip, t5 = pipe.vae.to(dtype), pipe.text_encoder.to(dtype), pipe.text_encoder_2.to(dtype)
+    else:
+        config = TRANSFORMERS[model]
+        master = random_master_weights(config, device, dtype)
+        vae, clip, t5 = (build(device, dtype).cpu() for build in (random_vae, random_clip, random_t5))
+    config_dir = write_transformer_config(folder, {k: v for k, v in config.items() if not k.startswith("_")})
+    return FluxParts(config, master, vae, clip, t5, config_dir, dtype)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: str) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / GIB
+
+
+def bench_jobs(options: BenchOptions, count: int, offset: int = 0) -> list[RenderJob]:
+    """Distinct prompts (nothing comes from the embedding cache) and seeds, the same for every configuration."""
+    width, height = options.image_size
+    words = ["lighthouse", "forest", "harbour", "desert", "glacier", "market", "orchard", "canyon"]
+    return [
+        parse_job(
+            {
+                "prompt": f"a {words[i % len(words)]} at dawn, study {i}",
+                "seed": 1000 + i,
+                "width": width,
+                "height": height,
+                "steps": options.steps,
+                "guidance": 3.5,
+            }
+        )
+        for i in range(offset, offset + count)
+    ]
+
+
+def agreement(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """PSNR (dB, 8-bit scale) and relative L2 error of `image` against `reference`."""
+    diff = image.astype(np.float64) - reference.astype(np.float64)
+    mse = float(np.mean(diff**2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(reference.astype(np.float64)), 1e-12))
+    return psnr, rel
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(BytesIO(png)).convert("RGB"))
+
+
+def render_as_worker(
+    engine: RenderEngine, jobs: list[RenderJob], batch: int, wait_s: float
+) -> tuple[list[RenderedImage], list[bytes]]:
+    """Render `jobs` the way a worker does: one GPU thread gathering batches, and a thread a held job
+    that encodes its PNG while the next batch renders. Returns the images and their PNGs, in job order."""
+    batcher = RenderBatcher(engine, max_jobs=batch, wait_s=wait_s)
+
+    def task(job: RenderJob) -> tuple[RenderedImage, bytes]:
+        rendered = batcher.render(job)
+        return rendered, rendered.png
+
+    try:
+        with ThreadPoolExecutor(held_jobs(batch)) as pool:
+            done = list(pool.map(task, jobs))
+    finally:
+        batcher.close()
+    return [r for r, _ in done], [png for _, png in done]
+
+
+class Bench:
+    """Runs the measurements of one `fluxfarm bench` call, handing each row to `on_row` as it is made."""
+
+    def __init__(self, parts: FluxParts, options: BenchOptions, device: str, on_row: Callable[[BaseModel], None]):
+        self.parts, self.options, self.device, self.on_row = parts, options, device, on_row
+        self.reference: dict[int, np.ndarray] = {}
+        """Pixels of each bench job rendered by plain diffusers bf16: what every configuration is compared with."""
+
+    # ---- steps -------------------------------------------------------------------------------------------
+
+    def _step_row(self, model: torch.nn.Module, level: QuantLevel, path: str, paths: FastPaths | None) -> None:
+        for width, height in self.options.sizes:
+            for batch in self.options.batches:
+                inputs = step_inputs(self.parts.transformer_config, width, height, batch, self.device, self.parts.dtype)
+                _free(self.device)
+                try:
+                    seconds = time_calls(
+                        lambda inputs=inputs: model(**inputs), self.device, self.options.step_repeats, warmup=2
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    del inputs
+                    break
+                self.on_row(
+                    StepRow(
+                        level=level.value,
+                        path=path,
+                        width=width,
+                        height=height,
+                        batch=batch,
+                        step_ms=seconds * 1000,
+                        ms_per_image_step=seconds * 1000 / batch,
+                        peak_gib=_peak_gib(self.device),
+                        fast_paths=paths,
+                    )
+                )
+                del inputs
+
+    @torch.inference_mode()
+    def steps(self) -> None:
+        for level in self.options.levels:
+            model = self.parts.transformer(level, self.device)
+            self._step_row(model, level, "diffusers", None)
+            paths = apply_fast_paths(model, self.device, True, self.options.attention, False, self.options.cuda_graphs)
+            self._step_row(model, level, "fluxfarm", paths)
+            if self.options.compile and torch.device(self.device).type == "cuda":
+                graphs = step_graphs(model)
+                if graphs is not None:
+                    graphs.release()  # captured from the eager blocks
+                compile_blocks(model)
+                paths = paths.model_copy(update={"compiled": True})
+                self._step_row(model, level, "fluxfarm+compile", paths)
+            if self.options.lora_rank and level in self.options.lora_levels:
+                self._lora_rows(model, level, paths)
+            remove_step_graphs(model)
+            del model
+            torch._dynamo.reset()  # compiled code keeps the blocks' weights alive past the model
+            _free(self.device)
+
+    def _lora_rows(self, model: torch.nn.Module, level: QuantLevel, paths: FastPaths) -> None:
+        """Fuse a random LoRA of the asked rank into the running model, time its steps, and unfuse it."""
+        rank = self.options.lora_rank
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            lora = write_random_lora(
+                meta_transformer(self.parts.transformer_config), folder / "lora.safetensors", rank, rank
+            )
+            settings = FarmSettings(cache_dir=folder / "cache", job_file_roots=[str(folder)])
+            fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
+            spec = [LoraSpec(source=str(lora), weight=1.0)]
+            fuser.activate(spec)
+            fuse_s = fuser.last_fuse_s
+            layers = len(fuser.active[0].updates)
+            start = time.perf_counter()
+            fuser.activate([])
+            unfuse_s = time.perf_counter() - start
+            fuser.activate(spec)
+            _free(self.device)
+            self.on_row(
+                LoraFuseRow(
+                    level=level.value,
+                    rank=rank,
+                    layers=layers,
+                    fuse_s=fuse_s,
+                    cached_fuse_s=fuser.last_fuse_s,
+                    unfuse_s=unfuse_s,
+                )
+            )
+            self._step_row(model, level, f"{'fluxfarm+compile' if paths.compiled else 'fluxfarm'}+lora{rank}", paths)
+            fuser.activate([])
+
+    # ---- whole images ------------------------------------------------------------------------------------
+
+    def _record(self, row: ImageRow, pngs: list[bytes], jobs: list[RenderJob]) -> ImageRow:
+        if self.reference:
+            scores = [agreement(_pixels(png), self.reference[i]) for i, png in enumerate(pngs) if i in self.reference]
+            if scores:
+                row.psnr_db_vs_bf16 = float(np.mean([s[0] for s in scores]))
+                row.rel_error_vs_bf16 = float(np.mean([s[1] for s in scores]))
+        self.on_row(row)
+        return row
+
+    def _diffusers_run(self, name: str, pipe: FluxPipeline, level: QuantLevel, offload: bool) -> list[bytes]:
+        """Plain `pipe(prompt=...)`, one image a call, the way the diffusers docs and the seed article run it."""
+        jobs = bench_jobs(self.options, self.options.images)
+
+        def render(job: RenderJob, steps: int) -> bytes:
+            image = pipe(
+                prompt=job.prompt,
+                width=job.width,
+                height=job.height,
+                num_inference_steps=steps,
+                guidance_scale=job.guidance,
+                max_sequence_length=job.max_sequence_length,
+                generator=torch.Generator("cpu").manual_seed(job.seed),
+            ).images[0]
+            return encode_png(image, job)
+
+        render(bench_jobs(self.options, 1, offset=100)[0], 2)  # warm-up: allocations, cuDNN plans
+        _free(self.device)
+        synchronize(self.device)
+        start = time.perf_counter()
+        pngs = [render(job, job.steps) for job in jobs]
+        synchronize(self.device)
+        elapsed = (time.perf_counter() - start) / len(jobs)
+        width, height = self.options.image_size
+        row = ImageRow(
+            name=name,
+            budget_gib=None,
+            level=level.value,
+            text_encoders="cpu-offload" if offload else "gpu",
+            vae_tiling=False,
+            width=width,
+            height=height,
+            steps=self.options.steps,
+            images=len(jobs),
+            batch=1,
+            s_per_image=elapsed,
+            images_per_hour=3600 / elapsed,
+            peak_gib=_peak_gib(self.device),
+        )
+        self._record(row, pngs, jobs)
+        return pngs
+
+    @torch.inference_mode()
+    def diffusers_bf16(self) -> None:
+        pipe = self.parts.pipeline(self.parts.transformer(QuantLevel.BF16, self.device))
+        place_pipeline(pipe, self.device, "gpu")
+        pipe.set_progress_bar_config(disable=True)
+        pngs = self._diffusers_run(DIFFUSERS_BF16, pipe, QuantLevel.BF16, offload=False)
+        self.reference = {i: _pixels(png) for i, png in enumerate(pngs)}
+        self._release(pipe)
+
+    @torch.inference_mode()
+    def seed_recipe(self) -> None:
+        """GGUF Q8_0 through diffusers with enable_model_cpu_offload: the article this project started from."""
+        pipe = self.parts.pipeline(self.parts.transformer(QuantLevel.Q8_0, "cpu"))
+        pipe.set_progress_bar_config(disable=True)
+        if torch.device(self.device).type == "cuda":
+            pipe.enable_model_cpu_offload(device=self.device)
+        self._diffusers_run(SEED_RECIPE, pipe, QuantLevel.Q8_0, offload=True)
+        pipe.remove_all_hooks()
+        self._release(pipe)
+
+    def _release(self, pipe: FluxPipeline) -> None:
+        remove_step_graphs(pipe.transformer)
+        for component in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            component.to("cpu")
+        del pipe
+        _free(self.device)
+
+    @torch.inference_mode()
+    def engine_run(self, name: str, budget: float | None, level: QuantLevel | None) -> ImageRow | None:
+        """The worker's engine: the plan for `budget` (or `level` forced), fast paths, all jobs in hand."""
+        width, height = self.options.image_size
+        cuda = torch.device(self.device).type == "cuda"
+        total = torch.cuda.get_device_properties(self.device).total_memory / GIB if cuda else 64.0
+        plan = make_plan(
+            PlanInputs(
+                vram_gib=budget or total,
+                width=width,
+                height=height,
+                model="flux.1-dev" if self.options.model == "tiny" else self.options.model,
+                compute_capability=torch.cuda.get_device_capability(self.device) if cuda else (9, 0),
+                forced_level=level,
+            )
+        )
+        chosen = QuantLevel(plan.level)
+        self.parts.state(chosen, self.device)  # quantizing is the quantizer's cost, not the worker's
+        _free(self.device)
+        best: ImageRow | None = None
+        with memory_cap(self.device, budget):
+            transformer = self.parts.transformer(chosen, self.device)
+            pipe = self.parts.pipeline(transformer)
+            settings = FarmSettings(
+                fast_kernels=True,
+                attention=self.options.attention,
+                compile=self.options.compile,
+                cuda_graphs=self.options.cuda_graphs,
+            )
+            paths = ready_pipeline(pipe, self.device, plan.text_encoders, plan.vae_tiling, settings)
+            model = LoadedModel(
+                pipe=pipe,
+                info=ModelInfo(
+                    id=f"random-{self.options.model}", transformer=chosen.value, transformer_sha256="0" * 64
+                ),
+                quant=chosen.value,
+                device=self.device,
+                text_encoders=plan.text_encoders,
+                fast_paths=paths,
+            )
+            for batch in self.options.image_batches:
+                engine = RenderEngine(model, max_batch=batch, embedding_cache=0, settings=settings)
+                try:
+                    engine.render_batch(bench_jobs(self.options, batch, offset=100))  # warm-up at this batch
+                    _free(self.device)
+                    jobs = bench_jobs(self.options, max(self.options.images, batch))
+                    synchronize(self.device)
+                    start = time.perf_counter()
+                    rendered, pngs = render_as_worker(engine, jobs, batch, settings.batch_wait_s)
+                    elapsed = (time.perf_counter() - start) / len(jobs)
+                except torch.cuda.OutOfMemoryError:
+                    break
+                row = ImageRow(
+                    name=name,
+                    budget_gib=budget,
+                    level=chosen.value,
+                    text_encoders=plan.text_encoders,
+                    vae_tiling=plan.vae_tiling,
+                    width=width,
+                    height=height,
+                    steps=self.options.steps,
+                    images=len(jobs),
+                    batch=batch,
+                    s_per_image=elapsed,
+                    images_per_hour=3600 / elapsed,
+                    peak_gib=_peak_gib(self.device),
+                    encode_s=float(np.mean([r.encode_s for r in rendered])),
+                    denoise_s=float(np.mean([r.denoise_s for r in rendered])),
+                    decode_s=float(np.mean([r.decode_s for r in rendered])),
+                    fast_paths=paths,
+                )
+                self._record(row, pngs, jobs)
+                if best is None or row.s_per_image < best.s_per_image:
+                    best = row
+            self._release(pipe)
+            del transformer, model
+            _free(self.device)
+        return best
+
+    def run(self) -> None:
+        """Whole images first (the baselines, then the engine), then steps."""
+        if self.options.baselines:
+            self.diffusers_bf16()
+            self.seed_recipe()
+        for budget in self.options.budgets:
+            self.engine_run(f"fluxfarm@{budget:g}GiB", budget, None)
+        for level in self.options.image_levels:
+            self.engine_run(f"fluxfarm-{level.value}", None, level)
+        if self.options.levels:
+            self.steps()
+
+
+def run_bench(options: BenchOptions, device: str, on_row: Callable[[BaseModel], None]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = build_parts(options.model, device, Path(tmp))
+        Bench(parts, options, device, on_row).run()

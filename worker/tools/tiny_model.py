@@ -1,0 +1,202 @@
+"""An offline tiny FLUX pipeline: real diffusers and transformers classes, random weights.
+
+It lets anyone run the whole farm (and the tests) without the 24 GB FLUX.1-dev download. Its
+tokenizers are trained here with the `tokenizers` library on a built-in word list. It renders
+noise: the point is the path, the shapes and the timings, never the picture.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.quant.gguf.writer import write_gguf
+
+GGUF_SUBDIR = "gguf"
+_MARKER = "fluxfarm-tiny-model.json"
+
+_WORDS = (
+    "a an the of in on with and at by from to over under near beside photo painting drawing "
+    "render portrait landscape city forest river mountain ocean sky sunset sunrise night day "
+    "cloud rain snow cat dog bird horse fox owl fish dragon robot astronaut knight wizard child "
+    "woman man person red orange yellow green blue purple pink black white gold silver gray "
+    "brown bright dark soft small large tiny huge old new ancient futuristic cozy quiet busy "
+    "empty misty golden neon house castle tower bridge street garden field lake beach desert "
+    "island cave room window door light shadow reflection fog smoke fire water stone wood glass "
+    "metal paper flower tree leaf style detailed cinematic realistic watercolor oil sketch "
+    "pixel art studio lighting lens bokeh"
+).split()
+
+_SPECIAL_CLIP = ("<|startoftext|>", "<|endoftext|>")
+_SPECIAL_T5 = ("<pad>", "</s>", "<unk>")
+
+
+@dataclass(frozen=True)
+class TinyDims:
+    """Sizes of the tiny model. The transformer's rows are multiples of 256, so K-quant blocks fit too."""
+
+    text_hidden: int = 32
+    heads: int = 2
+    head_dim: int = 128
+    double_blocks: int = 1
+    single_blocks: int = 2
+    vae_channels: int = 16
+    latent_channels: int = 16
+
+    @property
+    def axes_dims_rope(self) -> tuple[int, int, int]:
+        third = self.head_dim // 8 * 3
+        return (self.head_dim - 2 * third, third, third)
+
+
+def _corpus() -> list[str]:
+    # Every word alone and in short phrases, so BPE learns whole words and Unigram has pieces.
+    phrases = [" ".join(_WORDS[i : i + 4]) for i in range(0, len(_WORDS), 2)]
+    return list(_WORDS) + phrases * 4
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """A small CLIP BPE tokenizer trained offline: real tokenizer classes, no download."""
+    bpe = Tokenizer(models.BPE(unk_token=_SPECIAL_CLIP[1], end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=list(_SPECIAL_CLIP),
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A small T5 Unigram tokenizer trained offline, padding to 512 tokens like FLUX's."""
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=list(_SPECIAL_T5), unk_token="<unk>", show_progress=False
+    )
+    unigram.train_from_iterator(_corpus(), trainer)
+    vocab = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's scheduler configuration (the published repos' scheduler_config.json)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_tiny_pipeline(dims: TinyDims = TinyDims(), seed: int = 0) -> FluxPipeline:
+    """A FluxPipeline of tiny random-weight components, deterministic for a given seed."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    tokenizer_2 = t5_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=dims.text_hidden,
+            intermediate_size=2 * dims.text_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=dims.text_hidden,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=dims.text_hidden,
+            d_kv=dims.text_hidden // 4,
+            d_ff=2 * dims.text_hidden,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * dims.latent_channels,
+        num_layers=dims.double_blocks,
+        num_single_layers=dims.single_blocks,
+        attention_head_dim=dims.head_dim,
+        num_attention_heads=dims.heads,
+        joint_attention_dim=dims.text_hidden,
+        pooled_projection_dim=dims.text_hidden,
+        guidance_embeds=True,
+        axes_dims_rope=dims.axes_dims_rope,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(dims.vae_channels,) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=dims.latent_channels,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    return FluxPipeline(
+        scheduler=flux_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def gguf_path(model_dir: Path, level: QuantLevel) -> Path:
+    """Where `write_tiny_model` puts the transformer at `level`."""
+    return model_dir / GGUF_SUBDIR / f"tiny-flux-{level.value}.gguf"
+
+
+def write_tiny_model(out_dir: Path, levels: Sequence[QuantLevel] = (), seed: int = 0) -> Path:
+    """Write a diffusers folder usable as `--model`, plus one GGUF transformer file per level."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / _MARKER).exists():
+        raise FileExistsError(f"{out_dir} exists and is not a fluxfarm tiny model; refusing to overwrite it")
+    pipe = build_tiny_pipeline(seed=seed)
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    for level in levels:
+        write_gguf(pipe.transformer.state_dict(), level, gguf_path(staging, level))
+    (staging / _MARKER).write_text(
+        json.dumps({"seed": seed, "levels": [level.value for level in levels], "renders": "noise"}, indent=2)
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.replace(out_dir)
+    return out_dir
