@@ -35,9 +35,12 @@ lock:
 demo: $(STAMP)
 	$(VENV)/bin/fluxfarm demo
 
+# ruff, then the import floors (docs/architecture.md): shared imports nothing of producer or worker,
+# producer never imports worker nor torch, quant never imports serve, tools only the command line.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) tests/lint_layers.py
 
 test: lint
 	$(PY) -m pytest -q -m "not faults and not chaos"

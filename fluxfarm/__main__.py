@@ -1,6 +1,6 @@
 """`python -m fluxfarm ...` runs the `fluxfarm` command (what the tests and the demo start as subprocesses)."""
 
-from fluxfarm.producer.cli import main
+from fluxfarm.cli import main
 
 if __name__ == "__main__":
     main()

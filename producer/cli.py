@@ -1,8 +1,9 @@
-"""`fluxfarm`: the command line. Producer commands live here; worker commands come from `worker.cli`."""
+"""The producer's commands of `fluxfarm` (submit, wait, status, cancel, export, exporter, bench-submit).
+
+The one `fluxfarm` command is composed in fluxfarm/cli.py, above this module and the worker's."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,27 +21,13 @@ from fluxfarm.shared.jobs import DEFAULT_DATASET, parse_dataset_name, parse_job
 from fluxfarm.shared.metadata import RenderResult
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import open_store
-from fluxfarm.worker import cli as worker_cli
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 
-app = typer.Typer(
-    name="fluxfarm",
-    help="A distributed render farm for FLUX.1: Redis queue, Celery GPU workers, S3 storage.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer()  # the producer's commands; fluxfarm/cli.py serves them in the one `fluxfarm` command
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-
-app.command("worker")(worker_cli.worker)
-app.command("tiny-model")(worker_cli.tiny_model)
-app.command("quantize")(worker_cli.quantize)
-app.command("probe-vram")(worker_cli.probe_vram)
-app.command("plan")(worker_cli.plan)
-app.command("bench")(worker_cli.bench)
 
 
 def _job_defaults(**options: Any) -> dict[str, Any]:
@@ -316,39 +303,3 @@ def bench_submit(
         with out_file.open("a", encoding="utf-8") as handle:
             for row in results:
                 handle.write(row.model_dump_json() + "\n")
-
-
-@app.command()
-def demo(
-    jobs: Annotated[int, typer.Option(help="How many images to render.")] = 6,
-    out_dir: Annotated[Path, typer.Option(help="Where the demo keeps its model, data and logs.")] = Path(
-        "fluxfarm-demo"
-    ),
-) -> None:
-    """Run the whole farm on this machine: a private Redis, one worker, local storage, a few prompts.
-
-    Uses FLUXFARM_MODEL (and FLUXFARM_TRANSFORMER) when set, else an offline tiny model that renders noise.
-    """
-    from fluxfarm.producer.demo import run_demo
-
-    run_demo(jobs, out_dir, out, err)
-
-
-def main() -> None:
-    """Console entry point: our errors become one red line and an exit code, not a traceback.
-
-    Typer runs in standalone mode, so usage errors (a missing or unknown option, a bad value) are
-    handled by the click that typer itself uses: the usage, the reason, exit code 2. Catching click's
-    exceptions here instead broke once typer began to vendor its own click (0.29)."""
-    try:
-        app()
-    except InvalidJob as error:
-        err.print(f"[red]invalid job[/red]: {error}", highlight=False)
-        sys.exit(EXIT_INVALID)
-    except (FarmError, TimeoutError) as error:
-        err.print(f"[red]error[/red]: {error}", highlight=False)
-        sys.exit(EXIT_FAILED)
-
-
-if __name__ == "__main__":
-    main()

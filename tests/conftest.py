@@ -118,7 +118,7 @@ def farm_env(settings: FarmSettings) -> dict[str, str]:
         "FLUXFARM_STORAGE_URL": settings.storage_url,
         "FLUXFARM_CACHE_DIR": str(settings.cache_dir),
         "FLUXFARM_LOG_LEVEL": "INFO",
-        "FLUXFARM_METRICS_PORT": "0",  # many workers share this host; tests/test_metrics.py turns them on
+        "FLUXFARM_METRICS_PORT": "0",  # many workers share this host; tests/system/test_metrics.py turns them on
     }
     if settings.s3_endpoint_url:
         env["FLUXFARM_S3_ENDPOINT_URL"] = settings.s3_endpoint_url

@@ -187,7 +187,7 @@ def bench(
     """Time transformer steps and whole images at each level and VRAM budget, with baselines from the same run.
 
     Full-size random-weight FLUX.1 (same bytes and FLOPs as trained weights) needs a GPU; budgets are
-    enforced with torch.cuda.set_per_process_memory_fraction. Every performance figure in BENCHMARKS.md
+    enforced with torch.cuda.set_per_process_memory_fraction. Every performance figure in docs/benchmarks.md
     comes from this command.
     """
     _require_gpu_stack()

@@ -6,7 +6,7 @@
 # carried wheels:
 #   bash tests/gpu/long_bench.sh start    # then, call after call:
 #   bash tests/gpu/long_bench.sh wait
-# The arguments of the acceptance run of issue 4 (BENCHMARKS.md) are below; BENCH_ARGS overrides them.
+# The arguments of the acceptance run of issue 4 (docs/benchmarks.md) are below; BENCH_ARGS overrides them.
 set -uo pipefail
 run=${RUN_DIR:-/root/fluxfarm-bench}
 wait_s=${WAIT_S:-540}

@@ -58,7 +58,7 @@ def triton_available(device: torch.device) -> bool:
 
 def _attention_backend(choice: AttentionChoice, device: torch.device) -> str:
     """auto keeps SDPA's own choice: on an H100 with torch 2.11 that already is cuDNN's flash kernel, and
-    forcing diffusers' cuDNN backend measured slower (512^2: 130 vs 84 ms a bf16 step; BENCHMARKS.md)."""
+    forcing diffusers' cuDNN backend measured slower (512^2: 130 vs 84 ms a bf16 step; docs/benchmarks.md)."""
     return "_native_cudnn" if device.type == "cuda" and choice == "cudnn" else "native"
 
 

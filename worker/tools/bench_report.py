@@ -1,5 +1,5 @@
 """How `fluxfarm bench` shows its rows: a JSON line each as they come, then tables and the ratios
-that the performance claims in BENCHMARKS.md quote."""
+that the performance claims in docs/benchmarks.md quote."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ flash attention (the graph API of `nvidia-cudnn-frontend`; the library itself sh
 
 At 1024^2 a FLUX step spends ~23 ms of its ~96 ms in bf16 attention, 57 times over 4,608 tokens; cuDNN's
 fp8 kernel does the same attention in 0.28 instead of 0.41 ms on an H200 (918 against 643 TFLOP/s,
-`tests/gpu/fp8_attention.py`, BENCHMARKS.md).
+`tests/gpu/fp8_attention.py`, docs/benchmarks.md).
 
 Scales are one per tensor, because that is what the kernel takes. Query and key come out of FLUX's
 RMS norms and a rotation, which bound them without looking at them: an RMS-normed head vector has

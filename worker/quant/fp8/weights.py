@@ -57,7 +57,7 @@ def fp8_matmul(
     """x @ weight.T on fp8 tensor cores: x quantized per row, weight (out, in) e4m3 with scales (out, 1).
     `fast_accum` lets Hopper accumulate in its fp8 units without promoting partial sums to fp32: on the
     H100 it took the compiled 1024^2 step from 108.8 to 99.7 ms with the same error against bf16
-    (tests/gpu/fp8_fast_accum.py, BENCHMARKS.md)."""
+    (tests/gpu/fp8_fast_accum.py, docs/benchmarks.md)."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()

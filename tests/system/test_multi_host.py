@@ -22,7 +22,7 @@ from fluxfarm.producer.local_stack import find_redis_server, free_port
 from fluxfarm.shared.ladder import QuantLevel
 from tests.compose_files import interpolate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "deploy" / "multi-host.md"
 TLS_OVERRIDE = ROOT / "infra" / "compose.tls.yml"
 REDIS_PASSWORD = "multi-host-pw-1f3a"

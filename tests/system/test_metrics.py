@@ -27,7 +27,7 @@ from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, farm_env, fresh_farm_settings, run_fluxfarm
 from tests.fault_farm import SMALL_JOB, fault_worker, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "fluxfarm.json"
 ALERTS = ROOT / "infra" / "prometheus" / "alerts.yml"
 RESULT_TIMEOUT_S = 300
@@ -231,8 +231,8 @@ def test_the_alert_rules_parse_and_watch_only_served_families(metrics_farm: Metr
     assert named <= served, sorted(named - served)
 
 
-def test_the_readme_names_every_family_the_worker_and_exporter_serve(metrics_farm: MetricsFarm) -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_deploy_page_names_every_family_the_worker_and_exporter_serve(metrics_farm: MetricsFarm) -> None:
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     served = set(scrape(metrics_farm.worker_port)) | set(scrape(metrics_farm.exporter_port))
     ours = {name for name in served if name.startswith("fluxfarm_")}
     assert len(ours) >= 18

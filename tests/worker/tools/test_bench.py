@@ -1,5 +1,5 @@
 """`fluxfarm bench` as a user runs it, on the tiny model on the CPU: every row kind, the baselines,
-agreement with bf16 and the ratios table (the full-size run needs a GPU; BENCHMARKS.md has it)."""
+agreement with bf16 and the ratios table (the full-size run needs a GPU; docs/benchmarks.md has it)."""
 
 from __future__ import annotations
 

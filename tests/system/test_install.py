@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The repository folders that install as fluxfarm's packages (pyproject's package-dir).
 PACKAGE_FOLDERS = {"fluxfarm": "fluxfarm", "fluxfarm.shared": "shared", "fluxfarm.producer": "producer"}
 PACKAGE_FOLDERS["fluxfarm.worker"] = "worker"
@@ -110,7 +110,7 @@ def test_the_client_commands_run_without_torch(client_venv: Path, tmp_path: Path
     python = client_venv / "bin" / "python"
     probe = (
         "import sys\n"
-        "from fluxfarm.producer.cli import main\n"
+        "from fluxfarm.cli import main\n"
         "sys.argv = ['fluxfarm', *sys.argv[1:]]\n"
         "try:\n    main()\n"
         "except SystemExit as exit:\n"

@@ -15,7 +15,7 @@ from check_jsonschema.builtin_schemas import get_builtin_schema
 from fluxfarm.shared.settings import FarmSettings
 from tests.compose_files import interpolate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ["docker-compose.yml", "infra/compose.tls.yml", "infra/worker-host.yml"]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -219,10 +219,10 @@ def test_dockerfiles_run_as_a_user_and_install_the_right_extras(dockerfile: str,
         assert (ROOT / source).exists(), source
 
 
-def test_readme_configuration_table_lists_every_setting() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_configuration_reference_lists_every_setting() -> None:
+    reference = (ROOT / "docs" / "configuration.md").read_text()
     for name in FarmSettings.model_fields:
-        assert f"`FLUXFARM_{name.upper()}`" in readme, name
+        assert f"`FLUXFARM_{name.upper()}`" in reference, name
 
 
 def test_the_worker_image_lets_a_tight_budget_use_fragmented_memory_and_exposes_its_metrics() -> None:
