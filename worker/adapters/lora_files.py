@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,12 @@ COMPONENTS = ("transformer", "text_encoder")
 """The pipeline parts a FLUX LoRA may train: the transformer and the CLIP text encoder."""
 
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+HEADER_MAX_BYTES = 16 * 1024 * 1024
+"""A safetensors header (tensor names, shapes and the adapter config) larger than this is refused before it
+is parsed: a FLUX LoRA's header is a few hundred KiB, and the file's own 8-byte length is untrusted."""
+PATTERNS_MAX = 4096
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]{1,128}(?:\.[A-Za-z0-9_]{1,128}){0,32}")
+"""What a rank/alpha pattern key may be: a dotted module name. A fixed expression over bounded text."""
 
 
 @dataclass(frozen=True)
@@ -44,24 +51,49 @@ class LowRank:
         return (up @ down).mul_(self.scale * weight)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: float) -> float:
-    """peft's rank/alpha pattern lookup: a key matches a module name that ends with it at a dot."""
+def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
+    """peft's rank/alpha pattern lookup: a key matches a module name that ends with it at a dot. The keys
+    come from the file, so they are compared as text, never compiled as regular expressions (a crafted
+    one takes exponential time, holding the GIL: heartbeat, leases and shutdown would stop with it)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return float(value)
+        if module == key or module.endswith("." + key):
+            return value
     return default
 
 
+def _patterns(config: dict[str, Any], field: str, source: str) -> dict[str, float]:
+    """A rank_pattern or alpha_pattern of the saved adapter config, checked: module names to numbers."""
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict) or len(patterns) > PATTERNS_MAX:
+        raise JobInputError(f"LoRA {source}: its {field} is not a mapping of at most {PATTERNS_MAX} module names")
+    checked = {}
+    for key, value in patterns.items():
+        if not isinstance(key, str) or _MODULE_NAME.fullmatch(key) is None:
+            raise JobInputError(
+                f"LoRA {source}: its {field} key {str(key)[:80]!r} is not a module name (patterns that are "
+                "regular expressions are not supported)"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+            raise JobInputError(f"LoRA {source}: its {field} value for {key!r} is not a positive number")
+        checked[key] = float(value)
+    return checked
+
+
 def _scales(
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]], alphas: dict[str, float], config: dict[str, Any] | None
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    alphas: dict[str, float],
+    config: dict[str, Any] | None,
+    source: str,
 ) -> dict[str, float]:
     """alpha / rank per module, as diffusers derives the peft config it loads the adapter with."""
     if config is not None:
         rslora = bool(config.get("use_rslora", False))
+        rank_pattern = _patterns(config, "rank_pattern", source)
+        alpha_pattern = _patterns(config, "alpha_pattern", source)
         scales = {}
         for name, (down, _) in modules.items():
-            rank = _pattern_value(config.get("rank_pattern") or {}, name, float(config.get("r", down.shape[0])))
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, name, float(config.get("lora_alpha", rank)))
+            rank = _pattern_value(rank_pattern, name, float(config.get("r", down.shape[0])))
+            alpha = _pattern_value(alpha_pattern, name, float(config.get("lora_alpha", rank)))
             scales[name] = alpha / (math.sqrt(rank) if rslora else rank)
         return scales
     common = Counter(alphas.values()).most_common(1)[0][0] if alphas else None
@@ -88,11 +120,26 @@ def _refuse_unsupported(state: dict[str, torch.Tensor], source: str) -> None:
         )
 
 
+def _check_header_size(path: Path, source: str) -> None:
+    """Refuse a file whose header claims more than HEADER_MAX_BYTES, before anything parses it."""
+    with path.open("rb") as file:
+        prefix = file.read(8)
+    if len(prefix) < 8:
+        raise JobInputError(f"LoRA {source} could not be read as a FLUX LoRA: it is shorter than a safetensors header")
+    (header_bytes,) = struct.unpack("<Q", prefix)
+    if header_bytes > HEADER_MAX_BYTES:
+        raise JobInputError(
+            f"LoRA {source} could not be read as a FLUX LoRA: its safetensors header claims {header_bytes} bytes, "
+            f"more than the {HEADER_MAX_BYTES} a LoRA may have"
+        )
+
+
 def read_lora(path: Path, source: str) -> dict[str, LowRank]:
     """`component.module` -> its update, for every module the LoRA trains. Raises JobInputError for a file
     that is not a FLUX LoRA diffusers can read (the job fails with that reason)."""
     from diffusers import FluxPipeline
 
+    _check_header_size(path, source)
     try:
         state, alphas, metadata = FluxPipeline.lora_state_dict(
             str(path.parent),
@@ -124,7 +171,7 @@ def read_lora(path: Path, source: str) -> dict[str, LowRank]:
         config = None
         if metadata:
             config = {key[len(prefix) :]: value for key, value in metadata.items() if key.startswith(prefix)} or None
-        for name, scale in _scales(modules, part_alphas, config).items():
+        for name, scale in _scales(modules, part_alphas, config, source).items():
             down, up = modules[name]
             if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
                 raise JobInputError(f"LoRA {source}: {component}.{name} is not a linear low-rank pair")
