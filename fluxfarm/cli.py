@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fluxfarm.producer import cli as producer_cli
 from fluxfarm.producer.cli import EXIT_FAILED, EXIT_INVALID, err, out
@@ -60,10 +61,10 @@ def main() -> None:
     try:
         app()
     except InvalidJob as error:
-        err.print(f"[red]invalid job[/red]: {error}", highlight=False)
+        err.print(f"[red]invalid job[/red]: {escape(str(error))}", highlight=False)
         sys.exit(EXIT_INVALID)
     except (FarmError, TimeoutError) as error:
-        err.print(f"[red]error[/red]: {error}", highlight=False)
+        err.print(f"[red]error[/red]: {escape(str(error))}", highlight=False)
         sys.exit(EXIT_FAILED)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from fluxfarm.producer.client import FarmClient, StreamCounts
 from fluxfarm.producer.fleet_check import warn_unserved
@@ -38,7 +39,9 @@ class _RowErrors:
     def add(self, error: RowError) -> None:
         self.count += 1
         if self.count <= ROW_ERRORS_SHOWN:
-            self.console.print(f"[red]{self.path}:{error.line}[/red]: {error.reason}", highlight=False)
+            self.console.print(
+                f"[red]{escape(str(self.path))}:{error.line}[/red]: {escape(error.reason)}", highlight=False
+            )
 
     def summary(self) -> str:
         hidden = self.count - ROW_ERRORS_SHOWN
@@ -140,7 +143,7 @@ def cancel_dataset(settings: FarmSettings, dataset: str, console: Console) -> in
 def report_failures(record: DatasetRecord, console: Console) -> int:
     """Print each failed job of the dataset with its reason; returns how many failed."""
     for job_id, reason in sorted(record.failures.items()):
-        console.print(f"[red]failed[/red] {record.name}/{job_id}: {reason}", highlight=False)
+        console.print(f"[red]failed[/red] {record.name}/{job_id}: {escape(reason)}", highlight=False)
     return record.failed
 
 

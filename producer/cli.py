@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fluxfarm.producer.bulk_submit import report_failures, submit_file, wait_for_dataset
 from fluxfarm.producer.client import FarmClient
@@ -158,7 +159,7 @@ def submit(
     for result in outcome.results:
         typer.echo(f"{result.job_id}\t{result.image.uri}")
     for failure in outcome.failures:
-        err.print(f"[red]failed[/red] {failure}", highlight=False)
+        err.print(f"[red]failed[/red] {escape(str(failure))}", highlight=False)
     if outcome.failures:
         raise typer.Exit(EXIT_FAILED)
 

@@ -13,6 +13,7 @@ import redis
 from pydantic import BaseModel
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
@@ -101,18 +102,18 @@ def _workers_table(report: FleetReport) -> Table:
     table.add_column("heartbeat")
     for w in report.workers:
         table.add_row(
-            w.node,
-            w.hostname,
-            w.device,
-            w.gpu_name or "-",
+            escape(w.node),
+            escape(w.hostname),
+            escape(w.device),
+            escape(w.gpu_name or "-"),
             f"{w.vram_gib:.0f}" if w.vram_gib else "-",
             f"{w.vram_peak_gib:.1f}" if w.vram_peak_gib is not None else "-",
-            w.level if w.lora_set is None else f"{w.level} + LoRA set {w.lora_set}",
+            escape(w.level if w.lora_set is None else f"{w.level} + LoRA set {w.lora_set}"),
             str(w.jobs_done),
             str(w.images_rendered),
             str(w.jobs_failed),
             _rate(w.images_per_hour),
-            w.current_job or "-",
+            escape(w.current_job or "-"),
             _ago(w.last_seen, now),
         )
     return table
@@ -124,12 +125,12 @@ def _queues_table(report: FleetReport) -> Table:
         table.add_column(column, overflow="fold")
     for q in report.queues:
         if q.consumers:
-            served = ", ".join(q.consumers)
+            served = escape(", ".join(q.consumers))
         elif q.adopters:
             served = f"[yellow]waiting for one of {len(q.adopters)} workers to adopt it[/yellow]"
         else:
             served = "[red]no live worker[/red]"
-        table.add_row(q.name, q.constraint, str(q.waiting), served)
+        table.add_row(escape(q.name), escape(q.constraint), str(q.waiting), served)
     return table
 
 
@@ -142,7 +143,7 @@ def _datasets_table(datasets: list[DatasetStatus]) -> Table:
     for d in datasets:
         r = d.record
         cells = [
-            r.name,
+            escape(r.name),
             ProgressBar(total=max(r.total, 1), completed=r.done + r.failed, width=24),
             f"{r.done}/{r.total}",
             str(r.queued),
@@ -164,7 +165,9 @@ def _dead_letters_table(letters: list[DeadLetter], now: datetime) -> Table:
         table.add_column(column, overflow="fold")
     for letter in letters:
         table.add_row(
-            letter.dataset, letter.job_id, str(letter.attempts), letter.node, _ago(letter.at, now), letter.reason
+            *map(escape, (letter.dataset, letter.job_id, str(letter.attempts), letter.node)),
+            _ago(letter.at, now),
+            escape(letter.reason),
         )
     return table
 
@@ -173,7 +176,8 @@ def render_status(status: FarmStatus) -> Group:
     """The report as rich renderables: workers, queues, datasets, unserved queues, then dead letters."""
     parts: list = [_workers_table(status.fleet), _queues_table(status.fleet), _datasets_table(status.datasets)]
     for q in status.fleet.unserved:
-        parts.append(f"[red]unserved:[/red] {q.waiting} jobs need {q.constraint} and no live worker serves {q.name}")
+        needs = escape(f"{q.waiting} jobs need {q.constraint} and no live worker serves {q.name}")
+        parts.append(f"[red]unserved:[/red] {needs}")
     if status.dead_letters:
         parts.append(_dead_letters_table(status.dead_letters, status.fleet.checked_at))
     return Group(*parts)
