@@ -37,10 +37,20 @@ _HF_URL = re.compile(r"^https://huggingface\.co/[^/\s]+/[^/\s]+/(resolve|blob)/[
 _S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+$")
 
 
+def _plain_path(remote: str) -> bool:
+    """No empty, `.` or `..` segment after the scheme (a trailing `/` of a prefix aside): the key or repo
+    path names one place, and a worker's cache path built from it cannot leave the cache."""
+    segments = remote.split("://", 1)[1].removesuffix("/").split("/")
+    return all(segment not in ("", ".", "..") for segment in segments)
+
+
 def _check_source(value: str, what: str, allow_repo: bool = False) -> str:
     if len(value) > MAX_SOURCE_CHARS or any(ord(ch) < 32 for ch in value):
         raise ValueError(f"{what} must be at most {MAX_SOURCE_CHARS} printable characters")
-    if _HF_URL.match(value) or _S3.match(value) or (_HF_REPO if allow_repo else _HF_FILE).match(value):
+    remote = _HF_URL.match(value) or _S3.match(value) or (_HF_REPO if allow_repo else _HF_FILE).match(value)
+    if remote and not _plain_path(value):
+        raise ValueError(f"{what} {value[:200]!r} has an empty, '.' or '..' path segment")
+    if remote:
         return value
     if value.startswith("/") and "/../" not in f"{value}/":
         return value

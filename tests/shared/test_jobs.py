@@ -92,7 +92,25 @@ ADAPTER_PROBLEMS = [
         "must be s3://bucket/key, an absolute worker path",
     ),
     ({"controlnet": {"source": "/cn", "control_image": "/c.png", "conditioning_scale": 3}}, "less than or equal to 2"),
+    # a key that climbs out of its bucket, or names no object, is refused at the schema
+    ({"loras": [{"source": "s3://loras/../../etc/x.safetensors"}]}, "'..' path segment"),
+    ({"loras": [{"source": "s3://loras/a//b.safetensors"}]}, "'..' path segment"),
+    ({"loras": [{"source": "s3://loras/./b.safetensors"}]}, "'..' path segment"),
+    ({"loras": [{"source": "hf://owner/repo/../x.safetensors"}]}, "'..' path segment"),
+    ({"controlnet": {"source": "s3://nets/cn/../../x/", "control_image": "/c.png"}}, "'..' path segment"),
+    ({"controlnet": {"source": "/cn", "control_image": "s3://imgs/../c.png"}}, "'..' path segment"),
 ]
+
+
+def test_plain_remote_sources_still_pass() -> None:
+    job = parse_job(
+        {
+            "prompt": "p",
+            "loras": [{"source": "s3://loras/styles/a.safetensors"}, {"source": "hf://o/r@v1.0/dir/b.safetensors"}],
+            "controlnet": {"source": "s3://nets/canny/", "control_image": "s3://imgs/x/c.png"},
+        }
+    )
+    assert job.controlnet is not None and job.controlnet.source == "s3://nets/canny/"
 
 
 @pytest.mark.parametrize(("fields", "reason"), ADAPTER_PROBLEMS)

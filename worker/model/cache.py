@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fluxfarm.shared.errors import ModelLoadError
+from fluxfarm.shared.errors import JobInputError, ModelLoadError
 from fluxfarm.worker.model.file_digest import DigestCache
 
 _GIB = 1024**3
@@ -20,6 +20,18 @@ class ModelCache:
         self.root = root
         self.max_bytes = None if max_gib is None else int(max_gib * _GIB)
         self._digests = digests
+
+    def path_for(self, bucket: str, key: str) -> Path:
+        """Where an object of `bucket` is cached. A key is untrusted (a job names it; a bucket listing
+        returns whatever was uploaded), so a path that would resolve outside the cache is refused before
+        anything is read or written there."""
+        segments = [bucket, *key.removesuffix("/").split("/")]
+        path = self.root.joinpath(*segments)
+        if any(s in ("", ".", "..") or "/" in s for s in segments) or not path.resolve().is_relative_to(
+            self.root.resolve()
+        ):
+            raise JobInputError(f"s3://{bucket}/{key[:200]} is not a key the model cache can hold")
+        return path
 
     def files(self) -> list[Path]:
         return [p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")]

@@ -67,7 +67,7 @@ def bucket_store(bucket: str, settings: FarmSettings) -> S3Store:
 def _s3_download(source: str, settings: FarmSettings) -> Path:
     bucket, _, key = source.removeprefix("s3://").partition("/")
     cache = model_cache(settings)
-    dest = cache.root / bucket / key
+    dest = cache.path_for(bucket, key)
     if dest.is_file():
         cache.touch(dest)
         return dest
@@ -148,7 +148,8 @@ def _s3_folder(source: str, settings: FarmSettings, what: str) -> Path:
     """Every object under an s3:// prefix, downloaded once into the cache (a diffusers model folder)."""
     bucket, _, prefix = source.removeprefix("s3://").partition("/")
     prefix = prefix.rstrip("/") + "/"
-    dest = model_cache(settings).root / bucket / prefix
+    cache = model_cache(settings)
+    dest = cache.path_for(bucket, prefix)
     marker = dest / ".complete"
     if marker.is_file():
         return dest
@@ -158,7 +159,7 @@ def _s3_folder(source: str, settings: FarmSettings, what: str) -> Path:
         if not keys:
             raise JobInputError(f"{what} {source}: no objects under that prefix")
         for key in keys:
-            store.fetch_to(key, dest / key.removeprefix(prefix))
+            store.fetch_to(key, cache.path_for(bucket, key))
     except StorageError as error:
         raise ModelLoadError(f"could not download {what} {source}: {error}") from error
     marker.touch()

@@ -1,0 +1,36 @@
+"""A key is untrusted: whatever a job names or a bucket lists, the model cache reads and writes only
+inside its own folder, and says so before it looks at the disk (no existence oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fluxfarm.shared.errors import JobInputError
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.model.sources import model_cache, resolve_file
+
+
+@pytest.mark.parametrize("key", ["../../secret.safetensors", "a/../../../secret.safetensors", "a//b", "./a", ""])
+def test_a_key_that_leaves_its_bucket_is_refused(tmp_path: Path, key: str) -> None:
+    cache = model_cache(FarmSettings(cache_dir=tmp_path / "cache"))
+    with pytest.raises(JobInputError, match="not a key the model cache can hold"):
+        cache.path_for("bucket", key)
+
+
+def test_a_file_outside_the_cache_is_not_returned_even_when_it_exists(tmp_path: Path) -> None:
+    """Before: `s3://bucket/../../secret.safetensors` resolved to a file beside the cache and was
+    returned when it existed, without asking S3 (and 'does not exist' otherwise: an oracle)."""
+    settings = FarmSettings(cache_dir=tmp_path / "cache")
+    secret = tmp_path / "cache" / "secret.safetensors"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(b"private")
+    with pytest.raises(JobInputError, match="not a key the model cache can hold"):
+        resolve_file("s3://bucket/../../secret.safetensors", settings)
+
+
+def test_plain_keys_map_under_the_bucket(tmp_path: Path) -> None:
+    cache = model_cache(FarmSettings(cache_dir=tmp_path / "cache"))
+    assert cache.path_for("models", "flux/dev-Q8_0.gguf") == cache.root / "models" / "flux" / "dev-Q8_0.gguf"
+    assert cache.path_for("nets", "canny/") == cache.root / "nets" / "canny"
