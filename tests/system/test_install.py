@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.lint_layers import FOLDERS as PACKAGE_FOLDERS  # pyproject's package-dir
+
 REPO = Path(__file__).resolve().parents[2]
-# The repository folders that install as fluxfarm's packages (pyproject's package-dir).
-PACKAGE_FOLDERS = {"fluxfarm": "fluxfarm", "fluxfarm.shared": "shared", "fluxfarm.producer": "producer"}
-PACKAGE_FOLDERS["fluxfarm.worker"] = "worker"
 PIP_TIMEOUT_S = 900
 
 
