@@ -12,20 +12,13 @@ import pytest
 from PIL import Image
 
 from fluxfarm.producer.local_stack import RedisServer, find_redis_server
+from tests.conftest import run_fluxfarm
 
 pytestmark = pytest.mark.slow
 
 
 def _run_demo(out_dir: Path, jobs: int, **env_overrides: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXFARM_")} | env_overrides
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "fluxfarm"), "demo", "--jobs", str(jobs), "--out-dir", str(out_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=out_dir.parent,
-    )
+    return run_fluxfarm("demo", "--jobs", str(jobs), "--out-dir", str(out_dir), env=env_overrides, timeout=600)
 
 
 def _rendered(out_dir: Path) -> list[Path]:

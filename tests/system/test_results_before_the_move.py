@@ -6,15 +6,13 @@ Redis and a worker process, into a local store."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from fluxfarm import FarmClient, RenderJob, RenderResult
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared.settings import FarmSettings
+from tests.conftest import run_fluxfarm
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "results-0.1.0"
 
@@ -48,16 +46,9 @@ def test_resubmitting_an_old_job_returns_its_stored_result(tmp_path: Path, redis
 def test_the_command_line_exports_old_results(tmp_path: Path, redis_server: RedisServer) -> None:
     store = tmp_path / "store"
     shutil.copytree(FIXTURE, store)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXFARM_")}
-    env |= {"FLUXFARM_BROKER_URL": redis_server.url, "FLUXFARM_STORAGE_URL": f"file://{store}"}
+    env = {"FLUXFARM_BROKER_URL": redis_server.url, "FLUXFARM_STORAGE_URL": f"file://{store}"}
     out = tmp_path / "export"
-    done = subprocess.run(
-        [sys.executable, "-m", "fluxfarm", "export", "--dataset", "compat", "--format", "jsonl", "--out", out],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_fluxfarm("export", "--dataset", "compat", "--format", "jsonl", "--out", str(out), env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     exported = [json.loads(line) for path in out.rglob("*.jsonl") for line in path.read_text().splitlines()]
     assert sorted(doc["job_id"] for doc in exported) == sorted(r.job_id for r in _stored(store))
