@@ -24,9 +24,9 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
-from fluxfarm.shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_render
+from fluxfarm.shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_render, task_id
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, SentJob
-from fluxfarm.shared.errors import InvalidJob, JobFailed, ObjectNotFound
+from fluxfarm.shared.errors import InvalidJob, JobConflict, JobFailed, ObjectNotFound
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.lora_queues import note_lora_queues
 from fluxfarm.shared.metadata import RenderResult, read_result
@@ -40,6 +40,20 @@ STORAGE_CHECK_S = 10.0
 _DATASET_POLL_S = 0.5
 _CLOCK_SLACK_S = 2.0
 """A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
+
+
+def _conflict(job: RenderJob, where: str) -> JobConflict:
+    return JobConflict(
+        f"dataset {job.dataset}: job id {job.id} already names another job ({where}) with other "
+        "parameters; give this job another job_id, or leave job_id out to use its content id"
+    )
+
+
+def _owned(job: RenderJob, result: RenderResult) -> RenderResult:
+    """`result` if it is `job`'s own; a result under the same id for another job is a conflict."""
+    if result.job_id != job.id or result.job != job:
+        raise _conflict(job, "stored")
+    return result
 
 
 class JobHandle:
@@ -61,6 +75,10 @@ class JobHandle:
     @property
     def job_id(self) -> str:
         return self.job.id
+
+    @property
+    def task_id(self) -> str:
+        return task_id(self.job.dataset, self.job.id)
 
     @property
     def cached(self) -> bool:
@@ -95,7 +113,7 @@ class JobHandle:
             error = self._async.result
             reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
             raise JobFailed(self.job_id, reason)
-        self._stored = RenderResult.model_validate(value)
+        self._stored = _owned(self.job, RenderResult.model_validate(value))
         return self._stored
 
 
@@ -119,7 +137,7 @@ class JobBatch:
             if handle.cached:
                 yield handle
             else:
-                waiting.setdefault(handle.job_id, []).append(handle)
+                waiting.setdefault(handle.task_id, []).append(handle)
         if not waiting:
             return
         try:
@@ -185,12 +203,20 @@ class FarmClient:
         self.datasets.close()
 
     def stored_result(self, job: RenderJob) -> RenderResult | None:
-        """The stored metadata of `job`, or None when it has not been rendered."""
+        """The stored metadata of `job`, or None when it has not been rendered; JobConflict when its id
+        holds another job's result."""
         keys = self.store.result_keys(job.dataset, job.id)
         try:
-            return read_result(self.store, keys)
+            return _owned(job, read_result(self.store, keys))
         except (ObjectNotFound, ValidationError):
             return None
+
+    def _check_queued(self, job: RenderJob) -> None:
+        """JobConflict when the job's id is queued or running for another job of its dataset. Only a
+        named job can meet one: a content id names one job's parameters."""
+        sent = self.datasets.sent_job(job.dataset, job.id) if job.named else None
+        if sent is not None and sent.job != job.model_dump(mode="json"):
+            raise _conflict(job, "queued")
 
     def image_url(self, result: RenderResult, expires_s: int = 3600) -> str:
         """A URL that fetches the result's PNG without credentials for `expires_s` (presigned on S3)."""
@@ -270,6 +296,8 @@ class FarmClient:
         """
         counts = StreamCounts()
         known: dict[str, tuple[set[str], set[str]]] = {}
+        named: dict[tuple[str, str], RenderJob] = {}
+        """Named jobs sent by this stream, to tell a repeated row from another job under the same name."""
         chunk: list[RenderJob] = []
         with self._app.producer_or_acquire() as producer:
             for item in jobs:
@@ -282,11 +310,20 @@ class FarmClient:
                     known[job.dataset] = (self.store.stored_job_ids(job.dataset), waiting_ids)
                 stored, waiting = known[job.dataset]
                 if job.id in stored:
+                    if job.named:
+                        self.stored_result(job)  # JobConflict if another job's result holds the name
                     counts.already_stored += 1
                 elif job.id in waiting:
+                    if job.named and (earlier := named.get((job.dataset, job.id))) is not None:
+                        if earlier != job:
+                            raise _conflict(job, "earlier in this stream")
+                    elif job.named:
+                        self._check_queued(job)
                     counts.already_waiting += 1
                 else:
                     waiting.add(job.id)
+                    if job.named:
+                        named[(job.dataset, job.id)] = job
                     chunk.append(job)
                 if len(chunk) >= self.settings.submit_chunk:
                     self._publish(producer, chunk, priority)
@@ -325,8 +362,9 @@ class FarmClient:
         stored = self.stored_result(job)
         if stored is not None:
             return JobHandle(job, async_result=None, stored=stored)
-        # The task id is the job id: a resubmit of a failed job must not see the old failure.
-        previous = self._app.AsyncResult(job.id)
+        self._check_queued(job)
+        # One task id per dataset and job: a resubmit of a failed job must not see the old failure.
+        previous = self._app.AsyncResult(task_id(job.dataset, job.id))
         if previous.state == states.FAILURE:
             previous.forget()
         queued_at = datetime.now(UTC).isoformat()
@@ -334,5 +372,8 @@ class FarmClient:
         send_render(self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=True)
         self.datasets.note_queued(job.dataset, [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=True)])
         return JobHandle(
-            job, async_result=self._app.AsyncResult(job.id), stored=None, lookup=lambda: self.stored_result(job)
+            job,
+            async_result=self._app.AsyncResult(task_id(job.dataset, job.id)),
+            stored=None,
+            lookup=lambda: self.stored_result(job),
         )

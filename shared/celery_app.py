@@ -49,24 +49,31 @@ def waiting_messages(client: redis.Redis, queues: list[str]) -> list[int]:
     return [sum(lengths[i * steps : (i + 1) * steps]) for i in range(len(queues))]
 
 
+def task_id(dataset: str, job_id: str) -> str:
+    """A job's Celery task id: its dataset and id, so jobs of two datasets that share an id (a content id
+    is the same wherever the job is sent) never share a result in the backend. Both parts are safe
+    names, which never hold a ':'."""
+    return f"{dataset}:{job_id}"
+
+
 def send_render(
     app: Celery, job: RenderJob, priority: int, queued_at: str, keep_result: bool, producer: Any = None
 ) -> None:
     """Publish one render job: the only way one is sent (client, bulk submit, lost-job sweeper).
-    The task id is the job id; `producer` batches many sends into one round trip (queues declared
+    The task id is `task_id(dataset, job id)`; `producer` batches many sends into one round trip (queues declared
     by the caller). A job with LoRAs goes to its set's queue, which the caller has noted first
     (shared/lora_queues.py)."""
     batching = {"producer": producer, "declare": []} if producer is not None else {}
     app.send_task(
         RENDER_TASK,
         kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
-        task_id=job.id,
+        task_id=task_id(job.dataset, job.id),
         queue=job.queue,
         priority=priority,
         ignore_result=not keep_result,
         # Celery's own repr of the payload (for its logs) costs more than sending it.
         argsrepr="()",
-        kwargsrepr=f"{{'job': {job.id}}}",
+        kwargsrepr=f"{{'job': {task_id(job.dataset, job.id)}}}",
         **batching,
     )
 

@@ -9,6 +9,12 @@ class InvalidJob(FarmError, ValueError):
     """A job failed validation: at the client, at the CLI, or again at the worker."""
 
 
+class JobConflict(InvalidJob):
+    """A job id already names another job of its dataset (stored, queued or running) with other
+    parameters. Nothing is sent, and the other job's result stays its own: an explicit `job_id` cannot
+    pre-fill or take over a result."""
+
+
 class JobFailed(FarmError):
     """The worker tried the job and reported a failure; the message is the worker's reason."""
 

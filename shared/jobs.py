@@ -33,6 +33,9 @@ SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Dataset names and job ids become storage key segments: no slashes, no leading dot, no '..'."""
 _SAFE_NAME = re.compile(SAFE_NAME_PATTERN)
 _JOB_ID_CHARS = 32  # 128 bits of sha256: collisions are not a practical concern
+_CONTENT_ID = re.compile(rf"[0-9a-f]{{{_JOB_ID_CHARS}}}")
+"""The shape of a content id. An explicit job_id of this shape must be the job's own content id, so a
+content id always names the one job whose parameters hash to it (no one can pre-fill it)."""
 
 DEFAULT_DATASET = "default"
 
@@ -127,7 +130,18 @@ class RenderJob(BaseModel):
     def _fill_job_id(self) -> RenderJob:
         if self.job_id is None:
             object.__setattr__(self, "job_id", canonical_job_id(self))
+        elif _CONTENT_ID.fullmatch(self.job_id) and self.job_id != canonical_job_id(self):
+            raise ValueError(
+                f"job_id {self.job_id!r} has the shape of a content id (32 hex digits) but is not this "
+                "job's: leave job_id out, or name the job in another shape (e.g. 'img-' before it)"
+            )
         return self
+
+    @property
+    def named(self) -> bool:
+        """True when the job's id is a name its submitter chose rather than its content id: only then
+        can a stored or queued job under that id have other parameters."""
+        return not _CONTENT_ID.fullmatch(self.id)
 
     @property
     def lora_set(self) -> str | None:

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from fluxfarm.shared.celery_app import task_id
 from fluxfarm.shared.errors import InvalidJob
-from fluxfarm.shared.jobs import MAX_PROMPT_CHARS, RenderJob, parse_job
+from fluxfarm.shared.jobs import MAX_PROMPT_CHARS, RenderJob, canonical_job_id, parse_job
 
 
 def test_job_id_is_the_same_for_the_same_job_and_differs_for_any_change() -> None:
@@ -132,3 +133,17 @@ def test_adapter_fields_count_in_the_job_id_only_when_set() -> None:
     assert with_lora.lora_set is not None and plain.lora_set is None
     one_way = parse_job({"prompt": "p", "loras": [lora, other]})
     assert one_way.lora_set == parse_job({"prompt": "p", "loras": [other, lora]}).lora_set
+
+
+def test_an_explicit_id_of_content_id_shape_must_be_the_jobs_own() -> None:
+    job = parse_job({"prompt": "p"})
+    assert job.id == canonical_job_id(job) and not job.named
+    assert parse_job({"prompt": "p", "job_id": job.id}) == job
+    assert parse_job({"prompt": "p", "job_id": "md5-" + "0" * 32}).named
+    with pytest.raises(InvalidJob, match="shape of a content id"):
+        parse_job({"prompt": "p", "job_id": "0" * 32})
+
+
+def test_task_ids_differ_between_datasets() -> None:
+    assert task_id("a", "x") != task_id("b", "x")
+

@@ -27,7 +27,14 @@ import torch
 
 from fluxfarm.shared import __version__
 from fluxfarm.shared.datasets import DatasetBook, DeadLetter
-from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered, JobInputError, RenderAttemptFailed
+from fluxfarm.shared.errors import (
+    InvalidJob,
+    JobCancelled,
+    JobConflict,
+    JobDeadLettered,
+    JobInputError,
+    RenderAttemptFailed,
+)
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
@@ -139,6 +146,9 @@ class JobRunner:
         keys = self._store.result_keys(job.dataset, job.id)
         if (stored := self._results.stored(keys)) is not None:
             return self._already_stored(job, keys, stored)
+        sent = self._book.sent_job(job.dataset, job.id) if job.named else None
+        if sent is not None and sent.job != job.model_dump(mode="json"):  # published past the client's check
+            raise _conflict(job, "queued")
         if self._book.is_cancelled(job.dataset, job.id):
             log.info("job %s: dataset %s was cancelled; dropping it without rendering", job.id, job.dataset)
             raise JobCancelled(f"dataset {job.dataset} was cancelled before job {job.id} started")
@@ -152,6 +162,8 @@ class JobRunner:
             _unless_redis_is_down(lambda: self._claims.release(job.dataset, job.id), "claim release")
 
     def _already_stored(self, job: RenderJob, keys: ResultKeys, stored: RenderResult) -> RenderResult:
+        if stored.job != job:  # neither returned as this job's nor recorded: the dataset keeps its own
+            raise _conflict(job, "stored")
         log.info("job %s is already stored at %s; not rendering it again", job.id, keys.metadata)
         self._metrics.job_ended(self._level(), "already_stored")
         self._mark_done(job, stored.quant)
@@ -296,6 +308,13 @@ class JobRunner:
             upload_s,
         )
         return result
+
+
+def _conflict(job: RenderJob, where: str) -> JobConflict:
+    log.warning("job %s of %s refused: its id names another %s job of the dataset", job.id, job.dataset, where)
+    return JobConflict(
+        f"dataset {job.dataset}: job id {job.id} already names another job ({where}) with other parameters"
+    )
 
 
 def _unless_redis_is_down(action: Callable[[], object], what: str) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import redis
 
-from fluxfarm.shared.celery_app import queue_lists, waiting_messages
+from fluxfarm.shared.celery_app import queue_lists, task_id, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.lora_queues import known_queues
 from fluxfarm.worker.serve.leases import JobClaims
@@ -68,7 +68,7 @@ class LostJobSweeper:
         self._interval_s = interval_s
 
     def message_ids(self) -> set[str] | None:
-        """Ids of every job with a message in a queue or unacknowledged; None if the queues are too long."""
+        """Task ids of every job with a message in a queue or unacknowledged; None if the queues are too long."""
         queues = known_queues(self._redis)
         if sum(waiting_messages(self._redis, queues)) > MAX_SCANNED_MESSAGES:
             return None
@@ -89,7 +89,9 @@ class LostJobSweeper:
         still_missing: dict[str, float] = {}
         resent: list[str] = []
         for dataset in self._book.names():
-            for job_id in sorted(self._book.waiting_ids(dataset) - present):
+            for job_id in sorted(self._book.waiting_ids(dataset)):
+                if task_id(dataset, job_id) in present:
+                    continue
                 key = f"{dataset}/{job_id}"
                 if self._redis.exists(JobClaims.key(dataset, job_id)):
                     continue  # a live worker is on it (a dead one's claim expires with its lease)
