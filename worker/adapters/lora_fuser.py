@@ -6,6 +6,11 @@ set: read the layer as floats, add `scale * weight * up @ down` of every LoRA in
 it back in the layer's own format: bf16 rows as they are, fp8 rows with fresh scales, GGUF blocks
 re-quantized to the same block type with our quantizer. Steps then run the unchanged fast paths.
 
+A switch is a transaction: if anything fails half way (the GPU runs out of memory, a cached part is
+unreadable), every changed layer gets its base weight back before the error goes on, so the next job
+never renders with half a LoRA while its metadata says none. Writing the disk cache is not part of
+it: a full disk drops the cache folder with a warning and the fused weights are used as they are.
+
 Re-quantizing a 12B-parameter transformer takes a while, so for GGUF levels the fused blocks are
 kept on disk, keyed by the base file's sha256, the level and the LoRA files' sha256 and weights; a
 worker that meets the set again (or another worker sharing the cache) loads them instead. The
@@ -17,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,19 +90,35 @@ class FusedCache:
 
 
 class _ChunkWriter:
+    """Writes one set's fused blocks. A write that fails (a full disk) abandons the folder: the cache
+    is a saving, never a reason to fail the job whose weights are already fused."""
+
     def __init__(self, folder: Path, files: ModelCache) -> None:
         self._folder, self._files = folder, files
         self._pending: dict[str, torch.Tensor] = {}
         self._bytes = 0
         self._parts = 0
-        folder.mkdir(parents=True, exist_ok=True)
+        self._abandoned = False
+        self._guarded(lambda: folder.mkdir(parents=True, exist_ok=True))
+
+    def _guarded(self, write: Callable[[], object]) -> None:
+        if self._abandoned:
+            return
+        try:
+            write()
+        except OSError as error:
+            log.warning("fused LoRA blocks not cached in %s: %s", self._folder, error)
+            self._abandoned, self._pending = True, {}
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def add(self, slot: str, data: Storage) -> None:
+        if self._abandoned:
+            return
         for part, tensor in data.items():
             self._pending[f"{slot}:{part}"] = tensor.to("cpu").contiguous()
             self._bytes += tensor.numel() * tensor.element_size()
         if self._bytes >= _CHUNK_BYTES:
-            self._flush()
+            self._guarded(self._flush)
 
     def _flush(self) -> None:
         if not self._pending:
@@ -110,16 +132,23 @@ class _ChunkWriter:
         self._pending, self._bytes = {}, 0
 
     def finish(self, description: dict[str, object]) -> None:
-        self._flush()
-        (self._folder / "manifest.json").write_text(json.dumps(description, indent=2))
+        self._guarded(self._flush)
+        self._guarded(lambda: (self._folder / "manifest.json").write_text(json.dumps(description, indent=2)))
 
 
 class LoraFuser:
     """Which LoRA set a pipeline's weights carry now, and the switch to another set (or none)."""
 
     def __init__(
-        self, components: dict[str, nn.Module | None], base_sha256: str, level: str, settings: FarmSettings
+        self,
+        components: dict[str, nn.Module | None],
+        base_sha256: str,
+        level: str,
+        settings: FarmSettings,
+        before_layer: Callable[[int, str], None] | None = None,
     ) -> None:
+        """`before_layer(layers done, level)` runs before each layer is fused: a fault drill's hook
+        (worker/render/fault_injection.py), None in service."""
         self._components = {name: module for name, module in components.items() if module is not None}
         self._slots: dict[str, dict[str, WeightSlot]] = {}
         self._base_sha256 = base_sha256
@@ -133,6 +162,13 @@ class LoraFuser:
         self.touches_text_encoder = False
         self.last_fuse_s = 0.0
         self.last_fuse_from_cache = False
+        self.switches = 0
+        """How many times the weights were changed (a fused set, a restore, a roll-back): a host copy
+        of them is stale once this moves."""
+        self._settled = True
+        """False while a switch is under way, and after one whose roll-back failed too: the next
+        `activate` then restores the base weights whatever set it is asked for."""
+        self._before_layer = before_layer
 
     def _slot(self, qualified: str, source: str) -> WeightSlot:
         component, _, module = qualified.partition(".")
@@ -170,14 +206,22 @@ class LoraFuser:
         """Make the weights carry exactly `specs` (none: the base weights). A LoRA that cannot be used
         raises JobInputError before any weight changes."""
         set_id = lora_set_id(specs)
-        if set_id == self.active_id:
+        if self._settled and set_id == self.active_id:
             return self.active
         started = time.perf_counter()
         loras = tuple(self._load(spec) for spec in specs)
         targets = self._targets(loras)
-        self._restore(keep=set(targets))
-        self.active_id, self.active = None, ()
-        from_cache = self._fuse(loras, targets) if targets else False
+        self._settled, self.switches = False, self.switches + 1
+        self.active_id, self.active, self.touches_text_encoder = None, (), False
+        try:
+            self._restore(keep=set(targets))
+            from_cache = self._fuse(loras, targets) if targets else False
+        except BaseException:
+            self._restore(keep=set())  # if this fails too, the next activate tries again
+            self._settled = True
+            log.warning("fusing LoRA set %s failed half way; the base weights are back", set_id)
+            raise
+        self._settled = True
         self.active_id, self.active = set_id, loras
         self.touches_text_encoder = any(name.startswith("text_encoder.") for name in targets)
         self.last_fuse_s, self.last_fuse_from_cache = time.perf_counter() - started, from_cache
@@ -213,7 +257,9 @@ class LoraFuser:
         writer = None
         if cached is None and any(self._slot(name, "").requantized for name in targets):
             writer = self._cache.writer(key)
-        for qualified, updates in targets.items():
+        for done, (qualified, updates) in enumerate(targets.items()):
+            if self._before_layer is not None:
+                self._before_layer(done, self._level)
             slot = self._slot(qualified, "")
             if cached is not None and qualified in cached:
                 self._originals.setdefault(qualified, slot.save())

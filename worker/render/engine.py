@@ -183,11 +183,16 @@ class RenderEngine:
             model.info.transformer_sha256,
             model.quant,
             settings,
+            before_layer=self._check_fuse,
         )
         self.controlnets = ControlNets(pipe, model.quant, model.device, settings)
         self._mirrors: list[HostMirror] = []
         if model.text_encoders == "gpu-swap":
             self._mirrors = [HostMirror(m) for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)]
+
+    def _check_fuse(self, layers_done: int, level: str) -> None:
+        if self.faults is not None:
+            self.faults.check_fuse(layers_done, level)
 
     @contextmanager
     def _encoders_on_gpu(self) -> Iterator[None]:
@@ -299,13 +304,15 @@ class RenderEngine:
 
     def _use_loras(self, jobs: Sequence[RenderJob]) -> tuple[tuple[LoraInfo, ...], float]:
         """Fuse the jobs' (shared) LoRA set into the weights if they do not carry it already."""
-        carried = self.loras.active_id
-        infos = tuple(lora.info for lora in self.loras.activate(jobs[0].loras))
-        if self.loras.active_id == carried:
-            return infos, 0.0
-        if self._mirrors:
-            self._mirrors[0].keep_current()  # the host copy is what the next swap brings back
-        return infos, self.loras.last_fuse_s
+        switches = self.loras.switches
+        try:
+            infos = tuple(lora.info for lora in self.loras.activate(jobs[0].loras))
+        finally:
+            if self._mirrors and self.loras.switches != switches:
+                # The host copy is what the next swap brings back: the fused set, or the base weights
+                # a failed fuse rolled back to.
+                self._mirrors[0].keep_current()
+        return infos, 0.0 if self.loras.switches == switches else self.loras.last_fuse_s
 
     @torch.inference_mode()
     def render_batch(self, jobs: Sequence[RenderJob]) -> list[RenderedImage]:

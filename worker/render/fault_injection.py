@@ -37,6 +37,11 @@ class FaultPlan(BaseModel):
     oom_levels: list[str] = Field(
         default=[], description="The levels at which oom_pixels_over holds (all when empty): a card too small for them."
     )
+    oom_fusing_after_layers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Fusing a LoRA set runs out of GPU memory after this many layers: a fuse failing half way.",
+    )
     slow_denoise_s: float = Field(
         default=0, ge=0, le=3600, description="Each denoising phase takes this much longer: a slow card, a long render."
     )
@@ -53,6 +58,13 @@ class FaultPlan(BaseModel):
         at_level = not self.oom_levels or level in self.oom_levels
         if self.oom_pixels_over is not None and largest > self.oom_pixels_over and at_level:
             raise torch.OutOfMemoryError(f"injected: CUDA out of memory denoising {largest} pixels at {level}")
+
+    def check_fuse(self, layers_done: int, level: str) -> None:
+        """Raise the fault this plan puts on fusing the next layer of a LoRA set, if any."""
+        if self.oom_fusing_after_layers is not None and layers_done >= self.oom_fusing_after_layers:
+            raise torch.OutOfMemoryError(
+                f"injected: CUDA out of memory fusing a LoRA set's layer {layers_done + 1} at {level}"
+            )
 
 
 def parse_fault_plan(value: str | None) -> FaultPlan | None:

@@ -3,7 +3,9 @@ LoRA loader (peft layers beside the base weights), cached on disk for GGUF, and 
 
 from __future__ import annotations
 
+import errno
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
 from fluxfarm.worker.model.pipeline import LoadedModel, load_model
 from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.render.fault_injection import FaultPlan
 from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.adapter_files import load_clip_lora_with_peft, write_peft_lora
@@ -172,3 +175,38 @@ def test_unusable_loras_fail_with_the_reason_and_leave_the_weights_alone(
         with pytest.raises(JobInputError, match=reason):
             engine.render(_job(path))
     assert np.array_equal(_pixels(engine, _job(None)), base)
+
+
+def test_a_fuse_that_fails_half_way_puts_the_base_weights_back(tiny_model: Path, lora: Path, tmp_path: Path) -> None:
+    """Issue 18, finding 6: the GPU runs out of memory after two layers of a set are fused; the next job
+    without LoRAs renders exactly as on a clean worker, and the set fuses cleanly once memory allows."""
+    settings = FarmSettings(cache_dir=tmp_path / "cache", job_file_roots=[str(lora.parent)])
+    clean = _engine(tiny_model, QuantLevel.Q8_0, settings)
+    base, with_lora = _pixels(clean, _job(None)), _pixels(clean, _job(lora))
+    engine = _engine(tiny_model, QuantLevel.Q8_0, settings)
+    assert np.array_equal(_pixels(engine, _job(None)), base)
+    engine.faults = FaultPlan(oom_fusing_after_layers=2)
+    with pytest.raises(torch.OutOfMemoryError, match="fusing a LoRA set's layer 3"):
+        engine.render(_job(lora))
+    assert engine.loras.active_id is None and not engine.loras.active
+    assert np.array_equal(_pixels(engine, _job(None)), base), "no half-fused LoRA left in the base weights"
+    engine.faults = None
+    assert np.array_equal(_pixels(engine, _job(lora)), with_lora)
+    assert np.array_equal(_pixels(engine, _job(None)), base)
+
+
+def test_a_full_disk_drops_the_fused_cache_not_the_job(
+    tiny_model: Path, lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = FarmSettings(cache_dir=tmp_path / "cache", job_file_roots=[str(lora.parent)])
+    want = _pixels(_engine(tiny_model, QuantLevel.Q8_0, settings), _job(lora, 0.3))
+    fused = settings.cache_dir / "fused-lora"
+    shutil.rmtree(fused)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fluxfarm.worker.adapters.lora_fuser.save_file", disk_full)
+    engine = _engine(tiny_model, QuantLevel.Q8_0, settings)
+    assert np.array_equal(_pixels(engine, _job(lora, 0.3)), want)
+    assert list(fused.iterdir()) == [], "no half-written cache folder is left to be read later"
