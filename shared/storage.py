@@ -12,10 +12,11 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from fluxfarm.shared.errors import ObjectExists, ObjectNotFound, StorageError
 from fluxfarm.shared.settings import FarmSettings
@@ -192,13 +193,26 @@ class LocalStore(ObjectStore):
         return self.uri(key)  # a local file is as shared as its file system: no expiry to sign
 
     def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str], if_absent: bool) -> None:
+        self._write(key, lambda handle: handle.write(data), if_absent)
+
+    def _put_file(self, key: str, source: Path, content_type: str) -> None:
+        def copy(handle: BinaryIO) -> None:
+            with source.open("rb") as data:
+                shutil.copyfileobj(data, handle)
+
+        self._write(key, copy, if_absent=False)
+
+    def _write(self, key: str, fill: Callable[[BinaryIO], object], if_absent: bool) -> None:
+        """Fill a new temporary file, then rename it over the key. The temporary name is random and
+        created exclusively (mkstemp: O_CREAT | O_EXCL), so a name planted in a shared folder, a symlink
+        included, is never opened or written through."""
         path = self._path(key)
         with _os_errors(key, "store"):  # e.g. a key whose folder is a stored file, or the reverse
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
             try:
                 with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
+                    fill(handle)
                 if if_absent:
                     try:
                         os.link(tmp, path)  # atomic, and refuses an existing name
@@ -208,14 +222,6 @@ class LocalStore(ObjectStore):
                     os.replace(tmp, path)
             finally:
                 Path(tmp).unlink(missing_ok=True)
-
-    def _put_file(self, key: str, source: Path, content_type: str) -> None:
-        path = self._path(key)
-        with _os_errors(key, "store"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".tmp-{path.name}")
-            shutil.copyfile(source, partial)
-            partial.replace(path)
 
     def _list(self, folder: str) -> Iterator[str]:
         directory = self._path(folder.rstrip("/"))

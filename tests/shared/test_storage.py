@@ -99,3 +99,24 @@ def test_a_share_url_reads_the_object_without_credentials(store: ObjectStore) ->
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in url
     if url.startswith("http"):
         assert "X-Amz-Signature=" in url and "X-Amz-Expires=600" in url
+
+
+def test_a_planted_temporary_name_is_never_written_through(tmp_path: Path) -> None:
+    """Issue 18, finding 9: an export into a shared folder where someone planted `.tmp-<name>` as a
+    symlink to a file of the exporting user's wrote through it, overwriting that file."""
+    from fluxfarm.producer.export import export_dataset
+
+    shared, victim = tmp_path / "shared", tmp_path / "victim.txt"
+    shared.mkdir()
+    victim.write_text("precious")
+    for name in ("moths.jsonl", "d/j.json"):
+        (shared / name).parent.mkdir(parents=True, exist_ok=True)
+        (shared / name).with_name(f".tmp-{Path(name).name}").symlink_to(victim)
+    dest = LocalStore(shared)
+    summary = export_dataset(LocalStore(tmp_path / "renders"), "moths", "jsonl", dest)
+    source = tmp_path / "one.json"
+    source.write_bytes(b"{}")
+    dest.put_file("d/j.json", source, "application/json")
+    assert victim.read_text() == "precious"
+    assert summary.files == [dest.uri("moths.jsonl")] and (shared / "moths.jsonl").is_file()
+    assert dest.get("d/j.json") == b"{}"
