@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, MAX_CONTROL_IMAGE_PIXELS, ControlNetSpec, inline_png
 from fluxfarm.shared.errors import JobInputError, ObjectNotFound, StorageError
@@ -34,6 +34,9 @@ from fluxfarm.worker.model.sources import bucket_store, resolve_job_file, resolv
 from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
 
 log = logging.getLogger(__name__)
+
+CONTROL_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+"""What PIL may decode a control image as."""
 
 _MATCHING_CONFIG = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim")
 """What a ControlNet shares with the transformer it was trained beside: another base model differs here."""
@@ -137,7 +140,9 @@ class ControlNets:
         """The decoded RGB control image (checked for pixel count before decoding) and the metadata entry."""
         data, origin = self._image_bytes(spec.control_image)
         try:
-            image = Image.open(io.BytesIO(data))
+            # Three formats every tool writes; each other decoder PIL carries is attack surface a
+            # control image does not need.
+            image = Image.open(io.BytesIO(data), formats=CONTROL_IMAGE_FORMATS)
             width, height = image.size
             if width * height > MAX_CONTROL_IMAGE_PIXELS:
                 raise JobInputError(
@@ -145,6 +150,9 @@ class ControlNets:
                     "a control image may have"
                 )
             image = image.convert("RGB")
+        except UnidentifiedImageError:
+            formats = ", ".join(CONTROL_IMAGE_FORMATS)
+            raise JobInputError(f"control image {origin} is not a readable image of {formats}") from None
         except (OSError, Image.DecompressionBombError) as error:
             raise JobInputError(f"control image {origin} is not a readable image: {error}") from None
         loaded = self.get(spec)

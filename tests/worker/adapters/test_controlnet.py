@@ -86,6 +86,7 @@ def test_unusable_controlnets_and_control_images_fail_with_the_reason(
     huge = files / "huge.png"
     Image.new("L", (4100, 4100)).save(huge)
     (files / "not-an-image.png").write_bytes(b"hello")
+    Image.new("RGB", (64, 64)).save(files / "control.tiff")  # readable by PIL, not a control image format
     other = files / "other-model"
     shutil.copytree(files / "canny", other, dirs_exist_ok=True)
     config = json.loads((other / "config.json").read_text())
@@ -93,6 +94,7 @@ def test_unusable_controlnets_and_control_images_fail_with_the_reason(
     cases = {
         _job(files, image=str(huge)): "4100x4100: more than",
         _job(files, image=str(files / "not-an-image.png")): "not a readable image",
+        _job(files, image=str(files / "control.tiff")): "not a readable image of PNG, JPEG, WEBP",
         _job(files, image=str(files / "missing.png")): "does not exist",
         _job(files, source=str(files / "no-such-controlnet")): "does not exist",
         _job(files, source=str(other)): "made for another base model: its joint_attention_dim",
