@@ -22,6 +22,10 @@ MAX_LORAS = 4
 """Each LoRA is fused into the weights once per set; four covers style + subject + detail LoRAs."""
 MAX_SOURCE_CHARS = 1024
 MAX_LORA_WEIGHT = 4.0
+LORA_WEIGHT_DECIMALS = 2
+"""LoRA weights are rounded to 0.01: each distinct set of weights is fused (and cached) apart, and
+weights 1.0, 0.999, 0.998 ... would each cost a fuse and a transformer's worth of cache for the same
+image. Every weight people write (0.7, 0.75, 1.2) is on the grid already."""
 MAX_INLINE_IMAGE_BYTES = 1 << 20
 """An inline control image travels in every copy of the job (queue, metadata): larger ones go through S3."""
 MAX_CONTROL_IMAGE_BYTES = 16 << 20
@@ -65,6 +69,11 @@ class LoraSpec(BaseModel):
 
     source: str = Field(description="A .safetensors LoRA: hf://owner/repo/file, s3://bucket/key or a worker path.")
     weight: float = Field(default=1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)
+
+    @field_validator("weight")
+    @classmethod
+    def _on_grid(cls, value: float) -> float:
+        return round(value, LORA_WEIGHT_DECIMALS) + 0.0  # + 0.0: -0.0 and 0.0 are one weight
 
     @field_validator("source")
     @classmethod

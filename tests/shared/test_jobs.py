@@ -147,3 +147,15 @@ def test_an_explicit_id_of_content_id_shape_must_be_the_jobs_own() -> None:
 def test_task_ids_differ_between_datasets() -> None:
     assert task_id("a", "x") != task_id("b", "x")
 
+
+def test_near_equal_lora_weights_are_one_job_and_one_fused_set() -> None:
+    """Issue 18, finding 5: weights 1.0, 0.999, 0.998 ... each cost a fuse and a transformer's worth of cache."""
+    jobs = [
+        parse_job({"prompt": "p", "loras": [{"source": "/l/a.safetensors", "weight": w}]})
+        for w in (1.0, 0.999, 0.998, 1.004)
+    ]
+    assert {job.id for job in jobs} == {jobs[0].id} and {job.lora_set for job in jobs} == {jobs[0].lora_set}
+    assert jobs[1].loras[0].weight == 1.0
+    assert parse_job({"prompt": "p", "loras": [{"source": "/l/a.safetensors", "weight": 0.75}]}).loras[0].weight == 0.75
+    zero = parse_job({"prompt": "p", "loras": [{"source": "/l/a.safetensors", "weight": -0.001}]})
+    assert str(zero.loras[0].weight) == "0.0"
