@@ -99,7 +99,31 @@ class FarmSettings(BaseSettings):
     )
     cache_dir: Path = Field(default=Path("~/.cache/fluxfarm"), description="Downloaded models and file digests.")
     cache_max_gib: float | None = Field(
-        default=None, gt=0, description="Size limit of the model download cache; least recently used files go first."
+        default=200.0,
+        gt=0,
+        description=(
+            "Size limit of the model download cache (models and the files jobs name); least recently used "
+            "files go first. Unset it only where something else bounds the disk."
+        ),
+    )
+    fused_cache_max_gib: float = Field(
+        default=64.0,
+        gt=0,
+        description="Size limit of the fused-LoRA block cache; the least recently used LoRA sets go first, whole.",
+    )
+    job_file_max_gib: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Largest file a job may make a worker fetch or read (a LoRA), checked from the size the store, "
+            "the Hub or the disk reports before it is downloaded or read."
+        ),
+    )
+    job_folder_max_gib: float = Field(
+        default=8.0, gt=0, description="Largest model folder a job may make a worker fetch (a ControlNet)."
+    )
+    job_folder_max_files: int = Field(
+        default=64, ge=1, description="Most files of a model folder a job may make a worker fetch (a ControlNet)."
     )
     job_file_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

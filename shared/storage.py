@@ -117,10 +117,6 @@ class ObjectStore(ABC):
         a resubmit learns what is done without a request per job."""
         return {name.removesuffix(".json") for name in self._job_files(dataset) if name.endswith(".json")}
 
-    def keys_under(self, folder: str) -> list[str]:
-        """Every key that starts with `folder` (a model folder to download), in any order."""
-        return list(self._list(folder))
-
     def put_file(self, key: str, source: Path, content_type: str) -> None:
         """Store a local file without reading it into memory (large exports: tar shards, parquet)."""
         self._put_file(_check_key(key), source, content_type)
@@ -314,6 +310,19 @@ class S3Store(ObjectStore):
     def _put_file(self, key: str, source: Path, content_type: str) -> None:
         with self._errors_for(key, "store"):  # multipart above boto3's threshold
             self._client.upload_file(str(source), self.bucket, key, ExtraArgs={"ContentType": content_type})
+
+    def sizes_under(self, folder: str, limit: int) -> dict[str, int]:
+        """Key -> size of at most `limit` objects under `folder`, from the listing itself (no request per
+        object): what a download would cost, known before it starts."""
+        sizes: dict[str, int] = {}
+        with self._errors_for(folder.rstrip("/"), "list"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    if len(sizes) >= limit:
+                        return sizes
+                    sizes[entry["Key"]] = int(entry["Size"])
+        return sizes
 
     def _list(self, folder: str) -> Iterator[str]:
         with self._errors_for(folder.rstrip("/"), "list"):

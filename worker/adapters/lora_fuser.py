@@ -19,9 +19,11 @@ weights a set replaces are kept in host memory, so the next set (or none) starts
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +41,7 @@ from fluxfarm.shared.metadata import LoraInfo
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.adapters.lora_files import LowRank, read_lora
 from fluxfarm.worker.adapters.weight_slots import Storage, WeightSlot, check_update_shape, find_slots
-from fluxfarm.worker.model.cache import ModelCache
+from fluxfarm.worker.model.cache import GIB
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.sources import resolve_job_file
 
@@ -63,22 +65,26 @@ class LoadedLora:
 
 
 class FusedCache:
-    """Fused GGUF blocks on disk: one folder per (base, level, LoRA set), its manifest written last."""
+    """Fused GGUF blocks on disk: one folder per (base, level, LoRA set), its manifest written last.
 
-    def __init__(self, root: Path, max_gib: float | None, digests: DigestCache) -> None:
+    Bounded in bytes: the least recently used sets go first, whole (a set with some of its parts
+    gone would only be fused again), and half-written folders of sets that failed go before any."""
+
+    def __init__(self, root: Path, max_gib: float) -> None:
         self.root = root
-        self._files = ModelCache(root, max_gib, digests)
+        self.max_bytes = int(max_gib * GIB)
 
     def folder(self, key: str) -> Path:
         return self.root / key
 
     def load(self, key: str) -> dict[str, Storage] | None:
         folder = self.folder(key)
-        if not (folder / "manifest.json").is_file():
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
             return None
+        os.utime(manifest)  # used now: the last set to be evicted
         stored: dict[str, Storage] = {}
         for path in sorted(folder.glob("part-*.safetensors")):
-            self._files.touch(path)
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     slot, _, part = name.rpartition(":")
@@ -86,15 +92,41 @@ class FusedCache:
         return stored
 
     def writer(self, key: str) -> _ChunkWriter:
-        return _ChunkWriter(self.folder(key), self._files)
+        return _ChunkWriter(self.folder(key), self)
+
+    def make_room(self, incoming_bytes: int, writing: Path) -> None:
+        """Evict other sets, least recently used first, until `incoming_bytes` more fit; OSError (as a full
+        disk would raise) when they cannot."""
+        if incoming_bytes + _folder_bytes(writing) > self.max_bytes:
+            raise OSError(
+                errno.ENOSPC, f"a LoRA set larger than FLUXFARM_FUSED_CACHE_MAX_GIB ({self.max_bytes / GIB:.1f} GiB)"
+            )
+        others = [folder for folder in self.root.iterdir() if folder.is_dir() and folder != writing]
+
+        def last_used(folder: Path) -> float:
+            manifest = folder / "manifest.json"
+            return manifest.stat().st_mtime if manifest.is_file() else 0.0  # half-written: first out
+
+        sizes = {folder: _folder_bytes(folder) for folder in others}
+        used = sum(sizes.values()) + _folder_bytes(writing)
+        for folder in sorted(others, key=last_used):
+            if used + incoming_bytes <= self.max_bytes:
+                break
+            shutil.rmtree(folder, ignore_errors=True)
+            used -= sizes[folder]
+            log.info("fused LoRA set %s evicted from the cache (least recently used)", folder.name)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*") if path.is_file()) if folder.is_dir() else 0
 
 
 class _ChunkWriter:
     """Writes one set's fused blocks. A write that fails (a full disk) abandons the folder: the cache
     is a saving, never a reason to fail the job whose weights are already fused."""
 
-    def __init__(self, folder: Path, files: ModelCache) -> None:
-        self._folder, self._files = folder, files
+    def __init__(self, folder: Path, cache: FusedCache) -> None:
+        self._folder, self._cache = folder, cache
         self._pending: dict[str, torch.Tensor] = {}
         self._bytes = 0
         self._parts = 0
@@ -123,7 +155,7 @@ class _ChunkWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        self._files.make_room(self._bytes)
+        self._cache.make_room(self._bytes, self._folder)
         path = self._folder / f"part-{self._parts:04d}.safetensors"
         partial = path.with_name(f".{path.name}.partial")
         save_file(self._pending, str(partial))
@@ -155,7 +187,7 @@ class LoraFuser:
         self._level = level
         self._settings = settings
         self._digests = DigestCache(settings.cache_dir)
-        self._cache = FusedCache(settings.cache_dir / "fused-lora", settings.cache_max_gib, self._digests)
+        self._cache = FusedCache(settings.cache_dir / "fused-lora", settings.fused_cache_max_gib)
         self._originals: dict[str, Storage] = {}
         self.active_id: str | None = None
         self.active: tuple[LoadedLora, ...] = ()

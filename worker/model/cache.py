@@ -12,13 +12,13 @@ from pathlib import Path
 from fluxfarm.shared.errors import JobInputError, ModelLoadError
 from fluxfarm.worker.model.file_digest import DigestCache
 
-_GIB = 1024**3
+GIB = 1024**3
 
 
 class ModelCache:
     def __init__(self, root: Path, max_gib: float | None, digests: DigestCache) -> None:
         self.root = root
-        self.max_bytes = None if max_gib is None else int(max_gib * _GIB)
+        self.max_bytes = None if max_gib is None else int(max_gib * GIB)
         self._digests = digests
 
     def path_for(self, bucket: str, key: str) -> Path:
@@ -45,7 +45,7 @@ class ModelCache:
             return []
         if incoming_bytes > self.max_bytes:
             raise ModelLoadError(
-                f"a {incoming_bytes / _GIB:.1f} GiB model file cannot fit a {self.max_bytes / _GIB:.1f} GiB cache"
+                f"a {incoming_bytes / GIB:.1f} GiB model file cannot fit a {self.max_bytes / GIB:.1f} GiB cache"
             )
         files = sorted((p for p in self.files() if p != keep), key=lambda p: p.stat().st_mtime)
         used = sum(p.stat().st_size for p in self.files())
