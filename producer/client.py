@@ -24,10 +24,12 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
+from fluxfarm.producer.job_inputs import InputStager
+from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, image_type
 from fluxfarm.shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_render, task_id
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, SentJob
 from fluxfarm.shared.errors import InvalidJob, JobConflict, JobFailed, ObjectNotFound
-from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job
 from fluxfarm.shared.lora_queues import note_lora_queues
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.redis_conn import open_redis
@@ -113,8 +115,19 @@ class JobHandle:
             error = self._async.result
             reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
             raise JobFailed(self.job_id, reason)
-        self._stored = _owned(self.job, RenderResult.model_validate(value))
+        self._stored = self._own_result(value)
         return self._stored
+
+    def _own_result(self, value: Any) -> RenderResult:
+        """The task's return value (the metadata less the job, and the job's dataset) as this job's result,
+        once its dataset and job id are this job's."""
+        if not isinstance(value, dict) or (value.get("dataset"), value.get("job_id")) != (
+            self.job.dataset,
+            self.job_id,
+        ):
+            raise _conflict(self.job, "a result from the backend")
+        fields = {key: item for key, item in value.items() if key != "dataset"}
+        return RenderResult.model_validate({**fields, "job": self.job.model_dump(mode="json")})
 
 
 class JobBatch:
@@ -183,6 +196,7 @@ class FarmClient:
         self._app = make_celery_app(self.settings)
         self.store = open_store(self.settings)
         """Where the images and their metadata are."""
+        self._inputs = InputStager(self.store)
         self._redis = open_redis(self.settings)
         self.datasets = DatasetBook(self._redis)
         """The dataset records in the broker's Redis (what is queued, running, done, failed)."""
@@ -217,6 +231,18 @@ class FarmClient:
         sent = self.datasets.sent_job(job.dataset, job.id) if job.named else None
         if sent is not None and sent.job != job.model_dump(mode="json"):
             raise _conflict(job, "queued")
+
+    def store_input(self, data: bytes, dataset: str = DEFAULT_DATASET) -> str:
+        """Store a control image (PNG, JPEG or WebP, at most 16 MiB) for jobs of `dataset` and return the
+        `sha256:<hex>` their `controlnet.control_image` names it by: an image too large to send inline, or
+        one many jobs share, is uploaded once and never travels through Redis."""
+        parse_dataset_name(dataset)
+        kind = image_type(data)
+        if kind is None:
+            raise InvalidJob("a control image must be a PNG, JPEG or WebP file")
+        if len(data) > MAX_CONTROL_IMAGE_BYTES:
+            raise InvalidJob(f"a control image must be at most {MAX_CONTROL_IMAGE_BYTES >> 20} MiB")
+        return self._inputs.store(dataset, data, kind)
 
     def image_url(self, result: RenderResult, expires_s: int = 3600) -> str:
         """A URL that fetches the result's PNG without credentials for `expires_s` (presigned on S3)."""
@@ -265,7 +291,7 @@ class FarmClient:
         """Validate and enqueue one job; a job already stored returns its stored result instead.
         A `high` job is served before every `normal` and `low` one still waiting."""
         valid = parse_job(dict(job) if isinstance(job, Mapping) else job)
-        return self._submit_valid(valid, priority)
+        return self._submit_valid(self._inputs.stage(valid), priority)
 
     def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]], priority: Priority = "normal") -> JobBatch:
         """Validate every job first (nothing is enqueued if any is invalid), then enqueue them all."""
@@ -278,7 +304,7 @@ class FarmClient:
                 problems.append(f"job {index}: {error}")
         if problems:
             raise InvalidJob("; ".join(problems))
-        return JobBatch(self, [self._submit_valid(job, priority) for job in valid])
+        return JobBatch(self, [self._submit_valid(self._inputs.stage(job), priority) for job in valid])
 
     def submit_stream(
         self,
@@ -301,7 +327,7 @@ class FarmClient:
         chunk: list[RenderJob] = []
         with self._app.producer_or_acquire() as producer:
             for item in jobs:
-                job = parse_job(dict(item) if isinstance(item, Mapping) else item)
+                job = self._inputs.stage(parse_job(dict(item) if isinstance(item, Mapping) else item))
                 if job.dataset not in known:
                     # Waiting first, then stored: a job that finishes in between is still in one of the two.
                     # (Listing storage first missed a job stored just after the listing and marked done

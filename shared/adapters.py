@@ -27,7 +27,13 @@ LORA_WEIGHT_DECIMALS = 2
 weights 1.0, 0.999, 0.998 ... would each cost a fuse and a transformer's worth of cache for the same
 image. Every weight people write (0.7, 0.75, 1.2) is on the grid already."""
 MAX_INLINE_IMAGE_BYTES = 1 << 20
-"""An inline control image travels in every copy of the job (queue, metadata): larger ones go through S3."""
+"""The largest inline control image a job may be written with; larger ones go through S3."""
+INLINE_KEEP_BYTES = 64 << 10
+"""Inline images up to this size travel in the message. The client stores a larger one in the farm's
+storage at submit and the message names it by digest (`sha256:<hex>`): every copy of a job (queue
+message, dataset record, lost-job sweep, metadata) would otherwise carry the whole image."""
+STORED_INPUT_PREFIX = "sha256:"
+_STORED_INPUT = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAX_CONTROL_IMAGE_BYTES = 16 << 20
 MAX_CONTROL_IMAGE_PIXELS = 4096 * 4096
 """A control image is resized to the job's size (at most 2048^2); anything past 4096^2 is a mistake or a bomb."""
@@ -94,7 +100,11 @@ class ControlNetSpec(BaseModel):
         "or a worker path."
     )
     control_image: str = Field(
-        description="s3://bucket/key, a worker path, or an inline PNG as data:image/png;base64,... (at most 1 MiB)."
+        description=(
+            "s3://bucket/key, a worker path, an inline PNG as data:image/png;base64,... (at most 1 MiB; the "
+            "client stores one over 64 KiB and sends its digest), or sha256:<hex> of an image stored in the "
+            "job's dataset (FarmClient.store_input)."
+        )
     )
     conditioning_scale: float = Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)
     control_mode: int | None = Field(
@@ -112,10 +122,15 @@ class ControlNetSpec(BaseModel):
         if value.startswith("data:"):
             inline_png(value)
             return value
+        if value.startswith(STORED_INPUT_PREFIX):
+            if stored_input_digest(value) is None:
+                raise ValueError(f"control_image {value[:80]!r} must be sha256: and 64 lowercase hex digits")
+            return value
         if value.startswith("s3://") or value.startswith("/"):
             return _check_source(value, "control image")
         raise ValueError(
-            f"control_image {value[:80]!r} must be s3://bucket/key, an absolute worker path or {INLINE_PNG_PREFIX}..."
+            f"control_image {value[:80]!r} must be s3://bucket/key, an absolute worker path, sha256:<hex> "
+            f"or {INLINE_PNG_PREFIX}..."
         )
 
 
@@ -133,6 +148,22 @@ def inline_png(value: str) -> bytes:
     if not data.startswith(_PNG_SIGNATURE):
         raise ValueError("an inline control image must be a PNG")
     return data
+
+
+_IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+
+
+def image_type(data: bytes) -> str | None:
+    """The content type of a PNG, JPEG or WebP file by its signature (the formats a control image may
+    be); None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _IMAGE_SIGNATURES.items() if data.startswith(magic)), None)
+
+
+def stored_input_digest(value: str) -> str | None:
+    """The digest a `sha256:<hex>` control image names, or None for any other form."""
+    return value.removeprefix(STORED_INPUT_PREFIX) if _STORED_INPUT.fullmatch(value) else None
 
 
 def as_inline_png(png: bytes) -> str:

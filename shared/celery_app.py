@@ -121,7 +121,9 @@ def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
         task_default_queue=QUEUE_ANY,
         task_default_priority=PRIORITY_STEPS["normal"],
         result_expires=settings.result_expires_s,
-        result_extended=True,
+        # The task's return value only: extended results kept the job's whole payload (its prompt, an
+        # inline image) in every celery-task-meta key again.
+        result_extended=False,
         worker_hijack_root_logger=False,
         enable_utc=True,
     )

@@ -93,6 +93,11 @@ class ObjectStore(ABC):
         """The dataset's manifest: in a subfolder, where no job's objects can be (job ids hold no '/')."""
         return _check_key(f"{self.dataset_folder(dataset)}fluxfarm/manifest.json")
 
+    def input_key(self, dataset: str, sha256: str) -> str:
+        """A job input stored by digest (a control image): in the dataset's `fluxfarm/` subfolder, beside
+        the manifest, where no job's objects can be."""
+        return _check_key(f"{self.dataset_folder(dataset)}fluxfarm/inputs/{sha256}")
+
     def stored_results(self, dataset: str) -> list[ResultKeys]:
         """The finished jobs' keys (metadata JSON present, and so the PNG before it), in job id order,
         from one listing."""
@@ -116,6 +121,10 @@ class ObjectStore(ABC):
         """Ids of the dataset's finished jobs (those whose metadata JSON exists), from one listing:
         a resubmit learns what is done without a request per job."""
         return {name.removesuffix(".json") for name in self._job_files(dataset) if name.endswith(".json")}
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes, before reading it; ObjectNotFound when it is not there."""
+        return self._size(_check_key(key))
 
     def put_file(self, key: str, source: Path, content_type: str) -> None:
         """Store a local file without reading it into memory (large exports: tar shards, parquet)."""
@@ -152,6 +161,9 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def _exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _size(self, key: str) -> int: ...
 
     @abstractmethod
     def _delete(self, key: str) -> None: ...
@@ -236,6 +248,12 @@ class LocalStore(ObjectStore):
 
     def _exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def _size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return path.stat().st_size
 
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -335,10 +353,9 @@ class S3Store(ObjectStore):
         with self._errors_for(key, "read"):
             return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
-    def size(self, key: str) -> int:
-        """The object's size in bytes (before downloading it)."""
+    def _size(self, key: str) -> int:
         with self._errors_for(key, "check"):
-            return int(self._client.head_object(Bucket=self.bucket, Key=_check_key(key))["ContentLength"])
+            return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
 
     def head_metadata(self, key: str) -> dict[str, str]:
         """The object's user metadata (S3 `x-amz-meta-*`)."""

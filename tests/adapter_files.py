@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,3 +102,36 @@ def control_png(width: int, height: int, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def noise_png(width: int, height: int, seed: int = 0) -> bytes:
+    """An image PNG cannot shrink (random pixels): about 3 bytes a pixel, for inputs of a known size."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+LORA_MODULES = (
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.add_q_proj",
+    "single_transformer_blocks.0.proj_out",
+)
+
+
+def write_lora_with_config(out_dir: Path, config: dict[str, Any]) -> Path:
+    """A rank-4 LoRA saved by diffusers with the adapter config a hostile or an honest trainer would write
+    (random weights, no model needed)."""
+    generator = torch.Generator().manual_seed(0)
+    layers = {}
+    for name in LORA_MODULES:
+        layers[f"{name}.lora_A.weight"] = torch.randn(4, 16, generator=generator)
+        layers[f"{name}.lora_B.weight"] = torch.randn(16, 4, generator=generator)
+    metadata = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "add_q_proj", "proj_out"], **config}
+    FluxPipeline.save_lora_weights(
+        out_dir,
+        weight_name="lora.safetensors",
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=metadata,
+    )
+    return out_dir / "lora.safetensors"

@@ -4,17 +4,27 @@ LoRA, the ControlNet and the control images read from S3; bad ones fail their jo
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from fluxfarm.producer.client import FarmClient
+from fluxfarm.shared.adapters import INLINE_KEEP_BYTES, as_inline_png
+from fluxfarm.shared.celery_app import task_id
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.tools.tiny_model import gguf_path
-from tests.adapter_files import control_png, write_peft_lora, write_tiny_controlnet
+from tests.adapter_files import (
+    control_png,
+    noise_png,
+    write_lora_with_config,
+    write_peft_lora,
+    write_tiny_controlnet,
+)
 from tests.conftest import Farm, S3Server, fresh_farm_settings, start_worker
 
 pytestmark = pytest.mark.slow
@@ -37,6 +47,8 @@ def adapter_farm(
     s3.put_object(Bucket=bucket, Key="control/edges.png", Body=control_png(256, 256))
     Image.new("L", (4100, 4100)).save(work / "huge.png")
     s3.upload_file(str(work / "huge.png"), bucket, "control/huge.png")
+    hostile = write_lora_with_config(work / "hostile", {"rank_pattern": {"(.|.|.)*#": 8}})
+    s3.upload_file(str(hostile), bucket, "loras/hostile.safetensors")
     settings = fresh_farm_settings(redis_server, s3_server, f"s3://{bucket}/renders", work)
     worker = start_worker(
         settings, tiny_model, gguf_path(tiny_model, QuantLevel.Q8_0), work / "worker.log", "w-adapters"
@@ -88,3 +100,44 @@ def test_lora_and_controlnet_jobs_render_through_the_queue_and_bad_ones_fail_alo
     images = {name: result.image.sha256 for name, result in results.items()}
     assert len(set(images.values())) == 4, "the LoRA and the ControlNet each change the image"
     assert adapter_farm.worker.process.poll() is None, "the bad jobs failed, the worker did not"
+
+
+def test_a_lora_with_a_hostile_pattern_fails_in_seconds_and_the_worker_renders_on(adapter_farm: Farm) -> None:
+    """Issue 18, finding 1, end to end: compiled as a regular expression, this pattern froze the worker
+    for minutes per module name (heartbeat, leases and shutdown with it)."""
+    hostile = {"source": f"s3://{adapter_farm.bucket}/loras/hostile.safetensors"}
+    with FarmClient(adapter_farm.settings) as client:
+        started = time.monotonic()
+        handle = client.submit({**JOB, "seed": 21, "loras": [hostile]})
+        with pytest.raises(JobFailed, match="not a module name"):
+            handle.result(RESULT_TIMEOUT_S)
+        assert time.monotonic() - started < 10
+        assert client.submit({**JOB, "seed": 22}).result(RESULT_TIMEOUT_S).loras == ()
+
+
+def test_a_large_inline_control_image_is_stored_once_and_never_sent_through_redis(adapter_farm: Farm) -> None:
+    """Issue 18, finding 2: a 1 MiB inline image cost 3.5 MiB of Redis per job (message and dataset
+    record), and the result backend kept the job's whole payload again."""
+    image = noise_png(200, 200, seed=3)
+    assert len(image) > INLINE_KEEP_BYTES
+    digest = hashlib.sha256(image).hexdigest()
+    controlnet = {
+        "source": f"s3://{adapter_farm.bucket}/controlnets/canny",
+        "control_image": as_inline_png(image),
+        "conditioning_scale": 0.8,
+    }
+    job = {**JOB, "seed": 31, "dataset": "inline", "controlnet": controlnet}
+    broker = redis.Redis.from_url(adapter_farm.settings.broker_url)
+    with FarmClient(adapter_farm.settings) as client:
+        handle = client.submit(job)
+        assert handle.job.controlnet is not None and handle.job.controlnet.control_image == f"sha256:{digest}"
+        sent = broker.hget("fluxfarm:dataset:inline:sent", handle.job_id)
+        assert sent is None or len(sent) < 2048, "the dataset record holds the digest, not the image"
+        result = handle.result(RESULT_TIMEOUT_S)
+        again = client.submit(job)
+    assert again.cached and again.job_id == handle.job_id, "the same image is the same job"
+    assert result.controlnet is not None and result.controlnet.control_image_sha256 == digest
+    stored = adapter_farm.s3.keys(adapter_farm.bucket, "renders/inline/fluxfarm/inputs/")
+    assert stored == [f"renders/inline/fluxfarm/inputs/{digest}"]
+    meta = broker.get(f"celery-task-meta-{task_id('inline', handle.job_id)}")
+    assert meta is not None and b"harbour" not in meta and len(meta) < 4096, "no job payload in the backend"

@@ -131,7 +131,7 @@ def test_a_redelivered_job_is_not_rendered_again_by_the_worker(farm: Farm) -> No
         first = client.submit(job).result(timeout=RESULT_TIMEOUT_S)
         # Bypass the client's storage check, as a redelivery would.
         again = client._app.send_task(RENDER_TASK, kwargs={"job": first.job.model_dump(mode="json")})
-        replay = RenderResult.model_validate(again.get(timeout=RESULT_TIMEOUT_S))
+        replay = JobHandle(first.job, async_result=again, stored=None).result(timeout=RESULT_TIMEOUT_S)
 
     assert replay == first
     assert farm.worker.log_text().count(f"rendered job {first.job_id}") == 1

@@ -23,11 +23,18 @@ import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
 from PIL import Image, UnidentifiedImageError
 
-from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, MAX_CONTROL_IMAGE_PIXELS, ControlNetSpec, inline_png
+from fluxfarm.shared.adapters import (
+    MAX_CONTROL_IMAGE_BYTES,
+    MAX_CONTROL_IMAGE_PIXELS,
+    ControlNetSpec,
+    inline_png,
+    stored_input_digest,
+)
 from fluxfarm.shared.errors import JobInputError, ObjectNotFound, StorageError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ControlNetInfo
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.storage import ObjectStore, open_store
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.pipeline import compute_dtype
 from fluxfarm.worker.model.sources import bucket_store, resolve_job_file, resolve_job_folder
@@ -77,6 +84,7 @@ class ControlNets:
         self._device = device
         self._settings = settings
         self._digests = DigestCache(settings.cache_dir)
+        self._farm_store: ObjectStore | None = None
         self.loaded: LoadedControlNet | None = None
 
     def get(self, spec: ControlNetSpec) -> LoadedControlNet:
@@ -112,13 +120,33 @@ class ControlNets:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _image_bytes(self, source: str) -> tuple[bytes, str]:
+    def _stored_input(self, source: str, digest: str, dataset: str) -> bytes:
+        """A control image the client stored in the job's dataset, checked against its digest."""
+        if self._farm_store is None:
+            self._farm_store = open_store(self._settings)
+        store = self._farm_store
+        key = store.input_key(dataset, digest)
+        try:
+            if store.size(key) > MAX_CONTROL_IMAGE_BYTES:
+                raise JobInputError(f"control image {source} is larger than {MAX_CONTROL_IMAGE_BYTES >> 20} MiB")
+            data = store.get(key)
+        except ObjectNotFound:
+            raise JobInputError(f"control image {source} is not stored for dataset {dataset}") from None
+        except StorageError as error:  # unreachable: the next attempt tries again
+            raise StorageError(f"could not read control image {source}: {error}") from error
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise JobInputError(f"the stored control image {source} does not match its digest")
+        return data
+
+    def _image_bytes(self, source: str, dataset: str) -> tuple[bytes, str]:
         """The control image's bytes and where they came from, at most MAX_CONTROL_IMAGE_BYTES."""
         if source.startswith("data:"):
             try:
                 return inline_png(source), "inline"
             except ValueError as error:
                 raise JobInputError(f"control image: {error}") from None
+        if (digest := stored_input_digest(source)) is not None:
+            return self._stored_input(source, digest, dataset), source
         limit = f"at most {MAX_CONTROL_IMAGE_BYTES >> 20} MiB"
         if source.startswith("s3://"):
             bucket, _, key = source.removeprefix("s3://").partition("/")
@@ -136,9 +164,10 @@ class ControlNets:
             raise JobInputError(f"control image {source} is larger than the {limit} a control image may be")
         return path.read_bytes(), source
 
-    def image(self, spec: ControlNetSpec) -> tuple[Image.Image, ControlNetInfo]:
-        """The decoded RGB control image (checked for pixel count before decoding) and the metadata entry."""
-        data, origin = self._image_bytes(spec.control_image)
+    def image(self, spec: ControlNetSpec, dataset: str) -> tuple[Image.Image, ControlNetInfo]:
+        """The decoded RGB control image (checked for pixel count before decoding) and the metadata entry;
+        `dataset` is the job's (where an image stored by digest is)."""
+        data, origin = self._image_bytes(spec.control_image, dataset)
         try:
             # Three formats every tool writes; each other decoder PIL carries is attack surface a
             # control image does not need.

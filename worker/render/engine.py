@@ -339,7 +339,9 @@ class RenderEngine:
         while groups:
             group = groups.pop(0)
             group_jobs = [jobs[i] for i in group]
-            controls = [self.controlnets.image(job.controlnet) for job in group_jobs if job.controlnet is not None]
+            controls = [
+                self.controlnets.image(job.controlnet, job.dataset) for job in group_jobs if job.controlnet is not None
+            ]
             adapter_s = (fuse_s + clock.lap()) / len(group)
             fuse_s = 0.0
             try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 
 import redis
@@ -34,6 +35,11 @@ UNACKED_KEY = "unacked"
 """kombu's hash of unacknowledged messages (its default `unacked_key`)."""
 MAX_SCANNED_MESSAGES = 20_000
 """Queues longer than this are not scanned (too costly a sweep); lost jobs are found as they drain."""
+SCAN_CHUNK = 500
+"""Messages read per round trip; only their ids are kept, so a sweep's memory is a chunk plus the ids."""
+MAX_SCANNED_BYTES = 64 << 20
+MAX_SCAN_S = 10.0
+"""A sweep that would read more than this, or take longer, gives up for its round (nothing is resent)."""
 
 
 def _message_id(raw: bytes) -> str | None:
@@ -68,13 +74,40 @@ class LostJobSweeper:
         self._interval_s = interval_s
 
     def message_ids(self) -> set[str] | None:
-        """Task ids of every job with a message in a queue or unacknowledged; None if the queues are too long."""
+        """Task ids of every job with a message in a queue or unacknowledged; None when the queues are too
+        long, or reading them passes MAX_SCANNED_BYTES or MAX_SCAN_S.
+
+        Lists are read in chunks while workers pop and producers push, so a chunk may repeat or miss a
+        message that moved meanwhile; a job is resent only once it has been missing for `grace_s`, across
+        sweeps, and a copy of a job that was not lost is harmless. `unacked` is read last, so a message
+        taken from its list during the scan is found there."""
         queues = known_queues(self._redis)
         if sum(waiting_messages(self._redis, queues)) > MAX_SCANNED_MESSAGES:
             return None
-        raws = [raw for queue in queues for name in queue_lists(queue) for raw in self._redis.lrange(name, 0, -1)]
-        raws += self._redis.hvals(UNACKED_KEY)
-        return {task_id for raw in raws if (task_id := _message_id(raw)) is not None}
+        ids: set[str] = set()
+        scanned = 0
+        deadline = time.monotonic() + MAX_SCAN_S
+
+        def keep(raws: list[bytes]) -> bool:
+            nonlocal scanned
+            scanned += sum(len(raw) for raw in raws)
+            ids.update(task_id for raw in raws if (task_id := _message_id(raw)) is not None)
+            return scanned <= MAX_SCANNED_BYTES and time.monotonic() < deadline
+
+        for name in (name for queue in queues for name in queue_lists(queue)):
+            for start in range(0, MAX_SCANNED_MESSAGES, SCAN_CHUNK):
+                raws = self._redis.lrange(name, start, start + SCAN_CHUNK - 1)
+                if not keep(raws):
+                    return None
+                if len(raws) < SCAN_CHUNK:
+                    break
+        cursor = 0
+        while True:
+            cursor, entries = self._redis.hscan(UNACKED_KEY, cursor, count=SCAN_CHUNK)
+            if not keep(list(entries.values())):
+                return None
+            if cursor == 0:
+                return ids
 
     def sweep_once(self) -> list[str]:
         """One sweep (if no other worker swept within the interval); returns the ids sent again."""

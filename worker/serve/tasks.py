@@ -1,4 +1,5 @@
-"""The Celery task: thin. It hands the message to the job runner and returns the metadata as JSON."""
+"""The Celery task: thin. It hands the message to the job runner and returns the metadata as JSON, less
+the job itself: the sender holds the job, and the result backend need not hold its payload again."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def register_render_task(app: Celery, runner: JobRunner, in_flight: InFlight) ->
     def render(task: Task, job: Any, queued_at: Any = None) -> dict[str, Any]:
         try:
             with in_flight.running(task.request.id):  # its message's lease is renewed meanwhile
-                return runner.run(job, queued_at).model_dump(mode="json")
+                result = runner.run(job, queued_at)
+                return {**result.model_dump(mode="json", exclude={"job"}), "dataset": result.job.dataset}
         except RenderAttemptFailed as error:
             # The same message goes back, to the far end of its queue: other jobs flow meanwhile.
             raise Reject(str(error), requeue=True) from error

@@ -9,38 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from diffusers import FluxPipeline
 
 from fluxfarm.shared.errors import JobInputError
 from fluxfarm.worker.adapters.lora_files import HEADER_MAX_BYTES, read_lora
-
-MODULES = (
-    "transformer_blocks.0.attn.to_q",
-    "transformer_blocks.0.attn.add_q_proj",
-    "single_transformer_blocks.0.proj_out",
-)
-
-
-def _lora(out_dir: Path, config: dict[str, Any]) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    layers = {}
-    for name in MODULES:
-        layers[f"{name}.lora_A.weight"] = torch.randn(4, 16, generator=generator)
-        layers[f"{name}.lora_B.weight"] = torch.randn(16, 4, generator=generator)
-    metadata = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "add_q_proj", "proj_out"], **config}
-    FluxPipeline.save_lora_weights(
-        out_dir,
-        weight_name="lora.safetensors",
-        transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=metadata,
-    )
-    return out_dir / "lora.safetensors"
+from tests.adapter_files import write_lora_with_config
 
 
 @pytest.mark.timeout(60)  # compiled as a regex, this pattern takes years per module name
 def test_a_pattern_that_is_a_regular_expression_fails_at_once(tmp_path: Path) -> None:
-    path = _lora(tmp_path, {"rank_pattern": {"(.|.|.)*#": 8}})
+    path = write_lora_with_config(tmp_path, {"rank_pattern": {"(.|.|.)*#": 8}})
     with pytest.raises(JobInputError, match="not a module name"):
         read_lora(path, "s3://loras/hostile.safetensors")
 
@@ -56,14 +33,16 @@ def test_a_pattern_that_is_a_regular_expression_fails_at_once(tmp_path: Path) ->
 )
 def test_bad_patterns_fail_with_the_reason(tmp_path: Path, config: dict[str, Any], reason: str) -> None:
     with pytest.raises(JobInputError, match=reason):
-        read_lora(_lora(tmp_path, config), "lora")
+        read_lora(write_lora_with_config(tmp_path, config), "lora")
 
 
 def test_patterns_match_module_names_that_end_with_them_at_a_dot(tmp_path: Path) -> None:
     """peft's meaning: `to_q` is every module named to_q, `0.attn.add_q_proj` that one module; `q_proj`
     is not `add_q_proj` (no dot before it)."""
     config = {"alpha_pattern": {"to_q": 2, "0.attn.add_q_proj": 1, "q_proj": 100}, "rank_pattern": {"proj_out": 8}}
-    scales = {name: update.scale for name, update in read_lora(_lora(tmp_path, config), "lora").items()}
+    scales = {
+        name: update.scale for name, update in read_lora(write_lora_with_config(tmp_path, config), "lora").items()
+    }
     assert scales == {
         "transformer.transformer_blocks.0.attn.to_q": 2 / 4,
         "transformer.transformer_blocks.0.attn.add_q_proj": 1 / 4,

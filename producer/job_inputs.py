@@ -1,0 +1,52 @@
+"""Job inputs leave the broker: an inline control image over `INLINE_KEEP_BYTES` is stored in the farm's
+storage at submit, and the job names it by digest.
+
+A 1 MiB inline image cost 3.5 MiB of Redis per job (the queue message and the dataset record's copy,
+base64 both) and a lost-job sweep held every copy in memory. Stored once per dataset and digest, the
+same image used by many jobs is uploaded once, and the message stays a few hundred bytes. The job id
+is taken from the job as sent (a digest names the image as surely as its bytes), so resubmitting the
+same image finds the same job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from fluxfarm.shared.adapters import INLINE_KEEP_BYTES, STORED_INPUT_PREFIX, inline_png
+from fluxfarm.shared.jobs import RenderJob, parse_job
+from fluxfarm.shared.storage import ObjectStore
+
+_IMAGE_TYPE = "image/png"
+
+
+class InputStager:
+    """Stores the inputs of the jobs a client sends; remembers what it stored, so a stream of jobs that
+    share an image asks storage once."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._stored: set[str] = set()
+
+    def store(self, dataset: str, data: bytes, content_type: str = _IMAGE_TYPE) -> str:
+        """Store `data` as an input of `dataset` (once per digest); returns the `sha256:<hex>` naming it."""
+        digest = hashlib.sha256(data).hexdigest()
+        key = self._store.input_key(dataset, digest)
+        if key not in self._stored:
+            if not self._store.exists(key):
+                self._store.put(key, data, content_type)
+            self._stored.add(key)
+        return STORED_INPUT_PREFIX + digest
+
+    def stage(self, job: RenderJob) -> RenderJob:
+        """`job` as it is sent: a large inline control image replaced by the digest of its stored copy."""
+        controlnet = job.controlnet
+        if controlnet is None or not controlnet.control_image.startswith("data:"):
+            return job
+        data = inline_png(controlnet.control_image)
+        if len(data) <= INLINE_KEEP_BYTES:
+            return job
+        fields = job.model_dump(mode="json")
+        fields["controlnet"]["control_image"] = self.store(job.dataset, data)
+        if not job.named:
+            del fields["job_id"]  # the content id of the job as sent
+        return parse_job(fields)
