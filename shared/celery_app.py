@@ -38,15 +38,25 @@ def queue_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{_PRIORITY_LIST_SEP}{step}" for step in PRIORITY_STEPS.values()]
 
 
-def waiting_messages(client: redis.Redis, queues: list[str]) -> list[int]:
-    """How many messages wait in each of `queues`, all priorities together (one round trip)."""
+def waiting_by_priority(client: redis.Redis, queues: list[str]) -> list[tuple[int, ...]]:
+    """How many messages wait in each of `queues` at each priority step, highest first (one round trip)."""
     with client.pipeline() as pipe:
         for queue in queues:
             for name in queue_lists(queue):
                 pipe.llen(name)
         lengths = pipe.execute()
     steps = len(PRIORITY_STEPS)
-    return [sum(lengths[i * steps : (i + 1) * steps]) for i in range(len(queues))]
+    return [tuple(lengths[i * steps : (i + 1) * steps]) for i in range(len(queues))]
+
+
+def waiting_messages(client: redis.Redis, queues: list[str]) -> list[int]:
+    """How many messages wait in each of `queues`, all priorities together (one round trip)."""
+    return [sum(counts) for counts in waiting_by_priority(client, queues)]
+
+
+def most_urgent(counts: tuple[int, ...]) -> int | None:
+    """The index of the highest priority step at which anything waits (0 is `high`); None when empty."""
+    return next((step for step, count in enumerate(counts) if count), None)
 
 
 def task_id(dataset: str, job_id: str) -> str:

@@ -125,6 +125,23 @@ class FarmSettings(BaseSettings):
     job_folder_max_files: int = Field(
         default=64, ge=1, description="Most files of a model folder a job may make a worker fetch (a ControlNet)."
     )
+    lora_fleet_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "While base jobs wait, LoRA set queues that are no more urgent hold at most this share of the live "
+            "fleet (at least one worker)."
+        ),
+    )
+    lora_stint_max_s: float = Field(
+        default=900.0,
+        gt=0,
+        description=(
+            "A worker on a LoRA set's queue goes back to its base queues after this long when base jobs as "
+            "urgent wait."
+        ),
+    )
     job_file_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description=(

@@ -152,7 +152,13 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         log.info("consuming %s (added %s, cancelled %s)", ", ".join(adoption.queues), added, cancelled)
 
     adoption = LoraAdoption(
-        broker_redis, node, parse_level(engine.model.quant), lambda: batcher.engine.loras.active_id, change_queues
+        broker_redis,
+        node,
+        parse_level(engine.model.quant),
+        lambda: batcher.engine.loras.active_id,
+        change_queues,
+        fleet_share=settings.lora_fleet_share,
+        stint_max_s=settings.lora_stint_max_s,
     )
     log.info("consuming %s", ", ".join(adoption.queues))
     stepper = LevelStepDown(

@@ -13,6 +13,14 @@ cache at best: 8.7 s for a rank-64 set at Q8_0 on an H200), so a fleet must not 
   consumer, so that a large LoRA dataset spreads over idle workers.
 - Otherwise, and when its set's queue has emptied, the worker goes back to its constraint queues.
 A lock per queue in Redis lets one worker adopt it at a time, until the heartbeats show the adopter.
+
+Sets share the fleet with base jobs fairly (three one-job sets once took all three workers off 500
+high-priority base jobs):
+- while the worker's base queues hold jobs, it adopts a set only if the set's most urgent job is more
+  urgent than theirs, or as urgent and the workers on sets stay within `FLUXFARM_LORA_FLEET_SHARE`
+  of the live fleet (at least one);
+- a stint ends after `FLUXFARM_LORA_STINT_MAX_S` when base jobs as urgent as the set's wait; the set's
+  queue is then orphaned and adopted again under the same rules.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from collections.abc import Callable
 
 import redis
 
-from fluxfarm.shared.celery_app import waiting_messages
+from fluxfarm.shared.celery_app import most_urgent, waiting_by_priority
 from fluxfarm.shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.lora_queues import forget_idle_lora_queues, lora_queues
@@ -51,12 +59,19 @@ class LoraAdoption:
         carried: Callable[[], str | None],
         change: Callable[[list[str], list[str]], None],
         grace_s: float = 3 * CHECK_INTERVAL_S,
+        fleet_share: float = 0.5,
+        stint_max_s: float = 900.0,
     ) -> None:
         self._redis = client
         self._node = node
         self._carried = carried
         self._change = change
         self._grace_s = grace_s
+        self._fleet_share = fleet_share
+        self._stint_max_s = stint_max_s
+        self._stint_started = 0.0
+        self._rest_until = 0.0
+        """After a stint ended at its cap, sets no more urgent than the base jobs wait until then."""
         self._lock = threading.Lock()
         self._orphaned_since: dict[str, float] = {}
         self.level = level
@@ -85,17 +100,54 @@ class LoraAdoption:
                 return
             names = sorted(set(fitting) | ({self.lora_queue} if self.lora_queue else set()))
             base = queues_for_level(self.level)
-            counts = waiting_messages(self._redis, names + base)
-            waiting = dict(zip(names, counts, strict=False))
+            by_step = waiting_by_priority(self._redis, names + base)
+            urgency = {name: most_urgent(counts) for name, counts in zip(names, by_step, strict=False)}
+            waiting = {name: sum(counts) for name, counts in zip(names, by_step, strict=False)}
+            base_urgency = min(
+                (u for counts in by_step[len(names) :] if (u := most_urgent(counts)) is not None), default=None
+            )
             if self.lora_queue is not None and waiting[self.lora_queue] > 0:
-                return  # a stint lasts until the set's queue is empty
+                if self._stint_over(urgency[self.lora_queue], base_urgency):
+                    self._end_stint()
+                return  # otherwise a stint lasts until the set's queue is empty
             consumers = Counter(queue for w in workers for queue in w.queues)
             carried_elsewhere = {w.lora_set for w in workers if w.lora_set is not None}
-            target = self._choose(waiting, consumers, carried_elsewhere, idle=sum(counts[len(names) :]) == 0)
+            on_sets = sum(1 for w in workers if any(split_lora_queue(q)[1] for q in w.queues))
+            room = (
+                on_sets < max(1, int(self._fleet_share * (len(workers) + 1))) and time.monotonic() >= self._rest_until
+            )
+
+            def may_adopt(queue: str) -> bool:
+                """Base jobs waiting for this worker keep it unless the set's are more urgent, or as urgent
+                and sets hold less than their share of the fleet (and this worker's last stint did not
+                just end at its cap)."""
+                set_urgency = urgency[queue]
+                if base_urgency is None or set_urgency is None:
+                    return True
+                return set_urgency < base_urgency or (set_urgency == base_urgency and room)
+
+            allowed = {name: count for name, count in waiting.items() if may_adopt(name)}
+            target = self._choose(allowed, consumers, carried_elsewhere, idle=base_urgency is None)
             if target != self.lora_queue:
                 log.info("LoRA queue: %s -> %s", self.lora_queue or "none", target or "none (constraint queues)")
                 self.lora_queue = target
+                self._stint_started = time.monotonic()
                 self._apply()
+
+    def _stint_over(self, set_urgency: int | None, base_urgency: int | None) -> bool:
+        """True once the stint has run `stint_max_s` and base jobs at least as urgent as the set's wait."""
+        if time.monotonic() - self._stint_started < self._stint_max_s or base_urgency is None:
+            return False
+        return set_urgency is None or base_urgency <= set_urgency
+
+    def _end_stint(self) -> None:
+        """Leave the set's queue for the base queues, and rest from equally urgent sets for a stint."""
+        log.info(
+            "LoRA queue %s: stint past %.0fs with base jobs waiting; back to them", self.lora_queue, self._stint_max_s
+        )
+        self.lora_queue = None
+        self._rest_until = time.monotonic() + self._stint_max_s
+        self._apply()
 
     def _choose(
         self, waiting: dict[str, int], consumers: Counter[str], carried_elsewhere: set[str], idle: bool

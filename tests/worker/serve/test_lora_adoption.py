@@ -192,3 +192,56 @@ def test_a_worker_only_adopts_queues_its_level_serves_and_leaves_them_on_a_step_
     high.set_level(QuantLevel.Q4_K)
     assert high.lora_queue is None and high.queues == queues_for_level(QuantLevel.Q4_K)
     assert changes.changes[-1] == (queues_for_level(QuantLevel.Q4_K), [job.queue])
+
+
+def test_urgent_base_jobs_keep_every_worker_off_less_urgent_sets(farm_client, client) -> None:
+    """Issue 18, finding 7: with 500 high-priority base jobs waiting, three one-job LoRA sets took all
+    three workers."""
+    farm_client.submit_many([_job(None, seed=seed) for seed in range(5)], priority="high")
+    sets = [_job(weight) for weight in (0.5, 0.6, 0.7)]
+    farm_client.submit_many(sets)
+    workers = [_adoption(client, f"w{i}", grace_s=0)[0] for i in range(3)]
+    for worker in workers:
+        worker.tick()
+    assert [worker.lora_queue for worker in workers] == [None, None, None]
+    urgent = _job(0.9)
+    farm_client.submit_many([urgent], priority="high")
+    workers[0].tick()
+    assert workers[0].lora_queue == urgent.queue, "as urgent as the base jobs, and the fleet has room for it"
+    client.delete(*client.keys("render.any"), *client.keys("render.any:*"))
+    for worker in workers[1:]:
+        worker.tick()
+    adopted = [worker.lora_queue for worker in workers[1:]]
+    assert len(set(adopted)) == 2 and set(adopted) <= {job.queue for job in sets}, "base drained: sets are served"
+
+
+def test_equally_urgent_sets_take_at_most_their_share_of_the_fleet(farm_client, client) -> None:
+    farm_client.submit_many([_job(None, seed=seed) for seed in range(5)])
+    sets = [_job(weight) for weight in (0.5, 0.6)]
+    farm_client.submit_many(sets)
+    on_set = _worker("w-on-set", "Q8_0", [sets[0].queue])
+    publish_heartbeat(client, on_set)
+    publish_heartbeat(client, _worker("w-base", "Q8_0", queues_for_level(QuantLevel.Q8_0)))
+    publish_heartbeat(client, _worker("w-base-2", "Q8_0", queues_for_level(QuantLevel.Q8_0)))
+    quarter = LoraAdoption(client, "w-me", QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, fleet_share=0.25)
+    quarter.tick()
+    assert quarter.lora_queue is None, "one of four on sets is a quarter already"
+    half = LoraAdoption(client, "w-me", QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, fleet_share=0.5)
+    half.tick()
+    assert half.lora_queue == sets[1].queue
+
+
+def test_a_stint_ends_at_its_cap_when_base_jobs_wait(farm_client, client) -> None:
+    styled = [_job(0.8, seed=seed) for seed in range(3)]
+    farm_client.submit_many(styled)
+    capped = LoraAdoption(client, "w-me", QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, stint_max_s=0.2)
+    capped.tick()
+    assert capped.lora_queue == styled[0].queue
+    time.sleep(0.25)
+    capped.tick()
+    assert capped.lora_queue == styled[0].queue, "no base job waits: the stint goes on"
+    farm_client.submit_many([_job(None, seed=7)])
+    capped.tick()
+    assert capped.lora_queue is None and capped.queues == queues_for_level(QuantLevel.Q8_0)
+    capped.tick()
+    assert capped.lora_queue is None, "it rests from equally urgent sets for a stint"
