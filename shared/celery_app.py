@@ -135,6 +135,8 @@ def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
         # inline image) in every celery-task-meta key again.
         result_extended=False,
         worker_hijack_root_logger=False,
+        # Off unless asked for: the control channel lets anyone on the broker stop a worker consuming.
+        worker_enable_remote_control=settings.remote_control,
         enable_utc=True,
     )
     return app

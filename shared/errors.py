@@ -62,3 +62,7 @@ class ModelMissing(ModelLoadError):
 class JobInputError(FarmError):
     """A job's own inputs (a LoRA, a ControlNet, a control image) cannot be used: missing, of another
     architecture, too large. Another attempt would fail the same way, so the job fails at once."""
+
+
+class PlaceholderSecret(FarmError):
+    """A secret is still the placeholder of infra/env.example: the farm refuses to start open."""

@@ -10,10 +10,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fluxfarm.shared.errors import PlaceholderSecret
+
 DEFAULT_STORAGE_URL = "file://./fluxfarm-output"
+PLACEHOLDER_SECRET_PREFIX = "change-me"
+"""How every secret in infra/env.example begins: a farm started with one is refused, not run open."""
+
+
+def _refuse_placeholder(value: str | None, what: str) -> None:
+    # Not a ValueError: pydantic would wrap it with the whole input, every other secret included.
+    if value and value.startswith(PLACEHOLDER_SECRET_PREFIX):
+        raise PlaceholderSecret(f"{what} is still the placeholder of infra/env.example: set a secret of your own")
 
 
 class FarmSettings(BaseSettings):
@@ -138,8 +148,7 @@ class FarmSettings(BaseSettings):
         default=900.0,
         gt=0,
         description=(
-            "A worker on a LoRA set's queue goes back to its base queues after this long when base jobs as "
-            "urgent wait."
+            "A worker on a LoRA set's queue goes back to its base queues after this long when base jobs as urgent wait."
         ),
     )
     job_file_roots: Annotated[list[Path], NoDecode] = Field(
@@ -180,6 +189,21 @@ class FarmSettings(BaseSettings):
         default=0.05, ge=0, le=10, description="How long the worker waits for more held jobs before it renders."
     )
     embedding_cache: int = Field(default=256, ge=0, description="Prompt embeddings kept in host memory (4 MiB each).")
+    remote_control: bool = Field(
+        default=False,
+        description=(
+            "Workers answer Celery's remote control (inspect, add/cancel consumer, shutdown): only where Flower "
+            "or an operator's tool needs it, and then with Redis users that keep producers off the control channel."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> FarmSettings:
+        for name, url in (("BROKER_URL", self.broker_url), ("RESULT_BACKEND_URL", self.result_backend_url)):
+            _refuse_placeholder(urlsplit(url).password if url else None, f"the Redis password of FLUXFARM_{name}")
+        # boto3 reads the S3 secret from the environment; refused here too, where every process starts.
+        _refuse_placeholder(os.environ.get("AWS_SECRET_ACCESS_KEY"), "AWS_SECRET_ACCESS_KEY")
+        return self
 
     @field_validator("storage_url")
     @classmethod

@@ -67,6 +67,14 @@ EXIT_STRANDED = 75
 """The worker's exit status when it lost its model (EX_TEMPFAIL: a restart loads it afresh)."""
 
 
+def _consumed_queues(consumers: list[Consumer]) -> list[str]:
+    """The queues Celery's consumer really reads now (empty before it is ready): what the fleet report's
+    'unserved' check must see, whatever changed them."""
+    if not consumers or consumers[0].task_consumer is None:
+        return []
+    return [queue.name for queue in list(consumers[0].task_consumer.queues)]
+
+
 def _exit_stranded(reason: str) -> NoReturn:
     """No model left to render with: leave at once; the held jobs' leases lapse and others take them."""
     log.critical("%s; exiting so that the worker is restarted", reason)
@@ -185,7 +193,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
             vram_gib=worker_info.vram_gib,
             level=batcher.engine.model.quant,
             model=batcher.engine.model.info.id,
-            queues=list(adoption.queues),
+            queues=_consumed_queues(consumers) or list(adoption.queues),
             lora_set=batcher.engine.loras.active_id,
             started_at=started_at,
             last_seen=started_at,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fluxfarm.shared.errors import PlaceholderSecret
 from fluxfarm.shared.settings import FarmSettings, redact_url
 
 
@@ -73,3 +74,27 @@ def test_a_private_ca_reaches_celery_s_broker_and_backend_and_a_blank_one_is_uns
     monkeypatch.setenv("FLUXFARM_S3_ENDPOINT_URL", "")
     blank = FarmSettings()
     assert blank.tls_ca_file is None and blank.s3_endpoint_url is None
+
+
+@pytest.mark.parametrize(
+    ("env", "what"),
+    [
+        ({"FLUXFARM_BROKER_URL": "redis://producer:change-me@redis:6379/0"}, "Redis password"),
+        ({"FLUXFARM_RESULT_BACKEND_URL": "redis://:change-me-too@redis:6379/1"}, "Redis password"),
+        ({"AWS_SECRET_ACCESS_KEY": "change-me-too"}, "AWS_SECRET_ACCESS_KEY"),
+    ],
+)
+def test_the_placeholder_secrets_of_env_example_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], what: str
+) -> None:
+    """Issue 18, finding 8: a farm started with infra/env.example's values ran with them."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PlaceholderSecret, match=f"{what}.*is still the placeholder") as refused:
+        FarmSettings()
+    assert "redis://" not in str(refused.value), "the refusal names no URL, so no other secret"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-real-secret")
+    for name in env:
+        if name.startswith("FLUXFARM_"):
+            monkeypatch.setenv(name, env[name].replace("change-me", "s3cret"))
+    FarmSettings()
