@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
-from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.settings import PLACEHOLDER_SECRET_PREFIX, FarmSettings
 from tests.compose_files import interpolate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def test_the_tls_override_merged_into_the_farm_is_valid_and_serves_tls_with_the_
     merged = merge(COMPOSE, override)
     validate_compose(merged)
     redis = merged["services"]["redis"]
-    assert "--requirepass" in redis["command"] and "--appendonly" in redis["command"]
+    assert redis["command"][0] == "/etc/fluxfarm/redis/start.sh" and "--appendonly" in redis["command"]
     assert "6380:6380" in redis["ports"] and "127.0.0.1:6379:6379" in redis["ports"]
     guide = (ROOT / "docs" / "deploy" / "multi-host.md").read_text()
     made = set(re.findall(r"(?:-keyout|-out|cp \S+) (\S+\.(?:crt|key))", guide))
@@ -88,12 +89,45 @@ def _env(service: str) -> dict[str, str]:
     return {key: str(value) for key, value in SERVICES[service].get("environment", {}).items()}
 
 
-def test_redis_persists_with_aof_refuses_eviction_and_needs_a_password() -> None:
+def test_redis_persists_with_aof_refuses_eviction_and_starts_with_the_acl_users() -> None:
     command = SERVICES["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
-    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD")
+    assert (
+        command[0] == "/etc/fluxfarm/redis/start.sh"
+        and "./infra/redis:/etc/fluxfarm/redis:ro" in SERVICES["redis"]["volumes"]
+    )
+    assert not [arg for arg in command if "PASSWORD" in arg], "no password on the command line"
+    users = re.findall(r"^user (\w+)", (ROOT / "infra" / "redis" / "users.acl").read_text(), re.MULTILINE)
+    assert users == ["default", "admin", "worker", "producer", "exporter", "flower"]
+    for user in users[1:]:
+        assert _env("redis")[f"REDIS_{user.upper()}_PASSWORD"].startswith(f"${{REDIS_{user.upper()}_PASSWORD:?")
     assert any(volume.endswith(":/data") for volume in SERVICES["redis"]["volumes"])
+
+
+def test_each_fluxfarm_service_holds_its_own_redis_user_and_no_root_keys() -> None:
+    """Issue 18, finding 8: one Redis password with every command, and MinIO's root keys, went to workers,
+    producers and the exporter alike."""
+    users = {"worker": "worker", "producer": "producer", "exporter": "exporter"}
+    for service, user in users.items():
+        assert _env(service)["FLUXFARM_BROKER_URL"].startswith(f"redis://{user}:${{REDIS_{user.upper()}_PASSWORD:?")
+    assert _env("flower")["CELERY_BROKER_URL"].startswith("redis://flower:${REDIS_FLOWER_PASSWORD:?")
+    assert _env("worker")["AWS_ACCESS_KEY_ID"] == "fluxfarm-worker"
+    assert _env("producer")["AWS_ACCESS_KEY_ID"] == "fluxfarm-producer"
+    assert "AWS_SECRET_ACCESS_KEY" not in _env("exporter")
+    holders = {name for name in SERVICES if any("MINIO_ROOT" in value for value in _env(name).values())}
+    assert holders == {"minio", "minio-init"}
+    assert _env("worker")["FLUXFARM_REMOTE_CONTROL"] == "true", "Flower is deployed beside them"
+
+
+@pytest.mark.parametrize("role", ["worker", "producer"])
+def test_minio_users_are_held_to_the_farm_bucket(role: str) -> None:
+    policy = json.loads((ROOT / "infra" / "minio" / f"{role}-policy.json").read_text())
+    writes = [s for s in policy["Statement"] if "s3:PutObject" in s["Action"]]
+    assert [s["Resource"] for s in writes] == [["arn:aws:s3:::@BUCKET@/*"]]
+    assert not [s for s in policy["Statement"] if any(a.startswith("s3:Delete") or a == "s3:*" for a in s["Action"])]
+    init = (ROOT / "infra" / "minio" / "init.sh").read_text()
+    assert f"{role}-policy.json" in init or "$role-policy.json" in init
 
 
 def test_each_worker_service_reserves_its_own_gpu_and_stops_warm() -> None:
@@ -142,8 +176,10 @@ def test_grafana_is_provisioned_with_the_datasource_and_dashboard_it_mounts() ->
     assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{dashboards_dir}/fluxfarm.json"
 
 
-def test_monitoring_without_a_login_stays_on_the_host_and_flower_needs_a_password() -> None:
+def test_monitoring_stays_on_the_host_and_flower_needs_a_password() -> None:
     assert SERVICES["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert SERVICES["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+    assert SERVICES["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
     assert SERVICES["redis"]["ports"] == ["127.0.0.1:6379:6379"]
     assert "${FLOWER_PASSWORD:?" in SERVICES["flower"]["environment"]["FLOWER_BASIC_AUTH"]
     assert "${GRAFANA_ADMIN_PASSWORD:?" in SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
@@ -173,7 +209,12 @@ def test_no_secret_is_baked_into_compose() -> None:
             if SECRET_NAMES.search(key):
                 assert value.startswith("${"), f"{name}.{key} must come from the environment"
     worker_env = _env("worker")
-    assert "${REDIS_PASSWORD" in worker_env["FLUXFARM_BROKER_URL"]
+    assert "${REDIS_WORKER_PASSWORD" in worker_env["FLUXFARM_BROKER_URL"]
+
+
+def test_every_placeholder_of_env_example_is_one_the_farm_refuses() -> None:
+    secrets = {name: value for name, value in env_example().items() if SECRET_NAMES.search(name)}
+    assert secrets and all(value.startswith(PLACEHOLDER_SECRET_PREFIX) or value == "" for value in secrets.values())
 
 
 def test_env_example_names_every_variable_compose_reads() -> None:

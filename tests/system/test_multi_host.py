@@ -1,5 +1,5 @@
 """docs/deploy/multi-host.md, run as written: its certificate commands make the CA and the server
-certificate, Redis starts with `infra/compose.tls.yml`'s own command (TLS, password), S3 answers over
+certificate, Redis starts with `infra/compose.tls.yml`'s own command (TLS, ACL users), S3 answers over
 HTTPS with that certificate, and the guide's connect, worker and producer blocks render a job."""
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ import yaml
 
 from fluxfarm.producer.local_stack import find_redis_server, free_port
 from fluxfarm.shared.ladder import QuantLevel
-from tests.compose_files import interpolate
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "deploy" / "multi-host.md"
 TLS_OVERRIDE = ROOT / "infra" / "compose.tls.yml"
 REDIS_PASSWORD = "multi-host-pw-1f3a"
+"""The worker user's (the guide's GPU host connects as `worker`)."""
+REDIS_PASSWORDS = {
+    f"REDIS_{user}_PASSWORD": f"{user.lower()}-pw-{index}"
+    for index, user in enumerate(("ADMIN", "PRODUCER", "EXPORTER", "FLOWER"))
+} | {"REDIS_WORKER_PASSWORD": REDIS_PASSWORD}
 BUCKET = "farm-multi-host"
 
 
@@ -55,14 +59,15 @@ def central(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def compose_redis_command(tls_dir: Path, data_dir: Path, tls_port: int) -> list[str]:
-    """infra/compose.tls.yml's Redis command with this machine's paths, port and password."""
+    """infra/compose.tls.yml's Redis command (infra/redis/start.sh and its options) with this machine's
+    paths and port."""
     command = yaml.safe_load(TLS_OVERRIDE.read_text())["services"]["redis"]["command"]
-    command = interpolate(command, {"REDIS_PASSWORD": REDIS_PASSWORD})
-    assert command[0] == "redis-server"
+    assert command[0] == "/etc/fluxfarm/redis/start.sh"
     args = [arg.replace("/tls/", f"{tls_dir}/") for arg in command[1:]]
     args[args.index("--tls-port") + 1] = str(tls_port)
     # Plain port off, loopback, a private data folder: what the container's network and volume give.
-    return [find_redis_server(), *args, "--port", "0", "--bind", "127.0.0.1", "--dir", str(data_dir)]
+    start = ROOT / "infra" / "redis" / "start.sh"
+    return [str(start), *args, "--port", "0", "--bind", "127.0.0.1", "--dir", str(data_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +75,15 @@ def tls_redis(central: Path) -> Iterator[int]:
     port = free_port()
     data = central / "redis-data"
     data.mkdir()
+    env = {
+        **os.environ,
+        **REDIS_PASSWORDS,
+        "REDIS_ACL_FILE": str(data / "users.acl"),
+        "PATH": f"{Path(find_redis_server()).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     process = subprocess.Popen(
         compose_redis_command(central / "infra" / "tls", data, port),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -80,7 +92,12 @@ def tls_redis(central: Path) -> Iterator[int]:
     import redis
 
     client = redis.Redis(
-        host="localhost", port=port, password=REDIS_PASSWORD, ssl=True, ssl_ca_certs=str(central / "infra/tls/ca.crt")
+        host="localhost",
+        port=port,
+        username="worker",
+        password=REDIS_PASSWORD,
+        ssl=True,
+        ssl_ca_certs=str(central / "infra/tls/ca.crt"),
     )
     while True:
         try:
@@ -126,9 +143,10 @@ def host_env(central: Path, redis_port: int, s3_port: int, tiny_model: Path, hom
         "FARM_HOST": "localhost",
         "FARM_REDIS_PORT": str(redis_port),
         "FARM_S3_PORT": str(s3_port),
+        "FARM_REDIS_USER": "worker",
         "REDIS_PASSWORD": REDIS_PASSWORD,
-        "MINIO_ROOT_USER": os.environ["AWS_ACCESS_KEY_ID"],
-        "MINIO_ROOT_PASSWORD": os.environ["AWS_SECRET_ACCESS_KEY"],
+        "FARM_S3_USER": os.environ["AWS_ACCESS_KEY_ID"],
+        "S3_PASSWORD": os.environ["AWS_SECRET_ACCESS_KEY"],
         "AWS_DEFAULT_REGION": "us-east-1",
         "FLUXFARM_CA": str(central / "infra" / "tls" / "ca.crt"),
         "FLUXFARM_BUCKET": BUCKET,
@@ -157,8 +175,17 @@ def test_the_guide_s_commands_connect_a_worker_host_and_a_producer_over_tls(
             time.sleep(0.5)
         host_log = log_path.read_text(errors="replace")
         assert "0 workers" in host_log  # `fluxfarm status` answered over TLS before the worker started
+        as_producer = {
+            **env,
+            "FARM_REDIS_USER": "producer",
+            "REDIS_PASSWORD": REDIS_PASSWORDS["REDIS_PRODUCER_PASSWORD"],
+        }
         producer = bash(
-            blocks["connect"] + blocks["producer"], env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            blocks["connect"] + blocks["producer"],
+            as_producer,
+            tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         output, _ = producer.communicate(timeout=300)
         assert producer.returncode == 0, output
