@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -23,9 +22,6 @@ from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.settings import FarmSettings
 
 log = logging.getLogger(__name__)
-
-DATASET_MAX_AGE = timedelta(days=7)
-"""Finished datasets untouched this long drop out of the metrics: a farm's dataset count only grows."""
 
 
 class FarmCollector(Collector):
@@ -46,7 +42,7 @@ class FarmCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from _fleet_metrics(status)
-        yield from _dataset_metrics(status, datetime.now(UTC))
+        yield from _dataset_metrics(status)
 
 
 def _fleet_metrics(status: FarmStatus) -> Iterator[Metric]:
@@ -74,7 +70,7 @@ def _fleet_metrics(status: FarmStatus) -> Iterator[Metric]:
     yield from (alive, rate, peak, waiting, consumers)
 
 
-def _dataset_metrics(status: FarmStatus, now: datetime) -> Iterator[Metric]:
+def _dataset_metrics(status: FarmStatus) -> Iterator[Metric]:
     jobs = GaugeMetricFamily("fluxfarm_dataset_jobs", "Jobs of each dataset by state.", labels=["dataset", "state"])
     rate = GaugeMetricFamily(
         "fluxfarm_dataset_jobs_per_hour", "Each dataset's recent finishing rate.", labels=["dataset"]
@@ -82,11 +78,8 @@ def _dataset_metrics(status: FarmStatus, now: datetime) -> Iterator[Metric]:
     eta = GaugeMetricFamily(
         "fluxfarm_dataset_eta_seconds", "Seconds until each dataset has nothing queued or running.", labels=["dataset"]
     )
-    for dataset in status.datasets:
+    for dataset in status.datasets:  # the active index: finished datasets leave it after FLUXFARM_DATASET_RETENTION_S
         record = dataset.record
-        active = record.queued + record.running > 0
-        if not active and record.updated_at is not None and now - record.updated_at > DATASET_MAX_AGE:
-            continue
         for state in STATES:
             jobs.add_metric([record.name, state], getattr(record, state))
         rate.add_metric([record.name], record.rate_per_hour or 0.0)

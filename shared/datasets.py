@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -25,12 +25,27 @@ from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
 DATASETS_KEY = "fluxfarm:datasets"
-"""A set of every dataset name the farm has seen."""
+"""The active datasets: every name the farm has seen, less those retired (`retire_finished`)."""
+RETIRED_KEY = "fluxfarm:datasets:retired"
+"""Datasets that finished and stayed untouched past the retention: out of the active index, their
+records kept and read by name. A submit to one makes it active again."""
 DEAD_LETTERS_KEY = "fluxfarm:dead_letters"
 """A list of DeadLetter JSON, newest first, capped at MAX_DEAD_LETTERS."""
 MAX_DEAD_LETTERS = 10_000
 STATES = ("queued", "running", "done", "failed", "cancelled")
 MAX_FAILURE_CHARS = 500
+
+_RETIRE = """
+if redis.call('SCARD', KEYS[3]) == 0 and redis.call('SCARD', KEYS[4]) == 0
+   and (redis.call('HGET', KEYS[5], 'updated_at') or '') < ARGV[2] then
+  redis.call('SREM', KEYS[1], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+"""Retire a dataset only if, at that instant, nothing is queued or running and it was last touched
+before the cutoff (ISO-8601 UTC strings compare as times): a submit racing the check keeps it active."""
 
 _STAMP_DONE = """
 local now = redis.call('TIME')
@@ -123,6 +138,7 @@ class DatasetBook:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._stamp_done = client.register_script(_STAMP_DONE)
+        self._retire = client.register_script(_RETIRE)
 
     @classmethod
     def from_url(cls, url: str) -> DatasetBook:
@@ -135,6 +151,7 @@ class DatasetBook:
     def _touch(self, pipe: Any, dataset: str) -> None:
         now = datetime.now(UTC).isoformat()
         pipe.sadd(DATASETS_KEY, dataset)
+        pipe.srem(RETIRED_KEY, dataset)
         pipe.hsetnx(_key(dataset, "meta"), "created_at", now)
         pipe.hset(_key(dataset, "meta"), "updated_at", now)
 
@@ -260,7 +277,20 @@ class DatasetBook:
         return {member.decode() for member in members}
 
     def names(self) -> list[str]:
+        """The active datasets (what status, the exporter and the lost-job sweep go through)."""
         return sorted(name.decode() for name in self._redis.smembers(DATASETS_KEY))
+
+    def retire_finished(self, retention_s: float) -> list[str]:
+        """Move datasets with nothing queued or running, untouched for `retention_s`, out of the active
+        index, so the cost of status, the exporter and the sweep grows with active datasets, not with
+        history. Returns the names retired."""
+        cutoff = (datetime.now(UTC) - timedelta(seconds=retention_s)).isoformat()
+        retired = []
+        for name in self.names():
+            keys = [DATASETS_KEY, RETIRED_KEY, _key(name, "queued"), _key(name, "running"), _key(name, "meta")]
+            if self._retire(keys=keys, args=[name, cutoff]):
+                retired.append(name)
+        return retired
 
     def _rate_per_hour(self, dataset: str) -> float | None:
         seconds, micros = self._redis.time()

@@ -135,6 +135,14 @@ class FarmSettings(BaseSettings):
     job_folder_max_files: int = Field(
         default=64, ge=1, description="Most files of a model folder a job may make a worker fetch (a ControlNet)."
     )
+    dataset_retention_s: float = Field(
+        default=7 * 24 * 3600,
+        gt=0,
+        description=(
+            "A dataset with nothing queued or running leaves the active index (status, the exporter, the lost-job "
+            "sweep) this long after its last change; its record stays, read by name."
+        ),
+    )
     lora_fleet_share: float = Field(
         default=0.5,
         gt=0,

@@ -221,7 +221,14 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         send_render(app, job, sent.priority, sent.queued_at, sent.keep_result)
 
     sweep_s = max(10, settings.lease_s)
-    sweeper = LostJobSweeper(broker_redis, book, resend, grace_s=2 * settings.lease_s, interval_s=sweep_s)
+    sweeper = LostJobSweeper(
+        broker_redis,
+        book,
+        resend,
+        grace_s=2 * settings.lease_s,
+        interval_s=sweep_s,
+        retention_s=settings.dataset_retention_s,
+    )
     sweeps = Periodic("fluxfarm-lost-jobs", sweep_s, sweeper.sweep_once).start()
     adoptions = Periodic("fluxfarm-lora-queues", CHECK_INTERVAL_S, adoption.tick)
 

@@ -66,12 +66,16 @@ class LostJobSweeper:
         resend: Callable[[SentJob], None],
         grace_s: float,
         interval_s: float,
+        retention_s: float | None = None,
     ) -> None:
+        """`retention_s`: finished datasets untouched this long leave the active index at each sweep
+        (DatasetBook.retire_finished); None keeps them."""
         self._redis = client
         self._book = book
         self._resend = resend
         self._grace_s = grace_s
         self._interval_s = interval_s
+        self._retention_s = retention_s
 
     def message_ids(self) -> set[str] | None:
         """Task ids of every job with a message in a queue or unacknowledged; None when the queues are too
@@ -113,6 +117,8 @@ class LostJobSweeper:
         """One sweep (if no other worker swept within the interval); returns the ids sent again."""
         if not self._redis.set(SWEEP_LOCK_KEY, "1", nx=True, ex=max(1, int(self._interval_s))):
             return []
+        if self._retention_s is not None and (retired := self._book.retire_finished(self._retention_s)):
+            log.info("%d finished datasets left the active index: %s", len(retired), ", ".join(retired[:10]))
         present = self.message_ids()
         if present is None:
             return []

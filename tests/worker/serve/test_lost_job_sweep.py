@@ -52,3 +52,13 @@ def test_a_sweep_past_its_byte_bound_gives_up_its_round(
     sweeper = _sweeper(farm, redis_client, resent)
     assert sweeper.message_ids() is None
     assert sweeper.sweep_once() == [] and resent == [], "nothing is resent on a partial view of the queues"
+
+
+def test_each_sweep_retires_finished_datasets_past_the_retention(farm: FarmClient, redis_client: redis.Redis) -> None:
+    done = parse_job({"prompt": "long finished", "dataset": "history"})
+    farm.datasets.note_queued("history", [SentJob.of(done, 3, datetime.now(UTC).isoformat(), keep_result=False)])
+    farm.datasets.mark_done("history", done.id, "Q8_0")
+    redis_client.hset("fluxfarm:dataset:history:meta", "updated_at", "2020-01-01T00:00:00+00:00")
+    sweeper = LostJobSweeper(redis_client, farm.datasets, lambda sent: None, 60, 1, retention_s=7 * 24 * 3600)
+    sweeper.sweep_once()
+    assert farm.datasets.names() == ["big"], "the dataset still waiting stays; the finished one leaves"
