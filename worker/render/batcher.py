@@ -134,12 +134,18 @@ class RenderBatcher:
             pending.future.set_exception(error)
 
     def _render_one(self, job: RenderJob) -> RenderedImage:
-        """Render one job; out of memory even alone, step the engine down a level (if allowed) and retry."""
+        """Render one job; out of memory even alone, step the engine down a level (if allowed) and retry.
+        A job with LoRAs or a ControlNet fails alone instead: its adapters' memory is its own, and one such
+        job must not cost every later job of the worker a level."""
         try:
             return self.engine.render(job)
         except torch.OutOfMemoryError as error:
             if self._step_down is None:
                 raise
+            if job.loras or job.controlnet is not None:
+                raise torch.OutOfMemoryError(
+                    f"{error} (a job with adapters: it fails alone, the worker keeps its level)"
+                ) from None
             reason = str(error)
         # Out of the except block on purpose: the exception's traceback holds the frames of the failed
         # forward pass, and with them the old weights, which must be freed before a level can load.

@@ -21,6 +21,7 @@ from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
 from fluxfarm.worker.model.pipeline import LoadedModel, load_model
+from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.render.fault_injection import FaultPlan
 from fluxfarm.worker.tools.random_lora import write_random_lora
@@ -210,3 +211,29 @@ def test_a_full_disk_drops_the_fused_cache_not_the_job(
     engine = _engine(tiny_model, QuantLevel.Q8_0, settings)
     assert np.array_equal(_pixels(engine, _job(lora, 0.3)), want)
     assert list(fused.iterdir()) == [], "no half-written cache folder is left to be read later"
+
+
+def test_an_adapter_job_out_of_memory_fails_alone_and_the_worker_keeps_its_level(
+    tiny_model: Path, lora: Path, settings: FarmSettings
+) -> None:
+    """Issue 18, finding 9: an adapter job that ran out of memory stepped the worker down a level for
+    every job after it."""
+    engine = _engine(tiny_model, QuantLevel.Q8_0, settings)
+    engine.faults = FaultPlan(oom_fusing_after_layers=0)
+    stepped: list[str] = []
+
+    def step_down(current: RenderEngine, job: RenderJob) -> RenderEngine | None:
+        stepped.append(job.id)
+        return None
+
+    batcher = RenderBatcher(engine, 1, 0.0, step_down)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="fails alone, the worker keeps its level"):
+            batcher.render(_job(lora))
+        assert stepped == []
+        engine.faults = FaultPlan(oom_pixels_over=1)
+        with pytest.raises(torch.OutOfMemoryError):
+            batcher.render(_job(None))
+        assert len(stepped) == 1, "a base job that does not fit alone still steps the worker down"
+    finally:
+        batcher.close()
