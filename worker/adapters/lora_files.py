@@ -73,10 +73,15 @@ def _patterns(config: dict[str, Any], field: str, source: str) -> dict[str, floa
                 f"LoRA {source}: its {field} key {str(key)[:80]!r} is not a module name (patterns that are "
                 "regular expressions are not supported)"
             )
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
-            raise JobInputError(f"LoRA {source}: its {field} value for {key!r} is not a positive number")
-        checked[key] = float(value)
+        checked[key] = _positive(value, f"its {field} value for {key!r}", source)
     return checked
+
+
+def _positive(value: Any, what: str, source: str) -> float:
+    """A rank or alpha from the file: a number in (0, 1e6), or the job fails with the reason."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+        raise JobInputError(f"LoRA {source}: {what} is not a positive number")
+    return float(value)
 
 
 def _scales(
@@ -92,8 +97,9 @@ def _scales(
         alpha_pattern = _patterns(config, "alpha_pattern", source)
         scales = {}
         for name, (down, _) in modules.items():
-            rank = _pattern_value(rank_pattern, name, float(config.get("r", down.shape[0])))
-            alpha = _pattern_value(alpha_pattern, name, float(config.get("lora_alpha", rank)))
+            rank = _pattern_value(rank_pattern, name, _positive(config.get("r", down.shape[0]), "its r", source))
+            default_alpha = _positive(config.get("lora_alpha", rank), "its lora_alpha", source)
+            alpha = _pattern_value(alpha_pattern, name, default_alpha)
             scales[name] = alpha / (math.sqrt(rank) if rslora else rank)
         return scales
     common = Counter(alphas.values()).most_common(1)[0][0] if alphas else None
@@ -164,7 +170,7 @@ def read_lora(path: Path, source: str) -> dict[str, LowRank]:
         if missing:
             raise JobInputError(f"LoRA {source} has lora_A without lora_B for {component}.{missing[0]}")
         part_alphas = {
-            key[len(prefix) :].removesuffix(".alpha"): float(value)
+            key[len(prefix) :].removesuffix(".alpha"): _positive(float(value), f"its {key}", source)
             for key, value in (alphas or {}).items()
             if key.startswith(prefix)
         }

@@ -4,11 +4,15 @@ trainer would write."""
 
 from __future__ import annotations
 
+import math
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fluxfarm.shared.errors import JobInputError
 from fluxfarm.worker.adapters.lora_files import HEADER_MAX_BYTES, read_lora
@@ -54,4 +58,58 @@ def test_a_header_larger_than_the_cap_is_refused_before_it_is_read(tmp_path: Pat
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", HEADER_MAX_BYTES + 1) + b"{" * 64)
     with pytest.raises(JobInputError, match="header claims"):
+        read_lora(path, "lora")
+
+
+CONFIG_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=40), inner, max_size=6),
+    max_leaves=20,
+)
+HOSTILE_PATTERNS = st.sampled_from(["(.|.|.)*#", "(a+)+$", "^.*$", "..", "", "a" * 300, "x.", ".x", "to_q"])
+
+
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "r": CONFIG_VALUES,
+            "lora_alpha": CONFIG_VALUES,
+            "rank_pattern": st.dictionaries(st.text(max_size=60) | HOSTILE_PATTERNS, CONFIG_VALUES, max_size=5)
+            | CONFIG_VALUES,
+            "alpha_pattern": st.dictionaries(st.text(max_size=60) | HOSTILE_PATTERNS, CONFIG_VALUES, max_size=5)
+            | CONFIG_VALUES,
+            "use_dora": CONFIG_VALUES,
+        },
+    )
+)
+def test_any_adapter_config_in_a_lora_header_is_read_or_refused_in_bounded_time(
+    tmp_path_factory: pytest.TempPathFactory, config: dict[str, Any]
+) -> None:
+    """A LoRA's saved config is untrusted: any JSON there gives updates with finite positive scales or a
+    JobInputError with a reason, within the deadline (5 s; a compiled hostile pattern took minutes)."""
+    out = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    try:
+        path = write_lora_with_config(out, config)
+    except (TypeError, ValueError):  # diffusers' writer refuses it: nothing a trainer could ship
+        return
+    try:
+        updates = read_lora(path, "lora")
+    except JobInputError as error:
+        assert str(error)
+        return
+    assert all(math.isfinite(update.scale) and update.scale > 0 for update in updates.values())
+
+
+@settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=64), st.integers(0, 2**64 - 1))
+def test_any_safetensors_header_is_read_or_refused(
+    tmp_path_factory: pytest.TempPathFactory, header: bytes, claimed: int
+) -> None:
+    """The first 8 bytes claim the header's length; neither they nor the header are trusted."""
+    out = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    path = out / "lora.safetensors"
+    path.write_bytes(struct.pack("<Q", claimed) + header)
+    with pytest.raises(JobInputError):
         read_lora(path, "lora")

@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from fluxfarm.shared.errors import JobInputError
+from fluxfarm.shared.errors import InvalidJob, JobInputError
+from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.sources import model_cache, resolve_file
 
@@ -34,3 +37,32 @@ def test_plain_keys_map_under_the_bucket(tmp_path: Path) -> None:
     cache = model_cache(FarmSettings(cache_dir=tmp_path / "cache"))
     assert cache.path_for("models", "flux/dev-Q8_0.gguf") == cache.root / "models" / "flux" / "dev-Q8_0.gguf"
     assert cache.path_for("nets", "canny/") == cache.root / "nets" / "canny"
+
+
+SEGMENTS = st.text(max_size=12) | st.sampled_from(["..", ".", "", "a/..", "\\..", "\uff0e\uff0e", "~", "%2e%2e"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(SEGMENTS, min_size=1, max_size=5).map("/".join), st.booleans())
+@example("../../secret.safetensors", False)
+@example("a//b.safetensors", True)
+def test_any_source_key_the_schema_accepts_maps_inside_the_cache(tmp_path_factory, key: str, folder: bool) -> None:
+    """Issue 18, finding 4, as a property: whatever key a job names, either the schema refuses it or the
+    cache path built from it stays inside the cache (or the cache refuses it before touching the disk)."""
+    source = f"s3://models/{key}" + ("/" if folder else ".safetensors")
+    field = (
+        {"controlnet": {"source": source, "control_image": "s3://models/c.png"}}
+        if folder
+        else {"loras": [{"source": source}]}
+    )
+    try:
+        parse_job({"prompt": "p", **field})
+    except InvalidJob:
+        return
+    cache = model_cache(FarmSettings(cache_dir=tmp_path_factory.getbasetemp() / "cache"))
+    bucket_key = source.removeprefix("s3://models/")
+    try:
+        path = cache.path_for("models", bucket_key)
+    except JobInputError:
+        return
+    assert path.resolve().is_relative_to(cache.root.resolve())
