@@ -23,6 +23,10 @@ from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear, quantize_weight_r
 from fluxfarm.worker.quant.gguf.blocks import quantize_rows
 from fluxfarm.worker.quant.gguf.linear import TritonGGUFLinear
 
+FUSE_VALUES_PER_CHUNK = 1 << 22
+"""A fuse re-quantizes a layer on the card that renders, beside the loaded model: chunks of 4M values keep
+the K-quant search tensors near a step's own working memory (at the default 32M a Q4_K fuse peaked
+9.35 GiB above the resident weights on an H200, docs/bench/adapter-memory-h200.log)."""
 _PLAIN_GGML = {"F32", "F16", "BF16"}
 
 Storage = dict[str, torch.Tensor]
@@ -108,7 +112,7 @@ class WeightSlot:
         qtype = _gguf_qtype(self.module)
         if qtype is not None:
             key = next(iter(self.stored()))
-            return {key: quantize_rows(dense, qtype, device).to(device)}
+            return {key: quantize_rows(dense, qtype, device, FUSE_VALUES_PER_CHUNK).to(device)}
         return {"weight": dense.to(device=device, dtype=self.stored()["weight"].dtype)}
 
     def write(self, data: Storage) -> None:

@@ -321,14 +321,18 @@ _VALUES_PER_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 25}
 """Values encoded at once: bounds the (blocks x candidates x values) search tensors (~0.1 / 3 GB)."""
 
 
-def quantize_rows(weights: torch.Tensor, ggml_type_name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Quantize a 2-D weight (rows a multiple of the block size) to packed bytes, shape (rows, bytes_per_row)."""
+def quantize_rows(
+    weights: torch.Tensor, ggml_type_name: str, device: torch.device | str = "cpu", values_per_chunk: int | None = None
+) -> torch.Tensor:
+    """Quantize a 2-D weight (rows a multiple of the block size) to packed bytes, shape (rows, bytes_per_row).
+    `values_per_chunk` bounds the search tensors below the device's default (a fuse beside a loaded model)."""
     block_size, encode = ENCODERS[ggml_type_name]
     rows, cols = weights.shape
     if cols % block_size:
         raise ValueError(f"row length {cols} is not a multiple of the {ggml_type_name} block size {block_size}")
     blocks = weights.detach().reshape(-1, block_size)
-    per_chunk = _VALUES_PER_CHUNK.get(torch.device(device).type, 1 << 20) // block_size
+    chunk_values = values_per_chunk or _VALUES_PER_CHUNK.get(torch.device(device).type, 1 << 20)
+    per_chunk = max(1, chunk_values // block_size)
     out = [
         encode(blocks[start : start + per_chunk].to(device=device, dtype=torch.float32)).to("cpu", non_blocking=True)
         for start in range(0, blocks.shape[0], per_chunk)
