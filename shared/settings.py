@@ -143,6 +143,13 @@ class FarmSettings(BaseSettings):
             "sweep) this long after its last change; its record stays, read by name."
         ),
     )
+    lora_jobs: bool = Field(
+        default=True,
+        description=(
+            "The worker takes LoRA jobs (it adopts LoRA sets' queues) and its VRAM plan keeps room to fuse them; "
+            "off, it never adopts a set and the plan gives that room to the best level that fits."
+        ),
+    )
     lora_fleet_share: float = Field(
         default=0.5,
         gt=0,

@@ -234,6 +234,9 @@ def plan(
     compute_capability: Annotated[str | None, typer.Option(help="e.g. 8.9; overrides --gpu.")] = None,
     model: Annotated[str, typer.Option(help="flux.1-dev or flux.1-schnell.")] = "flux.1-dev",
     quant: Annotated[str | None, typer.Option(help="Force this level; fails if it cannot fit.")] = None,
+    lora_jobs: Annotated[
+        bool, typer.Option(help="Keep room to fuse LoRA sets, as a worker that takes LoRA jobs does.")
+    ] = True,
 ) -> None:
     """Which level and text-encoder placement a worker would choose for a card, as JSON."""
     from fluxfarm.worker.model.plan import PlanInputs, make_plan
@@ -250,5 +253,6 @@ def plan(
         gpu_name=gpu,
         compute_capability=capability,
         forced_level=parse_level(quant) if quant else None,
+        lora_jobs=lora_jobs,
     )
     typer.echo(make_plan(inputs).model_dump_json(indent=2))

@@ -235,7 +235,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     def on_ready(sender: Consumer, **_: object) -> None:
         if sender.app is app and not consumers:
             consumers.append(sender)
-            adoptions.start()  # queue changes go through the consumer: none before it runs
+            if settings.lora_jobs:  # queue changes go through the consumer: none before it runs
+                adoptions.start()
 
     worker_ready.connect(on_ready, weak=False)
     try:

@@ -5,13 +5,15 @@
 - ControlNet: the resident bytes of a full-size random FLUX ControlNet of 5 double and 10 single blocks,
   at bf16 and as a worker on a quantized level stores it (scaled fp8).
 
-    python3 tests/gpu/adapter_memory.py        # one JSON line per figure
+    python3 tests/gpu/adapter_memory.py                 # one JSON line per figure
+    python3 tests/gpu/adapter_memory.py Q4_K Q8_0       # the fuse rows of these levels only
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,13 +48,13 @@ def _above(resident: int) -> float:
     return round((torch.cuda.max_memory_allocated() - resident) / GIB, 3)
 
 
-def fuse_rows(folder: Path) -> None:
+def fuse_rows(folder: Path, levels: list[QuantLevel]) -> None:
     config = {k: v for k, v in FLUX_DEV_TRANSFORMER.items() if not k.startswith("_")}
     config_dir = write_transformer_config(folder, config)
     master = random_master_weights(FLUX_DEV_TRANSFORMER, DEVICE)
     lora = write_random_lora(meta_transformer(FLUX_DEV_TRANSFORMER), folder / "lora.safetensors", RANK, RANK)
     spec = [LoraSpec(source=str(lora), weight=1.0)]
-    for level in (QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q8_0, QuantLevel.Q4_K):
+    for level in levels:
         model = load_level(level_state_dict(master, level, DEVICE), level, config_dir, DEVICE)
         settings = FarmSettings(cache_dir=folder / f"cache-{level.value}", job_file_roots=[str(folder)])
         fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
@@ -109,10 +111,13 @@ def controlnet_rows() -> None:
 
 def main() -> None:
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
-    controlnet_rows()
-    _settle()
+    levels = [QuantLevel(name) for name in sys.argv[1:]]
+    if not levels:
+        levels = [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q8_0, QuantLevel.Q4_K]
+        controlnet_rows()
+        _settle()
     with tempfile.TemporaryDirectory() as tmp:
-        fuse_rows(Path(tmp))
+        fuse_rows(Path(tmp), levels)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ import hashlib
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
 
 from fluxfarm.shared.adapters import (
     MAX_CONTROL_IMAGE_BYTES,
@@ -30,7 +32,7 @@ from fluxfarm.shared.adapters import (
     inline_png,
     stored_input_digest,
 )
-from fluxfarm.shared.errors import JobInputError, ObjectNotFound, StorageError
+from fluxfarm.shared.errors import FarmError, JobInputError, ObjectNotFound, StorageError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ControlNetInfo
 from fluxfarm.shared.settings import FarmSettings
@@ -44,6 +46,26 @@ log = logging.getLogger(__name__)
 
 CONTROL_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 """What PIL may decode a control image as."""
+
+CONTROLNET_MARGIN_GIB = 0.5
+"""Room a ControlNet's own activations take in a step beside its weights (a 3.3B-parameter one holds
+6.15 GiB at bf16 and 3.14 GiB scaled fp8 on an H200: docs/bench/adapter-memory-h200.log)."""
+
+
+class ControlNetDoesNotFit(FarmError):
+    """The ControlNet's weights do not fit the memory this worker's card has free."""
+
+
+def controlnet_gib(folder: Path, quantized: bool) -> float:
+    """What a ControlNet folder's weights hold on the GPU, from its safetensors headers alone: 2 bytes a
+    parameter at bf16, 1 (plus a scale per row) as the scaled fp8 a quantized level stores."""
+    params = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                params += math.prod(handle.get_slice(name).get_shape())
+    return params * (1.0 if quantized else 2.0) / 2**30
+
 
 _MATCHING_CONFIG = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim")
 """What a ControlNet shares with the transformer it was trained beside: another base model differs here."""
@@ -93,13 +115,14 @@ class ControlNets:
         self.release()
         folder = resolve_job_folder(spec.source, self._settings, "ControlNet")
         _check_architecture(folder, dict(self._pipe.transformer.config), spec.source)
+        quantized = self._level != QuantLevel.BF16.value
+        self._check_room(spec.source, controlnet_gib(folder, quantized))
         dtype = compute_dtype(self._device)
         try:
             model = FluxControlNetModel.from_pretrained(folder, dtype=dtype)
             sha256 = self._digests.folder_sha256(folder)
         except (OSError, ValueError, RuntimeError) as error:
             raise JobInputError(f"ControlNet {spec.source} could not be loaded: {error}") from None
-        quantized = self._level != QuantLevel.BF16.value
         if quantized:
             to_scaled_fp8(model, dtype)  # on the host, as the transformer was
         model.to(self._device)
@@ -112,6 +135,20 @@ class ControlNets:
         self.loaded = LoadedControlNet(source=spec.source, model=model, sha256=sha256, pipeline=pipeline)
         log.info("loaded ControlNet %s (sha256 %s)", spec.source, sha256[:12])
         return self.loaded
+
+    def _check_room(self, source: str, needed_gib: float) -> None:
+        """The VRAM plan leaves a step's working memory, not a ControlNet's weights: one that does not fit
+        the card's free memory fails its job (another worker, or a later attempt, may hold it) before a
+        byte loads, instead of running the card out of memory mid-render."""
+        device = torch.device(self._device)
+        if device.type != "cuda":
+            return
+        free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+        if needed_gib + CONTROLNET_MARGIN_GIB > free_gib:
+            raise ControlNetDoesNotFit(
+                f"ControlNet {source} needs {needed_gib:.2f} GiB at {self._level} and a "
+                f"{CONTROLNET_MARGIN_GIB} GiB margin; this worker's card has {free_gib:.2f} GiB free"
+            )
 
     def release(self) -> None:
         """Drop the loaded ControlNet (before another loads, or the worker's weights go)."""

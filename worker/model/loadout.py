@@ -75,6 +75,7 @@ def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, 
                 gpu_name=props.name,
                 forced_level=candidates[0] if len(candidates) == 1 else None,
                 available_levels=candidates,
+                lora_jobs=settings.lora_jobs,
             )
         )
         level = QuantLevel(plan.level)

@@ -2,7 +2,8 @@
 the text encoders go. A pure function of its inputs, no torch, so `fluxfarm plan` runs anywhere.
 
 Predicted peak = what `torch.cuda.max_memory_allocated` will show: resident weights plus the
-largest phase's working memory. The CUDA context and allocator slack come on top (`headroom`).
+largest phase's working memory (a denoising step, the VAE decode, or fusing a LoRA set into the
+weights: any worker may be sent LoRA jobs). The CUDA context and allocator slack come on top (`headroom`).
 Working-memory figures were measured on an H100 with full-size random-weight FLUX.1-dev
 (`fluxfarm probe-vram`, docs/VRAM.md) and are interpolated in pixel count between 512² and 1024².
 """
@@ -37,6 +38,17 @@ STEP_WORKING_GIB: dict[QuantLevel, tuple[float, float]] = {
 }
 _GGUF_STEP_WORKING_GIB = (0.684, 0.916)
 """Unmeasured GGUF levels (Q5_0): the largest measured GGUF figures."""
+FUSE_WORKING_GIB: dict[QuantLevel, float] = {
+    QuantLevel.BF16: 0.564,
+    QuantLevel.FP8: 0.686,
+    QuantLevel.Q8_0: 0.583,
+    QuantLevel.Q6_K: 0.571,
+    QuantLevel.Q4_K: 0.588,
+    QuantLevel.Q2_K: 0.545,
+}
+"""Measured on an H200 (docs/bench/adapter-memory-h200.log): GiB above the resident transformer while a
+rank-64 LoRA over every block layer is fused (K-quants re-quantized in 1M-value chunks; Q8_0 in 4M, an
+upper bound). Unmeasured GGUF levels take their family's largest: K-quants Q4_K's, legacy levels Q8_0's."""
 VAE_GIB = 0.161
 VAE_DECODE_WORKING_GIB = (0.627, 2.410)
 VAE_TILE_PX = 512
@@ -82,6 +94,9 @@ class PlanInputs(BaseModel):
     available_levels: list[QuantLevel] = Field(
         default_factory=lambda: [lv for lv in QuantLevel if lv != QuantLevel.NF4]
     )
+    lora_jobs: bool = Field(
+        default=True, description="Keep room to fuse a LoRA set into the weights (a worker that takes LoRA jobs)."
+    )
 
 
 class Plan(BaseModel):
@@ -104,6 +119,12 @@ def step_working_gib(level: QuantLevel, pixels: int) -> float:
     return _interpolate(*STEP_WORKING_GIB.get(level, default), pixels)
 
 
+def fuse_working_gib(level: QuantLevel) -> float:
+    if level in FUSE_WORKING_GIB:
+        return FUSE_WORKING_GIB[level]
+    return FUSE_WORKING_GIB[QuantLevel.Q4_K if level.value.endswith("_K") else QuantLevel.Q8_0]
+
+
 def decode_working_gib(pixels: int, tiled: bool) -> float:
     return _interpolate(*VAE_DECODE_WORKING_GIB, min(pixels, VAE_TILE_PX**2) if tiled else pixels)
 
@@ -118,14 +139,22 @@ def _peaks(level: QuantLevel, inputs: PlanInputs, tiled: bool) -> tuple[dict[Pla
     encoders = T5_XXL_GIB + CLIP_L_GIB
     step = step_working_gib(level, pixels)
     decode = decode_working_gib(pixels, tiled)
-    denoise_and_decode = transformer + VAE_GIB + max(step, decode)
+    fuse = fuse_working_gib(level) if inputs.lora_jobs else 0.0
+    denoise_and_decode = transformer + VAE_GIB + max(step, decode, fuse)
     peaks: dict[Placement, float] = {
-        "gpu": transformer + VAE_GIB + encoders + max(step, decode, T5_WORKING_GIB),
+        "gpu": transformer + VAE_GIB + encoders + max(step, decode, fuse, T5_WORKING_GIB),
         # The transformer leaves the GPU while the encoders are in: the phases never overlap.
         "gpu-swap": max(encoders + VAE_GIB + T5_WORKING_GIB, denoise_and_decode),
         "cpu": denoise_and_decode,
     }
-    components = {"transformer": transformer, "vae": VAE_GIB, "text_encoders": encoders, "step": step, "decode": decode}
+    components = {
+        "transformer": transformer,
+        "vae": VAE_GIB,
+        "text_encoders": encoders,
+        "step": step,
+        "decode": decode,
+        "lora_fuse": fuse,
+    }
     return peaks, {name: round(value, 3) for name, value in components.items()}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import FluxControlNetModel
 from PIL import Image
 
 from fluxfarm.shared.adapters import as_inline_png
@@ -19,6 +20,7 @@ from fluxfarm.shared.errors import JobInputError
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.adapters.controlnet import controlnet_gib
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear
 from fluxfarm.worker.render.engine import RenderEngine
@@ -105,3 +107,12 @@ def test_unusable_controlnets_and_control_images_fail_with_the_reason(
         with pytest.raises(JobInputError, match=reason):
             engine.render(job)
     assert engine.render(_job(files)).controlnet is not None  # the worker renders on
+
+
+def test_a_controlnet_s_gpu_memory_is_known_from_its_headers_before_it_loads(files: Path) -> None:
+    """Issue 18, finding 9: the plan counted no ControlNet. Its size is read from the safetensors headers
+    (nothing loaded), so a worker whose card lacks the room fails the job before loading it."""
+    model = FluxControlNetModel.from_pretrained(files / "canny")
+    params = sum(parameter.numel() for parameter in model.parameters())
+    assert controlnet_gib(files / "canny", quantized=False) == pytest.approx(params * 2 / 2**30)
+    assert controlnet_gib(files / "canny", quantized=True) == pytest.approx(params / 2**30)

@@ -8,7 +8,7 @@ import pytest
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import RESIDENT_TRANSFORMER_GIB, QuantLevel, resident_transformer_gib
-from fluxfarm.worker.model.plan import PlanInputs, headroom_gib, make_plan
+from fluxfarm.worker.model.plan import PlanInputs, fuse_working_gib, headroom_gib, make_plan
 from tests.conftest import run_fluxfarm
 
 BUDGETS = [b / 2 for b in range(8, 200)]  # 4 .. 99.5 GiB
@@ -79,3 +79,13 @@ def test_plan_command_prints_the_decision_as_json() -> None:
     assert decision["level"] == "fp8"
     refused = run_fluxfarm("plan", "--vram-gib", "8", "--quant", "Q8_0", timeout=60)
     assert refused.returncode == 1 and "nothing fits 8.0 GiB" in refused.stderr
+
+
+@pytest.mark.parametrize("level", [QuantLevel.BF16, QuantLevel.Q8_0, QuantLevel.Q4_K, QuantLevel.Q2_K])
+def test_the_plan_counts_the_working_memory_of_a_lora_fuse(level: QuantLevel) -> None:
+    """Issue 18, finding 9: the plan counted no adapter, so a LoRA job on a card planned to the edge ran out
+    of memory fusing. At 512² a K-quant's fuse (1.38 GiB, measured) needs more than its step."""
+    plan = make_plan(PlanInputs(vram_gib=140, width=512, height=512, forced_level=level))
+    parts = plan.components_gib
+    assert parts["lora_fuse"] == fuse_working_gib(level) > 0
+    assert plan.predicted_peak_gib >= parts["transformer"] + parts["vae"] + parts["lora_fuse"] - 1e-3
