@@ -113,7 +113,7 @@ class FarmSettings(BaseSettings):
         gt=0,
         description=(
             "Size limit of the model download cache (models and the files jobs name); least recently used "
-            "files go first. Unset it only where something else bounds the disk."
+            "files go first. Empty: unbounded, only where something else bounds the disk."
         ),
     )
     fused_cache_max_gib: float = Field(
@@ -227,7 +227,7 @@ class FarmSettings(BaseSettings):
             raise ValueError("storage_url must start with s3:// or file://")
         return value
 
-    @field_validator("tls_ca_file", "s3_endpoint_url", "transformer", mode="before")
+    @field_validator("tls_ca_file", "s3_endpoint_url", "transformer", "cache_max_gib", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         """An empty variable (compose's `${VAR:-}`) means unset: not the current folder, not an endpoint."""

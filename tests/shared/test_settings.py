@@ -98,3 +98,9 @@ def test_the_placeholder_secrets_of_env_example_are_refused(
         if name.startswith("FLUXFARM_"):
             monkeypatch.setenv(name, env[name].replace("change-me", "s3cret"))
     FarmSettings()
+
+
+def test_the_cache_is_bounded_by_default_and_an_empty_limit_unbounds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert FarmSettings().cache_max_gib == 200
+    monkeypatch.setenv("FLUXFARM_CACHE_MAX_GIB", "")
+    assert FarmSettings().cache_max_gib is None
