@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.client import FarmClient, JobHandle
 from fluxfarm.producer.local_stack import RedisServer, free_port
-from fluxfarm.shared.celery_app import RENDER_TASK
+from fluxfarm.shared.celery_app import RENDER_TASK, task_id
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.jobs import parse_job
-from fluxfarm.shared.metadata import RenderResult
 from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, fresh_farm_settings
 from tests.fault_farm import SMALL_JOB, fault_worker, renders_logged, stored_once, wait_until
@@ -180,13 +179,15 @@ def test_a_job_delivered_twice_to_two_workers_is_rendered_and_stored_once(
         filler = parse_job({"prompt": "a filler", "dataset": "twins-filler", **SMALL_JOB})
         with FarmClient(settings) as client:
             send = client._app.send_task  # bypasses the client's own duplicate check, as a redelivery would
-            first = send(RENDER_TASK, kwargs={"job": job.model_dump(mode="json")}, task_id=job.id)
-            send(RENDER_TASK, kwargs={"job": filler.model_dump(mode="json")}, task_id=filler.id)
+            first = send(RENDER_TASK, kwargs={"job": job.model_dump(mode="json")}, task_id=task_id("twins", job.id))
+            send(
+                RENDER_TASK, kwargs={"job": filler.model_dump(mode="json")}, task_id=task_id("twins-filler", filler.id)
+            )
             wait_until(lambda: a.log_text().count("Task fluxfarm.render[") >= 2, 60, "A to hold both jobs")
             b = fault_worker(settings, tiny_model, tmp_path / "b.log", "w-b")
             second = send(RENDER_TASK, kwargs={"job": job.model_dump(mode="json")})
-            one = RenderResult.model_validate(first.get(timeout=RESULT_TIMEOUT_S))
-            two = RenderResult.model_validate(second.get(timeout=RESULT_TIMEOUT_S))
+            one = JobHandle(job, async_result=first, stored=None).result(RESULT_TIMEOUT_S)
+            two = JobHandle(job, async_result=second, stored=None).result(RESULT_TIMEOUT_S)
         assert one == two
         assert f"job {job.id} is being rendered by w-a/" in b.log_text()
         assert renders_logged([a.log_text(), b.log_text()], job.id) == 1
