@@ -1,4 +1,4 @@
-# Producer / CLI: the light client, no torch.
+# Producer / CLI: the light client, no torch; with Flower (the [monitor] extra) for the compose file's flower.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -9,7 +9,7 @@ COPY fluxfarm ./fluxfarm
 COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install . && useradd --create-home --uid 10001 fluxfarm
+RUN pip install ".[monitor]" && useradd --create-home --uid 10001 fluxfarm
 
 USER fluxfarm
 # `fluxfarm exporter`'s /metrics

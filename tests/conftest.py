@@ -26,6 +26,7 @@ from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
+from tests.redis_users import AclRedis, run_acl_redis
 
 TINY_LEVELS = (
     QuantLevel.Q8_0,
@@ -85,6 +86,12 @@ class S3Server:
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
+    """A redis-server as the compose file starts it, with its ACL users (tests/redis_users.py)."""
+    yield from run_acl_redis(tmp_path_factory.mktemp("acl-redis"))
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,8 @@ def test_each_fluxfarm_service_holds_its_own_redis_user_and_no_root_keys() -> No
     users = {"worker": "worker", "producer": "producer", "exporter": "exporter"}
     for service, user in users.items():
         assert _env(service)["FLUXFARM_BROKER_URL"].startswith(f"redis://{user}:${{REDIS_{user.upper()}_PASSWORD:?")
-    assert _env("flower")["CELERY_BROKER_URL"].startswith("redis://flower:${REDIS_FLOWER_PASSWORD:?")
+    assert _env("flower")["FLUXFARM_BROKER_URL"].startswith("redis://flower:${REDIS_FLOWER_PASSWORD:?")
+    assert SERVICES["flower"]["entrypoint"] == ["celery", "-A", "fluxfarm.celery"], "the farm's own Celery app"
     assert _env("worker")["AWS_ACCESS_KEY_ID"] == "fluxfarm-worker"
     assert _env("producer")["AWS_ACCESS_KEY_ID"] == "fluxfarm-producer"
     assert "AWS_SECRET_ACCESS_KEY" not in _env("exporter")

@@ -22,53 +22,12 @@ from fluxfarm.shared.celery_app import make_celery_app
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import FLUXFARM, S3Server, farm_env, run_fluxfarm, start_worker
+from tests.redis_users import START, AclRedis, password_env
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-START = ROOT / "infra" / "redis" / "start.sh"
-USERS = ("admin", "worker", "producer", "exporter", "flower")
-PASSWORDS = {user: f"{user}-test-secret" for user in USERS}
 JOB = ["--width", "256", "--height", "256", "--steps", "2"]
 TIMEOUT_S = 240
-
-
-def _password_env() -> dict[str, str]:
-    return {f"REDIS_{user.upper()}_PASSWORD": password for user, password in PASSWORDS.items()}
-
-
-class AclRedis:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def url(self, user: str) -> str:
-        return f"redis://{user}:{PASSWORDS[user]}@127.0.0.1:{self.port}/0"
-
-    def client(self, user: str) -> redis.Redis:
-        return redis.Redis.from_url(self.url(user))
-
-
-@pytest.fixture(scope="module")
-def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
-    work = tmp_path_factory.mktemp("acl-redis")
-    port = free_port()
-    env = {**os.environ, **_password_env(), "REDIS_ACL_FILE": str(work / "users.acl")}
-    command = [str(START), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", ""]
-    with (work / "redis.log").open("wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = AclRedis(port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            server.client("admin").ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError((work / "redis.log").read_text()) from None
-            time.sleep(0.1)
-    yield server
-    process.terminate()
-    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +118,7 @@ def test_the_exporter_reads_the_farm_and_writes_nothing(acl_redis: AclRedis, pro
 
 
 def test_a_placeholder_or_missing_password_stops_redis_at_start(tmp_path: Path) -> None:
-    env = {**os.environ, **_password_env(), "REDIS_ACL_FILE": str(tmp_path / "users.acl")}
+    env = {**os.environ, **password_env(), "REDIS_ACL_FILE": str(tmp_path / "users.acl")}
     placeholder = subprocess.run(
         [str(START), "--port", str(free_port())],
         env={**env, "REDIS_PRODUCER_PASSWORD": "change-me"},
