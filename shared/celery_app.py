@@ -39,8 +39,9 @@ def queue_lists(queue: str) -> list[str]:
 
 
 def waiting_by_priority(client: redis.Redis, queues: list[str]) -> list[tuple[int, ...]]:
-    """How many messages wait in each of `queues` at each priority step, highest first (one round trip)."""
-    with client.pipeline() as pipe:
+    """How many messages wait in each of `queues` at each priority step, highest first (one round trip; not
+    a transaction, which a Redis over maxmemory refuses even for reads)."""
+    with client.pipeline(transaction=False) as pipe:
         for queue in queues:
             for name in queue_lists(queue):
                 pipe.llen(name)

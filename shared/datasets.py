@@ -302,7 +302,9 @@ class DatasetBook:
         return per_hour(recent, float(first[0][1]), now)
 
     def record(self, dataset: str) -> DatasetRecord:
-        with self._redis.pipeline() as pipe:
+        # Not a transaction: Redis refuses a MULTI block, reads and all, once it is over maxmemory, and
+        # `fluxfarm status` must answer most of all then.
+        with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(_key(dataset, "meta"))
             for state in STATES:
                 pipe.scard(_key(dataset, state))

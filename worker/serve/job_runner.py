@@ -318,11 +318,14 @@ def _conflict(job: RenderJob, where: str) -> JobConflict:
 
 
 def _unless_redis_is_down(action: Callable[[], object], what: str) -> None:
-    """Run a bookkeeping write; if Redis cannot be reached, log it and go on."""
+    """Run a bookkeeping write; if Redis cannot be reached, or is full (maxmemory, noeviction), log it and
+    go on: storage holds the result, and a redelivery finds it there and records it."""
     try:
         action()
     except redis.ConnectionError as error:
         log.warning("%s not written, Redis is unreachable: %s", what, error)
+    except redis.exceptions.OutOfMemoryError as error:
+        log.warning("%s not written, Redis is full: %s", what, error)
 
 
 def _outcome(error: Exception) -> Outcome:
