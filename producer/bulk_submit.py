@@ -14,11 +14,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import TextColumn
 
 from fluxfarm.producer.client import FarmClient, StreamCounts
 from fluxfarm.producer.fleet_check import warn_unserved
 from fluxfarm.producer.job_files import RowError, iter_file_jobs
 from fluxfarm.producer.progress import progress_bar
+from fluxfarm.producer.redis_room import Room
 from fluxfarm.shared.celery_app import Priority
 from fluxfarm.shared.datasets import DatasetRecord, store_manifest
 from fluxfarm.shared.errors import InvalidJob, JobFailed
@@ -68,6 +70,7 @@ def submit_file(
     skip_invalid: bool,
     priority: Priority = "normal",
     wait: bool,
+    wait_for_room: bool = False,
     timeout_s: float | None,
     console: Console,
 ) -> StreamCounts | None:
@@ -97,10 +100,21 @@ def submit_file(
             yield item.job
 
     settings = FarmSettings()
-    with FarmClient(settings) as client, progress_bar(console, "submitting") as progress:
-        task = progress.add_task("jobs", total=expected)
+    with (
+        FarmClient(settings) as client,
+        progress_bar(console, "submitting", TextColumn("{task.description}")) as progress,
+    ):
+        task = progress.add_task("", total=expected)
+
+        def waiting(room: Room) -> None:
+            progress.update(task, description=f"waiting for room: {room.describe()}")
+
         counts = client.submit_stream(
-            valid_jobs(), on_progress=lambda c: progress.update(task, completed=c.seen), priority=priority
+            valid_jobs(),
+            on_progress=lambda c: progress.update(task, completed=c.seen, description=""),
+            priority=priority,
+            wait_for_room=wait_for_room,
+            on_wait=waiting,
         )
         progress.update(task, completed=counts.seen, total=counts.seen)
         for dataset in datasets:

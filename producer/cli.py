@@ -89,6 +89,12 @@ def submit(
     skip_invalid: Annotated[
         bool, typer.Option("--skip-invalid", help="With a file: enqueue the valid rows even if some are bad.")
     ] = False,
+    wait_for_room: Annotated[
+        bool,
+        typer.Option(
+            "--wait-for-room", help="With a file: when Redis reaches its maxmemory, wait for the fleet to drain it."
+        ),
+    ] = False,
     priority: Annotated[
         Priority, typer.Option(help="Queue priority: high jobs overtake every normal and low job still waiting.")
     ] = "normal",
@@ -139,12 +145,13 @@ def submit(
             skip_invalid=skip_invalid,
             priority=priority,
             wait=wait,
+            wait_for_room=wait_for_room,
             timeout_s=timeout,
             console=err,
         )
         return
-    if seeds != 1 or dry_run or skip_invalid:
-        raise InvalidJob("--seeds, --dry-run and --skip-invalid apply to a prompt file")
+    if seeds != 1 or dry_run or skip_invalid or wait_for_room:
+        raise InvalidJob("--seeds, --dry-run, --skip-invalid and --wait-for-room apply to a prompt file")
     jobs = [parse_job({"prompt": prompt, **defaults})]
     with FarmClient.from_env() as client:
         batch = client.submit_many(jobs, priority)

@@ -22,11 +22,21 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from kombu.exceptions import BatchPublishError, OperationalError
 from pydantic import BaseModel, ValidationError
 
 from fluxfarm.producer.job_inputs import InputStager
+from fluxfarm.producer.redis_room import RedisFull, RedisRoom, Room
 from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, image_type
-from fluxfarm.shared.celery_app import PRIORITY_STEPS, Priority, make_celery_app, send_render, task_id
+from fluxfarm.shared.celery_app import (
+    PRIORITY_STEPS,
+    Priority,
+    make_celery_app,
+    message_task_id,
+    queue_lists,
+    send_render,
+    task_id,
+)
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, SentJob
 from fluxfarm.shared.errors import InvalidJob, JobConflict, JobFailed, ObjectNotFound
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job
@@ -42,6 +52,10 @@ STORAGE_CHECK_S = 10.0
 _DATASET_POLL_S = 0.5
 _CLOCK_SLACK_S = 2.0
 """A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
+SENT_MARGIN = 1000
+"""Messages past a refused batch's own that other producers may have pushed meanwhile, read with it."""
+ROOM_POLL_S = 2.0
+"""How often a submit waiting for room in Redis looks again."""
 
 
 def _conflict(job: RenderJob, where: str) -> JobConflict:
@@ -311,6 +325,8 @@ class FarmClient:
         jobs: Iterable[RenderJob | Mapping[str, Any]],
         on_progress: Callable[[StreamCounts], None] | None = None,
         priority: Priority = "normal",
+        wait_for_room: bool = False,
+        on_wait: Callable[[Room], None] | None = None,
     ) -> StreamCounts:
         """Enqueue a stream of jobs of any length, for datasets: constant memory beyond one id per job of
         the datasets touched, and thousands of jobs a second.
@@ -319,8 +335,13 @@ class FarmClient:
         (the dataset record) are skipped, so resubmitting after a crash sends only what is missing.
         Messages go out in pipelined chunks of `FLUXFARM_SUBMIT_CHUNK` and keep no Celery result:
         results of a stream are read from storage and the dataset record (`fluxfarm wait`, `stored_result`).
+
+        Each chunk is sent only if it fits under Redis' maxmemory (producer/redis_room.py): past it the
+        stream sends what fits and raises RedisFull, or with `wait_for_room` waits for the fleet to drain
+        (`on_wait` is told each time it looks).
         """
         counts = StreamCounts()
+        room = RedisRoom(self._redis, self.settings.redis_maxmemory_mib, self.settings.redis_reserve_share)
         known: dict[str, tuple[set[str], set[str]]] = {}
         named: dict[tuple[str, str], RenderJob] = {}
         """Named jobs sent by this stream, to tell a repeated row from another job under the same name."""
@@ -352,37 +373,92 @@ class FarmClient:
                         named[(job.dataset, job.id)] = job
                     chunk.append(job)
                 if len(chunk) >= self.settings.submit_chunk:
-                    self._publish(producer, chunk, priority)
-                    counts.enqueued += len(chunk)
+                    self._admit(producer, chunk, priority, counts, room, wait_for_room, on_wait)
                     chunk = []
                     if on_progress is not None:
                         on_progress(counts)
             if chunk:
-                self._publish(producer, chunk, priority)
-                counts.enqueued += len(chunk)
+                self._admit(producer, chunk, priority, counts, room, wait_for_room, on_wait)
         if on_progress is not None:
             on_progress(counts)
         return counts
 
-    def _publish(self, producer: Any, jobs: list[RenderJob], priority: Priority) -> None:
-        """One pipelined round trip for the messages, then one for the dataset record: a crash between
-        the two re-sends these jobs on the next submit instead of losing them."""
+    def _admit(
+        self,
+        producer: Any,
+        chunk: list[RenderJob],
+        priority: Priority,
+        counts: StreamCounts,
+        room: RedisRoom,
+        wait_for_room: bool,
+        on_wait: Callable[[Room], None] | None,
+    ) -> None:
+        """Send `chunk` if it fits under Redis' maxmemory; else send what fits and raise RedisFull, or wait."""
+        while True:
+            now = room.now()
+            fits = now.jobs
+            if fits is None or fits >= len(chunk):
+                break
+            if not wait_for_room:
+                if fits:
+                    self._publish(producer, chunk[:fits], priority, counts)
+                raise RedisFull(
+                    f"Redis is full: this submit queued {counts.enqueued} jobs and stopped ({now.describe()}). "
+                    "Raise maxmemory, or let the fleet drain (--wait-for-room), then submit again: only what "
+                    "is missing is sent"
+                )
+            if on_wait is not None:
+                on_wait(now)
+            time.sleep(ROOM_POLL_S)
+        self._publish(producer, chunk, priority, counts)
+        room.measured(now, len(chunk))
+
+    def _publish(self, producer: Any, jobs: list[RenderJob], priority: Priority, counts: StreamCounts) -> None:
+        """The dataset record first, then one pipelined round trip for the messages. A crash between the two
+        leaves recorded jobs without messages, which the lost-job sweep sends again; a Redis that refuses the
+        messages (over maxmemory) gets the record of the unsent ones taken back, so record and queues agree."""
         queued_at = datetime.now(UTC).isoformat()
         queues = {job.queue for job in jobs}
-        note_lora_queues(self._redis, queues)
-        for queue in queues:
-            # Once here (cached per channel), instead of once per message inside send_task, which cost a
-            # fifth of a stream's time in kombu's entity copies.
-            producer.maybe_declare(self._app.amqp.queues[queue])
         sent = [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=False) for job in jobs]
-        with producer.batch(max_size=2 * len(jobs)):
-            for job in jobs:
-                send_render(self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=False, producer=producer)
         by_dataset: dict[str, list[SentJob]] = {}
         for record in sent:
             by_dataset.setdefault(record.job["dataset"], []).append(record)
-        for dataset, records in by_dataset.items():
-            self.datasets.note_queued(dataset, records)
+        try:
+            note_lora_queues(self._redis, queues)
+            for dataset, records in by_dataset.items():
+                self.datasets.note_queued(dataset, records)
+            for queue in queues:
+                # Once here (cached per channel), instead of once per message inside send_task, which cost a
+                # fifth of a stream's time in kombu's entity copies.
+                producer.maybe_declare(self._app.amqp.queues[queue])
+            with producer.batch(max_size=2 * len(jobs)):
+                for job in jobs:
+                    send_render(
+                        self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=False, producer=producer
+                    )
+        except (redis.exceptions.OutOfMemoryError, BatchPublishError, OperationalError) as error:
+            self._take_back_unsent(jobs, queues)
+            raise RedisFull(
+                f"Redis refused the jobs (over its maxmemory: {error.__class__.__name__}); this submit queued "
+                f"{counts.enqueued} jobs. Raise maxmemory or let the fleet drain, then submit again: only what "
+                "is missing is sent"
+            ) from None
+        counts.enqueued += len(jobs)
+
+    def _take_back_unsent(self, jobs: list[RenderJob], queues: set[str]) -> None:
+        """After a refused batch: the jobs whose messages did not reach their queue leave the record (a
+        non-transactional pipeline may have sent some). New messages go to the head of their lists."""
+        present: set[str] = set()
+        for queue in queues:
+            for name in queue_lists(queue):
+                raws = self._redis.lrange(name, 0, len(jobs) + SENT_MARGIN)
+                present |= {found for raw in raws if (found := message_task_id(raw)) is not None}
+        unsent: dict[str, list[str]] = {}
+        for job in jobs:
+            if task_id(job.dataset, job.id) not in present:
+                unsent.setdefault(job.dataset, []).append(job.id)
+        for dataset, ids in unsent.items():
+            self.datasets.forget_queued(dataset, ids)
 
     def _submit_valid(self, job: RenderJob, priority: Priority) -> JobHandle:
         stored = self.stored_result(job)

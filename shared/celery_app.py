@@ -9,6 +9,7 @@ overtakes every normal and low one still waiting, whichever level queue it is in
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import redis
@@ -58,6 +59,19 @@ def waiting_messages(client: redis.Redis, queues: list[str]) -> list[int]:
 def most_urgent(counts: tuple[int, ...]) -> int | None:
     """The index of the highest priority step at which anything waits (0 is `high`); None when empty."""
     return next((step for step, count in enumerate(counts) if count), None)
+
+
+def message_task_id(raw: bytes) -> str | None:
+    """The task id in a kombu message as stored in a queue list, or in `unacked` ([message, exchange, key])."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(message, list) and message:
+        message = message[0]
+    headers = message.get("headers") if isinstance(message, dict) else None
+    found = headers.get("id") if isinstance(headers, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def task_id(dataset: str, job_id: str) -> str:

@@ -186,6 +186,15 @@ class DatasetBook:
                 pipe.hdel(_key(dataset, "errors"), *ids)
                 pipe.execute()
 
+    def forget_queued(self, dataset: str, job_ids: list[str]) -> None:
+        """Take back jobs noted queued whose messages were never sent (Redis refused them). Deletes only,
+        which a Redis over maxmemory still takes, in a plain pipeline (it refuses a MULTI block)."""
+        if job_ids:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.srem(_key(dataset, "queued"), *job_ids)
+                pipe.hdel(_key(dataset, "sent"), *job_ids)
+                pipe.execute()
+
     def mark_running(self, dataset: str, job_id: str) -> None:
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "running", pipe)

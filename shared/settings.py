@@ -107,6 +107,20 @@ class FarmSettings(BaseSettings):
     submit_chunk: int = Field(
         default=500, ge=1, le=10_000, description="Jobs a file submit publishes per pipelined round trip to Redis."
     )
+    redis_maxmemory_mib: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Producers: the memory Redis may use where its own maxmemory is 0 (unlimited); submits stop "
+            "before it. Redis' maxmemory wins when set."
+        ),
+    )
+    redis_reserve_share: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Producers: the share of Redis' maxmemory submits leave for the workers' bookkeeping.",
+    )
     cache_dir: Path = Field(default=Path("~/.cache/fluxfarm"), description="Downloaded models and file digests.")
     cache_max_gib: float | None = Field(
         default=200.0,
@@ -227,7 +241,9 @@ class FarmSettings(BaseSettings):
             raise ValueError("storage_url must start with s3:// or file://")
         return value
 
-    @field_validator("tls_ca_file", "s3_endpoint_url", "transformer", "cache_max_gib", mode="before")
+    @field_validator(
+        "tls_ca_file", "s3_endpoint_url", "transformer", "cache_max_gib", "redis_maxmemory_mib", mode="before"
+    )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         """An empty variable (compose's `${VAR:-}`) means unset: not the current folder, not an endpoint."""

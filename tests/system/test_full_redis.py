@@ -13,9 +13,11 @@ import redis
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
+from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
-from tests.conftest import S3Server, start_worker
+from tests.conftest import S3Server, farm_env, run_fluxfarm, start_worker
 from tests.fault_farm import wait_until
 
 pytestmark = pytest.mark.slow
@@ -62,6 +64,87 @@ def test_a_worker_keeps_what_it_rendered_when_redis_is_full(
         log = worker.log_text()
         assert log.count(f"rendered job {handle.job_id}") == 1, "rendered once, never again for nothing"
         assert worker.process is not None and worker.process.poll() is None, "the worker went on"
+    finally:
+        worker.stop()
+        server.stop()
+
+
+ROWS = 3000
+
+
+def _submit_env(server: RedisServer, tmp_path: Path) -> dict[str, str]:
+    return {
+        "FLUXFARM_BROKER_URL": server.url,
+        "FLUXFARM_STORAGE_URL": f"file://{tmp_path / 'out'}",
+        "FLUXFARM_SUBMIT_CHUNK": "100",
+    }
+
+
+def _prompts(path: Path, rows: int) -> Path:
+    path.write_text("".join(f"a study of light on water, plate {i}\n" for i in range(rows)))
+    return path
+
+
+def test_a_submit_past_maxmemory_stops_with_one_line_and_a_consistent_dataset(tmp_path: Path) -> None:
+    """Issue 30, acceptance 1: before, a 60,000-row submit into a full Redis ended in a traceback
+    (OutOfMemoryError, or BatchPublishError) and left 609 messages the dataset record did not know."""
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 3 * 1024 * 1024)
+        prompts = _prompts(tmp_path / "prompts.txt", ROWS)
+        env = _submit_env(server, tmp_path)
+        refused = run_fluxfarm("submit", str(prompts), "--dataset", "full", env=env)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+        [line] = [line for line in refused.stderr.splitlines() if "Redis is full" in line]
+        assert "maxmemory" in line and "queued" in line
+        book = DatasetBook(admin)
+        queued = book.record("full").queued
+        assert 0 < queued < ROWS
+        assert waiting_messages(admin, [QUEUE_ANY]) == [queued], "the record and the queue agree"
+        admin.config_set("maxmemory", 0)
+        done = run_fluxfarm("submit", str(prompts), "--dataset", "full", env=env)
+        assert done.returncode == 0, done.stderr
+        assert book.record("full").queued == ROWS
+        assert waiting_messages(admin, [QUEUE_ANY]) == [ROWS], "one message per row, none twice"
+    finally:
+        server.stop()
+
+
+def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
+    tiny_model: Path, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """Issue 30, acceptance 2."""
+    from fluxfarm.worker.tools.tiny_model import gguf_path
+
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    settings = FarmSettings(
+        broker_url=server.url,
+        storage_url=f"s3://{s3_server.new_bucket()}/renders",
+        s3_endpoint_url=s3_server.endpoint_url,
+        cache_dir=tmp_path / "cache",
+    )
+    transformer = gguf_path(tiny_model, QuantLevel.Q8_0)
+    worker = start_worker(settings, tiny_model, transformer, tmp_path / "w.log", "w-drain")
+    try:
+        rows = 700
+        # 1 MiB under the producers' line (some 450 queued jobs: well above the noise of clients' buffers
+        # in used_memory), and 2 MiB above it for the worker: a Redis over maxmemory refuses even the MULTI
+        # block of an ack, and no fleet could drain it.
+        used = int(admin.info("memory")["used_memory"])
+        limit = used + 3 * 1024 * 1024
+        admin.config_set("maxmemory", limit)
+        share = 1 - (used + 1024 * 1024) / limit
+        prompts = _prompts(tmp_path / "prompts.txt", rows)
+        env = {**farm_env(settings), "FLUXFARM_SUBMIT_CHUNK": "20", "FLUXFARM_REDIS_RESERVE_SHARE": f"{share:.3f}"}
+        args = ("submit", str(prompts), "--dataset", "drain", "--width", "256", "--height", "256", "--steps", "1")
+        refused = run_fluxfarm(*args, env=env)
+        assert refused.returncode != 0 and "Redis is full" in refused.stderr
+        waited = run_fluxfarm(*args, "--wait-for-room", env=env, timeout=240)
+        assert waited.returncode == 0, waited.stderr
+        book = DatasetBook(admin)
+        wait_until(lambda: book.record("drain").done == rows, 400, "every row rendered")
     finally:
         worker.stop()
         server.stop()

@@ -14,14 +14,13 @@ that was not lost after all is harmless: the claim and the stored-result check k
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 
 import redis
 
-from fluxfarm.shared.celery_app import queue_lists, task_id, waiting_messages
+from fluxfarm.shared.celery_app import message_task_id, queue_lists, task_id, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.lora_queues import known_queues
 from fluxfarm.worker.serve.leases import JobClaims
@@ -40,19 +39,6 @@ SCAN_CHUNK = 500
 MAX_SCANNED_BYTES = 64 << 20
 MAX_SCAN_S = 10.0
 """A sweep that would read more than this, or take longer, gives up for its round (nothing is resent)."""
-
-
-def _message_id(raw: bytes) -> str | None:
-    """The task id in a kombu message as stored in a queue list, or in `unacked` ([message, exchange, key])."""
-    try:
-        message = json.loads(raw)
-    except ValueError:
-        return None
-    if isinstance(message, list) and message:
-        message = message[0]
-    headers = message.get("headers") if isinstance(message, dict) else None
-    task_id = headers.get("id") if isinstance(headers, dict) else None
-    return task_id if isinstance(task_id, str) else None
 
 
 class LostJobSweeper:
@@ -95,7 +81,7 @@ class LostJobSweeper:
         def keep(raws: list[bytes]) -> bool:
             nonlocal scanned
             scanned += sum(len(raw) for raw in raws)
-            ids.update(task_id for raw in raws if (task_id := _message_id(raw)) is not None)
+            ids.update(task_id for raw in raws if (task_id := message_task_id(raw)) is not None)
             return scanned <= MAX_SCANNED_BYTES and time.monotonic() < deadline
 
         for name in (name for queue in queues for name in queue_lists(queue)):

@@ -1,0 +1,73 @@
+"""Admission control: a submit stops before Redis' maxmemory with a clear message, not a traceback and a
+half-written dataset.
+
+Managed Redis services, and the compose file, run with `maxmemory` and `noeviction`: past the line every
+write is refused, the producers' and the workers' alike. Before each chunk of a stream the producer reads
+`INFO memory` (`used_memory`, `maxmemory`, or FLUXFARM_REDIS_MAXMEMORY_MIB where Redis has none), keeps
+FLUXFARM_REDIS_RESERVE_SHARE of the limit for the workers' bookkeeping (claims, leases, done records),
+and sends only what fits at the farm's bytes per queued job, measured as it goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from fluxfarm.shared.errors import FarmError
+
+MIB = 1024 * 1024
+FIRST_GUESS_BYTES_PER_JOB = 4096.0
+"""Before the stream's first chunk is measured: above the 2.1-2.6 KB a plain or ControlNet job costs
+(docs/benchmarks.md, the control plane)."""
+
+
+class RedisFull(FarmError):
+    """Redis has no room under its maxmemory for the jobs being submitted."""
+
+
+@dataclass(frozen=True)
+class Room:
+    used_bytes: int
+    limit_bytes: int | None
+    """maxmemory (or the setting standing in for it); None: no limit to keep to."""
+    reserve_bytes: int
+    bytes_per_job: float
+
+    @property
+    def jobs(self) -> int | None:
+        """How many more jobs fit (None: no limit)."""
+        if self.limit_bytes is None:
+            return None
+        return max(0, int((self.limit_bytes - self.reserve_bytes - self.used_bytes) // self.bytes_per_job))
+
+    def describe(self) -> str:
+        assert self.limit_bytes is not None
+        return (
+            f"Redis holds {self.used_bytes / MIB:.1f} of its {self.limit_bytes / MIB:.1f} MiB maxmemory, "
+            f"{self.reserve_bytes / MIB:.1f} MiB kept for the workers, ~{self.bytes_per_job:.0f} bytes a queued job"
+        )
+
+
+class RedisRoom:
+    """What one stream of submits may still send; `measured` learns the bytes per job from each chunk."""
+
+    def __init__(self, client: redis.Redis, maxmemory_mib: float | None, reserve_share: float) -> None:
+        self._redis = client
+        self._fallback = int(maxmemory_mib * MIB) if maxmemory_mib else None
+        self._reserve_share = reserve_share
+        self.bytes_per_job = FIRST_GUESS_BYTES_PER_JOB
+
+    def now(self) -> Room:
+        memory = self._redis.info("memory")
+        limit = int(memory.get("maxmemory", 0)) or self._fallback
+        reserve = int(limit * self._reserve_share) if limit else 0
+        return Room(int(memory["used_memory"]), limit, reserve, self.bytes_per_job)
+
+    def measured(self, before: Room, jobs: int) -> None:
+        """After `jobs` were sent: the bytes they took (never below a tenth of the first guess, so a chunk
+        sent while workers freed memory does not make the next look free)."""
+        if jobs <= 0:
+            return
+        taken = (int(self._redis.info("memory")["used_memory"]) - before.used_bytes) / jobs
+        self.bytes_per_job = max(taken, FIRST_GUESS_BYTES_PER_JOB / 10, self.bytes_per_job * 0.5)
