@@ -58,17 +58,10 @@ ROOM_POLL_S = 2.0
 """How often a submit waiting for room in Redis looks again."""
 
 
-def _conflict(job: RenderJob, where: str) -> JobConflict:
-    return JobConflict(
-        f"dataset {job.dataset}: job id {job.id} already names another job ({where}) with other "
-        "parameters; give this job another job_id, or leave job_id out to use its content id"
-    )
-
-
 def _owned(job: RenderJob, result: RenderResult) -> RenderResult:
     """`result` if it is `job`'s own; a result under the same id for another job is a conflict."""
     if result.job_id != job.id or result.job != job:
-        raise _conflict(job, "stored")
+        raise JobConflict.naming(job.dataset, job.id, "stored")
     return result
 
 
@@ -139,7 +132,7 @@ class JobHandle:
             self.job.dataset,
             self.job_id,
         ):
-            raise _conflict(self.job, "a result from the backend")
+            raise JobConflict.naming(self.job.dataset, self.job_id, "a result from the backend")
         fields = {key: item for key, item in value.items() if key != "dataset"}
         return RenderResult.model_validate({**fields, "job": self.job.model_dump(mode="json")})
 
@@ -240,11 +233,8 @@ class FarmClient:
             return None
 
     def _check_queued(self, job: RenderJob) -> None:
-        """JobConflict when the job's id is queued or running for another job of its dataset. Only a
-        named job can meet one: a content id names one job's parameters."""
-        sent = self.datasets.sent_job(job.dataset, job.id) if job.named else None
-        if sent is not None and sent.job != job.model_dump(mode="json"):
-            raise _conflict(job, "queued")
+        if self.datasets.queued_for_another(job):
+            raise JobConflict.naming(job.dataset, job.id, "queued")
 
     def store_input(self, data: bytes, dataset: str = DEFAULT_DATASET) -> str:
         """Store a control image (PNG, JPEG or WebP, at most 16 MiB) for jobs of `dataset` and return the
@@ -363,7 +353,7 @@ class FarmClient:
                 elif job.id in waiting:
                     if job.named and (earlier := named.get((job.dataset, job.id))) is not None:
                         if earlier != job:
-                            raise _conflict(job, "earlier in this stream")
+                            raise JobConflict.naming(job.dataset, job.id, "earlier in this stream")
                     elif job.named:
                         self._check_queued(job)
                     counts.already_waiting += 1

@@ -108,6 +108,9 @@ class SentJob(BaseModel):
     def of(cls, job: RenderJob, priority: int, queued_at: str, keep_result: bool) -> SentJob:
         return cls(job=job.model_dump(mode="json"), priority=priority, queued_at=queued_at, keep_result=keep_result)
 
+    def is_of(self, job: RenderJob) -> bool:
+        return self.job == job.model_dump(mode="json")
+
 
 class DeadLetter(BaseModel):
     """A job the farm gave up on after its attempts: what it was, why, and where it was last tried."""
@@ -279,6 +282,12 @@ class DatasetBook:
         """What was published for a job still queued (None once it is done, failed or unknown)."""
         raw = self._redis.hget(_key(dataset, "sent"), job_id)
         return SentJob.model_validate_json(raw) if raw is not None else None
+
+    def queued_for_another(self, job: RenderJob) -> bool:
+        """True when `job`'s id is queued or running for another job of its dataset. Only a named job can
+        meet one: a content id names one job's parameters."""
+        sent = self.sent_job(job.dataset, job.id) if job.named else None
+        return sent is not None and not sent.is_of(job)
 
     def waiting_ids(self, dataset: str) -> set[str]:
         """Jobs queued or running: a resubmit does not send them again."""

@@ -1,5 +1,7 @@
 """One error tree for the farm, so callers can catch `FarmError` and know it came from us."""
 
+from __future__ import annotations
+
 
 class FarmError(Exception):
     """Base class of every error fluxfarm raises on purpose."""
@@ -13,6 +15,14 @@ class JobConflict(InvalidJob):
     """A job id already names another job of its dataset (stored, queued or running) with other
     parameters. Nothing is sent, and the other job's result stays its own: an explicit `job_id` cannot
     pre-fill or take over a result."""
+
+    @classmethod
+    def naming(cls, dataset: str, job_id: str, where: str) -> JobConflict:
+        """The conflict for a job whose id already names another job `where` (stored, queued, ...)."""
+        return cls(
+            f"dataset {dataset}: job id {job_id} already names another job ({where}) with other parameters; "
+            "give this job another job_id, or leave job_id out to use its content id"
+        )
 
 
 class JobFailed(FarmError):

@@ -146,8 +146,7 @@ class JobRunner:
         keys = self._store.result_keys(job.dataset, job.id)
         if (stored := self._results.stored(keys)) is not None:
             return self._already_stored(job, keys, stored)
-        sent = self._book.sent_job(job.dataset, job.id) if job.named else None
-        if sent is not None and sent.job != job.model_dump(mode="json"):  # published past the client's check
+        if self._book.queued_for_another(job):  # published past the client's check
             raise _conflict(job, "queued")
         if self._book.is_cancelled(job.dataset, job.id):
             log.info("job %s: dataset %s was cancelled; dropping it without rendering", job.id, job.dataset)
@@ -312,9 +311,7 @@ class JobRunner:
 
 def _conflict(job: RenderJob, where: str) -> JobConflict:
     log.warning("job %s of %s refused: its id names another %s job of the dataset", job.id, job.dataset, where)
-    return JobConflict(
-        f"dataset {job.dataset}: job id {job.id} already names another job ({where}) with other parameters"
-    )
+    return JobConflict.naming(job.dataset, job.id, where)
 
 
 def _unless_redis_is_down(action: Callable[[], object], what: str) -> None:
