@@ -37,6 +37,7 @@ from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ControlNetInfo
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import ObjectStore, open_store
+from fluxfarm.worker.model.cache import GIB
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.pipeline import compute_dtype
 from fluxfarm.worker.model.sources import bucket_store, resolve_job_file, resolve_job_folder
@@ -64,7 +65,7 @@ def controlnet_gib(folder: Path, quantized: bool) -> float:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 params += math.prod(handle.get_slice(name).get_shape())
-    return params * (1.0 if quantized else 2.0) / 2**30
+    return params * (1.0 if quantized else 2.0) / GIB
 
 
 _MATCHING_CONFIG = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim")
@@ -143,7 +144,7 @@ class ControlNets:
         device = torch.device(self._device)
         if device.type != "cuda":
             return
-        free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+        free_gib = torch.cuda.mem_get_info(device)[0] / GIB
         if needed_gib + CONTROLNET_MARGIN_GIB > free_gib:
             raise ControlNetDoesNotFit(
                 f"ControlNet {source} needs {needed_gib:.2f} GiB at {self._level} and a "
