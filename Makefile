@@ -14,7 +14,7 @@ TORCH ?= $(TORCH_PIN)
 LOCK := constraints.txt
 STAMP := $(VENV)/.fluxfarm-installed
 
-.PHONY: demo test test-faults lint env lock clean
+.PHONY: demo test test-faults lint env tools lock clean
 
 env: $(STAMP)
 
@@ -42,7 +42,11 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) tests/lint_layers.py
 
-test: lint
+# Programs the tests run beside redis-server: promtool (Debian's prometheus) checks the alert rules.
+tools:
+	command -v promtool >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; }
+
+test: lint tools
 	$(PY) -m pytest -q -m "not faults and not chaos"
 
 # The slower fault-injection suite: killed workers, Redis restarts, S3 outages, the chaos run (~10 min).

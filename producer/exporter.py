@@ -1,5 +1,5 @@
-"""`fluxfarm exporter`: the farm as Redis sees it (live workers, queues, datasets, dead letters) as
-Prometheus metrics, read afresh at every scrape.
+"""`fluxfarm exporter`: the farm as Redis sees it (live workers, queues, datasets, dead letters, Redis'
+own memory) as Prometheus metrics, read afresh at every scrape.
 
 Workers serve their own process metrics (worker/serve/metrics.py); what no single worker knows (how many
 jobs wait in each queue, how far each dataset is, which queue no live worker serves) comes from the
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fluxfarm.producer.redis_room import Room
 from fluxfarm.producer.status import FarmStatus, read_status
 from fluxfarm.shared.datasets import STATES
 from fluxfarm.shared.errors import FarmError
@@ -43,6 +44,8 @@ class FarmCollector(Collector):
         yield up
         yield from _fleet_metrics(status)
         yield from _dataset_metrics(status)
+        if status.redis_memory is not None:
+            yield from _memory_metrics(status.redis_memory)
 
 
 def _fleet_metrics(status: FarmStatus) -> Iterator[Metric]:
@@ -88,6 +91,26 @@ def _dataset_metrics(status: FarmStatus) -> Iterator[Metric]:
     letters = GaugeMetricFamily("fluxfarm_dead_letters", "Dead letters kept in Redis (newest first, capped).")
     letters.add_metric([], status.dead_letter_count)
     yield from (jobs, rate, eta, letters)
+
+
+def _memory_metrics(room: Room) -> Iterator[Metric]:
+    used = GaugeMetricFamily("fluxfarm_redis_used_memory_bytes", "Redis' used_memory (INFO memory).")
+    used.add_metric([], room.used_bytes)
+    yield used
+    if room.limit_bytes is not None:
+        limit = GaugeMetricFamily(
+            "fluxfarm_redis_maxmemory_bytes",
+            "Redis' maxmemory, or FLUXFARM_REDIS_MAXMEMORY_MIB where Redis has none; past it every write fails.",
+        )
+        limit.add_metric([], room.limit_bytes)
+        yield limit
+    if room.measured:
+        per_job = GaugeMetricFamily(
+            "fluxfarm_redis_bytes_per_queued_job",
+            "Bytes one queued job takes in Redis (its message and its dataset record, sampled with MEMORY USAGE).",
+        )
+        per_job.add_metric([], room.bytes_per_job)
+        yield per_job
 
 
 def run_exporter(settings: FarmSettings, address: str, port: int) -> None:

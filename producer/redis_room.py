@@ -10,11 +10,14 @@ and sends only what fits at the farm's bytes per queued job, measured as it goes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import redis
+from pydantic import BaseModel, ConfigDict
 
+from fluxfarm.shared.celery_app import queue_footprint
+from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
 from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.fleet import QueueStatus
+from fluxfarm.shared.settings import FarmSettings
 
 MIB = 1024 * 1024
 FIRST_GUESS_BYTES_PER_JOB = 4096.0
@@ -26,13 +29,24 @@ class RedisFull(FarmError):
     """Redis has no room under its maxmemory for the jobs being submitted."""
 
 
-@dataclass(frozen=True)
-class Room:
+class Room(BaseModel):
+    """Redis' memory at one moment, and what it means in jobs."""
+
+    model_config = ConfigDict(frozen=True)
+
     used_bytes: int
     limit_bytes: int | None
     """maxmemory (or the setting standing in for it); None: no limit to keep to."""
     reserve_bytes: int
     bytes_per_job: float
+    measured: bool = False
+    """bytes_per_job was sampled from what the queues and dataset records hold (`RedisRoom.sampled`), not
+    the first guess or a submit's running estimate."""
+
+    @property
+    def used_share(self) -> float | None:
+        """used / limit (None: no limit)."""
+        return self.used_bytes / self.limit_bytes if self.limit_bytes else None
 
     @property
     def jobs(self) -> int | None:
@@ -58,11 +72,20 @@ class RedisRoom:
         self._reserve_share = reserve_share
         self.bytes_per_job = FIRST_GUESS_BYTES_PER_JOB
 
+    @classmethod
+    def of(cls, client: redis.Redis, settings: FarmSettings) -> RedisRoom:
+        return cls(client, settings.redis_maxmemory_mib, settings.redis_reserve_share)
+
     def now(self) -> Room:
         memory = self._redis.info("memory")
         limit = int(memory.get("maxmemory", 0)) or self._fallback
         reserve = int(limit * self._reserve_share) if limit else 0
-        return Room(int(memory["used_memory"]), limit, reserve, self.bytes_per_job)
+        return Room(
+            used_bytes=int(memory["used_memory"]),
+            limit_bytes=limit,
+            reserve_bytes=reserve,
+            bytes_per_job=self.bytes_per_job,
+        )
 
     def measured(self, before: Room, jobs: int) -> None:
         """After `jobs` were sent: the bytes they took (never below a tenth of the first guess, so a chunk
@@ -71,3 +94,18 @@ class RedisRoom:
             return
         taken = (int(self._redis.info("memory")["used_memory"]) - before.used_bytes) / jobs
         self.bytes_per_job = max(taken, FIRST_GUESS_BYTES_PER_JOB / 10, self.bytes_per_job * 0.5)
+
+    def sampled(self, queues: list[QueueStatus], datasets: list[DatasetRecord]) -> Room:
+        """Now, with the bytes a queued job takes sampled (MEMORY USAGE) from the queues' messages and the
+        dataset records of queued and running jobs: what the exporter and `fluxfarm status` show, so an
+        operator can tell how many jobs a million more would cost. The first guess while nothing waits."""
+        room = self.now()
+        waiting = sum(queue.waiting for queue in queues)
+        recorded = sum(record.queued + record.running for record in datasets)
+        if not (waiting and recorded):
+            return room
+        message_bytes = queue_footprint(self._redis, [queue.name for queue in queues if queue.waiting])
+        names = [record.name for record in datasets if record.queued or record.running]
+        record_bytes = DatasetBook(self._redis).queued_footprint(names)
+        per_job = message_bytes / waiting + record_bytes / recorded
+        return room.model_copy(update={"bytes_per_job": per_job, "measured": True})

@@ -18,6 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from fluxfarm.producer.fleet_check import read_fleet
+from fluxfarm.producer.redis_room import MIB, RedisRoom, Room
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, DeadLetter
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import FleetReport
@@ -27,6 +28,8 @@ from fluxfarm.shared.storage import open_store
 
 WATCH_INTERVAL_S = 2.0
 DEAD_LETTERS_SHOWN = 20
+MEMORY_WARNING_SHARE = 0.8
+"""Where the memory line turns red, as infra/prometheus/alerts.yml's FluxfarmRedisMemoryHigh fires."""
 
 
 class DatasetStatus(BaseModel):
@@ -43,17 +46,22 @@ class FarmStatus(BaseModel):
     """The newest jobs the farm gave up on (of `--dataset` when given), newest first."""
     dead_letter_count: int = 0
     """Every dead letter kept, of all datasets."""
+    redis_memory: Room | None = None
+    """Redis' used memory, its limit and the bytes a queued job takes; None where this Redis user may not
+    read INFO."""
 
 
 def read_status(settings: FarmSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
     """The fleet and every dataset (or just `dataset`, with its stored objects counted if `list_storage`)."""
     fleet = read_fleet(settings)
-    book = DatasetBook(open_redis(settings))
+    client = open_redis(settings)
+    book = DatasetBook(client)
     try:
         names = [dataset] if dataset is not None else book.names()
         records = [book.record(name) for name in names]
         letters = book.dead_letters(DEAD_LETTERS_SHOWN, dataset)
         letter_count = book.dead_letter_count()
+        memory = _redis_memory(RedisRoom.of(client, settings), fleet, records)
     except redis.RedisError as error:
         raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
     finally:
@@ -62,7 +70,29 @@ def read_status(settings: FarmSettings, dataset: str | None = None, list_storage
     if dataset is not None and list_storage:
         images, metadata = open_store(settings).count_stored(dataset)
         datasets = [datasets[0].model_copy(update={"stored_images": images, "stored_metadata": metadata})]
-    return FarmStatus(fleet=fleet, datasets=datasets, dead_letters=letters, dead_letter_count=letter_count)
+    return FarmStatus(
+        fleet=fleet, datasets=datasets, dead_letters=letters, dead_letter_count=letter_count, redis_memory=memory
+    )
+
+
+def _redis_memory(room: RedisRoom, fleet: FleetReport, records: list[DatasetRecord]) -> Room | None:
+    """Redis' memory, the bytes per queued job sampled from the queues and the records read; None where
+    this Redis user may not read INFO or MEMORY USAGE (a managed service may forbid them too)."""
+    try:
+        return room.sampled(fleet.queues, records)
+    except redis.exceptions.NoPermissionError:
+        return None
+
+
+def _memory_line(room: Room) -> str:
+    if room.limit_bytes is None:
+        limit = "no maxmemory: set one (or FLUXFARM_REDIS_MAXMEMORY_MIB), or Redis grows until the host kills it"
+    else:
+        limit = f"of {room.limit_bytes / MIB:,.1f} MiB maxmemory ({room.used_share:.0%})"
+    per_job = f"~{room.bytes_per_job:,.0f} bytes a queued job" if room.measured else "nothing queued to measure"
+    fits = f", room for ~{room.jobs:,} more jobs" if room.jobs is not None and room.measured else ""
+    line = f"Redis: {room.used_bytes / MIB:,.1f} MiB {limit}; {per_job}{fits}"
+    return f"[red]{line}[/red]" if (room.used_share or 0) >= MEMORY_WARNING_SHARE else line
 
 
 def _ago(moment: datetime, now: datetime) -> str:
@@ -175,6 +205,8 @@ def _dead_letters_table(letters: list[DeadLetter], now: datetime) -> Table:
 def render_status(status: FarmStatus) -> Group:
     """The report as rich renderables: workers, queues, datasets, unserved queues, then dead letters."""
     parts: list = [_workers_table(status.fleet), _queues_table(status.fleet), _datasets_table(status.datasets)]
+    if status.redis_memory is not None:
+        parts.append(_memory_line(status.redis_memory))
     for q in status.fleet.unserved:
         needs = escape(f"{q.waiting} jobs need {q.constraint} and no live worker serves {q.name}")
         parts.append(f"[red]unserved:[/red] {needs}")

@@ -198,6 +198,15 @@ class DatasetBook:
                 pipe.hdel(_key(dataset, "sent"), *job_ids)
                 pipe.execute()
 
+    def queued_footprint(self, datasets: list[str]) -> int:
+        """The bytes the records of `datasets`' queued and running jobs take (MEMORY USAGE, sampled): each
+        such job holds its sent record and a place in a state set until it is done."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for dataset in datasets:
+                for part in ("sent", "queued", "running"):
+                    pipe.memory_usage(_key(dataset, part))
+            return sum(size or 0 for size in pipe.execute())
+
     def mark_running(self, dataset: str, job_id: str) -> None:
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "running", pipe)

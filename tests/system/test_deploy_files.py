@@ -10,9 +10,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+import redis
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
+from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared.settings import PLACEHOLDER_SECRET_PREFIX, FarmSettings
 from tests.compose_files import interpolate
 
@@ -93,6 +95,7 @@ def test_redis_persists_with_aof_refuses_eviction_and_starts_with_the_acl_users(
     command = SERVICES["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert command[command.index("--maxmemory") + 1].startswith("${REDIS_MAXMEMORY:-"), "an explicit cap"
     assert (
         command[0] == "/etc/fluxfarm/redis/start.sh"
         and "./infra/redis:/etc/fluxfarm/redis:ro" in SERVICES["redis"]["volumes"]
@@ -271,3 +274,19 @@ def test_the_worker_image_lets_a_tight_budget_use_fragmented_memory_and_exposes_
     text = (ROOT / "infra" / "worker.Dockerfile").read_text()
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
     assert f"EXPOSE {FarmSettings().metrics_port}" in text
+
+
+def test_both_compose_files_cap_redis_memory_with_a_value_redis_takes(redis_server: RedisServer) -> None:
+    """Without a maxmemory Redis grows until the kernel kills it; the cap's default is one Redis parses."""
+    tls = yaml.safe_load((ROOT / "infra" / "compose.tls.yml").read_text())["services"]["redis"]["command"]
+    capped = [command[command.index("--maxmemory") + 1] for command in (SERVICES["redis"]["command"], tls)]
+    assert capped[0] == capped[1]
+    default = interpolate(capped[0], {})
+    client = redis.Redis.from_url(redis_server.url)
+    before = client.config_get("maxmemory")["maxmemory"]
+    try:
+        client.config_set("maxmemory", default)
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 4 * 2**30
+    finally:
+        client.config_set("maxmemory", before)
+    assert env_example()["REDIS_MAXMEMORY"] == default

@@ -12,13 +12,14 @@ import pytest
 import redis
 
 from fluxfarm.producer.client import FarmClient
-from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.producer.local_stack import RedisServer, free_port
 from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, farm_env, run_fluxfarm, start_worker
 from tests.fault_farm import wait_until
+from tests.metrics_scrape import scrape, start_exporter, value
 
 pytestmark = pytest.mark.slow
 
@@ -147,4 +148,61 @@ def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
         wait_until(lambda: book.record("drain").done == rows, 400, "every row rendered")
     finally:
         worker.stop()
+        server.stop()
+
+
+def test_the_exporter_and_status_show_redis_memory_and_the_bytes_a_queued_job_takes(tmp_path: Path) -> None:
+    """Issue 30, point 4: operators see it coming. The exporter's bytes per queued job (sampled with
+    MEMORY USAGE) agrees with what the queued jobs really added to used_memory."""
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    exporter = None
+    try:
+        limit = int(admin.info("memory")["used_memory"]) + 64 * 1024 * 1024
+        admin.config_set("maxmemory", limit)
+        env = _submit_env(server, tmp_path)
+        rows = 2000
+        before = int(admin.info("memory")["used_memory"])
+        done = run_fluxfarm("submit", str(_prompts(tmp_path / "prompts.txt", rows)), "--dataset", "seen", env=env)
+        assert done.returncode == 0, done.stderr
+        added_per_job = (int(admin.info("memory")["used_memory"]) - before) / rows
+        port = free_port()
+        exporter = start_exporter(port, {**env, "FLUXFARM_REDIS_RESERVE_SHARE": "0.1"})
+        families = scrape(port)
+        used = value(families["fluxfarm_redis_used_memory_bytes"], "fluxfarm_redis_used_memory_bytes")
+        assert value(families["fluxfarm_redis_maxmemory_bytes"], "fluxfarm_redis_maxmemory_bytes") == limit
+        assert before < used < limit
+        per_job = value(families["fluxfarm_redis_bytes_per_queued_job"], "fluxfarm_redis_bytes_per_queued_job")
+        assert 0.6 * added_per_job < per_job < 1.4 * added_per_job, (per_job, added_per_job)
+        status = run_fluxfarm("status", env={**env, "COLUMNS": "240"})
+        assert status.returncode == 0, status.stderr
+        [line] = [line for line in status.stdout.splitlines() if line.startswith("Redis:")]
+        assert "MiB maxmemory" in line and "bytes a queued job" in line and "more jobs" in line, line
+        report = json.loads(run_fluxfarm("status", "--json", env=env).stdout)["redis_memory"]
+        fits = int((limit * 0.9 - report["used_bytes"]) // report["bytes_per_job"])
+        assert f"room for ~{fits:,} more jobs" in line
+    finally:
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait(timeout=30)
+        server.stop()
+
+
+def test_an_unlimited_redis_has_no_limit_series_and_status_says_to_set_one(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        env = _submit_env(server, tmp_path)
+        port = free_port()
+        exporter = start_exporter(port, env)
+        try:
+            families = scrape(port)
+        finally:
+            exporter.terminate()
+            exporter.wait(timeout=30)
+        assert value(families["fluxfarm_redis_used_memory_bytes"], "fluxfarm_redis_used_memory_bytes") > 0
+        assert "fluxfarm_redis_maxmemory_bytes" not in families
+        assert "fluxfarm_redis_bytes_per_queued_job" not in families, "nothing queued to measure"
+        status = run_fluxfarm("status", env={**env, "COLUMNS": "240"})
+        assert "no maxmemory: set one" in status.stdout, status.stdout
+    finally:
         server.stop()

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +14,14 @@ from pathlib import Path
 import promql_parser
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, farm_env, fresh_farm_settings, run_fluxfarm
-from tests.fault_farm import SMALL_JOB, fault_worker, wait_until
+from tests.fault_farm import SMALL_JOB, fault_worker
+from tests.metrics_scrape import scrape, start_exporter, value
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "fluxfarm.json"
@@ -42,40 +38,6 @@ WORKER_FAMILIES = {
     "fluxfarm_vram_total_bytes",
     "fluxfarm_worker_info",
 }
-
-
-def scrape(port: int) -> dict[str, list[Sample]]:
-    """Family name -> its samples, as Prometheus would parse them."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
-
-
-def value(samples: list[Sample], name: str, **labels: str) -> float:
-    matches = [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(matches) == 1, f"{name}{labels}: {matches} in {samples}"
-    return matches[0]
-
-
-def start_exporter(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`fluxfarm exporter` on 127.0.0.1:`port`, once it accepts connections."""
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "fluxfarm", "exporter", "--port", str(port), "--address", "127.0.0.1"],
-        env={**env, "PATH": str(Path(sys.executable).parent)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        assert exporter.poll() is None, "the exporter exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    wait_until(listening, 60, "the exporter to listen", poll_s=0.2)
-    return exporter
 
 
 @dataclass(frozen=True)
@@ -102,7 +64,8 @@ def metrics_farm(
         max_attempts="1",
         metrics_port=str(worker_port),
     )
-    exporter = start_exporter(exporter_port, farm_env(settings))
+    # A limit for this Redis, which has none, so the exporter serves it as the alert rules read it.
+    exporter = start_exporter(exporter_port, {**farm_env(settings), "FLUXFARM_REDIS_MAXMEMORY_MIB": "1024"})
     with FarmClient(settings) as client:
         handles = list(
             client.submit_many(

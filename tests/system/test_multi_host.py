@@ -20,6 +20,7 @@ import yaml
 
 from fluxfarm.producer.local_stack import find_redis_server, free_port
 from fluxfarm.shared.ladder import QuantLevel
+from tests.compose_files import interpolate
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "deploy" / "multi-host.md"
@@ -61,7 +62,7 @@ def central(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_redis_command(tls_dir: Path, data_dir: Path, tls_port: int) -> list[str]:
     """infra/compose.tls.yml's Redis command (infra/redis/start.sh and its options) with this machine's
     paths and port."""
-    command = yaml.safe_load(TLS_OVERRIDE.read_text())["services"]["redis"]["command"]
+    command = interpolate(yaml.safe_load(TLS_OVERRIDE.read_text())["services"]["redis"]["command"], {})
     assert command[0] == "/etc/fluxfarm/redis/start.sh"
     args = [arg.replace("/tls/", f"{tls_dir}/") for arg in command[1:]]
     args[args.index("--tls-port") + 1] = str(tls_port)

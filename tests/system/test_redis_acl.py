@@ -110,6 +110,7 @@ def test_the_exporter_reads_the_farm_and_writes_nothing(acl_redis: AclRedis, pro
             except OSError:
                 time.sleep(0.3)
         assert "fluxfarm_dataset_jobs" in page
+        assert "fluxfarm_redis_used_memory_bytes" in page, "the exporter's user may read INFO memory"
     finally:
         process.terminate()
         process.wait(timeout=30)
