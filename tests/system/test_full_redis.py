@@ -6,6 +6,7 @@ redis-server."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -179,8 +180,11 @@ def test_the_exporter_and_status_show_redis_memory_and_the_bytes_a_queued_job_ta
         [line] = [line for line in status.stdout.splitlines() if line.startswith("Redis:")]
         assert "MiB maxmemory" in line and "bytes a queued job" in line and "more jobs" in line, line
         report = json.loads(run_fluxfarm("status", "--json", env=env).stdout)["redis_memory"]
-        fits = int((limit * 0.9 - report["used_bytes"]) // report["bytes_per_job"])
-        assert f"room for ~{fits:,} more jobs" in line
+        fits = (limit * 0.9 - report["used_bytes"]) / report[
+            "bytes_per_job"
+        ]  # a read of its own: clients' buffers move
+        said = re.search(r"room for ~([\d,]+) more jobs", line)
+        assert said is not None and abs(int(said[1].replace(",", "")) - fits) < 0.01 * fits, (line, fits)
     finally:
         if exporter is not None:
             exporter.terminate()
