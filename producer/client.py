@@ -22,7 +22,6 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
-from kombu.exceptions import BatchPublishError, OperationalError
 from pydantic import BaseModel, ValidationError
 
 from fluxfarm.producer.job_inputs import InputStager
@@ -32,16 +31,13 @@ from fluxfarm.shared.celery_app import (
     PRIORITY_STEPS,
     Priority,
     make_celery_app,
-    message_task_id,
-    queue_lists,
-    send_render,
     task_id,
 )
-from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, SentJob
+from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
 from fluxfarm.shared.errors import InvalidJob, JobConflict, JobFailed, ObjectNotFound
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job
-from fluxfarm.shared.lora_queues import note_lora_queues
 from fluxfarm.shared.metadata import RenderResult, read_result
+from fluxfarm.shared.publish import PublishRefused, publish
 from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import open_store
@@ -52,8 +48,6 @@ STORAGE_CHECK_S = 10.0
 _DATASET_POLL_S = 0.5
 _CLOCK_SLACK_S = 2.0
 """A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
-SENT_MARGIN = 1000
-"""Messages past a refused batch's own that other producers may have pushed meanwhile, read with it."""
 ROOM_POLL_S = 2.0
 """How often a submit waiting for room in Redis looks again."""
 
@@ -404,51 +398,16 @@ class FarmClient:
         room.measured(now, len(chunk))
 
     def _publish(self, producer: Any, jobs: list[RenderJob], priority: Priority, counts: StreamCounts) -> None:
-        """The dataset record first, then one pipelined round trip for the messages. A crash between the two
-        leaves recorded jobs without messages, which the lost-job sweep sends again; a Redis that refuses the
-        messages (over maxmemory) gets the record of the unsent ones taken back, so record and queues agree."""
+        """Publish a chunk (shared/publish.py: the record first, then one round trip for the messages)."""
         queued_at = datetime.now(UTC).isoformat()
-        queues = {job.queue for job in jobs}
-        sent = [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=False) for job in jobs]
-        by_dataset: dict[str, list[SentJob]] = {}
-        for record in sent:
-            by_dataset.setdefault(record.job["dataset"], []).append(record)
         try:
-            note_lora_queues(self._redis, queues)
-            for dataset, records in by_dataset.items():
-                self.datasets.note_queued(dataset, records)
-            for queue in queues:
-                # Once here (cached per channel), instead of once per message inside send_task, which cost a
-                # fifth of a stream's time in kombu's entity copies.
-                producer.maybe_declare(self._app.amqp.queues[queue])
-            with producer.batch(max_size=2 * len(jobs)):
-                for job in jobs:
-                    send_render(
-                        self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=False, producer=producer
-                    )
-        except (redis.exceptions.OutOfMemoryError, BatchPublishError, OperationalError) as error:
-            self._take_back_unsent(jobs, queues)
+            publish(self._app, self._redis, jobs, PRIORITY_STEPS[priority], queued_at, False, producer=producer)
+        except PublishRefused as error:
             raise RedisFull(
-                f"Redis refused the jobs (over its maxmemory: {error.__class__.__name__}); this submit queued "
-                f"{counts.enqueued} jobs. Raise maxmemory or let the fleet drain, then submit again: only what "
-                "is missing is sent"
+                f"{error}; this submit queued {counts.enqueued} jobs. Raise maxmemory or let the fleet drain, "
+                "then submit again: only what is missing is sent"
             ) from None
         counts.enqueued += len(jobs)
-
-    def _take_back_unsent(self, jobs: list[RenderJob], queues: set[str]) -> None:
-        """After a refused batch: the jobs whose messages did not reach their queue leave the record (a
-        non-transactional pipeline may have sent some). New messages go to the head of their lists."""
-        present: set[str] = set()
-        for queue in queues:
-            for name in queue_lists(queue):
-                raws = self._redis.lrange(name, 0, len(jobs) + SENT_MARGIN)
-                present |= {found for raw in raws if (found := message_task_id(raw)) is not None}
-        unsent: dict[str, list[str]] = {}
-        for job in jobs:
-            if task_id(job.dataset, job.id) not in present:
-                unsent.setdefault(job.dataset, []).append(job.id)
-        for dataset, ids in unsent.items():
-            self.datasets.forget_queued(dataset, ids)
 
     def _submit_valid(self, job: RenderJob, priority: Priority) -> JobHandle:
         stored = self.stored_result(job)
@@ -460,9 +419,7 @@ class FarmClient:
         if previous.state == states.FAILURE:
             previous.forget()
         queued_at = datetime.now(UTC).isoformat()
-        note_lora_queues(self._redis, [job.queue])
-        send_render(self._app, job, PRIORITY_STEPS[priority], queued_at, keep_result=True)
-        self.datasets.note_queued(job.dataset, [SentJob.of(job, PRIORITY_STEPS[priority], queued_at, keep_result=True)])
+        publish(self._app, self._redis, [job], PRIORITY_STEPS[priority], queued_at, keep_result=True)
         return JobHandle(
             job,
             async_result=self._app.AsyncResult(task_id(job.dataset, job.id)),

@@ -94,10 +94,9 @@ def task_id(dataset: str, job_id: str) -> str:
 def send_render(
     app: Celery, job: RenderJob, priority: int, queued_at: str, keep_result: bool, producer: Any = None
 ) -> None:
-    """Publish one render job: the only way one is sent (client, bulk submit, lost-job sweeper).
-    The task id is `task_id(dataset, job id)`; `producer` batches many sends into one round trip (queues declared
-    by the caller). A job with LoRAs goes to its set's queue, which the caller has noted first
-    (shared/lora_queues.py)."""
+    """One render job's message, for shared/publish.py (the one way a job is sent, which notes its LoRA
+    queue and its record first). The task id is `task_id(dataset, job id)`; `producer` batches many sends
+    into one round trip (queues declared by the caller)."""
     batching = {"producer": producer, "declare": []} if producer is not None else {}
     app.send_task(
         RENDER_TASK,

@@ -18,12 +18,12 @@ from celery.signals import worker_ready
 from celery.worker.consumer import Consumer
 
 from fluxfarm.shared import __version__
-from fluxfarm.shared.celery_app import lease_renew_interval_s, make_celery_app, send_render
+from fluxfarm.shared.celery_app import lease_renew_interval_s, make_celery_app
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.fleet import WorkerStatus
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import parse_level
-from fluxfarm.shared.lora_queues import note_lora_queues
+from fluxfarm.shared.publish import publish
 from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.settings import FarmSettings, redact_url
 from fluxfarm.shared.storage import open_store
@@ -216,9 +216,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     renewals = Periodic("fluxfarm-leases", lease_renew_interval_s(settings.lease_s), leases.renew_once).start()
 
     def resend(sent: SentJob) -> None:
-        job = parse_job(sent.job)
-        note_lora_queues(broker_redis, [job.queue])
-        send_render(app, job, sent.priority, sent.queued_at, sent.keep_result)
+        publish(app, broker_redis, [parse_job(sent.job)], sent.priority, sent.queued_at, sent.keep_result, record=False)
 
     sweep_s = max(10, settings.lease_s)
     sweeper = LostJobSweeper(

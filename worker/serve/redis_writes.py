@@ -1,0 +1,24 @@
+"""Bookkeeping writes a worker may lose: storage holds the truth, Redis the farm's view of it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+def unless_redis_is_down(action: Callable[[], object], what: str) -> bool:
+    """Run a bookkeeping write; if Redis cannot be reached, or is full (maxmemory, noeviction), log it and
+    go on (False): storage holds the result, and a redelivery finds it there and records it."""
+    try:
+        action()
+    except redis.ConnectionError as error:
+        log.warning("%s not written, Redis is unreachable: %s", what, error)
+    except redis.exceptions.OutOfMemoryError as error:
+        log.warning("%s not written, Redis is full: %s", what, error)
+    else:
+        return True
+    return False

@@ -1,0 +1,149 @@
+"""When a render attempt fails: counted, backed off without holding a thread, given up on at the end.
+
+- An attempt is counted when its render begins (DatasetBook.start_attempt), not when it fails: a job
+  that kills its worker uses an attempt too, so it cannot crash-loop the fleet.
+- A job whose own inputs cannot be used (a missing LoRA, an oversized control image) is dead-lettered at
+  once: another attempt would fail the same way. So is a job whose `max_attempts` are spent.
+- Otherwise the reason goes into the job's record and the job into the delayed-retry set (RETRY_DUE_KEY:
+  task id -> due time, Redis' clock), and its message is acknowledged: the task thread is free at once
+  and the worker renders other jobs during the back-off. Every worker's `DelayedRetries.send_due`
+  publishes the jobs whose time has come again, their record kept as it is (shared/publish.py).
+- Where the set cannot be written (Redis away or full) the message goes back to its queue at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import NoReturn
+
+import redis
+
+from fluxfarm.shared.celery_app import task_id
+from fluxfarm.shared.datasets import DatasetBook, DeadLetter, SentJob
+from fluxfarm.shared.errors import JobDeadLettered, RenderAttemptFailed
+from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.worker.serve.redis_writes import unless_redis_is_down
+
+log = logging.getLogger(__name__)
+
+RETRY_DUE_KEY = "fluxfarm:retries:due"
+"""A sorted set: `<dataset>:<job id>` (the task id) -> when (Redis' clock) the job is sent again."""
+SEND_DUE_INTERVAL_S = 1.0
+DUE_PER_ROUND = 100
+
+
+class RetryScheduled(RenderAttemptFailed):
+    """The attempt failed and the job waits in the delayed-retry set: its message is acknowledged."""
+
+
+def redis_now(client: redis.Redis) -> float:
+    """Redis' clock, which every worker shares whatever its own says."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+class RetryPolicy:
+    """Attempts and back-off for one worker's job runner."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        book: DatasetBook,
+        node: str,
+        max_attempts: int,
+        backoff_s: float,
+        backoff_max_s: float,
+    ) -> None:
+        self._redis = client
+        self._book = book
+        self._node = node
+        self.max_attempts = max_attempts
+        self._backoff_s = backoff_s
+        self._backoff_max_s = backoff_max_s
+
+    def begin(self, job: RenderJob) -> int:
+        """Before an attempt: the attempts started so far (dead-lettered if they are spent: its worker
+        died during each), and the job marked running."""
+        started = self._book.attempts(job.dataset, job.id)
+        if started >= self.max_attempts:
+            last = self._book.last_error(job.dataset, job.id)
+            died = f"its worker died during each of its last attempts ({started} in all)"
+            self.give_up(job, f"{started} attempts, the last error: {last}" if last else died, started)
+        self._book.mark_running(job.dataset, job.id)
+        return started
+
+    def count_start(self, job: RenderJob) -> int:
+        """As the render begins: count the attempt; returns its number (1 for the first)."""
+        return self._book.start_attempt(job.dataset, job.id)
+
+    def pause_s(self, attempt: int) -> float:
+        """The back-off after failed attempt number `attempt`: doubling from FLUXFARM_RETRY_BACKOFF_S."""
+        return min(self._backoff_s * 2.0 ** (attempt - 1), self._backoff_max_s)
+
+    def failed(self, job: RenderJob, attempt: int, reason: str, input_error: bool) -> NoReturn:
+        """After failed attempt number `attempt`: dead-letter the job, or send it back after its back-off."""
+        if input_error:  # another attempt would fail the same way
+            self.give_up(job, f"the job's input cannot be used: {reason}", attempt)
+        if attempt >= self.max_attempts:
+            self.give_up(job, f"{attempt} attempts failed, the last: {reason}", attempt)
+        self.retry(job, reason, self.pause_s(attempt), f"attempt {attempt}/{self.max_attempts} failed")
+
+    def retry(self, job: RenderJob, reason: str, pause_s: float, what: str) -> NoReturn:
+        """Send the job back after `pause_s` through the delayed-retry set (RetryScheduled), or at once
+        through its queue where Redis cannot take the entry (RenderAttemptFailed)."""
+        unless_redis_is_down(
+            lambda: self._book.note_attempt_failed(job.dataset, job.id, reason), f"job {job.id}'s failure"
+        )
+
+        def schedule() -> None:
+            self._redis.zadd(RETRY_DUE_KEY, {task_id(job.dataset, job.id): redis_now(self._redis) + pause_s})
+
+        if unless_redis_is_down(schedule, f"job {job.id}'s retry"):
+            log.warning("job %s %s (%s); sent again in %.0fs", job.id, what, reason, pause_s)
+            raise RetryScheduled(reason)
+        log.warning("job %s %s (%s); back to its queue now", job.id, what, reason)
+        raise RenderAttemptFailed(reason)
+
+    def give_up(self, job: RenderJob, reason: str, attempts: int) -> NoReturn:
+        letter = DeadLetter(
+            dataset=job.dataset,
+            job_id=job.id,
+            reason=reason,
+            attempts=attempts,
+            node=self._node,
+            at=datetime.now(UTC),
+            job=job.model_dump(mode="json"),
+        )
+        self._book.dead_letter(letter)
+        log.error("job %s dead-lettered: %s", job.id, reason)
+        raise JobDeadLettered(f"job {job.id} dead-lettered: {reason}")
+
+
+class DelayedRetries:
+    """Sends the jobs of the delayed-retry set again once their back-off is over (every worker runs
+    `send_due`; ZREM decides which one sends each)."""
+
+    def __init__(self, client: redis.Redis, book: DatasetBook, resend: Callable[[SentJob], None]) -> None:
+        self._redis = client
+        self._book = book
+        self._resend = resend
+
+    def task_ids(self) -> set[str]:
+        """Jobs waiting out a back-off: they have no message, and are not lost."""
+        return {member.decode() for member in self._redis.zrange(RETRY_DUE_KEY, 0, -1)}
+
+    def send_due(self) -> list[str]:
+        """Publish the jobs whose back-off is over; returns their task ids."""
+        sent: list[str] = []
+        for member in self._redis.zrangebyscore(RETRY_DUE_KEY, "-inf", redis_now(self._redis), 0, DUE_PER_ROUND):
+            if not self._redis.zrem(RETRY_DUE_KEY, member):
+                continue  # another worker took it
+            dataset, _, job_id = member.decode().partition(":")
+            record = self._book.sent_job(dataset, job_id)
+            if record is None:
+                continue  # done, dead-lettered or cancelled meanwhile; a crash here leaves it to the lost-job sweep
+            self._resend(record)
+            sent.append(member.decode())
+        return sent
