@@ -85,6 +85,16 @@ class FarmSettings(BaseSettings):
         le=100,
         description="Render attempts a job gets (failures and worker deaths) before it is dead-lettered.",
     )
+    retry_backoff_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Workers: the back-off after a job's first failed attempt, doubling with each further one; the job "
+            "waits in Redis' delayed-retry set meanwhile, holding no worker thread."
+        ),
+    )
+    retry_backoff_max_s: float = Field(default=30.0, ge=0, le=86_400, description="Workers: the longest back-off.")
     storage_retry_s: float = Field(
         default=600,
         ge=0,

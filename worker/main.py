@@ -49,6 +49,7 @@ from fluxfarm.worker.serve.metrics import WorkerMetrics, serve_metrics
 from fluxfarm.worker.serve.periodic import Periodic
 from fluxfarm.worker.serve.queue_adoption import CHECK_INTERVAL_S, LoraAdoption
 from fluxfarm.worker.serve.result_store import ResultStore
+from fluxfarm.worker.serve.retry_policy import SEND_DUE_INTERVAL_S, DelayedRetries, RetryPolicy
 from fluxfarm.worker.serve.tasks import register_render_task
 
 log = logging.getLogger("fluxfarm.worker")
@@ -179,7 +180,10 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
     book = DatasetBook(broker_redis)
     claims = JobClaims(broker_redis, node, settings.lease_s)
     results = ResultStore(store, settings.storage_retry_s)
-    runner = JobRunner(batcher, results, book, claims, worker_info, load_s, settings.max_attempts, metrics)
+    retries = RetryPolicy(
+        broker_redis, book, node, settings.max_attempts, settings.retry_backoff_s, settings.retry_backoff_max_s
+    )
+    runner = JobRunner(batcher, results, book, claims, retries, worker_info, load_s, metrics)
     started_at = datetime.now(UTC)
     capability = compute_capability(device)
     metrics_url = f"http://{worker_info.hostname}:{metrics_port}/metrics" if metrics_port else None
@@ -228,6 +232,8 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         retention_s=settings.dataset_retention_s,
     )
     sweeps = Periodic("fluxfarm-lost-jobs", sweep_s, sweeper.sweep_once).start()
+    delayed = DelayedRetries(broker_redis, book, resend)
+    due = Periodic("fluxfarm-retries", SEND_DUE_INTERVAL_S, delayed.send_due).start()
     adoptions = Periodic("fluxfarm-lora-queues", CHECK_INTERVAL_S, adoption.tick)
 
     def on_ready(sender: Consumer, **_: object) -> None:
@@ -251,6 +257,7 @@ def run_worker(settings: FarmSettings, model: str, transformer: str | None, devi
         )
     finally:
         adoptions.stop()
+        due.stop()
         sweeps.stop()
         renewals.stop()
         heartbeat.stop(node)

@@ -2,12 +2,8 @@
 
 The queue is not trusted, so the job is validated here too. A job whose metadata already exists is
 not rendered again: redeliveries and resubmits return the stored result. A job claimed by another
-live process is waited for, not rendered twice (worker/serve/leases.py). Each render attempt is counted
-in the dataset record when it starts; a failed attempt goes back to the queue after a backoff, and
-once `max_attempts` attempts have failed or died with their worker the job is dead-lettered with the
-reason: a poison job cannot loop forever, and a job that kills its worker cannot crash-loop the fleet.
-A job whose own inputs cannot be used (a missing LoRA, a ControlNet for another model, an oversized
-control image) is dead-lettered at its first attempt, with the reason.
+live process is waited for, not rendered twice (worker/serve/leases.py). Attempts, back-off and dead
+letters are the retry policy's (worker/serve/retry_policy.py).
 """
 
 from __future__ import annotations
@@ -20,13 +16,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
-import redis
 import torch
 
 from fluxfarm.shared import __version__
-from fluxfarm.shared.datasets import DatasetBook, DeadLetter
+from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.errors import (
     InvalidJob,
     JobCancelled,
@@ -43,13 +38,14 @@ from fluxfarm.shared.storage import ResultKeys
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.metrics import Outcome, WorkerMetrics
+from fluxfarm.worker.serve.redis_writes import unless_redis_is_down
 from fluxfarm.worker.serve.result_store import ResultStore
+from fluxfarm.worker.serve.retry_policy import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 CLAIM_POLL_S = 1.0
 """How often a duplicate delivery looks for the result of the job another process is rendering."""
-MAX_RETRY_PAUSE_S = 30.0
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -92,9 +88,9 @@ class JobRunner:
         results: ResultStore,
         book: DatasetBook,
         claims: JobClaims,
+        retries: RetryPolicy,
         worker: WorkerInfo,
         load_s: float,
-        max_attempts: int,
         metrics: WorkerMetrics,
     ) -> None:
         self._batcher = batcher
@@ -104,7 +100,7 @@ class JobRunner:
         self._results = results
         self._store = results.store
         self._worker = worker
-        self._max_attempts = max_attempts
+        self._retries = retries
         self._unreported_load_s = load_s
         self._load_lock = threading.Lock()
         self._metrics = metrics
@@ -158,7 +154,7 @@ class JobRunner:
                 return self._already_stored(job, keys, stored)
             return self._attempt(job, keys, queued_at)
         finally:
-            _unless_redis_is_down(lambda: self._claims.release(job.dataset, job.id), "claim release")
+            unless_redis_is_down(lambda: self._claims.release(job.dataset, job.id), "claim release")
 
     def _already_stored(self, job: RenderJob, keys: ResultKeys, stored: RenderResult) -> RenderResult:
         if stored.job != job:  # neither returned as this job's nor recorded: the dataset keeps its own
@@ -172,7 +168,7 @@ class JobRunner:
         """Record a stored job as done. Storage is the truth, so Redis being away must not fail a job
         that is stored: its message cannot be acknowledged then either, and its redelivery (found
         stored) records it."""
-        _unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, level), f"job {job.id}'s record")
+        unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, level), f"job {job.id}'s record")
 
     def _claim(self, job: RenderJob, keys: ResultKeys) -> RenderResult | None:
         """Take the job's claim (None), or return its result once the claim's holder stores it."""
@@ -188,59 +184,22 @@ class JobRunner:
         return None
 
     def _attempt(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
-        started = self._book.attempts(job.dataset, job.id)
-        if started >= self._max_attempts:
-            died = f"its worker died during each of its last attempts ({started} in all)"
-            last = self._book.last_error(job.dataset, job.id)
-            self._give_up(job, f"{started} attempts, the last error: {last}" if last else died, started)
-        self._book.mark_running(job.dataset, job.id)
-        attempt = [started + 1]
+        attempt = [self._retries.begin(job) + 1]
 
         def count_attempt() -> None:  # on the render thread, as the render begins
-            attempt[0] = self._book.start_attempt(job.dataset, job.id)
+            attempt[0] = self._retries.count_start(job)
 
         try:
             result = self._render_and_store(job, keys, queued_at, count_attempt)
         except Exception as error:
             reason = _failure_reason(error, self._batcher.engine.model.quant)
-            if isinstance(error, JobInputError):  # another attempt would fail the same way
-                self._give_up(job, f"the job's input cannot be used: {reason}", attempt[0])
-            if attempt[0] >= self._max_attempts:
-                self._give_up(job, f"{attempt[0]} attempts failed, the last: {reason}", attempt[0])
-            pause = min(2.0 ** (attempt[0] - 1), MAX_RETRY_PAUSE_S)
-            log.warning(
-                "job %s attempt %d/%d failed (%s); back to the queue in %.0fs",
-                job.id,
-                attempt[0],
-                self._max_attempts,
-                reason,
-                pause,
-            )
-            _unless_redis_is_down(
-                lambda: self._book.note_attempt_failed(job.dataset, job.id, reason), f"job {job.id}'s failure"
-            )
-            time.sleep(pause)
-            raise RenderAttemptFailed(reason) from error
+            self._retries.failed(job, attempt[0], reason, input_error=isinstance(error, JobInputError))
         with self.stats.lock:
             self.stats.rendered_at.append(time.monotonic())
             self.stats.images_rendered += 1
         self._metrics.job_rendered(result)
         self._mark_done(job, result.quant)
         return result
-
-    def _give_up(self, job: RenderJob, reason: str, attempts: int) -> NoReturn:
-        letter = DeadLetter(
-            dataset=job.dataset,
-            job_id=job.id,
-            reason=reason,
-            attempts=attempts,
-            node=self._worker.node,
-            at=datetime.now(UTC),
-            job=job.model_dump(mode="json"),
-        )
-        self._book.dead_letter(letter)
-        log.error("job %s dead-lettered: %s", job.id, reason)
-        raise JobDeadLettered(f"job {job.id} dead-lettered: {reason}")
 
     def _render_and_store(
         self, job: RenderJob, keys: ResultKeys, queued_at: Any, on_start: Callable[[], None]
@@ -312,17 +271,6 @@ class JobRunner:
 def _conflict(job: RenderJob, where: str) -> JobConflict:
     log.warning("job %s of %s refused: its id names another %s job of the dataset", job.id, job.dataset, where)
     return JobConflict.naming(job.dataset, job.id, where)
-
-
-def _unless_redis_is_down(action: Callable[[], object], what: str) -> None:
-    """Run a bookkeeping write; if Redis cannot be reached, or is full (maxmemory, noeviction), log it and
-    go on: storage holds the result, and a redelivery finds it there and records it."""
-    try:
-        action()
-    except redis.ConnectionError as error:
-        log.warning("%s not written, Redis is unreachable: %s", what, error)
-    except redis.exceptions.OutOfMemoryError as error:
-        log.warning("%s not written, Redis is full: %s", what, error)
 
 
 def _outcome(error: Exception) -> Outcome:

@@ -24,6 +24,7 @@ from fluxfarm.shared.celery_app import message_task_id, queue_lists, task_id, wa
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.lora_queues import known_queues
 from fluxfarm.worker.serve.leases import JobClaims
+from fluxfarm.worker.serve.retry_policy import backing_off
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class LostJobSweeper:
         self._retention_s = retention_s
 
     def message_ids(self) -> set[str] | None:
-        """Task ids of every job with a message in a queue or unacknowledged; None when the queues are too
-        long, or reading them passes MAX_SCANNED_BYTES or MAX_SCAN_S.
+        """Task ids of every job with a message in a queue or unacknowledged, or waiting out a back-off
+        (worker/serve/retry_policy.py); None when the queues are too long, or reading them passes
+        MAX_SCANNED_BYTES or MAX_SCAN_S.
 
         Lists are read in chunks while workers pop and producers push, so a chunk may repeat or miss a
         message that moved meanwhile; a job is resent only once it has been missing for `grace_s`, across
@@ -97,7 +99,7 @@ class LostJobSweeper:
             if not keep(list(entries.values())):
                 return None
             if cursor == 0:
-                return ids
+                return ids | backing_off(self._redis)
 
     def sweep_once(self) -> list[str]:
         """One sweep (if no other worker swept within the interval); returns the ids sent again."""

@@ -44,6 +44,11 @@ def redis_now(client: redis.Redis) -> float:
     return seconds + micros / 1e6
 
 
+def backing_off(client: redis.Redis) -> set[str]:
+    """Task ids of the jobs waiting out a back-off: they have no message, and are not lost."""
+    return {member.decode() for member in client.zrange(RETRY_DUE_KEY, 0, -1)}
+
+
 class RetryPolicy:
     """Attempts and back-off for one worker's job runner."""
 
@@ -129,10 +134,6 @@ class DelayedRetries:
         self._redis = client
         self._book = book
         self._resend = resend
-
-    def task_ids(self) -> set[str]:
-        """Jobs waiting out a back-off: they have no message, and are not lost."""
-        return {member.decode() for member in self._redis.zrange(RETRY_DUE_KEY, 0, -1)}
 
     def send_due(self) -> list[str]:
         """Publish the jobs whose back-off is over; returns their task ids."""

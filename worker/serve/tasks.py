@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from fluxfarm.shared.celery_app import RENDER_TASK
 from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered, RenderAttemptFailed
 from fluxfarm.worker.serve.job_runner import JobRunner
 from fluxfarm.worker.serve.leases import InFlight
+from fluxfarm.worker.serve.retry_policy import RetryScheduled
 
 
 def register_render_task(app: Celery, runner: JobRunner, in_flight: InFlight) -> None:
@@ -23,6 +24,10 @@ def register_render_task(app: Celery, runner: JobRunner, in_flight: InFlight) ->
             with in_flight.running(task.request.id):  # its message's lease is renewed meanwhile
                 result = runner.run(job, queued_at)
                 return {**result.model_dump(mode="json", exclude={"job"}), "dataset": result.job.dataset}
+        except RetryScheduled as error:
+            # The delayed-retry set holds the job until its back-off is over: acknowledge the message and
+            # leave its result pending (a Reject without requeue would record a final FAILURE).
+            raise Ignore() from error
         except RenderAttemptFailed as error:
             # The same message goes back, to the far end of its queue: other jobs flow meanwhile.
             raise Reject(str(error), requeue=True) from error
