@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """Publishes `snapshot()` every couple of seconds; a Redis hiccup is logged and retried, never fatal."""
 
-    def __init__(self, client: redis.Redis, snapshot: Callable[[], WorkerStatus]) -> None:
+    name = "fluxfarm-heartbeat"
+
+    def __init__(self, client: redis.Redis, node: str, snapshot: Callable[[], WorkerStatus]) -> None:
         self._client = client
+        self._node = node
         self._snapshot = snapshot
         self._beats = Periodic("fluxfarm-heartbeat", HEARTBEAT_INTERVAL_S, self._beat)
 
@@ -30,10 +33,10 @@ class Heartbeat:
     def _beat(self) -> None:
         publish_heartbeat(self._client, self._snapshot().model_copy(update={"last_seen": datetime.now(UTC)}))
 
-    def stop(self, node: str) -> None:
+    def stop(self) -> None:
         """Stop beating and leave the fleet at once (a killed worker leaves when its key expires)."""
         self._beats.stop()
         try:
-            remove_worker(self._client, node)
+            remove_worker(self._client, self._node)
         except redis.RedisError as error:
-            log.warning("could not remove fleet entry %s: %s", node, error)
+            log.warning("could not remove fleet entry %s: %s", self._node, error)

@@ -1,0 +1,75 @@
+"""Load the render engine a worker serves with: at start, and again one level down when a job does not
+fit (worker/serve/level_step_down.py). Each load is timed, logged and described in the metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fluxfarm.shared import __version__
+from fluxfarm.shared.metadata import WorkerInfo
+from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.model.loadout import choose_loadout
+from fluxfarm.worker.model.pipeline import load_model
+from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.render.fault_injection import parse_fault_plan
+from fluxfarm.worker.serve.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoader:
+    """What a worker loads (its model, transformer and device) and how the loads are reported."""
+
+    def __init__(
+        self,
+        settings: FarmSettings,
+        model: str,
+        transformer: str | None,
+        device: str,
+        worker: WorkerInfo,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.transformer = transformer
+        self.device = device
+        self._worker = worker
+        self._metrics = metrics
+        self._faults = parse_fault_plan(settings.inject_faults)
+        if self._faults is not None:
+            log.warning("fault drill: this worker injects %s", self._faults.model_dump_json(exclude_none=True))
+
+    def load(self, level_settings: FarmSettings | None = None) -> tuple[RenderEngine, float]:
+        """The engine for `level_settings` (the worker's own settings, or a step down's) and its load time."""
+        level_settings = level_settings or self.settings
+        loadout = choose_loadout(level_settings, self.model, self.transformer, self.device)
+        if loadout.plan is not None:
+            log.info("plan: %s", loadout.plan.model_dump_json())
+        load_start = time.perf_counter()
+        loaded = load_model(
+            self.model,
+            loadout.transformer,
+            self.device,
+            level_settings,
+            level=loadout.level,
+            text_encoders=loadout.text_encoders,
+            vae_tiling=loadout.vae_tiling,
+            transformer_path=loadout.transformer_path,
+        )
+        load_s = time.perf_counter() - load_start
+        log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
+        self._metrics.model_loaded(loaded.quant, load_s)
+        self._metrics.describe_worker(
+            {
+                "node": self._worker.node,
+                "hostname": self._worker.hostname,
+                "device": self.device,
+                "gpu": self._worker.gpu_name or "cpu",
+                "level": loaded.quant,
+                "model": loaded.info.id,
+                "version": __version__,
+            }
+        )
+        s = self.settings
+        return RenderEngine(loaded, s.max_batch, s.embedding_cache, self._faults, s), load_s
