@@ -22,6 +22,7 @@ from fluxfarm.shared.jobs import DEFAULT_DATASET, parse_dataset_name, parse_job
 from fluxfarm.shared.metadata import RenderResult
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import open_store
+from fluxfarm.shared.units import MIB
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -239,7 +240,7 @@ def export(
             name,
             fmt,
             dest,
-            shard_bytes=shard_mb << 20,
+            shard_bytes=shard_mb * MIB,
             limit=count if fmt == "contact-sheet" else None,
             on_start=lambda total: progress.update(task, total=total),
             on_row=lambda: progress.advance(task),

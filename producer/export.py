@@ -32,6 +32,7 @@ from pydantic import BaseModel
 
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.storage import PNG_CONTENT_TYPE, ObjectStore, ResultKeys
+from fluxfarm.shared.units import GIB
 
 if typing.TYPE_CHECKING:
     import pyarrow as pa
@@ -41,7 +42,7 @@ FETCH_THREADS = 8
 FETCH_CHUNK = 64
 """Jobs fetched together: enough to keep FETCH_THREADS busy, few enough to bound memory."""
 PARQUET_ROWS_PER_GROUP = 1000
-DEFAULT_SHARD_BYTES = 1 << 30
+DEFAULT_SHARD_BYTES = GIB
 CONTACT_THUMB_PX = 256
 CONTACT_CAPTION_CHARS = 40
 

@@ -21,6 +21,7 @@ from fluxfarm.producer.status import FarmStatus, read_status
 from fluxfarm.shared.datasets import STATES
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.units import GIB
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _fleet_metrics(status: FarmStatus) -> Iterator[Metric]:
         alive.add_metric([worker.node, worker.hostname, gpu, worker.level], 1)
         rate.add_metric([worker.node, worker.level], worker.images_per_hour or 0.0)
         if worker.vram_peak_gib is not None:
-            peak.add_metric([worker.node, gpu], worker.vram_peak_gib * 2**30)
+            peak.add_metric([worker.node, gpu], worker.vram_peak_gib * GIB)
     waiting = GaugeMetricFamily(
         "fluxfarm_queue_waiting", "Jobs waiting in each queue (all priorities).", labels=["queue", "constraint"]
     )

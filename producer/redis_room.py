@@ -18,8 +18,8 @@ from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import QueueStatus
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.units import MIB
 
-MIB = 1024 * 1024
 FIRST_GUESS_BYTES_PER_JOB = 4096.0
 """Before the stream's first chunk is measured: above the 2.1-2.6 KB a plain or ControlNet job costs
 (docs/benchmarks.md, the control plane)."""

@@ -18,13 +18,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from fluxfarm.producer.fleet_check import read_fleet
-from fluxfarm.producer.redis_room import MIB, RedisRoom, Room
+from fluxfarm.producer.redis_room import RedisRoom, Room
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, DeadLetter
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import FleetReport
 from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.settings import FarmSettings, redact_url
 from fluxfarm.shared.storage import open_store
+from fluxfarm.shared.units import MIB
 
 WATCH_INTERVAL_S = 2.0
 DEAD_LETTERS_SHOWN = 20

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fluxfarm.shared.units import KIB, MIB
+
 MAX_LORAS = 4
 """Each LoRA is fused into the weights once per set; four covers style + subject + detail LoRAs."""
 MAX_SOURCE_CHARS = 1024
@@ -26,15 +28,15 @@ LORA_WEIGHT_DECIMALS = 2
 """LoRA weights are rounded to 0.01: each distinct set of weights is fused (and cached) apart, and
 weights 1.0, 0.999, 0.998 ... would each cost a fuse and a transformer's worth of cache for the same
 image. Every weight people write (0.7, 0.75, 1.2) is on the grid already."""
-MAX_INLINE_IMAGE_BYTES = 1 << 20
+MAX_INLINE_IMAGE_BYTES = MIB
 """The largest inline control image a job may be written with; larger ones go through S3."""
-INLINE_KEEP_BYTES = 64 << 10
+INLINE_KEEP_BYTES = 64 * KIB
 """Inline images up to this size travel in the message. The client stores a larger one in the farm's
 storage at submit and the message names it by digest (`sha256:<hex>`): every copy of a job (queue
 message, dataset record, lost-job sweep, metadata) would otherwise carry the whole image."""
 STORED_INPUT_PREFIX = "sha256:"
 _STORED_INPUT = re.compile(r"^sha256:[0-9a-f]{64}$")
-MAX_CONTROL_IMAGE_BYTES = 16 << 20
+MAX_CONTROL_IMAGE_BYTES = 16 * MIB
 MAX_CONTROL_IMAGE_PIXELS = 4096 * 4096
 """A control image is resized to the job's size (at most 2048^2); anything past 4096^2 is a mistake or a bomb."""
 

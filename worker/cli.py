@@ -10,6 +10,7 @@ import typer
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.units import MIB
 
 _GPU_EXTRA_HINT = "the worker needs the GPU stack: pip install 'fluxfarm[gpu]'"
 
@@ -111,7 +112,7 @@ def quantize(
             device=device or default_device(),
             on_tensor=lambda _name: progress.advance(task),
         )
-    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {parsed.value})")
+    typer.echo(f"wrote {out} ({out.stat().st_size / MIB:.1f} MiB, {parsed.value})")
 
 
 def probe_vram(

@@ -37,7 +37,7 @@ from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ControlNetInfo
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import ObjectStore, open_store
-from fluxfarm.worker.model.cache import GIB
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.pipeline import compute_dtype
 from fluxfarm.worker.model.sources import bucket_store, resolve_job_file, resolve_job_folder

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from fluxfarm.shared.errors import JobInputError
+from fluxfarm.shared.units import MIB
 
 COMPONENTS = ("transformer", "text_encoder")
 """The pipeline parts a FLUX LoRA may train: the transformer and the CLIP text encoder."""
 
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
-HEADER_MAX_BYTES = 16 * 1024 * 1024
+HEADER_MAX_BYTES = 16 * MIB
 """A safetensors header (tensor names, shapes and the adapter config) larger than this is refused before it
 is parsed: a FLUX LoRA's header is a few hundred KiB, and the file's own 8-byte length is untrusted."""
 PATTERNS_MAX = 4096

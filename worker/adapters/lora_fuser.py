@@ -39,9 +39,9 @@ from fluxfarm.shared.adapters import LoraSpec, lora_set_id
 from fluxfarm.shared.errors import JobInputError
 from fluxfarm.shared.metadata import LoraInfo
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_files import LowRank, read_lora
 from fluxfarm.worker.adapters.weight_slots import Storage, WeightSlot, check_update_shape, find_slots
-from fluxfarm.worker.model.cache import GIB
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.sources import resolve_job_file
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 FUSED_FORMAT = 1
 """Part of every disk cache key: a change to how fused blocks are made invalidates the old ones."""
-_CHUNK_BYTES = 1 << 30
+_CHUNK_BYTES = GIB
 """Fused blocks are written in files of about this size, so no set has to sit in host memory whole."""
 
 

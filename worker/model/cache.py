@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 from fluxfarm.shared.errors import JobInputError, ModelLoadError
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.file_digest import DigestCache
-
-GIB = 1024**3
 
 
 class ModelCache:

@@ -7,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
-_CHUNK_BYTES = 8 * 1024 * 1024
+from fluxfarm.shared.units import MIB
+
+_CHUNK_BYTES = 8 * MIB
 
 
 def _hash_file(path: Path) -> str:

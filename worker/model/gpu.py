@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from fluxfarm.shared.metadata import WorkerInfo
-
-_BYTES_PER_GIB = 1024**3
+from fluxfarm.shared.units import GIB
 
 
 def default_device() -> str:
@@ -31,7 +30,7 @@ def probe_device(device: str, node: str) -> WorkerInfo:
             hostname=socket.gethostname(),
             device=str(dev),
             gpu_name=props.name,
-            vram_gib=round(props.total_memory / _BYTES_PER_GIB, 2),
+            vram_gib=round(props.total_memory / GIB, 2),
         )
     return WorkerInfo(node=node, hostname=socket.gethostname(), device=str(dev), gpu_name=None, vram_gib=None)
 
@@ -61,7 +60,7 @@ def cap_memory(device: str, budget_gib: float | None) -> None:
         return
     total_bytes = card_bytes(device)
     assert total_bytes is not None
-    total_gib = total_bytes / _BYTES_PER_GIB
+    total_gib = total_bytes / GIB
     fraction = 1.0 if budget_gib is None else min(1.0, budget_gib / total_gib)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
 

@@ -12,12 +12,11 @@ import torch
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel, parse_level
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog, model_family
 from fluxfarm.worker.model.plan import Placement, Plan, PlanInputs, make_plan
 from fluxfarm.worker.model.sources import resolve_file
 from fluxfarm.worker.quant.gguf.writer import gguf_level
-
-_GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, 
     plan = None
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        total_gib = props.total_memory / _GIB
+        total_gib = props.total_memory / GIB
         budget = min(settings.vram_budget_gib or total_gib, total_gib)
         width, height = _plan_size(settings)
         plan = make_plan(

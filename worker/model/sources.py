@@ -15,7 +15,8 @@ from pathlib import Path
 from fluxfarm.shared.errors import JobInputError, ModelLoadError, ModelMissing, ObjectNotFound, StorageError
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import S3Store
-from fluxfarm.worker.model.cache import GIB, ModelCache
+from fluxfarm.shared.units import GIB
+from fluxfarm.worker.model.cache import ModelCache
 from fluxfarm.worker.model.file_digest import DigestCache
 
 _HF_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")

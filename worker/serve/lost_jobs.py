@@ -23,6 +23,7 @@ import redis
 from fluxfarm.shared.celery_app import message_task_id, queue_lists, task_id, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.lora_queues import known_queues
+from fluxfarm.shared.units import MIB
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.retry_policy import backing_off
 
@@ -37,7 +38,7 @@ MAX_SCANNED_MESSAGES = 20_000
 """Queues longer than this are not scanned (too costly a sweep); lost jobs are found as they drain."""
 SCAN_CHUNK = 500
 """Messages read per round trip; only their ids are kept, so a sweep's memory is a chunk plus the ids."""
-MAX_SCANNED_BYTES = 64 << 20
+MAX_SCANNED_BYTES = 64 * MIB
 MAX_SCAN_S = 10.0
 """A sweep that would read more than this, or take longer, gives up for its round (nothing is resent)."""
 

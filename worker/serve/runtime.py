@@ -30,6 +30,7 @@ from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.shared.publish import publish
 from fluxfarm.shared.storage import ObjectStore
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.gpu import compute_capability, vram_peak_bytes
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
 from fluxfarm.worker.render.engine import RenderEngine
@@ -222,7 +223,7 @@ class WorkerRuntime:
             current_job=stats.current_job,
             compute_capability=self._capability,
             vram_budget_gib=self._settings.vram_budget_gib,
-            vram_peak_gib=round(vram_peak_bytes(self._worker.device) / 2**30, 2) if self._capability else None,
+            vram_peak_gib=round(vram_peak_bytes(self._worker.device) / GIB, 2) if self._capability else None,
             torch_version=torch.__version__,
             metrics_url=self._metrics_url,
         )

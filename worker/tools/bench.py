@@ -37,6 +37,7 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
 from fluxfarm.worker.fast.step_graphs import remove_step_graphs, step_graphs
@@ -57,7 +58,6 @@ from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
 from fluxfarm.worker.tools.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
 
-GIB = 1024**3
 SEED_RECIPE = "seed-recipe"
 DIFFUSERS_BF16 = "diffusers-bf16"
 

@@ -23,6 +23,7 @@ from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 from diffusers.quantizers.gguf.utils import GGUFParameter
 
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.flux_arch import (
     TRANSFORMERS,
     meta_transformer,
@@ -38,7 +39,6 @@ from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
 from fluxfarm.worker.quant.gguf.blocks import quantize_rows
 from fluxfarm.worker.quant.gguf.writer import ggml_type_for
 
-GIB = 1024**3
 T5_TOKENS = 512
 DTYPE = torch.bfloat16
 

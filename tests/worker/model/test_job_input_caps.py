@@ -11,8 +11,8 @@ import pytest
 
 from fluxfarm.shared.errors import JobInputError
 from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import FusedCache
-from fluxfarm.worker.model.cache import GIB
 from fluxfarm.worker.model.sources import resolve_job_file, resolve_job_folder
 from tests.conftest import S3Server
 
