@@ -122,6 +122,8 @@ class RetryPolicy:
             job=job.model_dump(mode="json"),
         )
         self._book.dead_letter(letter)
+        # A copy delivered while the job waited out a back-off (a resubmit, a lost-job resend) ends it here.
+        self._redis.zrem(RETRY_DUE_KEY, task_id(job.dataset, job.id))
         log.error("job %s dead-lettered: %s", job.id, reason)
         raise JobDeadLettered(f"job {job.id} dead-lettered: {reason}")
 
