@@ -36,11 +36,13 @@ demo: $(STAMP)
 	$(VENV)/bin/fluxfarm demo
 
 # ruff, then the import floors (docs/architecture.md): shared imports nothing of producer or worker,
-# producer never imports worker nor torch, quant never imports serve, tools only the command line.
+# producer never imports worker nor torch, quant never imports serve, tools only the command line;
+# then mypy on shared and producer (tests/type_check.py).
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) tests/lint_layers.py
+	$(PY) tests/type_check.py
 
 # Programs the tests run beside redis-server: promtool (Debian's prometheus) checks the alert rules.
 tools:

@@ -39,7 +39,7 @@ def _job_defaults(**options: Any) -> dict[str, Any]:
 
 def _lora_fields(values: list[str]) -> list[dict[str, Any]] | None:
     """`--lora SOURCE[=WEIGHT]` options as the job's `loras` (weight 1.0 when not given)."""
-    loras = []
+    loras: list[dict[str, str | float]] = []
     for value in values:
         source, sep, weight = value.rpartition("=")
         if not sep:

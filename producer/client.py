@@ -113,8 +113,8 @@ class JobHandle:
                 if not isinstance(error, CeleryTimeoutError):
                     time.sleep(1.0)
         if self._async.state != states.SUCCESS:
-            error = self._async.result
-            reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+            failure = self._async.result
+            reason = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else str(failure)
             raise JobFailed(self.job_id, reason)
         self._stored = self._own_result(value)
         return self._stored

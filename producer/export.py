@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel
 
+from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.storage import PNG_CONTENT_TYPE, ObjectStore, ResultKeys
 from fluxfarm.shared.units import GIB
@@ -92,7 +93,7 @@ def flat_row(result: RenderResult) -> dict[str, Any]:
     return row
 
 
-def _is_section(annotation: Any) -> bool:
+def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
     """A metadata section always present (model, worker, timings, image): flattened into prefixed columns."""
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
@@ -127,7 +128,7 @@ def flat_schema() -> pa.Schema:
     """flat_row's columns with fixed types, so every row group agrees (a column may be null throughout)."""
     import pyarrow as pa
 
-    job = _flat_fields(RenderResult.model_fields["job"].annotation)
+    job = _flat_fields(RenderJob)
     fields: dict[str, pa.DataType] = {"job_id": pa.string()}
     fields.update({name: kind for name, kind in job.items() if name not in ("job_id", "quant")})
     fields["quant_asked"] = pa.string()

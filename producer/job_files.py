@@ -58,7 +58,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
-            extra = row.pop(None, None)  # type: ignore[call-overload]
+            extra = row.pop(None, None)  # DictReader keeps the cells past the header under None
             if extra:
                 yield reader.line_num, RowError(reader.line_num, f"{len(extra)} more cells than the header names")
                 continue

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import redis
 from pydantic import BaseModel
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
@@ -173,7 +173,7 @@ def _datasets_table(datasets: list[DatasetStatus]) -> Table:
         table.add_column(column, overflow="fold")
     for d in datasets:
         r = d.record
-        cells = [
+        cells: list[RenderableType] = [
             escape(r.name),
             ProgressBar(total=max(r.total, 1), completed=r.done + r.failed, width=24),
             f"{r.done}/{r.total}",

@@ -71,7 +71,7 @@ def most_urgent(counts: tuple[int, ...]) -> int | None:
     return next((step for step, count in enumerate(counts) if count), None)
 
 
-def message_task_id(raw: bytes) -> str | None:
+def message_task_id(raw: bytes | str) -> str | None:
     """The task id in a kombu message as stored in a queue list, or in `unacked` ([message, exchange, key])."""
     try:
         message = json.loads(raw)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import redis
 from pydantic import BaseModel, ConfigDict
 
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
+from fluxfarm.shared.redis_conn import text
 from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
 DATASETS_KEY = "fluxfarm:datasets"
@@ -231,7 +232,7 @@ class DatasetBook:
 
     def last_error(self, dataset: str, job_id: str) -> str | None:
         value = self._redis.hget(_key(dataset, "errors"), job_id)
-        return value.decode() if value is not None else None
+        return text(value) if value is not None else None
 
     def dead_letter(self, letter: DeadLetter) -> None:
         """Give up on a job: it is failed with the reason, and its letter heads the dead-letter list."""
@@ -284,8 +285,11 @@ class DatasetBook:
     def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
         """(job id, finishing time) of the done jobs that finished at or after `since` (Redis' clock),
         oldest first: a stream of results reads this with its last time as the next `since`."""
-        rows = self._redis.zrangebyscore(_key(dataset, "done_at"), since, "+inf", withscores=True)
-        return [(member.decode(), float(score)) for member, score in rows]
+        rows = cast(
+            list[tuple[bytes, float]],
+            self._redis.zrangebyscore(_key(dataset, "done_at"), since, "+inf", withscores=True),
+        )
+        return [(text(member), float(score)) for member, score in rows]
 
     def sent_job(self, dataset: str, job_id: str) -> SentJob | None:
         """What was published for a job still queued (None once it is done, failed or unknown)."""
@@ -300,12 +304,12 @@ class DatasetBook:
 
     def waiting_ids(self, dataset: str) -> set[str]:
         """Jobs queued or running: a resubmit does not send them again."""
-        members = self._redis.sunion(_key(dataset, "queued"), _key(dataset, "running"))
-        return {member.decode() for member in members}
+        members = self._redis.sunion([_key(dataset, "queued"), _key(dataset, "running")])
+        return {text(member) for member in members}
 
     def names(self) -> list[str]:
         """The active datasets (what status, the exporter and the lost-job sweep go through)."""
-        return sorted(name.decode() for name in self._redis.smembers(DATASETS_KEY))
+        return sorted(text(name) for name in self._redis.smembers(DATASETS_KEY))
 
     def retire_finished(self, retention_s: float) -> list[str]:
         """Move datasets with nothing queued or running, untouched for `retention_s`, out of the active

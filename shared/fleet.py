@@ -66,13 +66,13 @@ class QueueStatus(BaseModel):
     adopters: list[str] = []
     """For a LoRA set's queue: the live workers whose level lets them adopt it (worker/serve/queue_adoption.py)."""
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form for mypy
     @property
     def constraint(self) -> str:
         """`render.exact.q8_0` -> `exact:Q8_0`, for people."""
         return str(constraint_of_queue(self.name))
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form for mypy
     @property
     def unserved(self) -> bool:
         return self.waiting > 0 and not self.consumers and not self.adopters
@@ -83,7 +83,7 @@ class FleetReport(BaseModel):
     workers: list[WorkerStatus]
     queues: list[QueueStatus]
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form for mypy
     @property
     def unserved(self) -> list[QueueStatus]:
         return [queue for queue in self.queues if queue.unserved]

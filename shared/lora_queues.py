@@ -14,8 +14,10 @@ import time
 from collections.abc import Iterable
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from fluxfarm.shared.celery_app import waiting_messages
+from fluxfarm.shared.redis_conn import text
 from fluxfarm.shared.routing import all_queues, split_lora_queue
 
 REGISTRY_KEY = "fluxfarm:lora-queues"
@@ -26,14 +28,14 @@ LORA_QUEUE_IDLE_S = 3600.0
 def note_lora_queues(client: redis.Redis, queues: Iterable[str]) -> None:
     """Record that jobs are about to be sent to `queues` (those without a LoRA set are skipped)."""
     now = time.time()
-    entries = {queue: now for queue in set(queues) if split_lora_queue(queue)[1] is not None}
+    entries: dict[FieldT, EncodableT] = {queue: now for queue in set(queues) if split_lora_queue(queue)[1] is not None}
     if entries:
         client.hset(REGISTRY_KEY, mapping=entries)
 
 
 def lora_queues(client: redis.Redis) -> dict[str, float]:
     """Registered LoRA queues and when a job was last sent to each."""
-    return {name.decode(): float(sent) for name, sent in client.hgetall(REGISTRY_KEY).items()}
+    return {text(name): float(sent) for name, sent in client.hgetall(REGISTRY_KEY).items()}
 
 
 def known_queues(client: redis.Redis) -> list[str]:

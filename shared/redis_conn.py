@@ -25,6 +25,11 @@ def tls_options(url: str, ca_file: Path | None) -> dict[str, object] | None:
     return options
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as text, whether the client decodes replies (decode_responses) or not."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def open_redis(settings: FarmSettings, url: str | None = None) -> redis.Redis:
     """A client of the broker's Redis (or of `url`), with the farm's TLS options."""
     url = url or settings.broker_url
