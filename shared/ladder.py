@@ -53,23 +53,6 @@ def parse_level(name: str) -> QuantLevel:
 
 MODELS = ("flux.1-dev", "flux.1-schnell")
 
-BYTES_PER_WEIGHT: dict[QuantLevel, float] = {
-    QuantLevel.BF16: 2.0,
-    QuantLevel.FP8: 1.0,
-    QuantLevel.Q8_0: 34 / 32,
-    QuantLevel.Q6_K: 210 / 256,
-    QuantLevel.Q5_K: 176 / 256,
-    QuantLevel.Q5_1: 24 / 32,
-    QuantLevel.Q5_0: 22 / 32,
-    QuantLevel.Q4_K: 144 / 256,
-    QuantLevel.Q4_1: 20 / 32,
-    QuantLevel.Q4_0: 18 / 32,
-    QuantLevel.NF4: 0.5 + 4 / 64,
-    QuantLevel.Q3_K: 110 / 256,
-    QuantLevel.Q2_K: 84 / 256,
-}
-"""Storage of a quantized weight, block scales included (GGML block sizes; NF4: 64-value blocks)."""
-
 RESIDENT_TRANSFORMER_GIB: dict[QuantLevel, tuple[float, float]] = {
     QuantLevel.BF16: (22.168, 22.149),
     QuantLevel.FP8: (11.158, 11.139),

@@ -112,7 +112,3 @@ def random_clip(device: str, dtype: torch.dtype, config: dict[str, Any] = CLIP_L
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig(**config))
     return _random_(model.to(dtype), device, dtype, std=0.02)
-
-
-def parameter_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
