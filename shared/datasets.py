@@ -20,17 +20,15 @@ from typing import Any, cast
 import redis
 from pydantic import BaseModel, ConfigDict
 
+from fluxfarm.shared import keys
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.redis_conn import text
 from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
-DATASETS_KEY = "fluxfarm:datasets"
 """The active datasets: every name the farm has seen, less those retired (`retire_finished`)."""
-RETIRED_KEY = "fluxfarm:datasets:retired"
 """Datasets that finished and stayed untouched past the retention: out of the active index, their
 records kept and read by name. A submit to one makes it active again."""
-DEAD_LETTERS_KEY = "fluxfarm:dead_letters"
 """A list of DeadLetter JSON, newest first, capped at MAX_DEAD_LETTERS."""
 MAX_DEAD_LETTERS = 10_000
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -53,10 +51,6 @@ local now = redis.call('TIME')
 redis.call('ZADD', KEYS[1], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
 """
 """ZADD with Redis' clock as the score: one clock for every worker."""
-
-
-def _key(dataset: str, part: str) -> str:
-    return f"fluxfarm:dataset:{dataset}:{part}"
 
 
 class DatasetRecord(BaseModel):
@@ -154,15 +148,15 @@ class DatasetBook:
 
     def _touch(self, pipe: Any, dataset: str) -> None:
         now = datetime.now(UTC).isoformat()
-        pipe.sadd(DATASETS_KEY, dataset)
-        pipe.srem(RETIRED_KEY, dataset)
-        pipe.hsetnx(_key(dataset, "meta"), "created_at", now)
-        pipe.hset(_key(dataset, "meta"), "updated_at", now)
+        pipe.sadd(keys.DATASETS, dataset)
+        pipe.srem(keys.DATASETS_RETIRED, dataset)
+        pipe.hsetnx(keys.dataset(dataset, "meta"), "created_at", now)
+        pipe.hset(keys.dataset(dataset, "meta"), "updated_at", now)
 
     def set_defaults(self, dataset: str, defaults: Mapping[str, Any]) -> None:
         with self._redis.pipeline() as pipe:
             self._touch(pipe, dataset)
-            pipe.hset(_key(dataset, "meta"), "defaults", json.dumps(dict(defaults), sort_keys=True))
+            pipe.hset(keys.dataset(dataset, "meta"), "defaults", json.dumps(dict(defaults), sort_keys=True))
             pipe.execute()
 
     def _move(self, dataset: str, ids: list[str], state: str, pipe: Any) -> None:
@@ -170,12 +164,12 @@ class DatasetBook:
         self._touch(pipe, dataset)
         for other in STATES:
             if other != state:
-                pipe.srem(_key(dataset, other), *ids)
+                pipe.srem(keys.dataset(dataset, other), *ids)
         if state != "failed":
-            pipe.hdel(_key(dataset, "failures"), *ids)
+            pipe.hdel(keys.dataset(dataset, "failures"), *ids)
         if state != "done":
-            pipe.zrem(_key(dataset, "done_at"), *ids)
-        pipe.sadd(_key(dataset, state), *ids)
+            pipe.zrem(keys.dataset(dataset, "done_at"), *ids)
+        pipe.sadd(keys.dataset(dataset, state), *ids)
 
     def note_queued(self, dataset: str, sent: Iterable[SentJob]) -> None:
         """Jobs whose messages are published (call after publishing: a crash in between re-sends, never
@@ -185,9 +179,9 @@ class DatasetBook:
         if ids:
             with self._redis.pipeline() as pipe:
                 self._move(dataset, ids, "queued", pipe)
-                pipe.hset(_key(dataset, "sent"), mapping=records)
-                pipe.hdel(_key(dataset, "attempts"), *ids)  # a resubmit gets a fresh set of attempts
-                pipe.hdel(_key(dataset, "errors"), *ids)
+                pipe.hset(keys.dataset(dataset, "sent"), mapping=records)
+                pipe.hdel(keys.dataset(dataset, "attempts"), *ids)  # a resubmit gets a fresh set of attempts
+                pipe.hdel(keys.dataset(dataset, "errors"), *ids)
                 pipe.execute()
 
     def forget_queued(self, dataset: str, job_ids: list[str]) -> None:
@@ -195,8 +189,8 @@ class DatasetBook:
         which a Redis over maxmemory still takes, in a plain pipeline (it refuses a MULTI block)."""
         if job_ids:
             with self._redis.pipeline(transaction=False) as pipe:
-                pipe.srem(_key(dataset, "queued"), *job_ids)
-                pipe.hdel(_key(dataset, "sent"), *job_ids)
+                pipe.srem(keys.dataset(dataset, "queued"), *job_ids)
+                pipe.hdel(keys.dataset(dataset, "sent"), *job_ids)
                 pipe.execute()
 
     def queued_footprint(self, datasets: list[str]) -> int:
@@ -205,7 +199,7 @@ class DatasetBook:
         with self._redis.pipeline(transaction=False) as pipe:
             for dataset in datasets:
                 for part in ("sent", "queued", "running"):
-                    pipe.memory_usage(_key(dataset, part))
+                    pipe.memory_usage(keys.dataset(dataset, part))
             return sum(size or 0 for size in pipe.execute())
 
     def mark_running(self, dataset: str, job_id: str) -> None:
@@ -215,59 +209,59 @@ class DatasetBook:
 
     def attempts(self, dataset: str, job_id: str) -> int:
         """Render attempts the job has started (and not finished) so far."""
-        return int(self._redis.hget(_key(dataset, "attempts"), job_id) or 0)
+        return int(self._redis.hget(keys.dataset(dataset, "attempts"), job_id) or 0)
 
     def start_attempt(self, dataset: str, job_id: str) -> int:
         """Count an attempt as its render begins; returns its number (1 for the first). A job that
         kills its worker runs out of attempts too; one that waited in a dying worker does not."""
-        return int(self._redis.hincrby(_key(dataset, "attempts"), job_id, 1))
+        return int(self._redis.hincrby(keys.dataset(dataset, "attempts"), job_id, 1))
 
     def note_attempt_failed(self, dataset: str, job_id: str, reason: str) -> None:
         """An attempt failed and the job goes back to the queue; the reason is kept for its dead
         letter, should no attempt succeed."""
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "queued", pipe)
-            pipe.hset(_key(dataset, "errors"), job_id, reason[:MAX_FAILURE_CHARS])
+            pipe.hset(keys.dataset(dataset, "errors"), job_id, reason[:MAX_FAILURE_CHARS])
             pipe.execute()
 
     def last_error(self, dataset: str, job_id: str) -> str | None:
-        value = self._redis.hget(_key(dataset, "errors"), job_id)
+        value = self._redis.hget(keys.dataset(dataset, "errors"), job_id)
         return text(value) if value is not None else None
 
     def dead_letter(self, letter: DeadLetter) -> None:
         """Give up on a job: it is failed with the reason, and its letter heads the dead-letter list."""
         with self._redis.pipeline() as pipe:
             self._move(letter.dataset, [letter.job_id], "failed", pipe)
-            pipe.hdel(_key(letter.dataset, "sent"), letter.job_id)
-            pipe.hset(_key(letter.dataset, "failures"), letter.job_id, letter.reason[:MAX_FAILURE_CHARS])
-            pipe.lpush(DEAD_LETTERS_KEY, letter.model_dump_json())
-            pipe.ltrim(DEAD_LETTERS_KEY, 0, MAX_DEAD_LETTERS - 1)
+            pipe.hdel(keys.dataset(letter.dataset, "sent"), letter.job_id)
+            pipe.hset(keys.dataset(letter.dataset, "failures"), letter.job_id, letter.reason[:MAX_FAILURE_CHARS])
+            pipe.lpush(keys.DEAD_LETTERS, letter.model_dump_json())
+            pipe.ltrim(keys.DEAD_LETTERS, 0, MAX_DEAD_LETTERS - 1)
             pipe.execute()
 
     def dead_letters(self, limit: int = 20, dataset: str | None = None) -> list[DeadLetter]:
         """The newest dead letters (of one dataset when given), newest first."""
-        rows = self._redis.lrange(DEAD_LETTERS_KEY, 0, -1 if dataset else limit - 1)
+        rows = self._redis.lrange(keys.DEAD_LETTERS, 0, -1 if dataset else limit - 1)
         letters = [DeadLetter.model_validate_json(raw) for raw in rows]
         return [letter for letter in letters if dataset is None or letter.dataset == dataset][:limit]
 
     def dead_letter_count(self) -> int:
         """Dead letters kept (at most MAX_DEAD_LETTERS)."""
-        return int(self._redis.llen(DEAD_LETTERS_KEY))
+        return int(self._redis.llen(keys.DEAD_LETTERS))
 
     def mark_done(self, dataset: str, job_id: str, level: str) -> None:
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], "done", pipe)
-            pipe.hdel(_key(dataset, "sent"), job_id)
-            pipe.hdel(_key(dataset, "attempts"), job_id)
-            pipe.hdel(_key(dataset, "errors"), job_id)
-            pipe.sadd(_key(dataset, "levels"), level)
-            self._stamp_done(keys=[_key(dataset, "done_at")], args=[job_id], client=pipe)
+            pipe.hdel(keys.dataset(dataset, "sent"), job_id)
+            pipe.hdel(keys.dataset(dataset, "attempts"), job_id)
+            pipe.hdel(keys.dataset(dataset, "errors"), job_id)
+            pipe.sadd(keys.dataset(dataset, "levels"), level)
+            self._stamp_done(keys=[keys.dataset(dataset, "done_at")], args=[job_id], client=pipe)
             pipe.execute()
 
     def cancel(self, dataset: str) -> int:
         """Move every queued job to `cancelled` at once (running ones finish); returns how many.
         Their messages stay in the queue until a worker takes and drops them, without rendering."""
-        queued, cancelled = _key(dataset, "queued"), _key(dataset, "cancelled")
+        queued, cancelled = keys.dataset(dataset, "queued"), keys.dataset(dataset, "cancelled")
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.scard(queued)
             pipe.sunionstore(cancelled, [cancelled, queued])
@@ -276,24 +270,24 @@ class DatasetBook:
             count = pipe.execute()[0]
         dropped = [member for member in self._redis.sscan_iter(cancelled, count=1000)]
         for start in range(0, len(dropped), 1000):  # their messages are dropped, never sent again
-            self._redis.hdel(_key(dataset, "sent"), *dropped[start : start + 1000])
+            self._redis.hdel(keys.dataset(dataset, "sent"), *dropped[start : start + 1000])
         return int(count)
 
     def is_cancelled(self, dataset: str, job_id: str) -> bool:
-        return bool(self._redis.sismember(_key(dataset, "cancelled"), job_id))
+        return bool(self._redis.sismember(keys.dataset(dataset, "cancelled"), job_id))
 
     def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
         """(job id, finishing time) of the done jobs that finished at or after `since` (Redis' clock),
         oldest first: a stream of results reads this with its last time as the next `since`."""
         rows = cast(
             list[tuple[bytes, float]],
-            self._redis.zrangebyscore(_key(dataset, "done_at"), since, "+inf", withscores=True),
+            self._redis.zrangebyscore(keys.dataset(dataset, "done_at"), since, "+inf", withscores=True),
         )
         return [(text(member), float(score)) for member, score in rows]
 
     def sent_job(self, dataset: str, job_id: str) -> SentJob | None:
         """What was published for a job still queued (None once it is done, failed or unknown)."""
-        raw = self._redis.hget(_key(dataset, "sent"), job_id)
+        raw = self._redis.hget(keys.dataset(dataset, "sent"), job_id)
         return SentJob.model_validate_json(raw) if raw is not None else None
 
     def queued_for_another(self, job: RenderJob) -> bool:
@@ -304,12 +298,12 @@ class DatasetBook:
 
     def waiting_ids(self, dataset: str) -> set[str]:
         """Jobs queued or running: a resubmit does not send them again."""
-        members = self._redis.sunion([_key(dataset, "queued"), _key(dataset, "running")])
+        members = self._redis.sunion([keys.dataset(dataset, "queued"), keys.dataset(dataset, "running")])
         return {text(member) for member in members}
 
     def names(self) -> list[str]:
         """The active datasets (what status, the exporter and the lost-job sweep go through)."""
-        return sorted(text(name) for name in self._redis.smembers(DATASETS_KEY))
+        return sorted(text(name) for name in self._redis.smembers(keys.DATASETS))
 
     def retire_finished(self, retention_s: float) -> list[str]:
         """Move datasets with nothing queued or running, untouched for `retention_s`, out of the active
@@ -318,29 +312,31 @@ class DatasetBook:
         cutoff = (datetime.now(UTC) - timedelta(seconds=retention_s)).isoformat()
         retired = []
         for name in self.names():
-            keys = [DATASETS_KEY, RETIRED_KEY, _key(name, "queued"), _key(name, "running"), _key(name, "meta")]
-            if self._retire(keys=keys, args=[name, cutoff]):
+            record = [keys.dataset(name, part) for part in ("queued", "running", "meta")]
+            if self._retire(keys=[keys.DATASETS, keys.DATASETS_RETIRED, *record], args=[name, cutoff]):
                 retired.append(name)
         return retired
 
     def _rate_per_hour(self, dataset: str) -> float | None:
         seconds, micros = self._redis.time()
         now = seconds + micros / 1e6
-        first = self._redis.zrangebyscore(_key(dataset, "done_at"), now - RATE_WINDOW_S, "+inf", 0, 1, withscores=True)
+        first = self._redis.zrangebyscore(
+            keys.dataset(dataset, "done_at"), now - RATE_WINDOW_S, "+inf", 0, 1, withscores=True
+        )
         if not first:
             return None
-        recent = self._redis.zcount(_key(dataset, "done_at"), now - RATE_WINDOW_S, "+inf")
+        recent = self._redis.zcount(keys.dataset(dataset, "done_at"), now - RATE_WINDOW_S, "+inf")
         return per_hour(recent, float(first[0][1]), now)
 
     def record(self, dataset: str) -> DatasetRecord:
         # Not a transaction: Redis refuses a MULTI block, reads and all, once it is over maxmemory, and
         # `fluxfarm status` must answer most of all then.
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(_key(dataset, "meta"))
+            pipe.hgetall(keys.dataset(dataset, "meta"))
             for state in STATES:
-                pipe.scard(_key(dataset, state))
-            pipe.smembers(_key(dataset, "levels"))
-            pipe.hgetall(_key(dataset, "failures"))
+                pipe.scard(keys.dataset(dataset, state))
+            pipe.smembers(keys.dataset(dataset, "levels"))
+            pipe.hgetall(keys.dataset(dataset, "failures"))
             meta, queued, running, done, failed, cancelled, levels, failures = pipe.execute()
         meta = {k.decode(): v.decode() for k, v in meta.items()}
 

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.lora_queues import known_queues
 from fluxfarm.shared.routing import constraint_of_queue, level_serves, split_lora_queue
 
-WORKER_KEY_PREFIX = "fluxfarm:worker:"
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 8
 """A worker silent this long counts as gone: fleet status is at most this stale."""
@@ -90,17 +90,17 @@ class FleetReport(BaseModel):
 
 
 def publish_heartbeat(client: redis.Redis, status: WorkerStatus) -> None:
-    client.set(WORKER_KEY_PREFIX + status.node, status.model_dump_json(), ex=HEARTBEAT_TTL_S)
+    client.set(keys.worker(status.node), status.model_dump_json(), ex=HEARTBEAT_TTL_S)
 
 
 def remove_worker(client: redis.Redis, node: str) -> None:
-    client.delete(WORKER_KEY_PREFIX + node)
+    client.delete(keys.worker(node))
 
 
 def read_workers(client: redis.Redis) -> list[WorkerStatus]:
-    keys = sorted(client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=500))
+    names = sorted(client.scan_iter(match=keys.WORKER_PREFIX + "*", count=500))
     workers = []
-    for raw in client.mget(keys) if keys else []:
+    for raw in client.mget(names) if names else []:
         if raw is None:  # expired between SCAN and MGET
             continue
         try:

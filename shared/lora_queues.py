@@ -16,11 +16,11 @@ from collections.abc import Iterable
 import redis
 from redis.typing import EncodableT, FieldT
 
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
 from fluxfarm.shared.redis_conn import text
 from fluxfarm.shared.routing import all_queues, split_lora_queue
 
-REGISTRY_KEY = "fluxfarm:lora-queues"
 LORA_QUEUE_IDLE_S = 3600.0
 """A LoRA queue unused this long leaves the registry (a sender notes it again before its next job)."""
 
@@ -30,12 +30,12 @@ def note_lora_queues(client: redis.Redis, queues: Iterable[str]) -> None:
     now = time.time()
     entries: dict[FieldT, EncodableT] = {queue: now for queue in set(queues) if split_lora_queue(queue)[1] is not None}
     if entries:
-        client.hset(REGISTRY_KEY, mapping=entries)
+        client.hset(keys.LORA_QUEUES, mapping=entries)
 
 
 def lora_queues(client: redis.Redis) -> dict[str, float]:
     """Registered LoRA queues and when a job was last sent to each."""
-    return {text(name): float(sent) for name, sent in client.hgetall(REGISTRY_KEY).items()}
+    return {text(name): float(sent) for name, sent in client.hgetall(keys.LORA_QUEUES).items()}
 
 
 def known_queues(client: redis.Redis) -> list[str]:
@@ -52,5 +52,5 @@ def forget_idle_lora_queues(
     stale = [name for name, sent in registered.items() if now - sent > idle_s and name not in consumed]
     idle = [name for name, waiting in zip(stale, waiting_messages(client, stale), strict=True) if waiting == 0]
     if idle:
-        client.hdel(REGISTRY_KEY, *idle)
+        client.hdel(keys.LORA_QUEUES, *idle)
     return idle

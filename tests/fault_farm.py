@@ -74,11 +74,11 @@ def where_jobs_are(redis_url: str, dataset: str, job_ids: set[str], logs: list[s
     """Everything Redis and the worker logs say about `job_ids`: what a stuck-job failure reports."""
     import redis
 
+    from fluxfarm.shared import keys
     from fluxfarm.shared.celery_app import message_task_id, queue_lists
     from fluxfarm.shared.datasets import STATES
     from fluxfarm.shared.routing import all_queues
-    from fluxfarm.worker.serve.leases import UNACKED_INDEX_KEY, JobClaims
-    from fluxfarm.worker.serve.lost_jobs import MISSING_SINCE_KEY, UNACKED_KEY
+    from fluxfarm.worker.serve.leases import JobClaims
 
     client = redis.Redis.from_url(redis_url)
     now = client.time()[0]
@@ -88,12 +88,12 @@ def where_jobs_are(redis_url: str, dataset: str, job_ids: set[str], logs: list[s
         for name in queue_lists(queue):
             for raw in client.lrange(name, 0, -1):
                 messages.setdefault(message_task_id(raw) or "?", []).append(f"list {name}")
-    index = {tag.decode(): score for tag, score in client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)}
-    for tag, raw in client.hgetall(UNACKED_KEY).items():
+    index = {tag.decode(): score for tag, score in client.zrange(keys.UNACKED_INDEX, 0, -1, withscores=True)}
+    for tag, raw in client.hgetall(keys.UNACKED).items():
         score = index.get(tag.decode())
         age = f"renewed {now - score:.0f}s ago" if score is not None else "NOT in unacked_index"
         messages.setdefault(message_task_id(raw) or "?", []).append(f"unacked tag {tag.decode()} ({age})")
-    missing_since = client.hgetall(MISSING_SINCE_KEY)
+    missing_since = client.hgetall(keys.LOST_JOBS_MISSING)
     for job_id in sorted(job_ids):
         key = f"fluxfarm:dataset:{dataset}:"
         states = [state for state in STATES if client.sismember(key + state, job_id)]

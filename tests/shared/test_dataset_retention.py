@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 
-from fluxfarm.shared.datasets import RETIRED_KEY, DatasetBook, SentJob
+from fluxfarm.shared import keys
+from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.jobs import parse_job
 
 DAY_S = 24 * 3600
@@ -37,7 +38,7 @@ def test_only_finished_datasets_untouched_past_the_retention_leave_the_index(red
     assert book.retire_finished(7 * DAY_S) == ["old-done"]
     assert book.names() == ["new-done", "old-waiting"]
     assert book.record("old-done").done == 1, "the record stays, read by name"
-    assert redis_client.smembers(RETIRED_KEY) == {b"old-done"}
+    assert redis_client.smembers(keys.DATASETS_RETIRED) == {b"old-done"}
     assert book.retire_finished(7 * DAY_S) == []
 
 
@@ -48,4 +49,4 @@ def test_a_submit_to_a_retired_dataset_makes_it_active_again(redis_client: redis
     _age(redis_client, "again", 30)
     assert book.retire_finished(7 * DAY_S) == ["again"] and book.names() == []
     _queue(book, "again", "second")
-    assert book.names() == ["again"] and not redis_client.smembers(RETIRED_KEY)
+    assert book.names() == ["again"] and not redis_client.smembers(keys.DATASETS_RETIRED)

@@ -11,10 +11,10 @@ import redis
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import QUEUE_ANY, task_id, waiting_messages
 from fluxfarm.shared.errors import JobFailed
-from fluxfarm.worker.serve.lost_jobs import UNACKED_KEY
-from fluxfarm.worker.serve.retry_policy import RETRY_DUE_KEY, redis_now
+from fluxfarm.worker.serve.retry_policy import redis_now
 from tests.conftest import S3Server, fresh_farm_settings
 from tests.fault_farm import SMALL_JOB, fault_worker, wait_until
 
@@ -43,20 +43,20 @@ def test_a_failed_attempt_waits_in_redis_while_the_worker_renders_another_job(
             with FarmClient(settings) as client:
                 failing = client.submit({"prompt": "a POISON pear", "dataset": "backoff", **SMALL_JOB})
                 member = task_id("backoff", failing.job_id)
-                wait_until(lambda: admin.zscore(RETRY_DUE_KEY, member) is not None, 120, "the delayed retry")
-                due = admin.zscore(RETRY_DUE_KEY, member)
+                wait_until(lambda: admin.zscore(keys.RETRIES_DUE, member) is not None, 120, "the delayed retry")
+                due = admin.zscore(keys.RETRIES_DUE, member)
                 assert due is not None and due - redis_now(admin) > BACKOFF_S / 2, "backed off in Redis"
                 # Acknowledged just after the entry is written; a sleeping thread would hold it for the back-off.
-                wait_until(lambda: not admin.hlen(UNACKED_KEY), BACKOFF_S / 4, "the failed attempt's message acked")
+                wait_until(lambda: not admin.hlen(keys.UNACKED), BACKOFF_S / 4, "the failed attempt's message acked")
                 assert waiting_messages(admin, [QUEUE_ANY]) == [0], "and not back in its queue"
                 other = client.submit({"prompt": "a ripe pear", "dataset": "backoff", **SMALL_JOB})
                 assert other.result(timeout=120).job.prompt == "a ripe pear"
                 assert redis_now(admin) < due, "rendered during the back-off"
-                assert admin.zscore(RETRY_DUE_KEY, member) is not None
+                assert admin.zscore(keys.RETRIES_DUE, member) is not None
                 with pytest.raises(JobFailed, match="dead-lettered: 2 attempts failed"):
                     failing.result(timeout=120)
                 assert redis_now(admin) >= due, "the second attempt came after the back-off"
-                assert admin.zscore(RETRY_DUE_KEY, member) is None
+                assert admin.zscore(keys.RETRIES_DUE, member) is None
             log = worker.log_text()
             assert f"job {failing.job_id} attempt 1/2 failed" in log and f"sent again in {BACKOFF_S:.0f}s" in log
         finally:

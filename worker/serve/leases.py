@@ -24,9 +24,7 @@ from contextlib import contextmanager
 
 import redis
 
-UNACKED_INDEX_KEY = "unacked_index"
-"""kombu's sorted set of unacked delivery tags (its default `unacked_index_key`)."""
-CLAIM_PREFIX = "fluxfarm:claim:"
+from fluxfarm.shared import keys
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -100,7 +98,7 @@ class JobClaims:
 
     @staticmethod
     def key(dataset: str, job_id: str) -> str:
-        return f"{CLAIM_PREFIX}{dataset}:{job_id}"
+        return keys.claim(dataset, job_id)
 
     def try_claim(self, dataset: str, job_id: str) -> bool:
         """Take the job's claim if nobody holds it."""
@@ -125,9 +123,10 @@ class JobClaims:
         with self._lock:
             return sorted(self._held)
 
-    def renew(self, keys: Iterable[str]) -> int:
-        keys = list(keys)
-        return int(self._renew(keys=keys, args=[self.owner, self.lease_ms])) if keys else 0
+    def renew(self, claims: Iterable[str]) -> int:
+        """Extend the claims (their keys) this worker holds; returns how many it still held."""
+        held = list(claims)
+        return int(self._renew(keys=held, args=[self.owner, self.lease_ms])) if held else 0
 
 
 class LeaseKeeper:
@@ -145,5 +144,5 @@ class LeaseKeeper:
         messages = 0
         if tags:
             # XX: only tags still unacked; an ack between our read and this write stays an ack.
-            messages = int(self._redis.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, time.time()), xx=True, ch=True))
+            messages = int(self._redis.zadd(keys.UNACKED_INDEX, dict.fromkeys(tags, time.time()), xx=True, ch=True))
         return messages, self._claims.renew(self._claims.held())

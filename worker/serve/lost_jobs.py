@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import redis
 
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import message_task_id, queue_lists, task_id, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.lora_queues import known_queues
@@ -29,11 +30,6 @@ from fluxfarm.worker.serve.retry_policy import backing_off
 
 log = logging.getLogger(__name__)
 
-SWEEP_LOCK_KEY = "fluxfarm:lost-jobs:lock"
-MISSING_SINCE_KEY = "fluxfarm:lost-jobs:missing"
-"""A hash `<dataset>/<job id>` -> when (Redis' clock) the job was first seen without a message."""
-UNACKED_KEY = "unacked"
-"""kombu's hash of unacknowledged messages (its default `unacked_key`)."""
 MAX_SCANNED_MESSAGES = 20_000
 """Queues longer than this are not scanned (too costly a sweep); lost jobs are found as they drain."""
 SCAN_CHUNK = 500
@@ -96,7 +92,7 @@ class LostJobSweeper:
                     break
         cursor = 0
         while True:
-            cursor, entries = self._redis.hscan(UNACKED_KEY, cursor, count=SCAN_CHUNK)
+            cursor, entries = self._redis.hscan(keys.UNACKED, cursor, count=SCAN_CHUNK)
             if not keep(list(entries.values())):
                 return None
             if cursor == 0:
@@ -104,7 +100,7 @@ class LostJobSweeper:
 
     def sweep_once(self) -> list[str]:
         """One sweep (if no other worker swept within the interval); returns the ids sent again."""
-        if not self._redis.set(SWEEP_LOCK_KEY, "1", nx=True, ex=max(1, int(self._interval_s))):
+        if not self._redis.set(keys.LOST_JOBS_LOCK, "1", nx=True, ex=max(1, int(self._interval_s))):
             return []
         if self._retention_s is not None and (retired := self._book.retire_finished(self._retention_s)):
             log.info("%d finished datasets left the active index: %s", len(retired), ", ".join(retired[:10]))
@@ -113,7 +109,7 @@ class LostJobSweeper:
             return []
         seconds, micros = self._redis.time()
         now = seconds + micros / 1e6
-        seen = {key.decode(): float(value) for key, value in self._redis.hgetall(MISSING_SINCE_KEY).items()}
+        seen = {key.decode(): float(value) for key, value in self._redis.hgetall(keys.LOST_JOBS_MISSING).items()}
         still_missing: dict[str, float] = {}
         resent: list[str] = []
         for dataset in self._book.names():
@@ -134,8 +130,8 @@ class LostJobSweeper:
                 self._resend(sent)
                 resent.append(job_id)
         with self._redis.pipeline() as pipe:
-            pipe.delete(MISSING_SINCE_KEY)
+            pipe.delete(keys.LOST_JOBS_MISSING)
             if still_missing:
-                pipe.hset(MISSING_SINCE_KEY, mapping=still_missing)
+                pipe.hset(keys.LOST_JOBS_MISSING, mapping=still_missing)
             pipe.execute()
         return resent

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import redis
 
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import most_urgent, waiting_by_priority
 from fluxfarm.shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
 from fluxfarm.shared.ladder import QuantLevel
@@ -42,7 +43,6 @@ from fluxfarm.shared.routing import level_serves, queues_for_level, split_lora_q
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = HEARTBEAT_INTERVAL_S
-ADOPT_LOCK_PREFIX = "fluxfarm:lora-adopt:"
 ADOPT_LOCK_S = 3 * HEARTBEAT_INTERVAL_S + CHECK_INTERVAL_S
 """Long enough for the adopter's next heartbeat to name the queue: then others see it consumed."""
 
@@ -168,7 +168,7 @@ class LoraAdoption:
             crowded = [q for q, n in waiting.items() if n > consumers[q] > 0 and q != self.lora_queue]
             ready += sorted(crowded, key=lambda q: (split_lora_queue(q)[1] != carried, -waiting[q] / consumers[q]))
         for queue in ready:
-            if self._redis.set(ADOPT_LOCK_PREFIX + queue, self._node, nx=True, ex=int(ADOPT_LOCK_S)):
+            if self._redis.set(keys.lora_adopt_lock(queue), self._node, nx=True, ex=int(ADOPT_LOCK_S)):
                 self._orphaned_since.pop(queue, None)
                 return queue
         return None

@@ -4,7 +4,7 @@
   that kills its worker uses an attempt too, so it cannot crash-loop the fleet.
 - A job whose own inputs cannot be used (a missing LoRA, an oversized control image) is dead-lettered at
   once: another attempt would fail the same way. So is a job whose `max_attempts` are spent.
-- Otherwise the reason goes into the job's record and the job into the delayed-retry set (RETRY_DUE_KEY:
+- Otherwise the reason goes into the job's record and the job into the delayed-retry set (keys.RETRIES_DUE:
   task id -> due time, Redis' clock), and its message is acknowledged: the task thread is free at once
   and the worker renders other jobs during the back-off. Every worker's `DelayedRetries.send_due`
   publishes the jobs whose time has come again, their record kept as it is (shared/publish.py).
@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import redis
 
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import task_id
 from fluxfarm.shared.datasets import DatasetBook, DeadLetter, SentJob
 from fluxfarm.shared.errors import JobDeadLettered, RenderAttemptFailed
@@ -28,8 +29,6 @@ from fluxfarm.worker.serve.redis_writes import unless_redis_is_down
 
 log = logging.getLogger(__name__)
 
-RETRY_DUE_KEY = "fluxfarm:retries:due"
-"""A sorted set: `<dataset>:<job id>` (the task id) -> when (Redis' clock) the job is sent again."""
 SEND_DUE_INTERVAL_S = 1.0
 DUE_PER_ROUND = 100
 
@@ -46,7 +45,7 @@ def redis_now(client: redis.Redis) -> float:
 
 def backing_off(client: redis.Redis) -> set[str]:
     """Task ids of the jobs waiting out a back-off: they have no message, and are not lost."""
-    return {member.decode() for member in client.zrange(RETRY_DUE_KEY, 0, -1)}
+    return {member.decode() for member in client.zrange(keys.RETRIES_DUE, 0, -1)}
 
 
 class RetryPolicy:
@@ -103,7 +102,7 @@ class RetryPolicy:
         )
 
         def schedule() -> None:
-            self._redis.zadd(RETRY_DUE_KEY, {task_id(job.dataset, job.id): redis_now(self._redis) + pause_s})
+            self._redis.zadd(keys.RETRIES_DUE, {task_id(job.dataset, job.id): redis_now(self._redis) + pause_s})
 
         if unless_redis_is_down(schedule, f"job {job.id}'s retry"):
             log.warning("job %s %s (%s); sent again in %.0fs", job.id, what, reason, pause_s)
@@ -123,7 +122,7 @@ class RetryPolicy:
         )
         self._book.dead_letter(letter)
         # A copy delivered while the job waited out a back-off (a resubmit, a lost-job resend) ends it here.
-        self._redis.zrem(RETRY_DUE_KEY, task_id(job.dataset, job.id))
+        self._redis.zrem(keys.RETRIES_DUE, task_id(job.dataset, job.id))
         log.error("job %s dead-lettered: %s", job.id, reason)
         raise JobDeadLettered(f"job {job.id} dead-lettered: {reason}")
 
@@ -140,8 +139,8 @@ class DelayedRetries:
     def send_due(self) -> list[str]:
         """Publish the jobs whose back-off is over; returns their task ids."""
         sent: list[str] = []
-        for member in self._redis.zrangebyscore(RETRY_DUE_KEY, "-inf", redis_now(self._redis), 0, DUE_PER_ROUND):
-            if not self._redis.zrem(RETRY_DUE_KEY, member):
+        for member in self._redis.zrangebyscore(keys.RETRIES_DUE, "-inf", redis_now(self._redis), 0, DUE_PER_ROUND):
+            if not self._redis.zrem(keys.RETRIES_DUE, member):
                 continue  # another worker took it
             dataset, _, job_id = member.decode().partition(":")
             record = self._book.sent_job(dataset, job_id)

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import task_id
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered
@@ -28,7 +29,7 @@ from fluxfarm.worker.serve.job_runner import JobRunner
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.serve.result_store import ResultStore
-from fluxfarm.worker.serve.retry_policy import RETRY_DUE_KEY, RetryPolicy, RetryScheduled, redis_now
+from fluxfarm.worker.serve.retry_policy import RetryPolicy, RetryScheduled, redis_now
 
 MAX_ATTEMPTS = 3
 BACKOFF_S = 4.0
@@ -89,7 +90,7 @@ def farm(engine: RenderEngine, redis_server: RedisServer, tmp_path: Path) -> Ite
 
 
 def _due_in(farm: Farm, dataset: str, job_id: str) -> float | None:
-    due = farm.client.zscore(RETRY_DUE_KEY, task_id(dataset, job_id))
+    due = farm.client.zscore(keys.RETRIES_DUE, task_id(dataset, job_id))
     return None if due is None else due - redis_now(farm.client)
 
 

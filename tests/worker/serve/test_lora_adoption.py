@@ -11,11 +11,12 @@ import pytest
 import redis
 
 from fluxfarm.producer.client import FarmClient
+from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
 from fluxfarm.shared.fleet import WorkerStatus, fleet_report, publish_heartbeat
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.lora_queues import REGISTRY_KEY, forget_idle_lora_queues, known_queues, lora_queues
+from fluxfarm.shared.lora_queues import forget_idle_lora_queues, known_queues, lora_queues
 from fluxfarm.shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
@@ -96,7 +97,7 @@ def test_senders_register_lora_queues_and_the_registry_forgets_idle_ones(farm_cl
     assert forget_idle_lora_queues(client, lora_queues(client), {styled.queue}, idle_s=0) == []  # a worker consumes it
     assert forget_idle_lora_queues(client, lora_queues(client), set(), idle_s=3600) == []  # sent to recently
     assert forget_idle_lora_queues(client, lora_queues(client), set(), idle_s=0) == [styled.queue]
-    assert client.hlen(REGISTRY_KEY) == 0
+    assert client.hlen(keys.LORA_QUEUES) == 0
 
 
 def test_the_sweeper_sees_jobs_waiting_in_lora_queues(farm_client, client) -> None:
