@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any, cast
 
 import redis
@@ -26,12 +27,21 @@ from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.redis_conn import text
 from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
-"""The active datasets: every name the farm has seen, less those retired (`retire_finished`)."""
-"""Datasets that finished and stayed untouched past the retention: out of the active index, their
-records kept and read by name. A submit to one makes it active again."""
-"""A list of DeadLetter JSON, newest first, capped at MAX_DEAD_LETTERS."""
 MAX_DEAD_LETTERS = 10_000
-STATES = ("queued", "running", "done", "failed", "cancelled")
+"""keys.DEAD_LETTERS keeps this many, newest first."""
+
+
+class JobState(StrEnum):
+    """Where a job of a dataset is: each job is in exactly one, a set per state in its record."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+STATES = tuple(JobState)
 MAX_FAILURE_CHARS = 500
 
 _RETIRE = """
@@ -159,15 +169,15 @@ class DatasetBook:
             pipe.hset(keys.dataset(dataset, "meta"), "defaults", json.dumps(dict(defaults), sort_keys=True))
             pipe.execute()
 
-    def _move(self, dataset: str, ids: list[str], state: str, pipe: Any) -> None:
+    def _move(self, dataset: str, ids: list[str], state: JobState, pipe: Any) -> None:
         """Queue commands that put `ids` in `state` and in no other: a job is in one state at a time."""
         self._touch(pipe, dataset)
         for other in STATES:
             if other != state:
                 pipe.srem(keys.dataset(dataset, other), *ids)
-        if state != "failed":
+        if state != JobState.FAILED:
             pipe.hdel(keys.dataset(dataset, "failures"), *ids)
-        if state != "done":
+        if state != JobState.DONE:
             pipe.zrem(keys.dataset(dataset, "done_at"), *ids)
         pipe.sadd(keys.dataset(dataset, state), *ids)
 
@@ -178,7 +188,7 @@ class DatasetBook:
         ids = list(records)
         if ids:
             with self._redis.pipeline() as pipe:
-                self._move(dataset, ids, "queued", pipe)
+                self._move(dataset, ids, JobState.QUEUED, pipe)
                 pipe.hset(keys.dataset(dataset, "sent"), mapping=records)
                 pipe.hdel(keys.dataset(dataset, "attempts"), *ids)  # a resubmit gets a fresh set of attempts
                 pipe.hdel(keys.dataset(dataset, "errors"), *ids)
@@ -189,7 +199,7 @@ class DatasetBook:
         which a Redis over maxmemory still takes, in a plain pipeline (it refuses a MULTI block)."""
         if job_ids:
             with self._redis.pipeline(transaction=False) as pipe:
-                pipe.srem(keys.dataset(dataset, "queued"), *job_ids)
+                pipe.srem(keys.dataset(dataset, JobState.QUEUED), *job_ids)
                 pipe.hdel(keys.dataset(dataset, "sent"), *job_ids)
                 pipe.execute()
 
@@ -198,13 +208,13 @@ class DatasetBook:
         such job holds its sent record and a place in a state set until it is done."""
         with self._redis.pipeline(transaction=False) as pipe:
             for dataset in datasets:
-                for part in ("sent", "queued", "running"):
+                for part in ("sent", JobState.QUEUED, JobState.RUNNING):
                     pipe.memory_usage(keys.dataset(dataset, part))
             return sum(size or 0 for size in pipe.execute())
 
     def mark_running(self, dataset: str, job_id: str) -> None:
         with self._redis.pipeline() as pipe:
-            self._move(dataset, [job_id], "running", pipe)
+            self._move(dataset, [job_id], JobState.RUNNING, pipe)
             pipe.execute()
 
     def attempts(self, dataset: str, job_id: str) -> int:
@@ -220,7 +230,7 @@ class DatasetBook:
         """An attempt failed and the job goes back to the queue; the reason is kept for its dead
         letter, should no attempt succeed."""
         with self._redis.pipeline() as pipe:
-            self._move(dataset, [job_id], "queued", pipe)
+            self._move(dataset, [job_id], JobState.QUEUED, pipe)
             pipe.hset(keys.dataset(dataset, "errors"), job_id, reason[:MAX_FAILURE_CHARS])
             pipe.execute()
 
@@ -231,7 +241,7 @@ class DatasetBook:
     def dead_letter(self, letter: DeadLetter) -> None:
         """Give up on a job: it is failed with the reason, and its letter heads the dead-letter list."""
         with self._redis.pipeline() as pipe:
-            self._move(letter.dataset, [letter.job_id], "failed", pipe)
+            self._move(letter.dataset, [letter.job_id], JobState.FAILED, pipe)
             pipe.hdel(keys.dataset(letter.dataset, "sent"), letter.job_id)
             pipe.hset(keys.dataset(letter.dataset, "failures"), letter.job_id, letter.reason[:MAX_FAILURE_CHARS])
             pipe.lpush(keys.DEAD_LETTERS, letter.model_dump_json())
@@ -250,7 +260,7 @@ class DatasetBook:
 
     def mark_done(self, dataset: str, job_id: str, level: str) -> None:
         with self._redis.pipeline() as pipe:
-            self._move(dataset, [job_id], "done", pipe)
+            self._move(dataset, [job_id], JobState.DONE, pipe)
             pipe.hdel(keys.dataset(dataset, "sent"), job_id)
             pipe.hdel(keys.dataset(dataset, "attempts"), job_id)
             pipe.hdel(keys.dataset(dataset, "errors"), job_id)
@@ -261,7 +271,7 @@ class DatasetBook:
     def cancel(self, dataset: str) -> int:
         """Move every queued job to `cancelled` at once (running ones finish); returns how many.
         Their messages stay in the queue until a worker takes and drops them, without rendering."""
-        queued, cancelled = keys.dataset(dataset, "queued"), keys.dataset(dataset, "cancelled")
+        queued, cancelled = keys.dataset(dataset, JobState.QUEUED), keys.dataset(dataset, JobState.CANCELLED)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.scard(queued)
             pipe.sunionstore(cancelled, [cancelled, queued])
@@ -274,7 +284,7 @@ class DatasetBook:
         return int(count)
 
     def is_cancelled(self, dataset: str, job_id: str) -> bool:
-        return bool(self._redis.sismember(keys.dataset(dataset, "cancelled"), job_id))
+        return bool(self._redis.sismember(keys.dataset(dataset, JobState.CANCELLED), job_id))
 
     def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
         """(job id, finishing time) of the done jobs that finished at or after `since` (Redis' clock),
@@ -298,7 +308,7 @@ class DatasetBook:
 
     def waiting_ids(self, dataset: str) -> set[str]:
         """Jobs queued or running: a resubmit does not send them again."""
-        members = self._redis.sunion([keys.dataset(dataset, "queued"), keys.dataset(dataset, "running")])
+        members = self._redis.sunion([keys.dataset(dataset, JobState.QUEUED), keys.dataset(dataset, JobState.RUNNING)])
         return {text(member) for member in members}
 
     def names(self) -> list[str]:
@@ -312,7 +322,7 @@ class DatasetBook:
         cutoff = (datetime.now(UTC) - timedelta(seconds=retention_s)).isoformat()
         retired = []
         for name in self.names():
-            record = [keys.dataset(name, part) for part in ("queued", "running", "meta")]
+            record = [keys.dataset(name, part) for part in (JobState.QUEUED, JobState.RUNNING, "meta")]
             if self._retire(keys=[keys.DATASETS, keys.DATASETS_RETIRED, *record], args=[name, cutoff]):
                 retired.append(name)
         return retired
