@@ -17,7 +17,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fluxfarm.producer.client import DatasetOutcome, FarmClient, JobBatch, JobHandle
+    from fluxfarm.producer.client import DatasetOutcome, FarmClient
+    from fluxfarm.producer.job_handles import JobBatch, JobHandle
     from fluxfarm.shared import __version__
     from fluxfarm.shared.errors import (
         FarmError,
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 # Each public name, and the module that defines it.
 _EXPORTS: dict[str, str] = {
     "FarmClient": "fluxfarm.producer.client",
-    "JobHandle": "fluxfarm.producer.client",
-    "JobBatch": "fluxfarm.producer.client",
+    "JobHandle": "fluxfarm.producer.job_handles",
+    "JobBatch": "fluxfarm.producer.job_handles",
     "DatasetOutcome": "fluxfarm.producer.client",
     "RenderJob": "fluxfarm.shared.jobs",
     "RenderResult": "fluxfarm.shared.metadata",

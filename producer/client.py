@@ -18,12 +18,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from celery import states
-from celery.exceptions import TimeoutError as CeleryTimeoutError
-from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
+from fluxfarm.producer.job_handles import JobBatch, JobHandle, owned_result
 from fluxfarm.producer.job_inputs import InputStager
 from fluxfarm.producer.redis_room import RedisFull, RedisRoom, Room
 from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, image_type
@@ -34,7 +32,7 @@ from fluxfarm.shared.celery_app import (
     task_id,
 )
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
-from fluxfarm.shared.errors import InvalidJob, JobConflict, JobFailed, ObjectNotFound
+from fluxfarm.shared.errors import InvalidJob, JobConflict, ObjectNotFound
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.publish import PublishRefused, publish
@@ -42,125 +40,11 @@ from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import open_store
 
-_POLL_INTERVAL_S = 0.25
-STORAGE_CHECK_S = 10.0
-"""A waiting `result()` also looks in storage this often, so a result the backend lost still arrives."""
 _DATASET_POLL_S = 0.5
 _CLOCK_SLACK_S = 2.0
 """A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
 ROOM_POLL_S = 2.0
 """How often a submit waiting for room in Redis looks again."""
-
-
-def _owned(job: RenderJob, result: RenderResult) -> RenderResult:
-    """`result` if it is `job`'s own; a result under the same id for another job is a conflict."""
-    if result.job_id != job.id or result.job != job:
-        raise JobConflict.naming(job.dataset, job.id, "stored")
-    return result
-
-
-class JobHandle:
-    """A submitted job: like a future, `result()` blocks until the worker has stored it."""
-
-    def __init__(
-        self,
-        job: RenderJob,
-        async_result: AsyncResult | None,
-        stored: RenderResult | None,
-        lookup: Callable[[], RenderResult | None] | None = None,
-    ) -> None:
-        self.job = job
-        self._async = async_result
-        self._stored = stored
-        self._lookup = lookup
-        """Reads the job's stored result: the truth when the result backend is away or restarting."""
-
-    @property
-    def job_id(self) -> str:
-        return self.job.id
-
-    @property
-    def task_id(self) -> str:
-        return task_id(self.job.dataset, self.job.id)
-
-    @property
-    def cached(self) -> bool:
-        """True when the result was already stored at submit time, so nothing was enqueued."""
-        return self._async is None
-
-    def done(self) -> bool:
-        return self._stored is not None or (self._async is not None and self._async.ready())
-
-    def result(self, timeout: float | None = None) -> RenderResult:
-        """The job's metadata; raises `JobFailed` if the worker failed it, `TimeoutError` on timeout."""
-        if self._stored is not None:
-            return self._stored
-        assert self._async is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = STORAGE_CHECK_S if deadline is None else max(0.0, min(STORAGE_CHECK_S, deadline - time.monotonic()))
-            try:
-                value = self._async.get(timeout=left, propagate=False)
-                break
-            except (CeleryTimeoutError, redis.RedisError, RuntimeError) as error:
-                # RuntimeError: Celery's result consumer gives up after a Redis restart ("must be
-                # restarted"). Storage is the truth: a stored job is done whatever the backend says.
-                if self._lookup is not None and (stored := self._lookup()) is not None:
-                    self._stored = stored
-                    return stored
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {self.job_id} did not finish within {timeout}s") from None
-                if not isinstance(error, CeleryTimeoutError):
-                    time.sleep(1.0)
-        if self._async.state != states.SUCCESS:
-            failure = self._async.result
-            reason = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else str(failure)
-            raise JobFailed(self.job_id, reason)
-        self._stored = self._own_result(value)
-        return self._stored
-
-    def _own_result(self, value: Any) -> RenderResult:
-        """The task's return value (the metadata less the job, and the job's dataset) as this job's result,
-        once its dataset and job id are this job's."""
-        if not isinstance(value, dict) or (value.get("dataset"), value.get("job_id")) != (
-            self.job.dataset,
-            self.job_id,
-        ):
-            raise JobConflict.naming(self.job.dataset, self.job_id, "a result from the backend")
-        fields = {key: item for key, item in value.items() if key != "dataset"}
-        return RenderResult.model_validate({**fields, "job": self.job.model_dump(mode="json")})
-
-
-class JobBatch:
-    """Handles of many jobs, iterable in submission order or as they complete."""
-
-    def __init__(self, client: FarmClient, handles: list[JobHandle]) -> None:
-        self._client = client
-        self.handles = handles
-
-    def __len__(self) -> int:
-        return len(self.handles)
-
-    def __iter__(self) -> Iterator[JobHandle]:
-        return iter(self.handles)
-
-    def as_completed(self, timeout: float | None = None) -> Iterator[JobHandle]:
-        """Yield each handle once its job has finished (succeeded or failed), first done first."""
-        waiting: dict[str, list[JobHandle]] = {}
-        for handle in self.handles:
-            if handle.cached:
-                yield handle
-            else:
-                waiting.setdefault(handle.task_id, []).append(handle)
-        if not waiting:
-            return
-        try:
-            for task_id, _meta in self._client._app.backend.get_many(
-                set(waiting), timeout=timeout, interval=_POLL_INTERVAL_S
-            ):
-                yield from waiting.pop(task_id, [])
-        except CeleryTimeoutError:
-            raise TimeoutError(f"{len(waiting)} jobs did not finish within {timeout}s") from None
 
 
 class StreamCounts(BaseModel):
@@ -222,7 +106,7 @@ class FarmClient:
         holds another job's result."""
         keys = self.store.result_keys(job.dataset, job.id)
         try:
-            return _owned(job, read_result(self.store, keys))
+            return owned_result(job, read_result(self.store, keys))
         except (ObjectNotFound, ValidationError):
             return None
 
@@ -302,7 +186,7 @@ class FarmClient:
                 problems.append(f"job {index}: {error}")
         if problems:
             raise InvalidJob("; ".join(problems))
-        return JobBatch(self, [self._submit_valid(self._inputs.stage(job), priority) for job in valid])
+        return JobBatch(self._app, [self._submit_valid(self._inputs.stage(job), priority) for job in valid])
 
     def submit_stream(
         self,

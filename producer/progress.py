@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fluxfarm.producer.client import JobBatch
+from fluxfarm.producer.job_handles import JobBatch
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.metadata import RenderResult
 

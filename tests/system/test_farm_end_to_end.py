@@ -11,7 +11,8 @@ import pytest
 import redis
 from PIL import Image
 
-from fluxfarm.producer.client import FarmClient, JobHandle
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.job_handles import JobHandle
 from fluxfarm.shared.celery_app import RENDER_TASK
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.jobs import parse_job

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from fluxfarm.producer.client import FarmClient, JobHandle
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.job_handles import JobHandle
 from fluxfarm.producer.local_stack import RedisServer, free_port
 from fluxfarm.shared.celery_app import RENDER_TASK, task_id
 from fluxfarm.shared.datasets import DatasetBook

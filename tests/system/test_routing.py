@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from fluxfarm.producer.client import FarmClient, JobHandle
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.job_handles import JobHandle
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
 from fluxfarm.shared.celery_app import RENDER_TASK, queue_lists
 from fluxfarm.shared.errors import JobFailed
