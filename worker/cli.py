@@ -196,8 +196,9 @@ def bench(
     from rich.console import Console
 
     from fluxfarm.worker.model.gpu import default_device
-    from fluxfarm.worker.tools.bench import BenchOptions, bench_jobs, run_bench
+    from fluxfarm.worker.tools.bench import bench_jobs, run_bench
     from fluxfarm.worker.tools.bench_report import BenchLog
+    from fluxfarm.worker.tools.bench_rows import BenchOptions
 
     device = device or default_device()
     if model != "tiny" and torch.device(device).type != "cuda":

@@ -16,7 +16,7 @@ from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.fast.fast_paths import apply_fast_paths
 from fluxfarm.worker.model.gpu import time_calls
 from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear
-from fluxfarm.worker.tools.bench import build_parts
+from fluxfarm.worker.tools.bench_parts import build_parts
 from fluxfarm.worker.tools.vram_probe import step_inputs
 
 

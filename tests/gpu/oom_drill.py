@@ -29,7 +29,7 @@ from fluxfarm.worker.model.pipeline import LoadedModel, ready_pipeline
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.serve.level_step_down import LevelStepDown
-from fluxfarm.worker.tools.bench import build_parts
+from fluxfarm.worker.tools.bench_parts import build_parts
 
 GIB = 1024**3
 DEVICE = "cuda:0"

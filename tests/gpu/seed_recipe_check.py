@@ -34,7 +34,9 @@ from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.model.flux_arch import write_transformer_config
 from fluxfarm.worker.quant.gguf.writer import write_gguf
 from fluxfarm.worker.render.engine import encode_png
-from fluxfarm.worker.tools.bench import SEED_RECIPE, Bench, BenchOptions, bench_jobs, build_parts
+from fluxfarm.worker.tools.bench import Bench, bench_jobs
+from fluxfarm.worker.tools.bench_parts import build_parts
+from fluxfarm.worker.tools.bench_rows import SEED_RECIPE, BenchOptions
 from fluxfarm.worker.tools.tiny_model import clip_tokenizer, flux_scheduler, t5_tokenizer
 
 DEVICE = "cuda:0"

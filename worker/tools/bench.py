@@ -20,17 +20,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FluxPipeline
+from diffusers import FluxPipeline
 from PIL import Image
 from pydantic import BaseModel
-from transformers import CLIPTextModel, T5EncoderModel
 
 from fluxfarm.shared.adapters import LoraSpec
 from fluxfarm.shared.jobs import RenderJob, parse_job
@@ -39,147 +36,20 @@ from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
-from fluxfarm.worker.fast.fast_paths import AttentionChoice, FastPaths, apply_fast_paths, compile_blocks
+from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths, compile_blocks
 from fluxfarm.worker.fast.step_graphs import remove_step_graphs, step_graphs
 from fluxfarm.worker.model.flux_arch import (
-    TRANSFORMERS,
     meta_transformer,
-    random_clip,
-    random_t5,
-    random_vae,
-    write_transformer_config,
 )
 from fluxfarm.worker.model.gpu import memory_cap, synchronize, time_calls
-from fluxfarm.worker.model.pipeline import LoadedModel, compute_dtype, place_pipeline, ready_pipeline
+from fluxfarm.worker.model.pipeline import LoadedModel, place_pipeline, ready_pipeline
 from fluxfarm.worker.model.plan import PlanInputs, make_plan
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
 from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_png
+from fluxfarm.worker.tools.bench_parts import FluxParts, build_parts
+from fluxfarm.worker.tools.bench_rows import DIFFUSERS_BF16, SEED_RECIPE, BenchOptions, ImageRow, LoraFuseRow, StepRow
 from fluxfarm.worker.tools.random_lora import write_random_lora
-from fluxfarm.worker.tools.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
-from fluxfarm.worker.tools.vram_probe import level_state_dict, load_level, random_master_weights, step_inputs
-
-SEED_RECIPE = "seed-recipe"
-DIFFUSERS_BF16 = "diffusers-bf16"
-
-
-class BenchOptions(BaseModel):
-    model: Literal["flux.1-dev", "flux.1-schnell", "tiny"] = "flux.1-dev"
-    levels: list[QuantLevel] = [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q8_0, QuantLevel.Q6_K, QuantLevel.Q4_K]
-    sizes: list[tuple[int, int]] = [(512, 512), (1024, 1024)]
-    batches: list[int] = [1, 2, 4]
-    image_batches: list[int] = [1, 2, 4]
-    budgets: list[float] = [12.0, 80.0]
-    image_levels: list[QuantLevel] = [QuantLevel.FP8]
-    image_size: tuple[int, int] = (1024, 1024)
-    steps: int = 28
-    images: int = 4
-    step_repeats: int = 5
-    baselines: bool = True
-    attention: AttentionChoice = "auto"
-    compile: bool = True
-    cuda_graphs: bool = True
-    lora_rank: int = 0
-    """Above 0: after a level's step rows, fuse a random LoRA of this rank and measure its steps again."""
-    lora_levels: list[QuantLevel] = [QuantLevel.Q8_0]
-
-
-class StepRow(BaseModel):
-    kind: Literal["step"] = "step"
-    level: str
-    path: str
-    width: int
-    height: int
-    batch: int
-    step_ms: float
-    ms_per_image_step: float
-    peak_gib: float | None
-    fast_paths: FastPaths | None = None
-
-
-class ImageRow(BaseModel):
-    kind: Literal["image"] = "image"
-    name: str
-    budget_gib: float | None
-    level: str
-    text_encoders: str
-    vae_tiling: bool
-    width: int
-    height: int
-    steps: int
-    images: int
-    batch: int
-    s_per_image: float
-    images_per_hour: float
-    peak_gib: float | None
-    encode_s: float | None = None
-    denoise_s: float | None = None
-    decode_s: float | None = None
-    psnr_db_vs_bf16: float | None = None
-    rel_error_vs_bf16: float | None = None
-    fast_paths: FastPaths | None = None
-
-
-class LoraFuseRow(BaseModel):
-    """The one-time cost of a LoRA set: fused and re-quantized, then again from the disk cache."""
-
-    kind: Literal["lora-fuse"] = "lora-fuse"
-    level: str
-    rank: int
-    layers: int
-    fuse_s: float
-    cached_fuse_s: float
-    unfuse_s: float
-
-
-@dataclass
-class FluxParts:
-    """The random-weight components every configuration shares (host memory between runs)."""
-
-    transformer_config: dict[str, Any]
-    master: dict[str, torch.Tensor]
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: T5EncoderModel
-    config_dir: Path
-    dtype: torch.dtype
-    states: dict[QuantLevel, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-    def state(self, level: QuantLevel, device: str) -> dict[str, torch.Tensor]:
-        if level not in self.states:
-            self.states[level] = level_state_dict(self.master, level, device)
-        return self.states[level]
-
-    def transformer(self, level: QuantLevel, device: str) -> torch.nn.Module:
-        """The transformer at `level` on `device`, loaded through diffusers' own code paths."""
-        return load_level(self.state(level, device), level, self.config_dir, device, self.dtype)
-
-    def pipeline(self, transformer: torch.nn.Module) -> FluxPipeline:
-        return FluxPipeline(
-            scheduler=flux_scheduler(),
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=clip_tokenizer(),
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=t5_tokenizer(),
-            transformer=transformer,
-        )
-
-
-def build_parts(model: str, device: str, folder: Path) -> FluxParts:
-    """Full-size random FLUX.1 (weights drawn on `device`, kept on the host) or, for "tiny", the tiny model."""
-    dtype = compute_dtype(device)
-    torch.manual_seed(0)
-    if model == "tiny":
-        pipe = build_tiny_pipeline()
-        config = dict(pipe.transformer.config)
-        master = {name: tensor.to(dtype) for name, tensor in pipe.transformer.state_dict().items()}
-        vae, clip, t5 = pipe.vae.to(dtype), pipe.text_encoder.to(dtype), pipe.text_encoder_2.to(dtype)
-    else:
-        config = TRANSFORMERS[model]
-        master = random_master_weights(config, device, dtype)
-        vae, clip, t5 = (build(device, dtype).cpu() for build in (random_vae, random_clip, random_t5))
-    config_dir = write_transformer_config(folder, {k: v for k, v in config.items() if not k.startswith("_")})
-    return FluxParts(config, master, vae, clip, t5, config_dir, dtype)
+from fluxfarm.worker.tools.vram_probe import step_inputs
 
 
 def _free(device: str) -> None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from fluxfarm.worker.tools.bench import DIFFUSERS_BF16, SEED_RECIPE, ImageRow, LoraFuseRow, StepRow
+from fluxfarm.worker.tools.bench_rows import DIFFUSERS_BF16, SEED_RECIPE, ImageRow, LoraFuseRow, StepRow
 
 
 class BenchLog:

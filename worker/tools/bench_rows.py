@@ -1,0 +1,83 @@
+"""What `fluxfarm bench` is asked (BenchOptions) and the rows it answers with: steps, whole images and
+LoRA fuses, each a JSON line as it comes (worker/tools/bench_report.py shows them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.fast.fast_paths import AttentionChoice, FastPaths
+
+SEED_RECIPE = "seed-recipe"
+DIFFUSERS_BF16 = "diffusers-bf16"
+
+
+class BenchOptions(BaseModel):
+    model: Literal["flux.1-dev", "flux.1-schnell", "tiny"] = "flux.1-dev"
+    levels: list[QuantLevel] = [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q8_0, QuantLevel.Q6_K, QuantLevel.Q4_K]
+    sizes: list[tuple[int, int]] = [(512, 512), (1024, 1024)]
+    batches: list[int] = [1, 2, 4]
+    image_batches: list[int] = [1, 2, 4]
+    budgets: list[float] = [12.0, 80.0]
+    image_levels: list[QuantLevel] = [QuantLevel.FP8]
+    image_size: tuple[int, int] = (1024, 1024)
+    steps: int = 28
+    images: int = 4
+    step_repeats: int = 5
+    baselines: bool = True
+    attention: AttentionChoice = "auto"
+    compile: bool = True
+    cuda_graphs: bool = True
+    lora_rank: int = 0
+    """Above 0: after a level's step rows, fuse a random LoRA of this rank and measure its steps again."""
+    lora_levels: list[QuantLevel] = [QuantLevel.Q8_0]
+
+
+class StepRow(BaseModel):
+    kind: Literal["step"] = "step"
+    level: str
+    path: str
+    width: int
+    height: int
+    batch: int
+    step_ms: float
+    ms_per_image_step: float
+    peak_gib: float | None
+    fast_paths: FastPaths | None = None
+
+
+class ImageRow(BaseModel):
+    kind: Literal["image"] = "image"
+    name: str
+    budget_gib: float | None
+    level: str
+    text_encoders: str
+    vae_tiling: bool
+    width: int
+    height: int
+    steps: int
+    images: int
+    batch: int
+    s_per_image: float
+    images_per_hour: float
+    peak_gib: float | None
+    encode_s: float | None = None
+    denoise_s: float | None = None
+    decode_s: float | None = None
+    psnr_db_vs_bf16: float | None = None
+    rel_error_vs_bf16: float | None = None
+    fast_paths: FastPaths | None = None
+
+
+class LoraFuseRow(BaseModel):
+    """The one-time cost of a LoRA set: fused and re-quantized, then again from the disk cache."""
+
+    kind: Literal["lora-fuse"] = "lora-fuse"
+    level: str
+    rank: int
+    layers: int
+    fuse_s: float
+    cached_fuse_s: float
+    unfuse_s: float
