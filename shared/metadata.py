@@ -13,6 +13,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field
 
 from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.ladder import QuantLevel
 
 if TYPE_CHECKING:
     from fluxfarm.shared.storage import ObjectStore, ResultKeys
@@ -84,7 +85,7 @@ class RenderResult(_Record):
     job_id: str
     job: RenderJob
     model: ModelInfo
-    quant: str = Field(description="The quantization level actually used, e.g. bf16 or Q8_0.")
+    quant: QuantLevel = Field(description="The quantization level actually used, e.g. bf16 or Q8_0.")
     loras: tuple[LoraInfo, ...] = Field(
         default=(), description="LoRAs fused into the weights, with their files' hashes."
     )

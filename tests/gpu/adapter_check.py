@@ -49,7 +49,9 @@ def main() -> None:
         pipe = FluxPipeline.from_pretrained(model, dtype=torch.bfloat16).to("cuda")
         pipe.set_progress_bar_config(disable=True)
         info = ModelInfo(id="reference", transformer="reference", transformer_sha256="0" * 64)
-        reference = RenderEngine(LoadedModel(pipe=pipe, info=info, quant="bf16", device="cuda"), settings=settings)
+        reference = RenderEngine(
+            LoadedModel(pipe=pipe, info=info, level=QuantLevel.BF16, device="cuda"), settings=settings
+        )
         want_base = pixels(reference, JOB)
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="style")
         pipe.set_adapters(["style"], [0.8])

@@ -53,7 +53,7 @@ def main() -> None:
         paths = ready_pipeline(pipe, DEVICE, "gpu-swap", True, settings)
         info = ModelInfo(id="random-flux.1-dev", transformer=level.value, transformer_sha256="0" * 64)
         model = LoadedModel(
-            pipe=pipe, info=info, quant=level.value, device=DEVICE, text_encoders="gpu-swap", fast_paths=paths
+            pipe=pipe, info=info, level=level, device=DEVICE, text_encoders="gpu-swap", fast_paths=paths
         )
         allocated = round(torch.cuda.memory_allocated() / GIB, 2)
         report("loaded", level=level.value, seconds=round(time.perf_counter() - start, 1), allocated_gib=allocated)
@@ -73,7 +73,7 @@ def main() -> None:
             for future in futures:
                 try:
                     image = future.result()
-                    out.append({"ok": True, "level": image.model.quant, "batch": image.batch_size})
+                    out.append({"ok": True, "level": image.model.level, "batch": image.batch_size})
                 except Exception as error:  # the worker's task would report this reason
                     out.append({"ok": False, "error": f"{type(error).__name__}: {str(error)[:160]}"})
             return out
@@ -89,7 +89,7 @@ def main() -> None:
             eight = render_together(batcher, [job(f"a harbour {i}", 1024) for i in range(8)])
             report("eight 1024 jobs", step_down=step_down, results=eight, max_batch_after=batcher.engine.max_batch)
             big = render_together(batcher, [job("a wide valley", 2048)])
-            report("one 2048 job", step_down=step_down, results=big, level_after=batcher.engine.model.quant)
+            report("one 2048 job", step_down=step_down, results=big, level_after=batcher.engine.model.level)
             after = render_together(batcher, [job("a small pond", 1024)])
             peak = round(torch.cuda.max_memory_allocated() / GIB, 2)
             report("then a 1024 job", step_down=step_down, results=after, peak_gib=peak)

@@ -34,7 +34,8 @@ class LoadedModel:
 
     pipe: FluxPipeline
     info: ModelInfo
-    quant: str
+    level: QuantLevel
+    """The level the transformer is held at (a step down loads another LoadedModel)."""
     device: str
     text_encoders: Placement = "gpu"
     """gpu: resident; gpu-swap: on the GPU only while encoding; cpu: encode on the CPU."""
@@ -162,5 +163,5 @@ def load_model(
     info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
     log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
     return LoadedModel(
-        pipe=pipe, info=info, quant=held, device=device, text_encoders=text_encoders, fast_paths=fast_paths
+        pipe=pipe, info=info, level=QuantLevel(held), device=device, text_encoders=text_encoders, fast_paths=fast_paths
     )

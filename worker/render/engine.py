@@ -181,11 +181,11 @@ class RenderEngine:
         self.loras = LoraFuser(
             {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder},
             model.info.transformer_sha256,
-            model.quant,
+            model.level,
             settings,
             before_layer=self._check_fuse,
         )
-        self.controlnets = ControlNets(pipe, model.quant, model.device, settings)
+        self.controlnets = ControlNets(pipe, model.level, model.device, settings)
         self._mirrors: list[HostMirror] = []
         if model.text_encoders == "gpu-swap":
             self._mirrors = [HostMirror(m) for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)]
@@ -245,7 +245,7 @@ class RenderEngine:
         pipe, device = self.model.pipe, self.model.device
         first = jobs[0]
         if self.faults is not None:
-            self.faults.check_denoise(jobs, self.model.quant)
+            self.faults.check_denoise(jobs, self.model.level)
         extra = {}
         if first.controlnet is not None:
             pipe = self.controlnets.get(first.controlnet).pipeline

@@ -58,15 +58,15 @@ class EngineLoader:
             transformer_path=loadout.transformer_path,
         )
         load_s = time.perf_counter() - load_start
-        log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.quant)
-        self._metrics.model_loaded(loaded.quant, load_s)
+        log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.level)
+        self._metrics.model_loaded(loaded.level, load_s)
         self._metrics.describe_worker(
             {
                 "node": self._worker.node,
                 "hostname": self._worker.hostname,
                 "device": self.device,
                 "gpu": self._worker.gpu_name or "cpu",
-                "level": loaded.quant,
+                "level": loaded.level,
                 "model": loaded.info.id,
                 "version": __version__,
             }

@@ -31,7 +31,6 @@ from fluxfarm.shared.errors import (
     RenderAttemptFailed,
 )
 from fluxfarm.shared.jobs import RenderJob, parse_job
-from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.storage import ResultKeys
@@ -96,7 +95,7 @@ class JobRunner:
         self._batcher = batcher
         self._book = book
         self._claims = claims
-        self._first_level = parse_level(batcher.engine.model.quant)
+        self._first_level = batcher.engine.model.level
         self._results = results
         self._store = results.store
         self._worker = worker
@@ -128,13 +127,13 @@ class JobRunner:
         return result
 
     def _level(self) -> str:
-        return self._batcher.engine.model.quant
+        return self._batcher.engine.model.level
 
     def _run(self, payload: Any, queued_at: Any) -> RenderResult:
         job = parse_job(payload)
         with self.stats.lock:
             self.stats.current_job = job.id
-        level = parse_level(self._batcher.engine.model.quant)
+        level = self._batcher.engine.model.level
         if not job.constraint.allows(level):
             if job.constraint.allows(self._first_level):  # taken before this worker stepped down a level
                 raise RenderAttemptFailed(f"job {job.id} needs {job.quant}; this worker stepped down to {level}")
@@ -192,7 +191,7 @@ class JobRunner:
         try:
             result = self._render_and_store(job, keys, queued_at, count_attempt)
         except Exception as error:
-            reason = _failure_reason(error, self._batcher.engine.model.quant)
+            reason = _failure_reason(error, self._batcher.engine.model.level)
             self._retries.failed(job, attempt[0], reason, input_error=isinstance(error, JobInputError))
         with self.stats.lock:
             self.stats.rendered_at.append(time.monotonic())
@@ -215,7 +214,7 @@ class JobRunner:
         upload_start = time.perf_counter()
 
         def png_metadata() -> dict[str, str]:
-            return png_object_metadata(job, model.info, model.quant, __version__)
+            return png_object_metadata(job, model.info, model.level, __version__)
 
         self._results.put_image(keys, png, png_metadata())
         upload_s = time.perf_counter() - upload_start
@@ -223,7 +222,7 @@ class JobRunner:
             job_id=job.id,
             job=job,
             model=model.info,
-            quant=model.quant,
+            quant=model.level,
             loras=rendered.loras,
             controlnet=rendered.controlnet,
             worker=self._worker,

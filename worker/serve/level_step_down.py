@@ -20,7 +20,7 @@ import torch
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.jobs import RenderJob
-from fluxfarm.shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.catalog import available_levels, load_catalog
 from fluxfarm.worker.render.engine import RenderEngine
@@ -65,7 +65,7 @@ class LevelStepDown:
 
     def step_down(self, engine: RenderEngine, job: RenderJob) -> RenderEngine | None:
         """A loaded engine one level down (the old one unloaded), or None (nothing lower, engine kept)."""
-        current = parse_level(engine.model.quant)
+        current = engine.model.level
         targets = self.below(current, job)
         if not targets:
             return None

@@ -26,7 +26,6 @@ from fluxfarm.shared.celery_app import lease_renew_interval_s
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.fleet import WorkerStatus
 from fluxfarm.shared.jobs import parse_job
-from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.shared.publish import publish
 from fluxfarm.shared.storage import ObjectStore
@@ -112,7 +111,7 @@ class WorkerRuntime:
         self.adoption = LoraAdoption(
             client,
             worker.node,
-            parse_level(engine.model.quant),
+            engine.model.level,
             self._active_lora_set,
             self._change_queues,
             fleet_share=settings.lora_fleet_share,
@@ -210,7 +209,7 @@ class WorkerRuntime:
             device=self._worker.device,
             gpu_name=self._worker.gpu_name,
             vram_gib=self._worker.vram_gib,
-            level=engine.model.quant,
+            level=engine.model.level,
             model=engine.model.info.id,
             queues=self._consumed_queues() or list(self.adoption.queues),
             lora_set=engine.loras.active_id,

@@ -321,7 +321,7 @@ class Bench:
                 info=ModelInfo(
                     id=f"random-{self.options.model}", transformer=chosen.value, transformer_sha256="0" * 64
                 ),
-                quant=chosen.value,
+                level=chosen,
                 device=self.device,
                 text_encoders=plan.text_encoders,
                 fast_paths=paths,

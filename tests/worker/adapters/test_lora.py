@@ -70,7 +70,7 @@ def diffusers_lora(tiny_model: Path, lora: Path, settings: FarmSettings) -> np.n
     pipe.set_adapters(["style"], [WEIGHT])
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id="reference", transformer="reference", transformer_sha256="0" * 64)
-    engine = RenderEngine(LoadedModel(pipe=pipe, info=info, quant="bf16", device="cpu"), settings=settings)
+    engine = RenderEngine(LoadedModel(pipe=pipe, info=info, level=QuantLevel.BF16, device="cpu"), settings=settings)
     return _pixels(engine, _job(None))
 
 
@@ -100,7 +100,7 @@ def test_a_text_encoder_lora_is_fused_into_clip_and_keys_the_embedding_cache(
     load_clip_lora_with_peft(pipe, clip_lora)
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id="reference", transformer="reference", transformer_sha256="0" * 64)
-    reference = RenderEngine(LoadedModel(pipe=pipe, info=info, quant="bf16", device="cpu"), settings=settings)
+    reference = RenderEngine(LoadedModel(pipe=pipe, info=info, level=QuantLevel.BF16, device="cpu"), settings=settings)
     want = _pixels(reference, _job(None))
     engine = _engine(tiny_model, QuantLevel.BF16, settings)
     assert np.array_equal(_pixels(engine, _job(None)), diffusers_base)  # base embeddings now cached

@@ -82,7 +82,7 @@ def test_fp8_keeps_scaled_e4m3_weights_and_renders_between_q8_0_and_q4_k(tiny_mo
     settings = FarmSettings(cache_dir=tmp_path / "cache")
     reference = _pixels(RenderEngine(load_model(str(tiny_model), None, "cpu", settings)))
     fp8 = load_model(str(tiny_model), None, "cpu", settings, level=QuantLevel.FP8)
-    assert fp8.quant == "fp8"
+    assert fp8.level == QuantLevel.FP8
     dtypes = {name: p.dtype for name, p in fp8.pipe.transformer.named_parameters()}
     assert dtypes["transformer_blocks.0.ff.net.2.weight"].itemsize == 1
     assert dtypes["x_embedder.weight"].itemsize == 4, "embedders keep full precision"

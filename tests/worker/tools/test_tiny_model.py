@@ -96,7 +96,7 @@ def test_renders_are_deterministic_per_seed_and_quantization_error_grows_as_the_
     error = {}
     for level in RENDER_CHAIN:
         engine = RenderEngine(load_model(str(tiny_model), str(gguf_path(tiny_model, level)), "cpu", settings))
-        assert engine.model.quant == level.value
+        assert engine.model.level == level
         error[level.value] = float(np.abs(_render(engine, seed=5)[1] - reference).mean())
     print("\nmean absolute pixel error vs bf16:", error)
     values = list(error.values())
