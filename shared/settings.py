@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from fluxfarm.shared.errors import PlaceholderSecret
+from fluxfarm.shared.errors import FarmError, PlaceholderSecret
+from fluxfarm.shared.ladder import QuantLevel, parse_level
 
 DEFAULT_STORAGE_URL = "file://./fluxfarm-output"
 PLACEHOLDER_SECRET_PREFIX = "change-me"
@@ -59,8 +60,11 @@ class FarmSettings(BaseSettings):
         description="Transformer weights for workers: a .gguf/.safetensors path, hf://, https:// or s3:// URL.",
     )
     device: str | None = Field(default=None, description="Torch device for workers; cuda:0 when present.")
-    quant: str | None = Field(
-        default=None, description="Force the worker's level (e.g. Q4_K); the VRAM policy picks when unset."
+    level: QuantLevel | None = Field(
+        default=None,
+        # FLUXFARM_QUANT, its name before `quant` came to mean only a job's constraint, still works.
+        validation_alias=AliasChoices("level", "fluxfarm_level", "quant", "fluxfarm_quant"),
+        description="Force the worker's level (e.g. Q4_K); the VRAM policy picks when unset. Also FLUXFARM_QUANT.",
     )
     vram_budget_gib: float | None = Field(
         default=None, gt=0, description="Use at most this much GPU memory (a shared card, or to emulate a smaller one)."
@@ -104,7 +108,7 @@ class FarmSettings(BaseSettings):
         default=True,
         description=(
             "A job that runs out of GPU memory even alone makes the worker reload one level down (only a "
-            "worker that picked its own level: no FLUXFARM_QUANT, no FLUXFARM_TRANSFORMER)."
+            "worker that picked its own level: no FLUXFARM_LEVEL, no FLUXFARM_TRANSFORMER)."
         ),
     )
     inject_faults: str | None = Field(
@@ -250,6 +254,17 @@ class FarmSettings(BaseSettings):
         if not value.startswith(("s3://", "file://")):
             raise ValueError("storage_url must start with s3:// or file://")
         return value
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _level_by_name(cls, value: object) -> object:
+        """A level's name in any case (q4_k, Q4_K); empty means unset."""
+        if value is None or value == "" or isinstance(value, QuantLevel):
+            return value or None
+        try:
+            return parse_level(str(value))
+        except FarmError as error:
+            raise ValueError(str(error)) from None
 
     @field_validator(
         "tls_ca_file", "s3_endpoint_url", "transformer", "cache_max_gib", "redis_maxmemory_mib", mode="before"

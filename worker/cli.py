@@ -34,8 +34,13 @@ def worker(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="Torch device, e.g. cuda:1 [env: FLUXFARM_DEVICE].")] = None,
-    quant: Annotated[
-        str | None, typer.Option(help="Force a level (fails if it cannot fit) [env: FLUXFARM_QUANT].")
+    level: Annotated[
+        str | None,
+        typer.Option(
+            "--level",
+            "--quant",
+            help="Force a level (fails if it cannot fit) [env: FLUXFARM_LEVEL; --quant and FLUXFARM_QUANT too].",
+        ),
     ] = None,
     vram_budget: Annotated[
         float | None, typer.Option(help="Use at most this many GiB of the card [env: FLUXFARM_VRAM_BUDGET_GIB].")
@@ -43,7 +48,7 @@ def worker(
 ) -> None:
     """Run a GPU worker: pick the level the card holds, load it once, render jobs until stopped."""
     settings = FarmSettings()
-    overrides = {"quant": quant, "vram_budget_gib": vram_budget}
+    overrides = {"level": parse_level(level) if level else None, "vram_budget_gib": vram_budget}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     model = model or settings.model
     if not model:
@@ -235,7 +240,9 @@ def plan(
     gpu: Annotated[str | None, typer.Option(help="GPU name, e.g. 'RTX 4090' (tells fp8 support).")] = None,
     compute_capability: Annotated[str | None, typer.Option(help="e.g. 8.9; overrides --gpu.")] = None,
     model: Annotated[str, typer.Option(help="flux.1-dev or flux.1-schnell.")] = "flux.1-dev",
-    quant: Annotated[str | None, typer.Option(help="Force this level; fails if it cannot fit.")] = None,
+    level: Annotated[
+        str | None, typer.Option("--level", "--quant", help="Force this level; fails if it cannot fit.")
+    ] = None,
     lora_jobs: Annotated[
         bool, typer.Option(help="Keep room to fuse LoRA sets, as a worker that takes LoRA jobs does.")
     ] = True,
@@ -254,7 +261,7 @@ def plan(
         model=model,
         gpu_name=gpu,
         compute_capability=capability,
-        forced_level=parse_level(quant) if quant else None,
+        forced_level=parse_level(level) if level else None,
         lora_jobs=lora_jobs,
     )
     typer.echo(make_plan(inputs).model_dump_json(indent=2))

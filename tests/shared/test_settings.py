@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from fluxfarm.shared.errors import PlaceholderSecret
+from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings, redact_url
 
 
@@ -104,3 +106,16 @@ def test_the_cache_is_bounded_by_default_and_an_empty_limit_unbounds_it(monkeypa
     assert FarmSettings().cache_max_gib == 200
     monkeypatch.setenv("FLUXFARM_CACHE_MAX_GIB", "")
     assert FarmSettings().cache_max_gib is None
+
+
+@pytest.mark.parametrize("name", ["FLUXFARM_LEVEL", "FLUXFARM_QUANT"])
+def test_a_forced_level_is_read_by_its_name_and_its_earlier_one(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """`quant` means a job's constraint; the level a worker is forced to is `level`, and FLUXFARM_QUANT,
+    which deployments already set, still works."""
+    monkeypatch.setenv(name, "q4_k")
+    assert FarmSettings().level is QuantLevel.Q4_K
+    monkeypatch.setenv(name, "Q9_Z")
+    with pytest.raises(ValidationError, match="unknown quantization level 'Q9_Z'"):
+        FarmSettings()
+    monkeypatch.setenv(name, "")
+    assert FarmSettings().level is None

@@ -43,14 +43,14 @@ def _plan_size(settings: FarmSettings) -> tuple[int, int]:
 
 def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, device: str) -> Loadout:
     """Decide before loading anything, so a level that cannot fit fails at once and says why."""
-    forced = parse_level(settings.quant) if settings.quant else None
+    forced = settings.level
     catalog = load_catalog(settings.catalog)
     path = resolve_file(transformer, settings) if transformer is not None else None
     if path is not None:
         held = _file_level(path)
         derived = forced in (QuantLevel.FP8, QuantLevel.NF4) and held == QuantLevel.BF16
         if forced is not None and forced != held and not derived:
-            raise FarmError(f"--quant {forced} asked for, but the transformer file {transformer} holds {held}")
+            raise FarmError(f"--level {forced} asked for, but the transformer file {transformer} holds {held}")
         candidates = [forced or held]
     else:
         candidates = available_levels(catalog, model)

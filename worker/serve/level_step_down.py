@@ -1,7 +1,7 @@
 """Step a worker down the quant ladder when a job runs out of GPU memory even rendered alone.
 
 The batch was already split (worker/render/engine.py); a job that still does not fit at batch 1 needs a
-smaller transformer. A worker that picked its own level (no FLUXFARM_QUANT, no transformer file:
+smaller transformer. A worker that picked its own level (no FLUXFARM_LEVEL, no transformer file:
 the operator left the choice to the policy) reloads the best level below its own that the job
 accepts, from the same catalog it loaded from, and from then on consumes that level's queues. The
 old weights go first (both never fit); if no lower level loads, the old level is loaded again and
@@ -32,7 +32,7 @@ _NEEDS_CUDA = (QuantLevel.FP8, QuantLevel.NF4)
 
 def step_down_levels(settings: FarmSettings, model: str, transformer: str | None, device: str) -> list[QuantLevel]:
     """The levels this worker may step down to, best first; empty where its policy forbids stepping."""
-    if not settings.oom_step_down or settings.quant is not None or transformer is not None:
+    if not settings.oom_step_down or settings.level is not None or transformer is not None:
         return []
     levels = set(available_levels(load_catalog(settings.catalog), model))
     if torch.device(device).type != "cuda":

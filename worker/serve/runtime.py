@@ -119,7 +119,7 @@ class WorkerRuntime:
         )
         stepper = LevelStepDown(
             step_down_levels(settings, loader.model, loader.transformer, loader.device),
-            lambda level: loader.load(settings.model_copy(update={"quant": level.value}))[0],
+            lambda level: loader.load(settings.model_copy(update={"level": level}))[0],
             self.adoption.set_level,
             on_stranded,
         )

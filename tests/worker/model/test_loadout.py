@@ -57,19 +57,19 @@ def test_a_toml_catalog_overrides_and_adds_levels(tmp_path: Path) -> None:
 def test_a_forced_level_comes_from_the_catalog(tiny_model: Path, tmp_path: Path) -> None:
     override = tmp_path / "catalog.toml"
     override.write_text(f'[models."{tiny_model}"]\nQ4_0 = "{gguf_path(tiny_model, QuantLevel.Q4_0)}"\n')
-    settings = FarmSettings(cache_dir=tmp_path / "cache", catalog=override, quant="Q4_0")
+    settings = FarmSettings(cache_dir=tmp_path / "cache", catalog=override, level="Q4_0")
     loadout = choose_loadout(settings, str(tiny_model), None, "cpu")
     assert (loadout.level, loadout.transformer) == (QuantLevel.Q4_0, str(gguf_path(tiny_model, QuantLevel.Q4_0)))
     with pytest.raises(FarmError, match="no weights for Q6_K"):
-        choose_loadout(settings.model_copy(update={"quant": "Q6_K"}), str(tiny_model), None, "cpu")
+        choose_loadout(settings.model_copy(update={"level": QuantLevel.Q6_K}), str(tiny_model), None, "cpu")
 
 
 def test_the_operators_file_decides_the_level_and_a_contradicting_quant_fails(tiny_model: Path, tmp_path: Path) -> None:
     q8 = str(gguf_path(tiny_model, QuantLevel.Q8_0))
     settings = FarmSettings(cache_dir=tmp_path / "cache")
     assert choose_loadout(settings, str(tiny_model), q8, "cpu").level == QuantLevel.Q8_0
-    with pytest.raises(FarmError, match=r"--quant Q4_0 asked for, but the transformer file .* holds Q8_0"):
-        choose_loadout(settings.model_copy(update={"quant": "Q4_0"}), str(tiny_model), q8, "cpu")
+    with pytest.raises(FarmError, match=r"--level Q4_0 asked for, but the transformer file .* holds Q8_0"):
+        choose_loadout(settings.model_copy(update={"level": QuantLevel.Q4_0}), str(tiny_model), q8, "cpu")
     assert choose_loadout(settings, str(tiny_model), None, "cpu").level == QuantLevel.BF16
 
 

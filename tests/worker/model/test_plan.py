@@ -77,7 +77,7 @@ def test_plan_command_prints_the_decision_as_json() -> None:
     decision = json.loads(done.stdout)
     assert {"level", "predicted_peak_gib", "text_encoders", "reasons"} <= set(decision)
     assert decision["level"] == "fp8"
-    refused = run_fluxfarm("plan", "--vram-gib", "8", "--quant", "Q8_0", timeout=60)
+    refused = run_fluxfarm("plan", "--vram-gib", "8", "--level", "Q8_0", timeout=60)
     assert refused.returncode == 1 and "nothing fits 8.0 GiB" in refused.stderr
 
 
