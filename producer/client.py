@@ -209,7 +209,7 @@ class FarmClient:
         (`on_wait` is told each time it looks).
         """
         counts = StreamCounts()
-        room = RedisRoom(self._redis, self.settings.redis_maxmemory_mib, self.settings.redis_reserve_share)
+        room = RedisRoom.of(self._redis, self.settings)
         known: dict[str, tuple[set[str], set[str]]] = {}
         named: dict[tuple[str, str], RenderJob] = {}
         """Named jobs sent by this stream, to tell a repeated row from another job under the same name."""
