@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from fluxfarm.shared import keys
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
-from fluxfarm.shared.redis_conn import text
+from fluxfarm.shared.redis_conn import redis_now, text
 from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
 MAX_DEAD_LETTERS = 10_000
@@ -328,8 +328,7 @@ class DatasetBook:
         return retired
 
     def _rate_per_hour(self, dataset: str) -> float | None:
-        seconds, micros = self._redis.time()
-        now = seconds + micros / 1e6
+        now = redis_now(self._redis)
         first = self._redis.zrangebyscore(
             keys.dataset(dataset, "done_at"), now - RATE_WINDOW_S, "+inf", 0, 1, withscores=True
         )

@@ -30,6 +30,12 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def redis_now(client: redis.Redis) -> float:
+    """Redis' clock, in seconds: one clock for every worker and producer, whatever each host's says."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
 def open_redis(settings: FarmSettings, url: str | None = None) -> redis.Redis:
     """A client of the broker's Redis (or of `url`), with the farm's TLS options."""
     url = url or settings.broker_url

@@ -14,7 +14,7 @@ from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import QUEUE_ANY, task_id, waiting_messages
 from fluxfarm.shared.errors import JobFailed
-from fluxfarm.worker.serve.retry_policy import redis_now
+from fluxfarm.shared.redis_conn import redis_now
 from tests.conftest import S3Server, fresh_farm_settings
 from tests.fault_farm import SMALL_JOB, fault_worker, wait_until
 

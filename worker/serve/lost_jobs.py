@@ -24,6 +24,7 @@ from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import message_task_id, queue_lists, task_id, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.lora_queues import known_queues
+from fluxfarm.shared.redis_conn import redis_now
 from fluxfarm.shared.units import MIB
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.retry_policy import backing_off
@@ -107,8 +108,7 @@ class LostJobSweeper:
         present = self.message_ids()
         if present is None:
             return []
-        seconds, micros = self._redis.time()
-        now = seconds + micros / 1e6
+        now = redis_now(self._redis)
         seen = {key.decode(): float(value) for key, value in self._redis.hgetall(keys.LOST_JOBS_MISSING).items()}
         still_missing: dict[str, float] = {}
         resent: list[str] = []

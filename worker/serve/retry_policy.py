@@ -25,6 +25,7 @@ from fluxfarm.shared.celery_app import task_id
 from fluxfarm.shared.datasets import DatasetBook, DeadLetter, SentJob
 from fluxfarm.shared.errors import JobDeadLettered, RenderAttemptFailed
 from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.redis_conn import redis_now
 from fluxfarm.worker.serve.redis_writes import unless_redis_is_down
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,6 @@ DUE_PER_ROUND = 100
 
 class RetryScheduled(RenderAttemptFailed):
     """The attempt failed and the job waits in the delayed-retry set: its message is acknowledged."""
-
-
-def redis_now(client: redis.Redis) -> float:
-    """Redis' clock, which every worker shares whatever its own says."""
-    seconds, micros = client.time()
-    return seconds + micros / 1e6
 
 
 def backing_off(client: redis.Redis) -> set[str]:
@@ -82,21 +77,16 @@ class RetryPolicy:
         """As the render begins: count the attempt; returns its number (1 for the first)."""
         return self._book.start_attempt(job.dataset, job.id)
 
-    def pause_s(self, attempt: int) -> float:
-        """The back-off after failed attempt number `attempt`: doubling from FLUXFARM_RETRY_BACKOFF_S."""
-        return min(self._backoff_s * 2.0 ** (attempt - 1), self._backoff_max_s)
-
     def failed(self, job: RenderJob, attempt: int, reason: str, input_error: bool) -> NoReturn:
-        """After failed attempt number `attempt`: dead-letter the job, or send it back after its back-off."""
+        """After failed attempt number `attempt`: dead-letter the job, or send it back after its back-off
+        (doubling from FLUXFARM_RETRY_BACKOFF_S) through the delayed-retry set (RetryScheduled), or at once
+        through its queue where Redis cannot take the entry (RenderAttemptFailed)."""
         if input_error:  # another attempt would fail the same way
             self.give_up(job, f"the job's input cannot be used: {reason}", attempt)
         if attempt >= self.max_attempts:
             self.give_up(job, f"{attempt} attempts failed, the last: {reason}", attempt)
-        self.retry(job, reason, self.pause_s(attempt), f"attempt {attempt}/{self.max_attempts} failed")
-
-    def retry(self, job: RenderJob, reason: str, pause_s: float, what: str) -> NoReturn:
-        """Send the job back after `pause_s` through the delayed-retry set (RetryScheduled), or at once
-        through its queue where Redis cannot take the entry (RenderAttemptFailed)."""
+        pause_s = min(self._backoff_s * 2.0 ** (attempt - 1), self._backoff_max_s)
+        what = f"attempt {attempt}/{self.max_attempts} failed"
         unless_redis_is_down(
             lambda: self._book.note_attempt_failed(job.dataset, job.id, reason), f"job {job.id}'s failure"
         )

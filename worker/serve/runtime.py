@@ -32,7 +32,6 @@ from fluxfarm.shared.storage import ObjectStore
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.gpu import compute_capability, vram_peak_bytes
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
-from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.serve.engine_loader import EngineLoader
 from fluxfarm.worker.serve.heartbeat import Heartbeat
 from fluxfarm.worker.serve.job_runner import JobRunner
@@ -180,9 +179,6 @@ class WorkerRuntime:
     def _active_lora_set(self) -> str | None:
         return self.batcher.engine.loras.active_id
 
-    def _engine(self) -> RenderEngine:
-        return self.batcher.engine
-
     def _consumed_queues(self) -> list[str]:
         """The queues Celery's consumer really reads now (empty before it is ready): what the fleet
         report's 'unserved' check must see, whatever changed them."""
@@ -202,7 +198,7 @@ class WorkerRuntime:
         log.info("consuming %s (added %s, cancelled %s)", ", ".join(self.adoption.queues), added, cancelled)
 
     def _snapshot(self) -> WorkerStatus:
-        engine, stats = self._engine(), self.runner.stats
+        engine, stats = self.batcher.engine, self.runner.stats
         return WorkerStatus(
             node=self._worker.node,
             hostname=self._worker.hostname,

@@ -20,6 +20,7 @@ from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import RenderResult, WorkerInfo
+from fluxfarm.shared.redis_conn import redis_now
 from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import LocalStore
 from fluxfarm.worker.render.batcher import RenderBatcher
@@ -29,7 +30,7 @@ from fluxfarm.worker.serve.job_runner import JobRunner
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.serve.result_store import ResultStore
-from fluxfarm.worker.serve.retry_policy import RetryPolicy, RetryScheduled, redis_now
+from fluxfarm.worker.serve.retry_policy import RetryPolicy, RetryScheduled
 
 MAX_ATTEMPTS = 3
 BACKOFF_S = 4.0
