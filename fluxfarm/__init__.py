@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fluxfarm.producer.client import DatasetOutcome, FarmClient
     from fluxfarm.producer.job_handles import JobBatch, JobHandle
+    from fluxfarm.producer.settings import ProducerSettings
     from fluxfarm.shared import __version__
     from fluxfarm.shared.errors import (
         FarmError,
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "RenderJob": "fluxfarm.shared.jobs",
     "RenderResult": "fluxfarm.shared.metadata",
     "FarmSettings": "fluxfarm.shared.settings",
+    "ProducerSettings": "fluxfarm.producer.settings",
     "FarmError": "fluxfarm.shared.errors",
     "InvalidJob": "fluxfarm.shared.errors",
     "JobFailed": "fluxfarm.shared.errors",
@@ -60,6 +62,7 @@ __all__ = [  # noqa: RUF022 (grouped as _EXPORTS is)
     "RenderJob",
     "RenderResult",
     "FarmSettings",
+    "ProducerSettings",
     "FarmError",
     "InvalidJob",
     "JobFailed",

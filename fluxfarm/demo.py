@@ -16,7 +16,7 @@ from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
 from fluxfarm.producer.progress import wait_with_progress
 from fluxfarm.shared.errors import FarmError
-from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.settings import WorkerSettings
 
 DEMO_PROMPTS = (
     "a red fox curled up in fresh snow at dawn, soft light",
@@ -31,7 +31,7 @@ DEMO_PROMPTS = (
 _WORKER_READY_TIMEOUT_S = 600.0
 
 
-def _demo_model(settings: FarmSettings, out_dir: Path, err: Console) -> tuple[str, str | None, bool]:
+def _demo_model(settings: WorkerSettings, out_dir: Path, err: Console) -> tuple[str, str | None, bool]:
     """(model, transformer, is_tiny): the configured FLUX model, else the tiny one, built once."""
     if settings.model:
         return settings.model, settings.transformer, False
@@ -50,7 +50,7 @@ def run_demo(jobs: int, out_dir: Path, out: Console, err: Console) -> None:
     if jobs < 1:
         raise FarmError("--jobs must be at least 1")
     out_dir = out_dir.resolve()
-    base = FarmSettings()
+    base = WorkerSettings()
     storage_url = os.environ.get("FLUXFARM_STORAGE_URL") or f"file://{out_dir / 'output'}"
     model, transformer, tiny = _demo_model(base, out_dir, err)
     side, steps = (512, 8) if tiny else (1024, 28)

@@ -21,12 +21,12 @@ from fluxfarm.producer.fleet_check import warn_unserved
 from fluxfarm.producer.job_files import RowError, iter_file_jobs
 from fluxfarm.producer.progress import progress_bar
 from fluxfarm.producer.redis_room import Room
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.celery_app import Priority
 from fluxfarm.shared.datasets import DatasetRecord, store_manifest
 from fluxfarm.shared.errors import InvalidJob, JobFailed
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob
 from fluxfarm.shared.metadata import RenderResult
-from fluxfarm.shared.settings import FarmSettings
 
 ROW_ERRORS_SHOWN = 100
 """Bad rows named one by one; past this many only their number is given."""
@@ -99,7 +99,7 @@ def submit_file(
             datasets.add(item.job.dataset)
             yield item.job
 
-    settings = FarmSettings()
+    settings = ProducerSettings()
     with (
         FarmClient(settings) as client,
         progress_bar(console, "submitting", TextColumn("{task.description}")) as progress,
@@ -141,7 +141,7 @@ def submit_file(
     return counts
 
 
-def cancel_dataset(settings: FarmSettings, dataset: str, console: Console) -> int:
+def cancel_dataset(settings: ProducerSettings, dataset: str, console: Console) -> int:
     """`fluxfarm cancel`: queued jobs become cancelled at once; returns how many."""
     with FarmClient(settings) as client:
         dropped = client.datasets.cancel(dataset)
@@ -162,7 +162,7 @@ def report_failures(record: DatasetRecord, console: Console) -> int:
 
 
 def wait_for_dataset(
-    settings: FarmSettings,
+    settings: ProducerSettings,
     dataset: str = DEFAULT_DATASET,
     timeout_s: float | None = None,
     console: Console | None = None,

@@ -16,11 +16,11 @@ from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.export import ExportFormat
 from fluxfarm.producer.fleet_check import warn_unserved
 from fluxfarm.producer.progress import wait_with_progress
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.celery_app import Priority
 from fluxfarm.shared.errors import FarmError, InvalidJob
 from fluxfarm.shared.jobs import DEFAULT_DATASET, parse_dataset_name, parse_job
 from fluxfarm.shared.metadata import RenderResult
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import open_store
 from fluxfarm.shared.units import MIB
 
@@ -189,7 +189,7 @@ def wait_command(
     ] = None,
 ) -> None:
     """Wait until none of a dataset's jobs is queued or running, with a progress bar; fails if any failed."""
-    settings = FarmSettings()
+    settings = ProducerSettings()
     store = open_store(settings) if presign else None
 
     def show(result: RenderResult) -> None:
@@ -209,7 +209,7 @@ def cancel(
     Submitting the file again later queues the dropped jobs anew."""
     from fluxfarm.producer.bulk_submit import cancel_dataset
 
-    cancel_dataset(FarmSettings(), parse_dataset_name(dataset), err)
+    cancel_dataset(ProducerSettings(), parse_dataset_name(dataset), err)
 
 
 @app.command()
@@ -229,7 +229,7 @@ def export(
     from fluxfarm.producer.progress import progress_bar
     from fluxfarm.shared.storage import open_store, open_store_url
 
-    settings = FarmSettings()
+    settings = ProducerSettings()
     name = parse_dataset_name(dataset)
     source = open_store(settings)
     dest = open_store_url(out, settings)
@@ -262,7 +262,7 @@ def status(
     (progress, rate, ETA, failures with reasons); jobs no live worker can serve are flagged."""
     from fluxfarm.producer.status import read_status, render_status, watch_status
 
-    settings = FarmSettings()
+    settings = ProducerSettings()
     dataset = None if dataset is None else parse_dataset_name(dataset)
     if watch:
         watch_status(settings, dataset, out)
@@ -286,7 +286,7 @@ def exporter(
     from fluxfarm.producer.exporter import run_exporter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_exporter(FarmSettings(), address, port)
+    run_exporter(ProducerSettings(), address, port)
 
 
 @app.command("bench-submit")

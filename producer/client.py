@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from fluxfarm.producer.job_handles import JobBatch, JobHandle, owned_result
 from fluxfarm.producer.job_inputs import InputStager
 from fluxfarm.producer.redis_room import RedisFull, RedisRoom, Room
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.adapters import MAX_CONTROL_IMAGE_BYTES, image_type
 from fluxfarm.shared.celery_app import (
     PRIORITY_STEPS,
@@ -37,7 +38,6 @@ from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name,
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.publish import PublishRefused, publish
 from fluxfarm.shared.redis_conn import open_redis
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import open_store
 
 _DATASET_POLL_S = 0.5
@@ -76,8 +76,8 @@ class DatasetOutcome(BaseModel):
 class FarmClient:
     """Submits jobs to the farm's Redis queue and reads results from its storage."""
 
-    def __init__(self, settings: FarmSettings | None = None) -> None:
-        self.settings = settings or FarmSettings()
+    def __init__(self, settings: ProducerSettings | None = None) -> None:
+        self.settings = settings or ProducerSettings()
         self._app = make_celery_app(self.settings)
         self.store = open_store(self.settings)
         """Where the images and their metadata are."""
@@ -89,7 +89,7 @@ class FarmClient:
     @classmethod
     def from_env(cls) -> FarmClient:
         """A client configured from `FLUXFARM_*` variables (and `.env`)."""
-        return cls(FarmSettings())
+        return cls(ProducerSettings())
 
     def __enter__(self) -> FarmClient:
         return self

@@ -17,10 +17,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fluxfarm.producer.redis_room import Room
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.producer.status import FarmStatus, read_status
 from fluxfarm.shared.datasets import STATES
 from fluxfarm.shared.errors import FarmError
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import GIB
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class FarmCollector(Collector):
     """A Prometheus collector that reads the farm's status from Redis at each scrape."""
 
-    def __init__(self, settings: FarmSettings) -> None:
+    def __init__(self, settings: ProducerSettings) -> None:
         self._settings = settings
 
     def collect(self) -> Iterator[Metric]:
@@ -60,8 +60,8 @@ def _fleet_metrics(status: FarmStatus) -> Iterator[Metric]:
     )
     for worker in status.fleet.workers:
         gpu = worker.gpu_name or "cpu"
-        alive.add_metric([worker.node, worker.hostname, gpu, worker.level], 1)
-        rate.add_metric([worker.node, worker.level], worker.images_per_hour or 0.0)
+        alive.add_metric([worker.node, worker.hostname, gpu, worker.level.value], 1)
+        rate.add_metric([worker.node, worker.level.value], worker.images_per_hour or 0.0)
         if worker.vram_peak_gib is not None:
             peak.add_metric([worker.node, gpu], worker.vram_peak_gib * GIB)
     waiting = GaugeMetricFamily(
@@ -114,7 +114,7 @@ def _memory_metrics(room: Room) -> Iterator[Metric]:
         yield per_job
 
 
-def run_exporter(settings: FarmSettings, address: str, port: int) -> None:
+def run_exporter(settings: ProducerSettings, address: str, port: int) -> None:
     """Serve the farm's metrics until the process is stopped."""
     registry = CollectorRegistry()
     registry.register(FarmCollector(settings))

@@ -13,11 +13,11 @@ from __future__ import annotations
 import redis
 from pydantic import BaseModel, ConfigDict
 
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.celery_app import queue_footprint
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import QueueStatus
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import MIB
 
 FIRST_GUESS_BYTES_PER_JOB = 4096.0
@@ -73,7 +73,7 @@ class RedisRoom:
         self.bytes_per_job = FIRST_GUESS_BYTES_PER_JOB
 
     @classmethod
-    def of(cls, client: redis.Redis, settings: FarmSettings) -> RedisRoom:
+    def of(cls, client: redis.Redis, settings: ProducerSettings) -> RedisRoom:
         return cls(client, settings.redis_maxmemory_mib, settings.redis_reserve_share)
 
     def now(self) -> Room:

@@ -19,11 +19,12 @@ from rich.table import Table
 
 from fluxfarm.producer.fleet_check import read_fleet
 from fluxfarm.producer.redis_room import RedisRoom, Room
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, DeadLetter
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import FleetReport
 from fluxfarm.shared.redis_conn import open_redis
-from fluxfarm.shared.settings import FarmSettings, redact_url
+from fluxfarm.shared.settings import redact_url
 from fluxfarm.shared.storage import open_store
 from fluxfarm.shared.units import MIB
 
@@ -52,7 +53,7 @@ class FarmStatus(BaseModel):
     read INFO."""
 
 
-def read_status(settings: FarmSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
+def read_status(settings: ProducerSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
     """The fleet and every dataset (or just `dataset`, with its stored objects counted if `list_storage`)."""
     fleet = read_fleet(settings)
     client = open_redis(settings)
@@ -139,7 +140,7 @@ def _workers_table(report: FleetReport) -> Table:
             escape(w.gpu_name or "-"),
             f"{w.vram_gib:.0f}" if w.vram_gib else "-",
             f"{w.vram_peak_gib:.1f}" if w.vram_peak_gib is not None else "-",
-            escape(w.level if w.lora_set is None else f"{w.level} + LoRA set {w.lora_set}"),
+            escape(w.level.value if w.lora_set is None else f"{w.level.value} + LoRA set {w.lora_set}"),
             str(w.jobs_done),
             str(w.images_rendered),
             str(w.jobs_failed),
@@ -216,7 +217,7 @@ def render_status(status: FarmStatus) -> Group:
     return Group(*parts)
 
 
-def watch_status(settings: FarmSettings, dataset: str | None, console: Console) -> None:
+def watch_status(settings: ProducerSettings, dataset: str | None, console: Console) -> None:
     """Refresh the report every WATCH_INTERVAL_S until Ctrl-C, or until `dataset` has nothing left to do."""
     with Live(render_status(read_status(settings, dataset)), console=console, auto_refresh=False) as live:
         try:

@@ -14,8 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
-from fluxfarm.shared.errors import FarmError
-from fluxfarm.shared.ladder import parse_level
+from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.lora_queues import known_queues
 from fluxfarm.shared.routing import constraint_of_queue, level_serves, split_lora_queue
 
@@ -34,7 +33,9 @@ class WorkerStatus(BaseModel):
     device: str
     gpu_name: str | None
     vram_gib: float | None
-    level: str
+    level: QuantLevel
+    """A level this version does not know makes the whole status unreadable: that worker is of another
+    version, and fleet readers skip it as they skip every status they cannot read."""
     model: str
     queues: list[str]
     started_at: datetime
@@ -110,13 +111,6 @@ def read_workers(client: redis.Redis) -> list[WorkerStatus]:
     return workers
 
 
-def _serves(worker: WorkerStatus, queue: str) -> bool:
-    try:
-        return level_serves(parse_level(worker.level), queue)
-    except FarmError:
-        return False  # a level this version does not know
-
-
 def fleet_report(client: redis.Redis) -> FleetReport:
     """Workers alive now, and every render queue that has jobs or consumers."""
     workers = read_workers(client)
@@ -124,7 +118,7 @@ def fleet_report(client: redis.Redis) -> FleetReport:
     queues = []
     for name, waiting in zip(names, waiting_messages(client, names), strict=True):
         consumers = [w.node for w in workers if name in w.queues]
-        adopters = [w.node for w in workers if _serves(w, name)] if split_lora_queue(name)[1] else []
+        adopters = [w.node for w in workers if level_serves(w.level, name)] if split_lora_queue(name)[1] else []
         if waiting or consumers:
             queues.append(QueueStatus(name=name, waiting=int(waiting), consumers=consumers, adopters=adopters))
     return FleetReport(checked_at=datetime.now(UTC), workers=workers, queues=queues)

@@ -69,7 +69,7 @@ RESIDENT_TRANSFORMER_GIB: dict[QuantLevel, tuple[float, float]] = {
     QuantLevel.Q2_K: (3.742, 3.723),
 }
 """GiB the transformer takes on the GPU, for (FLUX.1-dev, FLUX.1-schnell). Counted from the architecture
-by `worker.level_sizes` (a test keeps them equal); kept tensors (embedders, output layers) count as
+by tests/worker/model/level_sizes.py (test_plan.py keeps them equal); kept tensors (embedders, output layers) count as
 bf16; fp8 is e4m3 with a float32 scale per output row. NF4 is estimated from its bytes per weight."""
 
 

@@ -25,7 +25,8 @@ from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.worker.settings import WorkerSettings
+from tests.host_settings import HostSettings
 from tests.redis_users import AclRedis, run_acl_redis
 
 TINY_LEVELS = (
@@ -109,7 +110,7 @@ def s3_server() -> Iterator[S3Server]:
 class Farm:
     """A running farm: Redis, S3 bucket, one worker process, and the settings a client needs."""
 
-    settings: FarmSettings
+    settings: HostSettings
     bucket: str
     prefix: str
     worker: WorkerProcess
@@ -119,7 +120,7 @@ class Farm:
         return farm_env(self.settings)
 
 
-def farm_env(settings: FarmSettings) -> dict[str, str]:
+def farm_env(settings: WorkerSettings) -> dict[str, str]:
     env = {
         "FLUXFARM_BROKER_URL": settings.broker_url,
         "FLUXFARM_STORAGE_URL": settings.storage_url,
@@ -133,7 +134,7 @@ def farm_env(settings: FarmSettings) -> dict[str, str]:
 
 
 def start_worker(
-    settings: FarmSettings,
+    settings: WorkerSettings,
     model: Path,
     transformer: Path | None,
     log_path: Path,
@@ -176,10 +177,10 @@ def farm(
     worker.stop()
 
 
-def fresh_farm_settings(redis_server: RedisServer, s3_server: S3Server, storage_url: str, work: Path) -> FarmSettings:
+def fresh_farm_settings(redis_server: RedisServer, s3_server: S3Server, storage_url: str, work: Path) -> HostSettings:
     """Settings for a farm on the test Redis (emptied) and moto S3, with its own cache dir."""
     redis.Redis.from_url(redis_server.url).flushdb()
-    return FarmSettings(
+    return HostSettings(
         broker_url=redis_server.url,
         storage_url=storage_url,
         s3_endpoint_url=s3_server.endpoint_url,

@@ -11,14 +11,14 @@ from pathlib import Path
 from fluxfarm.producer.local_stack import WorkerProcess
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import RenderResult
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, start_worker
+from tests.host_settings import HostSettings
 
 SMALL_JOB = {"width": 256, "height": 256, "steps": 2}
 
 
 def fault_worker(
-    settings: FarmSettings,
+    settings: HostSettings,
     tiny_model: Path,
     log_path: Path,
     name: str,

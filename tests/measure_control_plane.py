@@ -25,8 +25,8 @@ from PIL import Image
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
+from tests.host_settings import HostSettings
 
 INLINE_SIDE_PX = 580
 """A 580x580 random-pixel PNG is just under 1 MiB: the largest inline image a job may carry."""
@@ -72,7 +72,7 @@ def main() -> None:
         server = RedisServer(Path(work) / "redis").start()
         try:
             client = redis.Redis.from_url(server.url)
-            settings = FarmSettings(broker_url=server.url, storage_url=f"file://{work}/out", cache_dir=Path(work))
+            settings = HostSettings(broker_url=server.url, storage_url=f"file://{work}/out", cache_dir=Path(work))
             with FarmClient(settings) as farm:
                 plain = [{"prompt": f"a lighthouse at dusk, plate {i}", "seed": i} for i in range(args.jobs)]
                 image = _noise_png_url(INLINE_SIDE_PX)

@@ -9,8 +9,8 @@ import typer
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import parse_level
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import MIB
+from fluxfarm.worker.settings import WorkerSettings
 
 _GPU_EXTRA_HINT = "the worker needs the GPU stack: pip install 'fluxfarm[gpu]'"
 
@@ -47,7 +47,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run a GPU worker: pick the level the card holds, load it once, render jobs until stopped."""
-    settings = FarmSettings()
+    settings = WorkerSettings()
     overrides = {"level": parse_level(level) if level else None, "vram_budget_gib": vram_budget}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     model = model or settings.model

@@ -16,7 +16,7 @@ from celery.worker.consumer import Consumer
 
 from fluxfarm.shared.celery_app import make_celery_app
 from fluxfarm.shared.redis_conn import open_redis
-from fluxfarm.shared.settings import FarmSettings, redact_url
+from fluxfarm.shared.settings import redact_url
 from fluxfarm.shared.storage import open_store
 from fluxfarm.worker.model.gpu import (
     cap_memory,
@@ -28,6 +28,7 @@ from fluxfarm.worker.model.gpu import (
 from fluxfarm.worker.serve.engine_loader import EngineLoader
 from fluxfarm.worker.serve.metrics import WorkerMetrics, serve_metrics
 from fluxfarm.worker.serve.runtime import WorkerRuntime
+from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger("fluxfarm.worker")
 
@@ -52,11 +53,11 @@ def _exit_stranded(reason: str) -> NoReturn:
     os._exit(EXIT_STRANDED)
 
 
-def node_name(settings: FarmSettings, device: str) -> str:
+def node_name(settings: WorkerSettings, device: str) -> str:
     return settings.worker_name or f"fluxfarm-{device.replace(':', '')}@{socket.gethostname()}"
 
 
-def run_worker(settings: FarmSettings, model: str, transformer: str | None, device: str | None) -> None:
+def run_worker(settings: WorkerSettings, model: str, transformer: str | None, device: str | None) -> None:
     """Blocks until the worker is stopped (SIGTERM finishes the current job first)."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_library_progress_bars()

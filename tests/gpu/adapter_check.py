@@ -21,9 +21,9 @@ from PIL import Image
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.pipeline import LoadedModel, load_model
 from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 from tests.adapter_files import control_png, write_peft_lora, write_tiny_controlnet
 
@@ -42,7 +42,7 @@ def main() -> None:
         lora = write_peft_lora(model, root / "style")
         write_tiny_controlnet(model, root / "canny")
         (root / "edges.png").write_bytes(control_png(256, 256))
-        settings = FarmSettings(cache_dir=root / "cache", job_file_roots=[str(root)], compile=False)
+        settings = WorkerSettings(cache_dir=root / "cache", job_file_roots=[str(root)], compile=False)
         lora_job = {**JOB, "loras": [{"source": str(lora), "weight": 0.8}]}
         control_job = {**JOB, "controlnet": {"source": str(root / "canny"), "control_image": str(root / "edges.png")}}
 

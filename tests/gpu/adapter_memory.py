@@ -22,10 +22,10 @@ from diffusers import FluxControlNetModel
 
 from fluxfarm.shared.adapters import LoraSpec
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer, write_transformer_config
 from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.vram_probe import level_state_dict, load_level, random_master_weights
 
@@ -56,7 +56,7 @@ def fuse_rows(folder: Path, levels: list[QuantLevel]) -> None:
     spec = [LoraSpec(source=str(lora), weight=1.0)]
     for level in levels:
         model = load_level(level_state_dict(master, level, DEVICE), level, config_dir, DEVICE)
-        settings = FarmSettings(cache_dir=folder / f"cache-{level.value}", job_file_roots=[str(folder)])
+        settings = WorkerSettings(cache_dir=folder / f"cache-{level.value}", job_file_roots=[str(folder)])
         fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
         resident = _settle()
         fuser.activate(spec)

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
+from tests.host_settings import HostSettings
 
 SHOWN = ("fluxfarm_vram_peak_bytes", "fluxfarm_vram_total_bytes", "fluxfarm_worker_info", "fluxfarm_jobs")
 
@@ -41,7 +41,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fluxfarm-metrics-"))
     model = write_tiny_model(work / "tiny-flux", (QuantLevel.Q8_0,))
     with RedisServer(work / "redis") as redis_server:
-        settings = FarmSettings(broker_url=redis_server.url, storage_url=f"file://{work / 'out'}")
+        settings = HostSettings(broker_url=redis_server.url, storage_url=f"file://{work / 'out'}")
         metrics_port, exporter_port = free_port(), free_port()
         env = {
             "FLUXFARM_BROKER_URL": settings.broker_url,

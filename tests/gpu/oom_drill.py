@@ -23,12 +23,12 @@ import torch
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.gpu import memory_cap
 from fluxfarm.worker.model.pipeline import LoadedModel, ready_pipeline
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.serve.level_step_down import LevelStepDown
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.bench_parts import build_parts
 
 GIB = 1024**3
@@ -45,7 +45,7 @@ def main() -> None:
     parts = build_parts("flux.1-dev", DEVICE, Path(tempfile.mkdtemp()))
     for level in (QuantLevel.Q8_0, QuantLevel.Q4_0):
         parts.state(level, DEVICE)  # quantized up front (on the GPU), kept on the host like a file
-    settings = FarmSettings(compile=False, cuda_graphs=False)
+    settings = WorkerSettings(compile=False, cuda_graphs=False)
 
     def load(level: QuantLevel) -> RenderEngine:
         start = time.perf_counter()

@@ -35,9 +35,8 @@ from fluxfarm.worker.model.flux_arch import write_transformer_config
 from fluxfarm.worker.quant.gguf.writer import write_gguf
 from fluxfarm.worker.render.engine import encode_png
 from fluxfarm.worker.tools.bench import Bench, bench_jobs
-from fluxfarm.worker.tools.bench_parts import build_parts
+from fluxfarm.worker.tools.bench_parts import build_parts, plain_diffusers_image
 from fluxfarm.worker.tools.bench_rows import SEED_RECIPE, BenchOptions
-from fluxfarm.worker.tools.tiny_model import clip_tokenizer, flux_scheduler, t5_tokenizer
 
 DEVICE = "cuda:0"
 GIB = 1024**3
@@ -95,15 +94,7 @@ def render(pipe: FluxPipeline, job: Any, steps: int) -> tuple[float, float]:
     """One image as the bench renders it; (seconds for the image, seconds of it for the PNG)."""
     torch.cuda.synchronize(DEVICE)
     start = time.perf_counter()
-    image = pipe(
-        prompt=job.prompt,
-        width=job.width,
-        height=job.height,
-        num_inference_steps=steps,
-        guidance_scale=job.guidance,
-        max_sequence_length=job.max_sequence_length,
-        generator=torch.Generator("cpu").manual_seed(job.seed),
-    ).images[0]
+    image = plain_diffusers_image(pipe, job, steps)
     png_start = time.perf_counter()
     encode_png(image, job)
     end = time.perf_counter()
@@ -183,15 +174,7 @@ def main() -> None:
         # 2. the article's path, from files
         started = time.perf_counter()
         saved = folder / "flux"
-        FluxPipeline(
-            scheduler=flux_scheduler(),
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=clip_tokenizer(),
-            text_encoder_2=parts.text_encoder_2,
-            tokenizer_2=t5_tokenizer(),
-            transformer=None,
-        ).save_pretrained(saved)
+        parts.pipeline(None).save_pretrained(saved)
         write_transformer_config(saved, {k: v for k, v in parts.transformer_config.items() if not k.startswith("_")})
         gguf_path = write_gguf(parts.master, QuantLevel.Q8_0, folder / "flux1-dev-Q8_0.gguf", device=DEVICE)
         print(f"files written: {time.perf_counter() - started:.0f} s", flush=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.errors import PlaceholderSecret
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings, redact_url
+from fluxfarm.worker.settings import WorkerSettings
 
 
 def test_settings_read_fluxfarm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,9 +105,9 @@ def test_the_placeholder_secrets_of_env_example_are_refused(
 
 
 def test_the_cache_is_bounded_by_default_and_an_empty_limit_unbounds_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert FarmSettings().cache_max_gib == 200
+    assert WorkerSettings().cache_max_gib == 200
     monkeypatch.setenv("FLUXFARM_CACHE_MAX_GIB", "")
-    assert FarmSettings().cache_max_gib is None
+    assert WorkerSettings().cache_max_gib is None
 
 
 @pytest.mark.parametrize("name", ["FLUXFARM_LEVEL", "FLUXFARM_QUANT"])
@@ -113,9 +115,34 @@ def test_a_forced_level_is_read_by_its_name_and_its_earlier_one(monkeypatch: pyt
     """`quant` means a job's constraint; the level a worker is forced to is `level`, and FLUXFARM_QUANT,
     which deployments already set, still works."""
     monkeypatch.setenv(name, "q4_k")
-    assert FarmSettings().level is QuantLevel.Q4_K
+    assert WorkerSettings().level is QuantLevel.Q4_K
     monkeypatch.setenv(name, "Q9_Z")
     with pytest.raises(ValidationError, match="unknown quantization level 'Q9_Z'"):
-        FarmSettings()
+        WorkerSettings()
     monkeypatch.setenv(name, "")
-    assert FarmSettings().level is None
+    assert WorkerSettings().level is None
+
+
+def test_each_side_reads_its_own_settings_from_one_shared_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers and producers may share one .env: each class takes the farm's settings and its own side's,
+    and ignores the other side's variables."""
+    monkeypatch.setenv("FLUXFARM_BROKER_URL", "redis://farm:6379/0")
+    monkeypatch.setenv("FLUXFARM_SUBMIT_CHUNK", "77")
+    monkeypatch.setenv("FLUXFARM_MAX_BATCH", "3")
+    worker, producer = WorkerSettings(), ProducerSettings()
+    assert worker.broker_url == producer.broker_url == "redis://farm:6379/0"
+    assert worker.max_batch == 3 and producer.submit_chunk == 77
+    assert not hasattr(producer, "max_batch") and not hasattr(worker, "submit_chunk")
+    shared = set(FarmSettings.model_fields)
+    assert not (set(WorkerSettings.model_fields) - shared) & (set(ProducerSettings.model_fields) - shared)
+    assert {"model", "level", "cache_dir", "lease_s"} <= set(WorkerSettings.model_fields)
+    assert "model" not in ProducerSettings.model_fields and "cache_dir" not in ProducerSettings.model_fields
+
+
+@pytest.mark.parametrize(("cls", "name"), [(FarmSettings, "cache_dir"), (ProducerSettings, "max_batch")])
+def test_a_setting_of_the_other_side_given_by_keyword_is_an_error(cls: type[FarmSettings], name: str) -> None:
+    """The environment's strangers are ignored, but a keyword is the caller's intent: dropping it silently
+    would run with the default."""
+    with pytest.raises(TypeError, match=f"has no setting {name}"):
+        cls(**{name: 1})
+    assert WorkerSettings(quant="q8_0").level is QuantLevel.Q8_0  # an alias is a name

@@ -13,9 +13,9 @@ import redis
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.errors import InvalidJob
 from fluxfarm.shared.jobs import MAX_PROMPT_CHARS
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import queue_length
 
 # (what is wrong, the job, CLI options that say the same, the field the error must name)
@@ -33,12 +33,12 @@ BAD_JOBS = [
 
 
 @pytest.fixture
-def client_settings(redis_server: RedisServer, tmp_path: Path, redis_client: redis.Redis) -> FarmSettings:
+def client_settings(redis_server: RedisServer, tmp_path: Path, redis_client: redis.Redis) -> ProducerSettings:
     redis_client.flushdb()
-    return FarmSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}")
+    return ProducerSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}")
 
 
-def _cli(args: list[str], settings: FarmSettings) -> subprocess.CompletedProcess[str]:
+def _cli(args: list[str], settings: ProducerSettings) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLUXFARM_BROKER_URL": settings.broker_url, "FLUXFARM_STORAGE_URL": settings.storage_url}
     return subprocess.run(
         [sys.executable, "-m", "fluxfarm", "submit", *args], env=env, capture_output=True, text=True, timeout=120
@@ -47,7 +47,7 @@ def _cli(args: list[str], settings: FarmSettings) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize(("case", "job", "options", "field"), BAD_JOBS, ids=[case[0] for case in BAD_JOBS])
 def test_client_refuses_bad_job(
-    case: str, job: dict, options: list[str], field: str, client_settings: FarmSettings, redis_client: redis.Redis
+    case: str, job: dict, options: list[str], field: str, client_settings: ProducerSettings, redis_client: redis.Redis
 ) -> None:
     with FarmClient(client_settings) as client, pytest.raises(InvalidJob, match=field):
         client.submit(job)
@@ -55,13 +55,13 @@ def test_client_refuses_bad_job(
     assert redis_client.dbsize() == 0, "nothing at all was written to Redis"
 
 
-def test_client_refuses_unknown_field(client_settings: FarmSettings, redis_client: redis.Redis) -> None:
+def test_client_refuses_unknown_field(client_settings: ProducerSettings, redis_client: redis.Redis) -> None:
     with FarmClient(client_settings) as client, pytest.raises(InvalidJob, match="negative_prompt: unknown field"):
         client.submit({"prompt": "p", "negative_prompt": "blurry"})
     assert redis_client.dbsize() == 0
 
 
-def test_one_bad_job_in_a_batch_enqueues_none(client_settings: FarmSettings, redis_client: redis.Redis) -> None:
+def test_one_bad_job_in_a_batch_enqueues_none(client_settings: ProducerSettings, redis_client: redis.Redis) -> None:
     jobs = [{"prompt": "fine"}, {"prompt": "also fine", "seed": 3}, {"prompt": "bad", "steps": 500}]
     with FarmClient(client_settings) as client, pytest.raises(InvalidJob, match="job 2: steps"):
         client.submit_many(jobs)
@@ -74,7 +74,7 @@ def test_one_bad_job_in_a_batch_enqueues_none(client_settings: FarmSettings, red
     ids=[case[0] for case in BAD_JOBS if case[2]],
 )
 def test_cli_refuses_bad_options(
-    case: str, job: dict, options: list[str], field: str, client_settings: FarmSettings, redis_client: redis.Redis
+    case: str, job: dict, options: list[str], field: str, client_settings: ProducerSettings, redis_client: redis.Redis
 ) -> None:
     done = _cli(["--prompt", "p", *options], client_settings)
     assert done.returncode == 2, done.stderr
@@ -84,7 +84,7 @@ def test_cli_refuses_bad_options(
 
 
 def test_cli_reports_bad_rows_of_a_file_by_line_and_enqueues_nothing(
-    tmp_path: Path, client_settings: FarmSettings, redis_client: redis.Redis
+    tmp_path: Path, client_settings: ProducerSettings, redis_client: redis.Redis
 ) -> None:
     rows = [
         {"prompt": "a fine row"},
@@ -104,7 +104,7 @@ def test_cli_reports_bad_rows_of_a_file_by_line_and_enqueues_nothing(
     assert redis_client.dbsize() == 0
 
 
-def test_cli_refuses_a_too_long_prompt(client_settings: FarmSettings, redis_client: redis.Redis) -> None:
+def test_cli_refuses_a_too_long_prompt(client_settings: ProducerSettings, redis_client: redis.Redis) -> None:
     done = _cli(["--prompt", "x" * (MAX_PROMPT_CHARS + 1)], client_settings)
     assert done.returncode == 2
     assert f"prompt: String should have at most {MAX_PROMPT_CHARS} characters" in done.stderr

@@ -23,9 +23,9 @@ from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import free_port
 from fluxfarm.shared.celery_app import QUEUE_ANY, task_id
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from tests.compose_files import interpolate
 from tests.conftest import S3Server, start_worker
+from tests.host_settings import HostSettings
 from tests.redis_users import PASSWORDS, AclRedis
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def farm_settings(
     s3_server: S3Server,
     tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[FarmSettings]:
+) -> Iterator[HostSettings]:
     """A worker as compose runs it: its own Redis user, remote control on. Yields a producer's settings."""
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
@@ -54,14 +54,14 @@ def farm_settings(
         "cache_dir": work / "cache",
     }
     worker = start_worker(
-        FarmSettings(broker_url=acl_redis.url("worker"), **common),
+        HostSettings(broker_url=acl_redis.url("worker"), **common),
         tiny_model,
         gguf_path(tiny_model, QuantLevel.Q8_0),
         work / "worker.log",
         NODE,
         {"FLUXFARM_REMOTE_CONTROL": "true"},
     )
-    yield FarmSettings(broker_url=acl_redis.url("producer"), **common)
+    yield HostSettings(broker_url=acl_redis.url("producer"), **common)
     worker.stop()
 
 
@@ -70,7 +70,7 @@ def _celery(*args: str, broker_url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CELERY, "-A", "fluxfarm.celery", *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_the_documented_inspect_commands_see_the_worker(acl_redis: AclRedis, farm_settings: FarmSettings) -> None:
+def test_the_documented_inspect_commands_see_the_worker(acl_redis: AclRedis, farm_settings: HostSettings) -> None:
     """Before: `celery --broker redis://... inspect ping` answered 'No nodes replied within time constraint'."""
     ping = _celery("inspect", "ping", "--timeout", "10", broker_url=acl_redis.url("flower"))
     assert ping.returncode == 0 and f"celery@{NODE}: OK" in ping.stdout, ping.stdout + ping.stderr
@@ -100,7 +100,7 @@ def _get(url: str) -> Any:
 
 def test_flower_as_compose_runs_it_lists_the_worker_and_the_finished_job(
     acl_redis: AclRedis,
-    farm_settings: FarmSettings,
+    farm_settings: HostSettings,
     tmp_path: Path,
 ) -> None:
     """Before: Flower showed the tasks but `/api/workers` was `{}` ('Inspect method ... failed')."""

@@ -15,8 +15,11 @@ import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.settings import PLACEHOLDER_SECRET_PREFIX, FarmSettings
+from fluxfarm.worker.settings import WorkerSettings
 from tests.compose_files import interpolate
+from tests.host_settings import HostSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ["docker-compose.yml", "infra/compose.tls.yml", "infra/worker-host.yml"]
@@ -155,7 +158,7 @@ def test_prometheus_scrapes_every_worker_and_the_exporter_on_their_ports() -> No
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     (workers,) = jobs["fluxfarm-workers"]["dns_sd_configs"]
     assert workers["names"] == ["workers"] and workers["port"] == int(SERVICES["worker"]["expose"][0])
-    assert int(_env("worker")["FLUXFARM_METRICS_PORT"]) == workers["port"] == FarmSettings().metrics_port
+    assert int(_env("worker")["FLUXFARM_METRICS_PORT"]) == workers["port"] == WorkerSettings().metrics_port
     (static,) = jobs["fluxfarm-farm"]["static_configs"]
     exporter = SERVICES["exporter"]
     port = exporter["command"][exporter["command"].index("--port") + 1]
@@ -230,7 +233,7 @@ def test_env_example_names_every_variable_compose_reads() -> None:
 def test_farm_env_names_every_setting_and_every_fluxfarm_container_loads_it() -> None:
     """infra/farm.env lists every FLUXFARM_* setting with its default, commented out, and holds no secret."""
     text = (ROOT / "infra" / "farm.env").read_text()
-    for name, field in FarmSettings.model_fields.items():
+    for name, field in HostSettings.model_fields.items():
         match = re.search(rf"^# FLUXFARM_{name.upper()}=(.*)$", text, re.MULTILINE)
         assert match, name
         default = field.get_default(call_default_factory=True)
@@ -243,7 +246,7 @@ def test_farm_env_names_every_setting_and_every_fluxfarm_container_loads_it() ->
 
 @pytest.mark.parametrize("path", COMPOSE_FILES)
 def test_compose_fluxfarm_variables_are_real_settings(path: str) -> None:
-    fields = {f"FLUXFARM_{name.upper()}" for name in FarmSettings.model_fields}
+    fields = {f"FLUXFARM_{name.upper()}" for name in HostSettings.model_fields}
     document = yaml.safe_load((ROOT / path).read_text())
     for name, service in document["services"].items():
         for key in service.get("environment", {}):
@@ -264,16 +267,23 @@ def test_dockerfiles_run_as_a_user_and_install_the_right_extras(dockerfile: str,
         assert (ROOT / source).exists(), source
 
 
-def test_the_configuration_reference_lists_every_setting() -> None:
+def test_the_configuration_reference_lists_every_setting_under_the_side_that_reads_it() -> None:
     reference = (ROOT / "docs" / "configuration.md").read_text()
-    for name in FarmSettings.model_fields:
-        assert f"`FLUXFARM_{name.upper()}`" in reference, name
+    sections = dict(re.findall(r"^## (.+)\n((?:.*\n)*?)(?=^## |\Z)", reference, re.MULTILINE))
+    shared = set(FarmSettings.model_fields)
+    for title, names in (
+        ("The farm: every process", shared),
+        ("Workers", set(WorkerSettings.model_fields) - shared),
+        ("Producers", set(ProducerSettings.model_fields) - shared),
+    ):
+        listed = set(re.findall(r"^\| `FLUXFARM_([A-Z0-9_]+)`", sections[title], re.MULTILINE))
+        assert listed == {name.upper() for name in names}, title
 
 
 def test_the_worker_image_lets_a_tight_budget_use_fragmented_memory_and_exposes_its_metrics() -> None:
     text = (ROOT / "infra" / "worker.Dockerfile").read_text()
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
-    assert f"EXPOSE {FarmSettings().metrics_port}" in text
+    assert f"EXPOSE {WorkerSettings().metrics_port}" in text
 
 
 def test_both_compose_files_cap_redis_memory_with_a_value_redis_takes(redis_server: RedisServer) -> None:

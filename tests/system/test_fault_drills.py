@@ -18,9 +18,9 @@ from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, fresh_farm_settings, run_fluxfarm
 from tests.fault_farm import SMALL_JOB, fault_worker, stored_once
+from tests.host_settings import HostSettings
 
 pytestmark = pytest.mark.faults
 
@@ -32,7 +32,7 @@ WIDE = {"width": 512, "height": 512, "steps": 2}
 
 @dataclass(frozen=True)
 class DrillFarm:
-    settings: FarmSettings
+    settings: HostSettings
     bucket: str
     s3: S3Server
     worker: WorkerProcess

@@ -17,9 +17,9 @@ from fluxfarm.producer.local_stack import RedisServer, free_port
 from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, farm_env, run_fluxfarm, start_worker
 from tests.fault_farm import wait_until
+from tests.host_settings import HostSettings
 from tests.metrics_scrape import scrape, start_exporter, value
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_a_worker_keeps_what_it_rendered_when_redis_is_full(
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
     server = RedisServer(tmp_path / "redis").start()
-    settings = FarmSettings(
+    settings = HostSettings(
         broker_url=server.url,
         storage_url=f"s3://{s3_server.new_bucket()}/renders",
         s3_endpoint_url=s3_server.endpoint_url,
@@ -121,7 +121,7 @@ def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
 
     server = RedisServer(tmp_path / "redis").start()
     admin = redis.Redis.from_url(server.url)
-    settings = FarmSettings(
+    settings = HostSettings(
         broker_url=server.url,
         storage_url=f"s3://{s3_server.new_bucket()}/renders",
         s3_endpoint_url=s3_server.endpoint_url,

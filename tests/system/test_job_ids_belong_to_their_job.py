@@ -16,10 +16,10 @@ from celery import states
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.celery_app import PRIORITY_STEPS, RENDER_TASK, send_render, task_id
 from fluxfarm.shared.errors import InvalidJob, JobConflict
 from fluxfarm.shared.jobs import RenderJob, parse_job
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import Farm
 
 TINY = {"width": 256, "height": 256, "steps": 2}
@@ -82,13 +82,13 @@ def test_datasets_sharing_a_name_keep_their_own_results(farm: Farm) -> None:
 
 
 @pytest.fixture
-def queue_only(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> FarmSettings:
+def queue_only(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> ProducerSettings:
     """A farm with no worker: what is submitted stays queued."""
     redis_client.flushdb()
-    return FarmSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}")
+    return ProducerSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}")
 
 
-def test_a_queued_name_is_not_taken_by_another_job(queue_only: FarmSettings) -> None:
+def test_a_queued_name_is_not_taken_by_another_job(queue_only: ProducerSettings) -> None:
     first = _job(prompt="first", dataset="d", job_id="row-1")
     other = _job(prompt="other", dataset="d", job_id="row-1")
     with FarmClient(queue_only) as client:

@@ -18,9 +18,9 @@ import yaml
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.shared.errors import JobFailed
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, farm_env, fresh_farm_settings, run_fluxfarm
 from tests.fault_farm import SMALL_JOB, fault_worker
+from tests.host_settings import HostSettings
 from tests.metrics_scrape import scrape, start_exporter, value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ WORKER_FAMILIES = {
 
 @dataclass(frozen=True)
 class MetricsFarm:
-    settings: FarmSettings
+    settings: HostSettings
     worker: WorkerProcess
     worker_port: int
     exporter_port: int

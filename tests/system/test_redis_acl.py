@@ -20,8 +20,8 @@ from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import WorkerProcess, free_port
 from fluxfarm.shared.celery_app import make_celery_app
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import FLUXFARM, S3Server, farm_env, run_fluxfarm, start_worker
+from tests.host_settings import HostSettings
 from tests.redis_users import START, AclRedis, password_env
 
 pytestmark = pytest.mark.slow
@@ -33,24 +33,24 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def producer_settings(
     acl_redis: AclRedis, s3_server: S3Server, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[FarmSettings]:
+) -> Iterator[HostSettings]:
     """A worker on the worker user; the settings a producer holds (the producer user)."""
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
     work = tmp_path_factory.mktemp("acl-farm")
     storage = f"s3://{s3_server.new_bucket()}/renders"
     common = {"storage_url": storage, "s3_endpoint_url": s3_server.endpoint_url, "cache_dir": work / "cache"}
-    worker_settings = FarmSettings(broker_url=acl_redis.url("worker"), **common)
+    worker_settings = HostSettings(broker_url=acl_redis.url("worker"), **common)
     worker: WorkerProcess = start_worker(
         worker_settings, tiny_model, gguf_path(tiny_model, QuantLevel.Q8_0), work / "worker.log", "w-acl"
     )
-    yield FarmSettings(broker_url=acl_redis.url("producer"), **common)
+    yield HostSettings(broker_url=acl_redis.url("producer"), **common)
     worker.stop()
     denied = acl_redis.client("admin").acl_log()
     assert not [entry for entry in denied if entry["username"] == "worker"], f"the worker was denied: {denied}"
 
 
-def test_the_producer_submits_waits_and_cancels_through_fluxfarm(producer_settings: FarmSettings) -> None:
+def test_the_producer_submits_waits_and_cancels_through_fluxfarm(producer_settings: HostSettings) -> None:
     env = farm_env(producer_settings)
     done = run_fluxfarm("submit", "--prompt", "a lighthouse", *JOB, "--dataset", "acl", "--wait", env=env)
     assert done.returncode == 0, done.stderr
@@ -77,13 +77,13 @@ def test_the_producer_submits_waits_and_cancels_through_fluxfarm(producer_settin
     ids=lambda command: " ".join(command[:2]),
 )
 def test_the_producer_cannot_administer_redis_or_read_what_is_not_its_own(
-    acl_redis: AclRedis, producer_settings: FarmSettings, command: tuple[str, ...]
+    acl_redis: AclRedis, producer_settings: HostSettings, command: tuple[str, ...]
 ) -> None:
     with pytest.raises(redis.exceptions.NoPermissionError):
         acl_redis.client("producer").execute_command(*command)
 
 
-def test_the_producer_cannot_stop_a_worker_consuming(producer_settings: FarmSettings) -> None:
+def test_the_producer_cannot_stop_a_worker_consuming(producer_settings: HostSettings) -> None:
     """Before: with only a producer's broker URL, `cancel_consumer` silently stopped a worker taking jobs."""
     app = make_celery_app(producer_settings)
     try:
@@ -96,7 +96,7 @@ def test_the_producer_cannot_stop_a_worker_consuming(producer_settings: FarmSett
         assert client.submit(job).result(TIMEOUT_S).job.prompt == "still served"
 
 
-def test_the_exporter_reads_the_farm_and_writes_nothing(acl_redis: AclRedis, producer_settings: FarmSettings) -> None:
+def test_the_exporter_reads_the_farm_and_writes_nothing(acl_redis: AclRedis, producer_settings: HostSettings) -> None:
     port = free_port()
     env = {**os.environ, **farm_env(producer_settings), "FLUXFARM_BROKER_URL": acl_redis.url("exporter")}
     process = subprocess.Popen(

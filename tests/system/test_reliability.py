@@ -16,21 +16,21 @@ from fluxfarm.producer.local_stack import RedisServer, free_port
 from fluxfarm.shared.celery_app import RENDER_TASK, task_id
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.jobs import parse_job
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import S3Server, fresh_farm_settings
 from tests.fault_farm import SMALL_JOB, fault_worker, renders_logged, stored_once, wait_until
+from tests.host_settings import HostSettings
 
 pytestmark = pytest.mark.faults
 
 RESULT_TIMEOUT_S = 300
-DEFAULT_LEASE_S = FarmSettings().lease_s
+DEFAULT_LEASE_S = HostSettings().lease_s
 
 
 def _jobs(dataset: str, count: int, word: str = "lantern") -> list[dict]:
     return [{"prompt": f"a {word} number {i}", "dataset": dataset, **SMALL_JOB} for i in range(count)]
 
 
-def _farm_settings(redis_server: RedisServer, s3_server: S3Server, tmp_path: Path) -> tuple[FarmSettings, str]:
+def _farm_settings(redis_server: RedisServer, s3_server: S3Server, tmp_path: Path) -> tuple[HostSettings, str]:
     bucket = s3_server.new_bucket()
     return fresh_farm_settings(redis_server, s3_server, f"s3://{bucket}/renders", tmp_path), bucket
 

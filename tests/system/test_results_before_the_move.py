@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fluxfarm import FarmClient, RenderJob, RenderResult
 from fluxfarm.producer.local_stack import RedisServer
-from fluxfarm.shared.settings import FarmSettings
+from fluxfarm.producer.settings import ProducerSettings
 from tests.conftest import run_fluxfarm
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "results-0.1.0"
@@ -35,7 +35,7 @@ def test_old_metadata_reads_and_its_job_ids_are_computed_alike() -> None:
 def test_resubmitting_an_old_job_returns_its_stored_result(tmp_path: Path, redis_server: RedisServer) -> None:
     store = tmp_path / "store"
     shutil.copytree(FIXTURE, store)
-    settings = FarmSettings(broker_url=redis_server.url, storage_url=f"file://{store}")
+    settings = ProducerSettings(broker_url=redis_server.url, storage_url=f"file://{store}")
     with FarmClient(settings) as client:
         for old in _stored(store):
             handle = client.submit(old.job.model_dump(exclude={"job_id"}))

@@ -20,8 +20,8 @@ from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.fleet import HEARTBEAT_TTL_S
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env, fresh_farm_settings, run_fluxfarm
+from tests.host_settings import HostSettings
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ RESULT_TIMEOUT_S = 240
 
 @dataclass(frozen=True)
 class Fleet:
-    settings: FarmSettings
+    settings: HostSettings
     workers: dict[str, WorkerProcess]
 
     def status(self) -> dict:

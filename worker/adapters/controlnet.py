@@ -35,13 +35,13 @@ from fluxfarm.shared.adapters import (
 from fluxfarm.shared.errors import FarmError, JobInputError, ObjectNotFound, StorageError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ControlNetInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import ObjectStore, open_store
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.pipeline import compute_dtype
 from fluxfarm.worker.model.sources import bucket_store, resolve_job_file, resolve_job_folder
 from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
+from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _check_architecture(folder: Path, transformer_config: dict, source: str) -> 
 class ControlNets:
     """The ControlNet a worker holds now (at most one) and the control images of its jobs."""
 
-    def __init__(self, pipe: FluxPipeline, level: str, device: str, settings: FarmSettings) -> None:
+    def __init__(self, pipe: FluxPipeline, level: str, device: str, settings: WorkerSettings) -> None:
         self._pipe = pipe
         self._level = level
         self._device = device

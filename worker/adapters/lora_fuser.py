@@ -38,12 +38,12 @@ from torch import nn
 from fluxfarm.shared.adapters import LoraSpec, lora_set_id
 from fluxfarm.shared.errors import JobInputError
 from fluxfarm.shared.metadata import LoraInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_files import LowRank, read_lora
 from fluxfarm.worker.adapters.weight_slots import Storage, WeightSlot, check_update_shape, find_slots
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.sources import resolve_job_file
+from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class LoraFuser:
         components: dict[str, nn.Module | None],
         base_sha256: str,
         level: str,
-        settings: FarmSettings,
+        settings: WorkerSettings,
         before_layer: Callable[[int, str], None] | None = None,
     ) -> None:
         """`before_layer(layers done, level)` runs before each layer is fused: a fault drill's hook

@@ -11,12 +11,12 @@ import torch
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel, parse_level
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog, model_family
 from fluxfarm.worker.model.plan import Placement, Plan, PlanInputs, make_plan
 from fluxfarm.worker.model.sources import resolve_file
 from fluxfarm.worker.quant.gguf.writer import gguf_level
+from fluxfarm.worker.settings import WorkerSettings
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,12 @@ def _file_level(path: Path) -> QuantLevel:
     return parse_level(gguf_level(path)) if path.suffix == ".gguf" else QuantLevel.BF16
 
 
-def _plan_size(settings: FarmSettings) -> tuple[int, int]:
+def _plan_size(settings: WorkerSettings) -> tuple[int, int]:
     width, _, height = settings.plan_size.partition("x")
     return int(width), int(height)
 
 
-def choose_loadout(settings: FarmSettings, model: str, transformer: str | None, device: str) -> Loadout:
+def choose_loadout(settings: WorkerSettings, model: str, transformer: str | None, device: str) -> Loadout:
     """Decide before loading anything, so a level that cannot fit fails at once and says why."""
     forced = settings.level
     catalog = load_catalog(settings.catalog)

@@ -16,7 +16,6 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, GGUFQ
 from fluxfarm.shared.errors import ModelLoadError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths
 from fluxfarm.worker.model.catalog import nf4_installed
 from fluxfarm.worker.model.file_digest import DigestCache
@@ -24,6 +23,7 @@ from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement
 from fluxfarm.worker.model.sources import resolve_base, resolve_file
 from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
 from fluxfarm.worker.quant.gguf.writer import gguf_level
+from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _load_transformer(
     base: Path,
     transformer: str | None,
     dtype: torch.dtype,
-    settings: FarmSettings,
+    settings: WorkerSettings,
     path: Path | None = None,
     nf4: bool = False,
 ) -> tuple[FluxTransformer2DModel, str, str]:
@@ -115,7 +115,7 @@ def ready_pipeline(
     device: str,
     text_encoders: Placement,
     vae_tiling: bool,
-    settings: FarmSettings,
+    settings: WorkerSettings,
 ) -> FastPaths:
     """Place the components as planned, tile the decode if planned, and switch on the fast paths."""
     place_pipeline(pipe, device, text_encoders)
@@ -131,7 +131,7 @@ def load_model(
     model: str,
     transformer: str | None,
     device: str,
-    settings: FarmSettings,
+    settings: WorkerSettings,
     level: QuantLevel | None = None,
     text_encoders: Placement = "gpu",
     vae_tiling: bool = False,

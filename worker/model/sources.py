@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 
 from fluxfarm.shared.errors import JobInputError, ModelLoadError, ModelMissing, ObjectNotFound, StorageError
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import S3Store
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.cache import ModelCache
 from fluxfarm.worker.model.file_digest import DigestCache
+from fluxfarm.worker.settings import WorkerSettings
 
 _HF_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<file>.+)$")
 _HF_SCHEME = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<file>.+)$")
@@ -65,7 +65,7 @@ class _SizeLimit:
     """What a job may make a worker fetch: a file's bytes, a folder's files and bytes. A source past them
     fails the job at once (JobInputError), before anything is downloaded."""
 
-    def __init__(self, settings: FarmSettings, what: str, source: str) -> None:
+    def __init__(self, settings: WorkerSettings, what: str, source: str) -> None:
         self.what, self.source = what, source
         self.file_bytes = int(settings.job_file_max_gib * GIB)
         self.folder_bytes = int(settings.job_folder_max_gib * GIB)
@@ -96,18 +96,18 @@ class _SizeLimit:
         self.check_folder([path.stat().st_size for path in files[: self.folder_files + 1]])
 
 
-def model_cache(settings: FarmSettings) -> ModelCache:
+def model_cache(settings: WorkerSettings) -> ModelCache:
     return ModelCache(settings.cache_dir / "s3", settings.cache_max_gib, DigestCache(settings.cache_dir))
 
 
-def bucket_store(bucket: str, settings: FarmSettings) -> S3Store:
+def bucket_store(bucket: str, settings: WorkerSettings) -> S3Store:
     """The store of a bucket a model or job input lives in, on the farm's S3 endpoint and CA."""
     return S3Store(
         bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, ca_file=settings.tls_ca_file
     )
 
 
-def _s3_download(source: str, settings: FarmSettings, limit: _SizeLimit | None = None) -> Path:
+def _s3_download(source: str, settings: WorkerSettings, limit: _SizeLimit | None = None) -> Path:
     bucket, _, key = source.removeprefix("s3://").partition("/")
     cache = model_cache(settings)
     dest = cache.path_for(bucket, key)
@@ -128,7 +128,7 @@ def _s3_download(source: str, settings: FarmSettings, limit: _SizeLimit | None =
 
 
 def resolve_file(
-    source: str, settings: FarmSettings, sha256: str | None = None, limit: _SizeLimit | None = None
+    source: str, settings: WorkerSettings, sha256: str | None = None, limit: _SizeLimit | None = None
 ) -> Path:
     """A local path to the file `source` names, downloading it first when it is remote.
 
@@ -153,7 +153,7 @@ def resolve_file(
     return path
 
 
-def resolve_base(model: str, settings: FarmSettings, with_transformer_weights: bool) -> Path:
+def resolve_base(model: str, settings: WorkerSettings, with_transformer_weights: bool) -> Path:
     """A local diffusers folder for the base pipeline: the folder itself, or a snapshot of a repo."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -171,7 +171,7 @@ def resolve_base(model: str, settings: FarmSettings, with_transformer_weights: b
         raise ModelLoadError(f"could not fetch base pipeline {model} from Hugging Face: {error}") from error
 
 
-def _job_path(source: str, settings: FarmSettings, what: str) -> Path:
+def _job_path(source: str, settings: WorkerSettings, what: str) -> Path:
     """A worker path a job names, allowed only under FLUXFARM_JOB_FILE_ROOTS (symlinks resolved first)."""
     path = Path(source).resolve()
     if not any(path.is_relative_to(root) for root in settings.job_file_roots):
@@ -181,7 +181,7 @@ def _job_path(source: str, settings: FarmSettings, what: str) -> Path:
     return path
 
 
-def resolve_job_file(source: str, settings: FarmSettings, what: str) -> Path:
+def resolve_job_file(source: str, settings: WorkerSettings, what: str) -> Path:
     """A file a job names (a LoRA, a control image), local. A missing file fails the job (JobInputError);
     an unreachable source is a ModelLoadError, which the job's next attempt retries."""
     limit = _SizeLimit(settings, what, source)
@@ -197,7 +197,7 @@ def resolve_job_file(source: str, settings: FarmSettings, what: str) -> Path:
         raise JobInputError(f"{what}: {error}") from None
 
 
-def _s3_folder(source: str, settings: FarmSettings, what: str) -> Path:
+def _s3_folder(source: str, settings: WorkerSettings, what: str) -> Path:
     """Every object under an s3:// prefix, downloaded once into the cache (a diffusers model folder)."""
     bucket, _, prefix = source.removeprefix("s3://").partition("/")
     prefix = prefix.rstrip("/") + "/"
@@ -222,7 +222,7 @@ def _s3_folder(source: str, settings: FarmSettings, what: str) -> Path:
     return dest
 
 
-def resolve_job_folder(source: str, settings: FarmSettings, what: str) -> Path:
+def resolve_job_folder(source: str, settings: WorkerSettings, what: str) -> Path:
     """A model folder a job names (a ControlNet): a worker path, hf://owner/repo[@rev][/subfolder] or s3://."""
     if source.startswith("/"):
         path = _job_path(source, settings, what)

@@ -36,7 +36,6 @@ from PIL import Image, PngImagePlugin
 
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.metadata import ControlNetInfo, LoraInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.adapters.controlnet import ControlNets
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.step_graphs import step_graphs
@@ -44,6 +43,7 @@ from fluxfarm.worker.model.gpu import synchronize
 from fluxfarm.worker.model.host_mirror import HostMirror
 from fluxfarm.worker.model.pipeline import LoadedModel
 from fluxfarm.worker.render.fault_injection import FaultPlan
+from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class RenderEngine:
         max_batch: int = 1,
         embedding_cache: int = 64,
         faults: FaultPlan | None = None,
-        settings: FarmSettings | None = None,
+        settings: WorkerSettings | None = None,
     ) -> None:
         """`settings` say where LoRAs, ControlNets and control images may come from and where fused weights
         are cached; the environment's FLUXFARM_* settings when not given."""
@@ -176,7 +176,7 @@ class RenderEngine:
         self.faults = faults
         self.max_batch = max(1, max_batch)
         self.embeddings = EmbeddingCache(embedding_cache)
-        settings = settings or FarmSettings()
+        settings = settings or WorkerSettings()
         pipe = model.pipe
         self.loras = LoraFuser(
             {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder},

@@ -8,12 +8,12 @@ import time
 
 from fluxfarm.shared import __version__
 from fluxfarm.shared.metadata import WorkerInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.render.fault_injection import parse_fault_plan
 from fluxfarm.worker.serve.metrics import WorkerMetrics
+from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class EngineLoader:
 
     def __init__(
         self,
-        settings: FarmSettings,
+        settings: WorkerSettings,
         model: str,
         transformer: str | None,
         device: str,
@@ -40,7 +40,7 @@ class EngineLoader:
         if self._faults is not None:
             log.warning("fault drill: this worker injects %s", self._faults.model_dump_json(exclude_none=True))
 
-    def load(self, level_settings: FarmSettings | None = None) -> tuple[RenderEngine, float]:
+    def load(self, level_settings: WorkerSettings | None = None) -> tuple[RenderEngine, float]:
         """The engine for `level_settings` (the worker's own settings, or a step down's) and its load time."""
         level_settings = level_settings or self.settings
         loadout = choose_loadout(level_settings, self.model, self.transformer, self.device)

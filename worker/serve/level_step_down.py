@@ -21,16 +21,16 @@ import torch
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.catalog import available_levels, load_catalog
 from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 _NEEDS_CUDA = (QuantLevel.FP8, QuantLevel.NF4)
 
 
-def step_down_levels(settings: FarmSettings, model: str, transformer: str | None, device: str) -> list[QuantLevel]:
+def step_down_levels(settings: WorkerSettings, model: str, transformer: str | None, device: str) -> list[QuantLevel]:
     """The levels this worker may step down to, best first; empty where its policy forbids stepping."""
     if not settings.oom_step_down or settings.level is not None or transformer is not None:
         return []

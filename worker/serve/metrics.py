@@ -24,6 +24,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import RenderResult
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class WorkerMetrics:
         self.vram_peak_bytes.labels(device=device).set_function(peak_bytes)
         self.vram_total_bytes.labels(device=device).set(total_bytes)
 
-    def model_loaded(self, level: str, seconds: float) -> None:
+    def model_loaded(self, level: QuantLevel, seconds: float) -> None:
         self.model_load_seconds.labels(level=level).observe(seconds)
 
     def job_rendered(self, result: RenderResult) -> None:
@@ -114,7 +115,7 @@ class WorkerMetrics:
             wait = (timings.started_at - timings.queued_at).total_seconds()
             self.queue_wait_seconds.labels(level=level).observe(max(0.0, wait))
 
-    def job_ended(self, level: str, outcome: Outcome) -> None:
+    def job_ended(self, level: QuantLevel, outcome: Outcome) -> None:
         """Every outcome but `rendered`, which `job_rendered` counts with its timings."""
         self.jobs.labels(level=level, outcome=outcome).inc()
 

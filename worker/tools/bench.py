@@ -33,7 +33,6 @@ from fluxfarm.shared.adapters import LoraSpec
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths, compile_blocks
@@ -46,7 +45,8 @@ from fluxfarm.worker.model.pipeline import LoadedModel, place_pipeline, ready_pi
 from fluxfarm.worker.model.plan import PlanInputs, make_plan
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
 from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_png
-from fluxfarm.worker.tools.bench_parts import FluxParts, build_parts
+from fluxfarm.worker.settings import WorkerSettings
+from fluxfarm.worker.tools.bench_parts import FluxParts, build_parts, plain_diffusers_image
 from fluxfarm.worker.tools.bench_rows import DIFFUSERS_BF16, SEED_RECIPE, BenchOptions, ImageRow, LoraFuseRow, StepRow
 from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.vram_probe import step_inputs
@@ -182,7 +182,7 @@ class Bench:
             lora = write_random_lora(
                 meta_transformer(self.parts.transformer_config), folder / "lora.safetensors", rank, rank
             )
-            settings = FarmSettings(cache_dir=folder / "cache", job_file_roots=[str(folder)])
+            settings = WorkerSettings(cache_dir=folder / "cache", job_file_roots=[str(folder)])
             fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
             spec = [LoraSpec(source=str(lora), weight=1.0)]
             fuser.activate(spec)
@@ -222,16 +222,7 @@ class Bench:
         jobs = bench_jobs(self.options, self.options.images)
 
         def render(job: RenderJob, steps: int) -> bytes:
-            image = pipe(
-                prompt=job.prompt,
-                width=job.width,
-                height=job.height,
-                num_inference_steps=steps,
-                guidance_scale=job.guidance,
-                max_sequence_length=job.max_sequence_length,
-                generator=torch.Generator("cpu").manual_seed(job.seed),
-            ).images[0]
-            return encode_png(image, job)
+            return encode_png(plain_diffusers_image(pipe, job, steps), job)
 
         render(bench_jobs(self.options, 1, offset=100)[0], 2)  # warm-up: allocations, cuDNN plans
         _free(self.device)
@@ -309,7 +300,7 @@ class Bench:
         with memory_cap(self.device, budget):
             transformer = self.parts.transformer(chosen, self.device)
             pipe = self.parts.pipeline(transformer)
-            settings = FarmSettings(
+            settings = WorkerSettings(
                 fast_kernels=True,
                 attention=self.options.attention,
                 compile=self.options.compile,

@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline
 from transformers import CLIPTextModel, T5EncoderModel
 
+from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.model.flux_arch import (
     TRANSFORMERS,
@@ -46,7 +47,7 @@ class FluxParts:
         """The transformer at `level` on `device`, loaded through diffusers' own code paths."""
         return load_level(self.state(level, device), level, self.config_dir, device, self.dtype)
 
-    def pipeline(self, transformer: torch.nn.Module) -> FluxPipeline:
+    def pipeline(self, transformer: torch.nn.Module | None) -> FluxPipeline:
         return FluxPipeline(
             scheduler=flux_scheduler(),
             vae=self.vae,
@@ -73,3 +74,17 @@ def build_parts(model: str, device: str, folder: Path) -> FluxParts:
         vae, clip, t5 = (build(device, dtype).cpu() for build in (random_vae, random_clip, random_t5))
     config_dir = write_transformer_config(folder, {k: v for k, v in config.items() if not k.startswith("_")})
     return FluxParts(config, master, vae, clip, t5, config_dir, dtype)
+
+
+def plain_diffusers_image(pipe: FluxPipeline, job: RenderJob, steps: int) -> Any:
+    """One image by a plain `pipe(prompt=...)` call, the way the diffusers docs and the seed article run it:
+    the baseline rows' render, and the seed-recipe check's."""
+    return pipe(
+        prompt=job.prompt,
+        width=job.width,
+        height=job.height,
+        num_inference_steps=steps,
+        guidance_scale=job.guidance,
+        max_sequence_length=job.max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(job.seed),
+    ).images[0]

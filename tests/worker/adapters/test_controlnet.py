@@ -19,11 +19,11 @@ from fluxfarm.shared.adapters import as_inline_png
 from fluxfarm.shared.errors import JobInputError
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.adapters.controlnet import controlnet_gib
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear
 from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.adapter_files import control_png, write_tiny_controlnet
 
@@ -40,7 +40,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path, files: Path) -> RenderEngine:
-    settings = FarmSettings(cache_dir=files / "cache", job_file_roots=[str(files)])
+    settings = WorkerSettings(cache_dir=files / "cache", job_file_roots=[str(files)])
     model = load_model(str(tiny_model), str(gguf_path(tiny_model, QuantLevel.Q8_0)), "cpu", settings)
     return RenderEngine(model, settings=settings)
 

@@ -18,12 +18,12 @@ from fluxfarm.shared.errors import JobInputError
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
 from fluxfarm.worker.model.pipeline import LoadedModel, load_model
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.render.fault_injection import FaultPlan
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.adapter_files import load_clip_lora_with_peft, write_peft_lora
@@ -38,8 +38,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def settings(files: Path) -> FarmSettings:
-    return FarmSettings(cache_dir=files / "cache", job_file_roots=[str(files)])
+def settings(files: Path) -> WorkerSettings:
+    return WorkerSettings(cache_dir=files / "cache", job_file_roots=[str(files)])
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +56,14 @@ def _pixels(engine: RenderEngine, job: RenderJob) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(engine.render(job).png)).convert("RGB"), dtype=np.float64)
 
 
-def _engine(tiny_model: Path, level: QuantLevel, settings: FarmSettings) -> RenderEngine:
+def _engine(tiny_model: Path, level: QuantLevel, settings: WorkerSettings) -> RenderEngine:
     transformer = None if level in (QuantLevel.BF16, QuantLevel.FP8) else str(gguf_path(tiny_model, level))
     model = load_model(str(tiny_model), transformer, "cpu", settings, level=level)
     return RenderEngine(model, settings=settings)
 
 
 @pytest.fixture(scope="module")
-def diffusers_lora(tiny_model: Path, lora: Path, settings: FarmSettings) -> np.ndarray:
+def diffusers_lora(tiny_model: Path, lora: Path, settings: WorkerSettings) -> np.ndarray:
     """The reference: diffusers' loader puts peft LoRA layers beside the base weights (nothing fused)."""
     pipe = FluxPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="style")
@@ -75,12 +75,12 @@ def diffusers_lora(tiny_model: Path, lora: Path, settings: FarmSettings) -> np.n
 
 
 @pytest.fixture(scope="module")
-def diffusers_base(tiny_model: Path, settings: FarmSettings) -> np.ndarray:
+def diffusers_base(tiny_model: Path, settings: WorkerSettings) -> np.ndarray:
     return _pixels(_engine(tiny_model, QuantLevel.BF16, settings), _job(None))
 
 
 def test_a_fused_lora_renders_as_diffusers_own_loader_does(
-    tiny_model: Path, lora: Path, settings: FarmSettings, diffusers_lora: np.ndarray, diffusers_base: np.ndarray
+    tiny_model: Path, lora: Path, settings: WorkerSettings, diffusers_lora: np.ndarray, diffusers_base: np.ndarray
 ) -> None:
     engine = _engine(tiny_model, QuantLevel.BF16, settings)
     fused = _pixels(engine, _job(lora))
@@ -93,7 +93,7 @@ def test_a_fused_lora_renders_as_diffusers_own_loader_does(
 
 
 def test_a_text_encoder_lora_is_fused_into_clip_and_keys_the_embedding_cache(
-    tiny_model: Path, files: Path, settings: FarmSettings, diffusers_base: np.ndarray
+    tiny_model: Path, files: Path, settings: WorkerSettings, diffusers_base: np.ndarray
 ) -> None:
     clip_lora = write_peft_lora(tiny_model, files / "clip", part="text_encoder")
     pipe = FluxPipeline.from_pretrained(tiny_model, dtype=torch.float32)
@@ -114,7 +114,7 @@ def test_a_text_encoder_lora_is_fused_into_clip_and_keys_the_embedding_cache(
 def test_quantized_levels_match_the_diffusers_lora_render_within_their_own_error(
     tiny_model: Path,
     lora: Path,
-    settings: FarmSettings,
+    settings: WorkerSettings,
     diffusers_lora: np.ndarray,
     diffusers_base: np.ndarray,
     level: QuantLevel,
@@ -129,7 +129,7 @@ def test_quantized_levels_match_the_diffusers_lora_render_within_their_own_error
 
 
 def test_gguf_fused_blocks_come_from_the_disk_cache_the_second_time(
-    tiny_model: Path, lora: Path, settings: FarmSettings
+    tiny_model: Path, lora: Path, settings: WorkerSettings
 ) -> None:
     first = _engine(tiny_model, QuantLevel.Q4_K, settings)
     image = _pixels(first, _job(lora, 0.5))
@@ -142,7 +142,7 @@ def test_gguf_fused_blocks_come_from_the_disk_cache_the_second_time(
 
 
 def test_jobs_with_different_lora_sets_in_one_batch_each_render_with_their_own(
-    tiny_model: Path, lora: Path, settings: FarmSettings
+    tiny_model: Path, lora: Path, settings: WorkerSettings
 ) -> None:
     engine = _engine(tiny_model, QuantLevel.Q8_0, settings)
     alone = {weight: _pixels(engine, _job(lora, weight)) for weight in (0.5, 1.0)}
@@ -157,7 +157,7 @@ def test_jobs_with_different_lora_sets_in_one_batch_each_render_with_their_own(
 
 
 def test_unusable_loras_fail_with_the_reason_and_leave_the_weights_alone(
-    tiny_model: Path, files: Path, settings: FarmSettings, tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path, files: Path, settings: WorkerSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     engine = _engine(tiny_model, QuantLevel.Q8_0, settings)
     base = _pixels(engine, _job(None))
@@ -181,7 +181,7 @@ def test_unusable_loras_fail_with_the_reason_and_leave_the_weights_alone(
 def test_a_fuse_that_fails_half_way_puts_the_base_weights_back(tiny_model: Path, lora: Path, tmp_path: Path) -> None:
     """Issue 18, finding 6: the GPU runs out of memory after two layers of a set are fused; the next job
     without LoRAs renders exactly as on a clean worker, and the set fuses cleanly once memory allows."""
-    settings = FarmSettings(cache_dir=tmp_path / "cache", job_file_roots=[str(lora.parent)])
+    settings = WorkerSettings(cache_dir=tmp_path / "cache", job_file_roots=[str(lora.parent)])
     clean = _engine(tiny_model, QuantLevel.Q8_0, settings)
     base, with_lora = _pixels(clean, _job(None)), _pixels(clean, _job(lora))
     engine = _engine(tiny_model, QuantLevel.Q8_0, settings)
@@ -199,7 +199,7 @@ def test_a_fuse_that_fails_half_way_puts_the_base_weights_back(tiny_model: Path,
 def test_a_full_disk_drops_the_fused_cache_not_the_job(
     tiny_model: Path, lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = FarmSettings(cache_dir=tmp_path / "cache", job_file_roots=[str(lora.parent)])
+    settings = WorkerSettings(cache_dir=tmp_path / "cache", job_file_roots=[str(lora.parent)])
     want = _pixels(_engine(tiny_model, QuantLevel.Q8_0, settings), _job(lora, 0.3))
     fused = settings.cache_dir / "fused-lora"
     shutil.rmtree(fused)
@@ -214,7 +214,7 @@ def test_a_full_disk_drops_the_fused_cache_not_the_job(
 
 
 def test_an_adapter_job_out_of_memory_fails_alone_and_the_worker_keeps_its_level(
-    tiny_model: Path, lora: Path, settings: FarmSettings
+    tiny_model: Path, lora: Path, settings: WorkerSettings
 ) -> None:
     """Issue 18, finding 9: an adapter job that ran out of memory stepped the worker down a level for
     every job after it."""

@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from fluxfarm.shared.errors import InvalidJob, JobInputError
 from fluxfarm.shared.jobs import parse_job
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.sources import model_cache, resolve_file
+from fluxfarm.worker.settings import WorkerSettings
 
 
 @pytest.mark.parametrize("key", ["../../secret.safetensors", "a/../../../secret.safetensors", "a//b", "./a", ""])
 def test_a_key_that_leaves_its_bucket_is_refused(tmp_path: Path, key: str) -> None:
-    cache = model_cache(FarmSettings(cache_dir=tmp_path / "cache"))
+    cache = model_cache(WorkerSettings(cache_dir=tmp_path / "cache"))
     with pytest.raises(JobInputError, match="not a key the model cache can hold"):
         cache.path_for("bucket", key)
 
@@ -25,7 +25,7 @@ def test_a_key_that_leaves_its_bucket_is_refused(tmp_path: Path, key: str) -> No
 def test_a_file_outside_the_cache_is_not_returned_even_when_it_exists(tmp_path: Path) -> None:
     """Before: `s3://bucket/../../secret.safetensors` resolved to a file beside the cache and was
     returned when it existed, without asking S3 (and 'does not exist' otherwise: an oracle)."""
-    settings = FarmSettings(cache_dir=tmp_path / "cache")
+    settings = WorkerSettings(cache_dir=tmp_path / "cache")
     secret = tmp_path / "cache" / "secret.safetensors"
     secret.parent.mkdir(parents=True)
     secret.write_bytes(b"private")
@@ -34,7 +34,7 @@ def test_a_file_outside_the_cache_is_not_returned_even_when_it_exists(tmp_path: 
 
 
 def test_plain_keys_map_under_the_bucket(tmp_path: Path) -> None:
-    cache = model_cache(FarmSettings(cache_dir=tmp_path / "cache"))
+    cache = model_cache(WorkerSettings(cache_dir=tmp_path / "cache"))
     assert cache.path_for("models", "flux/dev-Q8_0.gguf") == cache.root / "models" / "flux" / "dev-Q8_0.gguf"
     assert cache.path_for("nets", "canny/") == cache.root / "nets" / "canny"
 
@@ -59,7 +59,7 @@ def test_any_source_key_the_schema_accepts_maps_inside_the_cache(tmp_path_factor
         parse_job({"prompt": "p", **field})
     except InvalidJob:
         return
-    cache = model_cache(FarmSettings(cache_dir=tmp_path_factory.getbasetemp() / "cache"))
+    cache = model_cache(WorkerSettings(cache_dir=tmp_path_factory.getbasetemp() / "cache"))
     bucket_key = source.removeprefix("s3://models/")
     try:
         path = cache.path_for("models", bucket_key)

@@ -10,22 +10,22 @@ from pathlib import Path
 import pytest
 
 from fluxfarm.shared.errors import JobInputError
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import FusedCache
 from fluxfarm.worker.model.sources import resolve_job_file, resolve_job_folder
+from fluxfarm.worker.settings import WorkerSettings
 from tests.conftest import S3Server
 
 KIB_AS_GIB = 1024 / GIB
 
 
-def _settings(tmp_path: Path, s3: S3Server, **caps: float) -> FarmSettings:
-    return FarmSettings(
+def _settings(tmp_path: Path, s3: S3Server, **caps: float) -> WorkerSettings:
+    return WorkerSettings(
         cache_dir=tmp_path / "cache", s3_endpoint_url=s3.endpoint_url, job_file_roots=[str(tmp_path)], **caps
     )
 
 
-def _downloaded(settings: FarmSettings) -> list[Path]:
+def _downloaded(settings: WorkerSettings) -> list[Path]:
     root = settings.cache_dir / "s3"
     return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
 

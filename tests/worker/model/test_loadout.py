@@ -14,12 +14,12 @@ from PIL import Image
 from fluxfarm.shared.errors import FarmError, ModelLoadError
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, model_family
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.model.sources import model_cache, resolve_file
 from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.conftest import S3Server
 
@@ -57,7 +57,7 @@ def test_a_toml_catalog_overrides_and_adds_levels(tmp_path: Path) -> None:
 def test_a_forced_level_comes_from_the_catalog(tiny_model: Path, tmp_path: Path) -> None:
     override = tmp_path / "catalog.toml"
     override.write_text(f'[models."{tiny_model}"]\nQ4_0 = "{gguf_path(tiny_model, QuantLevel.Q4_0)}"\n')
-    settings = FarmSettings(cache_dir=tmp_path / "cache", catalog=override, level="Q4_0")
+    settings = WorkerSettings(cache_dir=tmp_path / "cache", catalog=override, level="Q4_0")
     loadout = choose_loadout(settings, str(tiny_model), None, "cpu")
     assert (loadout.level, loadout.transformer) == (QuantLevel.Q4_0, str(gguf_path(tiny_model, QuantLevel.Q4_0)))
     with pytest.raises(FarmError, match="no weights for Q6_K"):
@@ -66,7 +66,7 @@ def test_a_forced_level_comes_from_the_catalog(tiny_model: Path, tmp_path: Path)
 
 def test_the_operators_file_decides_the_level_and_a_contradicting_quant_fails(tiny_model: Path, tmp_path: Path) -> None:
     q8 = str(gguf_path(tiny_model, QuantLevel.Q8_0))
-    settings = FarmSettings(cache_dir=tmp_path / "cache")
+    settings = WorkerSettings(cache_dir=tmp_path / "cache")
     assert choose_loadout(settings, str(tiny_model), q8, "cpu").level == QuantLevel.Q8_0
     with pytest.raises(FarmError, match=r"--level Q4_0 asked for, but the transformer file .* holds Q8_0"):
         choose_loadout(settings.model_copy(update={"level": QuantLevel.Q4_0}), str(tiny_model), q8, "cpu")
@@ -79,7 +79,7 @@ def _pixels(engine: RenderEngine) -> np.ndarray:
 
 
 def test_fp8_keeps_scaled_e4m3_weights_and_renders_between_q8_0_and_q4_k(tiny_model: Path, tmp_path: Path) -> None:
-    settings = FarmSettings(cache_dir=tmp_path / "cache")
+    settings = WorkerSettings(cache_dir=tmp_path / "cache")
     reference = _pixels(RenderEngine(load_model(str(tiny_model), None, "cpu", settings)))
     fp8 = load_model(str(tiny_model), None, "cpu", settings, level=QuantLevel.FP8)
     assert fp8.level == QuantLevel.FP8
@@ -106,7 +106,7 @@ def test_a_pinned_sha256_is_checked_and_a_bad_download_is_deleted(
     q8 = gguf_path(tiny_model, QuantLevel.Q8_0)
     bucket = s3_server.new_bucket()
     s3_server.client().upload_file(str(q8), bucket, "models/q8.gguf")
-    settings = FarmSettings(cache_dir=tmp_path / "cache", s3_endpoint_url=s3_server.endpoint_url)
+    settings = WorkerSettings(cache_dir=tmp_path / "cache", s3_endpoint_url=s3_server.endpoint_url)
     good = hashlib.sha256(q8.read_bytes()).hexdigest()
     fetched = resolve_file(f"s3://{bucket}/models/q8.gguf", settings, sha256=good)
     assert fetched.read_bytes() == q8.read_bytes() and fetched.is_relative_to(tmp_path / "cache")
@@ -123,7 +123,7 @@ def test_the_download_cache_evicts_least_recently_used_files(tmp_path: Path, s3_
     for name in ("a", "b", "c"):
         s3_server.client().put_object(Bucket=bucket, Key=f"m/{name}.gguf", Body=bytes(400 * 1024))
     limit_gib = 1000 * 1024 / 1024**3  # room for two 400 KiB files
-    settings = FarmSettings(
+    settings = WorkerSettings(
         cache_dir=tmp_path / "cache", s3_endpoint_url=s3_server.endpoint_url, cache_max_gib=limit_gib
     )
     a = resolve_file(f"s3://{bucket}/m/a.gguf", settings)

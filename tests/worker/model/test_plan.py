@@ -62,7 +62,7 @@ def test_fp8_needs_fp8_tensor_cores() -> None:
 @pytest.mark.parametrize("model", ["flux.1-dev", "flux.1-schnell"])
 def test_ladder_sizes_equal_the_architecture_count(model: str) -> None:
     from fluxfarm.worker.model.flux_arch import TRANSFORMERS
-    from fluxfarm.worker.model.level_sizes import transformer_bytes
+    from tests.worker.model.level_sizes import transformer_bytes
 
     for level in RESIDENT_TRANSFORMER_GIB:
         if level == QuantLevel.NF4:

@@ -13,10 +13,10 @@ from PIL import Image
 
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.host_mirror import HostMirror
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import EmbeddingCache, RenderEngine, denoise_groups
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path
 
 
@@ -30,7 +30,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path) -> RenderEngine:
-    settings = FarmSettings(cache_dir=tiny_model.parent / "cache")
+    settings = WorkerSettings(cache_dir=tiny_model.parent / "cache")
     model = load_model(str(tiny_model), str(gguf_path(tiny_model, QuantLevel.Q8_0)), "cpu", settings)
     return RenderEngine(model, max_batch=2, embedding_cache=8)
 

@@ -21,7 +21,6 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import RenderResult, WorkerInfo
 from fluxfarm.shared.redis_conn import redis_now
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import LocalStore
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
@@ -31,6 +30,7 @@ from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.serve.result_store import ResultStore
 from fluxfarm.worker.serve.retry_policy import RetryPolicy, RetryScheduled
+from fluxfarm.worker.settings import WorkerSettings
 
 MAX_ATTEMPTS = 3
 BACKOFF_S = 4.0
@@ -42,7 +42,7 @@ JOB = {"width": 256, "height": 256, "steps": 1, "dataset": "table"}
 def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> RenderEngine:
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
-    settings = FarmSettings(
+    settings = WorkerSettings(
         broker_url="redis://127.0.0.1:1/0",
         storage_url="file:///unused",
         cache_dir=tmp_path_factory.mktemp("cache"),

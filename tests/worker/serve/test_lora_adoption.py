@@ -4,6 +4,7 @@ messages published by the client)."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 
@@ -11,14 +12,14 @@ import pytest
 import redis
 
 from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
-from fluxfarm.shared.fleet import WorkerStatus, fleet_report, publish_heartbeat
+from fluxfarm.shared.fleet import WorkerStatus, fleet_report, publish_heartbeat, read_workers
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.lora_queues import forget_idle_lora_queues, known_queues, lora_queues
 from fluxfarm.shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
 from fluxfarm.worker.serve.queue_adoption import LoraAdoption
 
@@ -39,12 +40,12 @@ def client(redis_server) -> redis.Redis:
 
 @pytest.fixture
 def farm_client(redis_server, client, tmp_path):
-    settings = FarmSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path}/out", cache_dir=tmp_path)
+    settings = ProducerSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path}/out")
     with FarmClient(settings) as farm:
         yield farm
 
 
-def _worker(node: str, level: str, queues: list[str]) -> WorkerStatus:
+def _worker(node: str, level: QuantLevel, queues: list[str]) -> WorkerStatus:
     now = datetime.now(UTC)
     return WorkerStatus(
         node=node,
@@ -111,10 +112,10 @@ def test_the_sweeper_sees_jobs_waiting_in_lora_queues(farm_client, client) -> No
 def test_a_lora_queue_waiting_for_adoption_is_served_only_if_a_fitting_worker_lives(farm_client, client) -> None:
     job = _job(0.8, quant="exact:Q8_0")
     farm_client.submit_many([job])
-    publish_heartbeat(client, _worker("w-q4", "Q4_K", queues_for_level(QuantLevel.Q4_K)))
+    publish_heartbeat(client, _worker("w-q4", QuantLevel.Q4_K, queues_for_level(QuantLevel.Q4_K)))
     [queue] = [q for q in fleet_report(client).queues if q.name == job.queue]
     assert queue.unserved and queue.adopters == []
-    publish_heartbeat(client, _worker("w-q8", "Q8_0", queues_for_level(QuantLevel.Q8_0)))
+    publish_heartbeat(client, _worker("w-q8", QuantLevel.Q8_0, queues_for_level(QuantLevel.Q8_0)))
     [queue] = [q for q in fleet_report(client).queues if q.name == job.queue]
     assert not queue.unserved and queue.adopters == ["w-q8"] and queue.consumers == []
 
@@ -147,7 +148,7 @@ def test_a_set_nobody_carries_is_adopted_at_once(farm_client, client) -> None:
 def test_another_worker_waits_for_the_grace_period_when_a_live_worker_carries_the_set(farm_client, client) -> None:
     job = _job(0.8)
     farm_client.submit_many([job])
-    carrier = _worker("w-carrier", "Q8_0", queues_for_level(QuantLevel.Q8_0))
+    carrier = _worker("w-carrier", QuantLevel.Q8_0, queues_for_level(QuantLevel.Q8_0))
     publish_heartbeat(client, carrier.model_copy(update={"lora_set": job.lora_set}))
     adoption, _ = _adoption(client, carried=None, grace_s=0.3)
     adoption.tick()
@@ -170,7 +171,7 @@ def test_one_worker_adopts_an_orphan_not_all(farm_client, client) -> None:
 def test_an_idle_worker_joins_a_crowded_queue_and_a_busy_one_does_not(farm_client, client) -> None:
     styled = [_job(0.8, seed=seed) for seed in range(3)]
     farm_client.submit_many(styled)
-    publish_heartbeat(client, _worker("w-other", "Q8_0", [styled[0].queue]))
+    publish_heartbeat(client, _worker("w-other", QuantLevel.Q8_0, [styled[0].queue]))
     busy, _ = _adoption(client, "w-busy", grace_s=0)
     farm_client.submit_many([_job(None, seed=9)])  # waits in render.any, which w-busy serves
     busy.tick()
@@ -220,10 +221,10 @@ def test_equally_urgent_sets_take_at_most_their_share_of_the_fleet(farm_client, 
     farm_client.submit_many([_job(None, seed=seed) for seed in range(5)])
     sets = [_job(weight) for weight in (0.5, 0.6)]
     farm_client.submit_many(sets)
-    on_set = _worker("w-on-set", "Q8_0", [sets[0].queue])
+    on_set = _worker("w-on-set", QuantLevel.Q8_0, [sets[0].queue])
     publish_heartbeat(client, on_set)
-    publish_heartbeat(client, _worker("w-base", "Q8_0", queues_for_level(QuantLevel.Q8_0)))
-    publish_heartbeat(client, _worker("w-base-2", "Q8_0", queues_for_level(QuantLevel.Q8_0)))
+    publish_heartbeat(client, _worker("w-base", QuantLevel.Q8_0, queues_for_level(QuantLevel.Q8_0)))
+    publish_heartbeat(client, _worker("w-base-2", QuantLevel.Q8_0, queues_for_level(QuantLevel.Q8_0)))
     quarter = LoraAdoption(client, "w-me", QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, fleet_share=0.25)
     quarter.tick()
     assert quarter.lora_queue is None, "one of four on sets is a quarter already"
@@ -246,3 +247,13 @@ def test_a_stint_ends_at_its_cap_when_base_jobs_wait(farm_client, client) -> Non
     assert capped.lora_queue is None and capped.queues == queues_for_level(QuantLevel.Q8_0)
     capped.tick()
     assert capped.lora_queue is None, "it rests from equally urgent sets for a stint"
+
+
+def test_levels_read_back_typed_and_a_level_of_another_version_is_skipped(client: redis.Redis) -> None:
+    """A worker's level is a `QuantLevel` on both ends; the wire keeps its name."""
+    publish_heartbeat(client, _worker("w-q4", QuantLevel.Q4_K, []))
+    assert json.loads(client.get(keys.worker("w-q4")))["level"] == "Q4_K"
+    future = json.loads(_worker("w-new", QuantLevel.Q8_0, []).model_dump_json()) | {"level": "Q1_FUTURE"}
+    client.set(keys.worker("w-new"), json.dumps(future))
+    (worker,) = read_workers(client)
+    assert worker.node == "w-q4" and worker.level is QuantLevel.Q4_K

@@ -12,9 +12,9 @@ import redis
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.datasets import SentJob
 from fluxfarm.shared.jobs import parse_job
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.serve import lost_jobs
 from fluxfarm.worker.serve.lost_jobs import SCAN_CHUNK, LostJobSweeper
 
@@ -24,7 +24,7 @@ WAITING = 2 * SCAN_CHUNK + 7
 @pytest.fixture
 def farm(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> FarmClient:
     redis_client.flushdb()
-    settings = FarmSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path}/out", cache_dir=tmp_path)
+    settings = ProducerSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path}/out")
     client = FarmClient(settings)
     client.submit_stream({"prompt": f"row {i}", "dataset": "big", "steps": 2} for i in range(WAITING))
     lost = parse_job({"prompt": "its message was lost", "dataset": "big"})

@@ -12,11 +12,11 @@ from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared.fleet import fleet_report
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import WorkerInfo
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.shared.storage import LocalStore
 from fluxfarm.worker.serve.engine_loader import EngineLoader
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.serve.runtime import Duties, WorkerRuntime
+from fluxfarm.worker.settings import WorkerSettings
 
 
 class Recorded:
@@ -51,7 +51,7 @@ def test_a_worker_runtime_joins_the_fleet_first_and_leaves_it_last(
 ) -> None:
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
-    settings = FarmSettings(
+    settings = WorkerSettings(
         broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}", cache_dir=tmp_path / "cache"
     )
     transformer = str(gguf_path(tiny_model, QuantLevel.Q8_0))

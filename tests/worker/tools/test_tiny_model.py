@@ -16,10 +16,10 @@ from PIL import Image
 from fluxfarm.shared.errors import FarmError, ModelLoadError
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.settings import FarmSettings
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.quant.gguf.writer import gguf_level, write_gguf
 from fluxfarm.worker.render.engine import RenderEngine
+from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path
 from tests.conftest import load_gguf_transformer
 
@@ -32,8 +32,8 @@ def _relative_rms(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> FarmSettings:
-    return FarmSettings(cache_dir=tmp_path_factory.mktemp("cache"))
+def settings(tmp_path_factory: pytest.TempPathFactory) -> WorkerSettings:
+    return WorkerSettings(cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 def test_tiny_model_is_a_diffusers_flux_pipeline(tiny_model: Path) -> None:
@@ -87,7 +87,7 @@ RENDER_CHAIN = (QuantLevel.Q8_0, QuantLevel.Q6_K, QuantLevel.Q5_K, QuantLevel.Q4
 
 
 def test_renders_are_deterministic_per_seed_and_quantization_error_grows_as_the_level_drops(
-    tiny_model: Path, settings: FarmSettings
+    tiny_model: Path, settings: WorkerSettings
 ) -> None:
     bf16 = RenderEngine(load_model(str(tiny_model), None, "cpu", settings))
     digest, reference = _render(bf16, seed=5)
@@ -104,7 +104,7 @@ def test_renders_are_deterministic_per_seed_and_quantization_error_grows_as_the_
     assert values == sorted(values) and len(set(values)) == len(values), error
 
 
-def test_load_model_fails_clearly_on_bad_sources(tiny_model: Path, settings: FarmSettings, tmp_path: Path) -> None:
+def test_load_model_fails_clearly_on_bad_sources(tiny_model: Path, settings: WorkerSettings, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not a diffusers pipeline folder"):
         load_model(str(tmp_path), None, "cpu", settings)
     with pytest.raises(ModelLoadError, match="does not exist"):

@@ -1,7 +1,8 @@
-"""Exact resident bytes of a FLUX transformer at each level, counted from its architecture.
+"""Exact resident bytes of a FLUX transformer at each level, counted from its architecture: what keeps
+shared.ladder's RESIDENT_TRANSFORMER_GIB table honest (test_plan.py), and how a new model's row is made.
 
 GGUF levels: quantized weights at their block size; tensors kept in higher precision (see
-`worker.quantize.ggml_type_for`) are loaded into the bf16 compute dtype. fp8 (`worker.fp8`): every
+`worker.quant.gguf.writer.ggml_type_for`) are loaded into the bf16 compute dtype. fp8 (`worker.quant.fp8`): every
 Linear weight outside the kept layers in e4m3 plus a float32 scale per output row; the rest in bf16.
 """
 

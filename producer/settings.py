@@ -1,0 +1,31 @@
+"""What only producers read (clients, submits, `fluxfarm status`, the exporter), on top of the farm's own."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from fluxfarm.shared.settings import FarmSettings, blank_is_none
+
+
+class ProducerSettings(FarmSettings):
+    """The farm's settings and a producer's: how it batches submits and how much of Redis it may fill."""
+
+    submit_chunk: int = Field(
+        default=500, ge=1, le=10_000, description="Jobs a file submit publishes per pipelined round trip to Redis."
+    )
+    redis_maxmemory_mib: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Producers: the memory Redis may use where its own maxmemory is 0 (unlimited); submits stop "
+            "before it. Redis' maxmemory wins when set."
+        ),
+    )
+    redis_reserve_share: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Producers: the share of Redis' maxmemory submits leave for the workers' bookkeeping.",
+    )
+
+    _blank_producer_is_none = field_validator("redis_maxmemory_mib", mode="before")(blank_is_none)
