@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from fluxfarm.producer import cli as producer_cli
 from fluxfarm.producer.cli import EXIT_FAILED, EXIT_INVALID, err, out
+from fluxfarm.producer.gateway import cli as gateway_cli
 from fluxfarm.shared.errors import FarmError, InvalidJob
 from fluxfarm.worker import cli as worker_cli
 
@@ -28,6 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.registered_commands += producer_cli.app.registered_commands
+app.add_typer(gateway_cli.tokens, name="token")
 app.command("worker")(worker_cli.worker)
 app.command("tiny-model")(worker_cli.tiny_model)
 app.command("quantize")(worker_cli.quantize)

@@ -49,3 +49,9 @@ def claim(dataset: str, job_id: str) -> str:
 def lora_adopt_lock(queue: str) -> str:
     """`fluxfarm:lora-adopt:<queue>`: the worker adopting an orphaned LoRA-set queue now."""
     return f"fluxfarm:lora-adopt:{queue}"
+
+
+TOKENS = "fluxfarm:tokens"
+"""A hash: sha256 of a gateway token -> its record (producer/gateway/tokens.py); the token itself is never kept."""
+TOKEN_NAMES = "fluxfarm:token-names"
+"""A hash: a token's name -> the sha256 it is filed under, for `fluxfarm token list | revoke`."""

@@ -1,0 +1,63 @@
+"""`fluxfarm token create | list | revoke`: the gateway's tokens, made by an operator who holds the
+producer-side Redis credentials (the gateway's own, or an admin's)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from fluxfarm.producer.cli import err, out
+from fluxfarm.producer.gateway.tokens import TokenBook
+from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.shared.redis_conn import open_redis
+
+tokens = typer.Typer(help="Make, list and revoke the gateway's bearer tokens.", no_args_is_help=True)
+
+
+def _book() -> TokenBook:
+    return TokenBook(open_redis(ProducerSettings()))
+
+
+def _items(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@tokens.command("create")
+def create(
+    name: Annotated[str, typer.Argument(help="Who holds it: a person, a team or a program.")],
+    datasets: Annotated[
+        str, typer.Option(help="Datasets it sees and touches, comma-separated: names, or prefixes ending in '*'.")
+    ],
+    max_queued: Annotated[int | None, typer.Option(help="Jobs it may have queued or running at once.")] = None,
+    priorities: Annotated[str, typer.Option(help="Priorities it may use, comma-separated.")] = "normal,low",
+    admin: Annotated[bool, typer.Option("--admin", help="Sees the whole farm and manages tokens.")] = False,
+) -> None:
+    """Make a token and print it: the only time it is shown (Redis keeps its hash)."""
+    grant = {"datasets": _items(datasets), "max_queued": max_queued, "priorities": _items(priorities), "admin": admin}
+    token = _book().create(name, grant)
+    out.print(token, highlight=False)
+
+
+@tokens.command("list")
+def list_tokens() -> None:
+    """The live tokens: name, datasets, quotas, priorities, when made. Never the tokens themselves."""
+    for record in _book().records():
+        grant = record.grant
+        quota = f"max {grant.max_queued} queued" if grant.max_queued else "no queue limit"
+        role = " admin" if grant.admin else ""
+        out.print(
+            escape(
+                f"{record.name}{role}: {','.join(grant.datasets)}; {quota}; {','.join(grant.priorities)}; "
+                f"made {record.created_at:%Y-%m-%d %H:%M} UTC"
+            ),
+            highlight=False,
+        )
+
+
+@tokens.command("revoke")
+def revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
+    """Revoke a token: every request that presents it from now on is refused."""
+    _book().revoke(name)
+    err.print(f"revoked {escape(name)}", highlight=False)
