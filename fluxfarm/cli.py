@@ -30,6 +30,7 @@ app = typer.Typer(
 )
 app.registered_commands += producer_cli.app.registered_commands
 app.add_typer(gateway_cli.tokens, name="token")
+app.command("gateway")(gateway_cli.gateway)
 app.command("worker")(worker_cli.worker)
 app.command("tiny-model")(worker_cli.tiny_model)
 app.command("quantize")(worker_cli.quantize)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import states
 from pydantic import BaseModel, ValidationError
 
@@ -86,6 +87,11 @@ class FarmClient:
         self.datasets = DatasetBook(self._redis)
         """The dataset records in the broker's Redis (what is queued, running, done, failed)."""
 
+    @property
+    def redis(self) -> redis.Redis:
+        """The farm's Redis (the broker's), which the client's parts share: one connection pool."""
+        return self._redis
+
     @classmethod
     def from_env(cls) -> FarmClient:
         """A client configured from `FLUXFARM_*` variables (and `.env`)."""
@@ -151,7 +157,9 @@ class FarmClient:
                 since = max(since, finished_at - _CLOCK_SLACK_S)
                 if job_id not in seen:
                     seen.add(job_id)
-                    yield DatasetOutcome(job_id=job_id, result=self._dataset_result(dataset, job_id, with_results))
+                    yield DatasetOutcome(
+                        job_id=job_id, result=self.dataset_result(dataset, job_id) if with_results else None
+                    )
             for job_id, reason in sorted(record.failures.items()):
                 if job_id not in seen:
                     seen.add(job_id)
@@ -164,10 +172,12 @@ class FarmClient:
                 )
             time.sleep(_DATASET_POLL_S)
 
-    def _dataset_result(self, dataset: str, job_id: str, load: bool) -> RenderResult | None:
-        if not load:
+    def dataset_result(self, dataset: str, job_id: str) -> RenderResult | None:
+        """The stored metadata of a job known by its dataset and id; None while it is not stored."""
+        try:
+            return read_result(self.store, self.store.result_keys(dataset, job_id))
+        except (ObjectNotFound, ValidationError):
             return None
-        return read_result(self.store, self.store.result_keys(dataset, job_id))
 
     def submit(self, job: RenderJob | Mapping[str, Any], priority: Priority = "normal") -> JobHandle:
         """Validate and enqueue one job; a job already stored returns its stored result instead.

@@ -283,6 +283,27 @@ class DatasetBook:
             self._redis.hdel(keys.dataset(dataset, "sent"), *dropped[start : start + 1000])
         return int(count)
 
+    def in_flight(self, datasets: Iterable[str]) -> int:
+        """Jobs queued or running, over all of `datasets`."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for dataset in datasets:
+                pipe.scard(keys.dataset(dataset, JobState.QUEUED))
+                pipe.scard(keys.dataset(dataset, JobState.RUNNING))
+            return sum(pipe.execute())
+
+    def job_state(self, dataset: str, job_id: str) -> JobState | None:
+        """Where the job is in its dataset's record; None for a job the record does not hold."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for state in STATES:
+                pipe.sismember(keys.dataset(dataset, state), job_id)
+            found = pipe.execute()
+        return next((state for state, member in zip(STATES, found, strict=True) if member), None)
+
+    def failure(self, dataset: str, job_id: str) -> str | None:
+        """Why a failed job failed, as the worker reported it."""
+        value = self._redis.hget(keys.dataset(dataset, "failures"), job_id)
+        return text(value) if value is not None else None
+
     def is_cancelled(self, dataset: str, job_id: str) -> bool:
         return bool(self._redis.sismember(keys.dataset(dataset, JobState.CANCELLED), job_id))
 

@@ -8,7 +8,14 @@ class FarmError(Exception):
 
 
 class InvalidJob(FarmError, ValueError):
-    """A job failed validation: at the client, at the CLI, or again at the worker."""
+    """A job failed validation: at the client, at the CLI, or again at the worker.
+
+    `problems`: (field path, reason) pairs where validation named them (`width`, `loras.0.weight`), for
+    callers that answer per field (the gateway's JSON errors); the message says the same in one line."""
+
+    def __init__(self, message: str, problems: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 class JobConflict(InvalidJob):

@@ -63,6 +63,14 @@ def parse_dataset_name(value: str) -> str:
         raise InvalidJob(str(error)) from None
 
 
+def parse_job_id(value: str) -> str:
+    """A job id given on its own (a URL's path): the same rule as the job field."""
+    try:
+        return _check_safe_name(value, "job_id")
+    except ValueError as error:
+        raise InvalidJob(str(error), (("job_id", str(error)),)) from None
+
+
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
@@ -169,16 +177,18 @@ def canonical_job_id(job: RenderJob) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:_JOB_ID_CHARS]
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One readable line per problem: `width: Input should be a multiple of 16`."""
-    lines = []
+def validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
+    """(field path, reason) per problem: `("width", "Input should be a multiple of 16")`."""
+    problems = []
     for problem in error.errors(include_url=False):
         where = ".".join(str(part) for part in problem["loc"]) or "job"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = "unknown field"
-        lines.append(f"{where}: {message}")
-    return "; ".join(lines)
+        problems.append((where, "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]))
+    return tuple(problems)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line for every problem: `width: Input should be a multiple of 16; seed: ...`."""
+    return "; ".join(f"{where}: {reason}" for where, reason in validation_problems(error))
 
 
 def parse_job(data: RenderJob | dict[str, Any]) -> RenderJob:
@@ -190,4 +200,4 @@ def parse_job(data: RenderJob | dict[str, Any]) -> RenderJob:
     try:
         return RenderJob.model_validate(data)
     except ValidationError as error:
-        raise InvalidJob(describe_validation_error(error)) from None
+        raise InvalidJob(describe_validation_error(error), validation_problems(error)) from None

@@ -46,6 +46,16 @@ def claim(dataset: str, job_id: str) -> str:
     return f"fluxfarm:claim:{dataset}:{job_id}"
 
 
+def token_datasets(name: str) -> str:
+    """`fluxfarm:token:<name>:datasets`: a set, the datasets a gateway token has submitted to."""
+    return f"fluxfarm:token:{name}:datasets"
+
+
+def token_usage(name: str) -> str:
+    """`fluxfarm:token:<name>:usage`: a hash, what a gateway token has used (jobs submitted, ...)."""
+    return f"fluxfarm:token:{name}:usage"
+
+
 def lora_adopt_lock(queue: str) -> str:
     """`fluxfarm:lora-adopt:<queue>`: the worker adopting an orphaned LoRA-set queue now."""
     return f"fluxfarm:lora-adopt:{queue}"

@@ -3,6 +3,7 @@ producer-side Redis credentials (the gateway's own, or an admin's)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -11,6 +12,7 @@ from rich.markup import escape
 from fluxfarm.producer.cli import err, out
 from fluxfarm.producer.gateway.tokens import TokenBook
 from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.redis_conn import open_redis
 
 tokens = typer.Typer(help="Make, list and revoke the gateway's bearer tokens.", no_args_is_help=True)
@@ -61,3 +63,21 @@ def revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> No
     """Revoke a token: every request that presents it from now on is refused."""
     _book().revoke(name)
     err.print(f"revoked {escape(name)}", highlight=False)
+
+
+def gateway(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; a reverse proxy in front terminates TLS.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve the HTTP gateway: the one service a shared farm's producers talk to, with bearer tokens
+    (`fluxfarm token create`). It holds the producer-side Redis and S3 credentials; nobody else needs them."""
+    try:
+        import uvicorn
+
+        from fluxfarm.producer.gateway.app import create_app
+    except ImportError as error:
+        raise FarmError(f"the gateway needs the [gateway] extra: pip install 'fluxfarm[gateway]' ({error})") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(ProducerSettings()), host=host, port=port, log_level="info", access_log=False)

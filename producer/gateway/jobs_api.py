@@ -1,0 +1,144 @@
+"""`/v1/jobs`: submit jobs (one or a list) and read or wait for one job."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request
+from pydantic import BaseModel
+
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.gateway.audit import audit
+from fluxfarm.producer.gateway.auth import Caller, check_datasets, check_priority
+from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
+from fluxfarm.producer.gateway.usage import TokenUsage
+from fluxfarm.shared.celery_app import Priority
+from fluxfarm.shared.datasets import JobState
+from fluxfarm.shared.errors import InvalidJob
+from fluxfarm.shared.jobs import RenderJob, parse_dataset_name, parse_job, parse_job_id
+from fluxfarm.shared.metadata import RenderResult
+
+MAX_JOBS_PER_POST = 1000
+"""More at once is a dataset: POST /v1/datasets/{name}/files streams a file of any length."""
+MAX_WAIT_S = 60.0
+"""The longest a `wait` holds a request open; a client waiting longer asks again."""
+_WAIT_POLL_S = 0.25
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (401, 403, 404, 422, 429, 503)
+}
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=_ERRORS)
+
+
+class JobRef(BaseModel):
+    job_id: str
+    dataset: str
+
+
+class Submitted(BaseModel):
+    """The jobs' ids, in the order sent, and what became of them: a job already stored or already queued
+    or running is not sent again."""
+
+    jobs: list[JobRef]
+    enqueued: int
+    already_stored: int
+    already_waiting: int
+
+
+class JobView(BaseModel):
+    job_id: str
+    dataset: str
+    state: JobState
+    result: RenderResult | None = None
+    """The stored metadata, once the image is stored."""
+    image_url: str | None = None
+    """Fetches the PNG without credentials for an hour (presigned on S3)."""
+    failure: str | None = None
+
+
+def _client(request: Request) -> FarmClient:
+    client: FarmClient = request.app.state.client
+    return client
+
+
+def _usage(request: Request) -> TokenUsage:
+    usage: TokenUsage = request.app.state.usage
+    return usage
+
+
+def _parse_jobs(body: dict[str, Any] | list[Any]) -> list[RenderJob]:
+    """Every job of the body, or InvalidJob naming each bad field as `<index>.<field>` in a list."""
+    items = body if isinstance(body, list) else [body]
+    if not items or len(items) > MAX_JOBS_PER_POST:
+        raise InvalidJob(f"send 1 to {MAX_JOBS_PER_POST} jobs; a larger set is a dataset file upload")
+    jobs, problems = [], []
+    for index, item in enumerate(items):
+        try:
+            jobs.append(parse_job(item))
+        except InvalidJob as error:
+            prefix = f"{index}." if isinstance(body, list) else ""
+            pairs = error.problems or (("job", str(error)),)
+            problems += [(f"{prefix}{field}", reason) for field, reason in pairs]
+    if problems:
+        raise InvalidJob("; ".join(f"{field}: {reason}" for field, reason in problems), tuple(problems))
+    return jobs
+
+
+@router.post("", status_code=202)
+def submit_jobs(
+    request: Request,
+    record: Caller,
+    body: Annotated[dict[str, Any] | list[Any], Body(description="One job, or a list of jobs (docs/jobs.md).")],
+    priority: Priority = "normal",
+) -> Submitted:
+    """Validate every job (nothing is sent if one is bad), then enqueue those not already stored or waiting."""
+    jobs = _parse_jobs(body)
+    per_dataset = Counter(job.dataset for job in jobs)
+    check_datasets(record, per_dataset)
+    check_priority(record, priority)
+    usage = _usage(request)
+    usage.check_room(record, len(jobs))
+    counts = _client(request).submit_stream(jobs, priority=priority)
+    usage.note_submitted(record.name, per_dataset, counts.enqueued)
+    audit("submit", record.name, datasets=dict(per_dataset), enqueued=counts.enqueued, priority=priority)
+    return Submitted(
+        jobs=[JobRef(job_id=job.id, dataset=job.dataset) for job in jobs],
+        enqueued=counts.enqueued,
+        already_stored=counts.already_stored,
+        already_waiting=counts.already_waiting,
+    )
+
+
+def _view(client: FarmClient, dataset: str, job_id: str) -> JobView:
+    result = client.dataset_result(dataset, job_id)
+    if result is not None:
+        url = client.image_url(result)
+        return JobView(job_id=job_id, dataset=dataset, state=JobState.DONE, result=result, image_url=url)
+    state = client.datasets.job_state(dataset, job_id)
+    if state is None:
+        raise ApiError(404, "not_found", f"dataset {dataset}: no job {job_id}")
+    failure = client.datasets.failure(dataset, job_id) if state == JobState.FAILED else None
+    return JobView(job_id=job_id, dataset=dataset, state=state, failure=failure)
+
+
+@router.get("/{job_id}")
+def read_job(
+    request: Request,
+    record: Caller,
+    job_id: str,
+    dataset: Annotated[str, Query(description="The job's dataset.")],
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait for it to finish.")] = 0,
+) -> JobView:
+    """Where a job is; with `wait`, the answer comes when it is done, failed or cancelled, or when the wait
+    is up (long-poll: the client asks again, no polling loop of its own)."""
+    parse_job_id(job_id)
+    check_datasets(record, [parse_dataset_name(dataset)])
+    client = _client(request)
+    deadline = time.monotonic() + wait
+    while True:
+        view = _view(client, dataset, job_id)
+        if view.state not in (JobState.QUEUED, JobState.RUNNING) or time.monotonic() >= deadline:
+            return view
+        time.sleep(_WAIT_POLL_S)

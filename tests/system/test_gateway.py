@@ -1,0 +1,151 @@
+"""The HTTP gateway end to end: `fluxfarm gateway` as a process in front of a real Redis, moto S3 and a
+worker process; tokens made with `fluxfarm token create`; every request over HTTP (issue 19)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fluxfarm.producer.local_stack import free_port
+from tests.conftest import Farm, farm_env, run_fluxfarm
+from tests.fault_farm import wait_until
+
+pytestmark = pytest.mark.slow
+
+JOB = {"width": 256, "height": 256, "steps": 2}
+WAIT_S = 60
+
+
+class Gateway:
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path, env: dict[str, str]) -> None:
+        self.url, self.process, self.log, self.env = url, process, log, env
+
+    def token(self, name: str, *options: str) -> str:
+        made = run_fluxfarm("token", "create", name, *options, env=self.env)
+        assert made.returncode == 0, made.stderr
+        return made.stdout.strip()
+
+    def client(self, token: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=WAIT_S + 30)
+
+
+@pytest.fixture(scope="module")
+def gateway(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    port = free_port()
+    env = {**farm_env(farm.settings), "PATH": str(Path(sys.executable).parent)}
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxfarm", "gateway", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, 60, "the gateway to answer /healthz", poll_s=0.2)
+    yield Gateway(url, process, log, {**os.environ, **env})
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def alice(gateway: Gateway) -> str:
+    return gateway.token("alice", "--datasets", "alice-*")
+
+
+@pytest.fixture(scope="module")
+def bob(gateway: Gateway) -> str:
+    return gateway.token("bob", "--datasets", "bob-*", "--max-queued", "2")
+
+
+def test_no_token_or_an_unknown_one_is_401_as_json(gateway: Gateway, alice: str) -> None:
+    for token in (None, alice[:-2] + "xx", "not-a-token"):
+        with gateway.client(token) as http:
+            answer = http.get("/v1/datasets/alice-moths")
+        assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+        assert answer.json()["error"]["code"] == "unauthenticated"
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"ok": True}
+
+
+def test_alice_submits_waits_and_downloads_her_image_through_its_url(gateway: Gateway, alice: str) -> None:
+    jobs = [{"prompt": f"a moth on bark, study {i}", "seed": i, "dataset": "alice-moths", **JOB} for i in range(2)]
+    with gateway.client(alice) as http:
+        sent = http.post("/v1/jobs", json=jobs)
+        assert sent.status_code == 202, sent.text
+        body = sent.json()
+        assert body["enqueued"] == 2 and body["already_stored"] == body["already_waiting"] == 0
+        ids = [ref["job_id"] for ref in body["jobs"]]
+        for job_id in ids:
+            view = http.get(f"/v1/jobs/{job_id}", params={"dataset": "alice-moths", "wait": WAIT_S}).json()
+            assert view["state"] == "done", view
+            assert view["result"]["job_id"] == job_id and view["result"]["quant"] == "Q8_0"
+            png = httpx.get(view["image_url"], timeout=30)
+            assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
+        again = http.post("/v1/jobs", json=jobs[0]).json()
+        assert (again["enqueued"], again["already_stored"]) == (0, 1) and again["jobs"][0]["job_id"] == ids[0]
+        record = http.get("/v1/datasets/alice-moths").json()
+        assert record["done"] == 2 and record["queued"] == record["running"] == 0 and record["eta_s"] == 0
+        assert http.get("/v1/datasets/alice-none").status_code == 404
+        assert http.get(f"/v1/jobs/{'0' * 32}", params={"dataset": "alice-moths"}).status_code == 404
+    lines = gateway.log.read_text().splitlines()
+    audit = [json.loads(line.split("fluxfarm.audit: ", 1)[1]) for line in lines if "fluxfarm.audit: " in line]
+    assert any(entry["action"] == "submit" and entry["token"] == "alice" for entry in audit), audit
+    assert alice not in gateway.log.read_text()
+
+
+def test_bob_may_not_touch_alice_s_datasets_nor_jump_the_queue(gateway: Gateway, bob: str) -> None:
+    with gateway.client(bob) as http:
+        for answer in (
+            http.get("/v1/datasets/alice-moths"),
+            http.post("/v1/datasets/alice-moths/cancel"),
+            http.get(f"/v1/jobs/{'0' * 32}", params={"dataset": "alice-moths"}),
+            http.post("/v1/jobs", json={"prompt": "mine now", "dataset": "alice-moths", **JOB}),
+            http.post("/v1/jobs", json={"prompt": "me first", "dataset": "bob-x", **JOB}, params={"priority": "high"}),
+        ):
+            assert answer.status_code == 403, answer.text
+            assert answer.json()["error"]["code"] == "forbidden"
+
+
+def test_bob_gets_429_past_his_max_queued_and_nothing_is_sent(gateway: Gateway, bob: str) -> None:
+    jobs = [{"prompt": f"too many {i}", "dataset": "bob-quota", **JOB} for i in range(3)]
+    with gateway.client(bob) as http:
+        refused = http.post("/v1/jobs", json=jobs)
+        assert refused.status_code == 429 and "retry-after" in refused.headers
+        error = refused.json()["error"]
+        assert error["code"] == "quota_exceeded" and "max_queued 2" in error["message"]
+        assert http.get("/v1/datasets/bob-quota").status_code == 404  # not one job of the three was sent
+
+
+def test_a_bad_job_is_422_naming_each_field_and_nothing_is_sent(gateway: Gateway, alice: str) -> None:
+    jobs = [{"prompt": "fine", "dataset": "alice-bad", **JOB}, {"prompt": "", "width": 100, "dataset": "alice-bad"}]
+    with gateway.client(alice) as http:
+        refused = http.post("/v1/jobs", json=jobs)
+        assert refused.status_code == 422
+        problems = {problem["field"] for problem in refused.json()["error"]["problems"]}
+        assert problems == {"1.prompt", "1.width"}
+        bad_url = http.get("/v1/jobs/..%2Fetc", params={"dataset": "alice-moths"})
+        assert bad_url.status_code in (404, 422)
+        assert http.get("/v1/datasets/alice-bad").status_code == 404
+
+
+def test_the_openapi_document_lists_the_v1_routes(gateway: Gateway) -> None:
+    document = httpx.get(f"{gateway.url}/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/datasets/{name}", "/v1/datasets/{name}/cancel"} <= set(
+        document["paths"]
+    )
