@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.worker.settings import WorkerSettings
 
 
-class HostSettings(WorkerSettings, ProducerSettings):
-    """Every FLUXFARM_* setting: what a worker reads and what a producer reads, as one object for tests
-    that start both (a deployment gives each process its own side's class)."""
+class HostSettings(WorkerSettings, GatewaySettings):
+    """Every FLUXFARM_* setting: what a worker, a producer and the gateway read, as one object for tests
+    that start them all (a deployment gives each process its own class)."""

@@ -10,18 +10,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from fluxfarm.producer.client import FarmClient
-from fluxfarm.producer.gateway import datasets_api, jobs_api
+from fluxfarm.producer.gateway import datasets_api, jobs_api, uploads_api
 from fluxfarm.producer.gateway.errors import install_error_handlers
+from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.producer.gateway.tokens import TokenBook
 from fluxfarm.producer.gateway.usage import TokenUsage
-from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared import __version__
 
 
-def create_app(settings: ProducerSettings) -> FastAPI:
+def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = FarmClient(settings)
+        app.state.settings = settings
         app.state.client = client
         app.state.tokens = TokenBook(client.redis)
         app.state.usage = TokenUsage(client.redis, client.datasets)
@@ -39,6 +40,7 @@ def create_app(settings: ProducerSettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(jobs_api.router)
     app.include_router(datasets_api.router)
+    app.include_router(uploads_api.router)
 
     @app.get("/healthz", tags=["operations"])
     def healthz(request: Request) -> JSONResponse:

@@ -77,7 +77,8 @@ def gateway(
         import uvicorn
 
         from fluxfarm.producer.gateway.app import create_app
+        from fluxfarm.producer.gateway.settings import GatewaySettings
     except ImportError as error:
         raise FarmError(f"the gateway needs the [gateway] extra: pip install 'fluxfarm[gateway]' ({error})") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(ProducerSettings()), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(create_app(GatewaySettings()), host=host, port=port, log_level="info", access_log=False)

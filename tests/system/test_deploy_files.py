@@ -14,6 +14,7 @@ import redis
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
+from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.settings import PLACEHOLDER_SECRET_PREFIX, FarmSettings
@@ -275,6 +276,7 @@ def test_the_configuration_reference_lists_every_setting_under_the_side_that_rea
         ("The farm: every process", shared),
         ("Workers", set(WorkerSettings.model_fields) - shared),
         ("Producers", set(ProducerSettings.model_fields) - shared),
+        ("The gateway", set(GatewaySettings.model_fields) - set(ProducerSettings.model_fields)),
     ):
         listed = set(re.findall(r"^\| `FLUXFARM_([A-Z0-9_]+)`", sections[title], re.MULTILINE))
         assert listed == {name.upper() for name in names}, title

@@ -40,7 +40,11 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     port = free_port()
-    env = {**farm_env(farm.settings), "PATH": str(Path(sys.executable).parent)}
+    env = {
+        **farm_env(farm.settings),
+        "PATH": str(Path(sys.executable).parent),
+        "FLUXFARM_GATEWAY_MAX_UPLOAD_MIB": "0.05",
+    }
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -149,3 +153,49 @@ def test_the_openapi_document_lists_the_v1_routes(gateway: Gateway) -> None:
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/datasets/{name}", "/v1/datasets/{name}/cancel"} <= set(
         document["paths"]
     )
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def test_a_file_upload_is_checked_row_by_row_then_enqueued_as_the_cli_does(gateway: Gateway, alice: str) -> None:
+    rows = [
+        {"prompt": "a lichen", **JOB},
+        {"prompt": "a fern", "width": 100},
+        {"prompt": "a leaf", "dataset": "bob-x", **JOB},
+        {"prompt": "a stone", **JOB},
+    ]
+    url = "/v1/datasets/alice-upload/files"
+    with gateway.client(alice) as http:
+        refused = http.post(url, params={"format": "jsonl"}, content=_jsonl(rows))
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert "2 invalid rows; nothing was enqueued" in error["message"]
+        assert [problem["field"] for problem in error["problems"]] == ["line 2", "line 3"]
+        assert "not bob-x" in error["problems"][1]["reason"]
+
+        checked = http.post(url, params={"format": "jsonl", "dry_run": True}, content=_jsonl(rows)).json()
+        assert (checked["valid"], checked["invalid"], checked["enqueued"], checked["dry_run"]) == (2, 2, 0, True)
+        assert http.get("/v1/datasets/alice-upload").status_code == 404  # a dry run sends nothing
+
+        sent = http.post(url, params={"format": "jsonl", "skip_invalid": True}, content=_jsonl(rows)).json()
+        assert (sent["valid"], sent["invalid"], sent["enqueued"]) == (2, 2, 2)
+        txt = {"format": "txt", "seeds": 2, "defaults": json.dumps(JOB)}
+        prompts = http.post(url, params=txt, content=b"a lichen\n", headers={"Content-Type": "text/plain"}).json()
+        # seed 0 is the jsonl's "a lichen" again (waiting or stored by now); seed 1 is new
+        assert prompts["valid"] == 2 and prompts["enqueued"] == 1
+        assert prompts["already_waiting"] + prompts["already_stored"] == 1
+        assert http.get("/v1/datasets/alice-upload").json()["defaults"] == {**JOB, "dataset": "alice-upload"}
+        bad = http.post(url, params={**txt, "defaults": '{"steps": 0}'}, content=b"x\n")
+        assert bad.status_code == 422 and bad.json()["error"]["problems"][0]["field"] == "defaults.steps"
+
+        too_large = http.post(url, params={"format": "txt"}, content=b"a very long prompt file\n" * 4000)
+        assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "too_large"
+
+        def finished() -> bool:
+            record = http.get("/v1/datasets/alice-upload").json()
+            return record["queued"] + record["running"] == 0
+
+        wait_until(finished, WAIT_S, "the uploaded dataset to finish", poll_s=0.5)
+        assert http.get("/v1/datasets/alice-upload").json()["done"] >= 3
