@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any, cast
 
 import redis
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from fluxfarm.shared import keys
 from fluxfarm.shared.jobs import RenderJob
@@ -85,10 +85,12 @@ class DatasetRecord(BaseModel):
     failures: dict[str, str]
     """Failed job id -> the reason, as the worker reported it."""
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def total(self) -> int:
         return self.queued + self.running + self.done + self.failed + self.cancelled
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def eta_s(self) -> float | None:
         """Seconds until nothing is queued or running, at the recent rate (None when unknown)."""

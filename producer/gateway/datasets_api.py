@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
@@ -12,6 +9,7 @@ from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets
 from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
+from fluxfarm.shared.datasets import DatasetRecord
 from fluxfarm.shared.jobs import parse_dataset_name
 
 router = APIRouter(
@@ -19,25 +17,6 @@ router = APIRouter(
     tags=["datasets"],
     responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)},
 )
-
-
-class DatasetView(BaseModel):
-    """A dataset's progress now, as `fluxfarm status --dataset` shows it."""
-
-    name: str
-    created_at: datetime | None
-    updated_at: datetime | None
-    queued: int
-    running: int
-    done: int
-    failed: int
-    cancelled: int
-    total: int
-    rate_per_hour: float | None
-    eta_s: float | None
-    levels: list[str]
-    failures: dict[str, str]
-    defaults: dict[str, Any]
 
 
 class Cancelled(BaseModel):
@@ -58,12 +37,13 @@ def _dataset(record: Caller, name: str) -> str:
 
 
 @router.get("/{name}")
-def read_dataset(request: Request, record: Caller, name: str) -> DatasetView:
+def read_dataset(request: Request, record: Caller, name: str) -> DatasetRecord:
+    """The dataset's progress now, as `fluxfarm status --dataset` shows it: counts, rate, ETA, failures."""
     dataset = _dataset(record, name)
     found = _client(request).datasets.record(dataset)
     if found.created_at is None:
         raise ApiError(404, "not_found", f"no dataset {dataset}")
-    return DatasetView(**found.model_dump(), total=found.total, eta_s=found.eta_s)
+    return found
 
 
 @router.post("/{name}/cancel")
