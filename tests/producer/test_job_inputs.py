@@ -18,7 +18,7 @@ from fluxfarm.producer.job_inputs import InputStager
 from fluxfarm.shared.adapters import INLINE_KEEP_BYTES, INLINE_PNG_PREFIX, MAX_INLINE_IMAGE_BYTES, image_type
 from fluxfarm.shared.errors import InvalidJob
 from fluxfarm.shared.jobs import parse_job
-from fluxfarm.shared.storage import LocalStore
+from fluxfarm.shared.local_store import LocalStore
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PREFIXES = st.sampled_from([INLINE_PNG_PREFIX, "data:image/jpeg;base64,", "data:image/png,", "data:;base64,"])

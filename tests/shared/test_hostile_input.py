@@ -23,7 +23,7 @@ from fluxfarm.shared.jobs import (
     parse_dataset_name,
     parse_job,
 )
-from fluxfarm.shared.storage import LocalStore
+from fluxfarm.shared.local_store import LocalStore
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
 JSON_VALUES = st.recursive(

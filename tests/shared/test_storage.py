@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from fluxfarm.shared.errors import ObjectNotFound, StorageError
+from fluxfarm.shared.local_store import LocalStore
+from fluxfarm.shared.s3_store import S3Store
 from fluxfarm.shared.settings import FarmSettings
-from fluxfarm.shared.storage import LocalStore, ObjectStore, S3Store, open_store
+from fluxfarm.shared.storage import ObjectStore, open_store
 from tests.conftest import S3Server
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from fluxfarm.shared.errors import JobInputError, ModelLoadError, ModelMissing, ObjectNotFound, StorageError
-from fluxfarm.shared.storage import S3Store
+from fluxfarm.shared.s3_store import S3Store
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.cache import ModelCache
 from fluxfarm.worker.model.file_digest import DigestCache

@@ -19,9 +19,9 @@ from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.local_store import LocalStore
 from fluxfarm.shared.metadata import RenderResult, WorkerInfo
 from fluxfarm.shared.redis_conn import redis_now
-from fluxfarm.shared.storage import LocalStore
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.serve.engine_loader import EngineLoader

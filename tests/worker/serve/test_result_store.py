@@ -12,8 +12,10 @@ import pytest
 
 from fluxfarm.shared.errors import ObjectExists
 from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.local_store import LocalStore
 from fluxfarm.shared.metadata import ImageInfo, ModelInfo, RenderResult, Timings, WorkerInfo, read_result
-from fluxfarm.shared.storage import LocalStore, ObjectStore, S3Store
+from fluxfarm.shared.s3_store import S3Store
+from fluxfarm.shared.storage import ObjectStore
 from fluxfarm.worker.serve.result_store import ResultStore
 from tests.conftest import S3Server
 

@@ -11,8 +11,8 @@ from celery import Celery
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared.fleet import fleet_report
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.local_store import LocalStore
 from fluxfarm.shared.metadata import WorkerInfo
-from fluxfarm.shared.storage import LocalStore
 from fluxfarm.worker.serve.engine_loader import EngineLoader
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.serve.runtime import Duties, WorkerRuntime
