@@ -81,6 +81,15 @@ class LocalStore(ObjectStore):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 yield path.relative_to(self.root).as_posix()
 
+    def _names_after(self, folder: str, start_after: str | None, count: int) -> list[str]:
+        directory = self._path(folder.rstrip("/"))
+        if not directory.is_dir():
+            return []
+        after = start_after[len(folder) :] if start_after else ""
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries if e.is_file() and not e.name.startswith(".tmp-") and e.name > after]
+        return sorted(names, key=lambda name: name.encode())[:count]
+
     def _get(self, key: str) -> bytes:
         path = self._path(key)
         if not path.is_file():

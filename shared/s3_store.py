@@ -98,6 +98,14 @@ class S3Store(ObjectStore):
                 for entry in page.get("Contents", []):
                     yield entry["Key"]
 
+    def _names_after(self, folder: str, start_after: str | None, count: int) -> list[str]:
+        after = {"StartAfter": start_after} if start_after else {}
+        with self._errors_for(folder.rstrip("/"), "list"):
+            page = self._client.list_objects_v2(
+                Bucket=self.bucket, Prefix=folder, Delimiter="/", MaxKeys=count, **after
+            )  # Delimiter: the `fluxfarm/` subfolder comes back as one CommonPrefix, not its objects
+        return [entry["Key"][len(folder) :] for entry in page.get("Contents", [])]
+
     def _get(self, key: str) -> bytes:
         with self._errors_for(key, "read"):
             return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()

@@ -114,6 +114,21 @@ class ObjectStore(ABC):
         a resubmit learns what is done without a request per job."""
         return {name.removesuffix(".json") for name in self._job_files(dataset) if name.endswith(".json")}
 
+    def stored_job_page(self, dataset: str, after: str | None, limit: int) -> list[str]:
+        """Up to `limit` ids of the dataset's finished jobs, in id order, after the job id `after`: a
+        page of results that costs a listing of about one page of keys, however large the dataset."""
+        folder = self.dataset_folder(dataset)
+        start = f"{folder}{after}.json" if after else None
+        ids: list[str] = []
+        while len(ids) < limit:
+            wanted = 2 * (limit - len(ids)) + 1  # a job's .json and .png, and one more to know if it ends
+            names = self._names_after(folder, start, wanted)
+            ids += [name.removesuffix(".json") for name in names if name.endswith(".json")][: limit - len(ids)]
+            if len(names) < wanted:
+                break
+            start = folder + names[-1]
+        return ids
+
     def size(self, key: str) -> int:
         """The object's size in bytes, before reading it; ObjectNotFound when it is not there."""
         return self._size(check_key(key))
@@ -141,6 +156,11 @@ class ObjectStore(ABC):
     @abstractmethod
     def _list(self, folder: str) -> Iterator[str]:
         """Every key that starts with `folder`, in any order."""
+
+    @abstractmethod
+    def _names_after(self, folder: str, start_after: str | None, count: int) -> list[str]:
+        """Up to `count` names of the objects directly in `folder` (not in its subfolders) whose keys sort
+        after `start_after`, in key order (S3's: UTF-8 bytes)."""
 
     @abstractmethod
     def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str], if_absent: bool) -> None: ...

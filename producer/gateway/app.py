@@ -4,6 +4,7 @@ here, and only here), the token book, and the `/v1` routes."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,9 @@ from fluxfarm.producer.gateway.tokens import TokenBook
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.shared import __version__
 
+READS_IN_FLIGHT = 16
+"""Storage reads one request makes at once (a page of results' metadata)."""
+
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
@@ -26,9 +30,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.client = client
         app.state.tokens = TokenBook(client.redis)
         app.state.usage = TokenUsage(client.redis, client.datasets)
+        app.state.pool = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="gateway-read")
         try:
             yield
         finally:
+            app.state.pool.shutdown(cancel_futures=True)
             client.close()
 
     app = FastAPI(

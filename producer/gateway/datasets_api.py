@@ -1,8 +1,12 @@
-"""`/v1/datasets/{name}`: a dataset's record (counts, rate, ETA, failures) and its cancel."""
+"""`/v1/datasets/{name}`: a dataset's record (counts, rate, ETA, failures), its results a page at a time,
+and its cancel."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from fluxfarm.producer.client import FarmClient
@@ -10,13 +14,30 @@ from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets
 from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
 from fluxfarm.shared.datasets import DatasetRecord
-from fluxfarm.shared.jobs import parse_dataset_name
+from fluxfarm.shared.jobs import parse_dataset_name, parse_job_id
+from fluxfarm.shared.metadata import RenderResult
+
+MAX_PAGE = 200
 
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
     responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)},
 )
+
+
+class ResultView(BaseModel):
+    job_id: str
+    result: RenderResult | None
+    """The stored metadata; None if it could not be read (a foreign or damaged object)."""
+    image_url: str | None
+    """Fetches the PNG without credentials for an hour (presigned on S3)."""
+
+
+class ResultsPage(BaseModel):
+    results: list[ResultView]
+    next: str | None
+    """Pass as `after` for the next page; None on the last."""
 
 
 class Cancelled(BaseModel):
@@ -44,6 +65,30 @@ def read_dataset(request: Request, record: Caller, name: str) -> DatasetRecord:
     if found.created_at is None:
         raise ApiError(404, "not_found", f"no dataset {dataset}")
     return found
+
+
+@router.get("/{name}/results")
+def read_results(
+    request: Request,
+    record: Caller,
+    name: str,
+    after: Annotated[str | None, Query(description="The last job id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+) -> ResultsPage:
+    """The dataset's stored results in job id order, a page at a time: each job's metadata and a URL
+    for its image. A page lists about one page of storage keys, however large the dataset."""
+    dataset = _dataset(record, name)
+    if after is not None:
+        parse_job_id(after)
+    client = _client(request)
+    ids = client.store.stored_job_page(dataset, after, limit)
+
+    def view(job_id: str) -> ResultView:
+        result = client.dataset_result(dataset, job_id)
+        return ResultView(job_id=job_id, result=result, image_url=client.image_url(result) if result else None)
+
+    pool: ThreadPoolExecutor = request.app.state.pool
+    return ResultsPage(results=list(pool.map(view, ids)), next=ids[-1] if len(ids) == limit else None)
 
 
 @router.post("/{name}/cancel")

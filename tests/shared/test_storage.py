@@ -122,3 +122,23 @@ def test_a_planted_temporary_name_is_never_written_through(tmp_path: Path) -> No
     assert victim.read_text() == "precious"
     assert summary.files == [dest.uri("moths.jsonl")] and (shared / "moths.jsonl").is_file()
     assert dest.get("d/j.json") == b"{}"
+
+
+def test_result_pages_walk_the_finished_jobs_in_id_order_with_one_small_listing_each(store: ObjectStore) -> None:
+    ids = [f"job-{i:03d}" for i in range(25)]
+    for job_id in ids:
+        keys = store.result_keys("pages", job_id)
+        store.put(keys.image, b"png", "image/png")
+        store.put(keys.metadata, b"{}", "application/json")
+    store.put(store.result_keys("pages", "job-0105").image, b"png", "image/png")  # rendering: no JSON yet
+    store.put(store.manifest_key("pages"), b"{}", "application/json")  # the fluxfarm/ subfolder
+    store.put(store.input_key("pages", "a" * 64), b"input", "image/png")
+
+    pages, after = [], None
+    while page := store.stored_job_page("pages", after, 10):
+        pages.append(page)
+        after = page[-1]
+    assert [len(page) for page in pages] == [10, 10, 5]
+    assert [job_id for page in pages for job_id in page] == ids
+    assert store.stored_job_page("pages", "job-009", 3) == ["job-010", "job-011", "job-012"]
+    assert store.stored_job_page("nothing-here", None, 10) == []

@@ -118,6 +118,7 @@ def test_bob_may_not_touch_alice_s_datasets_nor_jump_the_queue(gateway: Gateway,
         for answer in (
             http.get("/v1/datasets/alice-moths"),
             http.post("/v1/datasets/alice-moths/cancel"),
+            http.get("/v1/datasets/alice-moths/results"),
             http.get(f"/v1/jobs/{'0' * 32}", params={"dataset": "alice-moths"}),
             http.post("/v1/jobs", json={"prompt": "mine now", "dataset": "alice-moths", **JOB}),
             http.post("/v1/jobs", json={"prompt": "me first", "dataset": "bob-x", **JOB}, params={"priority": "high"}),
@@ -198,4 +199,22 @@ def test_a_file_upload_is_checked_row_by_row_then_enqueued_as_the_cli_does(gatew
             return record["queued"] + record["running"] == 0
 
         wait_until(finished, WAIT_S, "the uploaded dataset to finish", poll_s=0.5)
-        assert http.get("/v1/datasets/alice-upload").json()["done"] >= 3
+        done = http.get("/v1/datasets/alice-upload").json()["done"]
+        assert done == 3  # a lichen (seeds 0 and 1) and a stone
+
+        pages, after = [], None
+        while True:
+            page = http.get(
+                "/v1/datasets/alice-upload/results", params={"limit": 2, **({"after": after} if after else {})}
+            )
+            assert page.status_code == 200, page.text
+            pages.append(page.json()["results"])
+            after = page.json()["next"]
+            if after is None:
+                break
+        results = [item for page in pages for item in page]
+        assert [len(page) for page in pages] == [2, 1]
+        assert sorted(item["job_id"] for item in results) == [item["job_id"] for item in results]
+        assert {item["result"]["job"]["prompt"] for item in results} == {"a lichen", "a stone"}
+        png = httpx.get(results[-1]["image_url"], timeout=30)
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
