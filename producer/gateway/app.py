@@ -7,16 +7,19 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway import datasets_api, jobs_api, uploads_api
-from fluxfarm.producer.gateway.errors import install_error_handlers
+from fluxfarm.producer.gateway.auth import Caller
+from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse, install_error_handlers
+from fluxfarm.producer.gateway.metrics import GatewayMetrics
 from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.producer.gateway.tokens import TokenBook
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.shared import __version__
+from fluxfarm.shared.fleet import FleetReport, fleet_report
 
 READS_IN_FLIGHT = 16
 """Storage reads one request makes at once (a page of results' metadata)."""
@@ -30,6 +33,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.client = client
         app.state.tokens = TokenBook(client.redis)
         app.state.usage = TokenUsage(client.redis, client.datasets)
+        metrics.watch_tokens(app.state.tokens, app.state.usage)
         app.state.pool = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="gateway-read")
         try:
             yield
@@ -44,6 +48,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    metrics = GatewayMetrics()
+    metrics.install(app)
     app.include_router(jobs_api.router)
     app.include_router(datasets_api.router)
     app.include_router(uploads_api.router)
@@ -56,5 +62,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except Exception as error:  # any failure to reach Redis is unhealthy
             return JSONResponse({"ok": False, "reason": type(error).__name__}, status_code=503)
         return JSONResponse({"ok": True})
+
+    @app.get("/v1/fleet", tags=["operations"], responses={401: {"model": ErrorResponse}})
+    def fleet(request: Request, record: Caller) -> FleetReport:
+        """The live workers (cards, levels, images/hour, heartbeats) and the queues, unserved ones marked.
+        Where a worker serves its metrics is an operator's concern: an admin token's answer only."""
+        report = fleet_report(request.app.state.client.redis)
+        if record.grant.admin:
+            return report
+        workers = [worker.model_copy(update={"metrics_url": None}) for worker in report.workers]
+        return report.model_copy(update={"workers": workers})
+
+    @app.get("/metrics", tags=["operations"], responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+    def prometheus(record: Caller) -> Response:
+        """Prometheus metrics of the gateway and each token's usage: an admin token's read (token names
+        are not every tenant's to see). Prometheus sends it with `authorization: {credentials_file: ...}`."""
+        if not record.grant.admin:
+            raise ApiError(403, "forbidden", f"token {record.name}: /metrics needs an admin token")
+        return metrics.exposition()
 
     return app

@@ -218,3 +218,26 @@ def test_a_file_upload_is_checked_row_by_row_then_enqueued_as_the_cli_does(gatew
         assert {item["result"]["job"]["prompt"] for item in results} == {"a lichen", "a stone"}
         png = httpx.get(results[-1]["image_url"], timeout=30)
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+def test_fleet_and_metrics(gateway: Gateway, alice: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    admin = gateway.token("ops", "--datasets", "*", "--admin")
+    with gateway.client(alice) as http:
+        fleet = http.get("/v1/fleet").json()
+        assert [(w["level"], w["metrics_url"]) for w in fleet["workers"]] == [("Q8_0", None)]
+        assert http.get("/metrics").status_code == 403
+        http.post("/v1/jobs", json={"prompt": "counted", "dataset": "alice-metrics", **JOB})
+    with gateway.client(admin) as http:
+        scrape = http.get("/metrics")
+    assert scrape.status_code == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scrape.text)
+        for sample in family.samples
+    }
+    assert samples[("fluxfarm_gateway_token_jobs_submitted_total", (("token", "alice"),))] >= 1
+    posted = ("fluxfarm_gateway_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "202")))
+    assert samples[posted] >= 1
+    assert not [labels for name, labels in samples if "alice-metrics" in str(labels)]  # templates, not paths
