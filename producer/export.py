@@ -53,6 +53,8 @@ class ExportSummary(BaseModel):
     rows: int
     files: list[str]
     """URIs of what was written."""
+    keys: list[str] = []
+    """The same files' keys in the destination store (the gateway presigns them)."""
 
 
 @dataclass(frozen=True)
@@ -151,13 +153,16 @@ class _Writer:
     def __init__(self, dest: ObjectStore, scratch: Path) -> None:
         self.dest, self.scratch = dest, scratch
         self.files: list[str] = []
+        self.keys: list[str] = []
 
     def put(self, name: str, data: bytes, content_type: str) -> None:
         self.dest.put(self.dest.key(name), data, content_type)
 
     def put_file(self, name: str, path: Path, content_type: str) -> None:
-        self.dest.put_file(self.dest.key(name), path, content_type)
-        self.files.append(self.dest.uri(self.dest.key(name)))
+        key = self.dest.key(name)
+        self.dest.put_file(key, path, content_type)
+        self.files.append(self.dest.uri(key))
+        self.keys.append(key)
         path.unlink()
 
 
@@ -316,4 +321,4 @@ def export_dataset(
     with tempfile.TemporaryDirectory(prefix="fluxfarm-export-") as scratch:
         writer = _Writer(dest, Path(scratch))
         count = write(rows(), writer, dataset=dataset, shard_bytes=shard_bytes)
-    return ExportSummary(format=fmt, rows=count, files=writer.files)
+    return ExportSummary(format=fmt, rows=count, files=writer.files, keys=writer.keys)

@@ -56,6 +56,11 @@ def token_usage(name: str) -> str:
     return f"fluxfarm:token:{name}:usage"
 
 
+def export(dataset: str, export_id: str) -> str:
+    """`fluxfarm:export:<dataset>:<id>`: a hash, one gateway export's state, expiring a week after it ends."""
+    return f"fluxfarm:export:{dataset}:{export_id}"
+
+
 def lora_adopt_lock(queue: str) -> str:
     """`fluxfarm:lora-adopt:<queue>`: the worker adopting an orphaned LoRA-set queue now."""
     return f"fluxfarm:lora-adopt:{queue}"

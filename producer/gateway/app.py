@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from fluxfarm.producer.client import FarmClient
-from fluxfarm.producer.gateway import datasets_api, jobs_api, uploads_api
+from fluxfarm.producer.gateway import datasets_api, exports_api, jobs_api, uploads_api
 from fluxfarm.producer.gateway.auth import Caller
 from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse, install_error_handlers
 from fluxfarm.producer.gateway.metrics import GatewayMetrics
@@ -35,10 +35,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.usage = TokenUsage(client.redis, client.datasets)
         metrics.watch_tokens(app.state.tokens, app.state.usage)
         app.state.pool = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="gateway-read")
+        app.state.exports = exports_api.export_pool()
         try:
             yield
         finally:
             app.state.pool.shutdown(cancel_futures=True)
+            app.state.exports.shutdown(cancel_futures=True)
             client.close()
 
     app = FastAPI(
@@ -53,6 +55,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(jobs_api.router)
     app.include_router(datasets_api.router)
     app.include_router(uploads_api.router)
+    app.include_router(exports_api.router)
 
     @app.get("/healthz", tags=["operations"])
     def healthz(request: Request) -> JSONResponse:

@@ -241,3 +241,25 @@ def test_fleet_and_metrics(gateway: Gateway, alice: str) -> None:
     posted = ("fluxfarm_gateway_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "202")))
     assert samples[posted] >= 1
     assert not [labels for name, labels in samples if "alice-metrics" in str(labels)]  # templates, not paths
+
+
+def test_an_export_runs_in_the_background_and_answers_with_urls(gateway: Gateway, alice: str, bob: str) -> None:
+    with gateway.client(alice) as http:
+        started = http.post("/v1/datasets/alice-moths/exports", json={"format": "jsonl"})
+        assert started.status_code == 202, started.text
+        export_id = started.json()["export_id"]
+
+        def done() -> bool:
+            return http.get(f"/v1/datasets/alice-moths/exports/{export_id}").json()["state"] in ("done", "failed")
+
+        wait_until(done, WAIT_S, "the export to finish", poll_s=0.2)
+        view = http.get(f"/v1/datasets/alice-moths/exports/{export_id}").json()
+        assert view["state"] == "done" and view["rows"] == 2, view
+        lines = httpx.get(view["urls"][0], timeout=30).text.splitlines()
+        assert sorted(json.loads(line)["job"]["prompt"] for line in lines) == [
+            "a moth on bark, study 0",
+            "a moth on bark, study 1",
+        ]
+        assert http.post("/v1/datasets/alice-moths/exports", json={"format": "gif"}).status_code == 422
+    with gateway.client(bob) as http:
+        assert http.get(f"/v1/datasets/alice-moths/exports/{export_id}").status_code == 403
