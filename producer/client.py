@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from celery import states
@@ -46,6 +46,10 @@ _CLOCK_SLACK_S = 2.0
 """A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
 ROOM_POLL_S = 2.0
 """How often a submit waiting for room in Redis looks again."""
+
+
+JobOutcome = Literal["enqueued", "stored", "waiting"]
+"""What a submit did with one job: sent it, or found it already stored, or already queued or running."""
 
 
 class StreamCounts(BaseModel):
@@ -205,6 +209,7 @@ class FarmClient:
         priority: Priority = "normal",
         wait_for_room: bool = False,
         on_wait: Callable[[Room], None] | None = None,
+        on_outcome: Callable[[RenderJob, JobOutcome], object] | None = None,
     ) -> StreamCounts:
         """Enqueue a stream of jobs of any length, for datasets: constant memory beyond one id per job of
         the datasets touched, and thousands of jobs a second.
@@ -216,7 +221,7 @@ class FarmClient:
 
         Each chunk is sent only if it fits under Redis' maxmemory (producer/redis_room.py): past it the
         stream sends what fits and raises RedisFull, or with `wait_for_room` waits for the fleet to drain
-        (`on_wait` is told each time it looks).
+        (`on_wait` is told each time it looks). `on_outcome` hears what became of each job.
         """
         counts = StreamCounts()
         room = RedisRoom.of(self._redis, self.settings)
@@ -234,10 +239,12 @@ class FarmClient:
                     waiting_ids = self.datasets.waiting_ids(job.dataset)
                     known[job.dataset] = (self.store.stored_job_ids(job.dataset), waiting_ids)
                 stored, waiting = known[job.dataset]
+                outcome: JobOutcome = "enqueued"
                 if job.id in stored:
                     if job.named:
                         self.stored_result(job)  # JobConflict if another job's result holds the name
                     counts.already_stored += 1
+                    outcome = "stored"
                 elif job.id in waiting:
                     if job.named and (earlier := named.get((job.dataset, job.id))) is not None:
                         if earlier != job:
@@ -245,11 +252,14 @@ class FarmClient:
                     elif job.named:
                         self._check_queued(job)
                     counts.already_waiting += 1
+                    outcome = "waiting"
                 else:
                     waiting.add(job.id)
                     if job.named:
                         named[(job.dataset, job.id)] = job
                     chunk.append(job)
+                if on_outcome is not None:
+                    on_outcome(job, outcome)
                 if len(chunk) >= self.settings.submit_chunk:
                     self._admit(producer, chunk, priority, counts, room, wait_for_room, on_wait)
                     chunk = []

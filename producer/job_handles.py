@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from celery import Celery, states
@@ -30,21 +30,76 @@ def owned_result(job: RenderJob, result: RenderResult) -> RenderResult:
     return result
 
 
+class ResultWaiter(Protocol):
+    """How a handle learns its job's outcome: from Celery's result backend (CeleryWaiter) or from the
+    gateway (producer/http_client.py). Either raises JobFailed for a failure, TimeoutError past `timeout`."""
+
+    def ready(self) -> bool: ...
+
+    def wait(self, timeout: float | None) -> RenderResult: ...
+
+
+class CeleryWaiter:
+    """The outcome from Celery's result backend, with storage as the truth when the backend is away."""
+
+    def __init__(self, job: RenderJob, async_result: AsyncResult, lookup: Callable[[], RenderResult | None] | None):
+        self.job = job
+        self.async_result = async_result
+        self._lookup = lookup
+        """Reads the job's stored result: the truth when the result backend is away or restarting."""
+
+    def ready(self) -> bool:
+        return bool(self.async_result.ready())
+
+    def wait(self, timeout: float | None) -> RenderResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = STORAGE_CHECK_S if deadline is None else max(0.0, min(STORAGE_CHECK_S, deadline - time.monotonic()))
+            try:
+                value = self.async_result.get(timeout=left, propagate=False)
+                break
+            except (CeleryTimeoutError, redis.RedisError, RuntimeError) as error:
+                # RuntimeError: Celery's result consumer gives up after a Redis restart ("must be
+                # restarted"). Storage is the truth: a stored job is done whatever the backend says.
+                if self._lookup is not None and (stored := self._lookup()) is not None:
+                    return stored
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.job.id} did not finish within {timeout}s") from None
+                if not isinstance(error, CeleryTimeoutError):
+                    time.sleep(1.0)
+        if self.async_result.state != states.SUCCESS:
+            failure = self.async_result.result
+            reason = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else str(failure)
+            raise JobFailed(self.job.id, reason)
+        return self._own_result(value)
+
+    def _own_result(self, value: Any) -> RenderResult:
+        """The task's return value (the metadata less the job, and the job's dataset) as this job's result,
+        once its dataset and job id are this job's."""
+        if not isinstance(value, dict) or (value.get("dataset"), value.get("job_id")) != (
+            self.job.dataset,
+            self.job.id,
+        ):
+            raise JobConflict.naming(self.job.dataset, self.job.id, "a result from the backend")
+        fields = {key: item for key, item in value.items() if key != "dataset"}
+        return RenderResult.model_validate({**fields, "job": self.job.model_dump(mode="json")})
+
+
 class JobHandle:
     """A submitted job: like a future, `result()` blocks until the worker has stored it."""
 
     def __init__(
         self,
         job: RenderJob,
-        async_result: AsyncResult | None,
-        stored: RenderResult | None,
+        async_result: AsyncResult | None = None,
+        stored: RenderResult | None = None,
         lookup: Callable[[], RenderResult | None] | None = None,
+        waiter: ResultWaiter | None = None,
     ) -> None:
+        """A handle waits on `waiter`, or on Celery's `async_result`; with neither, the job was stored."""
         self.job = job
-        self._async = async_result
         self._stored = stored
-        self._lookup = lookup
-        """Reads the job's stored result: the truth when the result backend is away or restarting."""
+        self._waiter = waiter or (CeleryWaiter(job, async_result, lookup) if async_result is not None else None)
 
     @property
     def job_id(self) -> str:
@@ -57,55 +112,25 @@ class JobHandle:
     @property
     def cached(self) -> bool:
         """True when the result was already stored at submit time, so nothing was enqueued."""
-        return self._async is None
+        return self._waiter is None
 
     def done(self) -> bool:
-        return self._stored is not None or (self._async is not None and self._async.ready())
+        return self._stored is not None or (self._waiter is not None and self._waiter.ready())
 
     def result(self, timeout: float | None = None) -> RenderResult:
         """The job's metadata; raises `JobFailed` if the worker failed it, `TimeoutError` on timeout."""
-        if self._stored is not None:
-            return self._stored
-        assert self._async is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = STORAGE_CHECK_S if deadline is None else max(0.0, min(STORAGE_CHECK_S, deadline - time.monotonic()))
-            try:
-                value = self._async.get(timeout=left, propagate=False)
-                break
-            except (CeleryTimeoutError, redis.RedisError, RuntimeError) as error:
-                # RuntimeError: Celery's result consumer gives up after a Redis restart ("must be
-                # restarted"). Storage is the truth: a stored job is done whatever the backend says.
-                if self._lookup is not None and (stored := self._lookup()) is not None:
-                    self._stored = stored
-                    return stored
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {self.job_id} did not finish within {timeout}s") from None
-                if not isinstance(error, CeleryTimeoutError):
-                    time.sleep(1.0)
-        if self._async.state != states.SUCCESS:
-            failure = self._async.result
-            reason = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else str(failure)
-            raise JobFailed(self.job_id, reason)
-        self._stored = self._own_result(value)
+        if self._stored is None:
+            assert self._waiter is not None
+            self._stored = self._waiter.wait(timeout)
         return self._stored
-
-    def _own_result(self, value: Any) -> RenderResult:
-        """The task's return value (the metadata less the job, and the job's dataset) as this job's result,
-        once its dataset and job id are this job's."""
-        if not isinstance(value, dict) or (value.get("dataset"), value.get("job_id")) != (
-            self.job.dataset,
-            self.job_id,
-        ):
-            raise JobConflict.naming(self.job.dataset, self.job_id, "a result from the backend")
-        fields = {key: item for key, item in value.items() if key != "dataset"}
-        return RenderResult.model_validate({**fields, "job": self.job.model_dump(mode="json")})
 
 
 class JobBatch:
     """Handles of many jobs, iterable in submission order or as they complete."""
 
-    def __init__(self, app: Celery, handles: list[JobHandle]) -> None:
+    def __init__(self, app: Celery | None, handles: list[JobHandle]) -> None:
+        """`app`: the Celery app whose backend reports all the handles' tasks at once; None for handles
+        that learn their outcomes otherwise (the gateway's), which are asked in turn."""
         self._app = app
         self.handles = handles
 
@@ -125,8 +150,23 @@ class JobBatch:
                 waiting.setdefault(handle.task_id, []).append(handle)
         if not waiting:
             return
+        if self._app is None:
+            yield from _polled(waiting, timeout)
+            return
         try:
             for task_id, _meta in self._app.backend.get_many(set(waiting), timeout=timeout, interval=_POLL_INTERVAL_S):
                 yield from waiting.pop(task_id, [])
         except CeleryTimeoutError:
             raise TimeoutError(f"{len(waiting)} jobs did not finish within {timeout}s") from None
+
+
+def _polled(waiting: dict[str, list[JobHandle]], timeout: float | None) -> Iterator[JobHandle]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while waiting:
+        for task, handles in list(waiting.items()):
+            if handles[0].done():
+                yield from waiting.pop(task)
+        if waiting:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(waiting)} jobs did not finish within {timeout}s")
+            time.sleep(_POLL_INTERVAL_S)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import BaseModel
 
-from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.client import FarmClient, JobOutcome
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets, check_priority
 from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
@@ -35,6 +35,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=_ERRORS)
 class JobRef(BaseModel):
     job_id: str
     dataset: str
+    outcome: JobOutcome
+    """enqueued, or found already stored, or already queued or running (not sent again)."""
 
 
 class Submitted(BaseModel):
@@ -100,11 +102,14 @@ def submit_jobs(
     check_priority(record, priority)
     usage = _usage(request)
     usage.check_room(record, len(jobs))
-    counts = _client(request).submit_stream(jobs, priority=priority)
+    outcomes: dict[tuple[str, str], JobOutcome] = {}
+    counts = _client(request).submit_stream(
+        jobs, priority=priority, on_outcome=lambda job, outcome: outcomes.setdefault((job.dataset, job.id), outcome)
+    )
     usage.note_submitted(record.name, per_dataset, counts.enqueued)
     audit("submit", record.name, datasets=dict(per_dataset), enqueued=counts.enqueued, priority=priority)
     return Submitted(
-        jobs=[JobRef(job_id=job.id, dataset=job.dataset) for job in jobs],
+        jobs=[JobRef(job_id=job.id, dataset=job.dataset, outcome=outcomes[(job.dataset, job.id)]) for job in jobs],
         enqueued=counts.enqueued,
         already_stored=counts.already_stored,
         already_waiting=counts.already_waiting,
