@@ -17,7 +17,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fluxfarm.producer.client import DatasetOutcome, FarmClient
+    from fluxfarm.producer.client import FarmClient
+    from fluxfarm.producer.dataset_stream import DatasetOutcome
     from fluxfarm.producer.job_handles import JobBatch, JobHandle
     from fluxfarm.producer.settings import ProducerSettings
     from fluxfarm.shared import __version__
@@ -39,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "FarmClient": "fluxfarm.producer.client",
     "JobHandle": "fluxfarm.producer.job_handles",
     "JobBatch": "fluxfarm.producer.job_handles",
-    "DatasetOutcome": "fluxfarm.producer.client",
+    "DatasetOutcome": "fluxfarm.producer.dataset_stream",
     "RenderJob": "fluxfarm.shared.jobs",
     "RenderResult": "fluxfarm.shared.metadata",
     "FarmSettings": "fluxfarm.shared.settings",

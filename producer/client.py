@@ -22,6 +22,7 @@ import redis
 from celery import states
 from pydantic import BaseModel, ValidationError
 
+from fluxfarm.producer.dataset_stream import DatasetOutcome, stream_outcomes
 from fluxfarm.producer.job_handles import JobBatch, JobHandle, owned_result
 from fluxfarm.producer.job_inputs import InputStager
 from fluxfarm.producer.redis_room import RedisFull, RedisRoom, Room
@@ -41,9 +42,6 @@ from fluxfarm.shared.publish import PublishRefused, publish
 from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.storage import open_store
 
-_DATASET_POLL_S = 0.5
-_CLOCK_SLACK_S = 2.0
-"""A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
 ROOM_POLL_S = 2.0
 """How often a submit waiting for room in Redis looks again."""
 
@@ -65,21 +63,17 @@ class StreamCounts(BaseModel):
         return self.enqueued + self.already_stored + self.already_waiting
 
 
-class DatasetOutcome(BaseModel):
-    """One finished job of a dataset stream: its stored result, or the worker's reason for failing it."""
-
-    job_id: str
-    result: RenderResult | None = None
-    """None for a failure, and for successes when the stream was asked not to load results."""
-    failure: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
-
-
 class FarmClient:
     """Submits jobs to the farm's Redis queue and reads results from its storage."""
+
+    def __new__(cls, settings: ProducerSettings | None = None) -> FarmClient:
+        """With FLUXFARM_API_URL set, the client talks to the gateway (producer/http_client.py), holding no
+        Redis or S3 credentials; otherwise to Redis and storage directly."""
+        if cls is FarmClient and (settings or ProducerSettings()).api_url:
+            from fluxfarm.producer.http_client import HttpFarmClient
+
+            return super().__new__(HttpFarmClient)
+        return super().__new__(cls)
 
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
@@ -150,31 +144,19 @@ class FarmClient:
         """Yield each of `dataset`'s jobs as it finishes, until none is queued or running (jobs finished
         before the call come first). Works for jobs sent by any producer, `submit_stream` included: it
         reads the dataset record, not Celery results. TimeoutError past `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen: set[str] = set()
-        since = 0.0
-        while True:
-            record = self.datasets.record(dataset)  # before the finished list, so a final empty poll misses nothing
-            if on_poll is not None:
-                on_poll(record)
-            for job_id, finished_at in self.datasets.finished_since(dataset, since):
-                since = max(since, finished_at - _CLOCK_SLACK_S)
-                if job_id not in seen:
-                    seen.add(job_id)
-                    yield DatasetOutcome(
-                        job_id=job_id, result=self.dataset_result(dataset, job_id) if with_results else None
-                    )
-            for job_id, reason in sorted(record.failures.items()):
-                if job_id not in seen:
-                    seen.add(job_id)
-                    yield DatasetOutcome(job_id=job_id, failure=reason)
-            if record.queued == 0 and record.running == 0:
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"dataset {dataset}: {record.queued + record.running} jobs still waiting after {timeout}s"
-                )
-            time.sleep(_DATASET_POLL_S)
+        return stream_outcomes(self, dataset, timeout, with_results, on_poll)
+
+    def dataset_record(self, dataset: str) -> DatasetRecord:
+        """The dataset's progress now: counts, rate, ETA, failures."""
+        return self.datasets.record(dataset)
+
+    def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
+        """(job id, finishing time) of the dataset's jobs done at or after `since` (Redis' clock)."""
+        return self.datasets.finished_since(dataset, since)
+
+    def cancel(self, dataset: str) -> int:
+        """Drop the dataset's queued jobs (running ones finish); returns how many were dropped."""
+        return self.datasets.cancel(dataset)
 
     def dataset_result(self, dataset: str, job_id: str) -> RenderResult | None:
         """The stored metadata of a job known by its dataset and id; None while it is not stored."""

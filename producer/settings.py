@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from fluxfarm.shared.settings import FarmSettings, blank_is_none
 
@@ -13,6 +13,14 @@ class ProducerSettings(FarmSettings):
     submit_chunk: int = Field(
         default=500, ge=1, le=10_000, description="Jobs a file submit publishes per pipelined round trip to Redis."
     )
+    api_url: str | None = Field(
+        default=None,
+        description=(
+            "The gateway's URL (https://farm.example/): the client and the CLI submit and read through it with "
+            "FLUXFARM_API_TOKEN, holding no Redis or S3 credentials. Unset: they use Redis and storage directly."
+        ),
+    )
+    api_token: SecretStr | None = Field(default=None, description="A gateway token (`fluxfarm token create`).")
     redis_maxmemory_mib: float | None = Field(
         default=None,
         gt=0,
@@ -28,4 +36,6 @@ class ProducerSettings(FarmSettings):
         description="Producers: the share of Redis' maxmemory submits leave for the workers' bookkeeping.",
     )
 
-    _blank_producer_is_none = field_validator("redis_maxmemory_mib", mode="before")(blank_is_none)
+    _blank_producer_is_none = field_validator("redis_maxmemory_mib", "api_url", "api_token", mode="before")(
+        blank_is_none
+    )

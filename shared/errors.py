@@ -32,6 +32,15 @@ class JobConflict(InvalidJob):
         )
 
 
+class AccessDenied(FarmError):
+    """The gateway refused the caller: no token, an unknown or revoked one (401), or one whose grant does
+    not reach what was asked (403)."""
+
+
+class QuotaExceeded(FarmError):
+    """The gateway refused a submit past the token's quota (429); the message says which."""
+
+
 class JobFailed(FarmError):
     """The worker tried the job and reported a failure; the message is the worker's reason."""
 

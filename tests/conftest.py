@@ -23,6 +23,7 @@ import torch
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.settings import WorkerSettings
@@ -175,6 +176,32 @@ def farm(
     )
     yield Farm(settings=settings, bucket=bucket, prefix=prefix, worker=worker, s3=s3_server)
     worker.stop()
+
+
+@pytest.fixture(scope="module")
+def farm_api(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProducerSettings]:
+    """The settings of a client that reaches the module's farm only through the gateway, with a token that
+    may touch every dataset: no Redis, no storage credentials."""
+    from tests.gateway_process import running_gateway
+
+    with running_gateway(farm.settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as gateway:
+        token = gateway.token("tests", "--datasets", "*", "--priorities", "high,normal,low")
+        yield ProducerSettings(api_url=gateway.url, api_token=token, broker_url="redis://unreachable.invalid:1/0")
+
+
+@pytest.fixture(params=["redis", "http"])
+def client_settings(request: pytest.FixtureRequest, farm: Farm) -> ProducerSettings:
+    """A client's settings for the module's farm: straight to Redis and storage, or through the gateway;
+    the client tests run both ways (issue 19, acceptance 2)."""
+    if request.param == "redis":
+        return farm.settings
+    settings: ProducerSettings = request.getfixturevalue("farm_api")
+    return settings
+
+
+def via(settings: ProducerSettings) -> str:
+    """`http` for a client through the gateway, `redis` for one straight to the farm."""
+    return "http" if settings.api_url else "redis"
 
 
 def fresh_farm_settings(redis_server: RedisServer, s3_server: S3Server, storage_url: str, work: Path) -> HostSettings:

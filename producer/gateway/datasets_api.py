@@ -61,7 +61,7 @@ def _dataset(record: Caller, name: str) -> str:
 def read_dataset(request: Request, record: Caller, name: str) -> DatasetRecord:
     """The dataset's progress now, as `fluxfarm status --dataset` shows it: counts, rate, ETA, failures."""
     dataset = _dataset(record, name)
-    found = _client(request).datasets.record(dataset)
+    found = _client(request).dataset_record(dataset)
     if found.created_at is None:
         raise ApiError(404, "not_found", f"no dataset {dataset}")
     return found
@@ -91,10 +91,28 @@ def read_results(
     return ResultsPage(results=list(pool.map(view, ids)), next=ids[-1] if len(ids) == limit else None)
 
 
+class Finished(BaseModel):
+    jobs: list[tuple[str, float]]
+    """(job id, when it finished: seconds on the farm's clock), oldest first."""
+
+
+@router.get("/{name}/finished")
+def read_finished(
+    request: Request,
+    record: Caller,
+    name: str,
+    since: Annotated[float, Query(ge=0, description="Seconds on the farm's clock; 0: from the start.")] = 0,
+) -> Finished:
+    """The dataset's jobs done at or after `since`: what a client streaming a dataset's results asks for
+    at each poll, with its last finishing time as the next `since`."""
+    dataset = _dataset(record, name)
+    return Finished(jobs=_client(request).finished_since(dataset, since))
+
+
 @router.post("/{name}/cancel")
 def cancel_dataset(request: Request, record: Caller, name: str) -> Cancelled:
     """Drop the dataset's queued jobs (workers discard their messages unrendered); running ones finish."""
     dataset = _dataset(record, name)
-    count = _client(request).datasets.cancel(dataset)
+    count = _client(request).cancel(dataset)
     audit("cancel", record.name, dataset=dataset, cancelled=count)
     return Cancelled(dataset=dataset, cancelled=count)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxfarm.producer.redis_room import RedisFull
-from fluxfarm.shared.errors import FarmError, InvalidJob
+from fluxfarm.shared.errors import FarmError, InvalidJob, JobConflict
 
 
 class Problem(BaseModel):
@@ -58,7 +58,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidJob)
     async def invalid_job(_: Request, error: InvalidJob) -> JSONResponse:
-        return _answer(422, ErrorBody(code="invalid_job", message=str(error), problems=_problems(error.problems)))
+        code = "job_conflict" if isinstance(error, JobConflict) else "invalid_job"
+        return _answer(422, ErrorBody(code=code, message=str(error), problems=_problems(error.problems)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:

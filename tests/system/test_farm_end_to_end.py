@@ -13,11 +13,12 @@ from PIL import Image
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.job_handles import JobHandle
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.celery_app import RENDER_TASK
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.metadata import RenderResult
-from tests.conftest import Farm
+from tests.conftest import Farm, via
 
 pytestmark = pytest.mark.slow
 
@@ -39,21 +40,22 @@ def _stored_metadata(farm: Farm, key: str) -> dict:
     return json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=key)["Body"].read())
 
 
-def test_three_jobs_land_in_s3_as_png_and_full_metadata(farm: Farm) -> None:
+def test_three_jobs_land_in_s3_as_png_and_full_metadata(farm: Farm, client_settings: ProducerSettings) -> None:
+    three = f"three-{via(client_settings)}"  # each transport its own dataset
     sizes = [(256, 256), (320, 256), (256, 384)]
     jobs = [
-        {"prompt": f"a lighthouse number {i}", "width": w, "height": h, "steps": 2, "seed": i, "dataset": "three"}
+        {"prompt": f"a lighthouse number {i}", "width": w, "height": h, "steps": 2, "seed": i, "dataset": three}
         for i, (w, h) in enumerate(sizes)
     ]
-    with FarmClient(farm.settings) as client:
+    with FarmClient(client_settings) as client:
         handles = list(client.submit_many(jobs))
         results = [handle.result(timeout=RESULT_TIMEOUT_S) for handle in handles]
 
-    keys = farm.s3.keys(farm.bucket, f"{farm.prefix}/three/")
+    keys = farm.s3.keys(farm.bucket, f"{farm.prefix}/{three}/")
     assert len(keys) == 6
     for result, (width, height) in zip(results, sizes, strict=True):
-        assert f"{farm.prefix}/three/{result.job_id}.png" in keys
-        assert f"{farm.prefix}/three/{result.job_id}.json" in keys
+        assert f"{farm.prefix}/{three}/{result.job_id}.png" in keys
+        assert f"{farm.prefix}/{three}/{result.job_id}.json" in keys
         png = farm.s3.client().get_object(Bucket=farm.bucket, Key=result.image.key)
         image = Image.open(io.BytesIO(png["Body"].read()))
         assert (image.format, image.size) == ("PNG", (width, height))
@@ -79,16 +81,19 @@ def test_three_jobs_land_in_s3_as_png_and_full_metadata(farm: Farm) -> None:
         assert min(timings.encode_s, timings.denoise_s, timings.decode_s) > 0
 
 
-def test_jobs_submitted_together_are_rendered_together_and_each_is_stored(farm: Farm) -> None:
+def test_jobs_submitted_together_are_rendered_together_and_each_is_stored(
+    farm: Farm, client_settings: ProducerSettings
+) -> None:
+    together = f"together-{via(client_settings)}"  # each transport its own dataset
     jobs = [
-        {"prompt": f"a heron {i}", "width": 256, "height": 256, "steps": 2, "seed": i, "dataset": "together"}
+        {"prompt": f"a heron {i}", "width": 256, "height": 256, "steps": 2, "seed": i, "dataset": together}
         for i in range(4)
     ]
-    with FarmClient(farm.settings) as client:
+    with FarmClient(client_settings) as client:
         results = [handle.result(timeout=RESULT_TIMEOUT_S) for handle in client.submit_many(jobs)]
     assert max(r.timings.batch_size for r in results) > 1  # the worker held several and batched them
     assert len({r.image.sha256 for r in results}) == 4
-    assert len(farm.s3.keys(farm.bucket, f"{farm.prefix}/together/")) == 8
+    assert len(farm.s3.keys(farm.bucket, f"{farm.prefix}/{together}/")) == 8
 
 
 def test_the_worker_loads_the_model_once(farm: Farm) -> None:
@@ -108,9 +113,12 @@ def test_the_worker_loads_the_model_once(farm: Farm) -> None:
     assert farm.worker.log_text().count("model loaded in") == 1
 
 
-def test_the_same_job_twice_is_rendered_once_and_returns_the_stored_result(farm: Farm) -> None:
-    job = {"prompt": "a paper dragon over a desert", "width": 256, "height": 256, "steps": 2, "dataset": "twice"}
-    with FarmClient(farm.settings) as client:
+def test_the_same_job_twice_is_rendered_once_and_returns_the_stored_result(
+    farm: Farm, client_settings: ProducerSettings
+) -> None:
+    twice = f"twice-{via(client_settings)}"  # each transport its own dataset
+    job = {"prompt": "a paper dragon over a desert", "width": 256, "height": 256, "steps": 2, "dataset": twice}
+    with FarmClient(client_settings) as client:
         first = client.submit(job)
         first_result = first.result(timeout=RESULT_TIMEOUT_S)
         second = client.submit(dict(job))
@@ -118,9 +126,9 @@ def test_the_same_job_twice_is_rendered_once_and_returns_the_stored_result(farm:
     assert second.job_id == first.job_id
     assert second.cached and not first.cached
     assert second.result() == first_result
-    assert farm.s3.keys(farm.bucket, f"{farm.prefix}/twice/") == [
-        f"{farm.prefix}/twice/{first.job_id}.json",
-        f"{farm.prefix}/twice/{first.job_id}.png",
+    assert farm.s3.keys(farm.bucket, f"{farm.prefix}/{twice}/") == [
+        f"{farm.prefix}/{twice}/{first.job_id}.json",
+        f"{farm.prefix}/{twice}/{first.job_id}.png",
     ]
     assert farm.worker.log_text().count(f"rendered job {first.job_id}") == 1
 

@@ -4,18 +4,14 @@ worker process; tokens made with `fluxfarm token create`; every request over HTT
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from fluxfarm.producer.local_stack import free_port
-from tests.conftest import Farm, farm_env, run_fluxfarm
+from tests.conftest import Farm
 from tests.fault_farm import wait_until
+from tests.gateway_process import Gateway, running_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -23,49 +19,12 @@ JOB = {"width": 256, "height": 256, "steps": 2}
 WAIT_S = 60
 
 
-class Gateway:
-    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path, env: dict[str, str]) -> None:
-        self.url, self.process, self.log, self.env = url, process, log, env
-
-    def token(self, name: str, *options: str) -> str:
-        made = run_fluxfarm("token", "create", name, *options, env=self.env)
-        assert made.returncode == 0, made.stderr
-        return made.stdout.strip()
-
-    def client(self, token: str | None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=WAIT_S + 30)
-
-
 @pytest.fixture(scope="module")
 def gateway(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    port = free_port()
-    env = {
-        **farm_env(farm.settings),
-        "PATH": str(Path(sys.executable).parent),
-        "FLUXFARM_GATEWAY_MAX_UPLOAD_MIB": "0.05",
-    }
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fluxfarm", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **env},
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(healthy, 60, "the gateway to answer /healthz", poll_s=0.2)
-    yield Gateway(url, process, log, {**os.environ, **env})
-    process.terminate()
-    process.wait(timeout=30)
+    limit = {"FLUXFARM_GATEWAY_MAX_UPLOAD_MIB": "0.05"}  # 51 KiB: an upload test passes it
+    with running_gateway(farm.settings, log, limit) as gateway:
+        yield gateway
 
 
 @pytest.fixture(scope="module")

@@ -72,10 +72,10 @@ def test_a_content_id_names_only_its_own_parameters(farm: Farm) -> None:
     assert _job(prompt="alice's future job", dataset="alice-2", seed=5, job_id=alice.id) == alice
 
 
-def test_datasets_sharing_a_name_keep_their_own_results(farm: Farm) -> None:
+def test_datasets_sharing_a_name_keep_their_own_results(client_settings: ProducerSettings) -> None:
     secret = _job(prompt="mallory's private prompt", dataset="mallory", job_id="shared-name")
     mine = _job(prompt="bob's prompt", dataset="bob", job_id="shared-name")
-    with FarmClient(farm.settings) as client:
+    with FarmClient(client_settings) as client:
         assert client.submit(secret).result(timeout=TIMEOUT_S).job.prompt == "mallory's private prompt"
         got = client.submit(mine).result(timeout=TIMEOUT_S)
     assert (got.job.dataset, got.job.prompt) == ("bob", "bob's prompt")

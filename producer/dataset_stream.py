@@ -1,0 +1,72 @@
+"""A dataset's jobs as they finish, for any producer that can read the dataset's record: the Redis
+client and the gateway's HTTP client share this one loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from fluxfarm.shared.datasets import DatasetRecord
+from fluxfarm.shared.metadata import RenderResult
+
+POLL_S = 0.5
+CLOCK_SLACK_S = 2.0
+"""A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
+
+
+class DatasetOutcome(BaseModel):
+    """One finished job of a dataset stream: its stored result, or the worker's reason for failing it."""
+
+    job_id: str
+    result: RenderResult | None = None
+    """None for a failure, and for successes when the stream was asked not to load results."""
+    failure: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class DatasetReader(Protocol):
+    def dataset_record(self, dataset: str) -> DatasetRecord: ...
+
+    def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]: ...
+
+    def dataset_result(self, dataset: str, job_id: str) -> RenderResult | None: ...
+
+
+def stream_outcomes(
+    reader: DatasetReader,
+    dataset: str,
+    timeout: float | None,
+    with_results: bool,
+    on_poll: Callable[[DatasetRecord], None] | None,
+) -> Iterator[DatasetOutcome]:
+    """Each of `dataset`'s jobs as it finishes, until none is queued or running; TimeoutError past `timeout`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen: set[str] = set()
+    since = 0.0
+    while True:
+        record = reader.dataset_record(dataset)  # before the finished list, so a final empty poll misses nothing
+        if on_poll is not None:
+            on_poll(record)
+        for job_id, finished_at in reader.finished_since(dataset, since):
+            since = max(since, finished_at - CLOCK_SLACK_S)
+            if job_id not in seen:
+                seen.add(job_id)
+                result = reader.dataset_result(dataset, job_id) if with_results else None
+                yield DatasetOutcome(job_id=job_id, result=result)
+        for job_id, reason in sorted(record.failures.items()):
+            if job_id not in seen:
+                seen.add(job_id)
+                yield DatasetOutcome(job_id=job_id, failure=reason)
+        if record.queued == 0 and record.running == 0:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"dataset {dataset}: {record.queued + record.running} jobs still waiting after {timeout}s"
+            )
+        time.sleep(POLL_S)
