@@ -23,7 +23,7 @@ from fluxfarm.producer.progress import progress_bar
 from fluxfarm.producer.redis_room import Room
 from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.celery_app import Priority
-from fluxfarm.shared.datasets import DatasetRecord, store_manifest
+from fluxfarm.shared.datasets import DatasetRecord
 from fluxfarm.shared.errors import InvalidJob, JobFailed
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob
 from fluxfarm.shared.metadata import RenderResult
@@ -74,7 +74,14 @@ def submit_file(
     timeout_s: float | None,
     console: Console,
 ) -> StreamCounts | None:
-    """Check and enqueue `path`'s jobs; returns what was enqueued (None on a dry run)."""
+    """Check and enqueue `path`'s jobs; returns what was enqueued (None on a dry run). Through the gateway
+    (FLUXFARM_API_URL) the file is uploaded and the gateway checks and enqueues it the same way."""
+    settings = ProducerSettings()
+    if settings.api_url:
+        counts = _upload(settings, path, defaults, seeds, dry_run, skip_invalid, priority, console)
+        if wait and counts is not None:
+            _wait_all(settings, {str(defaults.get("dataset", DEFAULT_DATASET))}, timeout_s, console)
+        return counts
     errors = _RowErrors(path, console)
     expected: int | None = None
     if dry_run or not skip_invalid:
@@ -99,7 +106,6 @@ def submit_file(
             datasets.add(item.job.dataset)
             yield item.job
 
-    settings = ProducerSettings()
     with (
         FarmClient(settings) as client,
         progress_bar(console, "submitting", TextColumn("{task.description}")) as progress,
@@ -119,7 +125,7 @@ def submit_file(
         progress.update(task, completed=counts.seen, total=counts.seen)
         for dataset in datasets:
             client.datasets.set_defaults(dataset, defaults)
-            store_manifest(client.store, client.datasets.record(dataset))
+            client.store_manifest(client.dataset_record(dataset))
     skipped = f", {errors.summary()} skipped" if errors.count else ""
     if counts.enqueued == 0:
         console.print(
@@ -133,20 +139,66 @@ def submit_file(
         )
     warn_unserved(queues, settings, console)
     if wait:
-        failed = sum(
-            report_failures(wait_for_dataset(settings, d, timeout_s, console), console) for d in sorted(datasets)
-        )
-        if failed:
-            raise JobFailed("-", f"{failed} jobs failed (reasons above)")
+        _wait_all(settings, datasets, timeout_s, console)
+    return counts
+
+
+def _wait_all(settings: ProducerSettings, datasets: set[str], timeout_s: float | None, console: Console) -> None:
+    failed = sum(report_failures(wait_for_dataset(settings, d, timeout_s, console), console) for d in sorted(datasets))
+    if failed:
+        raise JobFailed("-", f"{failed} jobs failed (reasons above)")
+
+
+def _upload(
+    settings: ProducerSettings,
+    path: Path,
+    defaults: Mapping[str, Any],
+    seeds: int,
+    dry_run: bool,
+    skip_invalid: bool,
+    priority: Priority,
+    console: Console,
+) -> StreamCounts | None:
+    """`fluxfarm submit FILE` through the gateway: the file goes up as it is read, and the gateway's
+    answer is told as the local check and submit tell theirs."""
+    from fluxfarm.producer.http_client import HttpFarmClient
+
+    fields = {name: value for name, value in defaults.items() if name != "dataset"}
+    dataset = str(defaults.get("dataset", DEFAULT_DATASET))
+    errors = _RowErrors(path, console)
+    with HttpFarmClient(settings) as client:
+        try:
+            answer = client.upload_file(path, dataset, fields, seeds, dry_run, skip_invalid, priority)
+        except InvalidJob as refused:
+            for where, reason in refused.problems:
+                if where.startswith("line "):
+                    errors.add(RowError(int(where.removeprefix("line ")), reason))
+            raise
+    for problem in answer["errors"]:
+        errors.add(RowError(problem["line"], problem["reason"]))
+    errors.count = answer["invalid"]
+    if dry_run:
+        console.print(f"dry run: {answer['valid']} valid jobs, {errors.summary()}; nothing was enqueued")
+        if errors.count:
+            raise InvalidJob(f"{errors.summary()} in {path}")
+        return None
+    counts = StreamCounts(
+        enqueued=answer["enqueued"], already_stored=answer["already_stored"], already_waiting=answer["already_waiting"]
+    )
+    skipped = f", {errors.summary()} skipped" if errors.count else ""
+    console.print(
+        f"queued {counts.enqueued} jobs ({counts.already_stored} already stored, "
+        f"{counts.already_waiting} already queued or running{skipped})"
+    )
     return counts
 
 
 def cancel_dataset(settings: ProducerSettings, dataset: str, console: Console) -> int:
     """`fluxfarm cancel`: queued jobs become cancelled at once; returns how many."""
     with FarmClient(settings) as client:
-        dropped = client.datasets.cancel(dataset)
-        record = client.datasets.record(dataset)
-        store_manifest(client.store, record)
+        dropped = client.cancel(dataset)
+        record = client.dataset_record(dataset)
+        client.store_manifest(record)
     console.print(
         f"cancelled {dropped} queued jobs of {dataset}; {record.running} running will finish "
         f"({record.done} done, {record.failed} failed)"
@@ -183,5 +235,5 @@ def wait_for_dataset(
         for outcome in client.as_completed(dataset, timeout_s, with_results=on_result is not None, on_poll=show):
             if on_result is not None and outcome.result is not None:
                 on_result(outcome.result)
-        store_manifest(client.store, polled[0])
+        client.store_manifest(polled[0])
     return polled[0]

@@ -190,13 +190,13 @@ def wait_command(
 ) -> None:
     """Wait until none of a dataset's jobs is queued or running, with a progress bar; fails if any failed."""
     settings = ProducerSettings()
-    store = open_store(settings) if presign else None
+    with FarmClient(settings) as client:
 
-    def show(result: RenderResult) -> None:
-        url = store.share_url(result.image.key, presign) if store is not None and presign else result.image.uri
-        typer.echo(f"{result.job_id}\t{url}")
+        def show(result: RenderResult) -> None:
+            url = client.image_url(result, presign) if presign else result.image.uri
+            typer.echo(f"{result.job_id}\t{url}")
 
-    record = wait_for_dataset(settings, parse_dataset_name(dataset), timeout, err, show if results else None)
+        record = wait_for_dataset(settings, parse_dataset_name(dataset), timeout, err, show if results else None)
     if report_failures(record, err):
         raise typer.Exit(EXIT_FAILED)
 
@@ -219,7 +219,13 @@ def export(
         ExportFormat,
         typer.Option("--format", help="imagefolder, parquet, jsonl, webdataset or contact-sheet."),
     ],
-    out: Annotated[str, typer.Option(help="A folder, or s3://bucket/prefix (same S3 endpoint as the farm's).")],
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="A folder, or s3://bucket/prefix (same S3 endpoint as the farm's). Through the gateway: "
+            "none, the export goes beside the dataset and its URLs are printed."
+        ),
+    ] = None,
     shard_mb: Annotated[int, typer.Option(min=1, help="webdataset: shard size in MiB.")] = 1024,
     count: Annotated[int, typer.Option(min=1, help="contact-sheet: how many images.")] = 64,
 ) -> None:
@@ -227,10 +233,21 @@ def export(
     tar shards, or a contact sheet of the first images with their prompts."""
     from fluxfarm.producer.export import export_dataset
     from fluxfarm.producer.progress import progress_bar
-    from fluxfarm.shared.storage import open_store, open_store_url
+    from fluxfarm.shared.storage import open_store_url
 
     settings = ProducerSettings()
     name = parse_dataset_name(dataset)
+    if settings.api_url:
+        from fluxfarm.producer.http_client import HttpFarmClient
+
+        with HttpFarmClient(settings) as client:
+            done = client.export(name, fmt, count=count, shard_mb=shard_mb)
+        err.print(f"exported {done['rows']} jobs of {name} as {fmt} to {done['location']}")
+        for url in done["urls"]:
+            typer.echo(url)
+        return
+    if out is None:
+        raise FarmError("--out: where to write the export (a folder or s3://bucket/prefix)")
     source = open_store(settings)
     dest = open_store_url(out, settings)
     with progress_bar(err, f"exporting {name} as {fmt}") as progress:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import redis
 from celery import states
@@ -34,8 +34,9 @@ from fluxfarm.shared.celery_app import (
     make_celery_app,
     task_id,
 )
-from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
+from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, store_manifest
 from fluxfarm.shared.errors import InvalidJob, JobConflict, ObjectNotFound
+from fluxfarm.shared.fleet import FleetReport, fleet_report
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.publish import PublishRefused, publish
@@ -95,7 +96,7 @@ class FarmClient:
         """A client configured from `FLUXFARM_*` variables (and `.env`)."""
         return cls(ProducerSettings())
 
-    def __enter__(self) -> FarmClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,6 +158,19 @@ class FarmClient:
     def cancel(self, dataset: str) -> int:
         """Drop the dataset's queued jobs (running ones finish); returns how many were dropped."""
         return self.datasets.cancel(dataset)
+
+    def dataset_names(self) -> list[str]:
+        """The active datasets (through the gateway: those the token may see)."""
+        return self.datasets.names()
+
+    def fleet(self) -> FleetReport:
+        """The live workers and the queues, unserved ones marked."""
+        return fleet_report(self._redis)
+
+    def store_manifest(self, record: DatasetRecord) -> None:
+        """Write the dataset's record beside its images, so storage alone tells what it is (a client
+        through the gateway leaves this to the gateway, which writes it at each upload)."""
+        store_manifest(self.store, record)
 
     def dataset_result(self, dataset: str, job_id: str) -> RenderResult | None:
         """The stored metadata of a job known by its dataset and id; None while it is not stored."""

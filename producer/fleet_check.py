@@ -5,14 +5,21 @@ from __future__ import annotations
 import redis
 from rich.console import Console
 
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import FleetReport, fleet_report
 from fluxfarm.shared.redis_conn import open_redis
-from fluxfarm.shared.settings import FarmSettings, redact_url
+from fluxfarm.shared.settings import redact_url
 
 
-def read_fleet(settings: FarmSettings) -> FleetReport:
-    """The fleet as the broker's Redis sees it; FarmError when the broker cannot be reached."""
+def read_fleet(settings: ProducerSettings) -> FleetReport:
+    """The fleet as the broker's Redis sees it (or the gateway, with FLUXFARM_API_URL); FarmError when it
+    cannot be reached."""
+    if settings.api_url:
+        from fluxfarm.producer.http_client import HttpFarmClient
+
+        with HttpFarmClient(settings) as gateway:
+            return gateway.fleet()
     client = open_redis(settings)
     try:
         return fleet_report(client)
@@ -22,7 +29,7 @@ def read_fleet(settings: FarmSettings) -> FleetReport:
         client.close()
 
 
-def warn_unserved(queues: set[str], settings: FarmSettings, err: Console) -> None:
+def warn_unserved(queues: set[str], settings: ProducerSettings, err: Console) -> None:
     """Say at once when jobs went to a queue no live worker consumes, instead of letting them wait silently."""
     if not queues:
         return

@@ -6,9 +6,11 @@ a `PosixPath`; a handle's `result()` waits with the gateway's long-poll, not a l
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -28,6 +30,7 @@ from fluxfarm.shared.errors import (
     JobFailed,
     QuotaExceeded,
 )
+from fluxfarm.shared.fleet import FleetReport
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_job
 from fluxfarm.shared.metadata import RenderResult
 
@@ -36,6 +39,7 @@ MAX_JOBS_PER_POST = 1000
 LONG_POLL_S = 30.0
 """How long one request waits for a job server-side; a longer wait asks again."""
 ROOM_POLL_S = 2.0
+EXPORT_POLL_S = 1.0
 
 
 class GatewayApi:
@@ -81,6 +85,12 @@ def _refusal(answer: httpx.Response) -> FarmError:
     if code == "farm_full":
         return RedisFull(message)
     return FarmError(message)
+
+
+def _chunks(body: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    """A file read a MiB at a time: the upload never holds it whole (a FIFO included)."""
+    while chunk := body.read(size):
+        yield chunk
 
 
 class HttpWaiter:
@@ -195,6 +205,45 @@ class HttpFarmClient(FarmClient):
             send()
         return counts
 
+    def upload_file(
+        self,
+        path: Path,
+        dataset: str,
+        defaults: Mapping[str, Any],
+        seeds: int = 1,
+        dry_run: bool = False,
+        skip_invalid: bool = False,
+        priority: Priority = "normal",
+    ) -> dict[str, Any]:
+        """Upload a prompt file as jobs of `dataset` (POST /v1/datasets/{name}/files), streamed as it is read;
+        the gateway's answer: valid and invalid rows, the first bad rows, and what was enqueued."""
+        params = {
+            "format": path.suffix.lower().removeprefix("."),
+            "seeds": seeds,
+            "dry_run": dry_run,
+            "skip_invalid": skip_invalid,
+            "priority": priority,
+            "defaults": json.dumps(dict(defaults)),
+        }
+        with path.open("rb") as body:
+            answer: dict[str, Any] = self._api.call(
+                "POST", f"/v1/datasets/{dataset}/files", params=params, content=_chunks(body)
+            )
+        return answer
+
+    def export(self, dataset: str, fmt: str, count: int = 64, shard_mb: int = 1024) -> dict[str, Any]:
+        """Export the dataset through the gateway (into the farm's storage, beside it) and wait for it; its
+        view: rows, location and URLs. FarmError if it failed."""
+        body = {"format": fmt, "count": count, "shard_mb": shard_mb}
+        started = self._api.call("POST", f"/v1/datasets/{dataset}/exports", json=body)
+        while True:
+            view: dict[str, Any] = self._api.call("GET", f"/v1/datasets/{dataset}/exports/{started['export_id']}")
+            if view["state"] == "done":
+                return view
+            if view["state"] == "failed":
+                raise FarmError(f"export of {dataset} failed: {view['error']}")
+            time.sleep(EXPORT_POLL_S)
+
     def stored_result(self, job: RenderJob) -> RenderResult | None:
         result = self.dataset_result(job.dataset, job.id)
         return owned_result(job, result) if result is not None else None
@@ -242,3 +291,12 @@ class HttpFarmClient(FarmClient):
 
     def cancel(self, dataset: str) -> int:
         return int(self._api.call("POST", f"/v1/datasets/{dataset}/cancel")["cancelled"])
+
+    def dataset_names(self) -> list[str]:
+        return [str(name) for name in self._api.call("GET", "/v1/datasets")["datasets"]]
+
+    def fleet(self) -> FleetReport:
+        return FleetReport.model_validate(self._api.call("GET", "/v1/fleet"))
+
+    def store_manifest(self, record: DatasetRecord) -> None:
+        """The gateway writes the manifest at each upload; a client through it writes nothing to storage."""

@@ -54,7 +54,10 @@ class FarmStatus(BaseModel):
 
 
 def read_status(settings: ProducerSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
-    """The fleet and every dataset (or just `dataset`, with its stored objects counted if `list_storage`)."""
+    """The fleet and every dataset (or just `dataset`, with its stored objects counted if `list_storage`).
+    Through the gateway (FLUXFARM_API_URL): the fleet and the token's datasets, no dead letters or Redis."""
+    if settings.api_url:
+        return _read_status_via_gateway(settings, dataset)
     fleet = read_fleet(settings)
     client = open_redis(settings)
     book = DatasetBook(client)
@@ -75,6 +78,15 @@ def read_status(settings: ProducerSettings, dataset: str | None = None, list_sto
     return FarmStatus(
         fleet=fleet, datasets=datasets, dead_letters=letters, dead_letter_count=letter_count, redis_memory=memory
     )
+
+
+def _read_status_via_gateway(settings: ProducerSettings, dataset: str | None) -> FarmStatus:
+    from fluxfarm.producer.http_client import HttpFarmClient
+
+    with HttpFarmClient(settings) as gateway:
+        names = [dataset] if dataset is not None else gateway.dataset_names()
+        records = [DatasetStatus(record=gateway.dataset_record(name)) for name in names]
+        return FarmStatus(fleet=gateway.fleet(), datasets=records)
 
 
 def _redis_memory(room: RedisRoom, fleet: FleetReport, records: list[DatasetRecord]) -> Room | None:

@@ -57,6 +57,16 @@ def _dataset(record: Caller, name: str) -> str:
     return dataset
 
 
+class DatasetNames(BaseModel):
+    datasets: list[str]
+
+
+@router.get("")
+def list_datasets(request: Request, record: Caller) -> DatasetNames:
+    """The active datasets this token may see (every one, for an admin token)."""
+    return DatasetNames(datasets=[name for name in _client(request).dataset_names() if record.grant.allows(name)])
+
+
 @router.get("/{name}")
 def read_dataset(request: Request, record: Caller, name: str) -> DatasetRecord:
     """The dataset's progress now, as `fluxfarm status --dataset` shows it: counts, rate, ETA, failures."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Farm
+from tests.conftest import Farm, run_fluxfarm
 from tests.fault_farm import wait_until
 from tests.gateway_process import Gateway, running_gateway
 
@@ -222,3 +223,53 @@ def test_an_export_runs_in_the_background_and_answers_with_urls(gateway: Gateway
         assert http.post("/v1/datasets/alice-moths/exports", json={"format": "gif"}).status_code == 422
     with gateway.client(bob) as http:
         assert http.get(f"/v1/datasets/alice-moths/exports/{export_id}").status_code == 403
+
+
+def test_the_cli_submits_waits_reports_exports_and_cancels_through_the_gateway(
+    gateway: Gateway, alice: str, tmp_path: Path
+) -> None:
+    """No Redis, no S3 credentials: only FLUXFARM_API_URL and a token (issue 19, point 4)."""
+    env = {
+        "FLUXFARM_API_URL": gateway.url,
+        "FLUXFARM_API_TOKEN": alice,
+        "FLUXFARM_BROKER_URL": "redis://unreachable.invalid:1/0",
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+    }
+    size = ["--width", "256", "--height", "256", "--steps", "2"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a beetle\na wasp\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
+
+    checked = run_fluxfarm("submit", str(bad), "--dataset", "alice-cli", "--dry-run", *size, env=env)
+    assert checked.returncode == 2 and f"{bad}:2" in checked.stderr and "1 invalid rows" in checked.stderr
+    done = run_fluxfarm("submit", str(prompts), "--dataset", "alice-cli", *size, "--wait", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "queued 2 jobs" in done.stderr
+
+    one = run_fluxfarm("submit", "--prompt", "a moth", "--dataset", "alice-cli", *size, "--wait", env=env)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.count("\t") == 1
+
+    status = run_fluxfarm("status", "--dataset", "alice-cli", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    record = json.loads(status.stdout)["datasets"][0]["record"]
+    assert (record["name"], record["done"], record["queued"]) == ("alice-cli", 3, 0)
+    listed = run_fluxfarm("status", "--json", env=env)
+    names = {entry["record"]["name"] for entry in json.loads(listed.stdout)["datasets"]}
+    assert "alice-cli" in names and not [name for name in names if not name.startswith("alice-")]
+
+    waited = run_fluxfarm("wait", "--dataset", "alice-cli", "--results", "--presign", "600", env=env)
+    assert waited.returncode == 0, waited.stderr
+    urls = [line.split("\t")[1] for line in waited.stdout.splitlines()]
+    assert len(urls) == 3 and httpx.get(urls[0], timeout=30).content.startswith(b"\x89PNG")
+
+    exported = run_fluxfarm("export", "--dataset", "alice-cli", "--format", "jsonl", env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert len(httpx.get(exported.stdout.split()[0], timeout=30).text.splitlines()) == 3
+
+    cancelled = run_fluxfarm("cancel", "--dataset", "alice-cli", env=env)
+    assert cancelled.returncode == 0 and "cancelled 0 queued jobs" in cancelled.stderr
+    refused = run_fluxfarm("status", "--dataset", "bob-x", env=env)
+    assert refused.returncode == 1 and "may not touch dataset 'bob-x'" in refused.stderr
