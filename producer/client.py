@@ -37,7 +37,7 @@ from fluxfarm.shared.celery_app import (
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, store_manifest
 from fluxfarm.shared.errors import InvalidJob, JobConflict, ObjectNotFound
 from fluxfarm.shared.fleet import FleetReport, fleet_report
-from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job
+from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job, parse_jobs
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.publish import PublishRefused, publish
 from fluxfarm.shared.redis_conn import open_redis
@@ -187,15 +187,7 @@ class FarmClient:
 
     def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]], priority: Priority = "normal") -> JobBatch:
         """Validate every job first (nothing is enqueued if any is invalid), then enqueue them all."""
-        valid: list[RenderJob] = []
-        problems: list[str] = []
-        for index, job in enumerate(jobs):
-            try:
-                valid.append(parse_job(dict(job) if isinstance(job, Mapping) else job))
-            except InvalidJob as error:
-                problems.append(f"job {index}: {error}")
-        if problems:
-            raise InvalidJob("; ".join(problems))
+        valid = parse_jobs(jobs)
         return JobBatch(self._app, [self._submit_valid(self._inputs.stage(job), priority) for job in valid])
 
     def submit_stream(

@@ -31,7 +31,7 @@ from fluxfarm.shared.errors import (
     QuotaExceeded,
 )
 from fluxfarm.shared.fleet import FleetReport
-from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_job
+from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_job, parse_jobs
 from fluxfarm.shared.metadata import RenderResult
 
 MAX_JOBS_PER_POST = 1000
@@ -149,15 +149,7 @@ class HttpFarmClient(FarmClient):
         return self._handles([valid], self._post([valid], priority))[0]
 
     def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]], priority: Priority = "normal") -> JobBatch:
-        valid: list[RenderJob] = []
-        problems: list[str] = []
-        for index, job in enumerate(jobs):
-            try:
-                valid.append(parse_job(dict(job) if isinstance(job, Mapping) else job))
-            except InvalidJob as error:
-                problems.append(f"job {index}: {error}")
-        if problems:
-            raise InvalidJob("; ".join(problems))
+        valid = parse_jobs(jobs)
         handles: list[JobHandle] = []
         for start in range(0, len(valid), MAX_JOBS_PER_POST):
             chunk = valid[start : start + MAX_JOBS_PER_POST]

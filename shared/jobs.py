@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -189,6 +190,23 @@ def validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
 def describe_validation_error(error: ValidationError) -> str:
     """One readable line for every problem: `width: Input should be a multiple of 16; seed: ...`."""
     return "; ".join(f"{where}: {reason}" for where, reason in validation_problems(error))
+
+
+def parse_jobs(items: Iterable[RenderJob | Mapping[str, Any]]) -> list[RenderJob]:
+    """Every job validated, or InvalidJob naming each bad one (`job 3: width: ...`, field `3.width`):
+    a batch is sent whole or not at all."""
+    jobs: list[RenderJob] = []
+    lines: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for index, item in enumerate(items):
+        try:
+            jobs.append(parse_job(dict(item) if isinstance(item, Mapping) else item))
+        except InvalidJob as error:
+            lines.append(f"job {index}: {error}")
+            problems += [(f"{index}.{field}", reason) for field, reason in error.problems or (("job", str(error)),)]
+    if lines:
+        raise InvalidJob("; ".join(lines), tuple(problems))
+    return jobs
 
 
 def parse_job(data: RenderJob | dict[str, Any]) -> RenderJob:

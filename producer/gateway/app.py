@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway import datasets_api, exports_api, jobs_api, uploads_api
 from fluxfarm.producer.gateway.auth import Caller
-from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse, install_error_handlers
+from fluxfarm.producer.gateway.errors import ApiError, error_responses, install_error_handlers
 from fluxfarm.producer.gateway.metrics import GatewayMetrics
 from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.producer.gateway.tokens import TokenBook
@@ -66,7 +66,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return JSONResponse({"ok": False, "reason": type(error).__name__}, status_code=503)
         return JSONResponse({"ok": True})
 
-    @app.get("/v1/fleet", tags=["operations"], responses={401: {"model": ErrorResponse}})
+    @app.get("/v1/fleet", tags=["operations"], responses=error_responses(401))
     def fleet(request: Request, record: Caller) -> FleetReport:
         """The live workers (cards, levels, images/hour, heartbeats) and the queues, unserved ones marked.
         Where a worker serves its metrics is an operator's concern: an admin token's answer only."""
@@ -76,7 +76,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         workers = [worker.model_copy(update={"metrics_url": None}) for worker in report.workers]
         return report.model_copy(update={"workers": workers})
 
-    @app.get("/metrics", tags=["operations"], responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+    @app.get("/metrics", tags=["operations"], responses=error_responses(401, 403))
     def prometheus(record: Caller) -> Response:
         """Prometheus metrics of the gateway and each token's usage: an admin token's read (token names
         are not every tenant's to see). Prometheus sends it with `authorization: {credentials_file: ...}`."""

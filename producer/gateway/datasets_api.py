@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets
-from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
+from fluxfarm.producer.gateway.errors import ApiError, error_responses
 from fluxfarm.shared.datasets import DatasetRecord
 from fluxfarm.shared.jobs import parse_dataset_name, parse_job_id
 from fluxfarm.shared.metadata import RenderResult
@@ -22,7 +22,7 @@ MAX_PAGE = 200
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
-    responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)},
+    responses=error_responses(401, 403, 404, 422),
 )
 
 

@@ -7,6 +7,7 @@ where fields are at fault, each field's path and reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +34,11 @@ class ErrorResponse(BaseModel):
     """What every non-2xx answer of the gateway holds (in the OpenAPI document as such)."""
 
     error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route or router that may refuse with these statuses."""
+    return {status: {"model": ErrorResponse} for status in statuses}
 
 
 class ApiError(Exception):

@@ -19,7 +19,7 @@ from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.export import ExportFormat, export_dataset
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets
-from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
+from fluxfarm.producer.gateway.errors import ApiError, error_responses
 from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.shared import keys
 from fluxfarm.shared.jobs import parse_dataset_name
@@ -36,7 +36,7 @@ EXPORTS_AT_ONCE = 2
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["exports"],
-    responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)},
+    responses=error_responses(401, 403, 404, 422),
 )
 
 

@@ -12,12 +12,12 @@ from pydantic import BaseModel
 from fluxfarm.producer.client import FarmClient, JobOutcome
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets, check_priority
-from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
+from fluxfarm.producer.gateway.errors import ApiError, error_responses
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.shared.celery_app import Priority
 from fluxfarm.shared.datasets import JobState
 from fluxfarm.shared.errors import InvalidJob
-from fluxfarm.shared.jobs import RenderJob, parse_dataset_name, parse_job, parse_job_id
+from fluxfarm.shared.jobs import RenderJob, parse_dataset_name, parse_job, parse_job_id, parse_jobs
 from fluxfarm.shared.metadata import RenderResult
 
 MAX_JOBS_PER_POST = 1000
@@ -25,11 +25,8 @@ MAX_JOBS_PER_POST = 1000
 MAX_WAIT_S = 60.0
 """The longest a `wait` holds a request open; a client waiting longer asks again."""
 _WAIT_POLL_S = 0.25
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 403, 404, 422, 429, 503)
-}
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=_ERRORS)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 422, 429, 503))
 
 
 class JobRef(BaseModel):
@@ -72,20 +69,11 @@ def _usage(request: Request) -> TokenUsage:
 
 def _parse_jobs(body: dict[str, Any] | list[Any]) -> list[RenderJob]:
     """Every job of the body, or InvalidJob naming each bad field as `<index>.<field>` in a list."""
-    items = body if isinstance(body, list) else [body]
-    if not items or len(items) > MAX_JOBS_PER_POST:
+    if not isinstance(body, list):
+        return [parse_job(body)]
+    if not body or len(body) > MAX_JOBS_PER_POST:
         raise InvalidJob(f"send 1 to {MAX_JOBS_PER_POST} jobs; a larger set is a dataset file upload")
-    jobs, problems = [], []
-    for index, item in enumerate(items):
-        try:
-            jobs.append(parse_job(item))
-        except InvalidJob as error:
-            prefix = f"{index}." if isinstance(body, list) else ""
-            pairs = error.problems or (("job", str(error)),)
-            problems += [(f"{prefix}{field}", reason) for field, reason in pairs]
-    if problems:
-        raise InvalidJob("; ".join(f"{field}: {reason}" for field, reason in problems), tuple(problems))
-    return jobs
+    return parse_jobs(body)
 
 
 @router.post("", status_code=202)

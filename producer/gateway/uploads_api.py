@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets, check_priority
-from fluxfarm.producer.gateway.errors import ApiError, ErrorResponse
+from fluxfarm.producer.gateway.errors import ApiError, error_responses
 from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.producer.gateway.tokens import TokenRecord
 from fluxfarm.producer.gateway.usage import TokenUsage
@@ -40,7 +40,7 @@ MAX_DEFAULTS_CHARS = 4096
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
-    responses={status: {"model": ErrorResponse} for status in (401, 403, 413, 422, 429, 503)},
+    responses=error_responses(401, 403, 413, 422, 429, 503),
 )
 
 
