@@ -7,6 +7,7 @@ a `PosixPath`; a handle's `result()` waits with the gateway's long-poll, not a l
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -45,9 +46,14 @@ EXPORT_POLL_S = 1.0
 class GatewayApi:
     """The gateway's JSON API: each refusal raised as the Redis client raises it."""
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, ca_file: Path | None = None) -> None:
+        """`ca_file`: the CA that signed the gateway's certificate (FLUXFARM_TLS_CA_FILE); the system's CAs
+        when None. The certificate is always checked."""
         self._http = httpx.Client(
-            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=LONG_POLL_S + 30
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=LONG_POLL_S + 30,
+            verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file else True,
         )
 
     def close(self) -> None:
@@ -125,7 +131,8 @@ class HttpFarmClient(FarmClient):
         self.settings = settings or ProducerSettings()
         if not self.settings.api_url or self.settings.api_token is None:
             raise FarmError("the gateway client needs FLUXFARM_API_URL and FLUXFARM_API_TOKEN")
-        self._api = GatewayApi(self.settings.api_url, self.settings.api_token.get_secret_value())
+        token = self.settings.api_token.get_secret_value()
+        self._api = GatewayApi(self.settings.api_url, token, self.settings.tls_ca_file)
 
     def close(self) -> None:
         self._api.close()

@@ -14,7 +14,7 @@ import redis
 from fluxfarm.producer.local_stack import free_port
 
 START = Path(__file__).resolve().parents[1] / "infra" / "redis" / "start.sh"
-USERS = ("admin", "worker", "producer", "exporter", "flower")
+USERS = ("admin", "worker", "producer", "gateway", "exporter", "flower")
 PASSWORDS = {user: f"{user}-test-secret" for user in USERS}
 
 

@@ -7,7 +7,7 @@ set -eu
 here=$(dirname "$0")
 acl=${REDIS_ACL_FILE:-/tmp/fluxfarm-users.acl}
 fill=""
-for user in ADMIN WORKER PRODUCER EXPORTER FLOWER; do
+for user in ADMIN WORKER PRODUCER GATEWAY EXPORTER FLOWER; do
     eval "password=\${REDIS_${user}_PASSWORD:-}"
     case "$password" in
         "") echo "start.sh: REDIS_${user}_PASSWORD is not set" >&2; exit 1 ;;

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway import datasets_api, exports_api, jobs_api, uploads_api
 from fluxfarm.producer.gateway.auth import Caller
+from fluxfarm.producer.gateway.body_limit import BodyLimit
 from fluxfarm.producer.gateway.errors import ApiError, error_responses, install_error_handlers
 from fluxfarm.producer.gateway.metrics import GatewayMetrics
 from fluxfarm.producer.gateway.settings import GatewaySettings
@@ -20,6 +21,7 @@ from fluxfarm.producer.gateway.tokens import TokenBook
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.shared import __version__
 from fluxfarm.shared.fleet import FleetReport, fleet_report
+from fluxfarm.shared.units import MIB
 
 READS_IN_FLIGHT = 16
 """Storage reads one request makes at once (a page of results' metadata)."""
@@ -50,6 +52,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=int(settings.gateway_max_body_mib * MIB))
     metrics = GatewayMetrics()
     metrics.install(app)
     app.include_router(jobs_api.router)

@@ -4,12 +4,14 @@ producer-side Redis credentials (the gateway's own, or an admin's)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from fluxfarm.producer.cli import err, out
+from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.tokens import TokenBook
 from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.errors import FarmError
@@ -38,7 +40,9 @@ def create(
 ) -> None:
     """Make a token and print it: the only time it is shown (Redis keeps its hash)."""
     grant = {"datasets": _items(datasets), "max_queued": max_queued, "priorities": _items(priorities), "admin": admin}
-    token = _book().create(name, grant)
+    book = _book()
+    token = book.create(name, grant)
+    audit(book.redis, "token-create", name, grant=grant)
     out.print(token, highlight=False)
 
 
@@ -61,7 +65,9 @@ def list_tokens() -> None:
 @tokens.command("revoke")
 def revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
     """Revoke a token: every request that presents it from now on is refused."""
-    _book().revoke(name)
+    book = _book()
+    book.revoke(name)
+    audit(book.redis, "token-revoke", name)
     err.print(f"revoked {escape(name)}", highlight=False)
 
 
@@ -70,6 +76,10 @@ def gateway(
         str, typer.Option(help="Address to listen on; a reverse proxy in front terminates TLS.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM), where no proxy is in front.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
 ) -> None:
     """Serve the HTTP gateway: the one service a shared farm's producers talk to, with bearer tokens
     (`fluxfarm token create`). It holds the producer-side Redis and S3 credentials; nobody else needs them."""
@@ -81,4 +91,14 @@ def gateway(
     except ImportError as error:
         raise FarmError(f"the gateway needs the [gateway] extra: pip install 'fluxfarm[gateway]' ({error})") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(GatewaySettings()), host=host, port=port, log_level="info", access_log=False)
+    if (tls_cert is None) != (tls_key is None):
+        raise FarmError("--tls-cert and --tls-key go together")
+    uvicorn.run(
+        create_app(GatewaySettings()),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+    )

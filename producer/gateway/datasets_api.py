@@ -124,5 +124,5 @@ def cancel_dataset(request: Request, record: Caller, name: str) -> Cancelled:
     """Drop the dataset's queued jobs (workers discard their messages unrendered); running ones finish."""
     dataset = _dataset(record, name)
     count = _client(request).cancel(dataset)
-    audit("cancel", record.name, dataset=dataset, cancelled=count)
+    audit(_client(request).redis, "cancel", record.name, dataset=dataset, cancelled=count)
     return Cancelled(dataset=dataset, cancelled=count)

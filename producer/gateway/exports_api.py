@@ -100,7 +100,7 @@ def start_export(request: Request, record: Caller, name: str, order: ExportReque
     )
     state.client.redis.expire(keys.export(dataset, export_id), KEEP_S)
     state.exports.submit(_run, state.client, state.settings, dataset, export_id, order)
-    audit("export", record.name, dataset=dataset, export_id=export_id, format=order.format)
+    audit(state.client.redis, "export", record.name, dataset=dataset, export_id=export_id, format=order.format)
     return ExportView(export_id=export_id, dataset=dataset, format=order.format, state="queued")
 
 

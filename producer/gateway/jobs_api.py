@@ -95,7 +95,14 @@ def submit_jobs(
         jobs, priority=priority, on_outcome=lambda job, outcome: outcomes.setdefault((job.dataset, job.id), outcome)
     )
     usage.note_submitted(record.name, per_dataset, counts.enqueued)
-    audit("submit", record.name, datasets=dict(per_dataset), enqueued=counts.enqueued, priority=priority)
+    audit(
+        _client(request).redis,
+        "submit",
+        record.name,
+        datasets=dict(per_dataset),
+        enqueued=counts.enqueued,
+        priority=priority,
+    )
     return Submitted(
         jobs=[JobRef(job_id=job.id, dataset=job.dataset, outcome=outcomes[(job.dataset, job.id)]) for job in jobs],
         enqueued=counts.enqueued,

@@ -80,7 +80,7 @@ class TokenBook:
     """The tokens of one farm, in its Redis (shared/keys.py: TOKENS, TOKEN_NAMES)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._redis = client
+        self.redis = client
 
     def create(self, name: str, grant: Mapping[str, object] | TokenGrant) -> str:
         """Make a token named `name` and return it: the only time it is seen. A name is taken once."""
@@ -90,29 +90,29 @@ class TokenBook:
             raise TokenError(describe_validation_error(error)) from None
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_digest(token)
-        if not self._redis.hsetnx(keys.TOKEN_NAMES, record.name, digest):
+        if not self.redis.hsetnx(keys.TOKEN_NAMES, record.name, digest):
             raise TokenError(f"a token named {name!r} exists: revoke it first, or choose another name")
-        self._redis.hset(keys.TOKENS, digest, record.model_dump_json())
+        self.redis.hset(keys.TOKENS, digest, record.model_dump_json())
         return token
 
     def find(self, token: str) -> TokenRecord | None:
         """The record of a presented token; None for an unknown or revoked one."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
             return None
-        raw = self._redis.hget(keys.TOKENS, token_digest(token))
+        raw = self.redis.hget(keys.TOKENS, token_digest(token))
         return None if raw is None else TokenRecord.model_validate_json(raw)
 
     def records(self) -> list[TokenRecord]:
         """Every live token's record, by name."""
-        raws = self._redis.hvals(keys.TOKENS)
+        raws = self.redis.hvals(keys.TOKENS)
         return sorted((TokenRecord.model_validate_json(raw) for raw in raws), key=lambda record: record.name)
 
     def revoke(self, name: str) -> None:
         """Revoke the token named `name`: the next request that presents it is refused."""
-        digest = self._redis.hget(keys.TOKEN_NAMES, name)
+        digest = self.redis.hget(keys.TOKEN_NAMES, name)
         if digest is None:
             raise TokenError(f"no token named {name!r}")
-        with self._redis.pipeline(transaction=True) as pipe:
+        with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(keys.TOKENS, text(digest))
             pipe.hdel(keys.TOKEN_NAMES, name)
             pipe.execute()

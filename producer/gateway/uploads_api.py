@@ -151,7 +151,7 @@ def _submit(
     client.datasets.set_defaults(dataset, defaults)
     store_manifest(client.store, client.datasets.record(dataset))
     usage.note_submitted(record.name, Counter({dataset: valid}), counts.enqueued)
-    audit("submit-file", record.name, dataset=dataset, enqueued=counts.enqueued, priority=priority)
+    audit(client.redis, "submit-file", record.name, dataset=dataset, enqueued=counts.enqueued, priority=priority)
     return outcome.model_copy(
         update={
             "enqueued": counts.enqueued,

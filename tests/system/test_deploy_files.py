@@ -106,7 +106,7 @@ def test_redis_persists_with_aof_refuses_eviction_and_starts_with_the_acl_users(
     )
     assert not [arg for arg in command if "PASSWORD" in arg], "no password on the command line"
     users = re.findall(r"^user (\w+)", (ROOT / "infra" / "redis" / "users.acl").read_text(), re.MULTILINE)
-    assert users == ["default", "admin", "worker", "producer", "exporter", "flower"]
+    assert users == ["default", "admin", "worker", "producer", "gateway", "exporter", "flower"]
     for user in users[1:]:
         assert _env("redis")[f"REDIS_{user.upper()}_PASSWORD"].startswith(f"${{REDIS_{user.upper()}_PASSWORD:?")
     assert any(volume.endswith(":/data") for volume in SERVICES["redis"]["volumes"])
@@ -115,13 +115,13 @@ def test_redis_persists_with_aof_refuses_eviction_and_starts_with_the_acl_users(
 def test_each_fluxfarm_service_holds_its_own_redis_user_and_no_root_keys() -> None:
     """Issue 18, finding 8: one Redis password with every command, and MinIO's root keys, went to workers,
     producers and the exporter alike."""
-    users = {"worker": "worker", "producer": "producer", "exporter": "exporter"}
+    users = {"worker": "worker", "gateway": "gateway", "exporter": "exporter"}
     for service, user in users.items():
         assert _env(service)["FLUXFARM_BROKER_URL"].startswith(f"redis://{user}:${{REDIS_{user.upper()}_PASSWORD:?")
     assert _env("flower")["FLUXFARM_BROKER_URL"].startswith("redis://flower:${REDIS_FLOWER_PASSWORD:?")
     assert SERVICES["flower"]["entrypoint"] == ["celery", "-A", "fluxfarm.celery"], "the farm's own Celery app"
     assert _env("worker")["AWS_ACCESS_KEY_ID"] == "fluxfarm-worker"
-    assert _env("producer")["AWS_ACCESS_KEY_ID"] == "fluxfarm-producer"
+    assert _env("gateway")["AWS_ACCESS_KEY_ID"] == "fluxfarm-producer"
     assert "AWS_SECRET_ACCESS_KEY" not in _env("exporter")
     holders = {name for name in SERVICES if any("MINIO_ROOT" in value for value in _env(name).values())}
     assert holders == {"minio", "minio-init"}
@@ -193,7 +193,9 @@ def test_monitoring_stays_on_the_host_and_flower_needs_a_password() -> None:
     assert "${GRAFANA_ADMIN_PASSWORD:?" in SERVICES["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
 
 
-@pytest.mark.parametrize("service", ["redis", "minio", "worker", "exporter", "flower", "prometheus", "grafana"])
+@pytest.mark.parametrize(
+    "service", ["redis", "minio", "worker", "gateway", "exporter", "flower", "prometheus", "grafana"]
+)
 def test_long_running_services_have_healthchecks(service: str) -> None:
     assert SERVICES[service]["healthcheck"]["test"][0] == "CMD"
 
@@ -205,10 +207,24 @@ def test_stateful_services_keep_their_data_in_named_volumes(service: str) -> Non
 
 
 def test_services_start_after_what_they_need() -> None:
-    for service in ("worker", "producer"):
+    for service in ("worker", "gateway"):
         needs = SERVICES[service]["depends_on"]
         assert needs["redis"]["condition"] == "service_healthy"
         assert needs["minio-init"]["condition"] == "service_completed_successfully"
+    assert SERVICES["producer"]["depends_on"] == {"gateway": {"condition": "service_healthy"}}
+
+
+def test_producers_hold_a_gateway_token_and_no_redis_password_nor_storage_keys() -> None:
+    """Issue 19, acceptance 6: the producer-side Redis and MinIO credentials live in the gateway alone."""
+    producer = _env("producer")
+    assert producer == {"FLUXFARM_API_URL": "http://gateway:8080", "FLUXFARM_API_TOKEN": "${FLUXFARM_API_TOKEN:-}"}
+    holders = {name for name in SERVICES if any("REDIS_PRODUCER_PASSWORD" in value for value in _env(name).values())}
+    assert holders == {"redis"}, "no service runs on the direct producer user; the gateway has its own"
+    assert SERVICES["gateway"]["ports"] == ["127.0.0.1:8080:8080"], "others come in through the TLS proxy"
+    tls = yaml.safe_load((ROOT / "infra" / "compose.tls.yml").read_text())["services"]["gateway-proxy"]
+    assert tls["ports"] == ["8443:8443"] and "./infra/caddy/Caddyfile:/etc/caddy/Caddyfile:ro" in tls["volumes"]
+    caddyfile = (ROOT / "infra" / "caddy" / "Caddyfile").read_text()
+    assert "tls /tls/server.crt /tls/server.key" in caddyfile and "max_size" in caddyfile
 
 
 def test_no_secret_is_baked_into_compose() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import Farm, run_fluxfarm
 from tests.fault_farm import wait_until
@@ -23,7 +24,7 @@ WAIT_S = 60
 @pytest.fixture(scope="module")
 def gateway(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    limit = {"FLUXFARM_GATEWAY_MAX_UPLOAD_MIB": "0.05"}  # 51 KiB: an upload test passes it
+    limit = {"FLUXFARM_GATEWAY_MAX_UPLOAD_MIB": "0.05", "FLUXFARM_GATEWAY_MAX_BODY_MIB": "0.5"}  # tests pass both
     with running_gateway(farm.settings, log, limit) as gateway:
         yield gateway
 
@@ -47,7 +48,9 @@ def test_no_token_or_an_unknown_one_is_401_as_json(gateway: Gateway, alice: str)
     assert httpx.get(f"{gateway.url}/healthz").json() == {"ok": True}
 
 
-def test_alice_submits_waits_and_downloads_her_image_through_its_url(gateway: Gateway, alice: str) -> None:
+def test_alice_submits_waits_and_downloads_her_image_through_its_url(
+    gateway: Gateway, alice: str, redis_client: redis.Redis
+) -> None:
     jobs = [{"prompt": f"a moth on bark, study {i}", "seed": i, "dataset": "alice-moths", **JOB} for i in range(2)]
     with gateway.client(alice) as http:
         sent = http.post("/v1/jobs", json=jobs)
@@ -68,9 +71,14 @@ def test_alice_submits_waits_and_downloads_her_image_through_its_url(gateway: Ga
         assert http.get("/v1/datasets/alice-none").status_code == 404
         assert http.get(f"/v1/jobs/{'0' * 32}", params={"dataset": "alice-moths"}).status_code == 404
     lines = gateway.log.read_text().splitlines()
-    audit = [json.loads(line.split("fluxfarm.audit: ", 1)[1]) for line in lines if "fluxfarm.audit: " in line]
-    assert any(entry["action"] == "submit" and entry["token"] == "alice" for entry in audit), audit
+    logged = [json.loads(line.split("fluxfarm.audit: ", 1)[1]) for line in lines if "fluxfarm.audit: " in line]
+    assert any(entry["action"] == "submit" and entry["token"] == "alice" for entry in logged), logged
     assert alice not in gateway.log.read_text()
+    kept = [json.loads(fields[b"entry"]) for _, fields in redis_client.xrange("fluxfarm:audit")]
+    assert {"action": "token-create", "token": "alice"}.items() <= kept[0].items()
+    assert kept[0]["grant"]["datasets"] == ["alice-*"]
+    assert any(entry["action"] == "submit" and entry["datasets"] == {"alice-moths": 2} for entry in kept)
+    assert not [entry for entry in kept if alice in json.dumps(entry)]
 
 
 def test_bob_may_not_touch_alice_s_datasets_nor_jump_the_queue(gateway: Gateway, bob: str) -> None:
@@ -273,3 +281,14 @@ def test_the_cli_submits_waits_reports_exports_and_cancels_through_the_gateway(
     assert cancelled.returncode == 0 and "cancelled 0 queued jobs" in cancelled.stderr
     refused = run_fluxfarm("status", "--dataset", "bob-x", env=env)
     assert refused.returncode == 1 and "may not touch dataset 'bob-x'" in refused.stderr
+
+
+def test_a_body_over_the_limit_is_413_whether_it_declares_its_length_or_not(gateway: Gateway, alice: str) -> None:
+    jobs = [{"prompt": "x" * 500, "dataset": "alice-big", "seed": i, **JOB} for i in range(1000)]  # ~0.6 MiB
+    with gateway.client(alice) as http:
+        declared = http.post("/v1/jobs", json=jobs)
+        assert declared.status_code == 413 and declared.json()["error"]["code"] == "too_large"
+        body = json.dumps(jobs).encode()
+        chunked = http.post("/v1/jobs", content=(body[i : i + 65536] for i in range(0, len(body), 65536)))
+        assert chunked.status_code == 413, chunked.text
+        assert http.get("/v1/datasets/alice-big").status_code == 404

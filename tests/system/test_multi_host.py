@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -29,7 +30,7 @@ REDIS_PASSWORD = "multi-host-pw-1f3a"
 """The worker user's (the guide's GPU host connects as `worker`)."""
 REDIS_PASSWORDS = {
     f"REDIS_{user}_PASSWORD": f"{user.lower()}-pw-{index}"
-    for index, user in enumerate(("ADMIN", "PRODUCER", "EXPORTER", "FLOWER"))
+    for index, user in enumerate(("ADMIN", "PRODUCER", "GATEWAY", "EXPORTER", "FLOWER"))
 } | {"REDIS_WORKER_PASSWORD": REDIS_PASSWORD}
 BUCKET = "farm-multi-host"
 
@@ -176,19 +177,14 @@ def test_the_guide_s_commands_connect_a_worker_host_and_a_producer_over_tls(
             time.sleep(0.5)
         host_log = log_path.read_text(errors="replace")
         assert "0 workers" in host_log  # `fluxfarm status` answered over TLS before the worker started
-        as_producer = {
-            **env,
-            "FARM_REDIS_USER": "producer",
-            "REDIS_PASSWORD": REDIS_PASSWORDS["REDIS_PRODUCER_PASSWORD"],
-        }
-        producer = bash(
-            blocks["connect"] + blocks["producer"],
-            as_producer,
-            tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        output, _ = producer.communicate(timeout=300)
+        with gateway_over_tls(central, env, tmp_path) as (gateway_port, token):
+            # The producer's machine: the guide's exports and nothing else of the farm's secrets.
+            as_producer = {name: env[name] for name in ("PATH", "HOME", "FARM_HOST", "FLUXFARM_CA", "COLUMNS")} | {
+                "FARM_GATEWAY_PORT": str(gateway_port),
+                "FARM_TOKEN": token,
+            }
+            producer = bash(blocks["producer"], as_producer, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            output, _ = producer.communicate(timeout=300)
         assert producer.returncode == 0, output
         assert f"s3://{BUCKET}/renders/multi-host/" in output
     finally:
@@ -200,6 +196,46 @@ def test_the_guide_s_commands_connect_a_worker_host_and_a_producer_over_tls(
     keys = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/multi-host/")["Contents"]]
     assert len([key for key in keys if key.endswith(".png")]) == 1
     assert len([key for key in keys if key.endswith(".json")]) == 1
+
+
+@contextmanager
+def gateway_over_tls(central: Path, host: dict[str, str], work: Path) -> Iterator[tuple[int, str]]:
+    """The central host's gateway on its own Redis user, serving HTTPS with the farm's certificate (Caddy's
+    part in compose), and a token made as the guide makes one: (its port, the token)."""
+    tls = central / "infra" / "tls"
+    port = free_port()
+    env = {
+        **host,
+        "FLUXFARM_BROKER_URL": (
+            f"rediss://gateway:{REDIS_PASSWORDS['REDIS_GATEWAY_PASSWORD']}@localhost:{host['FARM_REDIS_PORT']}/0"
+        ),
+        "FLUXFARM_STORAGE_URL": f"s3://{BUCKET}/renders",
+        "FLUXFARM_S3_ENDPOINT_URL": f"https://localhost:{host['FARM_S3_PORT']}",
+        "FLUXFARM_TLS_CA_FILE": str(tls / "ca.crt"),
+        "AWS_ACCESS_KEY_ID": host["FARM_S3_USER"],
+        "AWS_SECRET_ACCESS_KEY": host["S3_PASSWORD"],
+    }
+    made = subprocess.run(
+        ["fluxfarm", "token", "create", "multi-host", "--datasets", "multi-*"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    command = ["fluxfarm", "gateway", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--tls-cert", str(tls / "server.crt"), "--tls-key", str(tls / "server.key")]
+    with (work / "gateway.log").open("wb") as log:
+        gateway = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while b"Uvicorn running" not in (work / "gateway.log").read_bytes():
+            assert gateway.poll() is None and time.monotonic() < deadline, (work / "gateway.log").read_text()
+            time.sleep(0.2)
+        yield port, made.stdout.strip()
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
 
 
 def test_a_worker_host_refuses_a_redis_whose_certificate_its_ca_did_not_sign(

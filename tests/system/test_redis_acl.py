@@ -131,3 +131,32 @@ def test_a_placeholder_or_missing_password_stops_redis_at_start(tmp_path: Path) 
     missing = {name: value for name, value in env.items() if name != "REDIS_FLOWER_PASSWORD"}
     absent = subprocess.run([str(START)], env=missing, capture_output=True, text=True, timeout=30)
     assert absent.returncode == 1 and "REDIS_FLOWER_PASSWORD is not set" in absent.stderr
+
+
+def test_the_gateway_serves_a_token_holder_on_its_own_redis_user(
+    acl_redis: AclRedis, producer_settings: HostSettings, tmp_path: Path
+) -> None:
+    """The compose file's gateway: tokens, submits, long-poll waits, result pages and exports on the
+    `gateway` user, with nothing denied; the producer user may not read the tokens."""
+    from tests.gateway_process import running_gateway
+
+    settings = producer_settings.model_copy(update={"broker_url": acl_redis.url("gateway")})
+    with running_gateway(settings, tmp_path / "gateway.log") as gateway:
+        token = gateway.token("team", "--datasets", "team-*", "--max-queued", "10")
+        with gateway.client(token) as http:
+            job = {"prompt": "a heron", "dataset": "team-acl", "width": 256, "height": 256, "steps": 2}
+            sent = http.post("/v1/jobs", json=job)
+            assert sent.status_code == 202, sent.text
+            job_id = sent.json()["jobs"][0]["job_id"]
+            view = http.get(f"/v1/jobs/{job_id}", params={"dataset": "team-acl", "wait": 60}).json()
+            assert view["state"] == "done", view
+            assert http.get("/v1/datasets/team-acl/results").json()["results"][0]["job_id"] == job_id
+            export = http.post("/v1/datasets/team-acl/exports", json={"format": "jsonl"}).json()
+            deadline = time.monotonic() + 60
+            while http.get(f"/v1/datasets/team-acl/exports/{export['export_id']}").json()["state"] != "done":
+                assert time.monotonic() < deadline, "the export did not finish"
+                time.sleep(0.2)
+    denied = [entry for entry in acl_redis.client("admin").acl_log() if entry["username"] == "gateway"]
+    assert not denied, denied
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        acl_redis.client("producer").hgetall("fluxfarm:tokens")

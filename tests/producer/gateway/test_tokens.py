@@ -20,7 +20,11 @@ def _every_byte_in(client: redis.Redis) -> bytes:
     """All keys and values of the Redis, as one blob to search."""
     blob = b""
     for key in client.scan_iter():
-        blob += key + b"".join(client.hgetall(key).values()) + b"".join(client.hgetall(key).keys())
+        if client.type(key) == b"stream":
+            fields = [item for _, entry in client.xrange(key) for pair in entry.items() for item in pair]
+        else:
+            fields = [item for pair in client.hgetall(key).items() for item in pair]
+        blob += key + b"".join(fields)
     return blob
 
 
