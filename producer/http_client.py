@@ -17,6 +17,7 @@ import httpx
 
 from fluxfarm.producer.client import FarmClient, JobOutcome, StreamCounts
 from fluxfarm.producer.dataset_stream import DatasetOutcome, stream_outcomes
+from fluxfarm.producer.gateway.tokens import TokenUse
 from fluxfarm.producer.job_handles import JobBatch, JobHandle, owned_result
 from fluxfarm.producer.redis_room import RedisFull, Room
 from fluxfarm.producer.settings import ProducerSettings
@@ -293,6 +294,10 @@ class HttpFarmClient(FarmClient):
 
     def dataset_names(self) -> list[str]:
         return [str(name) for name in self._api.call("GET", "/v1/datasets")["datasets"]]
+
+    def usage(self) -> list[TokenUse]:
+        """This token's usage (an admin token: every token's)."""
+        return [TokenUse.model_validate(use) for use in self._api.call("GET", "/v1/usage")]
 
     def fleet(self) -> FleetReport:
         return FleetReport.model_validate(self._api.call("GET", "/v1/fleet"))

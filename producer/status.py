@@ -18,6 +18,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from fluxfarm.producer.fleet_check import read_fleet
+from fluxfarm.producer.gateway.tokens import TokenBook, TokenUse
+from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.producer.redis_room import RedisRoom, Room
 from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, DeadLetter
@@ -51,6 +53,9 @@ class FarmStatus(BaseModel):
     redis_memory: Room | None = None
     """Redis' used memory, its limit and the bytes a queued job takes; None where this Redis user may not
     read INFO."""
+    tokens: list[TokenUse] = []
+    """Each gateway token's usage, where this Redis user may read the tokens (the gateway's, an admin's);
+    through the gateway, the calling token's (an admin token's: every token's)."""
 
 
 def read_status(settings: ProducerSettings, dataset: str | None = None, list_storage: bool = False) -> FarmStatus:
@@ -67,6 +72,7 @@ def read_status(settings: ProducerSettings, dataset: str | None = None, list_sto
         letters = book.dead_letters(DEAD_LETTERS_SHOWN, dataset)
         letter_count = book.dead_letter_count()
         memory = _redis_memory(RedisRoom.of(client, settings), fleet, records)
+        tokens = _token_usage(client, book)
     except redis.RedisError as error:
         raise FarmError(f"cannot reach the broker at {redact_url(settings.broker_url)}: {error}") from None
     finally:
@@ -76,8 +82,21 @@ def read_status(settings: ProducerSettings, dataset: str | None = None, list_sto
         images, metadata = open_store(settings).count_stored(dataset)
         datasets = [datasets[0].model_copy(update={"stored_images": images, "stored_metadata": metadata})]
     return FarmStatus(
-        fleet=fleet, datasets=datasets, dead_letters=letters, dead_letter_count=letter_count, redis_memory=memory
+        fleet=fleet,
+        datasets=datasets,
+        dead_letters=letters,
+        dead_letter_count=letter_count,
+        redis_memory=memory,
+        tokens=tokens,
     )
+
+
+def _token_usage(client: redis.Redis, book: DatasetBook) -> list[TokenUse]:
+    usage = TokenUsage(client, book)
+    try:
+        return [usage.usage(record.name) for record in TokenBook(client).records()]
+    except redis.exceptions.NoPermissionError:
+        return []  # a producer's Redis user may not read the gateway's tokens
 
 
 def _read_status_via_gateway(settings: ProducerSettings, dataset: str | None) -> FarmStatus:
@@ -86,7 +105,7 @@ def _read_status_via_gateway(settings: ProducerSettings, dataset: str | None) ->
     with HttpFarmClient(settings) as gateway:
         names = [dataset] if dataset is not None else gateway.dataset_names()
         records = [DatasetStatus(record=gateway.dataset_record(name)) for name in names]
-        return FarmStatus(fleet=gateway.fleet(), datasets=records)
+        return FarmStatus(fleet=gateway.fleet(), datasets=records, tokens=gateway.usage())
 
 
 def _redis_memory(room: RedisRoom, fleet: FleetReport, records: list[DatasetRecord]) -> Room | None:
@@ -224,9 +243,20 @@ def render_status(status: FarmStatus) -> Group:
     for q in status.fleet.unserved:
         needs = escape(f"{q.waiting} jobs need {q.constraint} and no live worker serves {q.name}")
         parts.append(f"[red]unserved:[/red] {needs}")
+    if status.tokens:
+        parts.append(_tokens_table(status.tokens))
     if status.dead_letters:
         parts.append(_dead_letters_table(status.dead_letters, status.fleet.checked_at))
     return Group(*parts)
+
+
+def _tokens_table(tokens: list[TokenUse]) -> Table:
+    table = Table(title=f"{len(tokens)} gateway tokens")
+    for column in ("token", "jobs submitted", "images", "GPU hours"):
+        table.add_column(column, overflow="fold")
+    for use in tokens:
+        table.add_row(escape(use.token), f"{use.jobs_submitted:,}", f"{use.images:,}", f"{use.gpu_seconds / 3600:.2f}")
+    return table
 
 
 def watch_status(settings: ProducerSettings, dataset: str | None, console: Console) -> None:

@@ -84,6 +84,8 @@ class DatasetRecord(BaseModel):
     """The quantization levels its images were rendered at."""
     failures: dict[str, str]
     """Failed job id -> the reason, as the worker reported it."""
+    gpu_seconds: float = 0.0
+    """GPU time its rendered images took (each its share of its batch: encode, denoise, decode, adapters)."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -260,13 +262,16 @@ class DatasetBook:
         """Dead letters kept (at most MAX_DEAD_LETTERS)."""
         return int(self._redis.llen(keys.DEAD_LETTERS))
 
-    def mark_done(self, dataset: str, job_id: str, level: str) -> None:
+    def mark_done(self, dataset: str, job_id: str, level: str, gpu_s: float = 0.0) -> None:
+        """`gpu_s`: the GPU time the job took (its share of its batch), added to the dataset's total."""
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], JobState.DONE, pipe)
             pipe.hdel(keys.dataset(dataset, "sent"), job_id)
             pipe.hdel(keys.dataset(dataset, "attempts"), job_id)
             pipe.hdel(keys.dataset(dataset, "errors"), job_id)
             pipe.sadd(keys.dataset(dataset, "levels"), level)
+            if gpu_s > 0:
+                pipe.hincrbyfloat(keys.dataset(dataset, "meta"), "gpu_seconds", gpu_s)
             self._stamp_done(keys=[keys.dataset(dataset, "done_at")], args=[job_id], client=pipe)
             pipe.execute()
 
@@ -284,6 +289,15 @@ class DatasetBook:
         for start in range(0, len(dropped), 1000):  # their messages are dropped, never sent again
             self._redis.hdel(keys.dataset(dataset, "sent"), *dropped[start : start + 1000])
         return int(count)
+
+    def usage(self, datasets: Iterable[str]) -> tuple[int, float]:
+        """(images done, GPU seconds they took) over all of `datasets`."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for dataset in datasets:
+                pipe.scard(keys.dataset(dataset, JobState.DONE))
+                pipe.hget(keys.dataset(dataset, "meta"), "gpu_seconds")
+            replies = pipe.execute()
+        return sum(replies[0::2]), sum(float(seconds or 0) for seconds in replies[1::2])
 
     def in_flight(self, datasets: Iterable[str]) -> int:
         """Jobs queued or running, over all of `datasets`."""
@@ -388,4 +402,5 @@ class DatasetBook:
             defaults=json.loads(meta.get("defaults", "{}")),
             levels=sorted(level.decode() for level in levels),
             failures={k.decode(): v.decode() for k, v in failures.items()},
+            gpu_seconds=float(meta.get("gpu_seconds", 0)),
         )

@@ -70,6 +70,12 @@ class Timings(_Record):
     )
 
 
+def gpu_seconds(timings: Timings) -> float:
+    """The GPU time a job took: its share of its batch's encode and denoise, its decode, and its share of
+    fusing adapters (not the model load, paid once a worker, nor the PNG and upload, off the GPU)."""
+    return timings.encode_s + timings.denoise_s + timings.decode_s + timings.adapter_s
+
+
 class ImageInfo(_Record):
     key: str
     uri: str

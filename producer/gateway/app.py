@@ -17,7 +17,7 @@ from fluxfarm.producer.gateway.body_limit import BodyLimit
 from fluxfarm.producer.gateway.errors import ApiError, error_responses, install_error_handlers
 from fluxfarm.producer.gateway.metrics import GatewayMetrics
 from fluxfarm.producer.gateway.settings import GatewaySettings
-from fluxfarm.producer.gateway.tokens import TokenBook
+from fluxfarm.producer.gateway.tokens import TokenBook, TokenUse
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.shared import __version__
 from fluxfarm.shared.fleet import FleetReport, fleet_report
@@ -78,6 +78,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return report
         workers = [worker.model_copy(update={"metrics_url": None}) for worker in report.workers]
         return report.model_copy(update={"workers": workers})
+
+    @app.get("/v1/usage", tags=["operations"], responses=error_responses(401))
+    def usage(request: Request, record: Caller) -> list[TokenUse]:
+        """The calling token's usage: jobs submitted, images rendered of its datasets and their GPU time
+        (an admin token: every token's)."""
+        names = [token.name for token in request.app.state.tokens.records()] if record.grant.admin else [record.name]
+        return [request.app.state.usage.usage(name) for name in names]
 
     @app.get("/metrics", tags=["operations"], responses=error_responses(401, 403))
     def prometheus(record: Caller) -> Response:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxfarm.producer.redis_room import RedisFull
-from fluxfarm.shared.errors import FarmError, InvalidJob, JobConflict
+from fluxfarm.shared.errors import FarmError, InvalidJob, JobConflict, QuotaExceeded
 
 
 class Problem(BaseModel):
@@ -74,6 +74,10 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         message = "; ".join(f"{field}: {reason}" for field, reason in pairs)
         return _answer(422, ErrorBody(code="invalid_request", message=message, problems=_problems(pairs)))
+
+    @app.exception_handler(QuotaExceeded)
+    async def quota_exceeded(_: Request, error: QuotaExceeded) -> JSONResponse:
+        return _answer(429, ErrorBody(code="quota_exceeded", message=str(error)), {"Retry-After": "30"})
 
     @app.exception_handler(RedisFull)
     async def redis_full(_: Request, error: RedisFull) -> JSONResponse:

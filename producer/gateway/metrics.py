@@ -25,9 +25,18 @@ class TokenCollector(Collector):
         jobs = CounterMetricFamily(
             "fluxfarm_gateway_token_jobs_submitted", "Jobs each token enqueued through the gateway.", labels=["token"]
         )
+        images = CounterMetricFamily(
+            "fluxfarm_gateway_token_images", "Images rendered of each token's datasets.", labels=["token"]
+        )
+        gpu = CounterMetricFamily(
+            "fluxfarm_gateway_token_gpu_seconds", "GPU time the images of each token's datasets took.", labels=["token"]
+        )
         for record in self._book.records():
-            jobs.add_metric([record.name], self._usage.usage(record.name).get("jobs", 0))
-        yield jobs
+            use = self._usage.usage(record.name)
+            jobs.add_metric([record.name], use.jobs_submitted)
+            images.add_metric([record.name], use.images)
+            gpu.add_metric([record.name], use.gpu_seconds)
+        yield from (jobs, images, gpu)
 
 
 class GatewayMetrics:

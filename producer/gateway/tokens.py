@@ -116,3 +116,12 @@ class TokenBook:
             pipe.hdel(keys.TOKENS, text(digest))
             pipe.hdel(keys.TOKEN_NAMES, name)
             pipe.execute()
+
+
+class TokenUse(BaseModel):
+    """One token's usage: jobs it submitted, images rendered of its datasets and their GPU time."""
+
+    token: str
+    jobs_submitted: int
+    images: int
+    gpu_seconds: float

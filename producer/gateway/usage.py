@@ -7,10 +7,10 @@ from collections import Counter
 
 import redis
 
-from fluxfarm.producer.gateway.errors import ApiError
-from fluxfarm.producer.gateway.tokens import TokenRecord
+from fluxfarm.producer.gateway.tokens import TokenRecord, TokenUse
 from fluxfarm.shared import keys
 from fluxfarm.shared.datasets import DatasetBook
+from fluxfarm.shared.errors import QuotaExceeded
 from fluxfarm.shared.redis_conn import text
 
 
@@ -29,18 +29,15 @@ class TokenUsage:
         return self._book.in_flight(self.datasets(name))
 
     def check_room(self, record: TokenRecord, adding: int) -> None:
-        """429 when `adding` more jobs would pass the token's `max_queued`."""
+        """QuotaExceeded (the gateway's 429) when `adding` more jobs would pass the token's `max_queued`."""
         limit = record.grant.max_queued
         if limit is None:
             return
         waiting = self.in_flight(record.name)
         if waiting + adding > limit:
-            raise ApiError(
-                429,
-                "quota_exceeded",
+            raise QuotaExceeded(
                 f"token {record.name}: max_queued {limit} exceeded: {waiting} queued or running, this request "
-                f"adds up to {adding}",
-                {"Retry-After": "30"},
+                f"adds up to {adding}"
             )
 
     def note_submitted(self, name: str, per_dataset: Counter[str], enqueued: int) -> None:
@@ -50,5 +47,9 @@ class TokenUsage:
             pipe.hincrby(keys.token_usage(name), "jobs", enqueued)
             pipe.execute()
 
-    def usage(self, name: str) -> dict[str, int]:
-        return {text(k): int(v) for k, v in self._redis.hgetall(keys.token_usage(name)).items()}
+    def usage(self, name: str) -> TokenUse:
+        """What the token sent, and what the farm rendered of its datasets (a dataset two tokens share
+        counts for both)."""
+        sent = {text(k): int(v) for k, v in self._redis.hgetall(keys.token_usage(name)).items()}
+        images, gpu_s = self._book.usage(self.datasets(name))
+        return TokenUse(token=name, jobs_submitted=sent.get("jobs", 0), images=images, gpu_seconds=gpu_s)

@@ -206,6 +206,11 @@ def test_fleet_and_metrics(gateway: Gateway, alice: str) -> None:
         for sample in family.samples
     }
     assert samples[("fluxfarm_gateway_token_jobs_submitted_total", (("token", "alice"),))] >= 1
+    assert samples[("fluxfarm_gateway_token_images_total", (("token", "alice"),))] >= 2  # alice-moths' two
+    assert samples[("fluxfarm_gateway_token_gpu_seconds_total", (("token", "alice"),))] > 0
+    with gateway.client(alice) as http:
+        (use,) = http.get("/v1/usage").json()
+    assert use["token"] == "alice" and use["images"] >= 2 and use["gpu_seconds"] > 0
     posted = ("fluxfarm_gateway_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "202")))
     assert samples[posted] >= 1
     assert not [labels for name, labels in samples if "alice-metrics" in str(labels)]  # templates, not paths
@@ -264,6 +269,9 @@ def test_the_cli_submits_waits_reports_exports_and_cancels_through_the_gateway(
     assert status.returncode == 0, status.stderr
     record = json.loads(status.stdout)["datasets"][0]["record"]
     assert (record["name"], record["done"], record["queued"]) == ("alice-cli", 3, 0)
+    assert record["gpu_seconds"] > 0
+    (use,) = json.loads(status.stdout)["tokens"]
+    assert use["token"] == "alice" and use["images"] >= 3
     listed = run_fluxfarm("status", "--json", env=env)
     names = {entry["record"]["name"] for entry in json.loads(listed.stdout)["datasets"]}
     assert "alice-cli" in names and not [name for name in names if not name.startswith("alice-")]

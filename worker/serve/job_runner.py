@@ -31,7 +31,7 @@ from fluxfarm.shared.errors import (
     RenderAttemptFailed,
 )
 from fluxfarm.shared.jobs import RenderJob, parse_job
-from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, png_object_metadata
+from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, gpu_seconds, png_object_metadata
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.storage import ResultKeys
 from fluxfarm.worker.render.batcher import RenderBatcher
@@ -163,11 +163,12 @@ class JobRunner:
         self._mark_done(job, stored.quant)
         return stored
 
-    def _mark_done(self, job: RenderJob, level: str) -> None:
-        """Record a stored job as done. Storage is the truth, so Redis being away must not fail a job
-        that is stored: its message cannot be acknowledged then either, and its redelivery (found
-        stored) records it."""
-        unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, level), f"job {job.id}'s record")
+    def _mark_done(self, job: RenderJob, level: str, gpu_s: float = 0.0) -> None:
+        """Record a stored job as done (with the GPU time it took, when this worker rendered it). Storage is
+        the truth, so Redis being away must not fail a job that is stored: its message cannot be
+        acknowledged then either, and its redelivery (found stored) records it."""
+        record = f"job {job.id}'s record"
+        unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, level, gpu_s), record)
 
     def _claim(self, job: RenderJob, keys: ResultKeys) -> RenderResult | None:
         """Take the job's claim (None), or return its result once the claim's holder stores it."""
@@ -197,7 +198,7 @@ class JobRunner:
             self.stats.rendered_at.append(time.monotonic())
             self.stats.images_rendered += 1
         self._metrics.job_rendered(result)
-        self._mark_done(job, result.quant)
+        self._mark_done(job, result.quant, gpu_seconds(result.timings))
         return result
 
     def _render_and_store(
