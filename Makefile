@@ -44,9 +44,11 @@ lint: $(STAMP)
 	$(PY) tests/lint_layers.py
 	$(PY) tests/type_check.py
 
-# Programs the tests run beside redis-server: promtool (Debian's prometheus) checks the alert rules.
+# Programs the tests run beside redis-server: promtool (Debian's prometheus) checks the alert rules, and
+# a headless Chromium with its driver shows the gateway's web page (tests/system/test_gateway_page.py).
 tools:
-	command -v promtool >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; }
+	command -v promtool >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends prometheus chromium chromium-driver; }
 
 test: lint tools
 	$(PY) -m pytest -q -m "not faults and not chaos"

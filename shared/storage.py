@@ -85,6 +85,10 @@ class ObjectStore(ABC):
         """The dataset's manifest: in a subfolder, where no job's objects can be (job ids hold no '/')."""
         return check_key(f"{self.dataset_folder(dataset)}fluxfarm/manifest.json")
 
+    def thumbnail_key(self, dataset: str, job_id: str) -> str:
+        """A result's thumbnail (the gateway's gallery makes it once): in the `fluxfarm/` subfolder too."""
+        return check_key(f"{self.dataset_folder(dataset)}fluxfarm/thumbs/{job_id}.webp")
+
     def input_key(self, dataset: str, sha256: str) -> str:
         """A job input stored by digest (a control image): in the dataset's `fluxfarm/` subfolder, beside
         the manifest, where no job's objects can be."""

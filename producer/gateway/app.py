@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from fluxfarm.producer.client import FarmClient
-from fluxfarm.producer.gateway import datasets_api, exports_api, jobs_api, uploads_api
+from fluxfarm.producer.gateway import datasets_api, exports_api, jobs_api, pages, uploads_api
 from fluxfarm.producer.gateway.auth import Caller
 from fluxfarm.producer.gateway.body_limit import BodyLimit
 from fluxfarm.producer.gateway.errors import ApiError, error_responses, install_error_handlers
@@ -59,6 +59,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(datasets_api.router)
     app.include_router(uploads_api.router)
     app.include_router(exports_api.router)
+    app.include_router(pages.router)
+
+    @app.exception_handler(pages.LoginNeeded)
+    async def login_needed(_: Request, __: pages.LoginNeeded) -> Response:
+        return RedirectResponse("/ui/login", status_code=303)
 
     @app.get("/healthz", tags=["operations"])
     def healthz(request: Request) -> JSONResponse:
