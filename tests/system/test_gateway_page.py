@@ -62,9 +62,10 @@ def test_a_token_holder_logs_in_and_sees_progress_gallery_and_metadata(
     assert browser.current_url.endswith("/ui/login"), "no cookie: the page asks for a token"
     browser.find_element(By.NAME, "token").send_keys(carol[:-1] + "x")
     browser.find_element(By.ID, "login").click()
-    assert "unknown or revoked token" in wait.until(
-        expected_conditions.presence_of_element_located((By.CLASS_NAME, "error"))
-    ).text, browser.page_source[:2000]
+    assert (
+        "unknown or revoked token"
+        in wait.until(expected_conditions.presence_of_element_located((By.CLASS_NAME, "error"))).text
+    ), browser.page_source[:2000]
     browser.find_element(By.NAME, "token").send_keys(carol)
     browser.find_element(By.ID, "login").click()
     wait.until(expected_conditions.presence_of_element_located((By.ID, "datasets")))
