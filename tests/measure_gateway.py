@@ -4,7 +4,8 @@ storage folder, through `fluxfarm gateway` as a process and real HTTP:
 - a 100,000-row `.jsonl` uploaded to POST /v1/datasets/{name}/files: jobs enqueued per second, end to end
   (the upload, the gateway's row-by-row check, and the submit into Redis);
 - a single-job POST /v1/jobs: the median and 95th percentile of 300, each a new job;
-- GET /v1/datasets/{name}/results of a dataset with 100,000 stored results: one 50-result page's time.
+- GET /v1/datasets/{name}/results of a dataset with 100,000 stored results: one 50-result page's time;
+- the web page's gallery of that dataset (/ui/datasets/{name}): one 48-image page's time.
 
     .venv/bin/python -m tests.measure_gateway [--rows 100000]
 
@@ -67,10 +68,12 @@ def results_page(http: httpx.Client, storage: Path, stored: int) -> dict[str, fl
     sample = (Path(__file__).parent / "fixtures" / "results-0.1.0").rglob("*.json")
     metadata = json.loads(next(iter(sample)).read_text())
     for index in range(stored):
-        job_id = f"{index:032x}"
+        job_id = f"img-{index:07d}"  # a named job: its metadata stays valid with the dataset changed
         (folder / f"{job_id}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
         (folder / f"{job_id}.json").write_text(
-            json.dumps({**metadata, "job_id": job_id, "job": {**metadata["job"], "dataset": "bench-gallery"}})
+            json.dumps(
+                {**metadata, "job_id": job_id, "job": {**metadata["job"], "dataset": "bench-gallery", "job_id": job_id}}
+            )
         )
     times = []
     after = None
@@ -81,6 +84,7 @@ def results_page(http: httpx.Client, storage: Path, stored: int) -> dict[str, fl
         )
         times.append((time.perf_counter() - start) * 1000)
         assert page.status_code == 200 and len(page.json()["results"]) == 50, page.text[:300]
+        assert all(item["result"] is not None for item in page.json()["results"]), "every result read"
         after = page.json()["next"]
     return {
         "stored": stored,
@@ -88,6 +92,23 @@ def results_page(http: httpx.Client, storage: Path, stored: int) -> dict[str, fl
         "median_ms": round(statistics.median(times), 1),
         "max_ms": round(max(times), 1),
     }
+
+
+def gallery_page(url: str, token: str, stored: int) -> dict[str, float]:
+    """The web page's gallery of the same dataset (48 results a page, their metadata and the record), as a
+    logged-in browser asks for it; thumbnails are requests of their own, made lazily."""
+    with httpx.Client(base_url=url, timeout=60) as browser:
+        assert browser.post("/ui/login", data={"token": token}).status_code == 303
+        times = []
+        after = None
+        for _ in range(20):
+            start = time.perf_counter()
+            page = browser.get("/ui/datasets/bench-gallery", params={"after": after} if after else {})
+            times.append((time.perf_counter() - start) * 1000)
+            assert page.status_code == 200 and page.text.count("<figure>") == 48, page.text[:300]
+            after = page.text.split('id="next" href="/ui/datasets/bench-gallery?after=')[1].split('"')[0]
+    median, worst = statistics.median(times), max(times)
+    return {"stored": stored, "page": 48, "median_ms": round(median, 1), "max_ms": round(worst, 1)}
 
 
 def main() -> None:
@@ -107,6 +128,7 @@ def main() -> None:
                     print(json.dumps({"figure": "upload", **upload_rate(http, folder, args.rows)}), flush=True)
                     print(json.dumps({"figure": "single_post", **post_latency(http, args.posts)}), flush=True)
                     print(json.dumps({"figure": "results_page", **results_page(http, storage, args.rows)}), flush=True)
+                print(json.dumps({"figure": "gallery_page", **gallery_page(gw.url, token, args.rows)}), flush=True)
 
 
 if __name__ == "__main__":
