@@ -34,14 +34,14 @@ from fluxfarm.shared.celery_app import (
     make_celery_app,
     task_id,
 )
-from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, store_manifest
+from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
 from fluxfarm.shared.errors import InvalidJob, JobConflict, ObjectNotFound
 from fluxfarm.shared.fleet import FleetReport, fleet_report
 from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name, parse_job, parse_jobs
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.publish import PublishRefused, publish
 from fluxfarm.shared.redis_conn import open_redis
-from fluxfarm.shared.storage import open_store
+from fluxfarm.shared.storage import JSON_CONTENT_TYPE, open_store
 
 ROOM_POLL_S = 2.0
 """How often a submit waiting for room in Redis looks again."""
@@ -168,9 +168,11 @@ class FarmClient:
         return fleet_report(self._redis)
 
     def store_manifest(self, record: DatasetRecord) -> None:
-        """Write the dataset's record beside its images, so storage alone tells what it is (a client
-        through the gateway leaves this to the gateway, which writes it at each upload)."""
-        store_manifest(self.store, record)
+        """Write the dataset's record beside its images (`ObjectStore.manifest_key`), so storage alone tells
+        what it is when Redis is gone (a client through the gateway leaves this to the gateway, which writes
+        it at each upload)."""
+        key = self.store.manifest_key(record.name)
+        self.store.put(key, record.model_dump_json(indent=2).encode(), JSON_CONTENT_TYPE)
 
     def dataset_result(self, dataset: str, job_id: str) -> RenderResult | None:
         """The stored metadata of a job known by its dataset and id; None while it is not stored."""

@@ -25,7 +25,6 @@ from fluxfarm.shared import keys
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.redis_conn import redis_now, text
-from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
 MAX_DEAD_LETTERS = 10_000
 """keys.DEAD_LETTERS keeps this many, newest first."""
@@ -134,14 +133,6 @@ class DeadLetter(BaseModel):
     at: datetime
     job: dict[str, Any]
     """The job as the worker validated it: enough to submit it again."""
-
-
-def store_manifest(store: ObjectStore, record: DatasetRecord) -> str:
-    """Write the dataset's record beside its images (`ObjectStore.manifest_key`), so storage alone
-    tells what a dataset is, when Redis is gone; returns the key."""
-    key = store.manifest_key(record.name)
-    store.put(key, record.model_dump_json(indent=2).encode(), JSON_CONTENT_TYPE)
-    return key
 
 
 class DatasetBook:

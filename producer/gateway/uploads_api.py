@@ -27,7 +27,6 @@ from fluxfarm.producer.gateway.tokens import TokenRecord
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.producer.job_files import FileJob, RowError, iter_file_jobs
 from fluxfarm.shared.celery_app import Priority
-from fluxfarm.shared.datasets import store_manifest
 from fluxfarm.shared.errors import InvalidJob
 from fluxfarm.shared.jobs import RenderJob, parse_dataset_name, parse_job
 from fluxfarm.shared.units import MIB
@@ -149,7 +148,7 @@ def _submit(
 
     counts = client.submit_stream(jobs(), priority=priority)
     client.datasets.set_defaults(dataset, defaults)
-    store_manifest(client.store, client.datasets.record(dataset))
+    client.store_manifest(client.dataset_record(dataset))
     usage.note_submitted(record.name, Counter({dataset: valid}), counts.enqueued)
     audit(client.redis, "submit-file", record.name, dataset=dataset, enqueued=counts.enqueued, priority=priority)
     return outcome.model_copy(
