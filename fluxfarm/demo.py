@@ -15,6 +15,7 @@ from rich.table import Table
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
 from fluxfarm.producer.progress import wait_with_progress
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.worker.settings import WorkerSettings
 
@@ -69,12 +70,9 @@ def run_demo(jobs: int, out_dir: Path, out: Console, err: Console) -> None:
         try:
             with err.status("starting the worker and loading the model ..."):
                 worker.wait_ready(_WORKER_READY_TIMEOUT_S)
-            settings = base.model_copy(
-                update={
-                    "broker_url": redis_server.url,
-                    "result_backend_url": redis_server.url,
-                    "storage_url": storage_url,
-                }
+            # The demo's own Redis and storage, never a gateway the environment may name.
+            settings = ProducerSettings(
+                broker_url=redis_server.url, result_backend_url=redis_server.url, storage_url=storage_url, api_url=None
             )
             prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(jobs)]
             requests = [
