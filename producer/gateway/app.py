@@ -30,7 +30,7 @@ READS_IN_FLIGHT = 16
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = FarmClient(settings)
+        client = FarmClient(settings.model_copy(update={"api_url": None}))  # the farm itself, never a gateway
         app.state.settings = settings
         app.state.client = client
         app.state.tokens = TokenBook(client.redis)
