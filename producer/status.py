@@ -28,7 +28,7 @@ from fluxfarm.shared.fleet import FleetReport
 from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.settings import redact_url
 from fluxfarm.shared.storage import open_store
-from fluxfarm.shared.units import MIB
+from fluxfarm.shared.units import MIB, duration_text
 
 WATCH_INTERVAL_S = 2.0
 DEAD_LETTERS_SHOWN = 20
@@ -132,14 +132,6 @@ def _ago(moment: datetime, now: datetime) -> str:
     return f"{max(0.0, (now - moment).total_seconds()):.0f}s ago"
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 def _rate(per_hour: float | None) -> str:
     return f"{per_hour:,.0f}" if per_hour is not None else "-"
 
@@ -214,7 +206,7 @@ def _datasets_table(datasets: list[DatasetStatus]) -> Table:
             f"[red]{r.failed}[/red]" if r.failed else "0",
             str(r.cancelled),
             _rate(r.rate_per_hour),
-            _duration(r.eta_s),
+            duration_text(r.eta_s),
         ]
         if storage:
             cells.append(f"{d.stored_images}/{d.stored_metadata}" if d.stored_metadata is not None else "-")

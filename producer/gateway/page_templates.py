@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from jinja2 import DictLoader, Environment, select_autoescape
 
+from fluxfarm.shared.units import duration_text
+
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 2em 2em; color: #222; }
 header { display: flex; gap: 1.5em; align-items: baseline; border-bottom: 1px solid #ddd; margin-bottom: 1em; }
@@ -71,18 +73,10 @@ _FLEET = """{% extends "layout" %}{% block title %}fleet{% endblock %}{% block m
 which no live worker serves</p>{% endfor %}{% endblock %}"""
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 pages = Environment(
     loader=DictLoader(
         {"layout": _LAYOUT, "login": _LOGIN, "datasets": _DATASETS, "dataset": _DATASET, "fleet": _FLEET}
     ),
     autoescape=select_autoescape(default=True, default_for_string=True),
 )
-pages.globals["duration"] = _duration
+pages.globals["duration"] = duration_text
