@@ -13,7 +13,9 @@ from rich.markup import escape
 from fluxfarm.producer.cli import err, out
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.tokens import TokenBook
+from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.redis_conn import open_redis
 
@@ -48,15 +50,19 @@ def create(
 
 @tokens.command("list")
 def list_tokens() -> None:
-    """The live tokens: name, datasets, quotas, priorities, when made. Never the tokens themselves."""
-    for record in _book().records():
-        grant = record.grant
+    """The live tokens: name, datasets, quotas, priorities, when made, and what each has used (jobs sent,
+    images rendered of its datasets, GPU hours). Never the tokens themselves."""
+    book = _book()
+    usage = TokenUsage(book.redis, DatasetBook(book.redis))
+    for record in book.records():
+        grant, use = record.grant, usage.usage(record.name)
         quota = f"max {grant.max_queued} queued" if grant.max_queued else "no queue limit"
         role = " admin" if grant.admin else ""
         out.print(
             escape(
                 f"{record.name}{role}: {','.join(grant.datasets)}; {quota}; {','.join(grant.priorities)}; "
-                f"made {record.created_at:%Y-%m-%d %H:%M} UTC"
+                f"made {record.created_at:%Y-%m-%d %H:%M} UTC; {use.jobs_submitted:,} jobs sent, {use.images:,} "
+                f"images, {use.gpu_seconds / 3600:.2f} GPU hours"
             ),
             highlight=False,
         )

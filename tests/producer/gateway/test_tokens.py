@@ -46,6 +46,7 @@ def test_the_cli_prints_a_token_once_and_redis_keeps_only_its_hash(
 
     listed = run_fluxfarm("token", "list", env=env)
     assert listed.returncode == 0 and "alice: alice-*,shared; max 50 queued; normal,low" in listed.stdout
+    assert "0 jobs sent, 0 images, 0.00 GPU hours" in listed.stdout
     assert token not in listed.stdout + listed.stderr
 
     again = run_fluxfarm("token", "create", "alice", "--datasets", "x", env=env)
