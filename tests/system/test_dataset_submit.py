@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.datasets import DatasetBook
 from tests.conftest import FLUXFARM, Farm, queue_length, run_fluxfarm
 
@@ -261,10 +262,13 @@ def test_cancel_drops_queued_jobs_and_priorities_reorder_the_queue(
     assert order == ["high"] * 4 + ["normal"] * 4 + ["low"] * 4, order
 
 
-def test_a_finished_dataset_streams_every_result_to_the_client_and_the_cli(farm: Farm, moths: str) -> None:
+def test_a_finished_dataset_streams_every_result_to_the_client_and_the_cli(
+    farm: Farm, moths: str, client_settings: ProducerSettings
+) -> None:
+    """The client's stream both ways (straight to Redis, and through the gateway), then the CLI's."""
     from fluxfarm.producer.client import FarmClient
 
-    with FarmClient(farm.settings) as client:
+    with FarmClient(client_settings) as client:
         outcomes = list(client.as_completed("moths", timeout=60))
     assert len(outcomes) == 200 and all(o.ok and o.result is not None for o in outcomes)
     assert len({o.job_id for o in outcomes}) == 200 and {o.result.job.dataset for o in outcomes} == {"moths"}
