@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from fluxfarm.producer.client import FarmClient, JobOutcome
 from fluxfarm.producer.gateway.audit import audit
@@ -124,7 +126,7 @@ def _view(client: FarmClient, dataset: str, job_id: str) -> JobView:
 
 
 @router.get("/{job_id}")
-def read_job(
+async def read_job(
     request: Request,
     record: Caller,
     job_id: str,
@@ -132,13 +134,17 @@ def read_job(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait for it to finish.")] = 0,
 ) -> JobView:
     """Where a job is; with `wait`, the answer comes when it is done, failed or cancelled, or when the wait
-    is up (long-poll: the client asks again, no polling loop of its own)."""
+    is up (long-poll: the client asks again, no polling loop of its own). A waiting request holds no
+    thread: each look runs on the thread pool, the pause between looks on the event loop, and a client
+    that hangs up ends it."""
     parse_job_id(job_id)
     check_datasets(record, [parse_dataset_name(dataset)])
     client = _client(request)
     deadline = time.monotonic() + wait
     while True:
-        view = _view(client, dataset, job_id)
+        view = await run_in_threadpool(_view, client, dataset, job_id)
         if view.state not in (JobState.QUEUED, JobState.RUNNING) or time.monotonic() >= deadline:
             return view
-        time.sleep(_WAIT_POLL_S)
+        if await request.is_disconnected():
+            return view
+        await asyncio.sleep(_WAIT_POLL_S)

@@ -4,6 +4,8 @@ worker process; tokens made with `fluxfarm token create`; every request over HTT
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -300,3 +302,30 @@ def test_a_body_over_the_limit_is_413_whether_it_declares_its_length_or_not(gate
         chunked = http.post("/v1/jobs", content=(body[i : i + 65536] for i in range(0, len(body), 65536)))
         assert chunked.status_code == 413, chunked.text
         assert http.get("/v1/datasets/alice-big").status_code == 404
+
+
+def test_waiting_requests_hold_no_thread_so_the_gateway_keeps_answering(gateway: Gateway, alice: str) -> None:
+    """60 long-polls on a job no worker of this farm serves (exact:bf16; the worker holds Q8_0), more than
+    the thread pool's 40: each waits out its 3 s, and /healthz answers meanwhile."""
+    job = {"prompt": "waits for a bf16 card", "dataset": "alice-waits", "quant": "exact:bf16", **JOB}
+    with gateway.client(alice) as http:
+        job_id = http.post("/v1/jobs", json=job).json()["jobs"][0]["job_id"]
+    answers: list[str] = []
+
+    def wait() -> None:
+        with gateway.client(alice) as http:
+            view = http.get(f"/v1/jobs/{job_id}", params={"dataset": "alice-waits", "wait": 3})
+            answers.append(view.json()["state"])
+
+    started = time.monotonic()
+    waiters = [threading.Thread(target=wait) for _ in range(60)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(1)
+    health = httpx.get(f"{gateway.url}/healthz", timeout=5)
+    assert health.status_code == 200 and time.monotonic() - started < 2.5, "answered while 60 requests wait"
+    for waiter in waiters:
+        waiter.join(timeout=30)
+    assert answers == ["queued"] * 60
+    with gateway.client(alice) as http:
+        assert http.post("/v1/datasets/alice-waits/cancel").json()["cancelled"] == 1
