@@ -11,6 +11,7 @@ same image finds the same job.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 
 from fluxfarm.shared.adapters import INLINE_KEEP_BYTES, STORED_INPUT_PREFIX, inline_png
 from fluxfarm.shared.jobs import RenderJob, parse_job
@@ -19,22 +20,31 @@ from fluxfarm.shared.storage import ObjectStore
 _IMAGE_TYPE = "image/png"
 
 
-class InputStager:
-    """Stores the inputs of the jobs a client sends; remembers what it stored, so a stream of jobs that
-    share an image asks storage once."""
+REMEMBERED_INPUTS = 10_000
+"""Stored inputs a stager remembers, the most recently used: a gateway's lives as long as the gateway."""
 
-    def __init__(self, store: ObjectStore) -> None:
+
+class InputStager:
+    """Stores the inputs of the jobs a client sends; remembers the inputs it stored last, so a stream of
+    jobs that share an image asks storage once, and a long-lived client (the gateway's) stays bounded."""
+
+    def __init__(self, store: ObjectStore, remember: int = REMEMBERED_INPUTS) -> None:
         self._store = store
-        self._stored: set[str] = set()
+        self._stored: OrderedDict[str, None] = OrderedDict()
+        self._remember = remember
 
     def store(self, dataset: str, data: bytes, content_type: str = _IMAGE_TYPE) -> str:
         """Store `data` as an input of `dataset` (once per digest); returns the `sha256:<hex>` naming it."""
         digest = hashlib.sha256(data).hexdigest()
         key = self._store.input_key(dataset, digest)
-        if key not in self._stored:
+        if key in self._stored:
+            self._stored.move_to_end(key)
+        else:
             if not self._store.exists(key):
                 self._store.put(key, data, content_type)
-            self._stored.add(key)
+            self._stored[key] = None
+            if len(self._stored) > self._remember:
+                self._stored.popitem(last=False)
         return STORED_INPUT_PREFIX + digest
 
     def stage(self, job: RenderJob) -> RenderJob:

@@ -62,3 +62,27 @@ def test_any_inline_image_is_a_valid_job_or_a_refusal_and_large_ones_leave_the_m
 @given(st.binary(max_size=64))
 def test_the_image_type_of_any_bytes_is_png_jpeg_webp_or_none(data: bytes) -> None:
     assert image_type(data) in (None, "image/png", "image/jpeg", "image/webp")
+
+
+class _CountingStore(LocalStore):
+    """A local store that counts the existence checks a stager makes."""
+
+    checks = 0
+
+    def _exists(self, key: str) -> bool:
+        type(self).checks += 1
+        return super()._exists(key)
+
+
+def test_a_stager_remembers_its_latest_inputs_and_no_more(tmp_path: Path) -> None:
+    """A gateway's stager lives as long as the gateway: it keeps the inputs it stored last, bounded, and
+    asks storage again only for one it forgot."""
+    store = _CountingStore(tmp_path)
+    stager = InputStager(store, remember=3)
+    images = [PNG_SIGNATURE + bytes([i]) * 64 for i in range(5)]
+    names = [stager.store("d", image) for image in images]
+    assert len(set(names)) == 5 and store.checks == 5 and len(stager._stored) == 3
+    stager.store("d", images[4])  # remembered: no question to storage
+    assert store.checks == 5
+    assert stager.store("d", images[0]) == names[0]  # forgotten: asked again, found, not written twice
+    assert store.checks == 6 and len(stager._stored) == 3
