@@ -17,6 +17,7 @@ from fluxfarm.producer.gateway.body_limit import BodyLimit
 from fluxfarm.producer.gateway.errors import ApiError, error_responses, install_error_handlers
 from fluxfarm.producer.gateway.metrics import GatewayMetrics
 from fluxfarm.producer.gateway.settings import GatewaySettings
+from fluxfarm.producer.gateway.state import farm_client, token_book, token_usage
 from fluxfarm.producer.gateway.tokens import TokenBook, TokenUse
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.shared import __version__
@@ -69,7 +70,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def healthz(request: Request) -> JSONResponse:
         """200 while the gateway reaches Redis; 503 otherwise (no token needed: for load balancers)."""
         try:
-            request.app.state.client.redis.ping()
+            farm_client(request).redis.ping()
         except Exception as error:  # any failure to reach Redis is unhealthy
             return JSONResponse({"ok": False, "reason": type(error).__name__}, status_code=503)
         return JSONResponse({"ok": True})
@@ -78,7 +79,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def fleet(request: Request, record: Caller) -> FleetReport:
         """The live workers (cards, levels, images/hour, heartbeats) and the queues, unserved ones marked.
         Where a worker serves its metrics is an operator's concern: an admin token's answer only."""
-        report = fleet_report(request.app.state.client.redis)
+        report = fleet_report(farm_client(request).redis)
         if record.grant.admin:
             return report
         workers = [worker.model_copy(update={"metrics_url": None}) for worker in report.workers]
@@ -88,8 +89,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def usage(request: Request, record: Caller) -> list[TokenUse]:
         """The calling token's usage: jobs submitted, images rendered of its datasets and their GPU time
         (an admin token: every token's)."""
-        names = [token.name for token in request.app.state.tokens.records()] if record.grant.admin else [record.name]
-        return [request.app.state.usage.usage(name) for name in names]
+        names = [token.name for token in token_book(request).records()] if record.grant.admin else [record.name]
+        return [token_usage(request).usage(name) for name in names]
 
     @app.get("/metrics", tags=["operations"], responses=error_responses(401, 403))
     def prometheus(record: Caller) -> Response:

@@ -6,20 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxfarm.producer.gateway.errors import ApiError
+from fluxfarm.producer.gateway.state import token_book
 from fluxfarm.producer.gateway.tokens import TokenBook, TokenRecord
 from fluxfarm.shared.celery_app import Priority
 
 _bearer = HTTPBearer(auto_error=False, description="A token made by `fluxfarm token create`.")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-def token_book(request: Request) -> TokenBook:
-    book: TokenBook = request.app.state.tokens
-    return book
 
 
 def caller(

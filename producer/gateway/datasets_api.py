@@ -9,10 +9,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
-from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets
 from fluxfarm.producer.gateway.errors import ApiError, error_responses
+from fluxfarm.producer.gateway.state import farm_client
 from fluxfarm.shared.datasets import DatasetRecord
 from fluxfarm.shared.jobs import parse_dataset_name, parse_job_id
 from fluxfarm.shared.metadata import RenderResult
@@ -46,11 +46,6 @@ class Cancelled(BaseModel):
     """Queued jobs dropped; running ones finish."""
 
 
-def _client(request: Request) -> FarmClient:
-    client: FarmClient = request.app.state.client
-    return client
-
-
 def _dataset(record: Caller, name: str) -> str:
     dataset = parse_dataset_name(name)
     check_datasets(record, [dataset])
@@ -64,14 +59,14 @@ class DatasetNames(BaseModel):
 @router.get("")
 def list_datasets(request: Request, record: Caller) -> DatasetNames:
     """The active datasets this token may see (every one, for an admin token)."""
-    return DatasetNames(datasets=[name for name in _client(request).dataset_names() if record.grant.allows(name)])
+    return DatasetNames(datasets=[name for name in farm_client(request).dataset_names() if record.grant.allows(name)])
 
 
 @router.get("/{name}")
 def read_dataset(request: Request, record: Caller, name: str) -> DatasetRecord:
     """The dataset's progress now, as `fluxfarm status --dataset` shows it: counts, rate, ETA, failures."""
     dataset = _dataset(record, name)
-    found = _client(request).dataset_record(dataset)
+    found = farm_client(request).dataset_record(dataset)
     if found.created_at is None:
         raise ApiError(404, "not_found", f"no dataset {dataset}")
     return found
@@ -90,7 +85,7 @@ def read_results(
     dataset = _dataset(record, name)
     if after is not None:
         parse_job_id(after)
-    client = _client(request)
+    client = farm_client(request)
     ids = client.store.stored_job_page(dataset, after, limit)
 
     def view(job_id: str) -> ResultView:
@@ -116,13 +111,13 @@ def read_finished(
     """The dataset's jobs done at or after `since`: what a client streaming a dataset's results asks for
     at each poll, with its last finishing time as the next `since`."""
     dataset = _dataset(record, name)
-    return Finished(jobs=_client(request).finished_since(dataset, since))
+    return Finished(jobs=farm_client(request).finished_since(dataset, since))
 
 
 @router.post("/{name}/cancel")
 def cancel_dataset(request: Request, record: Caller, name: str) -> Cancelled:
     """Drop the dataset's queued jobs (workers discard their messages unrendered); running ones finish."""
     dataset = _dataset(record, name)
-    count = _client(request).cancel(dataset)
-    audit(_client(request).redis, "cancel", record.name, dataset=dataset, cancelled=count)
+    count = farm_client(request).cancel(dataset)
+    audit(farm_client(request).redis, "cancel", record.name, dataset=dataset, cancelled=count)
     return Cancelled(dataset=dataset, cancelled=count)

@@ -21,6 +21,7 @@ from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets
 from fluxfarm.producer.gateway.errors import ApiError, error_responses
 from fluxfarm.producer.gateway.settings import GatewaySettings
+from fluxfarm.producer.gateway.state import farm_client
 from fluxfarm.shared import keys
 from fluxfarm.shared.jobs import parse_dataset_name
 from fluxfarm.shared.redis_conn import text
@@ -108,7 +109,7 @@ def start_export(request: Request, record: Caller, name: str, order: ExportReque
 def read_export(request: Request, record: Caller, name: str, export_id: str) -> ExportView:
     dataset = parse_dataset_name(name)
     check_datasets(record, [dataset])
-    client: FarmClient = request.app.state.client
+    client = farm_client(request)
     fields = {text(k): text(v) for k, v in client.redis.hgetall(keys.export(dataset, export_id)).items()}
     if not fields:
         raise ApiError(404, "not_found", f"dataset {dataset}: no export {export_id}")

@@ -15,7 +15,7 @@ from fluxfarm.producer.client import FarmClient, JobOutcome
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets, check_priority
 from fluxfarm.producer.gateway.errors import ApiError, error_responses
-from fluxfarm.producer.gateway.usage import TokenUsage
+from fluxfarm.producer.gateway.state import farm_client, token_usage
 from fluxfarm.shared.celery_app import Priority
 from fluxfarm.shared.datasets import JobState
 from fluxfarm.shared.errors import InvalidJob
@@ -59,16 +59,6 @@ class JobView(BaseModel):
     failure: str | None = None
 
 
-def _client(request: Request) -> FarmClient:
-    client: FarmClient = request.app.state.client
-    return client
-
-
-def _usage(request: Request) -> TokenUsage:
-    usage: TokenUsage = request.app.state.usage
-    return usage
-
-
 def _parse_jobs(body: dict[str, Any] | list[Any]) -> list[RenderJob]:
     """Every job of the body, or InvalidJob naming each bad field as `<index>.<field>` in a list."""
     if not isinstance(body, list):
@@ -90,15 +80,15 @@ def submit_jobs(
     per_dataset = Counter(job.dataset for job in jobs)
     check_datasets(record, per_dataset)
     check_priority(record, priority)
-    usage = _usage(request)
+    usage = token_usage(request)
     usage.check_room(record, len(jobs))
     outcomes: dict[tuple[str, str], JobOutcome] = {}
-    counts = _client(request).submit_stream(
+    counts = farm_client(request).submit_stream(
         jobs, priority=priority, on_outcome=lambda job, outcome: outcomes.setdefault((job.dataset, job.id), outcome)
     )
     usage.note_submitted(record.name, per_dataset, counts.enqueued)
     audit(
-        _client(request).redis,
+        farm_client(request).redis,
         "submit",
         record.name,
         datasets=dict(per_dataset),
@@ -139,7 +129,7 @@ async def read_job(
     that hangs up ends it."""
     parse_job_id(job_id)
     check_datasets(record, [parse_dataset_name(dataset)])
-    client = _client(request)
+    client = farm_client(request)
     deadline = time.monotonic() + wait
     while True:
         view = await run_in_threadpool(_view, client, dataset, job_id)

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from PIL import Image
 
-from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.gateway.auth import check_datasets
 from fluxfarm.producer.gateway.page_templates import STYLE, pages
+from fluxfarm.producer.gateway.state import farm_client
 from fluxfarm.producer.gateway.tokens import TokenBook, TokenRecord
 from fluxfarm.shared.errors import FarmError, ObjectNotFound
 from fluxfarm.shared.jobs import parse_dataset_name, parse_job_id
@@ -58,11 +58,6 @@ def page_caller(request: Request) -> TokenRecord:
 PageCaller = Annotated[TokenRecord, Depends(page_caller)]
 
 
-def _client(request: Request) -> FarmClient:
-    client: FarmClient = request.app.state.client
-    return client
-
-
 @router.get("/style.css")
 def style() -> Response:
     return Response(STYLE, media_type="text/css", headers={"Cache-Control": "max-age=3600"})
@@ -96,7 +91,7 @@ def logout() -> Response:
 
 @router.get("/")
 def datasets(request: Request, record: PageCaller) -> HTMLResponse:
-    client = _client(request)
+    client = farm_client(request)
     names = [name for name in client.dataset_names() if record.grant.allows(name)]
     return _html("datasets", token=record.name, records=[client.dataset_record(name) for name in names])
 
@@ -109,7 +104,7 @@ def dataset(
     check_datasets(record, [dataset_name])
     if after is not None:
         parse_job_id(after)
-    client = _client(request)
+    client = farm_client(request)
     ids = client.store.stored_job_page(dataset_name, after, PAGE)
 
     def item(job_id: str) -> dict[str, Any] | None:
@@ -141,7 +136,7 @@ def thumbnail(request: Request, record: PageCaller, name: str, job_id: str) -> R
     dataset_name = parse_dataset_name(name)
     check_datasets(record, [dataset_name])
     parse_job_id(job_id)
-    client = _client(request)
+    client = farm_client(request)
     key = client.store.thumbnail_key(dataset_name, job_id)
     try:
         data = client.store.get(key)
@@ -160,4 +155,4 @@ def thumbnail(request: Request, record: PageCaller, name: str, job_id: str) -> R
 
 @router.get("/fleet")
 def fleet(request: Request, record: PageCaller) -> HTMLResponse:
-    return _html("fleet", token=record.name, fleet=_client(request).fleet())
+    return _html("fleet", token=record.name, fleet=farm_client(request).fleet())
