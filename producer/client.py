@@ -13,6 +13,7 @@ A job already in storage is not sent again: its handle is complete at once (`han
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ from fluxfarm.shared.jobs import DEFAULT_DATASET, RenderJob, parse_dataset_name,
 from fluxfarm.shared.metadata import RenderResult, read_result
 from fluxfarm.shared.publish import PublishRefused, publish
 from fluxfarm.shared.redis_conn import open_redis
+from fluxfarm.shared.routing import parse_tenant
 from fluxfarm.shared.storage import JSON_CONTENT_TYPE, open_store
 
 ROOM_POLL_S = 2.0
@@ -85,6 +87,15 @@ class FarmClient:
         self._redis = open_redis(self.settings)
         self.datasets = DatasetBook(self._redis)
         """The dataset records in the broker's Redis (what is queued, running, done, failed)."""
+        self.tenant = self.settings.tenant
+        """The fair-share tenant whose queues this client's jobs go to (shared/routing.py); None: the shared ones."""
+
+    def for_tenant(self, tenant: str) -> FarmClient:
+        """This client, sending its jobs to `tenant`'s queues: a view that shares its connections (the
+        gateway takes one per token, so each token's jobs take turns with the others')."""
+        view = copy.copy(self)
+        view.tenant = parse_tenant(tenant)
+        return view
 
     @property
     def redis(self) -> redis.Redis:
@@ -295,7 +306,8 @@ class FarmClient:
         """Publish a chunk (shared/publish.py: the record first, then one round trip for the messages)."""
         queued_at = datetime.now(UTC).isoformat()
         try:
-            publish(self._app, self._redis, jobs, PRIORITY_STEPS[priority], queued_at, False, producer=producer)
+            step = PRIORITY_STEPS[priority]
+            publish(self._app, self._redis, jobs, step, queued_at, False, tenant=self.tenant, producer=producer)
         except PublishRefused as error:
             raise RedisFull(
                 f"{error}; this submit queued {counts.enqueued} jobs. Raise maxmemory or let the fleet drain, "
@@ -313,7 +325,8 @@ class FarmClient:
         if previous.state == states.FAILURE:
             previous.forget()
         queued_at = datetime.now(UTC).isoformat()
-        publish(self._app, self._redis, [job], PRIORITY_STEPS[priority], queued_at, keep_result=True)
+        step = PRIORITY_STEPS[priority]
+        publish(self._app, self._redis, [job], step, queued_at, keep_result=True, tenant=self.tenant)
         return JobHandle(
             job,
             async_result=self._app.AsyncResult(task_id(job.dataset, job.id)),

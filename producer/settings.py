@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
+from fluxfarm.shared.routing import parse_tenant
 from fluxfarm.shared.settings import FarmSettings, blank_is_none
 
 
@@ -21,6 +22,14 @@ class ProducerSettings(FarmSettings):
         ),
     )
     api_token: SecretStr | None = Field(default=None, description="A gateway token (`fluxfarm token create`).")
+    tenant: str | None = Field(
+        default=None,
+        description=(
+            "The fair-share tenant this producer's jobs queue under (lowercase letters, digits, '_', '-'): the "
+            "workers take the tenants' jobs in turn, so a million-job dataset does not hold back another "
+            "tenant's ten. The gateway sets it per token; unset, jobs go to the shared queues."
+        ),
+    )
     redis_maxmemory_mib: float | None = Field(
         default=None,
         gt=0,
@@ -36,6 +45,11 @@ class ProducerSettings(FarmSettings):
         description="Producers: the share of Redis' maxmemory submits leave for the workers' bookkeeping.",
     )
 
-    _blank_producer_is_none = field_validator("redis_maxmemory_mib", "api_url", "api_token", mode="before")(
+    _blank_producer_is_none = field_validator("redis_maxmemory_mib", "api_url", "api_token", "tenant", mode="before")(
         blank_is_none
     )
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_name(cls, value: str | None) -> str | None:
+        return None if value is None else parse_tenant(value)

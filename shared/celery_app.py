@@ -92,17 +92,17 @@ def task_id(dataset: str, job_id: str) -> str:
 
 
 def send_render(
-    app: Celery, job: RenderJob, priority: int, queued_at: str, keep_result: bool, producer: Any = None
+    app: Celery, job: RenderJob, queue: str, priority: int, queued_at: str, keep_result: bool, producer: Any = None
 ) -> None:
-    """One render job's message, for shared/publish.py (the one way a job is sent, which notes its LoRA
-    queue and its record first). The task id is `task_id(dataset, job id)`; `producer` batches many sends
-    into one round trip (queues declared by the caller)."""
+    """One render job's message to `queue`, for shared/publish.py (the one way a job is sent, which picks
+    the queue, notes it and the job's record first). The task id is `task_id(dataset, job id)`; `producer`
+    batches many sends into one round trip (queues declared by the caller)."""
     batching = {"producer": producer, "declare": []} if producer is not None else {}
     app.send_task(
         RENDER_TASK,
         kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
         task_id=task_id(job.dataset, job.id),
-        queue=job.queue,
+        queue=queue,
         priority=priority,
         ignore_result=not keep_result,
         # Celery's own repr of the payload (for its logs) costs more than sending it.

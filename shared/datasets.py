@@ -111,10 +111,13 @@ class SentJob(BaseModel):
     priority: int
     queued_at: str
     keep_result: bool
+    tenant: str | None = None
+    """The tenant whose queue it was sent to (shared/routing.py): a resend goes there again."""
 
     @classmethod
-    def of(cls, job: RenderJob, priority: int, queued_at: str, keep_result: bool) -> SentJob:
-        return cls(job=job.model_dump(mode="json"), priority=priority, queued_at=queued_at, keep_result=keep_result)
+    def of(cls, job: RenderJob, priority: int, queued_at: str, keep_result: bool, tenant: str | None = None) -> SentJob:
+        dumped = job.model_dump(mode="json")
+        return cls(job=dumped, priority=priority, queued_at=queued_at, keep_result=keep_result, tenant=tenant)
 
     def is_of(self, job: RenderJob) -> bool:
         return self.job == job.model_dump(mode="json")

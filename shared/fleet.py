@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.lora_queues import known_queues
+from fluxfarm.shared.queue_registry import known_queues
 from fluxfarm.shared.routing import constraint_of_queue, level_serves, split_lora_queue
 
 HEARTBEAT_INTERVAL_S = 2.0

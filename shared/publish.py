@@ -1,8 +1,8 @@
 """Publishing render jobs: the one way a job enters the farm, whoever sends it (the client, the bulk
 submitter, the worker's lost-job sweep and, later, the gateway).
 
-The order is the protocol. First the LoRA set's queue is registered (shared/lora_queues.py), so workers
-can adopt it. Then the dataset record notes the jobs, so a crash before the messages leaves recorded jobs
+The order is the protocol. First a LoRA set's or tenant's queue is registered (shared/queue_registry.py),
+so workers consume it. Then the dataset record notes the jobs, so a crash before the messages leaves recorded jobs
 without one, which the lost-job sweep sends again, never a message the record does not know. Then the
 messages go out in one pipelined round trip. A Redis that refuses the messages (over its maxmemory) gets
 the record of the unsent ones taken back, so the record and the queues agree.
@@ -21,7 +21,8 @@ from fluxfarm.shared.celery_app import message_task_id, queue_lists, send_render
 from fluxfarm.shared.datasets import DatasetBook, SentJob
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.jobs import RenderJob
-from fluxfarm.shared.lora_queues import note_lora_queues
+from fluxfarm.shared.queue_registry import note_queues
+from fluxfarm.shared.routing import tenant_queue
 
 SENT_MARGIN = 1000
 """Messages other producers may have pushed onto a queue's head since ours, read past when looking for
@@ -44,30 +45,33 @@ def publish(
     queued_at: str,
     keep_result: bool,
     *,
+    tenant: str | None = None,
     record: bool = True,
     producer: Any = None,
 ) -> None:
-    """Send `jobs` at `priority` (a kombu step, shared.celery_app.PRIORITY_STEPS), noting them in their
-    datasets' records first unless `record` is False (the lost-job sweep resends what the record holds,
-    attempts included). `producer` is a kombu producer a caller keeps across many calls."""
-    queues = {job.queue for job in jobs}
+    """Send `jobs` at `priority` (a kombu step, shared.celery_app.PRIORITY_STEPS) to their queues, or to
+    their queues' `tenant` queues (shared/routing.py), noting them in their datasets' records first unless
+    `record` is False (the lost-job sweep resends what the record holds, attempts and tenant included).
+    `producer` is a kombu producer a caller keeps across many calls."""
+    sends = [(job, tenant_queue(job.queue, tenant)) for job in jobs]
+    queues = {queue for _, queue in sends}
     book = DatasetBook(client)
     try:
-        note_lora_queues(client, queues)
+        note_queues(client, queues)
         if record:
             by_dataset: dict[str, list[SentJob]] = {}
             for job in jobs:
-                by_dataset.setdefault(job.dataset, []).append(SentJob.of(job, priority, queued_at, keep_result))
-            for dataset, sent in by_dataset.items():
-                book.note_queued(dataset, sent)
+                by_dataset.setdefault(job.dataset, []).append(SentJob.of(job, priority, queued_at, keep_result, tenant))
+            for dataset, sent_jobs in by_dataset.items():
+                book.note_queued(dataset, sent_jobs)
         with app.producer_or_acquire(producer) as kombu_producer:
             for queue in queues:
                 # Once here (cached per channel), instead of once per message inside send_task, which cost a
                 # fifth of a stream's time in kombu's entity copies.
                 kombu_producer.maybe_declare(app.amqp.queues[queue])
             with kombu_producer.batch(max_size=2 * len(jobs)):
-                for job in jobs:
-                    send_render(app, job, priority, queued_at, keep_result, producer=kombu_producer)
+                for job, queue in sends:
+                    send_render(app, job, queue, priority, queued_at, keep_result, producer=kombu_producer)
     except (redis.exceptions.OutOfMemoryError, BatchPublishError, OperationalError) as error:
         if record:
             _take_back_unsent(client, book, jobs, queues)

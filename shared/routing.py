@@ -7,19 +7,33 @@ job is only ever delivered to a capable worker and a dataset can insist on one l
 A job with LoRAs goes to a queue of its own LoRA set under its constraint's queue
 (`render.any.lora.<set id>`), which a worker of a fitting level adopts (worker/serve/queue_adoption.py):
 jobs of one set then reach the worker that already carries its fused weights.
+
+A job sent for a tenant (a gateway token, or a producer's FLUXFARM_TENANT) goes to its tenant's queue
+under its constraint's queue (`render.any.t.<tenant>`), which every worker of a fitting level consumes
+beside its constraint queues. kombu's Redis transport takes from a worker's queues in rotation within
+each priority step, so one tenant's million jobs and another's ten reach the workers interleaved. Jobs
+with LoRAs keep their set's queue: a set's queue already has its own share of the fleet, and splitting
+it per tenant would make workers fuse the same set once per tenant.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.errors import FarmError, InvalidJob
 from fluxfarm.shared.ladder import QuantLevel, parse_level
 
 AUTO = "auto"
 QUEUE_PREFIX = "render."
 LORA_QUEUE_MARK = ".lora."
+_LORA_SET = re.compile(r"[0-9a-f]{16}")
+"""shared/adapters.py's lora_set_id: 16 hex digits of a sha256."""
+TENANT_QUEUE_MARK = ".t."
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+"""A tenant's name travels in queue names, metric labels and logs: lowercase letters, digits, '_' and
+'-', no '.', which the queue name's parts are split on."""
 
 
 @dataclass(frozen=True)
@@ -65,15 +79,38 @@ def split_lora_queue(name: str) -> tuple[str, str | None]:
     return (base, lora_set) if mark else (name, None)
 
 
+def parse_tenant(name: str) -> str:
+    """A tenant name (a gateway token's name): 1-64 lowercase letters, digits, '_' or '-'. InvalidJob (a
+    ValueError, so pydantic fields can use it) for anything else."""
+    if not _TENANT.fullmatch(name):
+        raise InvalidJob(f"a tenant name must be 1-64 lowercase letters, digits, '_' or '-', not {name[:80]!r}")
+    return name
+
+
+def tenant_queue(queue: str, tenant: str | None) -> str:
+    """The queue a job bound for `queue` is sent to for `tenant`: the tenant's own under a constraint
+    queue; a LoRA set's queue, or any queue without a tenant, unchanged."""
+    if tenant is None or split_lora_queue(queue)[1] is not None:
+        return queue
+    return f"{queue}{TENANT_QUEUE_MARK}{parse_tenant(tenant)}"
+
+
+def split_tenant_queue(name: str) -> tuple[str, str | None]:
+    """`render.any.t.<tenant>` -> (`render.any`, `<tenant>`); a queue without a tenant -> (name, None)."""
+    base, mark, tenant = name.partition(TENANT_QUEUE_MARK)
+    return (base, tenant) if mark else (name, None)
+
+
 def constraint_of_queue(name: str) -> QuantConstraint:
     """The constraint whose jobs go to queue `name` (the inverse of `QuantConstraint.queue`), LoRA set
-    queues included."""
-    kind, _, level = split_lora_queue(name)[0].removeprefix(QUEUE_PREFIX).partition(".")
+    and tenant queues included."""
+    base = split_tenant_queue(split_lora_queue(name)[0])[0]
+    kind, _, level = base.removeprefix(QUEUE_PREFIX).partition(".")
     return QuantConstraint("auto") if kind == "any" else parse_constraint(f"{kind}:{level}")
 
 
 def level_serves(level: QuantLevel, queue: str) -> bool:
-    """Whether a worker holding `level` may take the jobs of `queue` (LoRA set queues included)."""
+    """Whether a worker holding `level` may take the jobs of `queue` (LoRA set and tenant queues included)."""
     return constraint_of_queue(queue).allows(level)
 
 
@@ -84,9 +121,21 @@ def queues_for_level(level: QuantLevel) -> list[str]:
     return queues
 
 
+def added_queue(name: str) -> bool:
+    """Whether `name` is a well-formed LoRA set or tenant queue under a constraint queue (the queues made
+    as jobs are sent, shared/queue_registry.py); a name in the registry that is not is never consumed."""
+    base, lora_set = split_lora_queue(name)
+    constraint_queue, tenant = split_tenant_queue(base)
+    if (lora_set is None) == (tenant is None) or constraint_queue not in all_queues():
+        return False
+    if lora_set is not None:
+        return bool(_LORA_SET.fullmatch(lora_set))
+    return bool(_TENANT.fullmatch(tenant or ""))
+
+
 def all_queues() -> list[str]:
-    """Every render queue without a LoRA set (those are registered as they are used:
-    shared/lora_queues.py)."""
+    """Every constraint queue (LoRA set and tenant queues are registered as they are used:
+    shared/queue_registry.py)."""
     names = {QuantConstraint("auto").queue}
     for level in QuantLevel:
         names.update({QuantConstraint("exact", level).queue, QuantConstraint("min", level).queue})

@@ -83,8 +83,12 @@ def submit_jobs(
     usage = token_usage(request)
     usage.check_room(record, len(jobs))
     outcomes: dict[tuple[str, str], JobOutcome] = {}
-    counts = farm_client(request).submit_stream(
-        jobs, priority=priority, on_outcome=lambda job, outcome: outcomes.setdefault((job.dataset, job.id), outcome)
+    counts = (
+        farm_client(request)
+        .for_tenant(record.name)
+        .submit_stream(
+            jobs, priority=priority, on_outcome=lambda job, outcome: outcomes.setdefault((job.dataset, job.id), outcome)
+        )
     )
     usage.note_submitted(record.name, per_dataset, counts.enqueued)
     audit(

@@ -20,6 +20,7 @@ from fluxfarm.shared.celery_app import Priority
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.jobs import describe_validation_error, parse_dataset_name
 from fluxfarm.shared.redis_conn import text
+from fluxfarm.shared.routing import parse_tenant
 
 TOKEN_PREFIX = "ffk_"
 """What every gateway token begins with, so a secret scanner (and a person) can tell one."""
@@ -42,7 +43,9 @@ def _scope(value: str) -> str:
 
 
 DatasetScope = Annotated[str, AfterValidator(_scope)]
-TokenName = Annotated[str, AfterValidator(parse_dataset_name)]
+TokenName = Annotated[str, AfterValidator(parse_tenant)]
+"""A token's name is its tenant's (shared/routing.py): its jobs wait in queues of their own, which the
+workers take in turn with other tokens'."""
 
 
 class TokenGrant(BaseModel):

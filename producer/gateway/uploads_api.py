@@ -146,7 +146,7 @@ def _submit(
     def jobs() -> Iterator[RenderJob]:
         yield from (item.job for item in _rows(path, defaults, seeds) if isinstance(item, FileJob))
 
-    counts = client.submit_stream(jobs(), priority=priority)
+    counts = client.for_tenant(record.name).submit_stream(jobs(), priority=priority)
     client.datasets.set_defaults(dataset, defaults)
     client.store_manifest(client.dataset_record(dataset))
     usage.note_submitted(record.name, Counter({dataset: valid}), counts.enqueued)

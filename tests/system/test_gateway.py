@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis
 
+from fluxfarm.shared.queue_registry import registered_queues
 from tests.conftest import Farm, run_fluxfarm
 from tests.fault_farm import wait_until
 from tests.gateway_process import Gateway, running_gateway
@@ -66,6 +67,8 @@ def test_alice_submits_waits_and_downloads_her_image_through_its_url(
             assert view["result"]["job_id"] == job_id and view["result"]["quant"] == "Q8_0"
             png = httpx.get(view["image_url"], timeout=30)
             assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
+        # Alice's jobs went through her own queue, which the worker consumes in turn with other tokens'.
+        assert "render.any.t.alice" in registered_queues(redis_client)
         again = http.post("/v1/jobs", json=jobs[0]).json()
         assert (again["enqueued"], again["already_stored"]) == (0, 1) and again["jobs"][0]["job_id"] == ids[0]
         record = http.get("/v1/datasets/alice-moths").json()

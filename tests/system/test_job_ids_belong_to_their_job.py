@@ -46,7 +46,7 @@ def test_a_named_job_cannot_be_taken_over(farm: Farm) -> None:
         # Past the client, straight onto the queue: the worker refuses it and the stored result stays Alice's.
         sent = client._app.AsyncResult(task_id("alice", "img-0001"))
         sent.forget()  # Alice's own task result, so the one read below is the copy's
-        send_render(client._app, mallory, PRIORITY_STEPS["high"], "", keep_result=True)
+        send_render(client._app, mallory, mallory.queue, PRIORITY_STEPS["high"], "", keep_result=True)
         sent.get(timeout=TIMEOUT_S, propagate=False)
         assert sent.state == states.FAILURE and "already names another job" in str(sent.result)
         assert client.stored_result(alice) is not None

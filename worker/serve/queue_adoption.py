@@ -1,6 +1,11 @@
-"""Which queues a worker consumes: its level's constraint queues, or one LoRA set's queue alone.
+"""Which queues a worker consumes: its level's constraint and tenant queues, or one LoRA set's queue alone.
 
-Jobs with LoRAs wait in their set's queue (shared/routing.py, registered in shared/lora_queues.py).
+Tenant queues (shared/routing.py) are made as tenants send jobs and registered in shared/queue_registry.py;
+every worker consumes each one its level serves as soon as its registration is announced (or within
+TENANT_CHECK_INTERVAL_S, should the news be lost), so kombu's rotation over a worker's queues interleaves
+the tenants' jobs.
+
+Jobs with LoRAs wait in their set's queue (shared/routing.py, registered in shared/queue_registry.py).
 Switching a worker's weights between LoRA sets costs seconds (unfuse, then fuse again, from the disk
 cache at best: 8.7 s for a rank-64 set at Q8_0 on an H200), so a fleet must not pass sets around:
 - A worker that adopts a set's queue consumes that queue alone, until it is empty. It never mixes
@@ -37,19 +42,22 @@ from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import most_urgent, waiting_by_priority
 from fluxfarm.shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.lora_queues import forget_idle_lora_queues, lora_queues
-from fluxfarm.shared.routing import level_serves, queues_for_level, split_lora_queue
+from fluxfarm.shared.queue_registry import forget_idle_queues, registered_queues
+from fluxfarm.shared.routing import level_serves, queues_for_level, split_lora_queue, split_tenant_queue
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = HEARTBEAT_INTERVAL_S
+TENANT_CHECK_INTERVAL_S = 1.0
+"""How often a worker reads the registry for tenant queues when no news of one comes (QueueNews)."""
 ADOPT_LOCK_S = 3 * HEARTBEAT_INTERVAL_S + CHECK_INTERVAL_S
 """Long enough for the adopter's next heartbeat to name the queue: then others see it consumed."""
 
 
-class LoraAdoption:
-    """The queues a worker consumes; `tick()` runs every CHECK_INTERVAL_S and changes them through
-    `change(added, cancelled)` (Celery's add_consumer / cancel_consumer addressed to this worker)."""
+class QueueAdoption:
+    """The queues a worker consumes, changed through `change(added, cancelled)` (Celery's add_consumer /
+    cancel_consumer addressed to this worker): `follow_tenants()` adds and drops tenant queues as they
+    come and go, `tick()` adopts and leaves LoRA set queues."""
 
     def __init__(
         self,
@@ -76,7 +84,9 @@ class LoraAdoption:
         self._orphaned_since: dict[str, float] = {}
         self.level = level
         self.lora_queue: str | None = None
-        self.queues: list[str] = queues_for_level(level)
+        self._tenant_queues = sorted(q for q in registered_queues(client) if split_tenant_queue(q)[1] is not None)
+        """Every registered tenant queue (those the level serves are consumed beside the constraint queues)."""
+        self.queues: list[str] = self._base_queues()
         """The queues consumed now (the heartbeat reports them)."""
 
     def set_level(self, level: QuantLevel) -> None:
@@ -87,19 +97,32 @@ class LoraAdoption:
                 self.lora_queue = None
             self._apply()
 
-    def tick(self) -> None:
+    def follow_tenants(self) -> None:
+        """Consume the tenant queues registered now (on news of one, and every TENANT_CHECK_INTERVAL_S), and
+        forget those idle for an hour (empty and unsent to)."""
         with self._lock:
-            registered = lora_queues(self._redis)
-            if not registered and self.lora_queue is None:
-                return  # a farm without LoRA jobs pays one read of an empty hash a tick, not a scan of the fleet
+            registered = registered_queues(self._redis)
+            tenants = {q: sent for q, sent in registered.items() if split_tenant_queue(q)[1] is not None}
+            forgotten = forget_idle_queues(self._redis, tenants, set())
+            self._tenant_queues = sorted(q for q in tenants if q not in forgotten)
+            if self.lora_queue is None:
+                self._apply()
+
+    def tick(self) -> None:
+        """Adopt or leave a LoRA set's queue (every CHECK_INTERVAL_S, on workers that take LoRA jobs)."""
+        with self._lock:
+            registered = registered_queues(self._redis)
+            sets = {q: sent for q, sent in registered.items() if split_lora_queue(q)[1] is not None}
+            if not sets and self.lora_queue is None:
+                return  # a farm without LoRA jobs pays one read of a small hash a tick, not a scan of the fleet
             workers = [w for w in read_workers(self._redis) if w.node != self._node]
             consumed = {queue for w in workers for queue in w.queues} | set(self.queues)
-            forgotten = forget_idle_lora_queues(self._redis, registered, consumed)
-            fitting = [q for q in registered if q not in forgotten and level_serves(self.level, q)]
+            forgotten = forget_idle_queues(self._redis, sets, consumed)
+            fitting = [q for q in sets if q not in forgotten and level_serves(self.level, q)]
             if not fitting and self.lora_queue is None:
                 return
             names = sorted(set(fitting) | ({self.lora_queue} if self.lora_queue else set()))
-            base = queues_for_level(self.level)
+            base = self._base_queues()
             by_step = waiting_by_priority(self._redis, names + base)
             urgency = {name: most_urgent(counts) for name, counts in zip(names, by_step, strict=False)}
             waiting = {name: sum(counts) for name, counts in zip(names, by_step, strict=False)}
@@ -173,8 +196,12 @@ class LoraAdoption:
                 return queue
         return None
 
+    def _base_queues(self) -> list[str]:
+        """The queues consumed off a LoRA stint: the level's constraint queues and the tenant queues it serves."""
+        return queues_for_level(self.level) + [q for q in self._tenant_queues if level_serves(self.level, q)]
+
     def _apply(self) -> None:
-        wanted = [self.lora_queue] if self.lora_queue is not None else queues_for_level(self.level)
+        wanted = [self.lora_queue] if self.lora_queue is not None else self._base_queues()
         added = [q for q in wanted if q not in self.queues]
         cancelled = [q for q in self.queues if q not in wanted]
         self.queues = wanted  # before `change`, which logs them

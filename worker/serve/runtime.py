@@ -28,6 +28,7 @@ from fluxfarm.shared.fleet import WorkerStatus
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.shared.publish import publish
+from fluxfarm.shared.queue_registry import QueueNews
 from fluxfarm.shared.storage import ObjectStore
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.gpu import compute_capability, vram_peak_bytes
@@ -40,7 +41,7 @@ from fluxfarm.worker.serve.level_step_down import LevelStepDown, step_down_level
 from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.serve.periodic import Periodic
-from fluxfarm.worker.serve.queue_adoption import CHECK_INTERVAL_S, LoraAdoption
+from fluxfarm.worker.serve.queue_adoption import CHECK_INTERVAL_S, TENANT_CHECK_INTERVAL_S, QueueAdoption
 from fluxfarm.worker.serve.result_store import ResultStore
 from fluxfarm.worker.serve.retry_policy import SEND_DUE_INTERVAL_S, DelayedRetries, RetryPolicy
 from fluxfarm.worker.serve.tasks import register_render_task
@@ -107,7 +108,7 @@ class WorkerRuntime:
         self._capability = compute_capability(loader.device)
         self._metrics_url = metrics_url
         engine, load_s = loader.load()
-        self.adoption = LoraAdoption(
+        self.adoption = QueueAdoption(
             client,
             worker.node,
             engine.model.level,
@@ -116,6 +117,7 @@ class WorkerRuntime:
             fleet_share=settings.lora_fleet_share,
             stint_max_s=settings.lora_stint_max_s,
         )
+        self._queue_news = QueueNews(client)
         stepper = LevelStepDown(
             step_down_levels(settings, loader.model, loader.transformer, loader.device),
             lambda level: loader.load(settings.model_copy(update={"level": level}))[0],
@@ -135,7 +137,9 @@ class WorkerRuntime:
 
         def resend(sent: SentJob) -> None:
             job = parse_job(sent.job)
-            publish(app, client, [job], sent.priority, sent.queued_at, sent.keep_result, record=False)
+            publish(
+                app, client, [job], sent.priority, sent.queued_at, sent.keep_result, tenant=sent.tenant, record=False
+            )
 
         sweep_s = max(10, settings.lease_s)
         sweeper = LostJobSweeper(
@@ -147,6 +151,7 @@ class WorkerRuntime:
             Periodic("fluxfarm-leases", lease_renew_interval_s(settings.lease_s), leases.renew_once),
             Periodic("fluxfarm-lost-jobs", sweep_s, sweeper.sweep_once),
             Periodic("fluxfarm-retries", SEND_DUE_INTERVAL_S, DelayedRetries(client, book, resend).send_due),
+            Periodic("fluxfarm-tenant-queues", 0.0, self._follow_tenants),
             Periodic("fluxfarm-lora-queues", CHECK_INTERVAL_S, self.adoption.tick),
         )
 
@@ -163,18 +168,25 @@ class WorkerRuntime:
         ]
 
     def start(self) -> None:
-        """Every duty but the LoRA-queue adoption, which waits for Celery's consumer."""
+        """Every duty but the queue changes (tenant and LoRA queues), which wait for Celery's consumer."""
         self.duties.start("fluxfarm-heartbeat", "fluxfarm-leases", "fluxfarm-lost-jobs", "fluxfarm-retries")
 
     def consumer_ready(self, consumer: Consumer) -> None:
         if self._consumer is None:
             self._consumer = consumer
+            self.duties.start("fluxfarm-tenant-queues")
             if self._settings.lora_jobs:  # queue changes go through the consumer: none before it runs
                 self.duties.start("fluxfarm-lora-queues")
 
     def stop(self) -> None:
         self.duties.stop()
+        self._queue_news.close()
         self.batcher.close()
+
+    def _follow_tenants(self) -> None:
+        """Take up tenant queues as they are announced, or once a TENANT_CHECK_INTERVAL_S without news."""
+        self._queue_news.wait(TENANT_CHECK_INTERVAL_S)
+        self.adoption.follow_tenants()
 
     def _active_lora_set(self) -> str | None:
         return self.batcher.engine.loras.active_id

@@ -58,12 +58,13 @@ def test_a_worker_runtime_joins_the_fleet_first_and_leaves_it_last(
     worker = WorkerInfo(node="w-runtime", hostname="here", device="cpu", gpu_name=None, vram_gib=None)
     loader = EngineLoader(settings, str(tiny_model), transformer, "cpu", worker, WorkerMetrics())
     client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()  # heartbeats other tests' workers left (they live HEARTBEAT_TTL_S)
     runtime = WorkerRuntime(
         Celery("runtime-test"), client, LocalStore(tmp_path / "out"), loader, worker, WorkerMetrics(), None, exit
     )
     names = runtime.duties.names
     assert names == ["fluxfarm-heartbeat", "fluxfarm-leases", "fluxfarm-lost-jobs", "fluxfarm-retries",
-                     "fluxfarm-lora-queues"]  # fmt: skip
+                     "fluxfarm-tenant-queues", "fluxfarm-lora-queues"]  # fmt: skip
     runtime.start()
     try:
         assert [w.node for w in fleet_report(client).workers] == ["w-runtime"], "in the fleet once started"
