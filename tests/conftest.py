@@ -199,6 +199,17 @@ def client_settings(request: pytest.FixtureRequest, farm: Farm) -> ProducerSetti
     return settings
 
 
+def client_env(settings: ProducerSettings) -> dict[str, str]:
+    """The environment of a `fluxfarm` command run as a producer with `settings`: the gateway's URL and
+    token, or the farm's Redis and storage."""
+    if settings.api_url and settings.api_token:
+        return {"FLUXFARM_API_URL": settings.api_url, "FLUXFARM_API_TOKEN": settings.api_token.get_secret_value()}
+    env = {"FLUXFARM_BROKER_URL": settings.broker_url, "FLUXFARM_STORAGE_URL": settings.storage_url}
+    if settings.s3_endpoint_url:
+        env["FLUXFARM_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+    return env
+
+
 def via(settings: ProducerSettings) -> str:
     """`http` for a client through the gateway, `redis` for one straight to the farm."""
     return "http" if settings.api_url else "redis"

@@ -1,4 +1,5 @@
-"""`fluxfarm submit` against a real worker: single prompts, prompt files, --wait with progress."""
+"""`fluxfarm submit` against a real worker: single prompts, prompt files, --wait with progress; the first
+two straight to Redis and through the gateway (issue 19, acceptance 2)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from fluxfarm.producer.settings import ProducerSettings
 from tests.adapter_files import write_peft_lora
-from tests.conftest import Farm, run_fluxfarm
+from tests.conftest import Farm, client_env, run_fluxfarm, via
 
 pytestmark = pytest.mark.slow
 
@@ -18,34 +20,39 @@ def _fluxfarm(farm: Farm, *args: str) -> subprocess.CompletedProcess[str]:
     return run_fluxfarm(*args, env=farm.worker_env())
 
 
-def test_submit_a_prompt_and_wait(farm: Farm) -> None:
-    job = "--prompt a castle in fog --width 256 --height 320 --steps 2 --seed 9 --dataset cli-one".split(" ")
-    job[1:5] = [" ".join(job[1:5])]  # the prompt is one argument
-    done = _fluxfarm(farm, "submit", *job, "--wait", "--timeout", "240")
+def _producer(settings: ProducerSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_fluxfarm(*args, env=client_env(settings))
+
+
+def test_submit_a_prompt_and_wait(farm: Farm, client_settings: ProducerSettings) -> None:
+    dataset = f"cli-one-{via(client_settings)}"  # each transport its own dataset
+    job = ["--prompt", "a castle in fog", *f"--width 256 --height 320 --steps 2 --seed 9 --dataset {dataset}".split()]
+    done = _producer(client_settings, "submit", *job, "--wait", "--timeout", "240")
     assert done.returncode == 0, done.stderr
     assert "queued 1 jobs (0 already stored)" in done.stderr
     job_id, uri = done.stdout.strip().split("\t")
-    assert uri == f"s3://{farm.bucket}/{farm.prefix}/cli-one/{job_id}.png"
-    meta_key = f"{farm.prefix}/cli-one/{job_id}.json"
+    assert uri == f"s3://{farm.bucket}/{farm.prefix}/{dataset}/{job_id}.png"
+    meta_key = f"{farm.prefix}/{dataset}/{job_id}.json"
     meta = json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=meta_key)["Body"].read())
     assert meta["job"] | {"prompt": "a castle in fog", "width": 256, "height": 320, "seed": 9} == meta["job"]
 
-    again = _fluxfarm(farm, "submit", *job)
+    again = _producer(client_settings, "submit", *job)
     assert again.returncode == 0
     assert "queued 0 jobs (1 already stored)" in again.stderr
     assert again.stdout.strip() == job_id
 
 
-def test_submit_a_prompt_file_with_cli_defaults(farm: Farm, tmp_path: Path) -> None:
+def test_submit_a_prompt_file_with_cli_defaults(farm: Farm, client_settings: ProducerSettings, tmp_path: Path) -> None:
+    dataset = f"cli-file-{via(client_settings)}"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comments and blank lines are skipped\na red kite\n\na blue kite\n")
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "a green kite", "seed": 3, "width": 320}) + "\n")
-    defaults = ("--width", "256", "--height", "256", "--steps", "1", "--dataset", "cli-file", "--wait")
+    defaults = ("--width", "256", "--height", "256", "--steps", "1", "--dataset", dataset, "--wait")
     for path in (prompts, rows):
-        done = _fluxfarm(farm, "submit", str(path), *defaults)
+        done = _producer(client_settings, "submit", str(path), *defaults)
         assert done.returncode == 0, done.stderr
-    folder = f"{farm.prefix}/cli-file/"
+    folder = f"{farm.prefix}/{dataset}/"
     keys = [k for k in farm.s3.keys(farm.bucket, folder) if "/" not in k[len(folder) :]]  # not the manifest
     assert len([k for k in keys if k.endswith(".png")]) == 3
     metas = [
