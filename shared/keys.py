@@ -55,6 +55,12 @@ def token_datasets(name: str) -> str:
     return f"fluxfarm:token:{name}:datasets"
 
 
+def token_submit_lock(name: str) -> str:
+    """`fluxfarm:token:<name>:submitting`: a lock, held by the gateway while it checks a token's
+    `max_queued` and sends its jobs, so two requests at once cannot both take the last room."""
+    return f"fluxfarm:token:{name}:submitting"
+
+
 def token_usage(name: str) -> str:
     """`fluxfarm:token:<name>:usage`: a hash, what a gateway token has used (jobs submitted, ...)."""
     return f"fluxfarm:token:{name}:usage"

@@ -81,16 +81,14 @@ def submit_jobs(
     check_datasets(record, per_dataset)
     check_priority(record, priority)
     usage = token_usage(request)
-    usage.check_room(record, len(jobs))
     outcomes: dict[tuple[str, str], JobOutcome] = {}
-    counts = (
-        farm_client(request)
-        .for_tenant(record.name)
-        .submit_stream(
-            jobs, priority=priority, on_outcome=lambda job, outcome: outcomes.setdefault((job.dataset, job.id), outcome)
-        )
-    )
-    usage.note_submitted(record.name, per_dataset, counts.enqueued)
+
+    def note(job: RenderJob, outcome: JobOutcome) -> None:
+        outcomes.setdefault((job.dataset, job.id), outcome)
+
+    with usage.room_for(record, len(jobs)):
+        counts = farm_client(request).for_tenant(record.name).submit_stream(jobs, priority=priority, on_outcome=note)
+        usage.note_submitted(record.name, per_dataset, counts.enqueued)
     audit(
         farm_client(request).redis,
         "submit",

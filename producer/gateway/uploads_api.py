@@ -141,15 +141,15 @@ def _submit(
     outcome = Uploaded(dataset=dataset, valid=valid, invalid=len(problems), errors=shown, dry_run=dry_run)
     if dry_run:
         return outcome
-    usage.check_room(record, valid)
 
     def jobs() -> Iterator[RenderJob]:
         yield from (item.job for item in _rows(path, defaults, seeds) if isinstance(item, FileJob))
 
-    counts = client.for_tenant(record.name).submit_stream(jobs(), priority=priority)
+    with usage.room_for(record, valid):
+        counts = client.for_tenant(record.name).submit_stream(jobs(), priority=priority)
+        usage.note_submitted(record.name, Counter({dataset: valid}), counts.enqueued)
     client.datasets.set_defaults(dataset, defaults)
     client.store_manifest(client.dataset_record(dataset))
-    usage.note_submitted(record.name, Counter({dataset: valid}), counts.enqueued)
     audit(client.redis, "submit-file", record.name, dataset=dataset, enqueued=counts.enqueued, priority=priority)
     return outcome.model_copy(
         update={

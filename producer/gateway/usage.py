@@ -4,14 +4,23 @@ sent, and its `max_queued` quota, checked against its datasets' queued and runni
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import redis
+from redis.exceptions import LockError
 
 from fluxfarm.producer.gateway.tokens import TokenRecord, TokenUse
 from fluxfarm.shared import keys
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.errors import QuotaExceeded
 from fluxfarm.shared.redis_conn import text
+
+SUBMIT_LOCK_S = 600
+"""A submit holding its token's lock longer (a crashed gateway) loses it: the quota is then checked
+loosely once, never blocked for good. A million-row upload enqueues in about three minutes."""
+SUBMIT_WAIT_S = 30
+"""How long a request waits for another submit of the same token before it is answered 429."""
 
 
 class TokenUsage:
@@ -28,11 +37,29 @@ class TokenUsage:
         """The token's jobs queued or running now, over the datasets it submitted to."""
         return self._book.in_flight(self.datasets(name))
 
-    def check_room(self, record: TokenRecord, adding: int) -> None:
-        """QuotaExceeded (the gateway's 429) when `adding` more jobs would pass the token's `max_queued`."""
-        limit = record.grant.max_queued
-        if limit is None:
+    @contextmanager
+    def room_for(self, record: TokenRecord, adding: int) -> Iterator[None]:
+        """Hold the token's room for `adding` more jobs while the caller sends them: QuotaExceeded (the
+        gateway's 429) when they would pass its `max_queued`. A token with a quota submits one request at
+        a time (a lock in Redis, so gateways side by side agree); a token without one is not held."""
+        if record.grant.max_queued is None:
+            yield
             return
+        lock = self._redis.lock(
+            keys.token_submit_lock(record.name), timeout=SUBMIT_LOCK_S, blocking_timeout=SUBMIT_WAIT_S
+        )
+        if not lock.acquire():
+            raise QuotaExceeded(f"token {record.name}: another submit of this token is still running; try again")
+        try:
+            self._check_room(record, adding)
+            yield
+        finally:
+            with suppress(LockError):  # held past SUBMIT_LOCK_S and taken over: the other holder releases its own
+                lock.release()
+
+    def _check_room(self, record: TokenRecord, adding: int) -> None:
+        limit = record.grant.max_queued
+        assert limit is not None
         waiting = self.in_flight(record.name)
         if waiting + adding > limit:
             raise QuotaExceeded(

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -108,6 +109,28 @@ def test_bob_gets_429_past_his_max_queued_and_nothing_is_sent(gateway: Gateway, 
         error = refused.json()["error"]
         assert error["code"] == "quota_exceeded" and "max_queued 2" in error["message"]
         assert http.get("/v1/datasets/bob-quota").status_code == 404  # not one job of the three was sent
+
+
+def test_requests_at_once_cannot_pass_a_max_queued_together(gateway: Gateway) -> None:
+    """Eight single-job POSTs at once against room for three: three are sent, five get 429 (the check and
+    the send hold the token's lock; checked apart, several requests saw the same room)."""
+    dora = gateway.token("dora", "--datasets", "dora-*", "--max-queued", "3")
+    # No worker of this farm holds Q4_0: the jobs stay queued, so the room does not free up meanwhile.
+    jobs = [{"prompt": f"at once {i}", "dataset": "dora-race", "quant": "exact:Q4_0", **JOB} for i in range(8)]
+    start = threading.Barrier(len(jobs))
+
+    def post(job: dict) -> int:
+        with gateway.client(dora) as http:
+            start.wait()
+            return http.post("/v1/jobs", json=job).status_code
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        codes = sorted(pool.map(post, jobs))
+    with gateway.client(dora) as http:
+        record = http.get("/v1/datasets/dora-race").json()
+        http.post("/v1/datasets/dora-race/cancel")
+    assert codes == [202] * 3 + [429] * 5, codes
+    assert record["queued"] == 3, record
 
 
 def test_a_bad_job_is_422_naming_each_field_and_nothing_is_sent(gateway: Gateway, alice: str) -> None:
