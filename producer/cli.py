@@ -78,6 +78,12 @@ def submit(
     max_sequence_length: Annotated[int | None, typer.Option(help="T5 tokens, 1..512 [default: 512].")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name: the storage folder [default: default].")] = None,
     job_id: Annotated[str | None, typer.Option(help="Explicit job id (single job only).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="The model: flux.1-dev, flux.2-klein-4b, ... [default: FLUXFARM_DEFAULT_MODEL, else flux.1-dev]."
+        ),
+    ] = None,
     quant: Annotated[
         str | None, typer.Option(help="Level: auto, min:LEVEL (or better) or exact:LEVEL [default: auto].")
     ] = None,
@@ -128,6 +134,7 @@ def submit(
         dataset=dataset,
         job_id=job_id,
         quant=quant,
+        model=model,
         loras=_lora_fields(lora or []),
         controlnet=_controlnet_field(controlnet, control_image, control_scale),
     )

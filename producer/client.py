@@ -195,12 +195,12 @@ class FarmClient:
     def submit(self, job: RenderJob | Mapping[str, Any], priority: Priority = "normal") -> JobHandle:
         """Validate and enqueue one job; a job already stored returns its stored result instead.
         A `high` job is served before every `normal` and `low` one still waiting."""
-        valid = parse_job(dict(job) if isinstance(job, Mapping) else job)
+        valid = parse_job(dict(job) if isinstance(job, Mapping) else job, self.settings.default_model)
         return self._submit_valid(self._inputs.stage(valid), priority)
 
     def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]], priority: Priority = "normal") -> JobBatch:
         """Validate every job first (nothing is enqueued if any is invalid), then enqueue them all."""
-        valid = parse_jobs(jobs)
+        valid = parse_jobs(jobs, self.settings.default_model)
         return JobBatch(self._app, [self._submit_valid(self._inputs.stage(job), priority) for job in valid])
 
     def submit_stream(
@@ -230,9 +230,10 @@ class FarmClient:
         named: dict[tuple[str, str], RenderJob] = {}
         """Named jobs sent by this stream, to tell a repeated row from another job under the same name."""
         chunk: list[RenderJob] = []
+        default_model = self.settings.default_model
         with self._app.producer_or_acquire() as producer:
             for item in jobs:
-                job = self._inputs.stage(parse_job(dict(item) if isinstance(item, Mapping) else item))
+                job = self._inputs.stage(parse_job(dict(item) if isinstance(item, Mapping) else item, default_model))
                 if job.dataset not in known:
                     # Waiting first, then stored: a job that finishes in between is still in one of the two.
                     # (Listing storage first missed a job stored just after the listing and marked done

@@ -40,7 +40,7 @@ def warn_unserved(queues: set[str], settings: ProducerSettings, err: Console) ->
     for queue in report.unserved:
         if queue.name in queues:
             err.print(
-                f"[yellow]warning:[/yellow] no live worker serves {queue.constraint}: {queue.waiting} jobs wait "
+                f"[yellow]warning:[/yellow] no live worker serves {queue.needs}: {queue.waiting} jobs wait "
                 f"in {queue.name} until one starts (see `fluxfarm status`)",
                 highlight=False,
             )

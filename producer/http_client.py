@@ -153,11 +153,11 @@ class HttpFarmClient(FarmClient):
         return handles
 
     def submit(self, job: RenderJob | Mapping[str, Any], priority: Priority = "normal") -> JobHandle:
-        valid = parse_job(dict(job) if isinstance(job, Mapping) else job)
+        valid = parse_job(dict(job) if isinstance(job, Mapping) else job, self.settings.default_model)
         return self._handles([valid], self._post([valid], priority))[0]
 
     def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]], priority: Priority = "normal") -> JobBatch:
-        valid = parse_jobs(jobs)
+        valid = parse_jobs(jobs, self.settings.default_model)
         handles: list[JobHandle] = []
         for start in range(0, len(valid), MAX_JOBS_PER_POST):
             chunk = valid[start : start + MAX_JOBS_PER_POST]
@@ -197,7 +197,7 @@ class HttpFarmClient(FarmClient):
                 on_progress(counts)
 
         for item in jobs:
-            chunk.append(parse_job(dict(item) if isinstance(item, Mapping) else item))
+            chunk.append(parse_job(dict(item) if isinstance(item, Mapping) else item, self.settings.default_model))
             if len(chunk) >= MAX_JOBS_PER_POST:
                 send()
                 chunk = []

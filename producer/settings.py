@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
+from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.routing import parse_tenant
 from fluxfarm.shared.settings import FarmSettings, blank_is_none
 
@@ -11,6 +12,10 @@ from fluxfarm.shared.settings import FarmSettings, blank_is_none
 class ProducerSettings(FarmSettings):
     """The farm's settings and a producer's: how it batches submits and how much of Redis it may fill."""
 
+    default_model: FluxModel = Field(
+        default=FluxModel.FLUX_1_DEV,
+        description="The model of a job that names none (shared/models.py: flux.1-dev, flux.2-klein-4b, ...).",
+    )
     submit_chunk: int = Field(
         default=500, ge=1, le=10_000, description="Jobs a file submit publishes per pipelined round trip to Redis."
     )

@@ -233,7 +233,7 @@ def render_status(status: FarmStatus) -> Group:
     if status.redis_memory is not None:
         parts.append(_memory_line(status.redis_memory))
     for q in status.fleet.unserved:
-        needs = escape(f"{q.waiting} jobs need {q.constraint} and no live worker serves {q.name}")
+        needs = escape(f"{q.waiting} jobs need {q.needs} and no live worker serves {q.name}")
         parts.append(f"[red]unserved:[/red] {needs}")
     if status.tokens:
         parts.append(_tokens_table(status.tokens))

@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import LEGACY_MODEL, FluxModel
 from fluxfarm.shared.queue_registry import known_queues
-from fluxfarm.shared.routing import constraint_of_queue, level_serves, split_lora_queue
+from fluxfarm.shared.routing import constraint_of_queue, parse_queue, serves, split_lora_queue
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 8
@@ -37,6 +38,9 @@ class WorkerStatus(BaseModel):
     """A level this version does not know makes the whole status unreadable: that worker is of another
     version, and fleet readers skip it as they skip every status they cannot read."""
     model: str
+    """The pipeline it loaded: a Hub repo or a folder."""
+    flux_model: FluxModel = LEGACY_MODEL
+    """The catalog model it serves (shared/models.py): the queues it consumes are that model's."""
     queues: list[str]
     started_at: datetime
     last_seen: datetime
@@ -72,6 +76,18 @@ class QueueStatus(BaseModel):
     def constraint(self) -> str:
         """`render.exact.q8_0` -> `exact:Q8_0`, for people."""
         return str(constraint_of_queue(self.name))
+
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form for mypy
+    @property
+    def model(self) -> str:
+        """The model whose jobs wait there (`flux.2-klein-4b`)."""
+        parsed = parse_queue(self.name)
+        return (parsed.model if parsed is not None else LEGACY_MODEL).value
+
+    @property
+    def needs(self) -> str:
+        """What a worker must hold to serve it, for people: `exact:Q8_0`, or `flux.2-dev at auto`."""
+        return self.constraint if self.model == LEGACY_MODEL else f"{self.model} at {self.constraint}"
 
     @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form for mypy
     @property
@@ -118,7 +134,7 @@ def fleet_report(client: redis.Redis) -> FleetReport:
     queues = []
     for name, waiting in zip(names, waiting_messages(client, names), strict=True):
         consumers = [w.node for w in workers if name in w.queues]
-        adopters = [w.node for w in workers if level_serves(w.level, name)] if split_lora_queue(name)[1] else []
+        adopters = [w.node for w in workers if serves(w.flux_model, w.level, name)] if split_lora_queue(name)[1] else []
         if waiting or consumers:
             queues.append(QueueStatus(name=name, waiting=int(waiting), consumers=consumers, adopters=adopters))
     return FleetReport(checked_at=datetime.now(UTC), workers=workers, queues=queues)

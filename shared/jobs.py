@@ -12,10 +12,19 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fluxfarm.shared.adapters import MAX_LORAS, ControlNetSpec, LoraSpec, lora_set_id
 from fluxfarm.shared.errors import FarmError, InvalidJob
+from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxModel
 from fluxfarm.shared.routing import AUTO, QuantConstraint, lora_queue, parse_constraint
 
 MAX_PROMPT_CHARS = 4000
@@ -82,13 +91,17 @@ class RenderJob(BaseModel):
 
     prompt: Prompt
     prompt_2: Prompt | None = Field(
-        default=None, description="Prompt for the T5 encoder; the CLIP prompt is used when absent."
+        default=None, description="FLUX.1 only: the prompt for the T5 encoder; the CLIP prompt is used when absent."
+    )
+    model: FluxModel = Field(
+        default=LEGACY_MODEL,
+        description="The model to render with (shared/models.py); producers fill in FLUXFARM_DEFAULT_MODEL.",
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     width: int = Field(default=1024, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=SIDE_MULTIPLE_PX)
     height: int = Field(default=1024, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=SIDE_MULTIPLE_PX)
-    steps: int = Field(default=28, ge=1, le=MAX_STEPS)
-    guidance: float = Field(default=3.5, ge=0.0, le=30.0, allow_inf_nan=False)
+    steps: int = Field(default=28, ge=1, le=MAX_STEPS, description="Defaults to the model's (4 for schnell, klein).")
+    guidance: float = Field(default=3.5, ge=0.0, le=30.0, allow_inf_nan=False, description="Defaults to the model's.")
     max_sequence_length: int = Field(default=512, ge=1, le=MAX_T5_TOKENS)
     dataset: str = DEFAULT_DATASET
     quant: str = Field(default=AUTO, description="auto (any level), min:LEVEL (that level or better) or exact:LEVEL.")
@@ -135,6 +148,32 @@ class RenderJob(BaseModel):
             data = {**data, "prompt_2": None}
         return data
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _model_defaults(cls, data: Any, handler: ModelWrapValidatorHandler[RenderJob]) -> RenderJob:
+        """Steps and guidance a job leaves out are its model's, and still count as left out (parse_job may
+        build the job again for another model). A bad model name is the field's error."""
+        missing: dict[str, Any] = {}
+        if isinstance(data, dict):
+            try:
+                spec = MODELS[FluxModel(data.get("model", LEGACY_MODEL))]
+                missing = {name: value for name, value in (("steps", spec.steps), ("guidance", spec.guidance))}
+                missing = {name: value for name, value in missing.items() if data.get(name) is None}
+            except ValueError:
+                pass
+        job = handler({**missing, **data} if missing else data)
+        job.__pydantic_fields_set__.difference_update(missing)
+        return job
+
+    @model_validator(mode="after")
+    def _fits_its_model(self) -> RenderJob:
+        spec = MODELS[self.model]
+        if self.prompt_2 is not None and not spec.two_prompts:
+            raise ValueError(f"prompt_2: {self.model.value} reads one prompt (FLUX.2 has one text encoder)")
+        if self.controlnet is not None and not spec.controlnets:
+            raise ValueError(f"controlnet: FLUX ControlNets condition FLUX.1 text-to-image, not {self.model.value}")
+        return self
+
     @model_validator(mode="after")
     def _fill_job_id(self) -> RenderJob:
         if self.job_id is None:
@@ -159,8 +198,8 @@ class RenderJob(BaseModel):
 
     @property
     def queue(self) -> str:
-        """The queue the job is sent to: its constraint's, or its LoRA set's under it."""
-        return lora_queue(self.constraint.queue, self.lora_set)
+        """The queue the job is sent to: its model's and constraint's, or its LoRA set's under it."""
+        return lora_queue(self.constraint.queue_for(self.model), self.lora_set)
 
     @property
     def id(self) -> str:
@@ -171,8 +210,11 @@ class RenderJob(BaseModel):
 
 def canonical_job_id(job: RenderJob) -> str:
     """The hash of the job's canonical parameters: same job, same id, on every machine. Adapter fields
-    count only when set, so jobs written before they existed keep their ids (and their stored results)."""
+    count only when set, and the model only when it is not FLUX.1 [dev], so jobs written before they
+    existed keep their ids (and their stored results)."""
     unset = {name for name in ("loras", "controlnet") if not getattr(job, name)}
+    if job.model == LEGACY_MODEL:
+        unset.add("model")
     params = job.model_dump(mode="json", exclude={"job_id", *unset})
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:_JOB_ID_CHARS]
@@ -192,15 +234,15 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(f"{where}: {reason}" for where, reason in validation_problems(error))
 
 
-def parse_jobs(items: Iterable[RenderJob | Mapping[str, Any]]) -> list[RenderJob]:
+def parse_jobs(items: Iterable[RenderJob | Mapping[str, Any]], model: FluxModel | None = None) -> list[RenderJob]:
     """Every job validated, or InvalidJob naming each bad one (`job 3: width: ...`, field `3.width`):
-    a batch is sent whole or not at all."""
+    a batch is sent whole or not at all. `model`: as parse_job's."""
     jobs: list[RenderJob] = []
     lines: list[str] = []
     problems: list[tuple[str, str]] = []
     for index, item in enumerate(items):
         try:
-            jobs.append(parse_job(dict(item) if isinstance(item, Mapping) else item))
+            jobs.append(parse_job(dict(item) if isinstance(item, Mapping) else item, model))
         except InvalidJob as error:
             lines.append(f"job {index}: {error}")
             problems += [(f"{index}.{field}", reason) for field, reason in error.problems or (("job", str(error)),)]
@@ -209,12 +251,18 @@ def parse_jobs(items: Iterable[RenderJob | Mapping[str, Any]]) -> list[RenderJob
     return jobs
 
 
-def parse_job(data: RenderJob | dict[str, Any]) -> RenderJob:
-    """Validate anything that claims to be a job, raising `InvalidJob` with a readable reason."""
+def parse_job(data: RenderJob | dict[str, Any], model: FluxModel | None = None) -> RenderJob:
+    """Validate anything that claims to be a job, raising `InvalidJob` with a readable reason. `model` is
+    the model of a job that names none (a producer's FLUXFARM_DEFAULT_MODEL)."""
     if isinstance(data, RenderJob):
-        return data
+        if model is None or "model" in data.model_fields_set or data.model == model:
+            return data
+        # Built in Python without a model: built again as `model`'s, with its steps, guidance and content id.
+        data = data.model_dump(mode="json", include=data.model_fields_set)
     if not isinstance(data, dict):
         raise InvalidJob(f"a job must be a JSON object, not {type(data).__name__}")
+    if model is not None and "model" not in data:
+        data = {**data, "model": model}
     try:
         return RenderJob.model_validate(data)
     except ValidationError as error:

@@ -1,4 +1,8 @@
-"""Which queue a job goes to, and which queues a worker of a given level consumes.
+"""Which queue a job goes to, and which queues a worker of a given model and level consumes.
+
+Each model has its own queues (`render.flux2-klein-4b.any`), and a worker consumes only those of the
+model it loaded. FLUX.1 [dev]'s queues keep the names they had before jobs named their model
+(`render.any`), so messages queued before an upgrade are still served.
 
 A job asks for `auto` (any level), `min:LEVEL` (that level or better) or `exact:LEVEL`. Each
 constraint has its own queue, and a worker consumes exactly the queues its level satisfies, so a
@@ -24,6 +28,7 @@ from typing import Literal
 
 from fluxfarm.shared.errors import FarmError, InvalidJob
 from fluxfarm.shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.models import LEGACY_MODEL, FluxModel
 
 AUTO = "auto"
 QUEUE_PREFIX = "render."
@@ -36,6 +41,14 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 '-', no '.', which the queue name's parts are split on."""
 
 
+_MODEL_SLUGS = {model.value.replace(".", ""): model for model in FluxModel}
+"""A model's name in its queues' names, without the dots the names are split on: `flux2-klein-4b`."""
+
+
+def _model_part(model: FluxModel) -> str:
+    return "" if model == LEGACY_MODEL else f"{model.value.replace('.', '')}."
+
+
 @dataclass(frozen=True)
 class QuantConstraint:
     kind: Literal["auto", "min", "exact"]
@@ -46,10 +59,13 @@ class QuantConstraint:
 
     @property
     def queue(self) -> str:
-        """The queue jobs with this constraint are sent to."""
-        if self.level is None:
-            return f"{QUEUE_PREFIX}any"
-        return f"{QUEUE_PREFIX}{self.kind}.{self.level.value.lower()}"
+        """The queue FLUX.1 [dev] jobs with this constraint are sent to."""
+        return self.queue_for(LEGACY_MODEL)
+
+    def queue_for(self, model: FluxModel) -> str:
+        """The queue `model`'s jobs with this constraint are sent to."""
+        part = "any" if self.level is None else f"{self.kind}.{self.level.value.lower()}"
+        return f"{QUEUE_PREFIX}{_model_part(model)}{part}"
 
     def allows(self, level: QuantLevel) -> bool:
         if self.level is None:
@@ -101,40 +117,80 @@ def split_tenant_queue(name: str) -> tuple[str, str | None]:
     return (base, tenant) if mark else (name, None)
 
 
+@dataclass(frozen=True)
+class QueueName:
+    """A render queue's name, read: whose jobs wait there."""
+
+    model: FluxModel
+    constraint: QuantConstraint
+    tenant: str | None = None
+    lora_set: str | None = None
+
+    def __str__(self) -> str:
+        return tenant_queue(lora_queue(self.constraint.queue_for(self.model), self.lora_set), self.tenant)
+
+
+def parse_queue(name: str) -> QueueName | None:
+    """The parts of a render queue's name; None for a name that is not one of ours, written exactly as
+    the farm writes it (the registry in Redis is written by producers: never trusted as it is)."""
+    if not name.startswith(QUEUE_PREFIX):
+        return None
+    base, lora_set = split_lora_queue(name)
+    base, tenant = split_tenant_queue(base)
+    parts = base.removeprefix(QUEUE_PREFIX).split(".")
+    model = _MODEL_SLUGS.get(parts[0])
+    if model is not None:
+        parts = parts[1:]
+    try:
+        if parts == ["any"]:
+            constraint = QuantConstraint("auto")
+        elif len(parts) == 2 and parts[0] in ("min", "exact"):
+            constraint = parse_constraint(f"{parts[0]}:{parts[1]}")
+        else:
+            return None
+        parsed = QueueName(model or LEGACY_MODEL, constraint, tenant, lora_set)
+    except FarmError:
+        return None
+    if lora_set is not None and not _LORA_SET.fullmatch(lora_set):
+        return None
+    if tenant is not None and not _TENANT.fullmatch(tenant):
+        return None
+    return parsed if str(parsed) == name else None
+
+
 def constraint_of_queue(name: str) -> QuantConstraint:
-    """The constraint whose jobs go to queue `name` (the inverse of `QuantConstraint.queue`), LoRA set
-    and tenant queues included."""
-    base = split_tenant_queue(split_lora_queue(name)[0])[0]
-    kind, _, level = base.removeprefix(QUEUE_PREFIX).partition(".")
-    return QuantConstraint("auto") if kind == "any" else parse_constraint(f"{kind}:{level}")
+    """The constraint whose jobs go to queue `name`, every kind of render queue included."""
+    parsed = parse_queue(name)
+    if parsed is None:
+        raise FarmError(f"{name[:200]!r} is not a render queue")
+    return parsed.constraint
 
 
-def level_serves(level: QuantLevel, queue: str) -> bool:
-    """Whether a worker holding `level` may take the jobs of `queue` (LoRA set and tenant queues included)."""
-    return constraint_of_queue(queue).allows(level)
+def serves(model: FluxModel, level: QuantLevel, queue: str) -> bool:
+    """Whether a worker holding `model` at `level` may take the jobs of `queue`."""
+    parsed = parse_queue(queue)
+    return parsed is not None and parsed.model == model and parsed.constraint.allows(level)
 
 
-def queues_for_level(level: QuantLevel) -> list[str]:
-    """Every queue a worker holding `level` can serve: any, its exact level, and each min it meets."""
-    queues = [QuantConstraint("auto").queue, QuantConstraint("exact", level).queue]
-    queues += [QuantConstraint("min", other).queue for other in QuantLevel if level.at_least(other)]
-    return queues
+def queues_for_level(level: QuantLevel, model: FluxModel = LEGACY_MODEL) -> list[str]:
+    """Every constraint queue a worker holding `model` at `level` serves: any, its exact level, and each
+    min it meets."""
+    constraints = [QuantConstraint("auto"), QuantConstraint("exact", level)]
+    constraints += [QuantConstraint("min", other) for other in QuantLevel if level.at_least(other)]
+    return [constraint.queue_for(model) for constraint in constraints]
 
 
 def added_queue(name: str) -> bool:
-    """Whether `name` is a well-formed LoRA set or tenant queue under a constraint queue (the queues made
-    as jobs are sent, shared/queue_registry.py); a name in the registry that is not is never consumed."""
-    base, lora_set = split_lora_queue(name)
-    constraint_queue, tenant = split_tenant_queue(base)
-    if (lora_set is None) == (tenant is None) or constraint_queue not in all_queues():
+    """Whether `name` is a queue made as jobs are sent (shared/queue_registry.py): a LoRA set's, a
+    tenant's, or a constraint queue of a model other than FLUX.1 [dev], whose are always known."""
+    parsed = parse_queue(name)
+    if parsed is None or (parsed.tenant is not None and parsed.lora_set is not None):
         return False
-    if lora_set is not None:
-        return bool(_LORA_SET.fullmatch(lora_set))
-    return bool(_TENANT.fullmatch(tenant or ""))
+    return parsed.model != LEGACY_MODEL or parsed.tenant is not None or parsed.lora_set is not None
 
 
 def all_queues() -> list[str]:
-    """Every constraint queue (LoRA set and tenant queues are registered as they are used:
+    """FLUX.1 [dev]'s constraint queues, always known (the others are registered as they are used:
     shared/queue_registry.py)."""
     names = {QuantConstraint("auto").queue}
     for level in QuantLevel:

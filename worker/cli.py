@@ -55,8 +55,10 @@ def worker(
         raise FarmError("no model: pass --model or set FLUXFARM_MODEL")
     _require_gpu_stack()
     from fluxfarm.worker.main import run_worker
+    from fluxfarm.worker.model.catalog import resolve_model
 
-    run_worker(settings, model, transformer or settings.transformer, device)
+    source, served = resolve_model(model, settings.model_name)
+    run_worker(settings.model_copy(update={"model_name": served}), source, transformer or settings.transformer, device)
 
 
 def tiny_model(

@@ -12,6 +12,7 @@ from pydantic_settings import NoDecode
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.settings import FarmSettings, blank_is_none
 
 
@@ -19,7 +20,15 @@ class WorkerSettings(FarmSettings):
     """The farm's settings and a worker's; every field is a `FLUXFARM_<NAME>` variable."""
 
     model: str | None = Field(
-        default=None, description="Base pipeline for workers: a diffusers folder or a Hugging Face repo id."
+        default=None,
+        description="Base pipeline for workers: a catalog name (flux.2-klein-4b), a Hugging Face repo id or a folder.",
+    )
+    model_name: FluxModel | None = Field(
+        default=None,
+        description=(
+            "The catalog model a worker's weights are, whose queues it consumes: needed for a folder or another "
+            "repo (a fine-tune); a catalog name or repo in FLUXFARM_MODEL says it. Unset: flux.1-dev."
+        ),
     )
     transformer: str | None = Field(
         default=None,
@@ -181,7 +190,7 @@ class WorkerSettings(FarmSettings):
         except FarmError as error:
             raise ValueError(str(error)) from None
 
-    _blank_worker_is_none = field_validator("transformer", "cache_max_gib", mode="before")(blank_is_none)
+    _blank_worker_is_none = field_validator("transformer", "cache_max_gib", "model_name", mode="before")(blank_is_none)
 
     @field_validator("job_file_roots", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from fluxfarm.shared.datasets import JobState
 from fluxfarm.shared.errors import InvalidJob
 from fluxfarm.shared.jobs import RenderJob, parse_dataset_name, parse_job, parse_job_id, parse_jobs
 from fluxfarm.shared.metadata import RenderResult
+from fluxfarm.shared.models import FluxModel
 
 MAX_JOBS_PER_POST = 1000
 """More at once is a dataset: POST /v1/datasets/{name}/files streams a file of any length."""
@@ -59,13 +60,14 @@ class JobView(BaseModel):
     failure: str | None = None
 
 
-def _parse_jobs(body: dict[str, Any] | list[Any]) -> list[RenderJob]:
-    """Every job of the body, or InvalidJob naming each bad field as `<index>.<field>` in a list."""
+def _parse_jobs(body: dict[str, Any] | list[Any], model: FluxModel) -> list[RenderJob]:
+    """Every job of the body (`model` for those that name none), or InvalidJob naming each bad field as
+    `<index>.<field>` in a list."""
     if not isinstance(body, list):
-        return [parse_job(body)]
+        return [parse_job(body, model)]
     if not body or len(body) > MAX_JOBS_PER_POST:
         raise InvalidJob(f"send 1 to {MAX_JOBS_PER_POST} jobs; a larger set is a dataset file upload")
-    return parse_jobs(body)
+    return parse_jobs(body, model)
 
 
 @router.post("", status_code=202)
@@ -76,7 +78,7 @@ def submit_jobs(
     priority: Priority = "normal",
 ) -> Submitted:
     """Validate every job (nothing is sent if one is bad), then enqueue those not already stored or waiting."""
-    jobs = _parse_jobs(body)
+    jobs = _parse_jobs(body, farm_client(request).settings.default_model)
     per_dataset = Counter(job.dataset for job in jobs)
     check_datasets(record, per_dataset)
     check_priority(record, priority)

@@ -10,6 +10,7 @@ import pytest
 from fluxfarm.shared.celery_app import task_id
 from fluxfarm.shared.errors import InvalidJob
 from fluxfarm.shared.jobs import MAX_PROMPT_CHARS, RenderJob, canonical_job_id, parse_job
+from fluxfarm.shared.models import FluxModel
 
 
 def test_job_id_is_the_same_for_the_same_job_and_differs_for_any_change() -> None:
@@ -122,7 +123,8 @@ def test_adapter_fields_are_bounded_and_their_sources_checked(fields: dict, reas
 
 def test_adapter_fields_count_in_the_job_id_only_when_set() -> None:
     plain = parse_job({"prompt": "p", "seed": 1})
-    params = {k: v for k, v in plain.model_dump(mode="json").items() if k not in ("job_id", "loras", "controlnet")}
+    before = ("job_id", "loras", "controlnet", "model")
+    params = {k: v for k, v in plain.model_dump(mode="json").items() if k not in before}
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert plain.id == hashlib.sha256(canonical.encode()).hexdigest()[:32], "ids of jobs from before LoRAs stand"
     assert parse_job({"prompt": "p", "seed": 1, "loras": []}).id == plain.id
@@ -159,3 +161,39 @@ def test_near_equal_lora_weights_are_one_job_and_one_fused_set() -> None:
     assert parse_job({"prompt": "p", "loras": [{"source": "/l/a.safetensors", "weight": 0.75}]}).loras[0].weight == 0.75
     zero = parse_job({"prompt": "p", "loras": [{"source": "/l/a.safetensors", "weight": -0.001}]})
     assert str(zero.loras[0].weight) == "0.0"
+
+
+def test_a_job_names_its_model_and_gets_that_models_defaults_queue_and_id() -> None:
+    plain = parse_job({"prompt": "p", "seed": 1})
+    assert plain.model == FluxModel.FLUX_1_DEV and (plain.steps, plain.guidance) == (28, 3.5)
+    assert parse_job({"prompt": "p", "seed": 1, "model": "flux.1-dev"}).id == plain.id, "ids from before models stand"
+    klein = parse_job({"prompt": "p", "seed": 1, "model": "flux.2-klein-4b"})
+    assert (klein.steps, klein.guidance, klein.queue) == (4, 1.0, "render.flux2-klein-4b.any")
+    assert klein.id != plain.id
+    assert parse_job({"prompt": "p", "seed": 1, "model": "flux.2-klein-4b", "steps": 8}).steps == 8
+    assert parse_job({"prompt": "p", "quant": "min:Q8_0", "model": "flux.2-dev"}).queue == "render.flux2-dev.min.q8_0"
+    # A producer's default model fills a job that names none, dict or RenderJob alike, with that model's defaults.
+    schnell = parse_job(RenderJob(prompt="p", seed=1), FluxModel.FLUX_1_SCHNELL)
+    assert (schnell.model, schnell.steps, schnell.guidance) == (FluxModel.FLUX_1_SCHNELL, 4, 0.0)
+    assert schnell.id == parse_job({"prompt": "p", "seed": 1}, FluxModel.FLUX_1_SCHNELL).id
+    assert parse_job(plain, FluxModel.FLUX_1_SCHNELL).model == FluxModel.FLUX_1_SCHNELL
+    assert parse_job({"prompt": "p", "model": "flux.1-dev"}, FluxModel.FLUX_1_SCHNELL).model == FluxModel.FLUX_1_DEV
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"model": "flux.3-pro"}, "model: Input should be"),
+        ({"model": "flux.2-dev", "prompt_2": "t5 words"}, "prompt_2: flux.2-dev reads one prompt"),
+        (
+            {
+                "model": "flux.2-klein-4b",
+                "controlnet": {"source": "s3://nets/canny/", "control_image": "s3://imgs/x/c.png"},
+            },
+            "controlnet: FLUX ControlNets condition FLUX.1",
+        ),
+    ],
+)
+def test_a_job_is_checked_against_its_model_family(fields: dict, reason: str) -> None:
+    with pytest.raises(InvalidJob, match=reason):
+        parse_job({"prompt": "p", **fields})

@@ -19,8 +19,9 @@ from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import waiting_messages
 from fluxfarm.shared.fleet import read_workers
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.queue_registry import forget_idle_queues, registered_queues
-from fluxfarm.shared.routing import constraint_of_queue, level_serves, tenant_queue
+from fluxfarm.shared.routing import constraint_of_queue, serves, tenant_queue
 from tests.conftest import S3Server, fresh_farm_settings, start_worker
 from tests.host_settings import HostSettings
 
@@ -102,7 +103,9 @@ def test_tenant_queues_route_like_their_constraint_and_leave_the_registry_when_i
     queue = tenant_queue("render.min.q6_k", "alice")
     assert queue == "render.min.q6_k.t.alice"
     assert str(constraint_of_queue(queue)) == "min:Q6_K"
-    assert level_serves(QuantLevel.Q8_0, queue) and not level_serves(QuantLevel.Q4_0, queue)
+    dev = FluxModel.FLUX_1_DEV
+    assert serves(dev, QuantLevel.Q8_0, queue) and not serves(dev, QuantLevel.Q4_0, queue)
+    assert not serves(FluxModel.FLUX_2_KLEIN_4B, QuantLevel.Q8_0, queue), "another model's queue"
     assert tenant_queue("render.any.lora.0123456789abcdef", "alice") == "render.any.lora.0123456789abcdef"
     redis_client.delete(keys.ADDED_QUEUES)
     redis_client.hset(keys.ADDED_QUEUES, mapping={queue: 1.0, "render.any.t.Bad.Name": 1.0, "render.any.t.x": "soon"})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fluxfarm.shared.errors import ModelLoadError
 from fluxfarm.shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxModel, model_of_repo
 
 _CITY96_SUFFIX = {
     QuantLevel.Q8_0: "Q8_0",
@@ -78,6 +79,22 @@ def load_catalog(override: Path | None) -> Catalog:
         for name, value in levels.items():
             entries[parse_level(name)] = _entry(value, f"{model}.{name}")
     return catalog
+
+
+def resolve_model(source: str, named: FluxModel | None = None) -> tuple[str, FluxModel]:
+    """What a worker loads for FLUXFARM_MODEL `source`, and the catalog model it serves (its queues): a
+    catalog name (`flux.2-klein-4b`) loads that model's Hub repo; a Hub repo of the catalog serves its
+    model; any other repo or folder serves FLUXFARM_MODEL_NAME (`named`), or FLUX.1 [dev] when unset."""
+    try:
+        catalog_name = FluxModel(source.strip().lower())
+    except ValueError:
+        catalog_name = None
+    if catalog_name is not None:
+        source = MODELS[catalog_name].hub_repo
+    by_repo = model_of_repo(source)
+    if named is not None and by_repo is not None and named != by_repo:
+        raise ModelLoadError(f"FLUXFARM_MODEL_NAME says {named.value}, but {source} is {by_repo.value}")
+    return source, by_repo or named or LEGACY_MODEL
 
 
 def model_family(model: str) -> str:

@@ -8,6 +8,7 @@ import time
 
 from fluxfarm.shared import __version__
 from fluxfarm.shared.metadata import WorkerInfo
+from fluxfarm.worker.model.catalog import resolve_model
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import RenderEngine
@@ -32,6 +33,8 @@ class EngineLoader:
     ) -> None:
         self.settings = settings
         self.model = model
+        self.flux_model = resolve_model(model, settings.model_name)[1]
+        """The catalog model this worker serves: its queues, and the only jobs it renders."""
         self.transformer = transformer
         self.device = device
         self._worker = worker
@@ -68,6 +71,7 @@ class EngineLoader:
                 "gpu": self._worker.gpu_name or "cpu",
                 "level": loaded.level,
                 "model": loaded.info.id,
+                "flux_model": self.flux_model.value,
                 "version": __version__,
             }
         )

@@ -32,6 +32,7 @@ from fluxfarm.shared.errors import (
 )
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInfo, gpu_seconds, png_object_metadata
+from fluxfarm.shared.models import LEGACY_MODEL, FluxModel
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.storage import ResultKeys
 from fluxfarm.worker.render.batcher import RenderBatcher
@@ -91,8 +92,10 @@ class JobRunner:
         worker: WorkerInfo,
         load_s: float,
         metrics: WorkerMetrics,
+        serves: FluxModel = LEGACY_MODEL,
     ) -> None:
         self._batcher = batcher
+        self._serves = serves
         self._book = book
         self._claims = claims
         self._first_level = batcher.engine.model.level
@@ -133,6 +136,8 @@ class JobRunner:
         job = parse_job(payload)
         with self.stats.lock:
             self.stats.current_job = job.id
+        if job.model != self._serves:  # published past the queues (by hand, or a producer of another version)
+            raise InvalidJob(f"job {job.id} is for {job.model.value}; this worker holds {self._serves.value}")
         level = self._batcher.engine.model.level
         if not job.constraint.allows(level):
             if job.constraint.allows(self._first_level):  # taken before this worker stepped down a level

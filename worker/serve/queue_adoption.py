@@ -42,8 +42,9 @@ from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import most_urgent, waiting_by_priority
 from fluxfarm.shared.fleet import HEARTBEAT_INTERVAL_S, read_workers
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.queue_registry import forget_idle_queues, registered_queues
-from fluxfarm.shared.routing import level_serves, queues_for_level, split_lora_queue, split_tenant_queue
+from fluxfarm.shared.routing import queues_for_level, serves, split_lora_queue, split_tenant_queue
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class QueueAdoption:
         self,
         client: redis.Redis,
         node: str,
+        model: FluxModel,
         level: QuantLevel,
         carried: Callable[[], str | None],
         change: Callable[[list[str], list[str]], None],
@@ -82,6 +84,7 @@ class QueueAdoption:
         """After a stint ended at its cap, sets no more urgent than the base jobs wait until then."""
         self._lock = threading.Lock()
         self._orphaned_since: dict[str, float] = {}
+        self.model = model
         self.level = level
         self.lora_queue: str | None = None
         self._tenant_queues = sorted(q for q in registered_queues(client) if split_tenant_queue(q)[1] is not None)
@@ -93,7 +96,7 @@ class QueueAdoption:
         """After a step down: the new level's constraint queues; a set queue it cannot serve is left."""
         with self._lock:
             self.level = level
-            if self.lora_queue is not None and not level_serves(level, self.lora_queue):
+            if self.lora_queue is not None and not serves(self.model, level, self.lora_queue):
                 self.lora_queue = None
             self._apply()
 
@@ -118,7 +121,7 @@ class QueueAdoption:
             workers = [w for w in read_workers(self._redis) if w.node != self._node]
             consumed = {queue for w in workers for queue in w.queues} | set(self.queues)
             forgotten = forget_idle_queues(self._redis, sets, consumed)
-            fitting = [q for q in sets if q not in forgotten and level_serves(self.level, q)]
+            fitting = [q for q in sets if q not in forgotten and serves(self.model, self.level, q)]
             if not fitting and self.lora_queue is None:
                 return
             names = sorted(set(fitting) | ({self.lora_queue} if self.lora_queue else set()))
@@ -198,7 +201,9 @@ class QueueAdoption:
 
     def _base_queues(self) -> list[str]:
         """The queues consumed off a LoRA stint: the level's constraint queues and the tenant queues it serves."""
-        return queues_for_level(self.level) + [q for q in self._tenant_queues if level_serves(self.level, q)]
+        return queues_for_level(self.level, self.model) + [
+            q for q in self._tenant_queues if serves(self.model, self.level, q)
+        ]
 
     def _apply(self) -> None:
         wanted = [self.lora_queue] if self.lora_queue is not None else self._base_queues()

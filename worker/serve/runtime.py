@@ -108,9 +108,11 @@ class WorkerRuntime:
         self._capability = compute_capability(loader.device)
         self._metrics_url = metrics_url
         engine, load_s = loader.load()
+        self._flux_model = loader.flux_model
         self.adoption = QueueAdoption(
             client,
             worker.node,
+            loader.flux_model,
             engine.model.level,
             self._active_lora_set,
             self._change_queues,
@@ -131,7 +133,9 @@ class WorkerRuntime:
             client, book, worker.node, settings.max_attempts, settings.retry_backoff_s, settings.retry_backoff_max_s
         )
         results = ResultStore(store, settings.storage_retry_s)
-        self.runner = JobRunner(self.batcher, results, book, claims, retries, worker, load_s, metrics)
+        self.runner = JobRunner(
+            self.batcher, results, book, claims, retries, worker, load_s, metrics, serves=loader.flux_model
+        )
         in_flight = InFlight()
         register_render_task(app, self.runner, in_flight)
 
@@ -219,6 +223,7 @@ class WorkerRuntime:
             vram_gib=self._worker.vram_gib,
             level=engine.model.level,
             model=engine.model.info.id,
+            flux_model=self._flux_model,
             queues=self._consumed_queues() or list(self.adoption.queues),
             lora_set=engine.loras.active_id,
             started_at=self._started_at,

@@ -18,10 +18,13 @@ from fluxfarm.shared.celery_app import waiting_messages
 from fluxfarm.shared.fleet import WorkerStatus, fleet_report, publish_heartbeat, read_workers
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.queue_registry import forget_idle_queues, known_queues, registered_queues
 from fluxfarm.shared.routing import constraint_of_queue, queues_for_level, split_lora_queue
 from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
 from fluxfarm.worker.serve.queue_adoption import QueueAdoption
+
+DEV = FluxModel.FLUX_1_DEV
 
 BASE = {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2}
 
@@ -73,7 +76,7 @@ def _adoption(
     client: redis.Redis, node: str = "w1", level: QuantLevel = QuantLevel.Q8_0, carried: str | None = None, grace_s=60
 ) -> tuple[QueueAdoption, Recorder]:
     recorder = Recorder()
-    return QueueAdoption(client, node, level, lambda: carried, recorder, grace_s=grace_s), recorder
+    return QueueAdoption(client, node, DEV, level, lambda: carried, recorder, grace_s=grace_s), recorder
 
 
 def test_a_lora_job_goes_to_its_sets_queue_under_its_constraint() -> None:
@@ -225,10 +228,10 @@ def test_equally_urgent_sets_take_at_most_their_share_of_the_fleet(farm_client, 
     publish_heartbeat(client, on_set)
     publish_heartbeat(client, _worker("w-base", QuantLevel.Q8_0, queues_for_level(QuantLevel.Q8_0)))
     publish_heartbeat(client, _worker("w-base-2", QuantLevel.Q8_0, queues_for_level(QuantLevel.Q8_0)))
-    quarter = QueueAdoption(client, "w-me", QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, fleet_share=0.25)
+    quarter = QueueAdoption(client, "w-me", DEV, QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, fleet_share=0.25)
     quarter.tick()
     assert quarter.lora_queue is None, "one of four on sets is a quarter already"
-    half = QueueAdoption(client, "w-me", QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, fleet_share=0.5)
+    half = QueueAdoption(client, "w-me", DEV, QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, fleet_share=0.5)
     half.tick()
     assert half.lora_queue == sets[1].queue
 
@@ -236,7 +239,7 @@ def test_equally_urgent_sets_take_at_most_their_share_of_the_fleet(farm_client, 
 def test_a_stint_ends_at_its_cap_when_base_jobs_wait(farm_client, client) -> None:
     styled = [_job(0.8, seed=seed) for seed in range(3)]
     farm_client.submit_many(styled)
-    capped = QueueAdoption(client, "w-me", QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, stint_max_s=0.2)
+    capped = QueueAdoption(client, "w-me", DEV, QuantLevel.Q8_0, lambda: None, Recorder(), grace_s=0, stint_max_s=0.2)
     capped.tick()
     assert capped.lora_queue == styled[0].queue
     time.sleep(0.25)
