@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
@@ -47,6 +47,10 @@ from fluxfarm.shared.storage import JSON_CONTENT_TYPE, open_store
 
 ROOM_POLL_S = 2.0
 """How often a submit waiting for room in Redis looks again."""
+LOOKUP_EACH_MAX = 64
+"""A submit of at most this many jobs (a list) asks about each job (a set lookup and a storage HEAD), not
+about the whole dataset (every id it has queued, one listing of all it has stored), whose cost grows with
+the dataset: a single-job POST to the gateway must not list a 100,000-image dataset."""
 
 
 JobOutcome = Literal["enqueued", "stored", "waiting"]
@@ -195,8 +199,7 @@ class FarmClient:
     def submit(self, job: RenderJob | Mapping[str, Any], priority: Priority = "normal") -> JobHandle:
         """Validate and enqueue one job; a job already stored returns its stored result instead.
         A `high` job is served before every `normal` and `low` one still waiting."""
-        valid = parse_job(dict(job) if isinstance(job, Mapping) else job, self.settings.default_model)
-        return self._submit_valid(self._inputs.stage(valid), priority)
+        return self._submit_valid(self._as_sent(job), priority)
 
     def submit_many(self, jobs: Iterable[RenderJob | Mapping[str, Any]], priority: Priority = "normal") -> JobBatch:
         """Validate every job first (nothing is enqueued if any is invalid), then enqueue them all."""
@@ -215,8 +218,9 @@ class FarmClient:
         """Enqueue a stream of jobs of any length, for datasets: constant memory beyond one id per job of
         the datasets touched, and thousands of jobs a second.
 
-        Jobs already stored (one storage listing per dataset, no request per job) or queued or running
-        (the dataset record) are skipped, so resubmitting after a crash sends only what is missing.
+        Jobs already stored (one storage listing per dataset, no request per job; for a list of at most
+        LOOKUP_EACH_MAX jobs, a request per job) or queued or running (the dataset record) are skipped,
+        so resubmitting after a crash sends only what is missing.
         Messages go out in pipelined chunks of `FLUXFARM_SUBMIT_CHUNK` and keep no Celery result:
         results of a stream are read from storage and the dataset record (`fluxfarm wait`, `stored_result`).
 
@@ -225,15 +229,19 @@ class FarmClient:
         (`on_wait` is told each time it looks). `on_outcome` hears what became of each job.
         """
         counts = StreamCounts()
+        if isinstance(jobs, Sequence) and len(jobs) <= LOOKUP_EACH_MAX:
+            sent = [self._as_sent(item) for item in jobs]
+            known = self._look_up_each(sent)
+            jobs = sent
+        else:
+            known = {}
         room = RedisRoom.of(self._redis, self.settings)
-        known: dict[str, tuple[set[str], set[str]]] = {}
         named: dict[tuple[str, str], RenderJob] = {}
         """Named jobs sent by this stream, to tell a repeated row from another job under the same name."""
         chunk: list[RenderJob] = []
-        default_model = self.settings.default_model
         with self._app.producer_or_acquire() as producer:
             for item in jobs:
-                job = self._inputs.stage(parse_job(dict(item) if isinstance(item, Mapping) else item, default_model))
+                job = self._as_sent(item)
                 if job.dataset not in known:
                     # Waiting first, then stored: a job that finishes in between is still in one of the two.
                     # (Listing storage first missed a job stored just after the listing and marked done
@@ -272,6 +280,24 @@ class FarmClient:
         if on_progress is not None:
             on_progress(counts)
         return counts
+
+    def _as_sent(self, item: RenderJob | Mapping[str, Any]) -> RenderJob:
+        """A job as it is sent: validated, with the default model if it names none, its inputs staged."""
+        job = parse_job(dict(item) if isinstance(item, Mapping) else item, self.settings.default_model)
+        return self._inputs.stage(job)
+
+    def _look_up_each(self, jobs: list[RenderJob]) -> dict[str, tuple[set[str], set[str]]]:
+        """For a few jobs: per dataset, which of them are stored and which queued or running, asked job by
+        job. Waiting first, then stored, as submit_stream lists them (a job finishing in between is in one)."""
+        ids: dict[str, list[str]] = {}
+        for job in jobs:
+            ids.setdefault(job.dataset, []).append(job.id)
+        known: dict[str, tuple[set[str], set[str]]] = {}
+        for dataset, among in ids.items():
+            waiting = self.datasets.waiting_ids(dataset, among)
+            stored = {job_id for job_id in among if self.store.exists(self.store.result_keys(dataset, job_id).metadata)}
+            known[dataset] = (stored, waiting)
+        return known
 
     def _admit(
         self,

@@ -22,9 +22,10 @@ from fluxfarm.producer.gateway.tokens import TokenBook, TokenUse
 from fluxfarm.producer.gateway.usage import TokenUsage
 from fluxfarm.producer.redis_room import RedisRoom, Room
 from fluxfarm.producer.settings import ProducerSettings
-from fluxfarm.shared.datasets import DatasetBook, DatasetRecord, DeadLetter
+from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import FleetReport
+from fluxfarm.shared.job_records import DeadLetter
 from fluxfarm.shared.redis_conn import open_redis
 from fluxfarm.shared.settings import redact_url
 from fluxfarm.shared.storage import open_store

@@ -13,7 +13,7 @@ workers' clocks do not matter) in a sorted set: the dataset's rate, ETA and resu
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
@@ -22,6 +22,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from fluxfarm.shared import keys
+from fluxfarm.shared.job_records import DeadLetter, SentJob
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.redis_conn import redis_now, text
@@ -99,43 +100,6 @@ class DatasetRecord(BaseModel):
         if left == 0:
             return 0.0
         return left / self.rate_per_hour * 3600 if self.rate_per_hour else None
-
-
-class SentJob(BaseModel):
-    """What a producer published for a job: enough for the farm to publish it again should its
-    message be lost (worker/serve/lost_jobs.py)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    job: dict[str, Any]
-    priority: int
-    queued_at: str
-    keep_result: bool
-    tenant: str | None = None
-    """The tenant whose queue it was sent to (shared/routing.py): a resend goes there again."""
-
-    @classmethod
-    def of(cls, job: RenderJob, priority: int, queued_at: str, keep_result: bool, tenant: str | None = None) -> SentJob:
-        dumped = job.model_dump(mode="json")
-        return cls(job=dumped, priority=priority, queued_at=queued_at, keep_result=keep_result, tenant=tenant)
-
-    def is_of(self, job: RenderJob) -> bool:
-        return self.job == job.model_dump(mode="json")
-
-
-class DeadLetter(BaseModel):
-    """A job the farm gave up on after its attempts: what it was, why, and where it was last tried."""
-
-    model_config = ConfigDict(frozen=True)
-
-    dataset: str
-    job_id: str
-    reason: str
-    attempts: int
-    node: str
-    at: datetime
-    job: dict[str, Any]
-    """The job as the worker validated it: enough to submit it again."""
 
 
 class DatasetBook:
@@ -337,10 +301,16 @@ class DatasetBook:
         sent = self.sent_job(job.dataset, job.id) if job.named else None
         return sent is not None and not sent.is_of(job)
 
-    def waiting_ids(self, dataset: str) -> set[str]:
-        """Jobs queued or running: a resubmit does not send them again."""
-        members = self._redis.sunion([keys.dataset(dataset, JobState.QUEUED), keys.dataset(dataset, JobState.RUNNING)])
-        return {text(member) for member in members}
+    def waiting_ids(self, dataset: str, among: Sequence[str] | None = None) -> set[str]:
+        """Jobs queued or running (of `among` only, asked id by id, where given): not sent again."""
+        states = [keys.dataset(dataset, JobState.QUEUED), keys.dataset(dataset, JobState.RUNNING)]
+        if among is None:
+            return {text(member) for member in self._redis.sunion(states)}
+        with self._redis.pipeline(transaction=False) as pipe:
+            for name in states:
+                pipe.smismember(name, list(among))
+            found = pipe.execute()
+        return {job_id for job_id, *flags in zip(among, *found, strict=True) if any(flags)}
 
     def names(self) -> list[str]:
         """The active datasets (what status, the exporter and the lost-job sweep go through)."""

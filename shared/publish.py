@@ -18,8 +18,9 @@ from celery import Celery
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from fluxfarm.shared.celery_app import message_task_id, queue_lists, send_render, task_id
-from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.queue_registry import note_queues
 from fluxfarm.shared.routing import tenant_queue

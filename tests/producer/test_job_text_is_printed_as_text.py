@@ -10,7 +10,8 @@ from pathlib import Path
 import redis
 
 from fluxfarm.producer.local_stack import RedisServer
-from fluxfarm.shared.datasets import DatasetBook, DeadLetter
+from fluxfarm.shared.datasets import DatasetBook
+from fluxfarm.shared.job_records import DeadLetter
 from tests.conftest import run_fluxfarm
 
 REASON = "prompt 'a [/x] owl [bold]' failed: [red]unclosed"

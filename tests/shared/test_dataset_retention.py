@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from fluxfarm.shared import keys
-from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.datasets import DatasetBook
+from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import parse_job
 
 DAY_S = 24 * 3600

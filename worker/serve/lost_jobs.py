@@ -22,7 +22,8 @@ import redis
 
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import message_task_id, queue_lists, task_id, waiting_messages
-from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.datasets import DatasetBook
+from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.queue_registry import known_queues
 from fluxfarm.shared.redis_conn import redis_now
 from fluxfarm.shared.units import MIB

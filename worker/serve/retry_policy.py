@@ -22,8 +22,9 @@ import redis
 
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import task_id
-from fluxfarm.shared.datasets import DatasetBook, DeadLetter, SentJob
+from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.errors import JobDeadLettered, RenderAttemptFailed
+from fluxfarm.shared.job_records import DeadLetter, SentJob
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.redis_conn import redis_now
 from fluxfarm.worker.serve.redis_writes import unless_redis_is_down

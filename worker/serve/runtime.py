@@ -23,8 +23,9 @@ from celery import Celery
 from celery.worker.consumer import Consumer
 
 from fluxfarm.shared.celery_app import lease_renew_interval_s
-from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.fleet import WorkerStatus
+from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.shared.publish import publish

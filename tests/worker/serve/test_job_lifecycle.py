@@ -15,8 +15,9 @@ import redis
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import task_id
-from fluxfarm.shared.datasets import DatasetBook, SentJob
+from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered
+from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.local_store import LocalStore

@@ -13,7 +13,7 @@ import redis
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.producer.settings import ProducerSettings
-from fluxfarm.shared.datasets import SentJob
+from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.worker.serve import lost_jobs
 from fluxfarm.worker.serve.lost_jobs import SCAN_CHUNK, LostJobSweeper
