@@ -9,6 +9,7 @@ import typer
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import parse_level
+from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.units import MIB
 from fluxfarm.worker.settings import WorkerSettings
 
@@ -65,19 +66,23 @@ def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the tiny pipeline into.")],
     levels: Annotated[str, typer.Option(help="GGUF levels to write, comma-separated, e.g. Q8_0,Q4_0.")] = "Q8_0,Q4_0",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    model: Annotated[
+        FluxModel, typer.Option(help="Whose family's pipeline: flux.1-dev (-schnell, -krea-dev) or flux.2-klein-4b/9b.")
+    ] = FluxModel.FLUX_1_DEV,
 ) -> None:
     """Write an offline tiny FLUX pipeline (random weights) with one GGUF transformer per level.
 
     It RENDERS NOISE: it exists so the farm runs and is tested without the 24 GB FLUX.1-dev download.
 
-    Use the folder as `--model DIR`, a GGUF file inside it as `--transformer`.
+    Use the folder as `--model DIR` (with FLUXFARM_MODEL_NAME for a model other than flux.1-dev), a GGUF
+    file inside it as `--transformer`.
     """
     parsed = [parse_level(name) for name in levels.split(",") if name.strip()]
     _require_gpu_stack()
     from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 
-    written = write_tiny_model(out_dir, parsed, seed=seed)
-    typer.echo(f"tiny FLUX pipeline (renders noise) in {written}")
+    written = write_tiny_model(out_dir, parsed, seed=seed, model=model)
+    typer.echo(f"tiny {model.value} pipeline (renders noise) in {written}")
     for level in parsed:
         typer.echo(f"  {level.value}: {gguf_path(written, level)}")
 

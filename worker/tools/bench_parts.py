@@ -21,7 +21,8 @@ from fluxfarm.worker.model.flux_arch import (
     write_transformer_config,
 )
 from fluxfarm.worker.model.pipeline import compute_dtype
-from fluxfarm.worker.tools.tiny_model import build_tiny_pipeline, clip_tokenizer, flux_scheduler, t5_tokenizer
+from fluxfarm.worker.tools.tiny_model import build_tiny_pipeline, clip_tokenizer, t5_tokenizer
+from fluxfarm.worker.tools.tiny_parts import flux_scheduler
 from fluxfarm.worker.tools.vram_probe import level_state_dict, load_level, random_master_weights
 
 

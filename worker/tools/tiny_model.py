@@ -10,58 +10,25 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, FluxTransformer2DModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
 from fluxfarm.worker.quant.gguf.writer import write_gguf
+from fluxfarm.worker.tools.tiny_flux2 import build_tiny_klein
+from fluxfarm.worker.tools.tiny_parts import TINY_DIMS, TinyDims, corpus, flux_scheduler
 
 GGUF_SUBDIR = "gguf"
 _MARKER = "fluxfarm-tiny-model.json"
 
-_WORDS = (
-    "a an the of in on with and at by from to over under near beside photo painting drawing "
-    "render portrait landscape city forest river mountain ocean sky sunset sunrise night day "
-    "cloud rain snow cat dog bird horse fox owl fish dragon robot astronaut knight wizard child "
-    "woman man person red orange yellow green blue purple pink black white gold silver gray "
-    "brown bright dark soft small large tiny huge old new ancient futuristic cozy quiet busy "
-    "empty misty golden neon house castle tower bridge street garden field lake beach desert "
-    "island cave room window door light shadow reflection fog smoke fire water stone wood glass "
-    "metal paper flower tree leaf style detailed cinematic realistic watercolor oil sketch "
-    "pixel art studio lighting lens bokeh"
-).split()
-
 _SPECIAL_CLIP = ("<|startoftext|>", "<|endoftext|>")
 _SPECIAL_T5 = ("<pad>", "</s>", "<unk>")
-
-
-@dataclass(frozen=True)
-class TinyDims:
-    """Sizes of the tiny model. The transformer's rows are multiples of 256, so K-quant blocks fit too."""
-
-    text_hidden: int = 32
-    heads: int = 2
-    head_dim: int = 128
-    double_blocks: int = 1
-    single_blocks: int = 2
-    vae_channels: int = 16
-    latent_channels: int = 16
-
-    @property
-    def axes_dims_rope(self) -> tuple[int, int, int]:
-        third = self.head_dim // 8 * 3
-        return (self.head_dim - 2 * third, third, third)
-
-
-def _corpus() -> list[str]:
-    # Every word alone and in short phrases, so BPE learns whole words and Unigram has pieces.
-    phrases = [" ".join(_WORDS[i : i + 4]) for i in range(0, len(_WORDS), 2)]
-    return list(_WORDS) + phrases * 4
 
 
 def clip_tokenizer() -> CLIPTokenizer:
@@ -77,7 +44,7 @@ def clip_tokenizer() -> CLIPTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(), trainer)
+    bpe.train_from_iterator(corpus(), trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
@@ -90,25 +57,12 @@ def t5_tokenizer() -> T5Tokenizer:
     trainer = trainers.UnigramTrainer(
         vocab_size=400, special_tokens=list(_SPECIAL_T5), unk_token="<unk>", show_progress=False
     )
-    unigram.train_from_iterator(_corpus(), trainer)
+    unigram.train_from_iterator(corpus(), trainer)
     vocab = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """FLUX.1's scheduler configuration (the published repos' scheduler_config.json)."""
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-
-
-def build_tiny_pipeline(dims: TinyDims = TinyDims(), seed: int = 0) -> FluxPipeline:
+def build_tiny_pipeline(dims: TinyDims = TINY_DIMS, seed: int = 0) -> FluxPipeline:
     """A FluxPipeline of tiny random-weight components, deterministic for a given seed."""
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
@@ -184,18 +138,34 @@ def gguf_path(model_dir: Path, level: QuantLevel) -> Path:
     return model_dir / GGUF_SUBDIR / f"tiny-flux-{level.value}.gguf"
 
 
-def write_tiny_model(out_dir: Path, levels: Sequence[QuantLevel] = (), seed: int = 0) -> Path:
-    """Write a diffusers folder usable as `--model`, plus one GGUF transformer file per level."""
+def build_tiny(model: FluxModel, seed: int = 0) -> DiffusionPipeline:
+    """The tiny pipeline of `model`'s family (FLUX.1's serves dev, schnell and krea alike)."""
+    family = MODELS[model].family
+    if family == FluxFamily.FLUX_1:
+        return build_tiny_pipeline(seed=seed)
+    if family == FluxFamily.FLUX_2_KLEIN:
+        return build_tiny_klein(seed=seed)
+    raise FarmError(f"no tiny pipeline of {model.value} yet: flux.1-dev, -schnell, -krea-dev and flux.2-klein-4b/9b")
+
+
+def write_tiny_model(
+    out_dir: Path, levels: Sequence[QuantLevel] = (), seed: int = 0, model: FluxModel = FluxModel.FLUX_1_DEV
+) -> Path:
+    """Write a diffusers folder of `model`'s family usable as `--model` (with FLUXFARM_MODEL_NAME), plus
+    one GGUF transformer file per level."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / _MARKER).exists():
         raise FileExistsError(f"{out_dir} exists and is not a fluxfarm tiny model; refusing to overwrite it")
-    pipe = build_tiny_pipeline(seed=seed)
+    pipe = build_tiny(model, seed)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
     for level in levels:
         write_gguf(pipe.transformer.state_dict(), level, gguf_path(staging, level))
     (staging / _MARKER).write_text(
-        json.dumps({"seed": seed, "levels": [level.value for level in levels], "renders": "noise"}, indent=2)
+        json.dumps(
+            {"model": model.value, "seed": seed, "levels": [level.value for level in levels], "renders": "noise"},
+            indent=2,
+        )
     )
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.replace(out_dir)
