@@ -1,8 +1,6 @@
-"""Jobs name their model (issue 20, point 1): two workers of two models on one Redis, each job rendered only
-by the worker of its model, and a job for a model no live worker holds reported at once.
-
-Both workers load the tiny FLUX.1 pipeline; the second says its weights are FLUX.1 [schnell]
-(FLUXFARM_MODEL_NAME), as a folder of a fine-tune would.
+"""Jobs name their model (issue 20, point 1 and acceptance 1): a worker of tiny FLUX.1 [dev] and one of tiny
+FLUX.2 [klein] on one Redis, each job rendered only by the worker of its model, and a job for a model no
+live worker holds reported at once. The klein worker's folder says what it is with FLUXFARM_MODEL_NAME.
 """
 
 from __future__ import annotations
@@ -45,17 +43,18 @@ class Fleet:
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_server: RedisServer, s3_server: S3Server
 ) -> Iterator[Fleet]:
-    from fluxfarm.worker.tools.tiny_model import gguf_path
+    from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 
     work = tmp_path_factory.mktemp("models")
+    klein = write_tiny_model(work / "tiny-klein", model=FluxModel.FLUX_2_KLEIN_4B)
     settings = fresh_farm_settings(redis_server, s3_server, f"s3://{s3_server.new_bucket()}/models", work)
-    args = ["--model", str(tiny_model), "--transformer", str(gguf_path(tiny_model, QuantLevel.Q8_0)), "--device", "cpu"]
+    dev = ["--model", str(tiny_model), "--transformer", str(gguf_path(tiny_model, QuantLevel.Q8_0)), "--device", "cpu"]
     workers = [
-        WorkerProcess(args, {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-dev"}, work / "dev.log").start(),
+        WorkerProcess(dev, {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-dev"}, work / "dev.log").start(),
         WorkerProcess(
-            args,
-            {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-schnell", "FLUXFARM_MODEL_NAME": "flux.1-schnell"},
-            work / "schnell.log",
+            ["--model", str(klein), "--device", "cpu"],
+            {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-klein", "FLUXFARM_MODEL_NAME": "flux.2-klein-4b"},
+            work / "klein.log",
         ).start(),
     ]
     for worker in workers:
@@ -69,10 +68,10 @@ def test_each_job_renders_only_on_a_worker_of_its_model(fleet: Fleet, tmp_path: 
     with redis.Redis.from_url(fleet.settings.broker_url) as client:
         serving = {status.node: (status.flux_model, status.queues) for status in read_workers(client)}
     assert serving["w-dev"][0] == FluxModel.FLUX_1_DEV and "render.any" in serving["w-dev"][1]
-    assert serving["w-schnell"][0] == FluxModel.FLUX_1_SCHNELL
-    assert "render.flux1-schnell.any" in serving["w-schnell"][1] and "render.any" not in serving["w-schnell"][1]
+    assert serving["w-klein"][0] == FluxModel.FLUX_2_KLEIN_4B
+    assert "render.flux2-klein-4b.any" in serving["w-klein"][1] and "render.any" not in serving["w-klein"][1]
 
-    rows = [{"prompt": f"a kite {i}", "seed": i, **({"model": "flux.1-schnell"} if i % 2 else {})} for i in range(6)]
+    rows = [{"prompt": f"a kite {i}", "seed": i, **({"model": "flux.2-klein-4b"} if i % 2 else {})} for i in range(6)]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps({**row, **SMALL}) + "\n" for row in rows))
     done = run_fluxfarm("submit", str(path), "--dataset", "mixed", "--wait", "--timeout", "240", env=fleet.env)
@@ -81,9 +80,10 @@ def test_each_job_renders_only_on_a_worker_of_its_model(fleet: Fleet, tmp_path: 
         results = [client.stored_result(parse_job({**row, **SMALL, "dataset": "mixed"})) for row in rows]
     rendered = {(result.job.model, result.worker.node) for result in results if result is not None}
     assert len([result for result in results if result is not None]) == 6
-    assert rendered == {(FluxModel.FLUX_1_DEV, "w-dev"), (FluxModel.FLUX_1_SCHNELL, "w-schnell")}
-    schnell = next(result for result in results if result is not None and result.job.model == FluxModel.FLUX_1_SCHNELL)
-    assert (schnell.job.steps, schnell.job.guidance) == (1, 0.0), "the row's steps, schnell's guidance"
+    assert rendered == {(FluxModel.FLUX_1_DEV, "w-dev"), (FluxModel.FLUX_2_KLEIN_4B, "w-klein")}
+    klein = next(result for result in results if result is not None and result.job.model == FluxModel.FLUX_2_KLEIN_4B)
+    assert (klein.job.steps, klein.job.guidance) == (1, 1.0), "the row's steps, klein's guidance"
+    assert klein.quant == "bf16" and klein.model.id.endswith("tiny-klein")
 
 
 def test_a_job_for_a_model_no_live_worker_holds_is_reported_at_once(fleet: Fleet) -> None:
@@ -104,16 +104,16 @@ def test_a_producer_default_model_applies_to_jobs_that_name_none(fleet: Fleet) -
         broker_url=fleet.settings.broker_url,
         storage_url=fleet.settings.storage_url,
         s3_endpoint_url=fleet.settings.s3_endpoint_url,
-        default_model=FluxModel.FLUX_1_SCHNELL,
+        default_model=FluxModel.FLUX_2_KLEIN_4B,
     )
     with FarmClient(settings) as client:
         result = client.submit({"prompt": "a default kite", "dataset": "defaults", **SMALL}).result(RESULT_TIMEOUT_S)
-    assert result.job.model == FluxModel.FLUX_1_SCHNELL and result.worker.node == "w-schnell"
+    assert result.job.model == FluxModel.FLUX_2_KLEIN_4B and result.worker.node == "w-klein"
 
 
 def test_a_job_sent_past_the_queues_to_a_worker_of_another_model_fails_with_the_reason(fleet: Fleet) -> None:
-    job = parse_job({"prompt": "misrouted", "model": "flux.1-schnell", "dataset": "misrouted", **SMALL})
+    job = parse_job({"prompt": "misrouted", "model": "flux.2-klein-4b", "dataset": "misrouted", **SMALL})
     with FarmClient(fleet.settings) as client:
         sent = client._app.send_task(RENDER_TASK, kwargs={"job": job.model_dump(mode="json")}, queue="render.any")
-        with pytest.raises(JobFailed, match=re.escape("is for flux.1-schnell; this worker holds flux.1-dev")):
+        with pytest.raises(JobFailed, match=re.escape("is for flux.2-klein-4b; this worker holds flux.1-dev")):
             JobHandle(job, async_result=sent, stored=None).result(timeout=RESULT_TIMEOUT_S)

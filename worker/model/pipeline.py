@@ -16,8 +16,10 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, GGUFQ
 from fluxfarm.shared.errors import ModelLoadError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxFamily, FluxModel
 from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths
 from fluxfarm.worker.model.catalog import nf4_installed
+from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement
 from fluxfarm.worker.model.sources import resolve_base, resolve_file
@@ -40,6 +42,8 @@ class LoadedModel:
     text_encoders: Placement = "gpu"
     """gpu: resident; gpu-swap: on the GPU only while encoding; cpu: encode on the CPU."""
     fast_paths: FastPaths = field(default_factory=FastPaths)
+    family: FluxFamily = FluxFamily.FLUX_1
+    """Which pipeline class it is, and so how the engine runs its phases (worker/model/families.py)."""
 
 
 def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
@@ -73,13 +77,14 @@ def _load_transformer(
     settings: WorkerSettings,
     path: Path | None = None,
     nf4: bool = False,
+    family: FluxFamily = FluxFamily.FLUX_1,
 ) -> tuple[FluxTransformer2DModel, str, str]:
     """The transformer, its level and its sha256."""
     digests = DigestCache(settings.cache_dir)
     if transformer is None:
         if nf4:
             return _load_nf4(base, dtype), QuantLevel.NF4.value, digests.folder_sha256(base / "transformer")
-        model = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", dtype=dtype)
+        model = FAMILIES[family].transformer.from_pretrained(base, subfolder="transformer", dtype=dtype)
         return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
     path = path or resolve_file(transformer, settings)
     if path.suffix == ".gguf":
@@ -106,8 +111,9 @@ def place_pipeline(pipe: FluxPipeline, device: str, text_encoders: Placement) ->
     pipe.transformer.to(device)
     pipe.vae.to(device)
     encoders_device = device if text_encoders == "gpu" else "cpu"
-    pipe.text_encoder.to(encoders_device)
-    pipe.text_encoder_2.to(encoders_device)
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(encoders_device)
 
 
 def ready_pipeline(
@@ -136,8 +142,9 @@ def load_model(
     text_encoders: Placement = "gpu",
     vae_tiling: bool = False,
     transformer_path: Path | None = None,
+    flux_model: FluxModel = LEGACY_MODEL,
 ) -> LoadedModel:
-    """Resolve, load and place the whole pipeline once; every later job reuses it.
+    """Resolve, load and place the whole pipeline of `flux_model`'s family once; every later job reuses it.
 
     `level` asks for fp8 or nf4, which are made from bf16 weights; other levels are what the file holds.
     `transformer_path` is `transformer` already resolved to a local file (the worker's loadout does that).
@@ -145,8 +152,11 @@ def load_model(
     dtype = compute_dtype(device)
     base = resolve_base(model, settings, with_transformer_weights=transformer is None)
     try:
+        family = MODELS[flux_model].family
+        if family != FluxFamily.FLUX_1 and transformer is not None:
+            raise ModelLoadError(f"{flux_model.value} loads its base folder's bf16 transformer only, for now")
         flux_transformer, held, sha256 = _load_transformer(
-            base, transformer, dtype, settings, transformer_path, nf4=level == QuantLevel.NF4
+            base, transformer, dtype, settings, transformer_path, nf4=level == QuantLevel.NF4, family=family
         )
         if level == QuantLevel.FP8:
             if held != QuantLevel.BF16.value:
@@ -154,7 +164,7 @@ def load_model(
             # Quantize on the host: a bf16 copy on the GPU would not fit the cards fp8 is for.
             to_scaled_fp8(flux_transformer, dtype)
             held = QuantLevel.FP8.value
-        pipe = FluxPipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
+        pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
         fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
     except ModelLoadError:
         raise
@@ -163,5 +173,11 @@ def load_model(
     info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
     log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
     return LoadedModel(
-        pipe=pipe, info=info, level=QuantLevel(held), device=device, text_encoders=text_encoders, fast_paths=fast_paths
+        pipe=pipe,
+        info=info,
+        level=QuantLevel(held),
+        device=device,
+        text_encoders=text_encoders,
+        fast_paths=fast_paths,
+        family=family,
     )

@@ -39,6 +39,7 @@ from fluxfarm.shared.metadata import ControlNetInfo, LoraInfo
 from fluxfarm.worker.adapters.controlnet import ControlNets
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.step_graphs import step_graphs
+from fluxfarm.worker.model.families import FAMILIES, Embeddings
 from fluxfarm.worker.model.gpu import synchronize
 from fluxfarm.worker.model.host_mirror import HostMirror
 from fluxfarm.worker.model.pipeline import LoadedModel
@@ -79,12 +80,6 @@ class RenderedImage:
     def png(self) -> bytes:
         """Encoded on first use, by whichever thread asks (the GPU thread never does)."""
         return encode_png(self.image, self.job)
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    prompt: torch.Tensor
-    pooled: torch.Tensor
 
 
 class _PhaseClock:
@@ -173,6 +168,7 @@ class RenderEngine:
         """`settings` say where LoRAs, ControlNets and control images may come from and where fused weights
         are cached; the environment's FLUXFARM_* settings when not given."""
         self.model = model
+        self.ops = FAMILIES[model.family]
         self.faults = faults
         self.max_batch = max(1, max_batch)
         self.embeddings = EmbeddingCache(embedding_cache)
@@ -188,7 +184,8 @@ class RenderEngine:
         self.controlnets = ControlNets(pipe, model.level, model.device, settings)
         self._mirrors: list[HostMirror] = []
         if model.text_encoders == "gpu-swap":
-            self._mirrors = [HostMirror(m) for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)]
+            encoders = [getattr(pipe, name) for name in self.ops.text_encoder_names]
+            self._mirrors = [HostMirror(m) for m in (pipe.transformer, *encoders)]
 
     def _check_fuse(self, layers_done: int, level: str) -> None:
         if self.faults is not None:
@@ -228,15 +225,10 @@ class RenderEngine:
                     # One forward a prompt length: T5 pads to max_sequence_length, which may differ.
                     for length in dict.fromkeys(job.max_sequence_length for _, job in chunk):
                         same = [(key, job) for key, job in chunk if job.max_sequence_length == length]
-                        prompt, pooled, _ = pipe.encode_prompt(
-                            prompt=[job.prompt for _, job in same],
-                            prompt_2=[job.prompt_2 or job.prompt for _, job in same],
-                            device=device,
-                            max_sequence_length=length,
-                        )
-                        for row, (key, _) in enumerate(same):
-                            found[key] = Embeddings(prompt[row : row + 1].cpu(), pooled[row : row + 1].cpu())
-                            self.embeddings.put(key, found[key])
+                        encoded = self.ops.encode(pipe, [job for _, job in same], device, length)
+                        for (key, _), embedding in zip(same, encoded, strict=True):
+                            found[key] = embedding
+                            self.embeddings.put(key, embedding)
         return [found[key] for key in keys]  # type: ignore[misc]
 
     def _denoise(
@@ -256,8 +248,7 @@ class RenderEngine:
             }
         return pipe(
             **extra,
-            prompt_embeds=torch.cat([e.prompt for e in embeddings]).to(device),
-            pooled_prompt_embeds=torch.cat([e.pooled for e in embeddings]).to(device),
+            **self.ops.conditioning(embeddings, device),
             width=first.width,
             height=first.height,
             num_inference_steps=first.steps,
@@ -269,12 +260,7 @@ class RenderEngine:
         ).images
 
     def _decode(self, latents: torch.Tensor, job: RenderJob) -> Image.Image:
-        pipe = self.model.pipe
-        vae = pipe.vae
-        latents = pipe._unpack_latents(latents, job.height, job.width, pipe.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+        return self.ops.decode(self.model.pipe, latents, job)
 
     def unload(self) -> None:
         """Drop the pipeline's weights so another level can take their memory; the engine is done."""
@@ -286,7 +272,7 @@ class RenderEngine:
         self._mirrors = []
         self.controlnets.release()
         pipe = self.model.pipe
-        for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        for name in ("transformer", *self.ops.text_encoder_names, "vae"):
             setattr(pipe, name, None)
         torch._dynamo.reset()  # compiled blocks hold their weights too
         gc.collect()

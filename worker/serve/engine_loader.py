@@ -59,6 +59,7 @@ class EngineLoader:
             text_encoders=loadout.text_encoders,
             vae_tiling=loadout.vae_tiling,
             transformer_path=loadout.transformer_path,
+            flux_model=self.flux_model,
         )
         load_s = time.perf_counter() - load_start
         log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.level)

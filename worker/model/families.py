@@ -1,0 +1,92 @@
+"""What differs between FLUX families when the engine renders: the pipeline and transformer classes, how
+prompts become embeddings, what the denoising loop is given, and how its latents become pixels.
+
+The engine (worker/render/engine.py) keeps the phases apart (encode once per prompt and cache it, denoise
+a batch, decode each image) for every family; each family says here how its pipeline does each phase.
+FLUX.1 encodes with CLIP (a pooled vector) and T5; FLUX.2 with one LLM, whose stacked hidden states are
+the whole conditioning. FLUX.1's latent output is still packed and scaled; FLUX.2's is ready to decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from PIL import Image
+
+from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.models import FluxFamily
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One prompt's conditioning, kept on the host between jobs (the engine's cache)."""
+
+    prompt: torch.Tensor
+    pooled: torch.Tensor | None = None
+    """FLUX.1's CLIP vector; FLUX.2 has none."""
+
+
+@dataclass(frozen=True)
+class FamilyOps:
+    """How one family's pipeline runs each phase."""
+
+    family: FluxFamily
+    pipeline: type[DiffusionPipeline]
+    transformer: type[torch.nn.Module]
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return ("text_encoder", "text_encoder_2") if self.family in _TWO_ENCODERS else ("text_encoder",)
+
+    def encode(self, pipe: Any, jobs: Sequence[RenderJob], device: torch.device, length: int) -> list[Embeddings]:
+        """The embeddings of `jobs`' prompts, one forward of the encoders, rows on the host."""
+        if self.family in _TWO_ENCODERS:
+            prompt, pooled, _ = pipe.encode_prompt(
+                prompt=[job.prompt for job in jobs],
+                prompt_2=[job.prompt_2 or job.prompt for job in jobs],
+                device=device,
+                max_sequence_length=length,
+            )
+            return [Embeddings(prompt[row : row + 1].cpu(), pooled[row : row + 1].cpu()) for row in range(len(jobs))]
+        prompt, _ = pipe.encode_prompt(prompt=[job.prompt for job in jobs], device=device, max_sequence_length=length)
+        return [Embeddings(prompt[row : row + 1].cpu()) for row in range(len(jobs))]
+
+    def conditioning(self, embeddings: Sequence[Embeddings], device: str) -> dict[str, torch.Tensor]:
+        """The denoising call's conditioning arguments for a batch."""
+        found = {"prompt_embeds": torch.cat([e.prompt for e in embeddings]).to(device)}
+        pooled = [e.pooled for e in embeddings if e.pooled is not None]
+        if pooled:
+            found["pooled_prompt_embeds"] = torch.cat(pooled).to(device)
+        return found
+
+    def decode(self, pipe: Any, latents: torch.Tensor, job: RenderJob) -> Image.Image:
+        """One image from its row of the denoising call's latent output."""
+        vae = pipe.vae
+        if self.family in _TWO_ENCODERS:
+            latents = pipe._unpack_latents(latents, job.height, job.width, pipe.vae_scale_factor)
+            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
+        return images[0]
+
+
+_TWO_ENCODERS = (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT)
+
+FAMILIES: dict[FluxFamily, FamilyOps] = {
+    FluxFamily.FLUX_1: FamilyOps(FluxFamily.FLUX_1, FluxPipeline, FluxTransformer2DModel),
+    FluxFamily.FLUX_1_KONTEXT: FamilyOps(FluxFamily.FLUX_1_KONTEXT, FluxKontextPipeline, FluxTransformer2DModel),
+    FluxFamily.FLUX_2: FamilyOps(FluxFamily.FLUX_2, Flux2Pipeline, Flux2Transformer2DModel),
+    FluxFamily.FLUX_2_KLEIN: FamilyOps(FluxFamily.FLUX_2_KLEIN, Flux2KleinPipeline, Flux2Transformer2DModel),
+}
