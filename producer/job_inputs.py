@@ -48,15 +48,26 @@ class InputStager:
         return STORED_INPUT_PREFIX + digest
 
     def stage(self, job: RenderJob) -> RenderJob:
-        """`job` as it is sent: a large inline control image replaced by the digest of its stored copy."""
-        controlnet = job.controlnet
-        if controlnet is None or not controlnet.control_image.startswith("data:"):
-            return job
-        data = inline_png(controlnet.control_image)
-        if len(data) <= INLINE_KEEP_BYTES:
-            return job
+        """`job` as it is sent: each large inline image (a control image, an input image) replaced by the
+        digest of its stored copy."""
         fields = job.model_dump(mode="json")
-        fields["controlnet"]["control_image"] = self.store(job.dataset, data)
+        changed = False
+        if job.controlnet is not None and (digest := self._stage_image(job.dataset, job.controlnet.control_image)):
+            fields["controlnet"]["control_image"] = digest
+            changed = True
+        for index, source in enumerate(job.images):
+            if digest := self._stage_image(job.dataset, source):
+                fields["images"][index] = digest
+                changed = True
+        if not changed:
+            return job
         if not job.named:
             del fields["job_id"]  # the content id of the job as sent
         return parse_job(fields)
+
+    def _stage_image(self, dataset: str, source: str) -> str | None:
+        """The digest an inline image over INLINE_KEEP_BYTES is sent as, once stored; None to keep it."""
+        if not source.startswith("data:"):
+            return None
+        data = inline_png(source)
+        return self.store(dataset, data) if len(data) > INLINE_KEEP_BYTES else None

@@ -121,19 +121,29 @@ class ControlNetSpec(BaseModel):
     @field_validator("control_image")
     @classmethod
     def _image_source(cls, value: str) -> str:
-        if value.startswith("data:"):
-            inline_png(value)
-            return value
-        if value.startswith(STORED_INPUT_PREFIX):
-            if stored_input_digest(value) is None:
-                raise ValueError(f"control_image {value[:80]!r} must be sha256: and 64 lowercase hex digits")
-            return value
-        if value.startswith("s3://") or value.startswith("/"):
-            return _check_source(value, "control image")
-        raise ValueError(
-            f"control_image {value[:80]!r} must be s3://bucket/key, an absolute worker path, sha256:<hex> "
-            f"or {INLINE_PNG_PREFIX}..."
-        )
+        return check_image_source(value, "control_image")
+
+
+MAX_INPUT_IMAGES = 4
+"""Input images a job may give (Kontext edits one; FLUX.2 takes several references)."""
+
+
+def check_image_source(value: str, what: str) -> str:
+    """An image a job names (a control image, an input image): s3://, an absolute worker path, the
+    `sha256:<hex>` of one stored for its dataset, or a small inline PNG."""
+    if value.startswith("data:"):
+        inline_png(value)
+        return value
+    if value.startswith(STORED_INPUT_PREFIX):
+        if stored_input_digest(value) is None:
+            raise ValueError(f"{what} {value[:80]!r} must be sha256: and 64 lowercase hex digits")
+        return value
+    if value.startswith("s3://") or value.startswith("/"):
+        return _check_source(value, what.replace("_", " "))
+    raise ValueError(
+        f"{what} {value[:80]!r} must be s3://bucket/key, an absolute worker path, sha256:<hex> "
+        f"or {INLINE_PNG_PREFIX}..."
+    )
 
 
 def inline_png(value: str) -> bytes:

@@ -22,7 +22,14 @@ from pydantic import (
     model_validator,
 )
 
-from fluxfarm.shared.adapters import MAX_LORAS, ControlNetSpec, LoraSpec, lora_set_id
+from fluxfarm.shared.adapters import (
+    MAX_INPUT_IMAGES,
+    MAX_LORAS,
+    ControlNetSpec,
+    LoraSpec,
+    check_image_source,
+    lora_set_id,
+)
 from fluxfarm.shared.errors import FarmError, InvalidJob
 from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxModel
 from fluxfarm.shared.routing import AUTO, QuantConstraint, lora_queue, parse_constraint
@@ -107,6 +114,11 @@ class RenderJob(BaseModel):
     quant: str = Field(default=AUTO, description="auto (any level), min:LEVEL (that level or better) or exact:LEVEL.")
     loras: tuple[LoraSpec, ...] = Field(default=(), max_length=MAX_LORAS, description="LoRAs fused into the weights.")
     controlnet: ControlNetSpec | None = Field(default=None, description="A ControlNet and its control image.")
+    images: tuple[str, ...] = Field(
+        default=(),
+        max_length=MAX_INPUT_IMAGES,
+        description="Input images (Kontext: the image to edit), in the forms of controlnet.control_image.",
+    )
     job_id: str | None = Field(default=None, description="Defaults to the hash of the other fields.")
 
     @field_validator("prompt", "prompt_2")
@@ -129,6 +141,11 @@ class RenderJob(BaseModel):
     @property
     def constraint(self) -> QuantConstraint:
         return parse_constraint(self.quant)
+
+    @field_validator("images")
+    @classmethod
+    def _image_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_image_source(source, f"images.{index}") for index, source in enumerate(value))
 
     @field_validator("dataset")
     @classmethod
@@ -170,6 +187,8 @@ class RenderJob(BaseModel):
         spec = MODELS[self.model]
         if self.prompt_2 is not None and not spec.two_prompts:
             raise ValueError(f"prompt_2: {self.model.value} reads one prompt (FLUX.2 has one text encoder)")
+        if self.images and not spec.input_images:
+            raise ValueError(f"images: {self.model.value} takes no input images here (flux.1-kontext-dev edits one)")
         if self.controlnet is not None and not spec.controlnets:
             raise ValueError(f"controlnet: FLUX ControlNets condition FLUX.1 text-to-image, not {self.model.value}")
         return self
@@ -212,7 +231,7 @@ def canonical_job_id(job: RenderJob) -> str:
     """The hash of the job's canonical parameters: same job, same id, on every machine. Adapter fields
     count only when set, and the model only when it is not FLUX.1 [dev], so jobs written before they
     existed keep their ids (and their stored results)."""
-    unset = {name for name in ("loras", "controlnet") if not getattr(job, name)}
+    unset = {name for name in ("loras", "controlnet", "images") if not getattr(job, name)}
     if job.model == LEGACY_MODEL:
         unset.add("model")
     params = job.model_dump(mode="json", exclude={"job_id", *unset})

@@ -44,6 +44,11 @@ class ControlNetInfo(_Record):
     control_image_sha256: str
 
 
+class InputImageInfo(_Record):
+    source: str = Field(description="Where the input image came from ('inline' for one in the job).")
+    sha256: str = Field(description="sha256 of the image's bytes as read.")
+
+
 class WorkerInfo(_Record):
     node: str = Field(description="The worker's Celery node name: which process rendered the job.")
     hostname: str
@@ -96,6 +101,9 @@ class RenderResult(_Record):
         default=(), description="LoRAs fused into the weights, with their files' hashes."
     )
     controlnet: ControlNetInfo | None = None
+    input_images: tuple[InputImageInfo, ...] = Field(
+        default=(), description="The job's input images (Kontext: the image edited), by their bytes' sha256."
+    )
     worker: WorkerInfo
     timings: Timings
     image: ImageInfo

@@ -51,6 +51,11 @@ class ModelSpec:
         return self.family in (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT)
 
     @property
+    def input_images(self) -> bool:
+        """Kontext edits the image it is given; FLUX.1 img2img and FLUX.2's references are not served yet."""
+        return self.family == FluxFamily.FLUX_1_KONTEXT
+
+    @property
     def controlnets(self) -> bool:
         """FLUX ControlNets (FluxControlNetModel) condition FLUX.1's text-to-image transformer only."""
         return self.family == FluxFamily.FLUX_1

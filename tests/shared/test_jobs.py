@@ -123,7 +123,7 @@ def test_adapter_fields_are_bounded_and_their_sources_checked(fields: dict, reas
 
 def test_adapter_fields_count_in_the_job_id_only_when_set() -> None:
     plain = parse_job({"prompt": "p", "seed": 1})
-    before = ("job_id", "loras", "controlnet", "model")
+    before = ("job_id", "loras", "controlnet", "model", "images")
     params = {k: v for k, v in plain.model_dump(mode="json").items() if k not in before}
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert plain.id == hashlib.sha256(canonical.encode()).hexdigest()[:32], "ids of jobs from before LoRAs stand"

@@ -1,10 +1,14 @@
 """Jobs name their model (issue 20, point 1 and acceptance 1): a worker of tiny FLUX.1 [dev] and one of tiny
 FLUX.2 [klein] on one Redis, each job rendered only by the worker of its model, and a job for a model no
-live worker holds reported at once. The klein worker's folder says what it is with FLUXFARM_MODEL_NAME.
+live worker holds reported at once; a Kontext worker (the tiny FLUX.1 folder, loaded as
+FluxKontextPipeline) edits an input image, and the metadata names the image's sha256. The klein and Kontext
+workers' folders say what they are with FLUXFARM_MODEL_NAME.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -13,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from PIL import Image
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.job_handles import JobHandle
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
 from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.shared.adapters import as_inline_png
 from fluxfarm.shared.celery_app import RENDER_TASK, queue_lists
 from fluxfarm.shared.errors import JobFailed
 from fluxfarm.shared.fleet import read_workers
@@ -55,6 +61,11 @@ def fleet(
             ["--model", str(klein), "--device", "cpu"],
             {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-klein", "FLUXFARM_MODEL_NAME": "flux.2-klein-4b"},
             work / "klein.log",
+        ).start(),
+        WorkerProcess(
+            ["--model", str(tiny_model), "--device", "cpu"],
+            {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-kontext", "FLUXFARM_MODEL_NAME": "flux.1-kontext-dev"},
+            work / "kontext.log",
         ).start(),
     ]
     for worker in workers:
@@ -117,3 +128,18 @@ def test_a_job_sent_past_the_queues_to_a_worker_of_another_model_fails_with_the_
         sent = client._app.send_task(RENDER_TASK, kwargs={"job": job.model_dump(mode="json")}, queue="render.any")
         with pytest.raises(JobFailed, match=re.escape("is for flux.2-klein-4b; this worker holds flux.1-dev")):
             JobHandle(job, async_result=sent, stored=None).result(timeout=RESULT_TIMEOUT_S)
+
+
+def test_a_kontext_job_edits_its_input_image_and_the_metadata_names_its_sha256(fleet: Fleet) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    job = {"prompt": "make the wall blue", "model": "flux.1-kontext-dev", "images": [as_inline_png(png)], **SMALL}
+    with FarmClient(fleet.settings) as client:
+        result = client.submit({**job, "dataset": "edits"}).result(RESULT_TIMEOUT_S)
+        stored = Image.open(io.BytesIO(client.store.get(result.image.key)))
+    assert result.worker.node == "w-kontext" and result.job.model == FluxModel.FLUX_1_KONTEXT_DEV
+    assert [(image.source, image.sha256) for image in result.input_images] == [
+        ("inline", hashlib.sha256(png).hexdigest())
+    ]
+    assert stored.size == (256, 256), "the job's size, not the input's"

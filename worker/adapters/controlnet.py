@@ -6,14 +6,11 @@ is stored in scaled fp8 (as DiffSynth does for FLUX ControlNets): half its bf16 
 quantized level was chosen for, computing on fp8 tensor cores where the card has them and upcast per
 layer elsewhere. (Not GGUF blocks: a ControlNet is a few blocks, run once per step, and 8 bits keep
 its residuals closer to bf16.) One ControlNet stays loaded at a time: a dataset uses one, and each costs 1-4 GB.
-Control images come from S3, a worker path, or inline in the job; all are bounded in bytes and
-pixels before they are decoded.
+Control images are read as every image a job names is (worker/adapters/job_images.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import math
@@ -22,31 +19,24 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors import safe_open
 
 from fluxfarm.shared.adapters import (
-    MAX_CONTROL_IMAGE_BYTES,
-    MAX_CONTROL_IMAGE_PIXELS,
     ControlNetSpec,
-    inline_png,
-    stored_input_digest,
 )
-from fluxfarm.shared.errors import FarmError, JobInputError, ObjectNotFound, StorageError
+from fluxfarm.shared.errors import FarmError, JobInputError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ControlNetInfo
-from fluxfarm.shared.storage import ObjectStore, open_store
 from fluxfarm.shared.units import GIB
+from fluxfarm.worker.adapters.job_images import JobImages
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.pipeline import compute_dtype
-from fluxfarm.worker.model.sources import bucket_store, resolve_job_file, resolve_job_folder
+from fluxfarm.worker.model.sources import resolve_job_folder
 from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
 from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-CONTROL_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-"""What PIL may decode a control image as."""
 
 CONTROLNET_MARGIN_GIB = 0.5
 """Room a ControlNet's own activations take in a step beside its weights (a 3.3B-parameter one holds
@@ -107,7 +97,7 @@ class ControlNets:
         self._device = device
         self._settings = settings
         self._digests = DigestCache(settings.cache_dir)
-        self._farm_store: ObjectStore | None = None
+        self._images = JobImages(settings)
         self.loaded: LoadedControlNet | None = None
 
     def get(self, spec: ControlNetSpec) -> LoadedControlNet:
@@ -158,77 +148,17 @@ class ControlNets:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _stored_input(self, source: str, digest: str, dataset: str) -> bytes:
-        """A control image the client stored in the job's dataset, checked against its digest."""
-        if self._farm_store is None:
-            self._farm_store = open_store(self._settings)
-        store = self._farm_store
-        key = store.input_key(dataset, digest)
-        try:
-            if store.size(key) > MAX_CONTROL_IMAGE_BYTES:
-                raise JobInputError(f"control image {source} is larger than {MAX_CONTROL_IMAGE_BYTES >> 20} MiB")
-            data = store.get(key)
-        except ObjectNotFound:
-            raise JobInputError(f"control image {source} is not stored for dataset {dataset}") from None
-        except StorageError as error:  # unreachable: the next attempt tries again
-            raise StorageError(f"could not read control image {source}: {error}") from error
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise JobInputError(f"the stored control image {source} does not match its digest")
-        return data
-
-    def _image_bytes(self, source: str, dataset: str) -> tuple[bytes, str]:
-        """The control image's bytes and where they came from, at most MAX_CONTROL_IMAGE_BYTES."""
-        if source.startswith("data:"):
-            try:
-                return inline_png(source), "inline"
-            except ValueError as error:
-                raise JobInputError(f"control image: {error}") from None
-        if (digest := stored_input_digest(source)) is not None:
-            return self._stored_input(source, digest, dataset), source
-        limit = f"at most {MAX_CONTROL_IMAGE_BYTES >> 20} MiB"
-        if source.startswith("s3://"):
-            bucket, _, key = source.removeprefix("s3://").partition("/")
-            store = bucket_store(bucket, self._settings)
-            try:
-                if store.size(key) > MAX_CONTROL_IMAGE_BYTES:
-                    raise JobInputError(f"control image {source} is larger than the {limit} a control image may be")
-                return store.get(key), source
-            except ObjectNotFound:
-                raise JobInputError(f"control image {source} does not exist") from None
-            except StorageError as error:  # unreachable: the next attempt tries again
-                raise StorageError(f"could not read control image {source}: {error}") from error
-        path = resolve_job_file(source, self._settings, "control image")
-        if path.stat().st_size > MAX_CONTROL_IMAGE_BYTES:
-            raise JobInputError(f"control image {source} is larger than the {limit} a control image may be")
-        return path.read_bytes(), source
-
     def image(self, spec: ControlNetSpec, dataset: str) -> tuple[Image.Image, ControlNetInfo]:
-        """The decoded RGB control image (checked for pixel count before decoding) and the metadata entry;
-        `dataset` is the job's (where an image stored by digest is)."""
-        data, origin = self._image_bytes(spec.control_image, dataset)
-        try:
-            # Three formats every tool writes; each other decoder PIL carries is attack surface a
-            # control image does not need.
-            image = Image.open(io.BytesIO(data), formats=CONTROL_IMAGE_FORMATS)
-            width, height = image.size
-            if width * height > MAX_CONTROL_IMAGE_PIXELS:
-                raise JobInputError(
-                    f"control image {origin} is {width}x{height}: more than the {MAX_CONTROL_IMAGE_PIXELS:,} pixels "
-                    "a control image may have"
-                )
-            image = image.convert("RGB")
-        except UnidentifiedImageError:
-            formats = ", ".join(CONTROL_IMAGE_FORMATS)
-            raise JobInputError(f"control image {origin} is not a readable image of {formats}") from None
-        except (OSError, Image.DecompressionBombError) as error:
-            raise JobInputError(f"control image {origin} is not a readable image: {error}") from None
+        """The decoded RGB control image (checked for bytes and pixels before decoding) and the metadata
+        entry; `dataset` is the job's (where an image stored by digest is)."""
+        read = self._images.read(spec.control_image, dataset, "control image")
         loaded = self.get(spec)
         info = ControlNetInfo(
             source=spec.source,
             sha256=loaded.sha256,
             conditioning_scale=spec.conditioning_scale,
             control_mode=spec.control_mode,
-            control_image=origin,
-            control_image_sha256=hashlib.sha256(data).hexdigest(),
+            control_image=read.origin,
+            control_image_sha256=read.sha256,
         )
-        return image, info
+        return read.image, info

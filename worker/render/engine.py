@@ -35,8 +35,9 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from fluxfarm.shared.jobs import RenderJob
-from fluxfarm.shared.metadata import ControlNetInfo, LoraInfo
+from fluxfarm.shared.metadata import ControlNetInfo, InputImageInfo, LoraInfo
 from fluxfarm.worker.adapters.controlnet import ControlNets
+from fluxfarm.worker.adapters.job_images import JobImage, JobImages
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.step_graphs import step_graphs
 from fluxfarm.worker.model.families import FAMILIES, Embeddings
@@ -67,6 +68,7 @@ class RenderedImage:
     """Its share of fusing its LoRA set and loading its ControlNet, where its batch had to."""
     loras: tuple[LoraInfo, ...] = ()
     controlnet: ControlNetInfo | None = None
+    input_images: tuple[InputImageInfo, ...] = ()
 
     @property
     def width(self) -> int:
@@ -146,7 +148,8 @@ def denoise_groups(jobs: Sequence[RenderJob], max_batch: int) -> list[list[int]]
     for index, job in enumerate(jobs):
         control = job.controlnet
         control_key = None if control is None else (control.source, control.conditioning_scale, control.control_mode)
-        shape = (job.width, job.height, job.steps, job.guidance, job.max_sequence_length, job.lora_set, control_key)
+        work = (job.width, job.height, job.steps, job.guidance, job.max_sequence_length, len(job.images))
+        shape = (*work, job.lora_set, control_key)
         by_shape.setdefault(shape, []).append(index)
     groups = []
     for indices in by_shape.values():
@@ -182,6 +185,7 @@ class RenderEngine:
             before_layer=self._check_fuse,
         )
         self.controlnets = ControlNets(pipe, model.level, model.device, settings)
+        self.inputs = JobImages(settings)
         self._mirrors: list[HostMirror] = []
         if model.text_encoders == "gpu-swap":
             encoders = [getattr(pipe, name) for name in self.ops.text_encoder_names]
@@ -232,13 +236,20 @@ class RenderEngine:
         return [found[key] for key in keys]  # type: ignore[misc]
 
     def _denoise(
-        self, jobs: Sequence[RenderJob], embeddings: Sequence[Embeddings], control: Sequence[Image.Image]
+        self,
+        jobs: Sequence[RenderJob],
+        embeddings: Sequence[Embeddings],
+        control: Sequence[Image.Image],
+        inputs: Sequence[Sequence[JobImage]],
     ) -> torch.Tensor:
         pipe, device = self.model.pipe, self.model.device
         first = jobs[0]
         if self.faults is not None:
             self.faults.check_denoise(jobs, self.model.level)
-        extra = {}
+        extra: dict[str, object] = {}
+        if first.images:  # Kontext: the image to edit and the output at the job's size (its own sizing off)
+            images = [read[0].image.resize((job.width, job.height)) for job, read in zip(jobs, inputs, strict=True)]
+            extra = {"image": images, "_auto_resize": False, "max_area": first.width * first.height}
         if first.controlnet is not None:
             pipe = self.controlnets.get(first.controlnet).pipeline
             extra = {
@@ -328,10 +339,13 @@ class RenderEngine:
             controls = [
                 self.controlnets.image(job.controlnet, job.dataset) for job in group_jobs if job.controlnet is not None
             ]
+            inputs = [[self.inputs.read(src, job.dataset, "input image") for src in job.images] for job in group_jobs]
             adapter_s = (fuse_s + clock.lap()) / len(group)
             fuse_s = 0.0
             try:
-                latents = self._denoise(group_jobs, [embeddings[i] for i in group], [image for image, _ in controls])
+                latents = self._denoise(
+                    group_jobs, [embeddings[i] for i in group], [image for image, _ in controls], inputs
+                )
             except torch.cuda.OutOfMemoryError:
                 if len(group) == 1:
                     raise
@@ -354,6 +368,7 @@ class RenderEngine:
                     adapter_s=adapter_s,
                     loras=loras,
                     controlnet=controls[row][1] if controls else None,
+                    input_images=tuple(InputImageInfo(source=r.origin, sha256=r.sha256) for r in inputs[row]),
                 )
         return [results[i] for i in range(len(jobs))]
 

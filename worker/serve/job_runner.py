@@ -231,6 +231,7 @@ class JobRunner:
             quant=model.level,
             loras=rendered.loras,
             controlnet=rendered.controlnet,
+            input_images=rendered.input_images,
             worker=self._worker,
             timings=Timings(
                 queued_at=_parse_time(queued_at),
