@@ -147,6 +147,7 @@ def _workers_table(report: FleetReport) -> Table:
         "GPU",
         "VRAM GiB",
         "peak GiB",
+        "model",
         "level",
         "done",
         "rendered",
@@ -164,6 +165,7 @@ def _workers_table(report: FleetReport) -> Table:
             escape(w.gpu_name or "-"),
             f"{w.vram_gib:.0f}" if w.vram_gib else "-",
             f"{w.vram_peak_gib:.1f}" if w.vram_peak_gib is not None else "-",
+            escape(w.flux_model.value),
             escape(w.level.value if w.lora_set is None else f"{w.level.value} + LoRA set {w.lora_set}"),
             str(w.jobs_done),
             str(w.images_rendered),
@@ -186,7 +188,7 @@ def _queues_table(report: FleetReport) -> Table:
             served = f"[yellow]waiting for one of {len(q.adopters)} workers to adopt it[/yellow]"
         else:
             served = "[red]no live worker[/red]"
-        table.add_row(escape(q.name), escape(q.constraint), str(q.waiting), served)
+        table.add_row(escape(q.name), escape(q.needs), str(q.waiting), served)
     return table
 
 

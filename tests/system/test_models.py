@@ -107,6 +107,8 @@ def test_a_job_for_a_model_no_live_worker_holds_is_reported_at_once(fleet: Fleet
     assert (
         unserved["render.flux2-dev.any"]["model"] == "flux.2-dev" and unserved["render.flux2-dev.any"]["waiting"] == 1
     )
+    table = run_fluxfarm("status", env=fleet.env, timeout=60).stdout
+    assert "flux.2-klein-4b" in table and "unserved: 1 jobs need flux.2-dev at auto" in table
     redis.Redis.from_url(fleet.settings.broker_url).delete(*queue_lists("render.flux2-dev.any"))
 
 
