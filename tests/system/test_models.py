@@ -52,13 +52,13 @@ def fleet(
     from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
 
     work = tmp_path_factory.mktemp("models")
-    klein = write_tiny_model(work / "tiny-klein", model=FluxModel.FLUX_2_KLEIN_4B)
+    klein = write_tiny_model(work / "tiny-klein", [QuantLevel.Q8_0], model=FluxModel.FLUX_2_KLEIN_4B)
     settings = fresh_farm_settings(redis_server, s3_server, f"s3://{s3_server.new_bucket()}/models", work)
     dev = ["--model", str(tiny_model), "--transformer", str(gguf_path(tiny_model, QuantLevel.Q8_0)), "--device", "cpu"]
     workers = [
         WorkerProcess(dev, {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-dev"}, work / "dev.log").start(),
         WorkerProcess(
-            ["--model", str(klein), "--device", "cpu"],
+            ["--model", str(klein), "--transformer", str(gguf_path(klein, QuantLevel.Q8_0)), "--device", "cpu"],
             {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-klein", "FLUXFARM_MODEL_NAME": "flux.2-klein-4b"},
             work / "klein.log",
         ).start(),
@@ -94,7 +94,7 @@ def test_each_job_renders_only_on_a_worker_of_its_model(fleet: Fleet, tmp_path: 
     assert rendered == {(FluxModel.FLUX_1_DEV, "w-dev"), (FluxModel.FLUX_2_KLEIN_4B, "w-klein")}
     klein = next(result for result in results if result is not None and result.job.model == FluxModel.FLUX_2_KLEIN_4B)
     assert (klein.job.steps, klein.job.guidance) == (1, 1.0), "the row's steps, klein's guidance"
-    assert klein.quant == "bf16" and klein.model.id.endswith("tiny-klein")
+    assert klein.quant == "Q8_0" and klein.model.id.endswith("tiny-klein"), "klein's GGUF transformer"
 
 
 def test_a_job_for_a_model_no_live_worker_holds_is_reported_at_once(fleet: Fleet) -> None:

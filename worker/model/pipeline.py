@@ -81,14 +81,15 @@ def _load_transformer(
 ) -> tuple[FluxTransformer2DModel, str, str]:
     """The transformer, its level and its sha256."""
     digests = DigestCache(settings.cache_dir)
+    transformer_class = FAMILIES[family].transformer
     if transformer is None:
         if nf4:
             return _load_nf4(base, dtype), QuantLevel.NF4.value, digests.folder_sha256(base / "transformer")
-        model = FAMILIES[family].transformer.from_pretrained(base, subfolder="transformer", dtype=dtype)
+        model = transformer_class.from_pretrained(base, subfolder="transformer", dtype=dtype)
         return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
     path = path or resolve_file(transformer, settings)
     if path.suffix == ".gguf":
-        model = FluxTransformer2DModel.from_single_file(
+        model = transformer_class.from_single_file(
             str(path),
             quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
             config=str(base),
@@ -97,9 +98,7 @@ def _load_transformer(
         )
         level = gguf_level(path)
     elif path.suffix == ".safetensors":
-        model = FluxTransformer2DModel.from_single_file(
-            str(path), config=str(base), subfolder="transformer", dtype=dtype
-        )
+        model = transformer_class.from_single_file(str(path), config=str(base), subfolder="transformer", dtype=dtype)
         level = QuantLevel.BF16.value
     else:
         raise ModelLoadError(f"transformer file {path} is neither .gguf nor .safetensors")
@@ -122,12 +121,16 @@ def ready_pipeline(
     text_encoders: Placement,
     vae_tiling: bool,
     settings: WorkerSettings,
+    family: FluxFamily = FluxFamily.FLUX_1,
 ) -> FastPaths:
-    """Place the components as planned, tile the decode if planned, and switch on the fast paths."""
+    """Place the components as planned, tile the decode if planned, and switch on the fast paths (which
+    cover FLUX.1's blocks; FLUX.2's run diffusers' own layers for now)."""
     place_pipeline(pipe, device, text_encoders)
     if vae_tiling:
         enable_vae_tiling(pipe.vae, VAE_TILE_PX)
     pipe.set_progress_bar_config(disable=True)
+    if family not in (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT):
+        return FastPaths()
     return apply_fast_paths(
         pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile, settings.cuda_graphs
     )
@@ -153,8 +156,6 @@ def load_model(
     base = resolve_base(model, settings, with_transformer_weights=transformer is None)
     try:
         family = MODELS[flux_model].family
-        if family != FluxFamily.FLUX_1 and transformer is not None:
-            raise ModelLoadError(f"{flux_model.value} loads its base folder's bf16 transformer only, for now")
         flux_transformer, held, sha256 = _load_transformer(
             base, transformer, dtype, settings, transformer_path, nf4=level == QuantLevel.NF4, family=family
         )
@@ -165,7 +166,7 @@ def load_model(
             to_scaled_fp8(flux_transformer, dtype)
             held = QuantLevel.FP8.value
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
-        fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
+        fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings, family)
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:

@@ -34,6 +34,7 @@ _KEEP_HIGH_PRECISION_PREFIXES = (
     "x_embedder.",
     "context_embedder.",
     "time_text_embed.",
+    "time_guidance_embed.",  # FLUX.2's
     "norm_out.",
     "proj_out.",
     # BFL names
