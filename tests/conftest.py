@@ -20,7 +20,7 @@ import boto3
 import pytest
 import redis
 import torch
-from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, ModelMixin
 
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.producer.settings import ProducerSettings
@@ -226,9 +226,11 @@ def fresh_farm_settings(redis_server: RedisServer, s3_server: S3Server, storage_
     )
 
 
-def load_gguf_transformer(path: Path, model_dir: Path) -> torch.nn.Module:
-    """A GGUF transformer file as diffusers loads it, in fp32 on the CPU."""
-    return FluxTransformer2DModel.from_single_file(
+def load_gguf_transformer(
+    path: Path, model_dir: Path, transformer_class: type[ModelMixin] = FluxTransformer2DModel
+) -> torch.nn.Module:
+    """A GGUF transformer file as diffusers loads it (FLUX.1's class unless told), in fp32 on the CPU."""
+    return transformer_class.from_single_file(
         str(path),
         quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
         config=str(model_dir),

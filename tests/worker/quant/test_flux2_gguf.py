@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel, GGUFQuantizationConfig
+from diffusers import Flux2Transformer2DModel
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.worker.quant.gguf.writer import QUANTIZABLE_LEVELS, gguf_level, write_gguf
 from fluxfarm.worker.tools.tiny_model import write_tiny_model
+from tests.conftest import load_gguf_transformer
+
+FLUX2 = Flux2Transformer2DModel
 
 CHAINS = [
     (QuantLevel.Q8_0, QuantLevel.Q6_K, QuantLevel.Q5_K, QuantLevel.Q4_K, QuantLevel.Q3_K, QuantLevel.Q2_K),
@@ -56,16 +59,6 @@ def _relative_rms(loaded: torch.nn.Module, reference: torch.nn.Module) -> float:
     return worst
 
 
-def _load(path: Path, folder: Path) -> Flux2Transformer2DModel:
-    return Flux2Transformer2DModel.from_single_file(
-        str(path),
-        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
-        config=str(folder),
-        subfolder="transformer",
-        torch_dtype=torch.float32,
-    )
-
-
 def test_every_level_round_trips_through_diffusers_and_errors_grow_as_levels_drop(
     transformer_dir: Path, tmp_path: Path
 ) -> None:
@@ -90,7 +83,7 @@ def test_every_level_round_trips_through_diffusers_and_errors_grow_as_levels_dro
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    errors = {QuantLevel.Q4_K: _relative_rms(_load(out, transformer_dir), reference)}
+    errors = {QuantLevel.Q4_K: _relative_rms(load_gguf_transformer(out, transformer_dir, FLUX2), reference)}
     state = reference.state_dict()
     for level in QUANTIZABLE_LEVELS:
         if level in errors:
@@ -98,7 +91,7 @@ def test_every_level_round_trips_through_diffusers_and_errors_grow_as_levels_dro
         path = tmp_path / f"{level.value}.gguf"
         write_gguf(state, level, path)
         assert gguf_level(path) == level.value
-        errors[level] = _relative_rms(_load(path, transformer_dir), reference)
+        errors[level] = _relative_rms(load_gguf_transformer(path, transformer_dir, FLUX2), reference)
     assert 0 < errors[QuantLevel.Q8_0] < 0.01, errors
     for chain in CHAINS:
         losses = [errors[level] for level in chain]
