@@ -229,19 +229,19 @@ class FarmClient:
         (`on_wait` is told each time it looks). `on_outcome` hears what became of each job.
         """
         counts = StreamCounts()
+        sent: Iterable[RenderJob]
         if isinstance(jobs, Sequence) and len(jobs) <= LOOKUP_EACH_MAX:
             sent = [self._as_sent(item) for item in jobs]
             known = self._look_up_each(sent)
-            jobs = sent
         else:
+            sent = (self._as_sent(item) for item in jobs)
             known = {}
         room = RedisRoom.of(self._redis, self.settings)
         named: dict[tuple[str, str], RenderJob] = {}
         """Named jobs sent by this stream, to tell a repeated row from another job under the same name."""
         chunk: list[RenderJob] = []
         with self._app.producer_or_acquire() as producer:
-            for item in jobs:
-                job = self._as_sent(item)
+            for job in sent:
                 if job.dataset not in known:
                     # Waiting first, then stored: a job that finishes in between is still in one of the two.
                     # (Listing storage first missed a job stored just after the listing and marked done

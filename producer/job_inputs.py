@@ -50,17 +50,15 @@ class InputStager:
     def stage(self, job: RenderJob) -> RenderJob:
         """`job` as it is sent: each large inline image (a control image, an input image) replaced by the
         digest of its stored copy."""
+        control = job.controlnet.control_image if job.controlnet is not None else None
+        staged_control = self._stage_image(job.dataset, control) if control is not None else None
+        staged_images = [self._stage_image(job.dataset, source) for source in job.images]
+        if staged_control is None and not any(staged_images):
+            return job  # the common case, on every job of a stream: no copy of the job made
         fields = job.model_dump(mode="json")
-        changed = False
-        if job.controlnet is not None and (digest := self._stage_image(job.dataset, job.controlnet.control_image)):
-            fields["controlnet"]["control_image"] = digest
-            changed = True
-        for index, source in enumerate(job.images):
-            if digest := self._stage_image(job.dataset, source):
-                fields["images"][index] = digest
-                changed = True
-        if not changed:
-            return job
+        if staged_control is not None:
+            fields["controlnet"]["control_image"] = staged_control
+        fields["images"] = [staged or source for staged, source in zip(staged_images, job.images, strict=True)]
         if not job.named:
             del fields["job_id"]  # the content id of the job as sent
         return parse_job(fields)

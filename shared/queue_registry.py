@@ -1,9 +1,11 @@
-"""The registry of queues made as jobs are sent: LoRA-set queues and tenant queues (shared/routing.py).
+"""The registry of queues made as jobs are sent (shared/routing.py): LoRA-set queues, tenant queues, and
+the constraint queues of models other than FLUX.1 [dev].
 
-Nobody can list these queues in advance as they can the constraint queues: a LoRA set's queue is made by
-the first job of that set, a tenant's by the tenant's first job. Every sender notes the queues it is
-about to publish to in one Redis hash, queue -> when a job was last sent there, before it publishes; a
-queue new to the hash is announced on a channel, so workers take up a new tenant's queue without a poll.
+Nobody can list these queues in advance as FLUX.1 [dev]'s constraint queues can be: a LoRA set's queue is
+made by the first job of that set, a tenant's by the tenant's first job, a model's by its first job.
+Every sender notes the queues it is about to publish to in one Redis hash, queue -> when a job was last
+sent there, before it publishes; a queue new to the hash is announced on a channel, so workers take up a
+new tenant's queue without a poll.
 Workers read it to find LoRA jobs they can take and the tenant queues they consume, the lost-job sweeper
 to look for messages there, and `fluxfarm status` and the exporter to show them.
 

@@ -91,13 +91,16 @@ def _check_architecture(folder: Path, transformer_config: dict, source: str) -> 
 class ControlNets:
     """The ControlNet a worker holds now (at most one) and the control images of its jobs."""
 
-    def __init__(self, pipe: FluxPipeline, level: str, device: str, settings: WorkerSettings) -> None:
+    def __init__(
+        self, pipe: FluxPipeline, level: str, device: str, settings: WorkerSettings, images: JobImages
+    ) -> None:
         self._pipe = pipe
         self._level = level
         self._device = device
         self._settings = settings
         self._digests = DigestCache(settings.cache_dir)
-        self._images = JobImages(settings)
+        self._images = images
+        """The engine's reader of job images (its storage opened once for both)."""
         self.loaded: LoadedControlNet | None = None
 
     def get(self, spec: ControlNetSpec) -> LoadedControlNet:

@@ -123,13 +123,13 @@ def ready_pipeline(
     settings: WorkerSettings,
     family: FluxFamily = FluxFamily.FLUX_1,
 ) -> FastPaths:
-    """Place the components as planned, tile the decode if planned, and switch on the fast paths (which
-    cover FLUX.1's blocks; FLUX.2's run diffusers' own layers for now)."""
+    """Place the components as planned, tile the decode if planned, and switch on the fast paths where
+    the family has them."""
     place_pipeline(pipe, device, text_encoders)
     if vae_tiling:
         enable_vae_tiling(pipe.vae, VAE_TILE_PX)
     pipe.set_progress_bar_config(disable=True)
-    if family not in (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT):
+    if not FAMILIES[family].fast_paths:
         return FastPaths()
     return apply_fast_paths(
         pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile, settings.cuda_graphs

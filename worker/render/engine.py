@@ -184,8 +184,8 @@ class RenderEngine:
             settings,
             before_layer=self._check_fuse,
         )
-        self.controlnets = ControlNets(pipe, model.level, model.device, settings)
         self.inputs = JobImages(settings)
+        self.controlnets = ControlNets(pipe, model.level, model.device, settings, self.inputs)
         self._mirrors: list[HostMirror] = []
         if model.text_encoders == "gpu-swap":
             encoders = [getattr(pipe, name) for name in self.ops.text_encoder_names]
