@@ -246,7 +246,7 @@ def plan(
     height: Annotated[int, typer.Option(help="Largest image height the worker will render.")] = 1024,
     gpu: Annotated[str | None, typer.Option(help="GPU name, e.g. 'RTX 4090' (tells fp8 support).")] = None,
     compute_capability: Annotated[str | None, typer.Option(help="e.g. 8.9; overrides --gpu.")] = None,
-    model: Annotated[str, typer.Option(help="flux.1-dev or flux.1-schnell.")] = "flux.1-dev",
+    model: Annotated[FluxModel, typer.Option(help="The catalog model the worker serves.")] = FluxModel.FLUX_1_DEV,
     level: Annotated[
         str | None, typer.Option("--level", "--quant", help="Force this level; fails if it cannot fit.")
     ] = None,
@@ -254,7 +254,8 @@ def plan(
         bool, typer.Option(help="Keep room to fuse LoRA sets, as a worker that takes LoRA jobs does.")
     ] = True,
 ) -> None:
-    """Which level and text-encoder placement a worker would choose for a card, as JSON."""
+    """Which level, and where and at which precision the text encoders live, a worker of `model` would choose
+    for a card, as JSON."""
     from fluxfarm.worker.model.plan import PlanInputs, make_plan
 
     capability = None

@@ -1,4 +1,4 @@
-"""Where each level of a known model lives: built in for FLUX.1-dev and FLUX.1-schnell (city96's
+"""Where each level of a known model lives: built in for FLUX.1-dev, FLUX.1-schnell and FLUX.2-dev (city96's
 published GGUF files), overridable by a TOML file (`FLUXFARM_CATALOG`), e.g. for a private bucket:
 
     [models."black-forest-labs/FLUX.1-dev"]
@@ -36,6 +36,7 @@ _CITY96_SUFFIX = {
 _BUILT_IN_REPOS = {
     "black-forest-labs/FLUX.1-dev": ("city96/FLUX.1-dev-gguf", "flux1-dev"),
     "black-forest-labs/FLUX.1-schnell": ("city96/FLUX.1-schnell-gguf", "flux1-schnell"),
+    "black-forest-labs/FLUX.2-dev": ("city96/FLUX.2-dev-gguf", "flux2-dev"),
 }
 BASE_WEIGHT_LEVELS = (QuantLevel.BF16, QuantLevel.FP8, QuantLevel.NF4)
 
@@ -95,11 +96,6 @@ def resolve_model(source: str, named: FluxModel | None = None) -> tuple[str, Flu
     if named is not None and by_repo is not None and named != by_repo:
         raise ModelLoadError(f"FLUXFARM_MODEL_NAME says {named.value}, but {source} is {by_repo.value}")
     return source, by_repo or named or LEGACY_MODEL
-
-
-def model_family(model: str) -> str:
-    """The architecture whose sizes the plan uses: schnell if the name says so, else dev."""
-    return "flux.1-schnell" if "schnell" in model.lower() else "flux.1-dev"
 
 
 def nf4_installed() -> bool:

@@ -47,12 +47,6 @@ class FamilyOps:
     transformer: type[torch.nn.Module]
 
     @property
-    def fast_paths(self) -> bool:
-        """The GPU fast paths (worker/fast/) are built for FLUX.1's transformer blocks; FLUX.2's run
-        diffusers' own layers for now."""
-        return self.transformer is FluxTransformer2DModel
-
-    @property
     def text_encoder_names(self) -> tuple[str, ...]:
         return ("text_encoder", "text_encoder_2") if self.family in _TWO_ENCODERS else ("text_encoder",)
 

@@ -11,8 +11,10 @@ import torch
 
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel, parse_level
+from fluxfarm.shared.models import LEGACY_MODEL, FluxModel
 from fluxfarm.shared.units import GIB
-from fluxfarm.worker.model.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog, model_family
+from fluxfarm.worker.model.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog
+from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.plan import Placement, Plan, PlanInputs, make_plan
 from fluxfarm.worker.model.sources import resolve_file
 from fluxfarm.worker.quant.gguf.writer import gguf_level
@@ -27,6 +29,7 @@ class Loadout:
     transformer_path: Path | None
     """That source resolved to a local file (downloaded and, where the catalog pins one, sha256-checked)."""
     text_encoders: Placement
+    text_encoder_precision: EncoderPrecision
     vae_tiling: bool
     plan: Plan | None
     """None on the CPU, where there is no VRAM to plan."""
@@ -41,8 +44,15 @@ def _plan_size(settings: WorkerSettings) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def choose_loadout(settings: WorkerSettings, model: str, transformer: str | None, device: str) -> Loadout:
-    """Decide before loading anything, so a level that cannot fit fails at once and says why."""
+def choose_loadout(
+    settings: WorkerSettings,
+    model: str,
+    transformer: str | None,
+    device: str,
+    flux_model: FluxModel = LEGACY_MODEL,
+) -> Loadout:
+    """Decide before loading anything, so a level that cannot fit fails at once and says why. `model` is the
+    source the weights come from, `flux_model` the catalog model it is (whose sizes the plan counts)."""
     forced = settings.level
     catalog = load_catalog(settings.catalog)
     path = resolve_file(transformer, settings) if transformer is not None else None
@@ -69,7 +79,7 @@ def choose_loadout(settings: WorkerSettings, model: str, transformer: str | None
                 vram_gib=budget,
                 width=width,
                 height=height,
-                model=model_family(model),
+                model=flux_model,
                 compute_capability=(props.major, props.minor),
                 gpu_name=props.name,
                 forced_level=candidates[0] if len(candidates) == 1 else None,
@@ -89,6 +99,7 @@ def choose_loadout(settings: WorkerSettings, model: str, transformer: str | None
         transformer=source,
         transformer_path=path,
         text_encoders=plan.text_encoders if plan else "gpu",
+        text_encoder_precision=plan.text_encoder_precision if plan else "bf16",
         vae_tiling=plan.vae_tiling if plan else False,
         plan=plan,
     )

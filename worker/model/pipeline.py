@@ -21,9 +21,11 @@ from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths
 from fluxfarm.worker.model.catalog import nf4_installed
 from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.file_digest import DigestCache
+from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement
 from fluxfarm.worker.model.sources import resolve_base, resolve_file
-from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
+from fluxfarm.worker.model.text_encoders import prepare_text_encoder
+from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
 from fluxfarm.worker.quant.gguf.writer import gguf_level
 from fluxfarm.worker.settings import WorkerSettings
 
@@ -58,14 +60,14 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _load_nf4(base: Path, dtype: torch.dtype) -> FluxTransformer2DModel:
+def _load_nf4(base: Path, dtype: torch.dtype, transformer_class: type[torch.nn.Module]) -> torch.nn.Module:
     """NF4 through bitsandbytes, quantizing the base bf16 weights as they load."""
     if not nf4_installed():
         raise ModelLoadError("the nf4 level needs bitsandbytes: pip install bitsandbytes")
     from diffusers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return FluxTransformer2DModel.from_pretrained(
+    return transformer_class.from_pretrained(  # type: ignore[attr-defined]
         base, subfolder="transformer", quantization_config=config, dtype=dtype
     )
 
@@ -84,7 +86,11 @@ def _load_transformer(
     transformer_class = FAMILIES[family].transformer
     if transformer is None:
         if nf4:
-            return _load_nf4(base, dtype), QuantLevel.NF4.value, digests.folder_sha256(base / "transformer")
+            return (
+                _load_nf4(base, dtype, transformer_class),
+                QuantLevel.NF4.value,
+                digests.folder_sha256(base / "transformer"),
+            )
         model = transformer_class.from_pretrained(base, subfolder="transformer", dtype=dtype)
         return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
     path = path or resolve_file(transformer, settings)
@@ -121,16 +127,15 @@ def ready_pipeline(
     text_encoders: Placement,
     vae_tiling: bool,
     settings: WorkerSettings,
-    family: FluxFamily = FluxFamily.FLUX_1,
 ) -> FastPaths:
-    """Place the components as planned, tile the decode if planned, and switch on the fast paths where
-    the family has them."""
+    """Place the components as planned, tile the decode if planned, and switch on the fast paths: the
+    transformer's, and fp8 tensor cores for an fp8 text encoder that encodes on the GPU."""
     place_pipeline(pipe, device, text_encoders)
     if vae_tiling:
         enable_vae_tiling(pipe.vae, VAE_TILE_PX)
     pipe.set_progress_bar_config(disable=True)
-    if not FAMILIES[family].fast_paths:
-        return FastPaths()
+    if text_encoders != "cpu" and settings.fast_kernels and fp8_tensor_cores_work(torch.device(device)):
+        use_fp8_tensor_cores(pipe.text_encoder)
     return apply_fast_paths(
         pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile, settings.cuda_graphs
     )
@@ -146,6 +151,7 @@ def load_model(
     vae_tiling: bool = False,
     transformer_path: Path | None = None,
     flux_model: FluxModel = LEGACY_MODEL,
+    text_encoder_precision: EncoderPrecision = "bf16",
 ) -> LoadedModel:
     """Resolve, load and place the whole pipeline of `flux_model`'s family once; every later job reuses it.
 
@@ -166,7 +172,8 @@ def load_model(
             to_scaled_fp8(flux_transformer, dtype)
             held = QuantLevel.FP8.value
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
-        fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings, family)
+        prepare_text_encoder(pipe, family, text_encoder_precision, dtype)
+        fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:

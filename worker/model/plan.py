@@ -1,11 +1,17 @@
-"""The VRAM policy: from a card (or a budget) and the job's size, the best level that fits, and where
-the text encoders go. A pure function of its inputs, no torch, so `fluxfarm plan` runs anywhere.
+"""The VRAM policy: from a model, a card (or a budget) and the job's size, the best level that fits, and
+where and at which precision the text encoders live. A pure function of its inputs, no torch, so
+`fluxfarm plan` runs anywhere.
 
 Predicted peak = what `torch.cuda.max_memory_allocated` will show: resident weights plus the
 largest phase's working memory (a denoising step, the VAE decode, or fusing a LoRA set into the
 weights: any worker may be sent LoRA jobs). The CUDA context and allocator slack come on top (`headroom`).
 Working-memory figures were measured on an H100 with full-size random-weight FLUX.1-dev
-(`fluxfarm probe-vram`, docs/VRAM.md) and are interpolated in pixel count between 512² and 1024².
+(`fluxfarm probe-vram`, docs/VRAM.md) and are interpolated in pixel count between 512² and 1024²;
+each architecture's sizes and scales are in worker/model/model_sizes.py.
+
+Choices, best first: the transformer's level decides quality most, so each level is tried with every
+encoder arrangement before the next level down: encoders resident on the GPU in bf16, then (for FLUX.2's
+LLM encoders) in fp8, then swapped in per encode phase or run on the CPU, whichever is faster.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from fluxfarm.shared.errors import FarmError
-from fluxfarm.shared.ladder import QuantLevel, resident_transformer_gib
+from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import FluxModel
+from fluxfarm.worker.model.model_sizes import ENCODE_TOKENS, ArchitectureSizes, EncoderPrecision, sizes_of
 
 Placement = Literal["gpu", "gpu-swap", "cpu"]
 
@@ -49,20 +57,15 @@ FUSE_WORKING_GIB: dict[QuantLevel, float] = {
 """Measured on an H200 (docs/bench/adapter-memory-h200.log): GiB above the resident transformer while a
 rank-64 LoRA over every block layer is fused (K-quants re-quantized in 1M-value chunks; Q8_0 in 4M, an
 upper bound). Unmeasured GGUF levels take their family's largest: K-quants Q4_K's, legacy levels Q8_0's."""
-VAE_GIB = 0.161
 VAE_DECODE_WORKING_GIB = (0.627, 2.410)
 VAE_TILE_PX = 512
 """Tiled decoding works on 512² tiles: its working memory is that of a 512² decode."""
-T5_XXL_GIB, T5_WORKING_GIB = 9.118, 0.226
-CLIP_L_GIB = 0.236  # its encode working memory (2 MiB) is below T5's and never the peak
-
 CUDA_CONTEXT_GIB = 0.6
 ALLOCATOR_SLACK = 0.04
 """Fragmentation margin, as a share of the budget."""
 
 PCIE_GIB_S = 20.0
-CPU_T5_TFLOPS = 0.5
-_T5_TFLOP_PER_PROMPT = 2 * 4.76e9 * 512 / 1e12
+CPU_ENCODER_TFLOPS = 0.5
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 KNOWN_GPUS: dict[str, tuple[int, int]] = {
@@ -87,7 +90,7 @@ class PlanInputs(BaseModel):
     vram_gib: float = Field(gt=0, description="The budget: the card's memory, or --vram-budget.")
     width: int = 1024
     height: int = 1024
-    model: str = "flux.1-dev"
+    model: FluxModel = FluxModel.FLUX_1_DEV
     compute_capability: tuple[int, int] | None = None
     gpu_name: str | None = None
     forced_level: QuantLevel | None = None
@@ -103,6 +106,7 @@ class Plan(BaseModel):
     level: str
     predicted_peak_gib: float
     text_encoders: Placement
+    text_encoder_precision: EncoderPrecision = "bf16"
     vae_tiling: bool
     vram_budget_gib: float
     components_gib: dict[str, float]
@@ -114,15 +118,17 @@ def _interpolate(at_512: float, at_1024: float, pixels: int) -> float:
     return max(0.0, at_512 + (at_1024 - at_512) * share)
 
 
-def step_working_gib(level: QuantLevel, pixels: int) -> float:
+def step_working_gib(level: QuantLevel, pixels: int, sizes: ArchitectureSizes | None = None) -> float:
     default = _GGUF_STEP_WORKING_GIB if level.is_gguf else STEP_WORKING_GIB[QuantLevel.BF16]
-    return _interpolate(*STEP_WORKING_GIB.get(level, default), pixels)
+    scale = sizes.step_scale if sizes else 1.0
+    return scale * _interpolate(*STEP_WORKING_GIB.get(level, default), pixels)
 
 
-def fuse_working_gib(level: QuantLevel) -> float:
+def fuse_working_gib(level: QuantLevel, sizes: ArchitectureSizes | None = None) -> float:
+    scale = sizes.fuse_scale if sizes else 1.0
     if level in FUSE_WORKING_GIB:
-        return FUSE_WORKING_GIB[level]
-    return FUSE_WORKING_GIB[QuantLevel.Q4_K if level.value.endswith("_K") else QuantLevel.Q8_0]
+        return scale * FUSE_WORKING_GIB[level]
+    return scale * FUSE_WORKING_GIB[QuantLevel.Q4_K if level.value.endswith("_K") else QuantLevel.Q8_0]
 
 
 def decode_working_gib(pixels: int, tiled: bool) -> float:
@@ -133,24 +139,30 @@ def headroom_gib(vram_gib: float) -> float:
     return CUDA_CONTEXT_GIB + ALLOCATOR_SLACK * vram_gib
 
 
-def _peaks(level: QuantLevel, inputs: PlanInputs, tiled: bool) -> tuple[dict[Placement, float], dict[str, float]]:
+def _peaks(
+    level: QuantLevel, precision: EncoderPrecision, inputs: PlanInputs, tiled: bool
+) -> tuple[dict[Placement, float], dict[str, float]]:
+    sizes = sizes_of(inputs.model)
     pixels = inputs.width * inputs.height
-    transformer = resident_transformer_gib(level, inputs.model)
-    encoders = T5_XXL_GIB + CLIP_L_GIB
-    step = step_working_gib(level, pixels)
+    transformer = sizes.transformer(level)
+    encoders = sizes.encoders_gib[precision]
+    step = step_working_gib(level, pixels, sizes)
     decode = decode_working_gib(pixels, tiled)
-    fuse = fuse_working_gib(level) if inputs.lora_jobs else 0.0
-    denoise_and_decode = transformer + VAE_GIB + max(step, decode, fuse)
+    fuse = fuse_working_gib(level, sizes) if inputs.lora_jobs else 0.0
+    encode = sizes.encode_working_gib
+    vae = sizes.vae_gib
+    denoise_and_decode = transformer + vae + max(step, decode, fuse)
     peaks: dict[Placement, float] = {
-        "gpu": transformer + VAE_GIB + encoders + max(step, decode, fuse, T5_WORKING_GIB),
+        "gpu": transformer + vae + encoders + max(step, decode, fuse, encode),
         # The transformer leaves the GPU while the encoders are in: the phases never overlap.
-        "gpu-swap": max(encoders + VAE_GIB + T5_WORKING_GIB, denoise_and_decode),
+        "gpu-swap": max(encoders + vae + encode, denoise_and_decode),
         "cpu": denoise_and_decode,
     }
     components = {
         "transformer": transformer,
-        "vae": VAE_GIB,
+        "vae": vae,
         "text_encoders": encoders,
+        "encode": encode,
         "step": step,
         "decode": decode,
         "lora_fuse": fuse,
@@ -158,17 +170,28 @@ def _peaks(level: QuantLevel, inputs: PlanInputs, tiled: bool) -> tuple[dict[Pla
     return peaks, {name: round(value, 3) for name, value in components.items()}
 
 
-def _encode_choice(level: QuantLevel, inputs: PlanInputs) -> tuple[list[Placement], str]:
+def _encode_choice(level: QuantLevel, precision: EncoderPrecision, inputs: PlanInputs) -> tuple[list[Placement], str]:
     """gpu-swap or cpu first, by estimated seconds per prompt."""
-    moved_gib = 2 * (resident_transformer_gib(level, inputs.model) + T5_XXL_GIB + CLIP_L_GIB)
+    sizes = sizes_of(inputs.model)
+    moved_gib = 2 * (sizes.transformer(level) + sizes.encoders_gib[precision])
     swap_s = moved_gib / PCIE_GIB_S
-    cpu_s = _T5_TFLOP_PER_PROMPT / CPU_T5_TFLOPS
+    cpu_s = 2 * sizes.encoder_parameters * ENCODE_TOKENS / 1e12 / CPU_ENCODER_TFLOPS
     order: list[Placement] = ["gpu-swap", "cpu"] if swap_s <= cpu_s else ["cpu", "gpu-swap"]
-    return order, f"encoders: swapping costs ~{swap_s:.1f}s per encode phase, CPU T5 ~{cpu_s:.1f}s per prompt"
+    return order, f"encoders: swapping costs ~{swap_s:.1f}s per encode phase, a CPU encode ~{cpu_s:.1f}s per prompt"
+
+
+def _arrangements(level: QuantLevel, inputs: PlanInputs) -> list[tuple[Placement, EncoderPrecision, str]]:
+    """Where and at which precision the encoders may live, best first: resident beats moved, bf16 beats fp8."""
+    precisions = list(sizes_of(inputs.model).encoders_gib)
+    found: list[tuple[Placement, EncoderPrecision, str]] = [("gpu", p, "") for p in precisions]
+    for precision in precisions:
+        order, reason = _encode_choice(level, precision, inputs)
+        found += [(placement, precision, reason) for placement in order]
+    return found
 
 
 def make_plan(inputs: PlanInputs) -> Plan:
-    """The best level that fits, with the fastest encoder placement that fits it; FarmError if none does."""
+    """The best level that fits, with the best encoder arrangement that fits it; FarmError if none does."""
     usable = inputs.vram_gib - headroom_gib(inputs.vram_gib)
     cc = inputs.compute_capability or (compute_capability_of(inputs.gpu_name) if inputs.gpu_name else None)
     reasons = [f"budget {inputs.vram_gib:.1f} GiB, {usable:.2f} GiB after CUDA context and allocator slack"]
@@ -180,29 +203,34 @@ def make_plan(inputs: PlanInputs) -> Plan:
         if level == QuantLevel.FP8 and (cc is None or cc < FP8_MIN_COMPUTE_CAPABILITY):
             reasons.append(f"fp8: needs fp8 tensor cores (compute capability >= 8.9), card has {cc or 'unknown'}")
             continue
-        encode_order, encode_reason = _encode_choice(level, inputs)
+        smallest = float("inf")
         for tiled in (False, True):
-            peaks, components = _peaks(level, inputs, tiled)
-            for placement in ["gpu", *encode_order]:
-                if peaks[placement] <= usable:
-                    reasons.append(
-                        f"{level}: {placement} text encoders{' with tiled VAE decode' if tiled else ''} "
-                        f"peak {peaks[placement]:.2f} GiB fits"
-                    )
-                    if placement != "gpu":
-                        reasons.append(f"all on the GPU would peak at {peaks['gpu']:.2f} GiB; {encode_reason}")
-                    return Plan(
-                        level=level.value,
-                        predicted_peak_gib=round(peaks[placement], 3),
-                        text_encoders=placement,
-                        vae_tiling=tiled,
-                        vram_budget_gib=inputs.vram_gib,
-                        components_gib=components,
-                        reasons=reasons,
-                    )
-        reasons.append(f"{level}: even {min(peaks.values()):.2f} GiB does not fit")
+            for placement, precision, encode_reason in _arrangements(level, inputs):
+                peaks, components = _peaks(level, precision, inputs, tiled)
+                smallest = min(smallest, peaks[placement])
+                if peaks[placement] > usable:
+                    continue
+                reasons.append(
+                    f"{level}: {placement} text encoders in {precision}{' with tiled VAE decode' if tiled else ''} "
+                    f"peak {peaks[placement]:.2f} GiB fits"
+                )
+                if placement != "gpu":
+                    reasons.append(f"encoders resident would peak at {peaks['gpu']:.2f} GiB; {encode_reason}")
+                if not sizes_of(inputs.model).measured:
+                    reasons.append(f"{inputs.model}: working memory scaled from FLUX.1's measurements")
+                return Plan(
+                    level=level.value,
+                    predicted_peak_gib=round(peaks[placement], 3),
+                    text_encoders=placement,
+                    text_encoder_precision=precision,
+                    vae_tiling=tiled,
+                    vram_budget_gib=inputs.vram_gib,
+                    components_gib=components,
+                    reasons=reasons,
+                )
+        reasons.append(f"{level}: even {smallest:.2f} GiB does not fit")
     raise FarmError(
-        f"nothing fits {inputs.vram_gib:.1f} GiB at {inputs.width}x{inputs.height}"
+        f"nothing of {inputs.model} fits {inputs.vram_gib:.1f} GiB at {inputs.width}x{inputs.height}"
         + (f" at level {inputs.forced_level}" if inputs.forced_level else "")
         + ": "
         + "; ".join(reasons[1:])

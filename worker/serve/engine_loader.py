@@ -46,7 +46,7 @@ class EngineLoader:
     def load(self, level_settings: WorkerSettings | None = None) -> tuple[RenderEngine, float]:
         """The engine for `level_settings` (the worker's own settings, or a step down's) and its load time."""
         level_settings = level_settings or self.settings
-        loadout = choose_loadout(level_settings, self.model, self.transformer, self.device)
+        loadout = choose_loadout(level_settings, self.model, self.transformer, self.device, self.flux_model)
         if loadout.plan is not None:
             log.info("plan: %s", loadout.plan.model_dump_json())
         load_start = time.perf_counter()
@@ -57,6 +57,7 @@ class EngineLoader:
             level_settings,
             level=loadout.level,
             text_encoders=loadout.text_encoders,
+            text_encoder_precision=loadout.text_encoder_precision,
             vae_tiling=loadout.vae_tiling,
             transformer_path=loadout.transformer_path,
             flux_model=self.flux_model,

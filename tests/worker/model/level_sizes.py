@@ -8,33 +8,39 @@ Linear weight outside the kept layers in e4m3 plus a float32 scale per output ro
 
 from __future__ import annotations
 
-from typing import Any
-
 import gguf
 import torch
 
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.model.flux_arch import meta_transformer
 from fluxfarm.worker.quant.gguf.writer import ggml_type_for, keeps_high_precision
 
 _BF16_BYTES = 2
 _FP32_BYTES = 4
 
 
-def transformer_bytes(config: dict[str, Any], level: QuantLevel) -> int:
-    model = meta_transformer(config)
+def fp8_bytes(model: torch.nn.Module) -> int:
+    """Every Linear weight outside the kept layers in e4m3 with a float32 scale per output row; the rest bf16."""
+    total = 0
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            fp8 = isinstance(module, torch.nn.Linear) and not keeps_high_precision(f"{module_name}.")
+            if fp8 and name == "weight":
+                total += param.numel() + param.shape[0] * _FP32_BYTES
+            else:
+                total += param.numel() * _BF16_BYTES
+    return total
+
+
+def bf16_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) * _BF16_BYTES
+
+
+def transformer_bytes(model: torch.nn.Module, level: QuantLevel) -> int:
+    """`model`: the transformer on the meta device."""
     if level == QuantLevel.BF16:
-        return sum(p.numel() for p in model.parameters()) * _BF16_BYTES
+        return bf16_bytes(model)
     if level == QuantLevel.FP8:
-        total = 0
-        for module_name, module in model.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                fp8 = isinstance(module, torch.nn.Linear) and not keeps_high_precision(f"{module_name}.")
-                if fp8 and name == "weight":
-                    total += param.numel() + param.shape[0] * _FP32_BYTES
-                else:
-                    total += param.numel() * _BF16_BYTES
-        return total
+        return fp8_bytes(model)
     if not level.is_gguf:
         raise ValueError(f"no size model for {level}")
     target = gguf.GGMLQuantizationType[level.value]

@@ -14,7 +14,7 @@ from PIL import Image
 from fluxfarm.shared.errors import FarmError, ModelLoadError
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.model.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, model_family
+from fluxfarm.worker.model.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.model.sources import model_cache, resolve_file
@@ -31,7 +31,8 @@ def test_built_in_catalog_names_city96_files_for_every_gguf_level() -> None:
     assert dev[QuantLevel.Q8_0].source == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q8_0.gguf"
     assert dev[QuantLevel.Q4_K].source == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf"
     assert {level for level in QuantLevel if level.is_gguf} == set(dev)
-    assert model_family("black-forest-labs/FLUX.1-schnell") == "flux.1-schnell"
+    flux2 = built_in_catalog()["black-forest-labs/FLUX.2-dev"]
+    assert flux2[QuantLevel.Q5_K].source == "hf://city96/FLUX.2-dev-gguf/flux2-dev-Q5_K_S.gguf"
 
 
 def test_a_toml_catalog_overrides_and_adds_levels(tmp_path: Path) -> None:
