@@ -4,7 +4,8 @@ prompts become embeddings, what the denoising loop is given, and how its latents
 The engine (worker/render/engine.py) keeps the phases apart (encode once per prompt and cache it, denoise
 a batch, decode each image) for every family; each family says here how its pipeline does each phase.
 FLUX.1 encodes with CLIP (a pooled vector) and T5; FLUX.2 with one LLM, whose stacked hidden states are
-the whole conditioning. FLUX.1's latent output is still packed and scaled; FLUX.2's is ready to decode.
+the whole conditioning. FLUX.1's latent output is still packed and scaled, and so is FLUX.2 [dev]'s;
+klein's is ready to decode.
 """
 
 from __future__ import annotations
@@ -77,9 +78,23 @@ class FamilyOps:
         if self.family in _TWO_ENCODERS:
             latents = pipe._unpack_latents(latents, job.height, job.width, pipe.vae_scale_factor)
             latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        elif self.family == FluxFamily.FLUX_2:
+            latents = _flux2_dev_latents(pipe, latents, job)
         decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
         return images[0]
+
+
+def _flux2_dev_latents(pipe: Any, latents: torch.Tensor, job: RenderJob) -> torch.Tensor:
+    """Flux2Pipeline's latent output is still packed and normalized (klein's is not): what its own decode
+    does first, for the job's size."""
+    side = pipe.vae_scale_factor * 2
+    grid = torch.zeros(latents.shape[0], 1, job.height // side, job.width // side)
+    latents = pipe._unpack_latents_with_ids(latents, pipe._prepare_latent_ids(grid).to(latents.device))
+    norm = pipe.vae.bn
+    mean = norm.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(norm.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    return pipe._unpatchify_latents(latents * std.to(latents.device, latents.dtype) + mean)
 
 
 _TWO_ENCODERS = (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT)

@@ -21,7 +21,7 @@ from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
 from fluxfarm.worker.quant.gguf.writer import write_gguf
-from fluxfarm.worker.tools.tiny_flux2 import build_tiny_klein
+from fluxfarm.worker.tools.tiny_flux2 import build_tiny_flux2_dev, build_tiny_klein
 from fluxfarm.worker.tools.tiny_parts import TINY_DIMS, TinyDims, corpus, flux_scheduler
 
 GGUF_SUBDIR = "gguf"
@@ -145,7 +145,9 @@ def build_tiny(model: FluxModel, seed: int = 0) -> DiffusionPipeline:
         return build_tiny_pipeline(seed=seed)
     if family == FluxFamily.FLUX_2_KLEIN:
         return build_tiny_klein(seed=seed)
-    raise FarmError(f"no tiny pipeline of {model.value} yet: flux.1-dev, -schnell, -krea-dev and flux.2-klein-4b/9b")
+    if family == FluxFamily.FLUX_2:
+        return build_tiny_flux2_dev(seed=seed)
+    raise FarmError(f"no tiny pipeline of {model.value} yet: flux.1-dev, -schnell, -krea-dev and the FLUX.2 models")
 
 
 def write_tiny_model(

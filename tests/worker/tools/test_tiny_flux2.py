@@ -62,3 +62,37 @@ def test_the_tiny_klein_folder_is_a_flux2_klein_pipeline_that_renders_determinis
     assert first.shape == (256, 256, 3) and np.isfinite(first).all()
     assert np.array_equal(first, again), "same seed, same pixels"
     assert not np.array_equal(first, other), "another seed, other pixels"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_the_tiny_flux2_dev_folder_renders_through_the_worker_with_its_encoder_trimmed(
+    tmp_path: Path, precision: str
+) -> None:
+    """FLUX.2 [dev]'s family: a Mistral3 encoder behind its chat template, loaded by the worker trimmed to the
+    30 layers the pipeline reads (and in fp8 where the plan says so), rendering a job through the engine."""
+    from fluxfarm.shared.jobs import parse_job
+    from fluxfarm.shared.models import FluxModel
+    from fluxfarm.worker.model.pipeline import load_model
+    from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear
+    from fluxfarm.worker.render.engine import RenderEngine
+    from fluxfarm.worker.settings import WorkerSettings
+    from fluxfarm.worker.tools.tiny_model import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny-flux2-dev", model=FluxModel.FLUX_2_DEV)
+    settings = WorkerSettings(cache_dir=tmp_path / "cache")
+    loaded = load_model(
+        str(folder), None, "cpu", settings, flux_model=FluxModel.FLUX_2_DEV, text_encoder_precision=precision
+    )
+    encoder = loaded.pipe.text_encoder
+    assert type(loaded.pipe).__name__ == "Flux2Pipeline"
+    assert len(encoder.model.language_model.layers) == 30 and encoder.model.vision_tower is None
+    fp8_layers = [m for m in encoder.modules() if isinstance(m, ScaledFp8Linear)]
+    assert bool(fp8_layers) == (precision == "fp8")
+    job = parse_job({"prompt": "a red kite", "model": "flux.2-dev", "width": 256, "height": 256, "steps": 2})
+    rendered = RenderEngine(loaded, settings=settings).render(job)
+    assert (rendered.width, rendered.height) == (256, 256)
+    # The engine's phases (encode, denoise to latents, its own unpack and decode) give the pipeline's pixels.
+    from fluxfarm.worker.tools.bench_parts import plain_diffusers_image
+
+    plain = np.asarray(plain_diffusers_image(loaded.pipe, job, job.steps), dtype=np.float64)
+    assert np.abs(np.asarray(rendered.image, dtype=np.float64) - plain).max() <= 1
