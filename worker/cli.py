@@ -133,7 +133,9 @@ def probe_vram(
         str, typer.Option(help="Levels to load, comma-separated.")
     ] = "bf16,fp8,Q8_0,Q6_K,Q5_K,Q4_K,Q3_K,Q2_K",
     sizes: Annotated[str, typer.Option(help="Image sizes, comma-separated WxH.")] = "1024x1024,512x512",
-    model: Annotated[str, typer.Option(help="flux.1-dev or flux.1-schnell.")] = "flux.1-dev",
+    model: Annotated[FluxModel, typer.Option(help="The catalog model whose architecture is measured.")] = (
+        FluxModel.FLUX_1_DEV
+    ),
     device: Annotated[str, typer.Option(help="CUDA device.")] = "cuda:0",
     plans: Annotated[
         str | None, typer.Option(help="Budgets in GiB, comma-separated: check whole plans instead of levels.")
@@ -144,11 +146,8 @@ def probe_vram(
     The table it writes calibrates and checks `fluxfarm plan`.
     """
     _require_gpu_stack()
-    from fluxfarm.worker.model.flux_arch import TRANSFORMERS
     from fluxfarm.worker.tools.vram_probe import run_probe
 
-    if model not in TRANSFORMERS:
-        raise FarmError(f"unknown model {model!r}; choose from {', '.join(TRANSFORMERS)}")
     budgets = [float(b) for b in plans.split(",")] if plans else None
     run_probe(out, model, _levels(levels), _sizes(sizes), device, budgets)
 
@@ -170,8 +169,9 @@ def _levels(text: str) -> list:
 def bench(
     out: Annotated[Path | None, typer.Option(help="JSON-lines file the rows are appended to.")] = None,
     model: Annotated[
-        str, typer.Option(help="flux.1-dev, flux.1-schnell, or tiny (CPU check of the tool).")
+        str, typer.Option(help="flux.1-dev, flux.1-schnell, flux.2-dev, flux.2-klein-4b or -9b; tiny: FLUX.1's tiny.")
     ] = "flux.1-dev",
+    tiny: Annotated[bool, typer.Option(help="The model's tiny pipeline (a CPU check of the tool).")] = False,
     levels: Annotated[str, typer.Option(help="Levels whose transformer step is timed.")] = "bf16,fp8,Q8_0,Q6_K,Q4_K",
     sizes: Annotated[str, typer.Option(help="Step sizes, WxH comma-separated.")] = "512x512,1024x1024",
     batches: Annotated[str, typer.Option(help="Step batch sizes to try.")] = "1,2,4",
@@ -213,11 +213,12 @@ def bench(
     from fluxfarm.worker.tools.bench_rows import BenchOptions
 
     device = device or default_device()
-    if model != "tiny" and torch.device(device).type != "cuda":
+    if model != "tiny" and not tiny and torch.device(device).type != "cuda":
         raise FarmError("full-size bench needs a CUDA GPU; use --model tiny to check the tool on a CPU")
     bench_jobs(BenchOptions(image_size=_sizes(image_size)[0], steps=steps), 1)  # a bad size fails before any work
     options = BenchOptions(
         model=model,
+        tiny=tiny,
         levels=_levels(levels),
         sizes=_sizes(sizes),
         batches=[int(b) for b in batches.split(",")],

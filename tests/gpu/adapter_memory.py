@@ -23,11 +23,11 @@ from diffusers import FluxControlNetModel
 from fluxfarm.shared.adapters import LoraSpec
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
-from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer, write_transformer_config
+from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
 from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
 from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.random_lora import write_random_lora
-from fluxfarm.worker.tools.vram_probe import level_state_dict, load_level, random_master_weights
+from fluxfarm.worker.tools.random_weights import SeededWeights
 
 GIB = 1024**3
 DEVICE = "cuda"
@@ -49,13 +49,11 @@ def _above(resident: int) -> float:
 
 
 def fuse_rows(folder: Path, levels: list[QuantLevel]) -> None:
-    config = {k: v for k, v in FLUX_DEV_TRANSFORMER.items() if not k.startswith("_")}
-    config_dir = write_transformer_config(folder, config)
-    master = random_master_weights(FLUX_DEV_TRANSFORMER, DEVICE)
+    weights = SeededWeights(FLUX_DEV_TRANSFORMER, torch.bfloat16, folder)
     lora = write_random_lora(meta_transformer(FLUX_DEV_TRANSFORMER), folder / "lora.safetensors", RANK, RANK)
     spec = [LoraSpec(source=str(lora), weight=1.0)]
     for level in levels:
-        model = load_level(level_state_dict(master, level, DEVICE), level, config_dir, DEVICE)
+        model = weights.transformer(level, DEVICE)
         settings = WorkerSettings(cache_dir=folder / f"cache-{level.value}", job_file_roots=[str(folder)])
         fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
         resident = _settle()

@@ -16,7 +16,8 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
-from fluxfarm.shared.models import FluxFamily, FluxModel
+from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
+from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, FLUX_SCHNELL_TRANSFORMER, randomize
 
 _FLUX2_COMMON: dict[str, Any] = {
     "patch_size": 1,
@@ -109,6 +110,50 @@ ENCODER_LAYERS_READ: dict[FluxFamily, tuple[int, ...]] = {
     FluxFamily.FLUX_2_KLEIN: (9, 18, 27),
 }
 """The hidden states each pipeline stacks into its conditioning (diffusers' defaults)."""
+
+
+def random_text_encoder(model: FluxModel, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model's text encoder with random weights, trimmed to the layers its pipeline reads (as a worker
+    keeps it), drawn on `device`."""
+    from fluxfarm.worker.model.text_encoders import trim_text_encoder
+
+    encoder = meta_text_encoder(model)
+    trim_text_encoder(encoder, ENCODER_LAYERS_READ[MODELS[model].family])
+    return randomize(encoder.to(dtype), device, dtype, std=0.02)
+
+
+def random_flux2_vae(device: str, dtype: torch.dtype) -> AutoencoderKLFlux2:
+    vae = randomize(meta_flux2_vae().to(dtype), device, dtype, std=0.02)
+    vae.bn.running_var.fill_(1.0)  # a trained VAE's statistics; zeros would divide by ~0
+    return vae
+
+
+def flux2_step_inputs(
+    config: dict[str, Any], width: int, height: int, batch: int, device: str, dtype: torch.dtype, text_tokens: int
+) -> dict[str, Any]:
+    """Random inputs of one FLUX.2 denoising step at `width`x`height`, as its pipelines pass them."""
+    rows, cols = height // 16, width // 16
+    grid = torch.cartesian_prod(torch.arange(1), torch.arange(rows), torch.arange(cols), torch.arange(1))
+    text = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text_tokens))
+    inputs = {
+        "hidden_states": torch.randn(batch, rows * cols, config["in_channels"], device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(
+            batch, text_tokens, config["joint_attention_dim"], device=device, dtype=dtype
+        ),
+        "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+        "img_ids": grid.unsqueeze(0).expand(batch, -1, -1).to(device),
+        "txt_ids": text.unsqueeze(0).expand(batch, -1, -1).to(device),
+        "guidance": torch.full((batch,), 4.0, device=device, dtype=dtype) if config["guidance_embeds"] else None,
+        "return_dict": False,
+    }
+    return inputs
+
+
+def transformer_config(model: FluxModel) -> dict[str, Any]:
+    """The transformer config of a catalog model (Krea and Kontext have FLUX.1 [dev]'s)."""
+    if model in FLUX2_TRANSFORMERS:
+        return FLUX2_TRANSFORMERS[model]
+    return FLUX_SCHNELL_TRANSFORMER if model == FluxModel.FLUX_1_SCHNELL else FLUX_DEV_TRANSFORMER
 
 
 def meta_flux2_transformer(model: FluxModel) -> Flux2Transformer2DModel:

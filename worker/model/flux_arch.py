@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL, Flux2Transformer2DModel, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 FLUX_DEV_TRANSFORMER: dict[str, Any] = {
@@ -68,21 +68,26 @@ CLIP_L: dict[str, Any] = {
 TRANSFORMERS = {"flux.1-dev": FLUX_DEV_TRANSFORMER, "flux.1-schnell": FLUX_SCHNELL_TRANSFORMER}
 
 
+def transformer_class_of(config: dict[str, Any]) -> type[FluxTransformer2DModel] | type[Flux2Transformer2DModel]:
+    """FLUX.2's configs name a timestep-guidance width, FLUX.1's a pooled projection."""
+    return Flux2Transformer2DModel if "timestep_guidance_channels" in config else FluxTransformer2DModel
+
+
 def write_transformer_config(folder: Path, config: dict[str, Any]) -> Path:
     """A folder that `from_single_file(config=folder, subfolder="transformer")` reads."""
     (folder / "transformer").mkdir(parents=True, exist_ok=True)
-    payload = {"_class_name": "FluxTransformer2DModel", **config}
+    payload = {"_class_name": transformer_class_of(config).__name__, **config}
     (folder / "transformer" / "config.json").write_text(json.dumps(payload, indent=2))
     return folder
 
 
-def meta_transformer(config: dict[str, Any]) -> FluxTransformer2DModel:
-    """The transformer on the meta device: names and shapes, no memory."""
+def meta_transformer(config: dict[str, Any]) -> torch.nn.Module:
+    """The transformer (FLUX.1's or FLUX.2's, by its config) on the meta device: names and shapes, no memory."""
     with torch.device("meta"):
-        return FluxTransformer2DModel(**config)
+        return transformer_class_of(config)(**config)
 
 
-def _random_(module: torch.nn.Module, device: str, dtype: torch.dtype, std: float) -> torch.nn.Module:
+def randomize(module: torch.nn.Module, device: str, dtype: torch.dtype, std: float) -> torch.nn.Module:
     """Materialize a meta-device module with random weights; integer buffers (position ids) get aranges."""
     module.to_empty(device=device)
     with torch.no_grad():
@@ -99,16 +104,16 @@ def _random_(module: torch.nn.Module, device: str, dtype: torch.dtype, std: floa
 def random_vae(device: str, dtype: torch.dtype) -> AutoencoderKL:
     with torch.device("meta"):
         vae = AutoencoderKL(**FLUX_VAE)
-    return _random_(vae.to(dtype), device, dtype, std=0.02)
+    return randomize(vae.to(dtype), device, dtype, std=0.02)
 
 
 def random_t5(device: str, dtype: torch.dtype, config: dict[str, Any] = T5_XXL) -> T5EncoderModel:
     with torch.device("meta"):
         model = T5EncoderModel(T5Config(**config))
-    return _random_(model.to(dtype), device, dtype, std=0.02)
+    return randomize(model.to(dtype), device, dtype, std=0.02)
 
 
 def random_clip(device: str, dtype: torch.dtype, config: dict[str, Any] = CLIP_L) -> CLIPTextModel:
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig(**config))
-    return _random_(model.to(dtype), device, dtype, std=0.02)
+    return randomize(model.to(dtype), device, dtype, std=0.02)

@@ -172,7 +172,7 @@ def load_model(
             to_scaled_fp8(flux_transformer, dtype)
             held = QuantLevel.FP8.value
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
-        prepare_text_encoder(pipe, family, text_encoder_precision, dtype)
+        prepare_text_encoder(pipe.text_encoder, family, text_encoder_precision, dtype)
         fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
     except ModelLoadError:
         raise

@@ -49,11 +49,12 @@ def trim_text_encoder(encoder: nn.Module, layers_read: tuple[int, ...]) -> int:
     return dropped
 
 
-def prepare_text_encoder(pipe: nn.Module, family: FluxFamily, precision: EncoderPrecision, dtype: torch.dtype) -> None:
+def prepare_text_encoder(
+    encoder: nn.Module, family: FluxFamily, precision: EncoderPrecision, dtype: torch.dtype
+) -> nn.Module:
     """Trim a FLUX.2 encoder and store it at `precision` (fp8: e4m3 Linear weights with a scale per row, the
     fp8 level's format), on the host before it is placed. FLUX.1's encoders are kept as they load."""
     if family not in ENCODER_LAYERS_READ:
-        return
-    trim_text_encoder(pipe.text_encoder, ENCODER_LAYERS_READ[family])
-    if precision == "fp8":
-        to_scaled_fp8(pipe.text_encoder, dtype)
+        return encoder
+    trim_text_encoder(encoder, ENCODER_LAYERS_READ[family])
+    return to_scaled_fp8(encoder, dtype) if precision == "fp8" else encoder

@@ -1,14 +1,14 @@
 """`fluxfarm bench`: seconds, images/hour and peak VRAM of every way a worker can render, in one run.
 
-Builds FLUX.1 with random weights (full size on a GPU: the same bytes and FLOPs as trained weights;
-the tiny model on a CPU, to check the tool itself) and measures, against baselines taken in the same
-run:
+Builds one model (FLUX.1 [dev] or [schnell], FLUX.2 [dev] or klein) with random weights (full size on a
+GPU: the same bytes and FLOPs as trained weights; its tiny pipeline on a CPU, to check the tool itself)
+and measures, against baselines taken in the same run:
 - steps: one transformer forward at each level, size and batch, through diffusers' stock layers
   ("diffusers") and through the worker's fast paths ("fluxfarm");
 - images: whole renders (encode, 28 steps, decode, PNG) through the worker's RenderEngine and
   batcher, PNGs encoded off the GPU thread as a worker does, for each VRAM
   budget (the plan picks the level, the budget is enforced with set_per_process_memory_fraction) and
-  each forced level, beside plain diffusers bf16 and the seed recipe (GGUF Q8_0 +
+  each forced level, beside plain diffusers bf16 and, for FLUX.1, the seed recipe (GGUF Q8_0 +
   enable_model_cpu_offload); each image is compared with the plain-bf16 image of the same job.
 No image is judged: agreement with bf16 (PSNR, relative error) is all that is reported.
 """
@@ -16,23 +16,26 @@ No image is judged: agreement with bf16 (PSNR, relative error) is all that is re
 from __future__ import annotations
 
 import gc
+import logging
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
 from PIL import Image
 from pydantic import BaseModel
 
 from fluxfarm.shared.adapters import LoraSpec
+from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
+from fluxfarm.shared.models import FluxFamily
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths, compile_blocks
@@ -51,6 +54,8 @@ from fluxfarm.worker.tools.bench_rows import DIFFUSERS_BF16, SEED_RECIPE, BenchO
 from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.vram_probe import step_inputs
 
+log = logging.getLogger(__name__)
+
 
 def _free(device: str) -> None:
     gc.collect()
@@ -66,7 +71,8 @@ def _peak_gib(device: str) -> float | None:
 
 
 def bench_jobs(options: BenchOptions, count: int, offset: int = 0) -> list[RenderJob]:
-    """Distinct prompts (nothing comes from the embedding cache) and seeds, the same for every configuration."""
+    """Distinct prompts (nothing comes from the embedding cache) and seeds, the same for every configuration;
+    guidance is the model's own default."""
     width, height = options.image_size
     words = ["lighthouse", "forest", "harbour", "desert", "glacier", "market", "orchard", "canyon"]
     return [
@@ -77,7 +83,7 @@ def bench_jobs(options: BenchOptions, count: int, offset: int = 0) -> list[Rende
                 "width": width,
                 "height": height,
                 "steps": options.steps,
-                "guidance": 3.5,
+                "model": options.flux_model.value,
             }
         )
         for i in range(offset, offset + count)
@@ -167,7 +173,7 @@ class Bench:
                 compile_blocks(model)
                 paths = paths.model_copy(update={"compiled": True})
                 self._step_row(model, level, "fluxfarm+compile", paths)
-            if self.options.lora_rank and level in self.options.lora_levels:
+            if self.options.lora_rank and level in self.options.lora_levels and self.parts.family == FluxFamily.FLUX_1:
                 self._lora_rows(model, level, paths)
             remove_step_graphs(model)
             del model
@@ -217,7 +223,7 @@ class Bench:
         self.on_row(row)
         return row
 
-    def _diffusers_run(self, name: str, pipe: FluxPipeline, level: QuantLevel, offload: bool) -> list[bytes]:
+    def _diffusers_run(self, name: str, pipe: Any, level: QuantLevel, offload: bool) -> list[bytes]:
         """Plain `pipe(prompt=...)`, one image a call, the way the diffusers docs and the seed article run it."""
         jobs = bench_jobs(self.options, self.options.images)
 
@@ -270,10 +276,11 @@ class Bench:
         pipe.remove_all_hooks()
         self._release(pipe)
 
-    def _release(self, pipe: FluxPipeline) -> None:
+    def _release(self, pipe: Any) -> None:
         remove_step_graphs(pipe.transformer)
-        for component in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            component.to("cpu")
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to("cpu")
         del pipe
         _free(self.device)
 
@@ -283,23 +290,27 @@ class Bench:
         width, height = self.options.image_size
         cuda = torch.device(self.device).type == "cuda"
         total = torch.cuda.get_device_properties(self.device).total_memory / GIB if cuda else 64.0
-        plan = make_plan(
-            PlanInputs(
-                vram_gib=budget or total,
-                width=width,
-                height=height,
-                model="flux.1-dev" if self.options.model == "tiny" else self.options.model,
-                compute_capability=torch.cuda.get_device_capability(self.device) if cuda else (9, 0),
-                forced_level=level,
+        try:
+            plan = make_plan(
+                PlanInputs(
+                    vram_gib=budget or total,
+                    width=width,
+                    height=height,
+                    model=self.options.flux_model,
+                    compute_capability=torch.cuda.get_device_capability(self.device) if cuda else (9, 0),
+                    forced_level=level,
+                )
             )
-        )
+        except FarmError as error:  # a budget too small for this model: said, and the other rows still run
+            log.warning("%s: %s", name, error)
+            return None
         chosen = QuantLevel(plan.level)
         self.parts.state(chosen, self.device)  # quantizing is the quantizer's cost, not the worker's
         _free(self.device)
         best: ImageRow | None = None
         with memory_cap(self.device, budget):
             transformer = self.parts.transformer(chosen, self.device)
-            pipe = self.parts.pipeline(transformer)
+            pipe = self.parts.pipeline(transformer, plan.text_encoder_precision)
             settings = WorkerSettings(
                 fast_kernels=True,
                 attention=self.options.attention,
@@ -316,6 +327,7 @@ class Bench:
                 device=self.device,
                 text_encoders=plan.text_encoders,
                 fast_paths=paths,
+                family=self.parts.family,
             )
             for batch in self.options.image_batches:
                 engine = RenderEngine(model, max_batch=batch, embedding_cache=0, settings=settings)
@@ -360,7 +372,8 @@ class Bench:
         """Whole images first (the baselines, then the engine), then steps."""
         if self.options.baselines:
             self.diffusers_bf16()
-            self.seed_recipe()
+            if self.parts.family == FluxFamily.FLUX_1:
+                self.seed_recipe()
         for budget in self.options.budgets:
             self.engine_run(f"fluxfarm@{budget:g}GiB", budget, None)
         for level in self.options.image_levels:
@@ -371,5 +384,5 @@ class Bench:
 
 def run_bench(options: BenchOptions, device: str, on_row: Callable[[BaseModel], None]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        parts = build_parts(options.model, device, Path(tmp))
+        parts = build_parts(options.model, device, Path(tmp), options.tiny)
         Bench(parts, options, device, on_row).run()

@@ -1,83 +1,143 @@
-"""The random-weight FLUX.1 every bench configuration shares: full size on a GPU (the same bytes and FLOPs
-as trained weights), the tiny model on a CPU; built once, kept in host memory between runs."""
+"""The random-weight model every bench configuration shares, of any family: full size on a GPU (the same bytes
+and FLOPs as trained weights), the family's tiny pipeline on a CPU. Transformer weights are drawn per tensor
+from seeds (worker/tools/random_weights.py); the text encoders and VAE are built once and kept on the host.
+
+FLUX.2's text encoder is built trimmed to the layers its pipeline reads, as a worker keeps it, for the
+diffusers baselines too: they run the same encoder, so a baseline's encode costs no more than ours.
+"""
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FluxPipeline
-from transformers import CLIPTextModel, T5EncoderModel
+from diffusers import DiffusionPipeline
 
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.model.flux_arch import (
-    TRANSFORMERS,
-    random_clip,
-    random_t5,
-    random_vae,
-    write_transformer_config,
-)
+from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
+from fluxfarm.worker.model.families import FAMILIES
+from fluxfarm.worker.model.flux2_arch import random_flux2_vae, random_text_encoder, transformer_config
+from fluxfarm.worker.model.flux_arch import random_clip, random_t5, random_vae
+from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.pipeline import compute_dtype
-from fluxfarm.worker.tools.tiny_model import build_tiny_pipeline, clip_tokenizer, t5_tokenizer
+from fluxfarm.worker.model.text_encoders import prepare_text_encoder
+from fluxfarm.worker.tools.random_weights import SeededWeights
+from fluxfarm.worker.tools.tiny_flux2 import mistral_tokenizer, qwen_tokenizer
+from fluxfarm.worker.tools.tiny_model import build_tiny, clip_tokenizer, t5_tokenizer
 from fluxfarm.worker.tools.tiny_parts import flux_scheduler
-from fluxfarm.worker.tools.vram_probe import level_state_dict, load_level, random_master_weights
+
+BENCH_MODELS = (
+    FluxModel.FLUX_1_DEV,
+    FluxModel.FLUX_1_SCHNELL,
+    FluxModel.FLUX_2_DEV,
+    FluxModel.FLUX_2_KLEIN_4B,
+    FluxModel.FLUX_2_KLEIN_9B,
+)
+_KEPT_STATES = 2
+"""GGUF levels kept quantized in host memory at once (FLUX.2 [dev]'s are 10-32 GiB each)."""
 
 
 @dataclass
 class FluxParts:
     """The random-weight components every configuration shares (host memory between runs)."""
 
-    transformer_config: dict[str, Any]
-    master: dict[str, torch.Tensor]
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: T5EncoderModel
-    config_dir: Path
-    dtype: torch.dtype
-    states: dict[QuantLevel, dict[str, torch.Tensor]] = field(default_factory=dict)
+    model: FluxModel
+    weights: SeededWeights
+    components: dict[str, Any]
+    """The pipeline's other parts: VAE, text encoder(s) and tokenizer(s), on the host."""
+    device: str
+    states: OrderedDict[QuantLevel, dict[str, torch.Tensor]] = field(default_factory=OrderedDict)
+    encoders: dict[EncoderPrecision, torch.nn.Module] = field(default_factory=dict)
 
-    def state(self, level: QuantLevel, device: str) -> dict[str, torch.Tensor]:
+    @property
+    def family(self) -> FluxFamily:
+        return MODELS[self.model].family
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    @property
+    def transformer_config(self) -> dict[str, Any]:
+        return self.weights.config
+
+    @property
+    def master(self) -> dict[str, torch.Tensor]:
+        return self.weights.master(self.device)
+
+    def state(self, level: QuantLevel, device: str) -> dict[str, torch.Tensor] | None:
+        """A GGUF level's host-memory weights, quantized once (the quantizer's cost, not the worker's)."""
+        if not level.is_gguf:
+            return None
         if level not in self.states:
-            self.states[level] = level_state_dict(self.master, level, device)
+            while len(self.states) >= _KEPT_STATES:
+                self.states.popitem(last=False)
+            self.states[level] = self.weights.gguf_state(level, device)
+        self.states.move_to_end(level)
         return self.states[level]
 
     def transformer(self, level: QuantLevel, device: str) -> torch.nn.Module:
-        """The transformer at `level` on `device`, loaded through diffusers' own code paths."""
-        return load_level(self.state(level, device), level, self.config_dir, device, self.dtype)
+        """The transformer at `level` on `device` (GGUF levels through diffusers' own loader)."""
+        return self.weights.transformer(level, device, self.state(level, device))
 
-    def pipeline(self, transformer: torch.nn.Module | None) -> FluxPipeline:
-        return FluxPipeline(
-            scheduler=flux_scheduler(),
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=clip_tokenizer(),
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=t5_tokenizer(),
-            transformer=transformer,
-        )
+    def text_encoder(self, precision: EncoderPrecision) -> torch.nn.Module:
+        """FLUX.2's encoder at `precision` (fp8: a copy made once, in the worker's format)."""
+        if precision not in self.encoders:
+            encoder = copy.deepcopy(self.components["text_encoder"])
+            self.encoders[precision] = prepare_text_encoder(encoder, self.family, precision, self.dtype)
+        return self.encoders[precision]
+
+    def pipeline(self, transformer: torch.nn.Module | None, precision: EncoderPrecision = "bf16") -> Any:
+        parts = dict(self.components)
+        if self.family != FluxFamily.FLUX_1 and precision != "bf16":
+            parts["text_encoder"] = self.text_encoder(precision)
+        extra = {"is_distilled": True} if self.family == FluxFamily.FLUX_2_KLEIN else {}
+        pipeline_class: type[DiffusionPipeline] = FAMILIES[self.family].pipeline
+        return pipeline_class(scheduler=flux_scheduler(), transformer=transformer, **parts, **extra)
 
 
-def build_parts(model: str, device: str, folder: Path) -> FluxParts:
-    """Full-size random FLUX.1 (weights drawn on `device`, kept on the host) or, for "tiny", the tiny model."""
+def _full_size_components(model: FluxModel, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    if MODELS[model].family == FluxFamily.FLUX_1:
+        return {
+            "vae": random_vae(device, dtype).cpu(),
+            "text_encoder": random_clip(device, dtype).cpu(),
+            "tokenizer": clip_tokenizer(),
+            "text_encoder_2": random_t5(device, dtype).cpu(),
+            "tokenizer_2": t5_tokenizer(),
+        }
+    tokenizer = mistral_tokenizer() if model == FluxModel.FLUX_2_DEV else qwen_tokenizer()
+    encoder = random_text_encoder(model, device, dtype).cpu()
+    return {"vae": random_flux2_vae(device, dtype).cpu(), "text_encoder": encoder, "tokenizer": tokenizer}
+
+
+def build_parts(model: str, device: str, folder: Path, tiny: bool = False) -> FluxParts:
+    """Full-size random `model` (weights drawn on `device`, kept on the host) or, `tiny` (or model "tiny",
+    FLUX.1's), the family's tiny pipeline."""
     dtype = compute_dtype(device)
     torch.manual_seed(0)
-    if model == "tiny":
-        pipe = build_tiny_pipeline()
-        config = dict(pipe.transformer.config)
-        master = {name: tensor.to(dtype) for name, tensor in pipe.transformer.state_dict().items()}
-        vae, clip, t5 = pipe.vae.to(dtype), pipe.text_encoder.to(dtype), pipe.text_encoder_2.to(dtype)
+    flux_model = FluxModel.FLUX_1_DEV if model == "tiny" else FluxModel(model)
+    if tiny or model == "tiny":
+        pipe = build_tiny(flux_model)
+        config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+        components = {
+            name: part.to(dtype) if isinstance(part, torch.nn.Module) else part
+            for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+            if (part := getattr(pipe, name, None)) is not None
+        }
+        family = MODELS[flux_model].family
+        components["text_encoder"] = prepare_text_encoder(components["text_encoder"], family, "bf16", dtype)
     else:
-        config = TRANSFORMERS[model]
-        master = random_master_weights(config, device, dtype)
-        vae, clip, t5 = (build(device, dtype).cpu() for build in (random_vae, random_clip, random_t5))
-    config_dir = write_transformer_config(folder, {k: v for k, v in config.items() if not k.startswith("_")})
-    return FluxParts(config, master, vae, clip, t5, config_dir, dtype)
+        config = transformer_config(flux_model)
+        components = _full_size_components(flux_model, device, dtype)
+    return FluxParts(flux_model, SeededWeights(config, dtype, folder), components, device)
 
 
-def plain_diffusers_image(pipe: FluxPipeline, job: RenderJob, steps: int) -> Any:
+def plain_diffusers_image(pipe: Any, job: RenderJob, steps: int) -> Any:
     """One image by a plain `pipe(prompt=...)` call, the way the diffusers docs and the seed article run it:
     the baseline rows' render, and the seed-recipe check's."""
     return pipe(

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import FluxModel
 from fluxfarm.worker.fast.fast_paths import AttentionChoice, FastPaths
 
 SEED_RECIPE = "seed-recipe"
@@ -15,7 +16,11 @@ DIFFUSERS_BF16 = "diffusers-bf16"
 
 
 class BenchOptions(BaseModel):
-    model: Literal["flux.1-dev", "flux.1-schnell", "tiny"] = "flux.1-dev"
+    model: Literal["flux.1-dev", "flux.1-schnell", "flux.2-dev", "flux.2-klein-4b", "flux.2-klein-9b", "tiny"] = (
+        "flux.1-dev"
+    )
+    tiny: bool = False
+    """The model's tiny pipeline (on a CPU, to check the tool); "tiny" alone is FLUX.1's."""
     levels: list[QuantLevel] = [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q8_0, QuantLevel.Q6_K, QuantLevel.Q4_K]
     sizes: list[tuple[int, int]] = [(512, 512), (1024, 1024)]
     batches: list[int] = [1, 2, 4]
@@ -33,6 +38,10 @@ class BenchOptions(BaseModel):
     lora_rank: int = 0
     """Above 0: after a level's step rows, fuse a random LoRA of this rank and measure its steps again."""
     lora_levels: list[QuantLevel] = [QuantLevel.Q8_0]
+
+    @property
+    def flux_model(self) -> FluxModel:
+        return FluxModel.FLUX_1_DEV if self.model == "tiny" else FluxModel(self.model)
 
 
 class StepRow(BaseModel):

@@ -1,10 +1,11 @@
 """Measure what each FLUX component and quantization level really takes on a GPU.
 
-Builds full-size FLUX.1 with random weights (same bytes and FLOPs as trained ones), then for each
+Builds a full-size model with random weights (same bytes and FLOPs as trained ones), then for each
 level: the resident transformer, the peak of one denoising step at each size, and the step time;
-plus the VAE decode, T5 and CLIP encode peaks. The numbers calibrate and check the VRAM policy
-(`worker.plan`). Peaks are `torch.cuda.max_memory_allocated` above the empty baseline: the CUDA
-context itself (about 0.5 GiB) is outside them.
+plus (FLUX.1) the VAE decode, T5 and CLIP encode peaks; or, given budgets, whole plans of any family
+(encode, a step and a decode as the plan places them) beside the plan's prediction. The numbers
+calibrate and check the VRAM policy (`worker.plan`). Peaks are `torch.cuda.max_memory_allocated` above
+the empty baseline: the CUDA context itself (about 0.5 GiB) is outside them.
 """
 
 from __future__ import annotations
@@ -17,27 +18,25 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import gguf
 import torch
-from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
-from diffusers.quantizers.gguf.utils import GGUFParameter
 
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
 from fluxfarm.shared.units import GIB
-from fluxfarm.worker.model.flux_arch import (
-    TRANSFORMERS,
-    meta_transformer,
-    random_clip,
-    random_t5,
-    random_vae,
-    write_transformer_config,
+from fluxfarm.worker.model.flux2_arch import (
+    ENCODER_LAYERS_READ,
+    flux2_step_inputs,
+    random_flux2_vae,
+    random_text_encoder,
+    transformer_config,
 )
+from fluxfarm.worker.model.flux_arch import random_clip, random_t5, random_vae
 from fluxfarm.worker.model.gpu import cap_memory, time_calls
 from fluxfarm.worker.model.pipeline import enable_vae_tiling
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
-from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
-from fluxfarm.worker.quant.gguf.blocks import quantize_rows
-from fluxfarm.worker.quant.gguf.writer import ggml_type_for
+from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
+from fluxfarm.worker.render.engine import PROMPTS_PER_ENCODE
+from fluxfarm.worker.tools.random_weights import SeededWeights
 
 T5_TOKENS = 512
 DTYPE = torch.bfloat16
@@ -58,62 +57,12 @@ def _peak_above(device: str, base: int, run: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / GIB
 
 
-def random_master_weights(config: dict[str, Any], device: str, dtype: torch.dtype = DTYPE) -> dict[str, torch.Tensor]:
-    """Random weights for every transformer tensor, generated on `device`, kept in host memory."""
-    weights = {}
-    for name, param in meta_transformer(config).state_dict().items():
-        weights[name] = (torch.randn(param.shape, device=device, dtype=dtype) * 0.02).cpu()
-    return weights
-
-
-def gguf_state_dict(master: dict[str, torch.Tensor], level: QuantLevel, device: str) -> dict[str, torch.Tensor]:
-    """The master weights as diffusers' GGUF parameters at `level`, encoded on `device`."""
-    target = gguf.GGMLQuantizationType[level.value]
-    state = {}
-    for name, tensor in master.items():
-        ggml_type = ggml_type_for(name, tuple(tensor.shape), target)
-        if ggml_type == gguf.GGMLQuantizationType.F32:
-            state[name] = tensor.float()
-        elif ggml_type == gguf.GGMLQuantizationType.F16:
-            state[name] = tensor.half()
-        else:
-            rows = quantize_rows(tensor.reshape(-1, tensor.shape[-1]), ggml_type.name, device)
-            state[name] = GGUFParameter(rows.reshape(*tensor.shape[:-1], -1), quant_type=ggml_type)
-    return state
-
-
-def level_state_dict(master: dict[str, torch.Tensor], level: QuantLevel, device: str) -> dict[str, torch.Tensor]:
-    """Host-memory weights at `level`: what a worker would read from the level's file."""
-    if level in (QuantLevel.BF16, QuantLevel.FP8):
-        return master
-    return gguf_state_dict(master, level, device)
-
-
-def load_level(
-    state: dict[str, torch.Tensor], level: QuantLevel, config_dir: Path, device: str, dtype: torch.dtype = DTYPE
-) -> FluxTransformer2DModel:
-    """A transformer at `level` on `device`, the way diffusers loads it (fp8 = e4m3 storage, upcast)."""
-    if level in (QuantLevel.BF16, QuantLevel.FP8):
-        model = FluxTransformer2DModel.from_single_file(
-            state, config=str(config_dir), subfolder="transformer", dtype=dtype
-        )
-        if level == QuantLevel.FP8:  # quantize on the host: a bf16 copy on the GPU would not fit the card
-            to_scaled_fp8(model, dtype)
-        return model.to(device)
-    model = FluxTransformer2DModel.from_single_file(
-        state,
-        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-        config=str(config_dir),
-        subfolder="transformer",
-        dtype=dtype,
-    )
-    return model.to(device)
-
-
 def step_inputs(
     config: dict[str, Any], width: int, height: int, batch: int, device: str, dtype: torch.dtype = DTYPE
 ) -> dict[str, Any]:
-    """Random inputs of one denoising step at `width`x`height`, as FluxPipeline passes them."""
+    """Random inputs of one denoising step at `width`x`height`, as the family's pipeline passes them."""
+    if "timestep_guidance_channels" in config:
+        return flux2_step_inputs(config, width, height, batch, device, dtype, T5_TOKENS)
     tokens = (width // 16) * (height // 16)
     inputs = {
         "hidden_states": torch.randn(batch, tokens, config["in_channels"], device=device, dtype=dtype),
@@ -132,7 +81,7 @@ def step_inputs(
 
 
 def probe_levels(
-    model_name: str,
+    model_name: FluxModel,
     levels: Iterable[QuantLevel],
     sizes: Iterable[tuple[int, int]],
     device: str,
@@ -140,14 +89,13 @@ def probe_levels(
     repeats: int = 5,
 ) -> None:
     """One row per level: resident GiB, and per size the step's peak GiB and seconds."""
-    config = TRANSFORMERS[model_name]
+    config = transformer_config(model_name)
     base = _settle(device)
-    master = random_master_weights(config, device)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        config_dir = write_transformer_config(Path(tmp), config)
+        weights = SeededWeights(config, DTYPE, Path(tmp))
         for level in levels:
             started = time.perf_counter()
-            model = load_level(level_state_dict(master, level, device), level, config_dir, device)
+            model = weights.transformer(level, device)
             torch.cuda.synchronize(device)
             row: dict[str, Any] = {
                 "level": level.value,
@@ -190,7 +138,7 @@ def probe_components(sizes: Iterable[tuple[int, int]], device: str, on_row: Call
 
 
 def probe_plans(
-    model_name: str,
+    model_name: FluxModel,
     budgets: Iterable[float],
     width: int,
     height: int,
@@ -199,17 +147,21 @@ def probe_plans(
 ) -> None:
     """For each budget: make the plan, build exactly that configuration under the budget's memory cap,
     run encode, one step and decode as the plan says, and record the measured peak beside the prediction."""
-    config = TRANSFORMERS[model_name]
+    config = transformer_config(model_name)
     capability = torch.cuda.get_device_capability(device)
     base = _settle(device)
-    master = random_master_weights(config, device)
+    encoders: dict[str, torch.nn.Module] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        config_dir = write_transformer_config(Path(tmp), config)
+        weights = SeededWeights(config, DTYPE, Path(tmp))
         for budget in budgets:
             plan = make_plan(
                 PlanInputs(vram_gib=budget, width=width, height=height, model=model_name, compute_capability=capability)
             )
-            state = level_state_dict(master, QuantLevel(plan.level), device)  # quantizing is not the worker's cost
+            level = QuantLevel(plan.level)
+            # Quantizing and drawing weights are not the worker's cost: done before the cap and the measurement.
+            state = weights.gguf_state(level, device) if level.is_gguf else None
+            if MODELS[model_name].family in ENCODER_LAYERS_READ and plan.text_encoder_precision not in encoders:
+                encoders[plan.text_encoder_precision] = _host_encoder(model_name, plan.text_encoder_precision, device)
             _settle(device)
             cap_memory(device, budget)
             row: dict[str, Any] = {
@@ -218,51 +170,83 @@ def probe_plans(
                 "plan": plan.model_dump(exclude={"reasons", "vram_budget_gib"}),
             }
             try:
-                row["measured_peak_gib"] = _run_plan(plan, state, config, config_dir, width, height, device, base)
+                encoder = encoders.get(plan.text_encoder_precision)
+                row["measured_peak_gib"] = _run_plan(plan, weights, state, encoder, model_name, width, height, base)
                 row["error"] = (plan.predicted_peak_gib - row["measured_peak_gib"]) / row["measured_peak_gib"]
             except torch.cuda.OutOfMemoryError as error:
                 row["oom"] = str(error).splitlines()[0]
             on_row(row)
             del state
+            for encoder in encoders.values():
+                encoder.to("cpu")
             _settle(device)
             cap_memory(device, None)
 
 
-def _run_plan(
-    plan: Plan,
-    state: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    config_dir: Path,
-    width: int,
-    height: int,
-    device: str,
-    base: int,
-) -> float:
-    """Build the planned configuration, run encode, a step and decode as planned; the peak GiB above base."""
-    transformer = load_level(state, QuantLevel(plan.level), config_dir, device)
-    vae = random_vae(device, DTYPE)
-    if plan.vae_tiling:
-        enable_vae_tiling(vae, VAE_TILE_PX)
-    torch.cuda.reset_peak_memory_stats(device)
-    if plan.text_encoders != "cpu":  # on "cpu" the encoders never touch the GPU
-        if plan.text_encoders == "gpu-swap":
-            transformer.to("cpu")
+def _host_encoder(model: FluxModel, precision: str, device: str) -> torch.nn.Module:
+    """A FLUX.2 text encoder as a worker keeps it (trimmed; fp8 where planned), drawn on `device`, kept on the host."""
+    encoder = random_text_encoder(model, device, DTYPE).cpu()
+    if precision == "fp8":
+        to_scaled_fp8(encoder, DTYPE)
+    _settle(device)
+    return encoder
+
+
+def _encode(model: FluxModel, encoder: torch.nn.Module | None, device: str) -> list[torch.nn.Module]:
+    """One encode phase as the engine runs it: FLUX.1's T5 and CLIP built on the card for a prompt; a FLUX.2
+    encoder brought onto the card for a chunk of prompts, its read hidden states stacked. Returns the
+    encoders now on the card."""
+    if encoder is None:
         t5, clip = random_t5(device, DTYPE), random_clip(device, DTYPE)
         t5(torch.randint(0, 1000, (1, T5_TOKENS), device=device))
         clip(torch.randint(0, 1000, (1, 77), device=device))
+        return [t5, clip]
+    encoder.to(device)
+    if fp8_tensor_cores_work(torch.device(device)):
+        use_fp8_tensor_cores(encoder)
+    ids = torch.randint(0, 1000, (PROMPTS_PER_ENCODE, T5_TOKENS), device=device)
+    out = encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
+    torch.stack([out.hidden_states[k] for k in ENCODER_LAYERS_READ[MODELS[model].family]], dim=1)
+    return [encoder]
+
+
+def _run_plan(
+    plan: Plan,
+    weights: SeededWeights,
+    state: dict[str, torch.Tensor] | None,
+    encoder: torch.nn.Module | None,
+    model: FluxModel,
+    width: int,
+    height: int,
+    base: int,
+) -> float:
+    """Build the planned configuration, run encode, a step and decode as planned; the peak GiB above base."""
+    device = f"cuda:{torch.cuda.current_device()}"
+    flux2 = MODELS[model].family in (FluxFamily.FLUX_2, FluxFamily.FLUX_2_KLEIN)
+    transformer = weights.transformer(QuantLevel(plan.level), device, state)
+    vae = random_flux2_vae(device, DTYPE) if flux2 else random_vae(device, DTYPE)
+    if plan.vae_tiling:
+        enable_vae_tiling(vae, VAE_TILE_PX)
+    _settle(device)
+    if plan.text_encoders != "cpu":  # on "cpu" the encoders never touch the GPU
         if plan.text_encoders == "gpu-swap":
-            del t5, clip
+            transformer.to("cpu")
+        on_card = _encode(model, encoder, device)  # resident ones stay through the step and decode
+        if plan.text_encoders == "gpu-swap":
+            for module in on_card:
+                module.to("cpu")
+            del on_card
             gc.collect()
             transformer.to(device)
-    transformer(**step_inputs(config, width, height, 1, device))
-    vae.decode(torch.randn(1, 16, height // 8, width // 8, device=device, dtype=DTYPE))
+    transformer(**step_inputs(weights.config, width, height, 1, device))
+    vae.decode(torch.randn(1, vae.config.latent_channels, height // 8, width // 8, device=device, dtype=DTYPE))
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / GIB
 
 
 def run_probe(
     out: Path,
-    model_name: str,
+    model_name: FluxModel,
     levels: list[QuantLevel],
     sizes: list[tuple[int, int]],
     device: str,
@@ -281,5 +265,6 @@ def run_probe(
         for width, height in sizes:
             probe_plans(model_name, plan_budgets, width, height, device, write)
         return
-    probe_components(sizes, device, write)
+    if MODELS[model_name].family in (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT):
+        probe_components(sizes, device, write)
     probe_levels(model_name, levels, sizes, device, write)

@@ -61,3 +61,27 @@ def test_bench_fuses_a_lora_and_times_the_steps_with_it(tmp_path: Path) -> None:
     assert fuse["fuse_s"] > 0 and fuse["cached_fuse_s"] > 0
     ratios = next(r for r in rows if r["kind"] == "ratios")["ratios"]
     assert "step Q8_0 fluxfarm+lora4 / Q8_0 fluxfarm @128x128" in ratios
+
+
+def test_bench_runs_each_flux2_family_on_its_tiny_pipeline(tmp_path: Path) -> None:
+    """FLUX.2 [dev] and klein through the same bench: the plain diffusers baseline, the engine at a budget
+    (FLUX.2 [dev]'s smallest plan needs ~15 GiB: at 12 it is reported unfit and the run goes on) and steps."""
+    for model in ("flux.2-klein-4b", "flux.2-dev"):
+        out = tmp_path / f"{model}.jsonl"
+        result = run_fluxfarm(
+            "bench", "--model", model, "--tiny", "--levels", "bf16", "--sizes", "128x128", "--batches", "1",
+            "--image-batches", "1", "--vram-budget", "12,24", "--image-levels", "", "--image-size", "256x256",
+            "--steps", "2", "--images", "1", "--out", str(out), "--device", "cpu",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert all(row["model"] == model for row in rows)
+        images = {row["name"]: row for row in rows if row["kind"] == "image"}
+        assert "seed-recipe" not in images, "the seed recipe is FLUX.1's"
+        assert {"diffusers-bf16", "fluxfarm@24GiB"} <= set(images)
+        assert ("fluxfarm@12GiB" in images) == (model == "flux.2-klein-4b")
+        assert images["fluxfarm@24GiB"]["psnr_db_vs_bf16"] > 20
+        assert {(r["path"], r["level"]) for r in rows if r["kind"] == "step"} == {
+            ("diffusers", "bf16"),
+            ("fluxfarm", "bf16"),
+        }
