@@ -31,7 +31,7 @@ from fluxfarm.shared.adapters import (
     lora_set_id,
 )
 from fluxfarm.shared.errors import FarmError, InvalidJob
-from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxModel
+from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxModel, ImageUse
 from fluxfarm.shared.routing import AUTO, QuantConstraint, lora_queue, parse_constraint
 
 MAX_PROMPT_CHARS = 4000
@@ -117,7 +117,15 @@ class RenderJob(BaseModel):
     images: tuple[str, ...] = Field(
         default=(),
         max_length=MAX_INPUT_IMAGES,
-        description="Input images (Kontext: the image to edit), in the forms of controlnet.control_image.",
+        description="Input images in the forms of controlnet.control_image: FLUX.1's img2img source (one), "
+        "Kontext's image to edit (one), FLUX.2's reference images (up to 4).",
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="FLUX.1 img2img: how far the image is noised (1.0 ignores it); 0.6 when left out.",
     )
     job_id: str | None = Field(default=None, description="Defaults to the hash of the other fields.")
 
@@ -187,8 +195,13 @@ class RenderJob(BaseModel):
         spec = MODELS[self.model]
         if self.prompt_2 is not None and not spec.two_prompts:
             raise ValueError(f"prompt_2: {self.model.value} reads one prompt (FLUX.2 has one text encoder)")
-        if self.images and not spec.input_images:
-            raise ValueError(f"images: {self.model.value} takes no input images here (flux.1-kontext-dev edits one)")
+        if len(self.images) > spec.max_images:
+            raise ValueError(
+                f"images: {self.model.value} reads at most {spec.max_images} ({spec.image_use.value}), "
+                f"{len(self.images)} given"
+            )
+        if self.strength is not None and not (self.images and spec.image_use == ImageUse.IMG2IMG):
+            raise ValueError("strength: only a FLUX.1 img2img job (a FLUX.1 model and an image) reads it")
         if self.controlnet is not None and not spec.controlnets:
             raise ValueError(f"controlnet: FLUX ControlNets condition FLUX.1 text-to-image, not {self.model.value}")
         return self
@@ -228,10 +241,12 @@ class RenderJob(BaseModel):
 
 
 def canonical_job_id(job: RenderJob) -> str:
-    """The hash of the job's canonical parameters: same job, same id, on every machine. Adapter fields
-    count only when set, and the model only when it is not FLUX.1 [dev], so jobs written before they
-    existed keep their ids (and their stored results)."""
+    """The hash of the job's canonical parameters: same job, same id, on every machine. Adapter and image
+    fields (and strength) count only when set, and the model only when it is not FLUX.1 [dev], so jobs
+    written before they existed keep their ids (and their stored results)."""
     unset = {name for name in ("loras", "controlnet", "images") if not getattr(job, name)}
+    if job.strength is None:
+        unset.add("strength")
     if job.model == LEGACY_MODEL:
         unset.add("model")
     params = job.model_dump(mode="json", exclude={"job_id", *unset})

@@ -24,6 +24,17 @@ class FluxFamily(StrEnum):
     FLUX_2_KLEIN = "flux.2-klein"
 
 
+class ImageUse(StrEnum):
+    """What a model does with a job's `images`."""
+
+    IMG2IMG = "img2img"
+    """FLUX.1: one image, noised to `strength` and denoised toward the prompt."""
+    EDIT = "edit"
+    """Kontext: one image to edit as the prompt says."""
+    REFERENCES = "references"
+    """FLUX.2: reference images the prompt draws on (their tokens join the image's in attention)."""
+
+
 class FluxModel(StrEnum):
     """The catalog names a job's `model` field takes."""
 
@@ -51,15 +62,30 @@ class ModelSpec:
         return self.family in (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT)
 
     @property
-    def input_images(self) -> bool:
-        """Kontext edits the image it is given; FLUX.1 img2img and FLUX.2's references are not served yet."""
-        return self.family == FluxFamily.FLUX_1_KONTEXT
+    def image_use(self) -> ImageUse:
+        return _IMAGE_USE[self.family]
+
+    @property
+    def max_images(self) -> int:
+        """img2img and Kontext read one image; FLUX.2 up to the farm's bound on input images."""
+        return MAX_REFERENCE_IMAGES if self.image_use == ImageUse.REFERENCES else 1
 
     @property
     def controlnets(self) -> bool:
         """FLUX ControlNets (FluxControlNetModel) condition FLUX.1's text-to-image transformer only."""
         return self.family == FluxFamily.FLUX_1
 
+
+MAX_REFERENCE_IMAGES = 4
+"""FLUX.2's reference images a job may give (each adds a 1024² image's tokens to every step's attention)."""
+DEFAULT_IMG2IMG_STRENGTH = 0.6
+"""How far an img2img job's image is noised when the job leaves `strength` out (diffusers' default)."""
+_IMAGE_USE = {
+    FluxFamily.FLUX_1: ImageUse.IMG2IMG,
+    FluxFamily.FLUX_1_KONTEXT: ImageUse.EDIT,
+    FluxFamily.FLUX_2: ImageUse.REFERENCES,
+    FluxFamily.FLUX_2_KLEIN: ImageUse.REFERENCES,
+}
 
 MODELS: dict[FluxModel, ModelSpec] = {
     # Steps and guidance as each model card renders: the distilled ones in 4 steps, schnell without guidance.

@@ -123,7 +123,7 @@ def test_adapter_fields_are_bounded_and_their_sources_checked(fields: dict, reas
 
 def test_adapter_fields_count_in_the_job_id_only_when_set() -> None:
     plain = parse_job({"prompt": "p", "seed": 1})
-    before = ("job_id", "loras", "controlnet", "model", "images")
+    before = ("job_id", "loras", "controlnet", "model", "images", "strength")
     params = {k: v for k, v in plain.model_dump(mode="json").items() if k not in before}
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert plain.id == hashlib.sha256(canonical.encode()).hexdigest()[:32], "ids of jobs from before LoRAs stand"
@@ -192,8 +192,31 @@ def test_a_job_names_its_model_and_gets_that_models_defaults_queue_and_id() -> N
             },
             "controlnet: FLUX ControlNets condition FLUX.1",
         ),
+        (
+            {"images": ["s3://imgs/a.png", "s3://imgs/b.png"]},
+            r"images: flux.1-dev reads at most 1 \(img2img\), 2 given",
+        ),
+        (
+            {"model": "flux.1-kontext-dev", "images": ["s3://imgs/a.png", "s3://imgs/b.png"]},
+            r"images: flux.1-kontext-dev reads at most 1 \(edit\)",
+        ),
+        ({"strength": 0.5}, "strength: only a FLUX.1 img2img job"),
+        ({"model": "flux.2-dev", "images": ["s3://imgs/a.png"], "strength": 0.5}, "strength: only a FLUX.1 img2img"),
+        ({"images": ["s3://imgs/a.png"], "strength": 0.0}, "strength: Input should be greater than 0"),
     ],
 )
 def test_a_job_is_checked_against_its_model_family(fields: dict, reason: str) -> None:
     with pytest.raises(InvalidJob, match=reason):
         parse_job({"prompt": "p", **fields})
+
+
+def test_image_jobs_of_each_family_and_their_ids() -> None:
+    """FLUX.1 takes one img2img source (strength counts in the id only when given), Kontext one image to
+    edit, FLUX.2 up to four references."""
+    img2img = parse_job({"prompt": "p", "images": ["s3://imgs/a.png"]})
+    assert img2img.strength is None
+    assert parse_job({"prompt": "p", "images": ["s3://imgs/a.png"], "strength": 0.6}).id != img2img.id
+    refs = [f"s3://imgs/{n}.png" for n in "abcd"]
+    assert parse_job({"prompt": "p", "model": "flux.2-klein-4b", "images": refs}).images == tuple(refs)
+    with pytest.raises(InvalidJob, match="images: Tuple should have at most 4 items"):
+        parse_job({"prompt": "p", "model": "flux.2-dev", "images": [*refs, "s3://imgs/e.png"]})

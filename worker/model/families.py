@@ -20,6 +20,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
+    FluxImg2ImgPipeline,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -27,7 +28,7 @@ from diffusers import (
 from PIL import Image
 
 from fluxfarm.shared.jobs import RenderJob
-from fluxfarm.shared.models import FluxFamily
+from fluxfarm.shared.models import DEFAULT_IMG2IMG_STRENGTH, MODELS, FluxFamily, ImageUse
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class FamilyOps:
     family: FluxFamily
     pipeline: type[DiffusionPipeline]
     transformer: type[torch.nn.Module]
+    img2img: type[DiffusionPipeline] | None = None
+    """The pipeline of the same parts that starts from a job's image (FLUX.1's img2img)."""
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:
@@ -63,6 +66,19 @@ class FamilyOps:
             return [Embeddings(prompt[row : row + 1].cpu(), pooled[row : row + 1].cpu()) for row in range(len(jobs))]
         prompt, _ = pipe.encode_prompt(prompt=[job.prompt for job in jobs], device=device, max_sequence_length=length)
         return [Embeddings(prompt[row : row + 1].cpu()) for row in range(len(jobs))]
+
+    def image_arguments(self, jobs: Sequence[RenderJob], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
+        """The denoising call's arguments for a batch's input images (`images[row]`: that job's, read)."""
+        first = jobs[0]
+        if not first.images:
+            return {}
+        use = MODELS[first.model].image_use
+        if use == ImageUse.REFERENCES:  # the pipeline repeats one set of references over the batch (grouped so)
+            return {"image": list(images[0])}
+        at_size = [read[0].resize((job.width, job.height)) for job, read in zip(jobs, images, strict=True)]
+        if use == ImageUse.EDIT:  # Kontext's output at the job's size: its own sizing off
+            return {"image": at_size, "_auto_resize": False, "max_area": first.width * first.height}
+        return {"image": at_size, "strength": first.strength or DEFAULT_IMG2IMG_STRENGTH}
 
     def conditioning(self, embeddings: Sequence[Embeddings], device: str) -> dict[str, torch.Tensor]:
         """The denoising call's conditioning arguments for a batch."""
@@ -100,7 +116,7 @@ def _flux2_dev_latents(pipe: Any, latents: torch.Tensor, job: RenderJob) -> torc
 _TWO_ENCODERS = (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT)
 
 FAMILIES: dict[FluxFamily, FamilyOps] = {
-    FluxFamily.FLUX_1: FamilyOps(FluxFamily.FLUX_1, FluxPipeline, FluxTransformer2DModel),
+    FluxFamily.FLUX_1: FamilyOps(FluxFamily.FLUX_1, FluxPipeline, FluxTransformer2DModel, FluxImg2ImgPipeline),
     FluxFamily.FLUX_1_KONTEXT: FamilyOps(FluxFamily.FLUX_1_KONTEXT, FluxKontextPipeline, FluxTransformer2DModel),
     FluxFamily.FLUX_2: FamilyOps(FluxFamily.FLUX_2, Flux2Pipeline, Flux2Transformer2DModel),
     FluxFamily.FLUX_2_KLEIN: FamilyOps(FluxFamily.FLUX_2_KLEIN, Flux2KleinPipeline, Flux2Transformer2DModel),

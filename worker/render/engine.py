@@ -30,12 +30,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from PIL import Image, PngImagePlugin
 
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.metadata import ControlNetInfo, InputImageInfo, LoraInfo
+from fluxfarm.shared.models import MODELS, ImageUse
 from fluxfarm.worker.adapters.controlnet import ControlNets
 from fluxfarm.worker.adapters.job_images import JobImage, JobImages
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
@@ -148,7 +150,10 @@ def denoise_groups(jobs: Sequence[RenderJob], max_batch: int) -> list[list[int]]
     for index, job in enumerate(jobs):
         control = job.controlnet
         control_key = None if control is None else (control.source, control.conditioning_scale, control.control_mode)
-        work = (job.width, job.height, job.steps, job.guidance, job.max_sequence_length, len(job.images))
+        # FLUX.2's references are one set for a whole batch; other images are each job's own.
+        shared = MODELS[job.model].image_use == ImageUse.REFERENCES
+        images = job.images if shared else len(job.images)
+        work = (job.width, job.height, job.steps, job.guidance, job.max_sequence_length, images, job.strength)
         shape = (*work, job.lora_set, control_key)
         by_shape.setdefault(shape, []).append(index)
     groups = []
@@ -186,6 +191,7 @@ class RenderEngine:
         )
         self.inputs = JobImages(settings)
         self.controlnets = ControlNets(pipe, model.level, model.device, settings, self.inputs)
+        self._img2img_pipe: Any = None
         self._mirrors: list[HostMirror] = []
         if model.text_encoders == "gpu-swap":
             encoders = [getattr(pipe, name) for name in self.ops.text_encoder_names]
@@ -246,10 +252,9 @@ class RenderEngine:
         first = jobs[0]
         if self.faults is not None:
             self.faults.check_denoise(jobs, self.model.level)
-        extra: dict[str, object] = {}
-        if first.images:  # Kontext: the image to edit and the output at the job's size (its own sizing off)
-            images = [read[0].image.resize((job.width, job.height)) for job, read in zip(jobs, inputs, strict=True)]
-            extra = {"image": images, "_auto_resize": False, "max_area": first.width * first.height}
+        extra = self.ops.image_arguments(jobs, [[read.image for read in row] for row in inputs])
+        if first.images and self.ops.img2img is not None:
+            pipe = self._img2img()
         if first.controlnet is not None:
             pipe = self.controlnets.get(first.controlnet).pipeline
             extra = {
@@ -269,6 +274,14 @@ class RenderEngine:
             generator=[torch.Generator(device="cpu").manual_seed(job.seed) for job in jobs],
             output_type="latent",
         ).images
+
+    def _img2img(self) -> Any:
+        """The family's img2img pipeline over the loaded parts (diffusers' from_pipe shares every module)."""
+        if self._img2img_pipe is None:
+            assert self.ops.img2img is not None
+            self._img2img_pipe = self.ops.img2img.from_pipe(self.model.pipe)
+            self._img2img_pipe.set_progress_bar_config(disable=True)
+        return self._img2img_pipe
 
     def _decode(self, latents: torch.Tensor, job: RenderJob) -> Image.Image:
         return self.ops.decode(self.model.pipe, latents, job)
