@@ -28,6 +28,23 @@ TRANSFORMER_TARGETS = [
     "proj_out",
 ]
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+FLUX2_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+    "to_qkv_mlp_proj",
+]
+"""Every Linear kind of FLUX.2's blocks but the single blocks' output (peft matches by suffix, and "to_out" is
+also the double blocks' ModuleList)."""
 
 
 def _randomize_lora(module: torch.nn.Module, seed: int, std: float) -> None:
@@ -39,16 +56,24 @@ def _randomize_lora(module: torch.nn.Module, seed: int, std: float) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def write_peft_lora(model_dir: Path, out_dir: Path, part: str = "transformer", seed: int = 0) -> Path:
+def write_peft_lora(
+    model_dir: Path,
+    out_dir: Path,
+    part: str = "transformer",
+    seed: int = 0,
+    pipeline: Any = FluxPipeline,
+    std: float = 0.05,
+) -> Path:
     """A peft LoRA on the tiny model's transformer (rank 4, alpha 8: scale 2) or CLIP text encoder (rank 2,
-    alpha 2), saved by diffusers with its adapter config."""
+    alpha 2), saved by diffusers with its adapter config. `pipeline`: the tiny model's family's class."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    pipe = FluxPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe = pipeline.from_pretrained(model_dir, dtype=torch.float32)
     if part == "transformer":
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=TRANSFORMER_TARGETS)
+        targets = TRANSFORMER_TARGETS if pipeline is FluxPipeline else FLUX2_TARGETS
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
         pipe.transformer.add_adapter(config)
-        _randomize_lora(pipe.transformer, seed, 0.05)
+        _randomize_lora(pipe.transformer, seed, std)
         layers = {"transformer_lora_layers": get_peft_model_state_dict(pipe.transformer)}
         metadata = {"transformer_lora_adapter_metadata": config.to_dict()}
     else:
@@ -58,7 +83,7 @@ def write_peft_lora(model_dir: Path, out_dir: Path, part: str = "transformer", s
         _randomize_lora(pipe.text_encoder, seed, 0.2)
         layers = {"text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder)}
         metadata = {"text_encoder_lora_adapter_metadata": config.to_dict()}
-    FluxPipeline.save_lora_weights(out_dir, weight_name="lora.safetensors", **layers, **metadata)
+    pipeline.save_lora_weights(out_dir, weight_name="lora.safetensors", **layers, **metadata)
     return out_dir / "lora.safetensors"
 
 

@@ -1,7 +1,8 @@
 """Read a FLUX LoRA file into low-rank updates per module, scaled as diffusers' own loader scales them.
 
-diffusers' `FluxPipeline.lora_state_dict` reads the file and converts the community formats (kohya,
-xlabs, BFL, ai-toolkit) to diffusers' module names; the scale of each module (alpha / rank, with the
+The family's pipeline reads the file: diffusers' `FluxPipeline.lora_state_dict` converts FLUX.1's community
+formats (kohya, xlabs, BFL, ai-toolkit) to diffusers' module names, `Flux2Pipeline.lora_state_dict` FLUX.2's
+(kohya, BFL/ComfyUI); the scale of each module (alpha / rank, with the
 alpha and rank patterns of the adapter's saved config, or its `.alpha` keys) follows diffusers'
 `get_peft_kwargs` and peft's pattern matching, so a fused LoRA renders as diffusers' peft path does.
 Formats that are not plain low-rank updates (DoRA, LoKr, LoRA biases, Control LoRAs that widen the
@@ -10,6 +11,7 @@ input layer) are refused with the reason rather than applied wrongly.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import struct
@@ -141,21 +143,29 @@ def _check_header_size(path: Path, source: str) -> None:
         )
 
 
-def read_lora(path: Path, source: str) -> dict[str, LowRank]:
-    """`component.module` -> its update, for every module the LoRA trains. Raises JobInputError for a file
-    that is not a FLUX LoRA diffusers can read (the job fails with that reason)."""
+def _lora_state(path: Path, loader: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Any]:
+    """The file's diffusers-named tensors, its `.alpha` values (FLUX.1's loaders return them apart; FLUX.2's
+    fold them into the tensors they convert) and its adapter metadata."""
+    kwargs = {"weight_name": path.name, "use_safetensors": True, "local_files_only": True}
+    if "return_alphas" in inspect.signature(loader.lora_state_dict).parameters:
+        state, alphas, metadata = loader.lora_state_dict(
+            str(path.parent), return_alphas=True, return_lora_metadata=True, **kwargs
+        )
+        return state, alphas, metadata
+    state, metadata = loader.lora_state_dict(str(path.parent), return_lora_metadata=True, **kwargs)
+    alphas = {key: state.pop(key) for key in [k for k in state if k.endswith(".alpha")]}
+    return state, alphas, metadata
+
+
+def read_lora(path: Path, source: str, loader: Any = None) -> dict[str, LowRank]:
+    """`component.module` -> its update, for every module the LoRA trains, read by `loader` (the family's
+    pipeline class; FluxPipeline when not given). Raises JobInputError for a file that is not a FLUX LoRA
+    diffusers can read (the job fails with that reason)."""
     from diffusers import FluxPipeline
 
     _check_header_size(path, source)
     try:
-        state, alphas, metadata = FluxPipeline.lora_state_dict(
-            str(path.parent),
-            weight_name=path.name,
-            use_safetensors=True,
-            local_files_only=True,
-            return_alphas=True,
-            return_lora_metadata=True,
-        )
+        state, alphas, metadata = _lora_state(path, loader or FluxPipeline)
     except Exception as error:  # a broken file, or a format diffusers' converters reject
         raise JobInputError(f"LoRA {source} could not be read as a FLUX LoRA: {error}") from None
     _refuse_unsupported(state, source)

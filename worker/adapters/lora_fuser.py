@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -178,9 +179,12 @@ class LoraFuser:
         level: str,
         settings: WorkerSettings,
         before_layer: Callable[[int, str], None] | None = None,
+        loader: Any = None,
     ) -> None:
         """`before_layer(layers done, level)` runs before each layer is fused: a fault drill's hook
-        (worker/render/fault_injection.py), None in service."""
+        (worker/render/fault_injection.py), None in service. `loader` is the family's pipeline class, whose
+        `lora_state_dict` reads the files (FLUX.1's when not given)."""
+        self._loader = loader
         self._components = {name: module for name, module in components.items() if module is not None}
         self._slots: dict[str, dict[str, WeightSlot]] = {}
         self._base_sha256 = base_sha256
@@ -217,7 +221,9 @@ class LoraFuser:
 
     def _load(self, spec: LoraSpec) -> LoadedLora:
         path = resolve_job_file(spec.source, self._settings, "LoRA")
-        return LoadedLora(spec=spec, sha256=self._digests.sha256(path), updates=read_lora(path, spec.source))
+        return LoadedLora(
+            spec=spec, sha256=self._digests.sha256(path), updates=read_lora(path, spec.source, self._loader)
+        )
 
     def _targets(self, loras: Sequence[LoadedLora]) -> dict[str, list[tuple[LowRank, float]]]:
         """Every slot the set updates, with its updates; checked against this model before anything changes."""

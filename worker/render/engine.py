@@ -188,6 +188,7 @@ class RenderEngine:
             model.level,
             settings,
             before_layer=self._check_fuse,
+            loader=self.ops.pipeline,
         )
         self.inputs = JobImages(settings)
         self.controlnets = ControlNets(pipe, model.level, model.device, settings, self.inputs)
