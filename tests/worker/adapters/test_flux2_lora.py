@@ -1,6 +1,6 @@
 """LoRAs on FLUX.2 (issue 20, point 4): a peft LoRA for the tiny klein, read by Flux2KleinPipeline's own
 loader, fuses into the weights at bf16 and renders as diffusers' peft layers do; at quantized levels it
-stays within a tenth of the LoRA's effect of diffusers' LoRA render."""
+stays within a fifth of the LoRA's effect of diffusers' LoRA render, less at higher levels."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def klein(files: Path) -> Path:
-    return write_tiny_model(files / "klein", (QuantLevel.Q8_0,), model=FluxModel.FLUX_2_KLEIN_4B)
+    return write_tiny_model(files / "klein", (QuantLevel.Q8_0, QuantLevel.Q4_K), model=FluxModel.FLUX_2_KLEIN_4B)
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +96,18 @@ def test_a_fused_flux2_lora_renders_as_diffusers_own_loader_does(
     assert np.array_equal(_pixels(engine, _job(None)), base), "no LoRA: exactly the base weights again"
 
 
-@pytest.mark.parametrize("level", [QuantLevel.Q8_0, QuantLevel.FP8])
 def test_quantized_flux2_levels_fuse_the_lora(
-    klein: Path, lora: Path, settings: WorkerSettings, reference: tuple[np.ndarray, np.ndarray], level: QuantLevel
+    klein: Path, lora: Path, settings: WorkerSettings, reference: tuple[np.ndarray, np.ndarray]
 ) -> None:
+    """The LoRA moves the tiny klein's pixels by ~3.7 levels; re-quantizing the fused rows costs Q8_0 ~1% of
+    that, fp8 ~6% (its row scales follow the fused weights), Q4_K ~13%."""
     with_lora, base = reference
-    engine = _engine(klein, level, settings)
-    base_error = np.abs(_pixels(engine, _job(None)) - base).mean()
-    lora_error = np.abs(_pixels(engine, _job(lora)) - with_lora).mean()
     effect = np.abs(with_lora - base).mean()
-    print(f"\n{level}: base error {base_error:.3f}, LoRA error {lora_error:.3f}, LoRA effect {effect:.3f}")
-    # The LoRA moves the tiny klein's pixels by ~3.7 levels; re-quantizing the fused rows costs Q8_0 ~1% of
-    # that and fp8 ~6% (its row scales follow the fused weights).
-    assert lora_error < effect / 10, "the render is the LoRA's, within a tenth of its effect"
+    errors = {}
+    for level in (QuantLevel.Q8_0, QuantLevel.FP8, QuantLevel.Q4_K):
+        engine = _engine(klein, level, settings)
+        errors[level] = np.abs(_pixels(engine, _job(lora)) - with_lora).mean()
+        base_error = np.abs(_pixels(engine, _job(None)) - base).mean()
+        print(f"\n{level}: base error {base_error:.3f}, LoRA error {errors[level]:.3f}, LoRA effect {effect:.3f}")
+    assert all(error < effect / 5 for error in errors.values()), "each render is the LoRA's, within a fifth of it"
+    assert errors[QuantLevel.Q8_0] < errors[QuantLevel.Q4_K], "the error grows as the level drops"
