@@ -116,6 +116,16 @@ def submit(
         str | None, typer.Option(help="With --controlnet: the control image (s3://, a worker path or a PNG data URL).")
     ] = None,
     control_scale: Annotated[float | None, typer.Option(help="With --controlnet: conditioning scale 0..2.")] = None,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An input image (s3://, a worker path or a PNG data URL): FLUX.1 img2img, Kontext's edit, or one "
+            "of up to 4 FLUX.2 references; repeat for more."
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="FLUX.1 img2img: how far the image is noised, 0..1 [default: 0.6].")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the images, with a progress bar.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
@@ -137,6 +147,8 @@ def submit(
         model=model,
         loras=_lora_fields(lora or []),
         controlnet=_controlnet_field(controlnet, control_image, control_scale),
+        images=image or None,
+        strength=strength,
     )
     if (file is None) == (prompt is None):
         raise InvalidJob("give either --prompt or a prompt file, not both and not neither")

@@ -3,11 +3,14 @@ two straight to Redis and through the gateway (issue 19, acceptance 2)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fluxfarm.producer.settings import ProducerSettings
 from tests.adapter_files import write_peft_lora
@@ -97,3 +100,22 @@ def test_submit_with_a_lora_and_clear_errors_for_bad_adapter_options(
         refused = _fluxfarm(farm, "submit", *job, *options)
         assert refused.returncode != 0 and reason in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+def test_submit_an_img2img_job_with_its_image_and_strength(farm: Farm, tmp_path: Path) -> None:
+    """`--image` and `--strength` (issue 20, point 2): the worker renders from the stored image, and the
+    metadata keeps the strength and names the image by its bytes' sha256."""
+    start = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(start)
+    farm.s3.client().upload_file(str(start), farm.bucket, "inputs/start.png")
+    source = f"s3://{farm.bucket}/inputs/start.png"
+    job = ["--prompt", "a kite", "--width", "256", "--height", "256", "--steps", "2", "--dataset", "cli-img2img"]
+    done = _fluxfarm(farm, "submit", *job, "--image", source, "--strength", "0.5", "--wait", "--timeout", "240")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().split("\t")[0]
+    meta_key = f"{farm.prefix}/cli-img2img/{job_id}.json"
+    meta = json.loads(farm.s3.client().get_object(Bucket=farm.bucket, Key=meta_key)["Body"].read())
+    assert (meta["job"]["images"], meta["job"]["strength"]) == ([source], 0.5)
+    assert [info["sha256"] for info in meta["input_images"]] == [hashlib.sha256(start.read_bytes()).hexdigest()]
+    refused = _fluxfarm(farm, "submit", *job, "--strength", "0.5")
+    assert refused.returncode != 0 and "strength: only a FLUX.1 img2img job" in refused.stderr

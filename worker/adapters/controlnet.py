@@ -30,6 +30,7 @@ from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ControlNetInfo
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.job_images import JobImages
+from fluxfarm.worker.model.families import flux1_pipeline_over
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.pipeline import compute_dtype
 from fluxfarm.worker.model.sources import resolve_job_folder
@@ -122,10 +123,7 @@ class ControlNets:
         model.to(self._device)
         if quantized and fp8_tensor_cores_work(torch.device(self._device)):
             use_fp8_tensor_cores(model)
-        # Built from the loaded parts as they are (from_pipe would cast the quantized transformer).
-        parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
-        pipeline = FluxControlNetPipeline(**{name: getattr(self._pipe, name) for name in parts}, controlnet=model)
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = flux1_pipeline_over(self._pipe, FluxControlNetPipeline, controlnet=model)
         self.loaded = LoadedControlNet(source=spec.source, model=model, sha256=sha256, pipeline=pipeline)
         log.info("loaded ControlNet %s (sha256 %s)", spec.source, sha256[:12])
         return self.loaded

@@ -114,6 +114,16 @@ def _flux2_dev_latents(pipe: Any, latents: torch.Tensor, job: RenderJob) -> torc
 
 
 _TWO_ENCODERS = (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT)
+_FLUX1_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+
+
+def flux1_pipeline_over(pipe: Any, pipeline_class: type[DiffusionPipeline], **extra: Any) -> Any:
+    """Another FLUX.1 pipeline (img2img, ControlNet) over a loaded pipeline's parts as they are: diffusers'
+    from_pipe would cast them, which a quantized transformer refuses."""
+    built = pipeline_class(**{name: getattr(pipe, name) for name in _FLUX1_PARTS}, **extra)
+    built.set_progress_bar_config(disable=True)
+    return built
+
 
 FAMILIES: dict[FluxFamily, FamilyOps] = {
     FluxFamily.FLUX_1: FamilyOps(FluxFamily.FLUX_1, FluxPipeline, FluxTransformer2DModel, FluxImg2ImgPipeline),

@@ -42,7 +42,7 @@ from fluxfarm.worker.adapters.controlnet import ControlNets
 from fluxfarm.worker.adapters.job_images import JobImage, JobImages
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.step_graphs import step_graphs
-from fluxfarm.worker.model.families import FAMILIES, Embeddings
+from fluxfarm.worker.model.families import FAMILIES, Embeddings, flux1_pipeline_over
 from fluxfarm.worker.model.gpu import synchronize
 from fluxfarm.worker.model.host_mirror import HostMirror
 from fluxfarm.worker.model.pipeline import LoadedModel
@@ -277,11 +277,10 @@ class RenderEngine:
         ).images
 
     def _img2img(self) -> Any:
-        """The family's img2img pipeline over the loaded parts (diffusers' from_pipe shares every module)."""
+        """The family's img2img pipeline over the loaded parts, made once."""
         if self._img2img_pipe is None:
             assert self.ops.img2img is not None
-            self._img2img_pipe = self.ops.img2img.from_pipe(self.model.pipe)
-            self._img2img_pipe.set_progress_bar_config(disable=True)
+            self._img2img_pipe = flux1_pipeline_over(self.model.pipe, self.ops.img2img)
         return self._img2img_pipe
 
     def _decode(self, latents: torch.Tensor, job: RenderJob) -> Image.Image:
