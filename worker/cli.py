@@ -11,6 +11,7 @@ from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.units import MIB
+from fluxfarm.worker.model.plan import Optimize
 from fluxfarm.worker.settings import WorkerSettings
 
 _GPU_EXTRA_HINT = "the worker needs the GPU stack: pip install 'fluxfarm[gpu]'"
@@ -46,10 +47,16 @@ def worker(
     vram_budget: Annotated[
         float | None, typer.Option(help="Use at most this many GiB of the card [env: FLUXFARM_VRAM_BUDGET_GIB].")
     ] = None,
+    optimize: Annotated[
+        Optimize | None,
+        typer.Option(
+            help="What the plan puts first: throughput (fp8 where it runs) or quality [env: FLUXFARM_OPTIMIZE]."
+        ),
+    ] = None,
 ) -> None:
     """Run a GPU worker: pick the level the card holds, load it once, render jobs until stopped."""
     settings = WorkerSettings()
-    overrides = {"level": parse_level(level) if level else None, "vram_budget_gib": vram_budget}
+    overrides = {"level": parse_level(level) if level else None, "vram_budget_gib": vram_budget, "optimize": optimize}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     model = model or settings.model
     if not model:
@@ -254,6 +261,9 @@ def plan(
     lora_jobs: Annotated[
         bool, typer.Option(help="Keep room to fuse LoRA sets, as a worker that takes LoRA jobs does.")
     ] = True,
+    optimize: Annotated[
+        Optimize, typer.Option(help="What comes first: throughput (fp8 where it runs) or quality (the best level).")
+    ] = Optimize.THROUGHPUT,
 ) -> None:
     """Which level, and where and at which precision the text encoders live, a worker of `model` would choose
     for a card, as JSON."""
@@ -272,5 +282,6 @@ def plan(
         compute_capability=capability,
         forced_level=parse_level(level) if level else None,
         lora_jobs=lora_jobs,
+        optimize=optimize,
     )
     typer.echo(make_plan(inputs).model_dump_json(indent=2))

@@ -14,6 +14,7 @@ from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel, parse_level
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.settings import FarmSettings, blank_is_none
+from fluxfarm.worker.model.plan import Optimize
 
 
 class WorkerSettings(FarmSettings):
@@ -43,6 +44,13 @@ class WorkerSettings(FarmSettings):
     )
     vram_budget_gib: float | None = Field(
         default=None, gt=0, description="Use at most this much GPU memory (a shared card, or to emulate a smaller one)."
+    )
+    optimize: Optimize = Field(
+        default=Optimize.THROUGHPUT,
+        description=(
+            "What the VRAM plan puts first: throughput (fp8 first on cards with fp8 tensor cores) or quality (the "
+            "best level that fits). A job that must have a level says min:LEVEL."
+        ),
     )
     plan_size: str = Field(
         default="2048x2048", pattern=r"^\d+x\d+$", description="Largest job the VRAM plan must fit, WxH."

@@ -85,6 +85,7 @@ def choose_loadout(
                 forced_level=candidates[0] if len(candidates) == 1 else None,
                 available_levels=candidates,
                 lora_jobs=settings.lora_jobs,
+                optimize=settings.optimize,
             )
         )
         level = QuantLevel(plan.level)

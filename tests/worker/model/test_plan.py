@@ -9,7 +9,7 @@ import pytest
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import FluxModel
-from fluxfarm.worker.model.plan import PlanInputs, fuse_working_gib, headroom_gib, make_plan
+from fluxfarm.worker.model.plan import Optimize, PlanInputs, _ladder, fuse_working_gib, headroom_gib, make_plan
 from tests.conftest import run_fluxfarm
 
 BUDGETS = [b / 2 for b in range(4, 200)]  # 2 .. 99.5 GiB
@@ -18,30 +18,42 @@ BUDGETS = [b / 2 for b in range(4, 200)]  # 2 .. 99.5 GiB
 @pytest.mark.parametrize("capability", [(9, 0), (8, 6)])
 @pytest.mark.parametrize("size", [(1024, 1024), (512, 512), (1536, 640)])
 @pytest.mark.parametrize("model", [FluxModel.FLUX_1_DEV, FluxModel.FLUX_2_KLEIN_4B, FluxModel.FLUX_2_KLEIN_9B])
+@pytest.mark.parametrize("optimize", list(Optimize))
 def test_more_vram_never_means_a_worse_level_and_every_plan_fits(
-    capability: tuple[int, int], size: tuple[int, int], model: FluxModel
+    capability: tuple[int, int], size: tuple[int, int], model: FluxModel, optimize: Optimize
 ) -> None:
+    """Worse by the policy's own order: quality's ladder, or throughput's (fp8 first where it runs)."""
+    order = _ladder(optimize, capability)
     previous_rank = len(QuantLevel)
     chosen = set()
     for budget in BUDGETS:
         try:
             plan = make_plan(
-                PlanInputs(vram_gib=budget, width=size[0], height=size[1], compute_capability=capability, model=model)
+                PlanInputs(
+                    vram_gib=budget,
+                    width=size[0],
+                    height=size[1],
+                    compute_capability=capability,
+                    model=model,
+                    optimize=optimize,
+                )
             )
         except FarmError:
             assert not chosen, f"{budget} GiB fits nothing though a smaller budget did"
             continue
-        rank = QuantLevel(plan.level).quality_rank
+        rank = order.index(QuantLevel(plan.level))
         assert rank <= previous_rank, (budget, plan.level)
         assert plan.predicted_peak_gib + headroom_gib(budget) <= budget
         previous_rank = rank
         chosen.add(plan.level)
-    assert "bf16" in chosen and "Q2_K" in chosen
+    assert order[0].value in chosen and "Q2_K" in chosen
     assert ("fp8" in chosen) == (capability >= (8, 9))
+    fp8_first = optimize == Optimize.THROUGHPUT and capability >= (8, 9)
+    assert ("bf16" in chosen) != fp8_first, "throughput never picks bf16 where fp8, smaller and faster, runs"
 
 
 def test_the_plan_places_text_encoders_by_what_fits() -> None:
-    big = make_plan(PlanInputs(vram_gib=80, gpu_name="NVIDIA H100 80GB HBM3"))
+    big = make_plan(PlanInputs(vram_gib=80, gpu_name="NVIDIA H100 80GB HBM3", optimize=Optimize.QUALITY))
     assert (big.level, big.text_encoders, big.vae_tiling) == ("bf16", "gpu", False)
     card_12 = make_plan(PlanInputs(vram_gib=12, gpu_name="NVIDIA GeForce RTX 3060"))
     assert card_12.level == "Q6_K" and card_12.text_encoders != "gpu"
@@ -88,7 +100,9 @@ def test_the_plan_counts_the_working_memory_of_a_lora_fuse(level: QuantLevel) ->
 def test_flux2_dev_plans_keep_the_transformer_resident_and_place_its_encoder(budget: int) -> None:
     """Mistral-Small-3.1 is bigger than FLUX.1's whole stack: below ~100 GiB the plan keeps it in fp8 or
     moves it per encode phase; the transformer stays on the card for denoising at every budget."""
-    plan = make_plan(PlanInputs(vram_gib=budget, model=FluxModel.FLUX_2_DEV, gpu_name="NVIDIA H200"))
+    plan = make_plan(
+        PlanInputs(vram_gib=budget, model=FluxModel.FLUX_2_DEV, gpu_name="NVIDIA H200", optimize=Optimize.QUALITY)
+    )
     assert plan.predicted_peak_gib + headroom_gib(budget) <= budget
     assert plan.components_gib["transformer"] + plan.components_gib["step"] <= plan.predicted_peak_gib
     if budget == 141:
@@ -100,7 +114,9 @@ def test_flux2_dev_plans_keep_the_transformer_resident_and_place_its_encoder(bud
 
 def test_an_fp8_encoder_is_chosen_before_moving_it() -> None:
     """klein-9B at 24 GiB: bf16 transformer and bf16 Qwen3-8B do not fit together, fp8 Qwen3-8B does."""
-    plan = make_plan(PlanInputs(vram_gib=32, model=FluxModel.FLUX_2_KLEIN_9B, gpu_name="RTX 5090"))
+    plan = make_plan(
+        PlanInputs(vram_gib=32, model=FluxModel.FLUX_2_KLEIN_9B, gpu_name="RTX 5090", optimize=Optimize.QUALITY)
+    )
     assert (plan.level, plan.text_encoders, plan.text_encoder_precision) == ("bf16", "gpu", "fp8")
 
 
@@ -116,3 +132,23 @@ def test_plan_command_plans_for_the_named_model() -> None:
     assert decision["components_gib"]["transformer"] < 4 and decision["text_encoder_precision"] in ("bf16", "fp8")
     unknown = run_fluxfarm("plan", "--model", "flux.3", "--vram-gib", "8", timeout=60)
     assert unknown.returncode != 0 and "flux.2-klein-4b" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    ("gpu", "budget", "quality", "throughput"),
+    [
+        ("NVIDIA H200", 141, "bf16", "fp8"),
+        ("NVIDIA H100 80GB HBM3", 80, "bf16", "fp8"),
+        ("NVIDIA GeForce RTX 4090", 24, "fp8", "fp8"),  # bf16 does not fit: fp8 is the best that does
+        ("NVIDIA A100-SXM4-80GB", 80, "bf16", "bf16"),  # no fp8 tensor cores: both policies alike
+        ("NVIDIA GeForce RTX 3060", 12, "Q6_K", "Q6_K"),
+    ],
+)
+def test_the_policy_decides_what_comes_first(gpu: str, budget: int, quality: str, throughput: str) -> None:
+    """Issue 21, point 1: `throughput` renders at fp8 where fp8 tensor cores run it, `quality` at the best
+    level that fits; the default is throughput."""
+    chosen = {o: make_plan(PlanInputs(vram_gib=budget, gpu_name=gpu, optimize=o)).level for o in Optimize}
+    assert (chosen[Optimize.QUALITY], chosen[Optimize.THROUGHPUT]) == (quality, throughput)
+    assert make_plan(PlanInputs(vram_gib=budget, gpu_name=gpu)).level == throughput
+    forced = make_plan(PlanInputs(vram_gib=budget, gpu_name=gpu, forced_level=QuantLevel.Q4_K)).level
+    assert forced == "Q4_K", "a forced level is the operator's, whatever the policy"
