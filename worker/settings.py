@@ -180,7 +180,13 @@ class WorkerSettings(FarmSettings):
         default=True, description="Replay each step shape as a CUDA graph on GPUs: no per-kernel launch cost."
     )
     max_batch: int = Field(
-        default=4, ge=1, le=64, description="Jobs a worker holds at once and renders together (same size: one batch)."
+        default=4,
+        ge=1,
+        le=64,
+        description=(
+            "Jobs a worker renders together (same size: one batch), at most; on a GPU the VRAM plan's batch for "
+            "the size caps it further."
+        ),
     )
     batch_wait_s: float = Field(
         default=0.05, ge=0, le=10, description="How long the worker waits for more held jobs before it renders."

@@ -22,7 +22,7 @@ from fluxfarm.worker.model.catalog import nf4_installed
 from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
-from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement
+from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement, Plan
 from fluxfarm.worker.model.sources import resolve_base, resolve_file
 from fluxfarm.worker.model.text_encoders import prepare_text_encoder
 from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
@@ -46,6 +46,8 @@ class LoadedModel:
     fast_paths: FastPaths = field(default_factory=FastPaths)
     family: FluxFamily = FluxFamily.FLUX_1
     """Which pipeline class it is, and so how the engine runs its phases (worker/model/families.py)."""
+    plan: Plan | None = None
+    """The VRAM plan it was loaded under (None on a CPU): the engine's batches follow it."""
 
 
 def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:

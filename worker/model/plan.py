@@ -63,6 +63,12 @@ STEP_WORKING_GIB: dict[QuantLevel, tuple[float, float]] = {
 }
 _GGUF_STEP_WORKING_GIB = (0.684, 0.916)
 """Unmeasured GGUF levels (Q5_0): the largest measured GGUF figures."""
+EXTRA_IMAGE_STEP_GIB = (0.154, 0.448)
+"""Measured on an H100 (docs/bench/run1-steps-eager.jsonl: step peaks at batch 1 and 2, 512² and 1024²): GiB
+each further image of a batch adds to a step, alike at bf16, fp8, Q8_0 and Q6_K (the activations)."""
+MAX_PLANNED_BATCH = 64
+BATCH_SIZES = ((512, 512), (768, 768), (1024, 1024), (1536, 1536), (2048, 2048))
+"""The sizes `max_batch_by_size` reports."""
 FUSE_WORKING_GIB: dict[QuantLevel, float] = {
     QuantLevel.BF16: 0.564,
     QuantLevel.FP8: 0.686,
@@ -128,7 +134,22 @@ class Plan(BaseModel):
     vae_tiling: bool
     vram_budget_gib: float
     components_gib: dict[str, float]
+    max_batch: int = Field(default=1, description="The largest denoising batch that fits at the planned size.")
+    max_batch_by_size: dict[str, int] = Field(default_factory=dict, description="The same at common sizes.")
+    denoise_resident_gib: float = 0.0
+    """What stays on the card while a batch denoises (transformer, VAE, resident encoders)."""
+    step_scale: float = 1.0
     reasons: list[str]
+
+    def batch_limit(self, width: int, height: int) -> int:
+        """The largest batch at `width`x`height` whose step fits beside what stays resident: the worker's
+        batches are planned, and its out-of-memory split is a safety net a normal run never meets."""
+        usable = self.vram_budget_gib - headroom_gib(self.vram_budget_gib)
+        pixels = width * height
+        first = self.step_scale * step_working_gib(QuantLevel(self.level), pixels)
+        extra = self.step_scale * _interpolate(*EXTRA_IMAGE_STEP_GIB, pixels)
+        room = usable - self.denoise_resident_gib - first
+        return max(1, min(MAX_PLANNED_BATCH, 1 + int(room // extra))) if room >= 0 else 1
 
 
 def _interpolate(at_512: float, at_1024: float, pixels: int) -> float:
@@ -250,7 +271,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
                     reasons.append(f"encoders resident would peak at {peaks['gpu']:.2f} GiB; {encode_reason}")
                 if not sizes_of(inputs.model).measured:
                     reasons.append(f"{inputs.model}: working memory scaled from FLUX.1's measurements")
-                return Plan(
+                resident = components["transformer"] + components["vae"]
+                plan = Plan(
                     level=level.value,
                     predicted_peak_gib=round(peaks[placement], 3),
                     text_encoders=placement,
@@ -258,8 +280,13 @@ def make_plan(inputs: PlanInputs) -> Plan:
                     vae_tiling=tiled,
                     vram_budget_gib=inputs.vram_gib,
                     components_gib=components,
+                    denoise_resident_gib=resident + (components["text_encoders"] if placement == "gpu" else 0.0),
+                    step_scale=sizes_of(inputs.model).step_scale,
                     reasons=reasons,
                 )
+                plan.max_batch = plan.batch_limit(inputs.width, inputs.height)
+                plan.max_batch_by_size = {f"{w}x{h}": plan.batch_limit(w, h) for w, h in BATCH_SIZES}
+                return plan
         reasons.append(f"{level}: even {smallest:.2f} GiB does not fit")
     raise FarmError(
         f"nothing of {inputs.model} fits {inputs.vram_gib:.1f} GiB at {inputs.width}x{inputs.height}"

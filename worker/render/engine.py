@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -143,9 +143,12 @@ def encode_png(image: Image.Image, job: RenderJob) -> bytes:
     return buffer.getvalue()
 
 
-def denoise_groups(jobs: Sequence[RenderJob], max_batch: int) -> list[list[int]]:
+def denoise_groups(
+    jobs: Sequence[RenderJob], max_batch: int, limit: Callable[[int, int], int] | None = None
+) -> list[list[int]]:
     """Indices of `jobs` in groups that can share a denoising batch (same shape of work, same LoRA set and
-    ControlNet settings), in job order."""
+    ControlNet settings), in job order: at most `max_batch`, and at most `limit(width, height)` (the VRAM
+    plan's batch at that size) when given."""
     by_shape: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
         control = job.controlnet
@@ -158,7 +161,9 @@ def denoise_groups(jobs: Sequence[RenderJob], max_batch: int) -> list[list[int]]
         by_shape.setdefault(shape, []).append(index)
     groups = []
     for indices in by_shape.values():
-        groups.extend(indices[start : start + max_batch] for start in range(0, len(indices), max_batch))
+        first = jobs[indices[0]]
+        size = min(max_batch, limit(first.width, first.height)) if limit else max_batch
+        groups.extend(indices[start : start + size] for start in range(0, len(indices), size))
     return sorted(groups, key=lambda group: group[0])
 
 
@@ -345,7 +350,8 @@ class RenderEngine:
         embeddings = self._encode(jobs)
         encode_share = clock.lap() / len(jobs)
         results: dict[int, RenderedImage] = {}
-        groups = denoise_groups(jobs, self.max_batch)
+        plan = self.model.plan
+        groups = denoise_groups(jobs, self.max_batch, plan.batch_limit if plan else None)
         while groups:
             group = groups.pop(0)
             group_jobs = [jobs[i] for i in group]

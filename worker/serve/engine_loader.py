@@ -3,6 +3,7 @@ fit (worker/serve/level_step_down.py). Each load is timed, logged and described 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -62,6 +63,7 @@ class EngineLoader:
             transformer_path=loadout.transformer_path,
             flux_model=self.flux_model,
         )
+        loaded = dataclasses.replace(loaded, plan=loadout.plan)
         load_s = time.perf_counter() - load_start
         log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.level)
         self._metrics.model_loaded(loaded.level, load_s)

@@ -328,6 +328,7 @@ class Bench:
                 text_encoders=plan.text_encoders,
                 fast_paths=paths,
                 family=self.parts.family,
+                plan=plan,
             )
             for batch in self.options.image_batches:
                 engine = RenderEngine(model, max_batch=batch, embedding_cache=0, settings=settings)

@@ -9,7 +9,18 @@ import pytest
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import FluxModel
-from fluxfarm.worker.model.plan import Optimize, PlanInputs, _ladder, fuse_working_gib, headroom_gib, make_plan
+from fluxfarm.worker.model.plan import (
+    EXTRA_IMAGE_STEP_GIB,
+    MAX_PLANNED_BATCH,
+    Optimize,
+    PlanInputs,
+    _interpolate,
+    _ladder,
+    fuse_working_gib,
+    headroom_gib,
+    make_plan,
+    step_working_gib,
+)
 from tests.conftest import run_fluxfarm
 
 BUDGETS = [b / 2 for b in range(4, 200)]  # 2 .. 99.5 GiB
@@ -152,3 +163,34 @@ def test_the_policy_decides_what_comes_first(gpu: str, budget: int, quality: str
     assert make_plan(PlanInputs(vram_gib=budget, gpu_name=gpu)).level == throughput
     forced = make_plan(PlanInputs(vram_gib=budget, gpu_name=gpu, forced_level=QuantLevel.Q4_K)).level
     assert forced == "Q4_K", "a forced level is the operator's, whatever the policy"
+
+
+@pytest.mark.parametrize("model", [FluxModel.FLUX_1_DEV, FluxModel.FLUX_2_KLEIN_4B])
+def test_the_planned_batch_is_the_largest_whose_step_fits(model: FluxModel) -> None:
+    """Issue 21, point 2: the plan says how many images a denoising batch may hold at each size: each
+    further image adds the activations measured per image (run 1), beside what stays resident."""
+    for budget in (8, 12, 16, 24, 48, 80):
+        try:
+            plan = make_plan(PlanInputs(vram_gib=budget, model=model, gpu_name="RTX 4090"))
+        except FarmError:
+            continue
+        usable = budget - headroom_gib(budget)
+        previous = MAX_PLANNED_BATCH
+        for width in (512, 768, 1024, 1536, 2048):
+            batch = plan.batch_limit(width, width)
+            pixels = width * width
+            first = plan.step_scale * step_working_gib(QuantLevel(plan.level), pixels)
+            extra = plan.step_scale * _interpolate(*EXTRA_IMAGE_STEP_GIB, pixels)
+
+            fixed = plan.denoise_resident_gib + first
+            assert batch == 1 or fixed + (batch - 1) * extra <= usable, (budget, width, batch)
+            assert batch == MAX_PLANNED_BATCH or fixed + batch * extra > usable, (budget, width, batch)
+            assert batch <= previous, "a larger image never batches more"
+            previous = batch
+        assert plan.max_batch_by_size["1024x1024"] == plan.batch_limit(1024, 1024) == plan.max_batch
+
+
+def test_plan_command_reports_the_batch_per_size() -> None:
+    done = run_fluxfarm("plan", "--vram-gib", "12", "--gpu", "RTX 3060", timeout=60)
+    decision = json.loads(done.stdout)
+    assert decision["max_batch"] >= 1 and decision["max_batch_by_size"]["512x512"] >= decision["max_batch"]

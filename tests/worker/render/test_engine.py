@@ -3,6 +3,7 @@ cached by prompt, compatible jobs denoised as one batch, every image still its o
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.model.host_mirror import HostMirror
 from fluxfarm.worker.model.pipeline import load_model
+from fluxfarm.worker.model.plan import EXTRA_IMAGE_STEP_GIB, Plan, _interpolate, headroom_gib, step_working_gib
 from fluxfarm.worker.render.engine import EmbeddingCache, RenderEngine, denoise_groups
 from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path
@@ -39,6 +41,29 @@ def test_denoise_groups_batch_only_jobs_of_the_same_shape_up_to_the_limit() -> N
     jobs = [_job("a", 1), _job("b", 2, width=320), _job("c", 3), _job("d", 4), _job("e", 5, width=320)]
     assert denoise_groups(jobs, 2) == [[0, 2], [1, 4], [3]]
     assert denoise_groups(jobs, 1) == [[0], [1], [2], [3], [4]]
+    planned = {(256, 256): 1, (320, 256): 8}  # the plan's batch per size, under the worker's own cap
+    assert denoise_groups(jobs, 4, lambda w, h: planned[(w, h)]) == [[0], [1, 4], [2], [3]]
+
+
+def test_the_engine_batches_as_its_plan_says(engine: RenderEngine) -> None:
+    """Issue 21, point 2: under a plan whose batch at 256² is 2, four jobs denoise as two batches of two
+    even though the worker would hold four."""
+    usable = 10.0 - headroom_gib(10.0)
+    first, extra = step_working_gib(QuantLevel.Q8_0, 256 * 256), _interpolate(*EXTRA_IMAGE_STEP_GIB, 256 * 256)
+    plan = Plan(
+        level="Q8_0",
+        predicted_peak_gib=9.0,
+        text_encoders="gpu",
+        vae_tiling=False,
+        vram_budget_gib=10.0,
+        components_gib={},
+        denoise_resident_gib=usable - first - 1.5 * extra,
+        reasons=[],
+    )
+    assert plan.batch_limit(256, 256) == 2
+    planned = RenderEngine(dataclasses.replace(engine.model, plan=plan), max_batch=4, embedding_cache=8)
+    rendered = planned.render_batch([_job(f"planned {n}", n) for n in range(4)])
+    assert [image.batch_size for image in rendered] == [2, 2, 2, 2]
 
 
 def test_a_batch_renders_each_job_as_its_own_render_would(engine: RenderEngine) -> None:
