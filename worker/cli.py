@@ -249,7 +249,19 @@ def bench(
 
 
 def plan(
-    vram_gib: Annotated[float, typer.Option(help="The card's memory, or the budget to plan for, in GiB.")],
+    file: Annotated[
+        Path | None, typer.Argument(help="With --fleet: a prompt file (.txt/.jsonl/.csv/.parquet) to plan for.")
+    ] = None,
+    vram_gib: Annotated[
+        float | None, typer.Option(help="The card's memory, or the budget to plan for, in GiB.")
+    ] = None,
+    fleet: Annotated[
+        str | None, typer.Option(help="With a FILE: `live` (the workers now alive) or a fleet.toml of card classes.")
+    ] = None,
+    price: Annotated[
+        list[str] | None, typer.Option(help="With --fleet: CLASS=PRICE per card-hour (overrides the fleet file's).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --fleet: print the plan as JSON.")] = False,
     width: Annotated[int, typer.Option(help="Largest image width the worker will render.")] = 1024,
     height: Annotated[int, typer.Option(help="Largest image height the worker will render.")] = 1024,
     gpu: Annotated[str | None, typer.Option(help="GPU name, e.g. 'RTX 4090' (tells fp8 support).")] = None,
@@ -266,9 +278,17 @@ def plan(
     ] = Optimize.THROUGHPUT,
 ) -> None:
     """Which level, and where and at which precision the text encoders live, a worker of `model` would choose
-    for a card, as JSON."""
+    for a card, as JSON; or, given a prompt FILE and --fleet, how the dataset would render on a fleet: each
+    card class's level and images/hour, the ETA, GPU-hours and cost."""
     from fluxfarm.worker.model.plan import PlanInputs, make_plan
 
+    if file is not None or fleet is not None:
+        if file is None or fleet is None:
+            raise FarmError("a fleet plan needs both a prompt FILE and --fleet live|fleet.toml")
+        _plan_fleet(file, fleet, price or [], optimize, as_json)
+        return
+    if vram_gib is None:
+        raise FarmError("give --vram-gib (one card), or a prompt FILE with --fleet")
     capability = None
     if compute_capability:
         major, _, minor = compute_capability.partition(".")
@@ -285,3 +305,46 @@ def plan(
         optimize=optimize,
     )
     typer.echo(make_plan(inputs).model_dump_json(indent=2))
+
+
+def _prices(values: list[str]) -> dict[str, float]:
+    prices = {}
+    for value in values:
+        name, _, amount = value.rpartition("=")
+        try:
+            prices[name] = float(amount)
+        except ValueError:
+            raise FarmError(f"--price {value!r}: give CLASS=PRICE, e.g. 'H200=3.5'") from None
+        if not name or prices[name] < 0:
+            raise FarmError(f"--price {value!r}: give CLASS=PRICE with a price of at least 0")
+    return prices
+
+
+def _plan_fleet(file: Path, fleet: str, prices: list[str], optimize: Optimize, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fluxfarm.producer.settings import ProducerSettings
+    from fluxfarm.worker.tools.fleet_plan import plan_fleet
+
+    result = plan_fleet(file, fleet, ProducerSettings(), _prices(prices), optimize)
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{result.jobs} jobs of {result.model} ({result.work_images:g} images of the rates' kind)")
+    for column in ("class", "cards", "level", "images/hour a card", "images/hour", "rate from"):
+        table.add_column(column)
+    for row in result.classes:
+        per_card = f"{row.images_per_hour_per_card:.0f}" if row.images_per_hour_per_card else "-"
+        total = f"{row.images_per_hour:.0f}" if row.images_per_hour else "-"
+        table.add_row(row.name, str(row.count), row.level or "-", per_card, total, row.rate_source)
+    console = Console()
+    console.print(table)
+    if result.eta_hours is not None:
+        line = f"ETA {result.eta_hours:.2f} h at {result.images_per_hour:.0f} images/hour"
+        line += f", {result.gpu_hours:.1f} GPU-hours" + (f", cost {result.cost:.2f}" if result.cost is not None else "")
+        console.print(line)
+    else:
+        console.print("no ETA: no card class has a rate")
+    for note in result.notes:
+        console.print(f"note: {note}")

@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.shared.fleet import fleet_report
 from tests.adapter_files import write_peft_lora
 from tests.conftest import Farm, client_env, run_fluxfarm, via
 
@@ -119,3 +122,29 @@ def test_submit_an_img2img_job_with_its_image_and_strength(farm: Farm, tmp_path:
     assert [info["sha256"] for info in meta["input_images"]] == [hashlib.sha256(start.read_bytes()).hexdigest()]
     refused = _fluxfarm(farm, "submit", *job, "--strength", "0.5")
     assert refused.returncode != 0 and "strength: only a FLUX.1 img2img job" in refused.stderr
+
+
+def test_a_fleet_plan_on_the_live_farm_uses_the_workers_measured_rate(farm: Farm, tmp_path: Path) -> None:
+    """Issue 21, point 4, acceptance 4: `fluxfarm plan FILE --fleet live` takes the live worker's own
+    images/hour (its heartbeat) and the ETA is the file's jobs at that rate; the rate agrees with what the
+    test itself measures of the farm."""
+    job = ["--width", "256", "--height", "256", "--steps", "2", "--dataset", "cli-fleet-live"]
+    batch = tmp_path / "batch.txt"
+    batch.write_text("".join(f"a lantern, take {i}\n" for i in range(6)))
+    started = time.monotonic()
+    done = _fluxfarm(farm, "submit", str(batch), *job, "--wait", "--timeout", "240")
+    measured = 6 / (time.monotonic() - started) * 3600
+    assert done.returncode == 0, done.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a lighthouse at dawn, study {i}\n" for i in range(10_000)))
+    client = redis.Redis.from_url(farm.settings.broker_url)
+    before = {w.node: w.images_per_hour for w in fleet_report(client).workers}
+    planned = _fluxfarm(farm, "plan", str(prompts), "--fleet", "live", "--json")
+    after = {w.node: w.images_per_hour for w in fleet_report(client).workers}
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    (row,) = plan["classes"]
+    assert (row["name"], row["level"], row["count"]) == ("cpu", "Q8_0", 1)
+    assert row["images_per_hour"] in (*before.values(), *after.values()), "the worker's own heartbeat rate"
+    assert plan["eta_hours"] == pytest.approx(10_000 / row["images_per_hour"])
+    assert measured / 4 < row["images_per_hour"] < measured * 4, (measured, row["images_per_hour"])
