@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.models import FluxFamily
 from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.flux2_arch import ENCODER_LAYERS_READ
 from fluxfarm.worker.model.text_encoders import trim_text_encoder
-from fluxfarm.worker.tools.tiny_flux2 import build_tiny_klein
+from fluxfarm.worker.tools.tiny_flux2 import build_tiny_flux2_dev, build_tiny_klein
 
 
 @torch.inference_mode()
@@ -30,32 +29,8 @@ def test_a_trimmed_klein_encoder_gives_the_same_embeddings_with_fewer_layers() -
 
 @torch.inference_mode()
 def test_a_trimmed_mistral3_encoder_keeps_the_hidden_states_flux2_dev_reads_and_loses_its_vision_tower() -> None:
-    torch.manual_seed(0)
-    config = Mistral3Config(
-        text_config={
-            "model_type": "mistral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 40,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-            "vocab_size": 100,
-        },
-        vision_config={
-            "model_type": "pixtral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "head_dim": 16,
-            "image_size": 56,
-            "patch_size": 14,
-        },
-        image_token_index=10,
-    )
-    encoder = Mistral3ForConditionalGeneration(config).eval()
-    ids = torch.randint(11, 100, (2, 9))
+    encoder = build_tiny_flux2_dev().text_encoder.eval()  # Mistral3, FLUX.2 [dev]'s 40 layers at width 32
+    ids = torch.randint(20, 500, (2, 9))
     read = ENCODER_LAYERS_READ[FluxFamily.FLUX_2]
 
     def hidden() -> tuple[torch.Tensor, ...]:
