@@ -348,3 +348,25 @@ def bench_submit(
         with out_file.open("a", encoding="utf-8") as handle:
             for row in results:
                 handle.write(row.model_dump_json() + "\n")
+
+
+@app.command("bench-fleet")
+def bench_fleet(
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Render-free worker processes to start.")] = 4,
+    jobs: Annotated[int, typer.Option(min=1, max=10_000_000, help="Jobs sent as one dataset.")] = 2_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """The farm's own cost per job, on a private redis-server with render-free workers (no model, 8x8
+    placeholders): jobs/s, Redis commands and bytes per job, worker CPU per job."""
+    from fluxfarm.producer.fleet_bench import run_fleet_bench
+
+    result = run_fleet_bench(workers, jobs)
+    if as_json:
+        typer.echo(result.model_dump_json())
+        return
+    out.print(
+        f"{result.jobs} jobs on {result.workers} render-free workers ({result.cores} cores): "
+        f"{result.jobs_per_s:.0f} jobs/s, {result.redis_commands_per_job:.1f} Redis commands a job, "
+        f"{result.redis_bytes_per_queued_job:.0f} Redis bytes a queued job, "
+        f"{result.worker_cpu_ms_per_job:.1f} ms worker CPU a job, {result.jobs_failed} failed"
+    )

@@ -45,6 +45,13 @@ class WorkerSettings(FarmSettings):
     vram_budget_gib: float | None = Field(
         default=None, gt=0, description="Use at most this much GPU memory (a shared card, or to emulate a smaller one)."
     )
+    render_free: bool = Field(
+        default=False,
+        description=(
+            "Measure the control plane: load no model, store an 8x8 placeholder PNG for each job, do all the rest "
+            "(claims, leases, storage, records) as a real worker. Never for real datasets."
+        ),
+    )
     optimize: Optimize = Field(
         default=Optimize.THROUGHPUT,
         description=(

@@ -8,12 +8,14 @@ import logging
 import time
 
 from fluxfarm.shared import __version__
+from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.worker.model.catalog import resolve_model
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.render.fault_injection import parse_fault_plan
+from fluxfarm.worker.render.render_free import RenderFreeEngine
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.settings import WorkerSettings
 
@@ -47,6 +49,10 @@ class EngineLoader:
     def load(self, level_settings: WorkerSettings | None = None) -> tuple[RenderEngine, float]:
         """The engine for `level_settings` (the worker's own settings, or a step down's) and its load time."""
         level_settings = level_settings or self.settings
+        if level_settings.render_free:
+            log.warning("render-free: no model is loaded, every job is stored as an 8x8 placeholder")
+            engine = RenderFreeEngine(level_settings.level or QuantLevel.BF16, level_settings.max_batch)
+            return engine, 0.0  # type: ignore[return-value]
         loadout = choose_loadout(level_settings, self.model, self.transformer, self.device, self.flux_model)
         if loadout.plan is not None:
             log.info("plan: %s", loadout.plan.model_dump_json())

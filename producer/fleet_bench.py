@@ -1,0 +1,144 @@
+"""`fluxfarm bench-fleet`: what the farm itself costs per job, with render-free workers (issue 21, point 5).
+
+A private redis-server, a local store, N `fluxfarm worker` processes with FLUXFARM_RENDER_FREE (each
+claims, leases, stores an 8x8 placeholder and records every job as a real worker does, but loads no
+model), and M jobs sent as a dataset stream. Measured:
+- Redis bytes per queued job: `used_memory` after the jobs are sent to a farm with no worker, over M;
+- jobs/s: M over the time from the first job sent to the last recorded done, workers already up;
+- Redis commands per job: `total_commands_processed` over that drain, over M (the sending, the workers'
+  claims, leases, records and heartbeats, and their idle polling while it lasts: all of it);
+- worker CPU per job: the worker processes' user + system time over the drain (Linux /proc), over M.
+On one small machine the workers and Redis share the cores, so jobs/s is a floor for the control plane,
+and what limits it is part of the result (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from pydantic import BaseModel
+
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
+from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.shared.errors import FarmError
+
+DATASET = "bench-fleet"
+_READY_TIMEOUT_S = 120.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class FleetBenchResult(BaseModel):
+    workers: int
+    jobs: int
+    jobs_per_s: float
+    drain_s: float
+    redis_commands_per_job: float
+    redis_bytes_per_queued_job: float
+    worker_cpu_ms_per_job: float
+    jobs_failed: int
+    cores: int | None
+    commands_per_job_by_name: dict[str, float]
+    """The drain's commands a job, by command, most first (INFO commandstats)."""
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system seconds of a process so far (Linux /proc/PID/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _command_calls(broker: redis.Redis) -> dict[str, int]:
+    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in broker.info("commandstats").items()}
+
+
+def _jobs(count: int, offset: int = 0) -> list[dict[str, object]]:
+    return [
+        {"prompt": f"a lighthouse at dawn, study {offset + i}", "seed": i, "dataset": DATASET, "steps": 1}
+        for i in range(count)
+    ]
+
+
+def _settings(url: str, store: Path) -> ProducerSettings:
+    return ProducerSettings(broker_url=url, result_backend_url=url, storage_url=f"file://{store}", api_url=None)
+
+
+def _queued_bytes(folder: Path, jobs: int) -> float:
+    """Bytes of Redis memory a queued job holds, on a farm with no worker."""
+    with RedisServer(folder / "redis-queued") as server:
+        broker = redis.Redis.from_url(server.url)
+        before = int(broker.info("memory")["used_memory"])
+        with FarmClient(_settings(server.url, folder / "store-queued")) as farm:
+            farm.submit_stream(_jobs(jobs))
+        after = int(broker.info("memory")["used_memory"])
+        broker.close()
+    return (after - before) / jobs
+
+
+def _start_workers(count: int, url: str, store: Path, folder: Path) -> list[WorkerProcess]:
+    env = {
+        "FLUXFARM_BROKER_URL": url,
+        "FLUXFARM_RESULT_BACKEND_URL": url,
+        "FLUXFARM_STORAGE_URL": f"file://{store}",
+        "FLUXFARM_RENDER_FREE": "true",
+        "FLUXFARM_MODEL": "flux.1-dev",
+        "FLUXFARM_METRICS_PORT": "0",
+        "FLUXFARM_API_URL": "",
+    }
+    workers = [
+        WorkerProcess([], {**env, "FLUXFARM_WORKER_NAME": f"bench-{i}"}, folder / f"worker-{i}.log").start()
+        for i in range(count)
+    ]
+    for worker in workers:
+        worker.wait_ready(_READY_TIMEOUT_S)
+    return workers
+
+
+def run_fleet_bench(workers: int, jobs: int, timeout_s: float = 3600.0) -> FleetBenchResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        bytes_per_job = _queued_bytes(folder, jobs)
+        with RedisServer(folder / "redis") as server:
+            store = folder / "store"
+            started = _start_workers(workers, server.url, store, folder)
+            try:
+                broker = redis.Redis.from_url(server.url)
+                pids = [worker.process.pid for worker in started if worker.process is not None]
+                commands = int(broker.info("stats")["total_commands_processed"])
+                calls = _command_calls(broker)
+                cpu = sum(_cpu_s(pid) for pid in pids)
+                begin = time.perf_counter()
+                with FarmClient(_settings(server.url, store)) as farm:
+                    farm.submit_stream(_jobs(jobs))
+                    record = farm.dataset_record(DATASET)
+                    while record.done + record.failed < jobs:
+                        if time.perf_counter() - begin > timeout_s:
+                            raise FarmError(f"bench-fleet: {record.done} of {jobs} jobs done after {timeout_s:.0f}s")
+                        time.sleep(0.05)
+                        record = farm.dataset_record(DATASET)
+                drain = time.perf_counter() - begin
+                commands = int(broker.info("stats")["total_commands_processed"]) - commands
+                calls = {name: n - calls.get(name, 0) for name, n in _command_calls(broker).items()}
+                cpu = sum(_cpu_s(pid) for pid in pids) - cpu
+                broker.close()
+            finally:
+                for worker in started:
+                    worker.stop()
+    return FleetBenchResult(
+        workers=workers,
+        jobs=jobs,
+        jobs_per_s=jobs / drain,
+        drain_s=drain,
+        redis_commands_per_job=commands / jobs,
+        redis_bytes_per_queued_job=bytes_per_job,
+        worker_cpu_ms_per_job=cpu / jobs * 1000,
+        jobs_failed=record.failed,
+        cores=os.cpu_count(),
+        commands_per_job_by_name={
+            name: round(n / jobs, 2) for name, n in sorted(calls.items(), key=lambda item: -item[1]) if n
+        },
+    )
