@@ -368,5 +368,6 @@ def bench_fleet(
         f"{result.jobs} jobs on {result.workers} render-free workers ({result.cores} cores): "
         f"{result.jobs_per_s:.0f} jobs/s, {result.redis_commands_per_job:.1f} Redis commands a job, "
         f"{result.redis_bytes_per_queued_job:.0f} Redis bytes a queued job, "
-        f"{result.worker_cpu_ms_per_job:.1f} ms worker CPU a job, {result.jobs_failed} failed"
+        f"{result.worker_cpu_ms_per_job:.1f} ms worker CPU and {result.redis_cpu_ms_per_job:.2f} ms Redis CPU a job, "
+        f"{result.jobs_failed} failed"
     )

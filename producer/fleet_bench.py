@@ -7,7 +7,11 @@ model), and M jobs sent as a dataset stream. Measured:
 - jobs/s: M over the time from the first job sent to the last recorded done, workers already up;
 - Redis commands per job: `total_commands_processed` over that drain, over M (the sending, the workers'
   claims, leases, records and heartbeats, and their idle polling while it lasts: all of it);
-- worker CPU per job: the worker processes' user + system time over the drain (Linux /proc), over M.
+- worker CPU per job: the worker processes' user + system time over the drain (Linux /proc), over M;
+- Redis CPU per job: the redis-server's own user + system time over the drain (INFO cpu), over M: one
+  Redis core then serves about 1000 / that many jobs a second, whatever sends them;
+- the idle fleet's cost: commands and Redis CPU a worker-second over IDLE_S after the drain (heartbeats,
+  polling), which grows with the fleet's size and not with its work.
 On one small machine the workers and Redis share the cores, so jobs/s is a floor for the control plane,
 and what limits it is part of the result (docs/scale.md).
 """
@@ -29,6 +33,8 @@ from fluxfarm.shared.errors import FarmError
 
 DATASET = "bench-fleet"
 _READY_TIMEOUT_S = 120.0
+IDLE_S = 10.0
+"""How long the idle fleet is watched after the drain."""
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -40,6 +46,12 @@ class FleetBenchResult(BaseModel):
     redis_commands_per_job: float
     redis_bytes_per_queued_job: float
     worker_cpu_ms_per_job: float
+    redis_cpu_ms_per_job: float
+    """The redis-server's own CPU over the drain (INFO cpu), a job: what bounds the jobs/s one Redis serves."""
+    idle_commands_per_worker_s: float
+    """Commands an idle worker costs a second (heartbeats, polling for work, the sweep, queue follow-ups)."""
+    idle_commands_per_worker_s_by_name: dict[str, float]
+    idle_redis_cpu_ms_per_worker_s: float
     jobs_failed: int
     cores: int | None
     commands_per_job_by_name: dict[str, float]
@@ -50,6 +62,25 @@ def _cpu_s(pid: int) -> float:
     """User + system seconds of a process so far (Linux /proc/PID/stat, fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _redis_cpu_s(broker: redis.Redis) -> float:
+    cpu = broker.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _idle(broker: redis.Redis, seconds: float) -> tuple[dict[str, int], float]:
+    """Commands (by name) and Redis CPU seconds of the fleet with nothing to do, over `seconds`."""
+    calls, cpu = _command_calls(broker), _redis_cpu_s(broker)
+    time.sleep(seconds)
+    after = _command_calls(broker)
+    return {name: n - calls.get(name, 0) for name, n in after.items()}, _redis_cpu_s(broker) - cpu
+
+
+def _per(calls: dict[str, int], divisor: float) -> dict[str, float]:
+    """Calls by name over `divisor`, most first, without this tool's own INFO."""
+    ranked = sorted(((name, n) for name, n in calls.items() if n and name != "info"), key=lambda item: -item[1])
+    return {name: round(n / divisor, 2) for name, n in ranked}
 
 
 def _command_calls(broker: redis.Redis) -> dict[str, int]:
@@ -110,7 +141,7 @@ def run_fleet_bench(workers: int, jobs: int, timeout_s: float = 3600.0) -> Fleet
                 pids = [worker.process.pid for worker in started if worker.process is not None]
                 commands = int(broker.info("stats")["total_commands_processed"])
                 calls = _command_calls(broker)
-                cpu = sum(_cpu_s(pid) for pid in pids)
+                cpu, redis_cpu = sum(_cpu_s(pid) for pid in pids), _redis_cpu_s(broker)
                 begin = time.perf_counter()
                 with FarmClient(_settings(server.url, store)) as farm:
                     farm.submit_stream(_jobs(jobs))
@@ -123,7 +154,8 @@ def run_fleet_bench(workers: int, jobs: int, timeout_s: float = 3600.0) -> Fleet
                 drain = time.perf_counter() - begin
                 commands = int(broker.info("stats")["total_commands_processed"]) - commands
                 calls = {name: n - calls.get(name, 0) for name, n in _command_calls(broker).items()}
-                cpu = sum(_cpu_s(pid) for pid in pids) - cpu
+                cpu, redis_cpu = sum(_cpu_s(pid) for pid in pids) - cpu, _redis_cpu_s(broker) - redis_cpu
+                idle_calls, idle_cpu = _idle(broker, IDLE_S)
                 broker.close()
             finally:
                 for worker in started:
@@ -136,9 +168,11 @@ def run_fleet_bench(workers: int, jobs: int, timeout_s: float = 3600.0) -> Fleet
         redis_commands_per_job=commands / jobs,
         redis_bytes_per_queued_job=bytes_per_job,
         worker_cpu_ms_per_job=cpu / jobs * 1000,
+        redis_cpu_ms_per_job=redis_cpu / jobs * 1000,
+        idle_commands_per_worker_s=sum(_per(idle_calls, workers * IDLE_S).values()),
+        idle_commands_per_worker_s_by_name=_per(idle_calls, workers * IDLE_S),
+        idle_redis_cpu_ms_per_worker_s=idle_cpu / workers / IDLE_S * 1000,
         jobs_failed=record.failed,
         cores=os.cpu_count(),
-        commands_per_job_by_name={
-            name: round(n / jobs, 2) for name, n in sorted(calls.items(), key=lambda item: -item[1]) if n
-        },
+        commands_per_job_by_name=_per(calls, jobs),
     )
