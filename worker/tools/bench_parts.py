@@ -137,10 +137,11 @@ def build_parts(model: str, device: str, folder: Path, tiny: bool = False) -> Fl
     return FluxParts(flux_model, SeededWeights(config, dtype, folder), components, device)
 
 
-def plain_diffusers_image(pipe: Any, job: RenderJob, steps: int) -> Any:
+def plain_diffusers_image(pipe: Any, job: RenderJob, steps: int, **inputs: Any) -> Any:
     """One image by a plain `pipe(prompt=...)` call, the way the diffusers docs and the seed article run it:
-    the baseline rows' render, and the seed-recipe check's."""
+    the baseline rows' render, the seed-recipe check's, and the tests' reference (`inputs`: its images)."""
     return pipe(
+        **inputs,
         prompt=job.prompt,
         width=job.width,
         height=job.height,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import FluxImg2ImgPipeline
 from PIL import Image
 
@@ -18,6 +17,7 @@ from fluxfarm.shared.models import FluxModel
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.settings import WorkerSettings
+from fluxfarm.worker.tools.bench_parts import plain_diffusers_image
 from fluxfarm.worker.tools.tiny_model import write_tiny_model
 
 
@@ -32,17 +32,7 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 def _plain(pipe: object, job: RenderJob, **images: object) -> np.ndarray:
-    out = pipe(  # type: ignore[operator]
-        prompt=job.prompt,
-        width=job.width,
-        height=job.height,
-        num_inference_steps=job.steps,
-        guidance_scale=job.guidance,
-        max_sequence_length=job.max_sequence_length,
-        generator=torch.Generator("cpu").manual_seed(job.seed),
-        **images,
-    )
-    return _pixels(out.images[0])
+    return _pixels(plain_diffusers_image(pipe, job, job.steps, **images))
 
 
 @pytest.fixture
