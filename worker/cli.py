@@ -153,7 +153,12 @@ def probe_vram(
     The table it writes calibrates and checks `fluxfarm plan`.
     """
     _require_gpu_stack()
+    import torch
+
     from fluxfarm.worker.tools.vram_probe import run_probe
+
+    if not torch.cuda.is_available():
+        raise FarmError("probe-vram measures GPU memory: it needs a CUDA GPU")
 
     budgets = [float(b) for b in plans.split(",")] if plans else None
     run_probe(out, model, _levels(levels), _sizes(sizes), device, budgets)
@@ -221,7 +226,9 @@ def bench(
 
     device = device or default_device()
     if model != "tiny" and not tiny and torch.device(device).type != "cuda":
-        raise FarmError("full-size bench needs a CUDA GPU; use --model tiny to check the tool on a CPU")
+        raise FarmError(
+            "full-size bench needs a CUDA GPU; add --tiny (FLUX.1: --model tiny) to check the tool on a CPU"
+        )
     bench_jobs(BenchOptions(image_size=_sizes(image_size)[0], steps=steps), 1)  # a bad size fails before any work
     options = BenchOptions(
         model=model,
