@@ -49,8 +49,10 @@ from fluxfarm.shared.routing import queues_for_level, serves, split_lora_queue, 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = HEARTBEAT_INTERVAL_S
-TENANT_CHECK_INTERVAL_S = 1.0
-"""How often a worker reads the registry for tenant queues when no news of one comes (QueueNews)."""
+TENANT_CHECK_INTERVAL_S = 10.0
+"""How often a worker reads the registry for tenant queues when no news of one comes (QueueNews): a fallback
+for news lost in a reconnect. News is what takes a new queue up at once; reading every second cost each idle
+worker a registry read a second, a fifth of its Redis commands (docs/scale.md)."""
 ADOPT_LOCK_S = 3 * HEARTBEAT_INTERVAL_S + CHECK_INTERVAL_S
 """Long enough for the adopter's next heartbeat to name the queue: then others see it consumed."""
 
