@@ -65,8 +65,6 @@ CLIP_L: dict[str, Any] = {
     "hidden_act": "quick_gelu",
 }
 
-TRANSFORMERS = {"flux.1-dev": FLUX_DEV_TRANSFORMER, "flux.1-schnell": FLUX_SCHNELL_TRANSFORMER}
-
 
 def transformer_class_of(config: dict[str, Any]) -> type[FluxTransformer2DModel] | type[Flux2Transformer2DModel]:
     """FLUX.2's configs name a timestep-guidance width, FLUX.1's a pooled projection."""
