@@ -1,32 +1,68 @@
 #!/usr/bin/env bash
-# The H200 runs of issue 20 (acceptance 2 and 4), one phase a device call; each phase ends inside the
-# 10-minute command limit or, for the benches, runs on through tests/gpu/long_bench.sh (call `wait` again).
+# The H200 runs of issue 20 (acceptance 2 and 4) as one sequence that outlives the device tool's 10-minute
+# command limit: `start` runs it in its own process session (setsid) and every call, `start` included,
+# waits up to WAIT_S for it, copies its rows and logs to $OUT and prints how far it got. Call `wait` again
+# within the machine's warm window until it prints "sequence finished". In order, most needed first:
+#   1. probe-vram plans: klein-4B at 8/12 GiB, FLUX.2 [dev] at 24/48/80/141 GiB (each phase's peak too)
+#   2. bench FLUX.2 [dev]: diffusers bf16 beside the engine's fp8 and the 24 GiB plan, 28 steps
+#   3. bench klein-4B: diffusers bf16 beside the engine at bf16 and fp8, 4 steps
 # On the device, after installing the carried wheels (../shared/device/wheels.sh, carry [".whl"]):
-#   bash tests/gpu/flux2_measure.sh plans         # probe-vram: FLUX.2 [dev] at 24/48/80/141 GiB, klein-4B at 8/12
-#   bash tests/gpu/flux2_measure.sh klein         # bench klein-4B: diffusers bf16 vs the engine, 4 steps
-#   bash tests/gpu/flux2_measure.sh dev           # bench FLUX.2 [dev]: diffusers bf16 vs fp8, and a 24 GiB budget
-#   bash tests/gpu/flux2_measure.sh wait          # a bench still running: its rows so far, and whether it ended
+#   bash tests/gpu/flux2_measure.sh start
+#   bash tests/gpu/flux2_measure.sh wait
+# One phase alone, in the foreground: bash tests/gpu/flux2_measure.sh plans|dev|klein
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${OUT:-.}
-case "${1:-}" in
-  plans)
-    python3 -u -m fluxfarm probe-vram --model flux.2-klein-4b --plans 8,12 --sizes 1024x1024 --out "$out/plans-klein4b.jsonl"
-    python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans 24,48,80,141 --sizes 1024x1024 --out "$out/plans-flux2-dev.jsonl"
+run=${RUN_DIR:-/root/fluxfarm-flux2}
+wait_s=${WAIT_S:-540}
+mkdir -p "$run"
+cd "$run" || exit  # not the repository root, whose fluxfarm/ would shadow the installed package
+phase() {
+  case "$1" in
+    plans)
+      python3 -u -m fluxfarm probe-vram --model flux.2-klein-4b --plans 8,12 --sizes 1024x1024 \
+        --out "$run/plans-klein4b.jsonl"
+      python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans 24,48,80,141 --sizes 1024x1024 \
+        --out "$run/plans-flux2-dev.jsonl"
+      ;;
+    dev)
+      python3 -u -m fluxfarm bench --out "$run/bench-flux2-dev.jsonl" --model flux.2-dev --levels fp8,bf16 \
+        --sizes 1024x1024 --batches 1 --vram-budget 24 --image-levels fp8 --image-batches 1 --steps 28 --images 2
+      ;;
+    klein)
+      python3 -u -m fluxfarm bench --out "$run/bench-klein4b.jsonl" --model flux.2-klein-4b --levels fp8,bf16 \
+        --sizes 1024x1024 --batches 1,4 --vram-budget 8 --image-levels bf16,fp8 --image-batches 1,4 --steps 4 \
+        --images 8
+      ;;
+  esac
+}
+case "${1:-wait}" in
+  plans | dev | klein)
+    phase "$1" 2>&1 | tee -a "$run/$1.log"
+    exit
     ;;
-  klein)
-    BENCH_ARGS="--model flux.2-klein-4b --levels bf16,fp8,Q8_0 --sizes 1024x1024,512x512 --batches 1,2,4 \
---vram-budget 8,12 --image-levels bf16,fp8 --image-batches 1,2,4 --steps 4 --images 8" bash "$here/long_bench.sh" start
+  sequence)
+    for name in plans dev klein; do
+      echo "== $name $(date +%T)"
+      phase "$name" >"$run/$name.log" 2>&1
+      echo "== $name ended $? $(date +%T)"
+    done
+    echo "sequence finished"
+    exit
     ;;
-  dev)
-    BENCH_ARGS="--model flux.2-dev --levels bf16,fp8 --sizes 1024x1024 --batches 1 --vram-budget 24 \
---image-levels fp8 --image-batches 1 --steps 28 --images 2" bash "$here/long_bench.sh" start
+  start)
+    setsid nohup bash "$here/flux2_measure.sh" sequence >"$run/sequence.log" 2>&1 </dev/null &
+    echo "sequence started"
     ;;
-  wait)
-    bash "$here/long_bench.sh" wait
-    ;;
+  wait) ;;
   *)
-    echo "usage: $0 plans|klein|dev|wait" >&2
+    echo "usage: $0 start|wait|plans|dev|klein" >&2
     exit 2
     ;;
 esac
+end=$((SECONDS + wait_s))
+while [ $SECONDS -lt $end ] && ! grep -q "sequence finished" "$run/sequence.log" 2>/dev/null; do sleep 5; done
+cp "$run"/*.jsonl "$run"/*.log "${OUT:-.}/" 2>/dev/null
+cat "$run/sequence.log"
+for log in "$run"/plans.log "$run"/dev.log "$run"/klein.log; do
+  [ -f "$log" ] && { echo "--- $log"; tail -n 12 "$log"; }
+done

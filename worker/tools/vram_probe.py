@@ -171,7 +171,7 @@ def probe_plans(
             }
             try:
                 encoder = encoders.get(plan.text_encoder_precision)
-                row["measured_peak_gib"] = _run_plan(plan, weights, state, encoder, model_name, width, height, base)
+                row.update(_run_plan(plan, weights, state, encoder, model_name, width, height, base))
                 row["error"] = (plan.predicted_peak_gib - row["measured_peak_gib"]) / row["measured_peak_gib"]
             except torch.cuda.OutOfMemoryError as error:
                 row["oom"] = str(error).splitlines()[0]
@@ -219,8 +219,10 @@ def _run_plan(
     width: int,
     height: int,
     base: int,
-) -> float:
-    """Build the planned configuration, run encode, a step and decode as planned; the peak GiB above base."""
+) -> dict[str, float]:
+    """Build the planned configuration, run encode, a step and decode as planned. Returns GiB above `base`: the
+    whole peak, what is resident while denoising, and each phase's peak above what is resident in it, the
+    numbers the plan adds up (components_gib), so a plan's working memory can be set from them."""
     device = f"cuda:{torch.cuda.current_device()}"
     flux2 = MODELS[model].family in (FluxFamily.FLUX_2, FluxFamily.FLUX_2_KLEIN)
     transformer = weights.transformer(QuantLevel(plan.level), device, state)
@@ -228,20 +230,34 @@ def _run_plan(
     if plan.vae_tiling:
         enable_vae_tiling(vae, VAE_TILE_PX)
     _settle(device)
+    phases: dict[str, float] = {}
+
+    def held() -> float:
+        return (torch.cuda.memory_allocated(device) - base) / GIB
+
     if plan.text_encoders != "cpu":  # on "cpu" the encoders never touch the GPU
         if plan.text_encoders == "gpu-swap":
             transformer.to("cpu")
-        on_card = _encode(model, encoder, device)  # resident ones stay through the step and decode
-        if plan.text_encoders == "gpu-swap":
-            for module in on_card:
+        encoding: list[torch.nn.Module] = []
+        phases["encode_above_gib"] = (
+            _peak_above(device, base, lambda: encoding.extend(_encode(model, encoder, device))) - held()
+        )
+        phases["encode_resident_gib"] = held()
+        if plan.text_encoders == "gpu-swap":  # resident ones stay through the step and decode
+            for module in encoding:
                 module.to("cpu")
-            del on_card
+            encoding.clear()
             gc.collect()
             transformer.to(device)
-    transformer(**step_inputs(weights.config, width, height, 1, device))
-    vae.decode(torch.randn(1, vae.config.latent_channels, height // 8, width // 8, device=device, dtype=DTYPE))
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / GIB
+    phases["denoise_resident_gib"] = held()
+    inputs = step_inputs(weights.config, width, height, 1, device)
+    phases["step_above_gib"] = _peak_above(device, base, lambda: transformer(**inputs)) - held()
+    latents = torch.randn(1, vae.config.latent_channels, height // 8, width // 8, device=device, dtype=DTYPE)
+    phases["decode_above_gib"] = _peak_above(device, base, lambda: vae.decode(latents)) - held()
+    peaks = [phases["denoise_resident_gib"] + max(phases["step_above_gib"], phases["decode_above_gib"])]
+    if "encode_above_gib" in phases:
+        peaks.append(phases["encode_resident_gib"] + phases["encode_above_gib"])
+    return {"measured_peak_gib": max(peaks), **phases}
 
 
 def run_probe(
