@@ -92,7 +92,7 @@ def randomize(module: torch.nn.Module, device: str, dtype: torch.dtype, std: flo
         for param in module.parameters():
             param.normal_(0.0, std)
         for buffer in module.buffers():
-            if buffer.is_floating_point():
+            if buffer.is_floating_point() or buffer.dim() == 0:  # a 0-dim one: BatchNorm's batch count
                 buffer.zero_()
             else:
                 buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))

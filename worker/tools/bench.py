@@ -306,6 +306,8 @@ class Bench:
             return None
         chosen = QuantLevel(plan.level)
         self.parts.state(chosen, self.device)  # quantizing is the quantizer's cost, not the worker's
+        if self.parts.family != FluxFamily.FLUX_1:
+            self.parts.text_encoder(plan.text_encoder_precision)
         _free(self.device)
         best: ImageRow | None = None
         with memory_cap(self.device, budget):
