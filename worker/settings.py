@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from fluxfarm.shared.errors import FarmError
@@ -186,6 +186,33 @@ class WorkerSettings(FarmSettings):
     cuda_graphs: bool = Field(
         default=True, description="Replay each step shape as a CUDA graph on GPUs: no per-kernel launch cost."
     )
+    compile_cache_url: str | None = Field(
+        default=None,
+        description=(
+            "Where workers share torch.compile's artifacts (s3://bucket/prefix or file:///dir), so a new worker "
+            "of a GPU class loads what the first one compiled; needs FLUXFARM_COMPILE_CACHE_SECRET. Unset: none."
+        ),
+    )
+    compile_cache_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Signs and checks the shared compile artifacts (HMAC-SHA256), which are code workers run: at least 16 "
+            "characters, held by workers only, never by producers or the gateway."
+        ),
+    )
+    compile_cache_max_mib: int = Field(
+        default=1024, ge=1, description="Shared compile artifacts larger than this are neither read nor published."
+    )
+    warmup: Literal["first-use", "before-jobs"] = Field(
+        default="first-use",
+        description=(
+            "When a compiling worker prepares its shapes: on the first job of each (size, batch), or before it takes "
+            "jobs, for every batch size the plan allows at each FLUXFARM_WARMUP_SIZES size (then it publishes them)."
+        ),
+    )
+    warmup_sizes: Annotated[list[str], NoDecode] = Field(
+        default=["1024x1024"], description="Image sizes (WxH, comma-separated) prepared by before-jobs warm-up."
+    )
     max_batch: int = Field(
         default=4,
         ge=1,
@@ -211,7 +238,33 @@ class WorkerSettings(FarmSettings):
         except FarmError as error:
             raise ValueError(str(error)) from None
 
-    _blank_worker_is_none = field_validator("transformer", "cache_max_gib", "model_name", mode="before")(blank_is_none)
+    _blank_worker_is_none = field_validator(
+        "transformer", "cache_max_gib", "model_name", "compile_cache_url", "compile_cache_secret", mode="before"
+    )(blank_is_none)
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_are_sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            width, _, height = size.partition("x")
+            if not (width.isdigit() and height.isdigit()):
+                raise ValueError(f"warm-up size {size!r} is not WxH, e.g. 1024x1024")
+        return value
+
+    @model_validator(mode="after")
+    def _compile_cache_is_signed(self) -> WorkerSettings:
+        secret = self.compile_cache_secret.get_secret_value() if self.compile_cache_secret else ""
+        if self.compile_cache_url and len(secret) < 16:
+            # Not a ValueError: pydantic would wrap it with the whole input, the secrets included.
+            raise FarmError("FLUXFARM_COMPILE_CACHE_URL needs FLUXFARM_COMPILE_CACHE_SECRET of 16 characters or more")
+        return self
 
     @field_validator("job_file_roots", mode="before")
     @classmethod

@@ -254,7 +254,12 @@ def test_farm_env_names_every_setting_and_every_fluxfarm_container_loads_it() ->
         match = re.search(rf"^# FLUXFARM_{name.upper()}=(.*)$", text, re.MULTILINE)
         assert match, name
         default = field.get_default(call_default_factory=True)
-        shown = "" if default in (None, []) else str(default).lower() if isinstance(default, bool) else str(default)
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        elif isinstance(default, list):  # as the variable spells it: comma-separated
+            shown = ",".join(map(str, default))
+        else:
+            shown = "" if default is None else str(default)
         assert match.group(1) == shown, name
     assert not [line for line in text.splitlines() if line and not line.startswith("#")]  # nothing set
     for name in [*WORKERS, "producer", "exporter"]:

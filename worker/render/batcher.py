@@ -53,9 +53,13 @@ class RenderBatcher:
         max_jobs: int,
         wait_s: float,
         step_down: Callable[[RenderEngine, RenderJob], RenderEngine | None] | None = None,
+        after_batch: Callable[[], None] | None = None,
     ) -> None:
+        """`after_batch` runs on the render thread after each group is rendered (the warm start publishes
+        what the first one compiled)."""
         self.engine = engine
         self._step_down = step_down
+        self._after_batch = after_batch
         self.max_jobs = max(1, max_jobs)
         self.wait_s = wait_s
         self._inbox: queue.Queue[_Pending | None] = queue.Queue()
@@ -96,6 +100,11 @@ class RenderBatcher:
     def _loop(self) -> None:
         while batch := self._gather():
             self._render(batch)
+            if self._after_batch is not None:
+                try:
+                    self._after_batch()
+                except Exception:  # a hook's failure is the hook's, never the jobs' or the render thread's
+                    log.exception("after-batch hook failed")
 
     def _started(self, batch: list[_Pending]) -> list[_Pending]:
         """Run each job's `on_start`; a job whose hook fails is failed with that error, not rendered."""

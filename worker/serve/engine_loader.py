@@ -17,6 +17,7 @@ from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.render.fault_injection import parse_fault_plan
 from fluxfarm.worker.render.render_free import RenderFreeEngine
 from fluxfarm.worker.serve.metrics import WorkerMetrics
+from fluxfarm.worker.serve.warm_start import WarmStart
 from fluxfarm.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class EngineLoader:
         self.device = device
         self._worker = worker
         self._metrics = metrics
+        self.warm_start = WarmStart(settings, self.flux_model)
+        """Shared compiled code and warm-up for each engine loaded (a step down's too)."""
         self._faults = parse_fault_plan(settings.inject_faults)
         if self._faults is not None:
             log.warning("fault drill: this worker injects %s", self._faults.model_dump_json(exclude_none=True))
@@ -86,4 +89,6 @@ class EngineLoader:
             }
         )
         s = self.settings
-        return RenderEngine(loaded, s.max_batch, s.embedding_cache, self._faults, s), load_s
+        engine = RenderEngine(loaded, s.max_batch, s.embedding_cache, self._faults, s)
+        self.warm_start.prepare(engine)
+        return engine, load_s

@@ -127,7 +127,9 @@ class WorkerRuntime:
             self.adoption.set_level,
             on_stranded,
         )
-        self.batcher = RenderBatcher(engine, settings.max_batch, settings.batch_wait_s, stepper.step_down)
+        self.batcher = RenderBatcher(
+            engine, settings.max_batch, settings.batch_wait_s, stepper.step_down, loader.warm_start.after_batch
+        )
         book = DatasetBook(client)
         claims = JobClaims(client, worker.node, settings.lease_s)
         retries = RetryPolicy(
