@@ -56,11 +56,33 @@ return 0
 """Retire a dataset only if, at that instant, nothing is queued or running and it was last touched
 before the cutoff (ISO-8601 UTC strings compare as times): a submit racing the check keeps it active."""
 
-_STAMP_DONE = """
+_MARK_DONE = """#!lua flags=allow-oom
+if redis.call('SMOVE', KEYS[1], KEYS[2], ARGV[1]) == 0 then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('SREM', KEYS[4], ARGV[1])
+  redis.call('SREM', KEYS[5], ARGV[1])
+  redis.call('HDEL', KEYS[6], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('SADD', KEYS[13], ARGV[4])
+  redis.call('SREM', KEYS[14], ARGV[4])
+  redis.call('HSETNX', KEYS[11], 'created_at', ARGV[5])
+end
+redis.call('HDEL', KEYS[7], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1])
+redis.call('HDEL', KEYS[9], ARGV[1])
+redis.call('SADD', KEYS[10], ARGV[2])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('HINCRBYFLOAT', KEYS[11], 'gpu_seconds', ARGV[3])
+end
+redis.call('HSET', KEYS[11], 'updated_at', ARGV[5])
 local now = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
+redis.call('ZADD', KEYS[12], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
 """
-"""ZADD with Redis' clock as the score: one clock for every worker."""
+"""A job done, atomically: where it was running (the common case) one SMOVE moves it, and the dataset is
+known to be active; anywhere else it is cleared from every other state as any move does. Its sent record,
+attempts and errors go; its finishing time is stamped with Redis' clock (one clock for every worker). It runs
+even in a full Redis (allow-oom, Redis 7): the sent record it deletes is larger than what it adds, so recording
+results is how a full farm drains."""
 
 
 class DatasetRecord(BaseModel):
@@ -107,7 +129,7 @@ class DatasetBook:
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-        self._stamp_done = client.register_script(_STAMP_DONE)
+        self._mark_done = client.register_script(_MARK_DONE)
         self._retire = client.register_script(_RETIRE)
 
     @classmethod
@@ -175,6 +197,10 @@ class DatasetBook:
             return sum(size or 0 for size in pipe.execute())
 
     def mark_running(self, dataset: str, job_id: str) -> None:
+        """One SMOVE where the job is queued (the common case: the dataset is active, and a queued job is in
+        no other state); a full move otherwise (a redelivered or resent job)."""
+        if self._redis.smove(keys.dataset(dataset, JobState.QUEUED), keys.dataset(dataset, JobState.RUNNING), job_id):
+            return
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], JobState.RUNNING, pipe)
             pipe.execute()
@@ -221,17 +247,21 @@ class DatasetBook:
         return int(self._redis.llen(keys.DEAD_LETTERS))
 
     def mark_done(self, dataset: str, job_id: str, level: str, gpu_s: float = 0.0) -> None:
-        """`gpu_s`: the GPU time the job took (its share of its batch), added to the dataset's total."""
-        with self._redis.pipeline() as pipe:
-            self._move(dataset, [job_id], JobState.DONE, pipe)
-            pipe.hdel(keys.dataset(dataset, "sent"), job_id)
-            pipe.hdel(keys.dataset(dataset, "attempts"), job_id)
-            pipe.hdel(keys.dataset(dataset, "errors"), job_id)
-            pipe.sadd(keys.dataset(dataset, "levels"), level)
-            if gpu_s > 0:
-                pipe.hincrbyfloat(keys.dataset(dataset, "meta"), "gpu_seconds", gpu_s)
-            self._stamp_done(keys=[keys.dataset(dataset, "done_at")], args=[job_id], client=pipe)
-            pipe.execute()
+        """`gpu_s`: the GPU time the job took (its share of its batch), added to the dataset's total. One
+        script (`_MARK_DONE`): about half the commands of a general move, and atomic as one."""
+        others = [keys.dataset(dataset, state) for state in (JobState.QUEUED, JobState.FAILED, JobState.CANCELLED)]
+        parts = ("failures", "sent", "attempts", "errors", "levels", "meta", "done_at")
+        self._mark_done(
+            keys=[
+                keys.dataset(dataset, JobState.RUNNING),
+                keys.dataset(dataset, JobState.DONE),
+                *others,
+                *(keys.dataset(dataset, part) for part in parts),
+                keys.DATASETS,
+                keys.DATASETS_RETIRED,
+            ],
+            args=[job_id, level, repr(float(gpu_s)), dataset, datetime.now(UTC).isoformat()],
+        )
 
     def cancel(self, dataset: str) -> int:
         """Move every queued job to `cancelled` at once (running ones finish); returns how many.

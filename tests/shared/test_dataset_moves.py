@@ -1,0 +1,82 @@
+"""A dataset record's moves on a real Redis: a job is in exactly one state whatever order its moves come in,
+and the common moves (queued to running to done) cost a few commands (issue 21, point 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+import redis
+
+from fluxfarm.shared import keys
+from fluxfarm.shared.datasets import STATES, DatasetBook, JobState
+from fluxfarm.shared.job_records import DeadLetter, SentJob
+from fluxfarm.shared.jobs import parse_job
+
+
+def _queue(book: DatasetBook, dataset: str, prompt: str) -> str:
+    job = parse_job({"prompt": prompt, "dataset": dataset})
+    book.note_queued(dataset, [SentJob.of(job, 3, datetime.now(UTC).isoformat(), keep_result=False)])
+    return job.id
+
+
+def _states(client: redis.Redis, dataset: str, job_id: str) -> list[JobState]:
+    return [state for state in STATES if client.sismember(keys.dataset(dataset, state), job_id)]
+
+
+def _commands_of(client: redis.Redis, action: Callable[[], object]) -> int:
+    """Commands Redis processed while `action` ran (the INFO calls around it taken out)."""
+    first = int(client.info("stats")["total_commands_processed"])
+    idle = int(client.info("stats")["total_commands_processed"]) - first
+    before = int(client.info("stats")["total_commands_processed"])
+    action()
+    return int(client.info("stats")["total_commands_processed"]) - before - idle
+
+
+def test_queued_running_done_is_a_few_commands_and_leaves_one_state(redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    book = DatasetBook(redis_client)
+    book.mark_done("moves", _queue(book, "moves", "the first job"), "fp8")  # the script is loaded once, by then
+    job_id = _queue(book, "moves", "a lighthouse")
+    book.start_attempt("moves", job_id)
+    book.note_attempt_failed("moves", job_id, "out of memory")  # an error and an attempt to clear at the end
+    assert _commands_of(redis_client, lambda: book.mark_running("moves", job_id)) == 1  # one SMOVE
+    assert _states(redis_client, "moves", job_id) == [JobState.RUNNING]
+    # EVALSHA, then in the script SMOVE, 3 HDEL, SADD, HINCRBYFLOAT, HSET, TIME and ZADD
+    assert _commands_of(redis_client, lambda: book.mark_done("moves", job_id, "fp8", gpu_s=2.5)) == 10
+    assert _states(redis_client, "moves", job_id) == [JobState.DONE]
+    for part in ("sent", "attempts", "errors", "failures"):
+        assert not redis_client.hexists(keys.dataset("moves", part), job_id), part
+    record = book.record("moves")
+    assert (record.queued, record.running, record.done) == (0, 0, 2)
+    assert redis_client.zscore(keys.dataset("moves", "done_at"), job_id) is not None
+    assert float(redis_client.hget(keys.dataset("moves", "meta"), "gpu_seconds") or 0) == pytest.approx(2.5)
+    assert redis_client.sismember(keys.dataset("moves", "levels"), "fp8")
+
+
+def test_moves_from_unexpected_states_still_leave_exactly_one(redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    book = DatasetBook(redis_client)
+    failed = _queue(book, "odd", "failed then redelivered")
+    letter = DeadLetter(
+        dataset="odd", job_id=failed, reason="gave up", attempts=3, node="w1", at=datetime.now(UTC), job={}
+    )
+    book.dead_letter(letter)
+    assert _states(redis_client, "odd", failed) == [JobState.FAILED]
+    book.mark_running("odd", failed)  # a redelivery of a job already given up on
+    assert _states(redis_client, "odd", failed) == [JobState.RUNNING]
+    assert book.failure("odd", failed) is None
+
+    cancelled = _queue(book, "odd", "cancelled while rendering elsewhere")
+    book.cancel("odd")
+    book.mark_done("odd", cancelled, "bf16")  # not running: the general move
+    assert _states(redis_client, "odd", cancelled) == [JobState.DONE]
+
+    retired = _queue(book, "gone", "done on a retired dataset")
+    redis_client.srem(keys.DATASETS, "gone")
+    redis_client.sadd(keys.DATASETS_RETIRED, "gone")
+    redis_client.smove(keys.dataset("gone", JobState.QUEUED), keys.dataset("gone", JobState.FAILED), retired)
+    book.mark_done("gone", retired, "bf16")
+    assert _states(redis_client, "gone", retired) == [JobState.DONE]
+    assert "gone" in book.names()  # a dataset that gets a result is active again
