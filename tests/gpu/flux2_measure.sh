@@ -9,7 +9,8 @@
 # On the device, after installing the carried wheels (../shared/device/wheels.sh, carry [".whl"]):
 #   bash tests/gpu/flux2_measure.sh start
 #   bash tests/gpu/flux2_measure.sh wait
-# One phase alone, in the foreground: bash tests/gpu/flux2_measure.sh plans|dev|klein
+# One phase alone, in the foreground: bash tests/gpu/flux2_measure.sh plans|dev|klein. PHASES picks the
+# sequence's phases and DEV_BUDGETS the [dev] plans (an 80 GB card: PHASES="plans klein" DEV_BUDGETS=24,48,80).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run=${RUN_DIR:-/root/fluxfarm-flux2}
@@ -21,7 +22,7 @@ phase() {
     plans)
       python3 -u -m fluxfarm probe-vram --model flux.2-klein-4b --plans 8,12 --sizes 1024x1024 \
         --out "$run/plans-klein4b.jsonl"
-      python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans 24,48,80,141 --sizes 1024x1024 \
+      python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans "${DEV_BUDGETS:-24,48,80,141}" --sizes 1024x1024 \
         --out "$run/plans-flux2-dev.jsonl"
       ;;
     dev)
@@ -41,7 +42,7 @@ case "${1:-wait}" in
     exit
     ;;
   sequence)
-    for name in plans dev klein; do
+    for name in ${PHASES:-plans dev klein}; do
       echo "== $name $(date +%T)"
       phase "$name" >"$run/$name.log" 2>&1
       echo "== $name ended $? $(date +%T)"
