@@ -70,7 +70,9 @@ end
 redis.call('HDEL', KEYS[7], ARGV[1])
 redis.call('HDEL', KEYS[8], ARGV[1])
 redis.call('HDEL', KEYS[9], ARGV[1])
-redis.call('SADD', KEYS[10], ARGV[2])
+if ARGV[2] ~= '' then
+  redis.call('SADD', KEYS[10], ARGV[2])
+end
 if tonumber(ARGV[3]) > 0 then
   redis.call('HINCRBYFLOAT', KEYS[11], 'gpu_seconds', ARGV[3])
 end
@@ -246,9 +248,10 @@ class DatasetBook:
         """Dead letters kept (at most MAX_DEAD_LETTERS)."""
         return int(self._redis.llen(keys.DEAD_LETTERS))
 
-    def mark_done(self, dataset: str, job_id: str, level: str, gpu_s: float = 0.0) -> None:
-        """`gpu_s`: the GPU time the job took (its share of its batch), added to the dataset's total. One
-        script (`_MARK_DONE`): about half the commands of a general move, and atomic as one."""
+    def mark_done(self, dataset: str, job_id: str, level: str | None, gpu_s: float = 0.0) -> None:
+        """`level`: added to the dataset's levels (None: the caller knows it is there). `gpu_s`: the GPU time
+        the job took (its share of its batch), added to the dataset's total. One script (`_MARK_DONE`): about
+        half the commands of a general move, and atomic as one."""
         others = [keys.dataset(dataset, state) for state in (JobState.QUEUED, JobState.FAILED, JobState.CANCELLED)]
         parts = ("failures", "sent", "attempts", "errors", "levels", "meta", "done_at")
         self._mark_done(
@@ -260,7 +263,7 @@ class DatasetBook:
                 keys.DATASETS,
                 keys.DATASETS_RETIRED,
             ],
-            args=[job_id, level, repr(float(gpu_s)), dataset, datetime.now(UTC).isoformat()],
+            args=[job_id, level or "", repr(float(gpu_s)), dataset, datetime.now(UTC).isoformat()],
         )
 
     def cancel(self, dataset: str) -> int:

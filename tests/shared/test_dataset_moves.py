@@ -43,7 +43,7 @@ def test_queued_running_done_is_a_few_commands_and_leaves_one_state(redis_client
     book.note_attempt_failed("moves", job_id, "out of memory")  # an error and an attempt to clear at the end
     assert _commands_of(redis_client, lambda: book.mark_running("moves", job_id)) == 1  # one SMOVE
     assert _states(redis_client, "moves", job_id) == [JobState.RUNNING]
-    # EVALSHA, then in the script SMOVE, 3 HDEL, SADD, HINCRBYFLOAT, HSET, TIME and ZADD
+    # EVALSHA, then in the script SMOVE, 3 HDEL, SADD (the level), HINCRBYFLOAT, HSET, TIME and ZADD
     assert _commands_of(redis_client, lambda: book.mark_done("moves", job_id, "fp8", gpu_s=2.5)) == 10
     assert _states(redis_client, "moves", job_id) == [JobState.DONE]
     for part in ("sent", "attempts", "errors", "failures"):
@@ -53,6 +53,9 @@ def test_queued_running_done_is_a_few_commands_and_leaves_one_state(redis_client
     assert redis_client.zscore(keys.dataset("moves", "done_at"), job_id) is not None
     assert float(redis_client.hget(keys.dataset("moves", "meta"), "gpu_seconds") or 0) == pytest.approx(2.5)
     assert redis_client.sismember(keys.dataset("moves", "levels"), "fp8")
+    known = _queue(book, "moves", "a level the caller knows is noted")
+    book.mark_running("moves", known)
+    assert _commands_of(redis_client, lambda: book.mark_done("moves", known, None)) == 8  # no SADD, no GPU time
 
 
 def test_moves_from_unexpected_states_still_leave_exactly_one(redis_client: redis.Redis) -> None:

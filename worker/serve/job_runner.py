@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 CLAIM_POLL_S = 1.0
 """How often a duplicate delivery looks for the result of the job another process is rendering."""
+NOTED_LEVELS_MAX = 10_000
+"""(dataset, level) pairs a worker remembers having recorded; past this many it starts over."""
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -107,6 +109,8 @@ class JobRunner:
         self._load_lock = threading.Lock()
         self._metrics = metrics
         self.stats = RunnerStats()
+        self._noted_levels: set[tuple[str, str]] = set()
+        """(dataset, level) pairs this worker has recorded: each is added to the dataset's levels once."""
 
     def run(self, payload: Any, queued_at: Any = None) -> RenderResult:
         """Render one job message, counting it as done or failed for the fleet status and the metrics."""
@@ -173,7 +177,12 @@ class JobRunner:
         the truth, so Redis being away must not fail a job that is stored: its message cannot be
         acknowledged then either, and its redelivery (found stored) records it."""
         record = f"job {job.id}'s record"
-        unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, level, gpu_s), record)
+        noted = (job.dataset, level)
+        new_level = level if noted not in self._noted_levels else None  # a dataset's levels are a set: once is enough
+        if unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, new_level, gpu_s), record):
+            if len(self._noted_levels) >= NOTED_LEVELS_MAX:
+                self._noted_levels.clear()
+            self._noted_levels.add(noted)
 
     def _claim(self, job: RenderJob, keys: ResultKeys) -> RenderResult | None:
         """Take the job's claim (None), or return its result once the claim's holder stores it."""
@@ -189,16 +198,20 @@ class JobRunner:
         return None
 
     def _attempt(self, job: RenderJob, keys: ResultKeys, queued_at: Any) -> RenderResult:
-        attempt = [self._retries.begin(job) + 1]
+        self._retries.begin(job)
+        attempt: list[int] = []
 
         def count_attempt() -> None:  # on the render thread, as the render begins
-            attempt[0] = self._retries.count_start(job)
+            attempt.append(self._retries.count_start(job))
 
         try:
             result = self._render_and_store(job, keys, queued_at, count_attempt)
+        except JobDeadLettered:  # out of attempts as its render was to begin: not a failed attempt
+            raise
         except Exception as error:
             reason = _failure_reason(error, self._batcher.engine.model.level)
-            self._retries.failed(job, attempt[0], reason, input_error=isinstance(error, JobInputError))
+            number = attempt[0] if attempt else self._retries.started(job) + 1
+            self._retries.failed(job, number, reason, input_error=isinstance(error, JobInputError))
         with self.stats.lock:
             self.stats.rendered_at.append(time.monotonic())
             self.stats.images_rendered += 1

@@ -63,20 +63,25 @@ class RetryPolicy:
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
 
-    def begin(self, job: RenderJob) -> int:
-        """Before an attempt: the attempts started so far (dead-lettered if they are spent: its worker
-        died during each), and the job marked running."""
-        started = self._book.attempts(job.dataset, job.id)
-        if started >= self.max_attempts:
+    def begin(self, job: RenderJob) -> None:
+        """Before an attempt: the job marked running."""
+        self._book.mark_running(job.dataset, job.id)
+
+    def count_start(self, job: RenderJob) -> int:
+        """As the render begins: count the attempt; returns its number (1 for the first). One past the
+        attempts allowed means its worker died during each of them: the job is dead-lettered (JobDeadLettered)
+        instead of rendered, so a job that kills workers cannot go round for ever."""
+        attempt = self._book.start_attempt(job.dataset, job.id)
+        if attempt > self.max_attempts:
+            started = attempt - 1
             last = self._book.last_error(job.dataset, job.id)
             died = f"its worker died during each of its last attempts ({started} in all)"
             self.give_up(job, f"{started} attempts, the last error: {last}" if last else died, started)
-        self._book.mark_running(job.dataset, job.id)
-        return started
+        return attempt
 
-    def count_start(self, job: RenderJob) -> int:
-        """As the render begins: count the attempt; returns its number (1 for the first)."""
-        return self._book.start_attempt(job.dataset, job.id)
+    def started(self, job: RenderJob) -> int:
+        """Attempts counted so far: a failure before its render began is numbered one past them."""
+        return self._book.attempts(job.dataset, job.id)
 
     def failed(self, job: RenderJob, attempt: int, reason: str, input_error: bool) -> NoReturn:
         """After failed attempt number `attempt`: dead-letter the job, or send it back after its back-off
