@@ -4,8 +4,8 @@
 # waits up to WAIT_S for it, copies its rows and logs to $OUT and prints how far it got. Call `wait` again
 # within the machine's warm window until it prints "sequence finished". In order, most needed first:
 #   1. probe-vram plans: klein-4B at 8/12 GiB, FLUX.2 [dev] at 24/48/80/141 GiB (each phase's peak too)
-#   2. bench FLUX.2 [dev]: diffusers bf16 beside the engine's fp8 and the 24 GiB plan, 28 steps
-#   3. bench klein-4B: diffusers bf16 beside the engine at bf16 and fp8, 4 steps
+#   2. bench klein-4B: diffusers bf16 beside the engine at bf16 and fp8, 4 steps
+#   3. bench FLUX.2 [dev]: diffusers bf16 beside the engine's fp8 and the 24 GiB plan, 28 steps
 # On the device, after installing the carried wheels (../shared/device/wheels.sh, carry [".whl"]):
 #   bash tests/gpu/flux2_measure.sh start
 #   bash tests/gpu/flux2_measure.sh wait
@@ -42,7 +42,7 @@ case "${1:-wait}" in
     exit
     ;;
   sequence)
-    for name in ${PHASES:-plans dev klein}; do
+    for name in ${PHASES:-plans klein dev}; do
       echo "== $name $(date +%T)"
       phase "$name" >"$run/$name.log" 2>&1
       echo "== $name ended $? $(date +%T)"
@@ -61,7 +61,11 @@ case "${1:-wait}" in
     ;;
 esac
 end=$((SECONDS + wait_s))
-while [ $SECONDS -lt $end ] && ! grep -q "sequence finished" "$run/sequence.log" 2>/dev/null; do sleep 5; done
+# Rows are copied as they come: a call cut short (the session's device time spent) still returns them.
+while [ $SECONDS -lt $end ] && ! grep -q "sequence finished" "$run/sequence.log" 2>/dev/null; do
+  cp "$run"/*.jsonl "$run"/*.log "${OUT:-.}/" 2>/dev/null
+  sleep 5
+done
 cp "$run"/*.jsonl "$run"/*.log "${OUT:-.}/" 2>/dev/null
 cat "$run/sequence.log"
 for log in "$run"/plans.log "$run"/dev.log "$run"/klein.log; do
