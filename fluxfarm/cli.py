@@ -37,6 +37,7 @@ app.command("quantize")(worker_cli.quantize)
 app.command("probe-vram")(worker_cli.probe_vram)
 app.command("plan")(worker_cli.plan)
 app.command("bench")(worker_cli.bench)
+app.command("bench-scale")(worker_cli.bench_scale)
 
 
 @app.command()

@@ -355,3 +355,26 @@ def _plan_fleet(file: Path, fleet: str, prices: list[str], optimize: Optimize, a
         console.print("no ETA: no card class has a rate")
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+def bench_scale(
+    backlogs: Annotated[str, typer.Option(help="Queued jobs of one dataset to measure at, comma-separated.")] = (
+        "10000,100000"
+    ),
+    datasets: Annotated[str, typer.Option(help="Dataset counts (one queued job each), comma-separated.")] = ("10,1000"),
+    out: Annotated[Path | None, typer.Option(help="JSON-lines file the rows are appended to.")] = None,
+) -> None:
+    """What `fluxfarm status`, an exporter scrape and a lost-job sweep cost as Redis fills, with Redis'
+    memory (and a dataset's once its largest backlog is drained), each on a private redis-server."""
+    from fluxfarm.worker.tools.scale_bench import ScaleRow, run_scale_bench
+
+    def row(found: ScaleRow) -> None:
+        line = found.model_dump_json()
+        typer.echo(line)
+        if out is not None:
+            with out.open("a") as handle:
+                handle.write(line + "\n")
+
+    run_scale_bench(
+        [int(n) for n in backlogs.split(",") if n.strip()], [int(n) for n in datasets.split(",") if n.strip()], row
+    )
