@@ -69,7 +69,7 @@ def read_status(settings: ProducerSettings, dataset: str | None = None, list_sto
     book = DatasetBook(client)
     try:
         names = [dataset] if dataset is not None else book.names()
-        records = [book.record(name) for name in names]
+        records = book.records(names)
         letters = book.dead_letters(DEAD_LETTERS_SHOWN, dataset)
         letter_count = book.dead_letter_count()
         memory = _redis_memory(RedisRoom.of(client, settings), fleet, records)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import redis
 from celery import Celery
 
-from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.jobs import RenderJob, job_payload
 from fluxfarm.shared.redis_conn import tls_options
 from fluxfarm.shared.routing import QuantConstraint
 from fluxfarm.shared.settings import FarmSettings
@@ -100,14 +100,15 @@ def send_render(
     batching = {"producer": producer, "declare": []} if producer is not None else {}
     app.send_task(
         RENDER_TASK,
-        kwargs={"job": job.model_dump(mode="json"), "queued_at": queued_at},
+        kwargs={"job": job_payload(job), "queued_at": queued_at},
         task_id=task_id(job.dataset, job.id),
         queue=queue,
         priority=priority,
         ignore_result=not keep_result,
-        # Celery's own repr of the payload (for its logs) costs more than sending it.
+        # Celery's own repr of the payload (for its logs; in the headers and again in the properties) costs
+        # more than sending it, and the task id names the job already.
         argsrepr="()",
-        kwargsrepr=f"{{'job': {task_id(job.dataset, job.id)}}}",
+        kwargsrepr="{}",
         **batching,
     )
 

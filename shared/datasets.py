@@ -25,9 +25,12 @@ from fluxfarm.shared import keys
 from fluxfarm.shared.job_records import DeadLetter, SentJob
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
+from fluxfarm.shared.record_scripts import MARK_DONE, READ_RECORDS, RETIRE
 from fluxfarm.shared.redis_conn import redis_now, text
 
 MAX_DEAD_LETTERS = 10_000
+RECORDS_PER_CALL = 500
+"""Dataset records read by one READ_RECORDS call."""
 """keys.DEAD_LETTERS keeps this many, newest first."""
 
 
@@ -42,49 +45,9 @@ class JobState(StrEnum):
 
 
 STATES = tuple(JobState)
+_RECORD_PARTS = ("meta", *STATES, "levels", "failures", "done_at")
+"""The keys of a dataset's record READ_RECORDS reads, in its order."""
 MAX_FAILURE_CHARS = 500
-
-_RETIRE = """
-if redis.call('SCARD', KEYS[3]) == 0 and redis.call('SCARD', KEYS[4]) == 0
-   and (redis.call('HGET', KEYS[5], 'updated_at') or '') < ARGV[2] then
-  redis.call('SREM', KEYS[1], ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
-"""Retire a dataset only if, at that instant, nothing is queued or running and it was last touched
-before the cutoff (ISO-8601 UTC strings compare as times): a submit racing the check keeps it active."""
-
-_MARK_DONE = """#!lua flags=allow-oom
-if redis.call('SMOVE', KEYS[1], KEYS[2], ARGV[1]) == 0 then
-  redis.call('SREM', KEYS[3], ARGV[1])
-  redis.call('SREM', KEYS[4], ARGV[1])
-  redis.call('SREM', KEYS[5], ARGV[1])
-  redis.call('HDEL', KEYS[6], ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[1])
-  redis.call('SADD', KEYS[13], ARGV[4])
-  redis.call('SREM', KEYS[14], ARGV[4])
-  redis.call('HSETNX', KEYS[11], 'created_at', ARGV[5])
-end
-redis.call('HDEL', KEYS[7], ARGV[1])
-redis.call('HDEL', KEYS[8], ARGV[1])
-redis.call('HDEL', KEYS[9], ARGV[1])
-if ARGV[2] ~= '' then
-  redis.call('SADD', KEYS[10], ARGV[2])
-end
-if tonumber(ARGV[3]) > 0 then
-  redis.call('HINCRBYFLOAT', KEYS[11], 'gpu_seconds', ARGV[3])
-end
-redis.call('HSET', KEYS[11], 'updated_at', ARGV[5])
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[12], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
-"""
-"""A job done, atomically: where it was running (the common case) one SMOVE moves it, and the dataset is
-known to be active; anywhere else it is cleared from every other state as any move does. Its sent record,
-attempts and errors go; its finishing time is stamped with Redis' clock (one clock for every worker). It runs
-even in a full Redis (allow-oom, Redis 7): the sent record it deletes is larger than what it adds, so recording
-results is how a full farm drains."""
 
 
 class DatasetRecord(BaseModel):
@@ -131,8 +94,9 @@ class DatasetBook:
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-        self._mark_done = client.register_script(_MARK_DONE)
-        self._retire = client.register_script(_RETIRE)
+        self._mark_done = client.register_script(MARK_DONE)
+        self._retire = client.register_script(RETIRE)
+        self._read_records = client.register_script(READ_RECORDS)
 
     @classmethod
     def from_url(cls, url: str) -> DatasetBook:
@@ -250,7 +214,7 @@ class DatasetBook:
 
     def mark_done(self, dataset: str, job_id: str, level: str | None, gpu_s: float = 0.0) -> None:
         """`level`: added to the dataset's levels (None: the caller knows it is there). `gpu_s`: the GPU time
-        the job took (its share of its batch), added to the dataset's total. One script (`_MARK_DONE`): about
+        the job took (its share of its batch), added to the dataset's total. One script (`MARK_DONE`): about
         half the commands of a general move, and atomic as one."""
         others = [keys.dataset(dataset, state) for state in (JobState.QUEUED, JobState.FAILED, JobState.CANCELLED)]
         parts = ("failures", "sent", "attempts", "errors", "levels", "meta", "done_at")
@@ -361,43 +325,47 @@ class DatasetBook:
                 retired.append(name)
         return retired
 
-    def _rate_per_hour(self, dataset: str) -> float | None:
-        now = redis_now(self._redis)
-        first = self._redis.zrangebyscore(
-            keys.dataset(dataset, "done_at"), now - RATE_WINDOW_S, "+inf", 0, 1, withscores=True
-        )
-        if not first:
-            return None
-        recent = self._redis.zcount(keys.dataset(dataset, "done_at"), now - RATE_WINDOW_S, "+inf")
-        return per_hour(recent, float(first[0][1]), now)
-
     def record(self, dataset: str) -> DatasetRecord:
-        # Not a transaction: Redis refuses a MULTI block, reads and all, once it is over maxmemory, and
-        # `fluxfarm status` must answer most of all then.
-        with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.dataset(dataset, "meta"))
-            for state in STATES:
-                pipe.scard(keys.dataset(dataset, state))
-            pipe.smembers(keys.dataset(dataset, "levels"))
-            pipe.hgetall(keys.dataset(dataset, "failures"))
-            meta, queued, running, done, failed, cancelled, levels, failures = pipe.execute()
-        meta = {k.decode(): v.decode() for k, v in meta.items()}
+        return self.records([dataset])[0]
 
-        def moment(name: str) -> datetime | None:
-            return datetime.fromisoformat(meta[name]) if name in meta else None
+    def records(self, datasets: Sequence[str]) -> list[DatasetRecord]:
+        """The records of `datasets`, RECORDS_PER_CALL of them a command (READ_RECORDS). A read, never a
+        transaction: `fluxfarm status` must answer most of all when Redis is over maxmemory."""
+        now = redis_now(self._redis)
+        found: list[DatasetRecord] = []
+        for start in range(0, len(datasets), RECORDS_PER_CALL):
+            chunk = datasets[start : start + RECORDS_PER_CALL]
+            names = [keys.dataset(dataset, part) for dataset in chunk for part in _RECORD_PARTS]
+            replies = self._read_records(keys=names, args=[now - RATE_WINDOW_S])
+            found.extend(_record(dataset, reply, now) for dataset, reply in zip(chunk, replies, strict=True))
+        return found
 
-        return DatasetRecord(
-            name=dataset,
-            created_at=moment("created_at"),
-            updated_at=moment("updated_at"),
-            queued=queued,
-            running=running,
-            done=done,
-            failed=failed,
-            cancelled=cancelled,
-            rate_per_hour=self._rate_per_hour(dataset),
-            defaults=json.loads(meta.get("defaults", "{}")),
-            levels=sorted(level.decode() for level in levels),
-            failures={k.decode(): v.decode() for k, v in failures.items()},
-            gpu_seconds=float(meta.get("gpu_seconds", 0)),
-        )
+
+def _pairs(flat: list[bytes]) -> dict[str, str]:
+    """A hash as Lua returns HGETALL: field, value, field, value..."""
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+def _record(dataset: str, reply: list[Any], now: float) -> DatasetRecord:
+    """One dataset's record from its part of READ_RECORDS' reply."""
+    meta_flat, queued, running, done, failed, cancelled, levels, failures, first, recent = reply
+    meta = _pairs(meta_flat)
+
+    def moment(name: str) -> datetime | None:
+        return datetime.fromisoformat(meta[name]) if name in meta else None
+
+    return DatasetRecord(
+        name=dataset,
+        created_at=moment("created_at"),
+        updated_at=moment("updated_at"),
+        queued=queued,
+        running=running,
+        done=done,
+        failed=failed,
+        cancelled=cancelled,
+        rate_per_hour=per_hour(recent, float(first), now) if first else None,
+        defaults=json.loads(meta.get("defaults", "{}")),
+        levels=sorted(level.decode() for level in levels),
+        failures=_pairs(failures),
+        gpu_seconds=float(meta.get("gpu_seconds", 0)),
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from fluxfarm.shared.jobs import RenderJob
+from fluxfarm.shared.jobs import RenderJob, job_payload
 
 
 class SentJob(BaseModel):
@@ -26,11 +26,10 @@ class SentJob(BaseModel):
 
     @classmethod
     def of(cls, job: RenderJob, priority: int, queued_at: str, keep_result: bool, tenant: str | None = None) -> SentJob:
-        dumped = job.model_dump(mode="json")
-        return cls(job=dumped, priority=priority, queued_at=queued_at, keep_result=keep_result, tenant=tenant)
+        return cls(job=job_payload(job), priority=priority, queued_at=queued_at, keep_result=keep_result, tenant=tenant)
 
     def is_of(self, job: RenderJob) -> bool:
-        return self.job == job.model_dump(mode="json")
+        return self.job == job_payload(job)
 
 
 class DeadLetter(BaseModel):

@@ -268,6 +268,23 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(f"{where}: {reason}" for where, reason in validation_problems(error))
 
 
+_EMPTY_DEFAULTS = frozenset(
+    name for name, field in RenderJob.model_fields.items() if field.default is None or field.default == ()
+)
+"""RenderJob's fields whose default is empty: left out of a job's payload when they are."""
+
+
+def job_payload(job: RenderJob) -> dict[str, Any]:
+    """The job as its message and its dataset record carry it: fields at an empty default (no prompt_2, LoRAs,
+    ControlNet, images or strength) left out, which parse back to the same job; about 75 bytes less a queued
+    job, in the queue and in the record. Fields whose default depends on the model (steps, guidance) stay."""
+    return {
+        name: value
+        for name, value in job.model_dump(mode="json").items()
+        if not (name in _EMPTY_DEFAULTS and value in (None, []))
+    }
+
+
 def parse_jobs(items: Iterable[RenderJob | Mapping[str, Any]], model: FluxModel | None = None) -> list[RenderJob]:
     """Every job validated, or InvalidJob naming each bad one (`job 3: width: ...`, field `3.width`):
     a batch is sent whole or not at all. `model`: as parse_job's."""
