@@ -7,7 +7,7 @@ each phase took, and where the image is, so a dataset can be audited without the
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,6 +90,33 @@ class ImageInfo(_Record):
     height: int
 
 
+class Reproduction(_Record):
+    """What else decides an image's pixels, so it can be rendered again and a re-render can say what differs:
+    every weight by its sha256, how the level was made, the scheduler, the kernels, the libraries, the card,
+    and where in its batch the image was."""
+
+    weights_sha256: dict[str, str] = Field(
+        description="Each weight component by sha256 (transformer, text_encoder, text_encoder_2, vae); "
+        "LoRAs, the ControlNet and input images carry theirs in their own records."
+    )
+    level_source: Literal["file", "derived-from-bf16"] = Field(
+        description="file: the level as its file holds it (bf16, GGUF); derived-from-bf16: fp8 or NF4 made at load."
+    )
+    text_encoder_precision: str
+    text_encoders: str = Field(description="Where the text encoders ran: gpu, gpu-swap or cpu.")
+    vae_tiling: bool
+    scheduler: dict[str, Any] = Field(description="The scheduler's class and its config.")
+    fast_paths: dict[str, Any] = Field(
+        description="Kernels the transformer ran with: compile, CUDA graphs, attention kernel, fp8 attention, "
+        "fp8 tensor-core layers and their fast accumulation, Triton GGUF layers, fused projections."
+    )
+    versions: dict[str, str] = Field(description="torch, diffusers, transformers, triton, CUDA and cuDNN.")
+    gpu: str | None
+    compute_capability: str | None
+    batch_size: int
+    batch_position: int = Field(description="The image's row in its denoising batch (0 first).")
+
+
 class RenderResult(_Record):
     """One rendered job. Stored as `<job_id>.json` and returned by the task."""
 
@@ -109,6 +136,9 @@ class RenderResult(_Record):
     image: ImageInfo
     metadata_key: str
     fluxfarm_version: str
+    reproduction: Reproduction | None = Field(
+        default=None, description="Everything else that decides the pixels (absent in records of fluxfarm < 0.2)."
+    )
 
 
 def read_result(store: ObjectStore, keys: ResultKeys) -> RenderResult:

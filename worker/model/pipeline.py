@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
@@ -23,6 +24,7 @@ from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement, Plan
+from fluxfarm.worker.model.reproduction import component_digests
 from fluxfarm.worker.model.sources import resolve_base, resolve_file
 from fluxfarm.worker.model.text_encoders import prepare_text_encoder
 from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
@@ -48,6 +50,11 @@ class LoadedModel:
     """Which pipeline class it is, and so how the engine runs its phases (worker/model/families.py)."""
     plan: Plan | None = None
     """The VRAM plan it was loaded under (None on a CPU): the engine's batches follow it."""
+    weights_sha256: dict[str, str] = field(default_factory=dict)
+    """Each weight component by sha256 (transformer, text encoders, VAE): every image's record names them."""
+    level_source: Literal["file", "derived-from-bf16"] = "file"
+    text_encoder_precision: EncoderPrecision = "bf16"
+    vae_tiling: bool = False
 
 
 def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
@@ -190,4 +197,8 @@ def load_model(
         text_encoders=text_encoders,
         fast_paths=fast_paths,
         family=family,
+        weights_sha256={"transformer": sha256, **component_digests(base, DigestCache(settings.cache_dir))},
+        level_source="derived-from-bf16" if level in (QuantLevel.FP8, QuantLevel.NF4) else "file",
+        text_encoder_precision=text_encoder_precision,
+        vae_tiling=vae_tiling,
     )

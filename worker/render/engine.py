@@ -66,6 +66,8 @@ class RenderedImage:
     decode_s: float
     batch_size: int = 1
     """Jobs denoised together with this one; its encode and denoise seconds are its share of the phase."""
+    batch_position: int = 0
+    """Its row in that batch (a batch's rows may differ in the last bits: its reproducibility record says)."""
     adapter_s: float = 0.0
     """Its share of fusing its LoRA set and loading its ControlNet, where its batch had to."""
     loras: tuple[LoraInfo, ...] = ()
@@ -384,6 +386,7 @@ class RenderEngine:
                     denoise_s=denoise_share,
                     decode_s=clock.lap(),
                     batch_size=len(group),
+                    batch_position=row,
                     adapter_s=adapter_s,
                     loras=loras,
                     controlnet=controls[row][1] if controls else None,

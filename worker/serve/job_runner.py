@@ -35,6 +35,7 @@ from fluxfarm.shared.metadata import ImageInfo, RenderResult, Timings, WorkerInf
 from fluxfarm.shared.models import LEGACY_MODEL, FluxModel
 from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.storage import ResultKeys
+from fluxfarm.worker.model.reproduction import reproduction
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.metrics import Outcome, WorkerMetrics
@@ -269,6 +270,9 @@ class JobRunner:
             ),
             metadata_key=keys.metadata,
             fluxfarm_version=__version__,
+            reproduction=(
+                reproduction(model, rendered.batch_size, rendered.batch_position) if model.pipe is not None else None
+            ),
         )
         # The JSON goes last: its existence is what marks the job done.
         result = self._results.put_result(keys, result, png, png_metadata)
