@@ -309,6 +309,20 @@ class DatasetBook:
             found = pipe.execute()
         return {job_id for job_id, *flags in zip(among, *found, strict=True) if any(flags)}
 
+    def waiting_by_dataset(self, datasets: Sequence[str]) -> dict[str, set[str]]:
+        """Each dataset's queued or running jobs, RECORDS_PER_CALL datasets a round trip (the lost-job sweep
+        reads every active dataset's: 20,000 round trips were 1.5 s)."""
+        found: dict[str, set[str]] = {}
+        for start in range(0, len(datasets), RECORDS_PER_CALL):
+            chunk = datasets[start : start + RECORDS_PER_CALL]
+            with self._redis.pipeline(transaction=False) as pipe:
+                for dataset in chunk:
+                    pipe.sunion([keys.dataset(dataset, JobState.QUEUED), keys.dataset(dataset, JobState.RUNNING)])
+                replies = pipe.execute()
+            for dataset, reply in zip(chunk, replies, strict=True):
+                found[dataset] = {text(member) for member in reply}
+        return found
+
     def names(self) -> list[str]:
         """The active datasets (what status, the exporter and the lost-job sweep go through)."""
         return sorted(text(name) for name in self._redis.smembers(keys.DATASETS))

@@ -113,8 +113,8 @@ class LostJobSweeper:
         seen = {key.decode(): float(value) for key, value in self._redis.hgetall(keys.LOST_JOBS_MISSING).items()}
         still_missing: dict[str, float] = {}
         resent: list[str] = []
-        for dataset in self._book.names():
-            for job_id in sorted(self._book.waiting_ids(dataset)):
+        for dataset, waiting in self._book.waiting_by_dataset(self._book.names()).items():
+            for job_id in sorted(waiting):
                 if task_id(dataset, job_id) in present:
                     continue
                 key = f"{dataset}/{job_id}"
