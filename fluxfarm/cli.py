@@ -38,6 +38,7 @@ app.command("probe-vram")(worker_cli.probe_vram)
 app.command("plan")(worker_cli.plan)
 app.command("bench")(worker_cli.bench)
 app.command("bench-scale")(worker_cli.bench_scale)
+app.command("rerender")(worker_cli.rerender)
 
 
 @app.command()

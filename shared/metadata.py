@@ -115,6 +115,7 @@ class Reproduction(_Record):
     compute_capability: str | None
     batch_size: int
     batch_position: int = Field(description="The image's row in its denoising batch (0 first).")
+    deterministic: bool = Field(default=False, description="Rendered under FLUXFARM_DETERMINISTIC.")
 
 
 class RenderResult(_Record):

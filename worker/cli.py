@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fluxfarm.shared.errors import FarmError
+from fluxfarm.shared.jobs import parse_dataset_name, parse_job_id
 from fluxfarm.shared.ladder import parse_level
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.units import MIB
@@ -378,3 +379,42 @@ def bench_scale(
     run_scale_bench(
         [int(n) for n in backlogs.split(",") if n.strip()], [int(n) for n in datasets.split(",") if n.strip()], row
     )
+
+
+def rerender(
+    dataset: Annotated[str, typer.Argument(help="The stored job's dataset.")],
+    job_id: Annotated[str, typer.Argument(help="The stored job's id.")],
+    model: Annotated[str, typer.Option(help="Base pipeline: a catalog name, a Hugging Face repo id or a folder.")],
+    transformer: Annotated[
+        str | None, typer.Option(help="Transformer weights (.gguf/.safetensors path, hf://, s3://); else the base's.")
+    ] = None,
+    quant: Annotated[str | None, typer.Option(help="Level to make at load (fp8, nf4); else the record's.")] = None,
+    device: Annotated[str | None, typer.Option(help="Torch device; cuda:0 when present.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Render a stored job again with the given weights and report how far the new image is from the stored
+    one (identical, or PSNR and the largest pixel difference), and every field of its reproducibility record
+    this worker does not match. Set FLUXFARM_DETERMINISTIC (here and when it was rendered) for bit-identical
+    renders on one card."""
+    _require_gpu_stack()
+    from fluxfarm.shared.storage import open_store
+    from fluxfarm.worker.model.gpu import default_device
+    from fluxfarm.worker.tools.rerender import report_lines
+    from fluxfarm.worker.tools.rerender import rerender as run_rerender
+
+    settings = WorkerSettings()
+    report = run_rerender(
+        open_store(settings),
+        parse_dataset_name(dataset),
+        parse_job_id(job_id),
+        model,
+        transformer,
+        device or default_device(),
+        settings,
+        level=parse_level(quant) if quant else None,
+    )
+    if as_json:
+        typer.echo(report.model_dump_json())
+        return
+    for line in report_lines(report):
+        typer.echo(line)

@@ -186,6 +186,13 @@ class WorkerSettings(FarmSettings):
     cuda_graphs: bool = Field(
         default=True, description="Replay each step shape as a CUDA graph on GPUs: no per-kernel launch cost."
     )
+    deterministic: bool = Field(
+        default=False,
+        description=(
+            "Renders that repeat bit for bit on one card: deterministic kernels only, and one job a batch (a "
+            "batch's rows may differ in the last bits). `fluxfarm rerender` checks an image against it."
+        ),
+    )
     compile_cache_url: str | None = Field(
         default=None,
         description=(
@@ -257,6 +264,12 @@ class WorkerSettings(FarmSettings):
             if not (width.isdigit() and height.isdigit()):
                 raise ValueError(f"warm-up size {size!r} is not WxH, e.g. 1024x1024")
         return value
+
+    @model_validator(mode="after")
+    def _deterministic_renders_alone(self) -> WorkerSettings:
+        if self.deterministic:
+            self.max_batch = 1
+        return self
 
     @model_validator(mode="after")
     def _compile_cache_is_signed(self) -> WorkerSettings:

@@ -20,6 +20,7 @@ from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxFamily, FluxModel
 from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths
 from fluxfarm.worker.model.catalog import nf4_installed
+from fluxfarm.worker.model.determinism import apply_determinism
 from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
@@ -55,6 +56,8 @@ class LoadedModel:
     level_source: Literal["file", "derived-from-bf16"] = "file"
     text_encoder_precision: EncoderPrecision = "bf16"
     vae_tiling: bool = False
+    deterministic: bool = False
+    """Loaded under FLUXFARM_DETERMINISTIC (worker/model/determinism.py)."""
 
 
 def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
@@ -167,6 +170,7 @@ def load_model(
     `level` asks for fp8 or nf4, which are made from bf16 weights; other levels are what the file holds.
     `transformer_path` is `transformer` already resolved to a local file (the worker's loadout does that).
     """
+    apply_determinism(settings.deterministic)
     dtype = compute_dtype(device)
     base = resolve_base(model, settings, with_transformer_weights=transformer is None)
     try:
@@ -201,4 +205,5 @@ def load_model(
         level_source="derived-from-bf16" if level in (QuantLevel.FP8, QuantLevel.NF4) else "file",
         text_encoder_precision=text_encoder_precision,
         vae_tiling=vae_tiling,
+        deterministic=settings.deterministic,
     )

@@ -84,4 +84,5 @@ def reproduction(model: LoadedModel, batch_size: int, batch_position: int) -> Re
         compute_capability=capability,
         batch_size=batch_size,
         batch_position=batch_position,
+        deterministic=model.deterministic,
     )

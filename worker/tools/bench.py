@@ -21,13 +21,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import BaseModel
 
 from fluxfarm.shared.adapters import LoraSpec
@@ -51,6 +49,7 @@ from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_pn
 from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.bench_parts import FluxParts, build_parts, plain_diffusers_image
 from fluxfarm.worker.tools.bench_rows import DIFFUSERS_BF16, SEED_RECIPE, BenchOptions, ImageRow, LoraFuseRow, StepRow
+from fluxfarm.worker.tools.image_agreement import agreement, pixels
 from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.vram_probe import step_inputs
 
@@ -88,19 +87,6 @@ def bench_jobs(options: BenchOptions, count: int, offset: int = 0) -> list[Rende
         )
         for i in range(offset, offset + count)
     ]
-
-
-def agreement(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """PSNR (dB, 8-bit scale) and relative L2 error of `image` against `reference`."""
-    diff = image.astype(np.float64) - reference.astype(np.float64)
-    mse = float(np.mean(diff**2))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(reference.astype(np.float64)), 1e-12))
-    return psnr, rel
-
-
-def _pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(BytesIO(png)).convert("RGB"))
 
 
 def render_as_worker(
@@ -216,7 +202,7 @@ class Bench:
 
     def _record(self, row: ImageRow, pngs: list[bytes], jobs: list[RenderJob]) -> ImageRow:
         if self.reference:
-            scores = [agreement(_pixels(png), self.reference[i]) for i, png in enumerate(pngs) if i in self.reference]
+            scores = [agreement(pixels(png), self.reference[i]) for i, png in enumerate(pngs) if i in self.reference]
             if scores:
                 row.psnr_db_vs_bf16 = float(np.mean([s[0] for s in scores]))
                 row.rel_error_vs_bf16 = float(np.mean([s[1] for s in scores]))
@@ -262,7 +248,7 @@ class Bench:
         place_pipeline(pipe, self.device, "gpu")
         pipe.set_progress_bar_config(disable=True)
         pngs = self._diffusers_run(DIFFUSERS_BF16, pipe, QuantLevel.BF16, offload=False)
-        self.reference = {i: _pixels(png) for i, png in enumerate(pngs)}
+        self.reference = {i: pixels(png) for i, png in enumerate(pngs)}
         self._release(pipe)
 
     @torch.inference_mode()
