@@ -39,6 +39,7 @@ app.command("plan")(worker_cli.plan)
 app.command("bench")(worker_cli.bench)
 app.command("bench-scale")(worker_cli.bench_scale)
 app.command("rerender")(worker_cli.rerender)
+app.command("calibrate")(worker_cli.calibrate)
 
 
 @app.command()

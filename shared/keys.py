@@ -27,6 +27,8 @@ LOST_JOBS_LOCK = "fluxfarm:lost-jobs:lock"
 """Held by the worker sweeping for lost jobs this interval."""
 LOST_JOBS_MISSING = "fluxfarm:lost-jobs:missing"
 """A hash: `<dataset>/<job id>` -> when (Redis' clock) the job was first seen without a message."""
+CALIBRATIONS = "fluxfarm:calibrations"
+"""A hash: calibration id -> its row as JSON (`fluxfarm calibrate`: a level's agreement with bf16 on given weights)."""
 WORKER_PREFIX = "fluxfarm:worker:"
 """`fluxfarm:worker:<node>`: a worker's heartbeat (its WorkerStatus as JSON), expiring with it."""
 

@@ -418,3 +418,46 @@ def rerender(
         return
     for line in report_lines(report):
         typer.echo(line)
+
+
+def calibrate(
+    model: Annotated[str, typer.Option(help="Base pipeline: a catalog name, a Hugging Face repo id or a folder.")],
+    levels: Annotated[str, typer.Option(help="Levels to measure against bf16, comma-separated.")] = "fp8,Q8_0,Q4_K",
+    prompts: Annotated[
+        Path | None, typer.Option(help="A probe set, one prompt a line; else the built-in eight.")
+    ] = None,
+    size: Annotated[str, typer.Option(help="Image size, WxH.")] = "1024x1024",
+    steps: Annotated[int, typer.Option(min=1, max=100, help="Denoising steps per image.")] = 28,
+    device: Annotated[str | None, typer.Option(help="Torch device; cuda:0 when present.")] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the rows in the farm's Redis (FLUXFARM_BROKER_URL).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a level.")] = False,
+) -> None:
+    """How far each level renders from bf16 on these weights and this card: the probe set rendered at bf16 and
+    at each level (loaded as a worker loads it), mean PSNR and SSIM against bf16, and LPIPS where its weights
+    are on this machine (otherwise the row says it was not measured)."""
+    _require_gpu_stack()
+    from fluxfarm.shared.redis_conn import open_redis
+    from fluxfarm.worker.model.gpu import default_device
+    from fluxfarm.worker.tools.calibrate import PROBE_PROMPTS, Calibration, keep_calibration
+    from fluxfarm.worker.tools.calibrate import calibrate as run_calibrate
+
+    settings = WorkerSettings()
+    probe = [line.strip() for line in prompts.read_text().splitlines() if line.strip()] if prompts else PROBE_PROMPTS
+    width, height = _sizes(size)[0]
+    client = open_redis(settings) if keep else None
+
+    def row(found: Calibration) -> None:
+        if client is not None:
+            keep_calibration(client, found)
+        if as_json:
+            typer.echo(found.model_dump_json())
+            return
+        psnr = "identical" if found.psnr_db is None else f"PSNR {found.psnr_db:.2f} dB"
+        perceptual = f"{found.perceptual_metric} {found.perceptual:.4f}" if found.perceptual is not None else "-"
+        typer.echo(f"{found.level:>6}  {psnr:>16}  SSIM {found.ssim:.4f}  {perceptual}  ({found.id[:12]})")
+
+    rows = run_calibrate(settings, model, _levels(levels), probe, width, height, steps, device or default_device(), row)
+    if not as_json and rows:
+        typer.echo(
+            f"{len(probe)} images a level, {width}x{height}, {steps} steps; perceptual: {rows[0].perceptual_note}"
+        )
