@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeGuard
 from pydantic import BaseModel
 
 from fluxfarm.shared.jobs import RenderJob
-from fluxfarm.shared.metadata import RenderResult, read_result
+from fluxfarm.shared.metadata import CalibrationCite, RenderResult, read_result
 from fluxfarm.shared.storage import PNG_CONTENT_TYPE, ObjectStore, ResultKeys
 from fluxfarm.shared.units import GIB
 
@@ -90,9 +90,17 @@ def flat_row(result: RenderResult) -> dict[str, Any]:
     for name, value in data.items():
         if _is_section(RenderResult.model_fields[name].annotation):
             row.update({f"{name}_{field}": _cell(inner) for field, inner in value.items()})
+        elif name in FILTERABLE_SECTIONS:
+            fields = FILTERABLE_SECTIONS[name].model_fields
+            row.update({f"{name}_{field}": _cell(value[field]) if value else None for field in fields})
         else:
             row[name] = _cell(value)
     return row
+
+
+FILTERABLE_SECTIONS: dict[str, type[BaseModel]] = {"calibration": CalibrationCite}
+"""Optional sections flattened into columns (null where absent) so a dataset can be filtered by them: the
+calibration's figures (calibration_psnr_db, calibration_ssim, ...). Other optional records are one JSON column."""
 
 
 def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
@@ -139,6 +147,8 @@ def flat_schema() -> pa.Schema:
             continue
         if _is_section(info.annotation):
             fields.update({f"{name}_{inner}": kind for inner, kind in _flat_fields(info.annotation).items()})
+        elif name in FILTERABLE_SECTIONS:
+            fields.update({f"{name}_{inner}": kind for inner, kind in _flat_fields(FILTERABLE_SECTIONS[name]).items()})
         else:
             fields[name] = _arrow_type(info.annotation)
     return pa.schema(list(fields.items()))

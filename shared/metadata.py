@@ -118,6 +118,19 @@ class Reproduction(_Record):
     deterministic: bool = Field(default=False, description="Rendered under FLUXFARM_DETERMINISTIC.")
 
 
+class CalibrationCite(_Record):
+    """The calibration of the level an image was rendered at (shared/calibration.py): how far that level is
+    from bf16 on these weights, card and fast paths, measured by `fluxfarm calibrate` over its probe set."""
+
+    id: str
+    psnr_db: float | None = Field(description="Over the probe set; None where the level renders bf16's pixels.")
+    ssim: float
+    perceptual: float | None
+    perceptual_metric: str | None
+    images: int
+    gpu: str | None
+
+
 class RenderResult(_Record):
     """One rendered job. Stored as `<job_id>.json` and returned by the task."""
 
@@ -137,6 +150,9 @@ class RenderResult(_Record):
     image: ImageInfo
     metadata_key: str
     fluxfarm_version: str
+    calibration: CalibrationCite | None = Field(
+        default=None, description="The calibration of this level on these weights, where one was measured."
+    )
     reproduction: Reproduction | None = Field(
         default=None, description="Everything else that decides the pixels (absent in records of fluxfarm < 0.2)."
     )

@@ -436,9 +436,10 @@ def calibrate(
     at each level (loaded as a worker loads it), mean PSNR and SSIM against bf16, and LPIPS where its weights
     are on this machine (otherwise the row says it was not measured)."""
     _require_gpu_stack()
+    from fluxfarm.shared.calibration import Calibration, keep_calibration
     from fluxfarm.shared.redis_conn import open_redis
     from fluxfarm.worker.model.gpu import default_device
-    from fluxfarm.worker.tools.calibrate import PROBE_PROMPTS, Calibration, keep_calibration
+    from fluxfarm.worker.tools.calibrate import PROBE_PROMPTS
     from fluxfarm.worker.tools.calibrate import calibrate as run_calibrate
 
     settings = WorkerSettings()

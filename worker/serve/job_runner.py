@@ -37,6 +37,7 @@ from fluxfarm.shared.rates import RATE_WINDOW_S, per_hour
 from fluxfarm.shared.storage import ResultKeys
 from fluxfarm.worker.model.reproduction import reproduction
 from fluxfarm.worker.render.batcher import RenderBatcher
+from fluxfarm.worker.serve.calibration_cites import CalibrationCites
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.metrics import Outcome, WorkerMetrics
 from fluxfarm.worker.serve.redis_writes import unless_redis_is_down
@@ -96,9 +97,11 @@ class JobRunner:
         load_s: float,
         metrics: WorkerMetrics,
         serves: FluxModel = LEGACY_MODEL,
+        cites: CalibrationCites | None = None,
     ) -> None:
         self._batcher = batcher
         self._serves = serves
+        self._cites = cites
         self._book = book
         self._claims = claims
         self._first_level = batcher.engine.model.level
@@ -270,6 +273,7 @@ class JobRunner:
             ),
             metadata_key=keys.metadata,
             fluxfarm_version=__version__,
+            calibration=self._cites.for_model(model) if self._cites is not None and model.pipe is not None else None,
             reproduction=(
                 reproduction(model, rendered.batch_size, rendered.batch_position) if model.pipe is not None else None
             ),

@@ -34,6 +34,7 @@ from fluxfarm.shared.storage import ObjectStore
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.gpu import compute_capability, vram_peak_bytes
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
+from fluxfarm.worker.serve.calibration_cites import CalibrationCites
 from fluxfarm.worker.serve.engine_loader import EngineLoader
 from fluxfarm.worker.serve.heartbeat import Heartbeat
 from fluxfarm.worker.serve.job_runner import JobRunner
@@ -137,7 +138,16 @@ class WorkerRuntime:
         )
         results = ResultStore(store, settings.storage_retry_s)
         self.runner = JobRunner(
-            self.batcher, results, book, claims, retries, worker, load_s, metrics, serves=loader.flux_model
+            self.batcher,
+            results,
+            book,
+            claims,
+            retries,
+            worker,
+            load_s,
+            metrics,
+            serves=loader.flux_model,
+            cites=CalibrationCites(client),
         )
         in_flight = InFlight()
         register_render_task(app, self.runner, in_flight)

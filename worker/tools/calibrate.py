@@ -17,11 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import redis
 import torch
-from pydantic import BaseModel
 
-from fluxfarm.shared import keys
+from fluxfarm.shared.calibration import Calibration
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import WorkerInfo
@@ -45,38 +43,12 @@ PROBE_PROMPTS = (
 DATASET = "fluxfarm-calibration"
 
 
-class Calibration(BaseModel):
-    """One level's agreement with bf16 on one transformer's weights, card and fast paths."""
-
-    id: str
-    """sha256 of what it is valid for: the bf16 transformer's weights, level, fast paths, probe set, size, steps."""
-    model: str
-    flux_model: FluxModel
-    base_transformer_sha256: str
-    level: str
-    transformer_sha256: str
-    fast_paths: dict[str, Any]
-    gpu: str | None
-    probe_sha256: str
-    images: int
-    width: int
-    height: int
-    steps: int
-    psnr_db: float | None
-    """Mean over the probe set; None where every image is identical to bf16's."""
-    ssim: float
-    perceptual: float | None
-    perceptual_metric: str | None
-    perceptual_note: str
-    created_at: datetime
-
-
 def ssim(image: np.ndarray, reference: np.ndarray) -> float:
     """SSIM (torchmetrics: Gaussian window 11, sigma 1.5) of two 8-bit RGB images."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     def tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).double() / 255.0
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).double() / 255.0
 
     return float(structural_similarity_index_measure(tensor(image), tensor(reference), data_range=1.0))
 
@@ -95,7 +67,7 @@ def perceptual_metric() -> tuple[Callable[[np.ndarray, np.ndarray], float] | Non
 
     def distance(image: np.ndarray, reference: np.ndarray) -> float:
         def tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+            return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255.0
 
         return float(metric(tensor(image), tensor(reference)))
 
@@ -194,12 +166,3 @@ def calibrate(
         rows.append(row)
         on_row(row)
     return rows
-
-
-def keep_calibration(client: redis.Redis, row: Calibration) -> None:
-    """Into the farm's Redis, under its id: a later row for the same weights, level and fast paths replaces it."""
-    client.hset(keys.CALIBRATIONS, row.id, row.model_dump_json())
-
-
-def read_calibrations(client: redis.Redis) -> list[Calibration]:
-    return [Calibration.model_validate_json(raw) for raw in client.hvals(keys.CALIBRATIONS)]

@@ -10,8 +10,8 @@ from pathlib import Path
 import redis
 
 from fluxfarm.producer.local_stack import RedisServer
+from fluxfarm.shared.calibration import read_calibrations
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.tools.calibrate import read_calibrations
 from tests.conftest import run_fluxfarm
 
 
@@ -56,3 +56,74 @@ def test_levels_are_measured_against_bf16_and_kept(tiny_model: Path, redis_serve
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Q2_K" in again.stdout and "SSIM" in again.stdout
     assert {row.id for row in read_calibrations(client)} == set(kept)  # the same calibrations, replaced
+
+
+def test_a_worker_cites_its_level_s_calibration_and_exports_carry_it(
+    tiny_model: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    from fluxfarm.producer.export import export_dataset
+    from fluxfarm.shared.calibration import keep_calibration
+    from fluxfarm.shared.datasets import DatasetBook
+    from fluxfarm.shared.job_records import SentJob
+    from fluxfarm.shared.jobs import parse_job
+    from fluxfarm.shared.local_store import LocalStore
+    from fluxfarm.shared.metadata import WorkerInfo
+    from fluxfarm.worker.render.batcher import RenderBatcher
+    from fluxfarm.worker.serve.calibration_cites import CalibrationCites
+    from fluxfarm.worker.serve.engine_loader import EngineLoader
+    from fluxfarm.worker.serve.job_runner import JobRunner
+    from fluxfarm.worker.serve.leases import JobClaims
+    from fluxfarm.worker.serve.metrics import WorkerMetrics
+    from fluxfarm.worker.serve.result_store import ResultStore
+    from fluxfarm.worker.serve.retry_policy import RetryPolicy
+    from fluxfarm.worker.settings import WorkerSettings
+    from fluxfarm.worker.tools.calibrate import calibrate
+    from fluxfarm.worker.tools.tiny_model import gguf_path
+
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[models."{tiny_model}"]\nQ8_0 = "{gguf_path(tiny_model, QuantLevel.Q8_0)}"\n')
+    settings = WorkerSettings(
+        broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}", cache_dir=tmp_path / "c", catalog=catalog
+    )
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete("fluxfarm:calibrations")
+    rows = calibrate(settings, str(tiny_model), [QuantLevel.Q8_0], ["a lighthouse"], 256, 256, 2, "cpu", lambda _: None)
+    for row in rows:
+        keep_calibration(client, row)
+    q8 = rows[1]
+
+    worker = WorkerInfo(node="w-cite", hostname="here", device="cpu", gpu_name=None, vram_gib=None)
+    loader = EngineLoader(
+        settings.model_copy(update={"level": QuantLevel.Q8_0}), str(tiny_model), None, "cpu", worker, WorkerMetrics()
+    )
+    engine, _ = loader.load()
+    book = DatasetBook(client)
+    batcher = RenderBatcher(engine, 1, 0.0)
+    runner = JobRunner(
+        batcher,
+        ResultStore(LocalStore(tmp_path / "out"), 1.0),
+        book,
+        JobClaims(client, worker.node, 30.0),
+        RetryPolicy(client, book, worker.node, 3, 1.0, 60.0),
+        worker,
+        0.0,
+        WorkerMetrics(),
+        cites=CalibrationCites(client),
+    )
+    job = parse_job({"prompt": "a fox", "width": 256, "height": 256, "steps": 2, "dataset": "cited"})
+    book.note_queued(job.dataset, [SentJob.of(job, 3, "2026-12-05T00:00:00+00:00", False)])
+    try:
+        result = runner.run(job.model_dump(mode="json"))
+    finally:
+        batcher.close()
+    assert result.calibration is not None and result.calibration.id == q8.id
+    assert (result.calibration.psnr_db, result.calibration.ssim) == (q8.psnr_db, q8.ssim)
+
+    export_dataset(LocalStore(tmp_path / "out"), "cited", "parquet", LocalStore(tmp_path / "export"))
+    (table_file,) = (tmp_path / "export").rglob("*.parquet")
+    table = pq.read_table(table_file).to_pylist()
+    assert [(r["calibration_id"], r["calibration_psnr_db"], r["calibration_ssim"]) for r in table] == [
+        (q8.id, q8.psnr_db, q8.ssim)
+    ]
