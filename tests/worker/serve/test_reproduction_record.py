@@ -12,23 +12,14 @@ import redis
 from safetensors.torch import load_file, save_file
 
 from fluxfarm.producer.local_stack import RedisServer
-from fluxfarm.shared.datasets import DatasetBook
-from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import parse_job
-from fluxfarm.shared.local_store import LocalStore
-from fluxfarm.shared.metadata import RenderResult, WorkerInfo
+from fluxfarm.shared.metadata import RenderResult
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.model.reproduction import reproduction
-from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
-from fluxfarm.worker.serve.job_runner import JobRunner
-from fluxfarm.worker.serve.leases import JobClaims
-from fluxfarm.worker.serve.metrics import WorkerMetrics
-from fluxfarm.worker.serve.result_store import ResultStore
-from fluxfarm.worker.serve.retry_policy import RetryPolicy
 from fluxfarm.worker.settings import WorkerSettings
+from tests.job_runner_harness import in_process_runner
 
-WORKER = WorkerInfo(node="w-record", hostname="here", device="cpu", gpu_name=None, vram_gib=None)
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 
 
@@ -46,25 +37,16 @@ def test_a_worker_render_fills_every_field_of_the_record(
     loaded = load_model(str(tiny_model), None, "cpu", _settings(tmp_path))
     client = redis.Redis.from_url(redis_server.url)
     client.flushdb()
-    book = DatasetBook(client)
-    batcher = RenderBatcher(RenderEngine(loaded, max_batch=2, embedding_cache=0), 2, 0.5)
-    runner = JobRunner(
-        batcher,
-        ResultStore(LocalStore(tmp_path / "out"), 1.0),
-        book,
-        JobClaims(client, WORKER.node, 30.0),
-        RetryPolicy(client, book, WORKER.node, 3, 1.0, 60.0),
-        WORKER,
-        0.0,
-        WorkerMetrics(),
+    farm = in_process_runner(
+        RenderEngine(loaded, max_batch=2, embedding_cache=0), client, tmp_path / "out", "w-record", 2, 0.5
     )
     jobs = [parse_job({"prompt": f"a lighthouse {i}", "width": 256, "height": 256, "steps": 1}) for i in range(2)]
-    book.note_queued(jobs[0].dataset, [SentJob.of(job, 3, "2026-12-05T00:00:00+00:00", False) for job in jobs])
+    farm.queue(*jobs)
     try:
         with ThreadPoolExecutor(2) as pool:  # two task threads: the batcher renders them as one batch
-            results: list[RenderResult] = list(pool.map(lambda job: runner.run(job.model_dump(mode="json")), jobs))
+            results: list[RenderResult] = list(pool.map(farm.run, jobs))
     finally:
-        batcher.close()
+        farm.batcher.close()
     stored = [RenderResult.model_validate_json((tmp_path / "out" / r.metadata_key).read_bytes()) for r in results]
     records = [result.reproduction for result in stored]
     assert all(record is not None for record in records)

@@ -13,6 +13,7 @@ from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared.calibration import read_calibrations
 from fluxfarm.shared.ladder import QuantLevel
 from tests.conftest import run_fluxfarm
+from tests.job_runner_harness import in_process_runner
 
 
 def test_levels_are_measured_against_bf16_and_kept(tiny_model: Path, redis_server: RedisServer, tmp_path: Path) -> None:
@@ -65,19 +66,12 @@ def test_a_worker_cites_its_level_s_calibration_and_exports_carry_it(
 
     from fluxfarm.producer.export import export_dataset
     from fluxfarm.shared.calibration import keep_calibration
-    from fluxfarm.shared.datasets import DatasetBook
-    from fluxfarm.shared.job_records import SentJob
     from fluxfarm.shared.jobs import parse_job
     from fluxfarm.shared.local_store import LocalStore
     from fluxfarm.shared.metadata import WorkerInfo
-    from fluxfarm.worker.render.batcher import RenderBatcher
     from fluxfarm.worker.serve.calibration_cites import CalibrationCites
     from fluxfarm.worker.serve.engine_loader import EngineLoader
-    from fluxfarm.worker.serve.job_runner import JobRunner
-    from fluxfarm.worker.serve.leases import JobClaims
     from fluxfarm.worker.serve.metrics import WorkerMetrics
-    from fluxfarm.worker.serve.result_store import ResultStore
-    from fluxfarm.worker.serve.retry_policy import RetryPolicy
     from fluxfarm.worker.settings import WorkerSettings
     from fluxfarm.worker.tools.calibrate import calibrate
     from fluxfarm.worker.tools.tiny_model import gguf_path
@@ -94,30 +88,16 @@ def test_a_worker_cites_its_level_s_calibration_and_exports_carry_it(
         keep_calibration(client, row)
     q8 = rows[1]
 
+    at_q8 = settings.model_copy(update={"level": QuantLevel.Q8_0})
     worker = WorkerInfo(node="w-cite", hostname="here", device="cpu", gpu_name=None, vram_gib=None)
-    loader = EngineLoader(
-        settings.model_copy(update={"level": QuantLevel.Q8_0}), str(tiny_model), None, "cpu", worker, WorkerMetrics()
-    )
-    engine, _ = loader.load()
-    book = DatasetBook(client)
-    batcher = RenderBatcher(engine, 1, 0.0)
-    runner = JobRunner(
-        batcher,
-        ResultStore(LocalStore(tmp_path / "out"), 1.0),
-        book,
-        JobClaims(client, worker.node, 30.0),
-        RetryPolicy(client, book, worker.node, 3, 1.0, 60.0),
-        worker,
-        0.0,
-        WorkerMetrics(),
-        cites=CalibrationCites(client),
-    )
+    engine, _ = EngineLoader(at_q8, str(tiny_model), None, "cpu", worker, WorkerMetrics()).load()
+    farm = in_process_runner(engine, client, tmp_path / "out", "w-cite", cites=CalibrationCites(client))
     job = parse_job({"prompt": "a fox", "width": 256, "height": 256, "steps": 2, "dataset": "cited"})
-    book.note_queued(job.dataset, [SentJob.of(job, 3, "2026-12-05T00:00:00+00:00", False)])
+    farm.queue(job)
     try:
-        result = runner.run(job.model_dump(mode="json"))
+        result = farm.run(job)
     finally:
-        batcher.close()
+        farm.batcher.close()
     assert result.calibration is not None and result.calibration.id == q8.id
     assert (result.calibration.psnr_db, result.calibration.ssim) == (q8.psnr_db, q8.ssim)
 

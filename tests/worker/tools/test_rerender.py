@@ -11,24 +11,13 @@ import pytest
 import redis
 
 from fluxfarm.producer.local_stack import RedisServer
-from fluxfarm.shared.datasets import DatasetBook
-from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.local_store import LocalStore
-from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.worker.model.pipeline import load_model
-from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
-from fluxfarm.worker.serve.job_runner import JobRunner
-from fluxfarm.worker.serve.leases import JobClaims
-from fluxfarm.worker.serve.metrics import WorkerMetrics
-from fluxfarm.worker.serve.result_store import ResultStore
-from fluxfarm.worker.serve.retry_policy import RetryPolicy
 from fluxfarm.worker.settings import WorkerSettings
 from tests.conftest import run_fluxfarm
-
-WORKER = WorkerInfo(node="w-rerender", hostname="here", device="cpu", gpu_name=None, vram_gib=None)
+from tests.job_runner_harness import in_process_runner
 
 
 def _store_one(
@@ -40,25 +29,14 @@ def _store_one(
     settings = WorkerSettings(storage_url=f"file://{folder / 'out'}", cache_dir=folder / "cache", deterministic=True)
     transformer = str(gguf_path(tiny_model, level)) if level else None
     loaded = load_model(str(tiny_model), transformer, "cpu", settings)
-    client = redis.Redis.from_url(redis_server.url)
-    book = DatasetBook(client)
-    batcher = RenderBatcher(RenderEngine(loaded, 1, 0, settings=settings), 1, 0.0)
-    runner = JobRunner(
-        batcher,
-        ResultStore(LocalStore(folder / "out"), 1.0),
-        book,
-        JobClaims(client, WORKER.node, 30.0),
-        RetryPolicy(client, book, WORKER.node, 3, 1.0, 60.0),
-        WORKER,
-        0.0,
-        WorkerMetrics(),
-    )
+    engine = RenderEngine(loaded, 1, 0, settings=settings)
+    farm = in_process_runner(engine, redis.Redis.from_url(redis_server.url), folder / "out", "w-rerender")
     job = parse_job({"prompt": prompt, "width": 256, "height": 256, "steps": 2, "dataset": "again"})
-    book.note_queued(job.dataset, [SentJob.of(job, 3, "2026-12-05T00:00:00+00:00", False)])
+    farm.queue(job)
     try:
-        runner.run(job.model_dump(mode="json"))
+        farm.run(job)
     finally:
-        batcher.close()
+        farm.batcher.close()
     return job
 
 
