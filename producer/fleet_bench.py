@@ -94,7 +94,8 @@ def _jobs(count: int, offset: int = 0) -> list[dict[str, object]]:
     ]
 
 
-def _settings(url: str, store: Path) -> ProducerSettings:
+def bench_settings(url: str, store: Path) -> ProducerSettings:
+    """A producer of a private bench farm: its Redis at `url`, a local store, no gateway."""
     return ProducerSettings(broker_url=url, result_backend_url=url, storage_url=f"file://{store}", api_url=None)
 
 
@@ -103,7 +104,7 @@ def _queued_bytes(folder: Path, jobs: int) -> float:
     with RedisServer(folder / "redis-queued") as server:
         broker = redis.Redis.from_url(server.url)
         before = int(broker.info("memory")["used_memory"])
-        with FarmClient(_settings(server.url, folder / "store-queued")) as farm:
+        with FarmClient(bench_settings(server.url, folder / "store-queued")) as farm:
             farm.submit_stream(_jobs(jobs))
         after = int(broker.info("memory")["used_memory"])
         broker.close()
@@ -143,7 +144,7 @@ def run_fleet_bench(workers: int, jobs: int, timeout_s: float = 3600.0) -> Fleet
                 calls = _command_calls(broker)
                 cpu, redis_cpu = sum(_cpu_s(pid) for pid in pids), _redis_cpu_s(broker)
                 begin = time.perf_counter()
-                with FarmClient(_settings(server.url, store)) as farm:
+                with FarmClient(bench_settings(server.url, store)) as farm:
                     farm.submit_stream(_jobs(jobs))
                     record = farm.dataset_record(DATASET)
                     while record.done + record.failed < jobs:

@@ -19,12 +19,11 @@ import hashlib
 import hmac
 import json
 import logging
-from importlib import metadata
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fluxfarm.shared import __version__
+from fluxfarm.shared import __version__, package_version
 from fluxfarm.shared.errors import ObjectExists, StorageError
 from fluxfarm.shared.storage import ObjectStore
 from fluxfarm.shared.units import MIB
@@ -34,13 +33,6 @@ log = logging.getLogger(__name__)
 BLOB_CONTENT_TYPE = "application/octet-stream"
 _MAC_BYTES = 32
 _FOLDER = "compile-cache"
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 class CompileCacheKey(BaseModel):
@@ -73,8 +65,8 @@ class CompileCacheKey(BaseModel):
             device=torch.cuda.get_device_name(dev) if cuda else "cpu",
             capability=capability,
             torch=torch.__version__,
-            triton=_version("triton"),
-            diffusers=_version("diffusers"),
+            triton=package_version("triton"),
+            diffusers=package_version("diffusers"),
             fluxfarm=__version__,
             model=model,
             level=level,

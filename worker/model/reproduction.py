@@ -5,12 +5,12 @@ read once at load; the engine adds each image's place in its batch."""
 from __future__ import annotations
 
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fluxfarm.shared import package_version
 from fluxfarm.shared.metadata import Reproduction
 from fluxfarm.worker.model.file_digest import DigestCache
 
@@ -31,22 +31,15 @@ def component_digests(base: Path, digests: DigestCache) -> dict[str, str]:
     return found
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 @cache
 def library_versions() -> dict[str, str]:
     """Read once a process: looking packages up costs milliseconds, and they do not change under it."""
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "torch": torch.__version__,
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda or "none",
         "cudnn": str(cudnn) if cudnn else "none",
     }

@@ -43,14 +43,16 @@ PROBE_PROMPTS = (
 DATASET = "fluxfarm-calibration"
 
 
+def _chw(array: np.ndarray) -> torch.Tensor:
+    """An 8-bit HxWx3 image as a 1x3xHxW tensor in [0, 1], as the metrics take it."""
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).double() / 255.0
+
+
 def ssim(image: np.ndarray, reference: np.ndarray) -> float:
     """SSIM (torchmetrics: Gaussian window 11, sigma 1.5) of two 8-bit RGB images."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    def tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).double() / 255.0
-
-    return float(structural_similarity_index_measure(tensor(image), tensor(reference), data_range=1.0))
+    return float(structural_similarity_index_measure(_chw(image), _chw(reference), data_range=1.0))
 
 
 def perceptual_metric() -> tuple[Callable[[np.ndarray, np.ndarray], float] | None, str]:
@@ -66,10 +68,7 @@ def perceptual_metric() -> tuple[Callable[[np.ndarray, np.ndarray], float] | Non
         return None, f"LPIPS weights not present on this machine ({type(error).__name__}); not measured"
 
     def distance(image: np.ndarray, reference: np.ndarray) -> float:
-        def tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-
-        return float(metric(tensor(image), tensor(reference)))
+        return float(metric(_chw(image).float(), _chw(reference).float()))
 
     return distance, "LPIPS (AlexNet)"
 

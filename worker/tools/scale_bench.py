@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.exporter import FarmCollector
+from fluxfarm.producer.fleet_bench import bench_settings
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.producer.status import read_status
@@ -50,10 +51,6 @@ class ScaleRow(BaseModel):
     """One lost-job sweep, as the worker holding the sweep lock runs it."""
     sweep_complete: bool
     """False when the sweep gave up its round (queues past its scan bounds): nothing is resent then."""
-
-
-def _settings(url: str, store: Path) -> ProducerSettings:
-    return ProducerSettings(broker_url=url, result_backend_url=url, storage_url=f"file://{store}", api_url=None)
 
 
 def _timed(action: Callable[[], object]) -> tuple[float, object]:
@@ -113,7 +110,7 @@ def run_scale_bench(backlogs: list[int], dataset_counts: list[int], on_row: Call
         folder = Path(tmp)
         for index, backlog in enumerate(sorted(backlogs)):
             with RedisServer(folder / f"redis-backlog-{index}") as server:
-                settings = _settings(server.url, folder / f"store-{index}")
+                settings = bench_settings(server.url, folder / f"store-{index}")
                 client = redis.Redis.from_url(server.url)
                 with FarmClient(settings) as farm:
                     submit_s, _ = _timed(lambda farm=farm, n=backlog: farm.submit_stream(_jobs(1, n, BACKLOG_DATASET)))
@@ -124,7 +121,7 @@ def run_scale_bench(backlogs: list[int], dataset_counts: list[int], on_row: Call
                 client.close()
         for index, count in enumerate(sorted(dataset_counts)):
             with RedisServer(folder / f"redis-datasets-{index}") as server:
-                settings = _settings(server.url, folder / f"store-datasets-{index}")
+                settings = bench_settings(server.url, folder / f"store-datasets-{index}")
                 client = redis.Redis.from_url(server.url)
                 with FarmClient(settings) as farm:
                     submit_s, _ = _timed(lambda farm=farm, n=count: farm.submit_stream(_jobs(n, 1, "scale")))
