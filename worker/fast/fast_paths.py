@@ -70,6 +70,19 @@ def compile_blocks(transformer: FluxTransformer2DModel) -> None:
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
 
 
+def encoder_fast_paths(encoder: torch.nn.Module, device: str) -> int:
+    """A quantized text encoder that encodes on `device`: Q4_K layers on the Triton kernels, fp8 layers on fp8
+    tensor cores, where the card runs them (the one-off encode needs neither compile nor graphs). Returns how
+    many layers were switched."""
+    dev = torch.device(device)
+    if not triton_available(dev):
+        return 0
+    from fluxfarm.worker.quant.gguf.linear import use_triton_gguf
+
+    switched = use_triton_gguf(encoder)
+    return switched + (use_fp8_tensor_cores(encoder) if fp8_tensor_cores_work(dev) else 0)
+
+
 def apply_fast_paths(
     transformer: FluxTransformer2DModel,
     device: str,

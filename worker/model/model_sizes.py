@@ -20,7 +20,8 @@ from typing import Literal
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
 
-EncoderPrecision = Literal["bf16", "fp8"]
+EncoderPrecision = Literal["bf16", "fp8", "Q4_K"]
+"""Best first. Q4_K: every Linear whose rows hold whole blocks; embeddings stay bf16."""
 ENCODE_TOKENS = 512
 
 
@@ -87,7 +88,7 @@ SIZES: dict[Architecture, ArchitectureSizes] = {
     ),
     Architecture.FLUX_2_DEV: ArchitectureSizes(
         _levels(60.021, 30.259, 32.104, 24.893, 20.938, 22.799, 20.938, 17.216, 19.077, 17.216, 13.261, 10.237),
-        {"bf16": 32.305, "fp8": 16.787},
+        {"bf16": 32.305, "fp8": 16.787, "Q4_K": 9.985},
         17.34e9,
         2.1,
         0.157,
@@ -97,7 +98,7 @@ SIZES: dict[Architecture, ArchitectureSizes] = {
     ),
     Architecture.FLUX_2_KLEIN_4B: ArchitectureSizes(
         _levels(7.219, 3.663, 3.882, 3.020, 2.547, 2.769, 2.547, 2.102, 2.324, 2.102, 1.629, 1.268),
-        {"bf16": 5.8, "fp8": 3.266},
+        {"bf16": 5.8, "fp8": 3.266, "Q4_K": 2.152},
         3.11e9,
         0.85,
         0.157,
@@ -107,7 +108,7 @@ SIZES: dict[Architecture, ArchitectureSizes] = {
     ),
     Architecture.FLUX_2_KLEIN_9B: ArchitectureSizes(
         _levels(16.910, 8.557, 9.073, 7.049, 5.938, 6.461, 5.938, 4.894, 5.416, 4.894, 3.783, 2.934),
-        {"bf16": 10.863, "fp8": 6.015},
+        {"bf16": 10.863, "fp8": 6.015, "Q4_K": 3.889},
         5.83e9,
         1.2,
         0.157,

@@ -18,7 +18,7 @@ from fluxfarm.shared.errors import ModelLoadError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxFamily, FluxModel
-from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths
+from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths, encoder_fast_paths
 from fluxfarm.worker.model.catalog import nf4_installed
 from fluxfarm.worker.model.determinism import apply_determinism
 from fluxfarm.worker.model.families import FAMILIES
@@ -28,7 +28,7 @@ from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement, Plan
 from fluxfarm.worker.model.reproduction import component_digests
 from fluxfarm.worker.model.sources import resolve_base, resolve_file
 from fluxfarm.worker.model.text_encoders import prepare_text_encoder
-from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
+from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
 from fluxfarm.worker.quant.gguf.writer import gguf_level
 from fluxfarm.worker.settings import WorkerSettings
 
@@ -141,13 +141,13 @@ def ready_pipeline(
     settings: WorkerSettings,
 ) -> FastPaths:
     """Place the components as planned, tile the decode if planned, and switch on the fast paths: the
-    transformer's, and fp8 tensor cores for an fp8 text encoder that encodes on the GPU."""
+    transformer's, and the quantized kernels for a text encoder that encodes on the GPU."""
     place_pipeline(pipe, device, text_encoders)
     if vae_tiling:
         enable_vae_tiling(pipe.vae, VAE_TILE_PX)
     pipe.set_progress_bar_config(disable=True)
-    if text_encoders != "cpu" and settings.fast_kernels and fp8_tensor_cores_work(torch.device(device)):
-        use_fp8_tensor_cores(pipe.text_encoder)
+    if text_encoders != "cpu" and settings.fast_kernels:
+        encoder_fast_paths(pipe.text_encoder, device)
     return apply_fast_paths(
         pipe.transformer, device, settings.fast_kernels, settings.attention, settings.compile, settings.cuda_graphs
     )
@@ -185,7 +185,7 @@ def load_model(
             to_scaled_fp8(flux_transformer, dtype)
             held = QuantLevel.FP8.value
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
-        prepare_text_encoder(pipe.text_encoder, family, text_encoder_precision, dtype)
+        prepare_text_encoder(pipe.text_encoder, family, text_encoder_precision, dtype, device)
         fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
     except ModelLoadError:
         raise

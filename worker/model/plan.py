@@ -18,8 +18,8 @@ it). Where fp8 cannot run both policies choose alike: every other level is slowe
 so the fastest that fits is the best that fits.
 
 Each level is tried with every encoder arrangement before the next level down: encoders resident on the
-GPU in bf16, then (for FLUX.2's LLM encoders) in fp8, then swapped in per encode phase or run on the CPU,
-whichever is faster.
+GPU in bf16, then (for FLUX.2's LLM encoders) in fp8, then swapped in per encode phase in bf16 or fp8, then
+(FLUX.2) resident or swapped in Q4_K, then run on the CPU (before the swaps where that is the faster).
 """
 
 from __future__ import annotations
@@ -209,27 +209,39 @@ def _peaks(
     return peaks, {name: round(value, 3) for name, value in components.items()}
 
 
-def _encode_choice(level: QuantLevel, precision: EncoderPrecision, inputs: PlanInputs) -> tuple[list[Placement], str]:
-    """gpu-swap or cpu first, by estimated seconds per prompt."""
+def _seconds_per_encode(level: QuantLevel, precision: EncoderPrecision, inputs: PlanInputs) -> tuple[float, float]:
+    """Estimated seconds a swapped encode phase costs (both ways over PCIe) and a CPU encode of one prompt."""
     sizes = sizes_of(inputs.model)
-    moved_gib = 2 * (sizes.transformer(level) + sizes.encoders_gib[precision])
-    swap_s = moved_gib / PCIE_GIB_S
+    swap_s = 2 * (sizes.transformer(level) + sizes.encoders_gib[precision]) / PCIE_GIB_S
     cpu_s = 2 * sizes.encoder_parameters * ENCODE_TOKENS / 1e12 / CPU_ENCODER_TFLOPS
-    order: list[Placement] = ["gpu-swap", "cpu"] if swap_s <= cpu_s else ["cpu", "gpu-swap"]
-    return order, f"encoders: swapping costs ~{swap_s:.1f}s per encode phase, a CPU encode ~{cpu_s:.1f}s per prompt"
+    return swap_s, cpu_s
+
+
+def _encode_reason(level: QuantLevel, precision: EncoderPrecision, inputs: PlanInputs) -> str:
+    swap_s, cpu_s = _seconds_per_encode(level, precision, inputs)
+    return f"encoders: swapping costs ~{swap_s:.1f}s per encode phase, a CPU encode ~{cpu_s:.1f}s per prompt"
+
+
+LOSSY_ENCODER_PRECISIONS: tuple[EncoderPrecision, ...] = ("Q4_K",)
+"""A 4-bit LLM encoder changes the embeddings more than fp8 does: a last resort before the CPU."""
 
 
 def _arrangements(level: QuantLevel, inputs: PlanInputs) -> list[tuple[Placement, EncoderPrecision, str]]:
-    """Where and at which precision the encoders may live, best first: resident beats moved, bf16 beats fp8 at
-    the same place, and of the moved places the faster one comes first (a CPU encode of FLUX.2 [dev]'s
-    encoder takes half a minute a prompt: a swap of its fp8 copy beats it)."""
+    """Where and at which precision the encoders may live, best first: resident beats swapped, bf16 beats fp8,
+    and both beat Q4_K at any place on the GPU; a CPU encode (bf16) comes last, or before the swaps where it is
+    the faster (a CPU encode of FLUX.2 [dev]'s encoder takes half a minute a prompt: a swap of its Q4_K copy
+    beats it, and the Q4_K copy fits the cards where even fp8's 17 GiB cannot come in)."""
     precisions = list(sizes_of(inputs.model).encoders_gib)
-    found: list[tuple[Placement, EncoderPrecision, str]] = [("gpu", p, "") for p in precisions]
-    order, _ = _encode_choice(level, precisions[0], inputs)
-    for placement in order:
-        for precision in precisions:
-            found.append((placement, precision, _encode_choice(level, precision, inputs)[1]))
-    return found
+    fine = [p for p in precisions if p not in LOSSY_ENCODER_PRECISIONS]
+    lossy = [p for p in precisions if p in LOSSY_ENCODER_PRECISIONS]
+    swap_s, cpu_s = _seconds_per_encode(level, fine[0], inputs)
+    cpu: list[tuple[Placement, EncoderPrecision, str]] = [("cpu", fine[0], _encode_reason(level, fine[0], inputs))]
+    found: list[tuple[Placement, EncoderPrecision, str]] = [("gpu", p, "") for p in fine]
+    if cpu_s < swap_s:
+        found += cpu
+    found += [("gpu-swap", p, _encode_reason(level, p, inputs)) for p in fine]
+    found += [("gpu", p, "") for p in lossy] + [("gpu-swap", p, _encode_reason(level, p, inputs)) for p in lossy]
+    return found if cpu_s < swap_s else found + cpu
 
 
 def _ladder(optimize: Optimize, cc: tuple[int, int] | None) -> list[QuantLevel]:

@@ -19,6 +19,7 @@ from fluxfarm.shared.models import FluxFamily
 from fluxfarm.worker.model.flux2_arch import ENCODER_LAYERS_READ
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
+from fluxfarm.worker.quant.gguf.linear import to_gguf_linears
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,29 @@ def trim_text_encoder(encoder: nn.Module, layers_read: tuple[int, ...]) -> int:
     return dropped
 
 
-def prepare_text_encoder(
-    encoder: nn.Module, family: FluxFamily, precision: EncoderPrecision, dtype: torch.dtype
+def store_text_encoder(
+    encoder: nn.Module, precision: EncoderPrecision, dtype: torch.dtype, work_device: str | None = None
 ) -> nn.Module:
-    """Trim a FLUX.2 encoder and store it at `precision` (fp8: e4m3 Linear weights with a scale per row, the
-    fp8 level's format), on the host before it is placed. FLUX.1's encoders are kept as they load."""
+    """A trimmed FLUX.2 encoder at `precision`, left where it lies (fp8: e4m3 Linear weights with a scale
+    per row, the fp8 level's format; Q4_K: the GGUF level's blocks, a third of bf16's bytes, what lets a 16 GiB card
+    swap FLUX.2 [dev]'s encoder in where fp8's 17 GiB cannot come). Q4_K's block search runs on `work_device`
+    (the worker's GPU, a chunk at a time: the search is far slower on the host)."""
+    if precision == "fp8":
+        return to_scaled_fp8(encoder, dtype)
+    if precision == "Q4_K":
+        return to_gguf_linears(encoder, precision, dtype, work_device)
+    return encoder
+
+
+def prepare_text_encoder(
+    encoder: nn.Module,
+    family: FluxFamily,
+    precision: EncoderPrecision,
+    dtype: torch.dtype,
+    work_device: str | None = None,
+) -> nn.Module:
+    """Trim a FLUX.2 encoder and store it at `precision`. FLUX.1's encoders are kept as they load."""
     if family not in ENCODER_LAYERS_READ:
         return encoder
     trim_text_encoder(encoder, ENCODER_LAYERS_READ[family])
-    return to_scaled_fp8(encoder, dtype) if precision == "fp8" else encoder
+    return store_text_encoder(encoder, precision, dtype, work_device)

@@ -23,6 +23,7 @@ import torch
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
 from fluxfarm.shared.units import GIB
+from fluxfarm.worker.fast.fast_paths import encoder_fast_paths
 from fluxfarm.worker.model.flux2_arch import (
     ENCODER_LAYERS_READ,
     flux2_step_inputs,
@@ -32,9 +33,10 @@ from fluxfarm.worker.model.flux2_arch import (
 )
 from fluxfarm.worker.model.flux_arch import random_clip, random_t5, random_vae
 from fluxfarm.worker.model.gpu import cap_memory, time_calls
+from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.pipeline import enable_vae_tiling
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
-from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, to_scaled_fp8, use_fp8_tensor_cores
+from fluxfarm.worker.model.text_encoders import store_text_encoder
 from fluxfarm.worker.render.engine import PROMPTS_PER_ENCODE
 from fluxfarm.worker.tools.random_weights import SeededWeights
 
@@ -183,11 +185,10 @@ def probe_plans(
             cap_memory(device, None)
 
 
-def _host_encoder(model: FluxModel, precision: str, device: str) -> torch.nn.Module:
-    """A FLUX.2 text encoder as a worker keeps it (trimmed; fp8 where planned), drawn on `device`, kept on the host."""
-    encoder = random_text_encoder(model, device, DTYPE)
-    if precision == "fp8":  # on the device: on the host FLUX.2 [dev]'s 17B parameters take minutes
-        to_scaled_fp8(encoder, DTYPE)
+def _host_encoder(model: FluxModel, precision: EncoderPrecision, device: str) -> torch.nn.Module:
+    """A FLUX.2 text encoder as a worker keeps it (trimmed, at the planned precision), drawn and quantized on
+    `device` (on the host FLUX.2 [dev]'s 17B parameters take minutes), kept on the host."""
+    encoder = store_text_encoder(random_text_encoder(model, device, DTYPE), precision, DTYPE)
     encoder.cpu()
     _settle(device)
     return encoder
@@ -203,8 +204,7 @@ def _encode(model: FluxModel, encoder: torch.nn.Module | None, device: str) -> l
         clip(torch.randint(0, 1000, (1, 77), device=device))
         return [t5, clip]
     encoder.to(device)
-    if fp8_tensor_cores_work(torch.device(device)):
-        use_fp8_tensor_cores(encoder)
+    encoder_fast_paths(encoder, device)
     ids = torch.randint(0, 1000, (PROMPTS_PER_ENCODE, T5_TOKENS), device=device)
     out = encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
     torch.stack([out.hidden_states[k] for k in ENCODER_LAYERS_READ[MODELS[model].family]], dim=1)

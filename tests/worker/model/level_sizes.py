@@ -53,3 +53,17 @@ def transformer_bytes(model: torch.nn.Module, level: QuantLevel) -> int:
             block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
             total += param.numel() // block_size * type_size
     return total
+
+
+def gguf_linear_bytes(model: torch.nn.Module, level: QuantLevel) -> int:
+    """Every Linear weight whose rows hold whole blocks at GGUF `level`'s block size; the rest bf16 (how
+    `worker.quant.gguf.linear.to_gguf_linears` stores a FLUX.2 text encoder)."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[level.value]]
+    total = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Linear) and name == "weight" and param.shape[-1] % block_size == 0:
+                total += param.numel() // block_size * type_size
+            else:
+                total += param.numel() * _BF16_BYTES
+    return total

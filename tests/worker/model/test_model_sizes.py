@@ -15,7 +15,7 @@ from fluxfarm.worker.model.flux2_arch import (
 from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, FLUX_SCHNELL_TRANSFORMER, meta_transformer
 from fluxfarm.worker.model.model_sizes import SIZES, Architecture, architecture_of
 from fluxfarm.worker.model.text_encoders import trim_text_encoder
-from tests.worker.model.level_sizes import bf16_bytes, fp8_bytes, transformer_bytes
+from tests.worker.model.level_sizes import bf16_bytes, fp8_bytes, gguf_linear_bytes, transformer_bytes
 
 GIB = 1024**3
 FLUX2 = {
@@ -48,6 +48,7 @@ def test_flux2_encoder_and_vae_sizes_equal_the_trimmed_architecture_count(archit
     sizes = SIZES[architecture]
     assert sizes.encoders_gib["bf16"] == pytest.approx(bf16_bytes(encoder) / GIB, abs=0.001)
     assert sizes.encoders_gib["fp8"] == pytest.approx(fp8_bytes(encoder) / GIB, abs=0.001)
+    assert sizes.encoders_gib["Q4_K"] == pytest.approx(gguf_linear_bytes(encoder, QuantLevel.Q4_K) / GIB, abs=0.001)
     assert sizes.encoder_parameters == pytest.approx(bf16_bytes(encoder) / 2, rel=0.01)
     assert sizes.vae_gib == pytest.approx(bf16_bytes(meta_flux2_vae()) / GIB, abs=0.001)
 

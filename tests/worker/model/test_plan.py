@@ -131,6 +131,18 @@ def test_an_fp8_encoder_is_chosen_before_moving_it() -> None:
     assert (plan.level, plan.text_encoders, plan.text_encoder_precision) == ("bf16", "gpu", "fp8")
 
 
+def test_a_q4k_encoder_is_swapped_in_where_fp8_cannot_come_in_and_never_before_fp8() -> None:
+    """FLUX.2 [dev] on a 16 GiB card: fp8 Mistral (16.8 GiB) cannot come in, so the plan had the CPU encode
+    (half a minute a prompt); its Q4_K copy (10 GiB) is swapped in. Where fp8 or bf16 can be swapped, they are."""
+    small = make_plan(PlanInputs(vram_gib=16, model=FluxModel.FLUX_2_DEV, gpu_name="RTX 4080"))
+    assert (small.text_encoders, small.text_encoder_precision) == ("gpu-swap", "Q4_K")
+    assert small.components_gib["text_encoders"] == pytest.approx(9.985)
+    for budget in (24, 48):
+        plan = make_plan(PlanInputs(vram_gib=budget, model=FluxModel.FLUX_2_DEV, gpu_name="NVIDIA H200"))
+        assert plan.text_encoder_precision in ("bf16", "fp8"), budget
+    assert make_plan(PlanInputs(vram_gib=16, gpu_name="RTX 4080")).text_encoder_precision == "bf16"  # FLUX.1
+
+
 def test_a_flux1_plan_keeps_its_encoders_in_bf16() -> None:
     for budget in (8, 12, 24, 80):
         assert make_plan(PlanInputs(vram_gib=budget, gpu_name="RTX 4090")).text_encoder_precision == "bf16"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 
+import gguf
 import torch
-from diffusers.quantizers.gguf.utils import GGUFLinear
+from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
 from torch import nn
 from torch.nn import functional
 
+from fluxfarm.worker.quant.gguf.blocks import ENCODERS, quantize_rows
 from fluxfarm.worker.quant.gguf.kernel_support import KERNEL_TYPES, gemv_fits
 
 log = logging.getLogger(__name__)
@@ -86,3 +88,28 @@ def use_triton_gguf(module: nn.Module) -> int:
         else:
             swapped += use_triton_gguf(child)
     return swapped
+
+
+def to_gguf_linears(
+    module: nn.Module, qtype: str, compute_dtype: torch.dtype, work_device: torch.device | str | None = None
+) -> nn.Module:
+    """Store every Linear below `module` whose rows hold whole `qtype` blocks as a GGUF Linear, left where its
+    weight lies, quantized on `work_device` (default: there) a chunk at a time. Embeddings and norms stay as
+    they are. The layers are diffusers' own GGUFLinear (its torch dequantize runs anywhere); `use_triton_gguf`
+    swaps them for the Triton kernels on a GPU, as for a GGUF transformer."""
+    block_size, _ = ENCODERS[qtype]
+    quant_type = gguf.GGMLQuantizationType[qtype]
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear and child.in_features % block_size == 0:
+            weight = child.weight.detach()
+            blocks = quantize_rows(weight, qtype, work_device or weight.device).to(weight.device)
+            layer = GGUFLinear(
+                child.in_features, child.out_features, child.bias is not None, compute_dtype, device="meta"
+            )
+            layer.weight = GGUFParameter(blocks, quant_type=quant_type)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.detach().to(compute_dtype), requires_grad=False)
+            setattr(module, name, layer)
+        else:
+            to_gguf_linears(child, qtype, compute_dtype, work_device)
+    return module
