@@ -17,6 +17,7 @@ from celery import Celery
 
 from fluxfarm.shared.jobs import RenderJob, job_payload
 from fluxfarm.shared.redis_conn import tls_options
+from fluxfarm.shared.redis_transport import TRANSPORT
 from fluxfarm.shared.routing import QuantConstraint
 from fluxfarm.shared.settings import FarmSettings
 
@@ -147,6 +148,7 @@ def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport=TRANSPORT,
         broker_transport_options=_transport_options(settings),
         broker_use_ssl=tls_options(settings.broker_url, settings.tls_ca_file),
         redis_backend_use_ssl=tls_options(settings.result_backend, settings.tls_ca_file),
