@@ -89,6 +89,12 @@ class DatasetRecord(BaseModel):
         return left / self.rate_per_hour * 3600 if self.rate_per_hour else None
 
 
+def error_field(job_id: str) -> str:
+    """The field of a job's last failed attempt's reason in the dataset's `attempts` hash, beside its count
+    (`job_id`): one hash, so a job done clears both with one HDEL. Job ids never hold a '/'."""
+    return f"{job_id}/error"
+
+
 class DatasetBook:
     """Reads and writes dataset records in the broker's Redis."""
 
@@ -140,8 +146,8 @@ class DatasetBook:
             with self._redis.pipeline() as pipe:
                 self._move(dataset, ids, JobState.QUEUED, pipe)
                 pipe.hset(keys.dataset(dataset, "sent"), mapping=records)
-                pipe.hdel(keys.dataset(dataset, "attempts"), *ids)  # a resubmit gets a fresh set of attempts
-                pipe.hdel(keys.dataset(dataset, "errors"), *ids)
+                # a resubmit gets a fresh set of attempts, and no last error
+                pipe.hdel(keys.dataset(dataset, "attempts"), *ids, *map(error_field, ids))
                 pipe.execute()
 
     def forget_queued(self, dataset: str, job_ids: list[str]) -> None:
@@ -162,14 +168,20 @@ class DatasetBook:
                     pipe.memory_usage(keys.dataset(dataset, part))
             return sum(size or 0 for size in pipe.execute())
 
-    def mark_running(self, dataset: str, job_id: str) -> None:
+    def mark_running(self, dataset: str, job_id: str) -> bool:
         """One SMOVE where the job is queued (the common case: the dataset is active, and a queued job is in
-        no other state); a full move otherwise (a redelivered or resent job)."""
+        no other state); a full move otherwise (a redelivered or resent job). False, moving nothing, where
+        the job is cancelled: a cancel takes queued jobs out of `queued` atomically, so the SMOVE that
+        succeeds is also the check that the job was not cancelled, and only a job found elsewhere needs
+        the cancelled set read."""
         if self._redis.smove(keys.dataset(dataset, JobState.QUEUED), keys.dataset(dataset, JobState.RUNNING), job_id):
-            return
+            return True
+        if self._redis.sismember(keys.dataset(dataset, JobState.CANCELLED), job_id):
+            return False
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], JobState.RUNNING, pipe)
             pipe.execute()
+        return True
 
     def attempts(self, dataset: str, job_id: str) -> int:
         """Render attempts the job has started (and not finished) so far."""
@@ -185,11 +197,11 @@ class DatasetBook:
         letter, should no attempt succeed."""
         with self._redis.pipeline() as pipe:
             self._move(dataset, [job_id], JobState.QUEUED, pipe)
-            pipe.hset(keys.dataset(dataset, "errors"), job_id, reason[:MAX_FAILURE_CHARS])
+            pipe.hset(keys.dataset(dataset, "attempts"), error_field(job_id), reason[:MAX_FAILURE_CHARS])
             pipe.execute()
 
     def last_error(self, dataset: str, job_id: str) -> str | None:
-        value = self._redis.hget(keys.dataset(dataset, "errors"), job_id)
+        value = self._redis.hget(keys.dataset(dataset, "attempts"), error_field(job_id))
         return text(value) if value is not None else None
 
     def dead_letter(self, letter: DeadLetter) -> None:
@@ -217,7 +229,7 @@ class DatasetBook:
         the job took (its share of its batch), added to the dataset's total. One script (`MARK_DONE`): about
         half the commands of a general move, and atomic as one."""
         others = [keys.dataset(dataset, state) for state in (JobState.QUEUED, JobState.FAILED, JobState.CANCELLED)]
-        parts = ("failures", "sent", "attempts", "errors", "levels", "meta", "done_at")
+        parts = ("failures", "sent", "attempts", "levels", "meta", "done_at")
         self._mark_done(
             keys=[
                 keys.dataset(dataset, JobState.RUNNING),
@@ -227,7 +239,7 @@ class DatasetBook:
                 keys.DATASETS,
                 keys.DATASETS_RETIRED,
             ],
-            args=[job_id, level or "", repr(float(gpu_s)), dataset, datetime.now(UTC).isoformat()],
+            args=[job_id, level or "", repr(float(gpu_s)), dataset, datetime.now(UTC).isoformat(), error_field(job_id)],
         )
 
     def cancel(self, dataset: str) -> int:
@@ -274,9 +286,6 @@ class DatasetBook:
         """Why a failed job failed, as the worker reported it."""
         value = self._redis.hget(keys.dataset(dataset, "failures"), job_id)
         return text(value) if value is not None else None
-
-    def is_cancelled(self, dataset: str, job_id: str) -> bool:
-        return bool(self._redis.sismember(keys.dataset(dataset, JobState.CANCELLED), job_id))
 
     def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
         """(job id, finishing time) of the done jobs that finished at or after `since` (Redis' clock),

@@ -22,28 +22,28 @@ if redis.call('SMOVE', KEYS[1], KEYS[2], ARGV[1]) == 0 then
   redis.call('SREM', KEYS[5], ARGV[1])
   redis.call('HDEL', KEYS[6], ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[1])
-  redis.call('SADD', KEYS[13], ARGV[4])
-  redis.call('SREM', KEYS[14], ARGV[4])
-  redis.call('HSETNX', KEYS[11], 'created_at', ARGV[5])
+  redis.call('SADD', KEYS[12], ARGV[4])
+  redis.call('SREM', KEYS[13], ARGV[4])
+  redis.call('HSETNX', KEYS[10], 'created_at', ARGV[5])
 end
 redis.call('HDEL', KEYS[7], ARGV[1])
-redis.call('HDEL', KEYS[8], ARGV[1])
-redis.call('HDEL', KEYS[9], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1], ARGV[6])
 if ARGV[2] ~= '' then
-  redis.call('SADD', KEYS[10], ARGV[2])
+  redis.call('SADD', KEYS[9], ARGV[2])
 end
 if tonumber(ARGV[3]) > 0 then
-  redis.call('HINCRBYFLOAT', KEYS[11], 'gpu_seconds', ARGV[3])
+  redis.call('HINCRBYFLOAT', KEYS[10], 'gpu_seconds', ARGV[3])
 end
-redis.call('HSET', KEYS[11], 'updated_at', ARGV[5])
+redis.call('HSET', KEYS[10], 'updated_at', ARGV[5])
 local now = redis.call('TIME')
-redis.call('ZADD', KEYS[12], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
+redis.call('ZADD', KEYS[11], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
 """
 """A job done, atomically: where it was running (the common case) one SMOVE moves it, and the dataset is
-known to be active; anywhere else it is cleared from every other state as any move does. Its sent record,
-attempts and errors go; its finishing time is stamped with Redis' clock (one clock for every worker). It runs
-even in a full Redis (allow-oom, Redis 7): the sent record it deletes is larger than what it adds, so recording
-results is how a full farm drains."""
+known to be active; anywhere else it is cleared from every other state as any move does. Its sent record
+goes, and its attempts with its last error (one hash, ARGV[6] the error's field); its finishing time is
+stamped with Redis' clock (one clock for every worker, so a stream of results that reads "done since t" misses
+none). It runs even in a full Redis (allow-oom, Redis 7): the sent record it deletes is larger than what it
+adds, so recording results is how a full farm drains."""
 
 READ_RECORDS = """#!lua flags=no-writes
 local since = tonumber(ARGV[1])

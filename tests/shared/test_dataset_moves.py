@@ -41,13 +41,16 @@ def test_queued_running_done_is_a_few_commands_and_leaves_one_state(redis_client
     job_id = _queue(book, "moves", "a lighthouse")
     book.start_attempt("moves", job_id)
     book.note_attempt_failed("moves", job_id, "out of memory")  # an error and an attempt to clear at the end
-    assert _commands_of(redis_client, lambda: book.mark_running("moves", job_id)) == 1  # one SMOVE
+    assert _commands_of(redis_client, lambda: book.mark_running("moves", job_id)) == 1  # one SMOVE, no SISMEMBER
     assert _states(redis_client, "moves", job_id) == [JobState.RUNNING]
-    # EVALSHA, then in the script SMOVE, 3 HDEL, SADD (the level), HINCRBYFLOAT, HSET, TIME and ZADD
-    assert _commands_of(redis_client, lambda: book.mark_done("moves", job_id, "fp8", gpu_s=2.5)) == 10
+    assert book.last_error("moves", job_id) == "out of memory"
+    # EVALSHA, then in the script SMOVE, 2 HDEL (the sent record; the attempts with the last error), SADD (the
+    # level), HINCRBYFLOAT, HSET, TIME and ZADD
+    assert _commands_of(redis_client, lambda: book.mark_done("moves", job_id, "fp8", gpu_s=2.5)) == 9
     assert _states(redis_client, "moves", job_id) == [JobState.DONE]
-    for part in ("sent", "attempts", "errors", "failures"):
+    for part in ("sent", "attempts", "failures"):
         assert not redis_client.hexists(keys.dataset("moves", part), job_id), part
+    assert book.last_error("moves", job_id) is None and book.attempts("moves", job_id) == 0
     record = book.record("moves")
     assert (record.queued, record.running, record.done) == (0, 0, 2)
     assert redis_client.zscore(keys.dataset("moves", "done_at"), job_id) is not None
@@ -55,7 +58,7 @@ def test_queued_running_done_is_a_few_commands_and_leaves_one_state(redis_client
     assert redis_client.sismember(keys.dataset("moves", "levels"), "fp8")
     known = _queue(book, "moves", "a level the caller knows is noted")
     book.mark_running("moves", known)
-    assert _commands_of(redis_client, lambda: book.mark_done("moves", known, None)) == 8  # no SADD, no GPU time
+    assert _commands_of(redis_client, lambda: book.mark_done("moves", known, None)) == 7  # no SADD, no GPU time
 
 
 def test_moves_from_unexpected_states_still_leave_exactly_one(redis_client: redis.Redis) -> None:
@@ -70,6 +73,11 @@ def test_moves_from_unexpected_states_still_leave_exactly_one(redis_client: redi
     book.mark_running("odd", failed)  # a redelivery of a job already given up on
     assert _states(redis_client, "odd", failed) == [JobState.RUNNING]
     assert book.failure("odd", failed) is None
+
+    dropped = _queue(book, "odd", "cancelled before a worker took it")
+    book.cancel("odd")
+    assert book.mark_running("odd", dropped) is False  # the worker drops it: it stays cancelled
+    assert _states(redis_client, "odd", dropped) == [JobState.CANCELLED]
 
     cancelled = _queue(book, "odd", "cancelled while rendering elsewhere")
     book.cancel("odd")

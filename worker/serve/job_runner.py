@@ -156,9 +156,6 @@ class JobRunner:
             return self._already_stored(job, keys, stored)
         if self._book.queued_for_another(job):  # published past the client's check
             raise _conflict(job, "queued")
-        if self._book.is_cancelled(job.dataset, job.id):
-            log.info("job %s: dataset %s was cancelled; dropping it without rendering", job.id, job.dataset)
-            raise JobCancelled(f"dataset {job.dataset} was cancelled before job {job.id} started")
         if (stored := self._claim(job, keys)) is not None:
             return self._already_stored(job, keys, stored)
         try:

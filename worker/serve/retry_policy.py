@@ -23,7 +23,7 @@ import redis
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import task_id
 from fluxfarm.shared.datasets import DatasetBook
-from fluxfarm.shared.errors import JobDeadLettered, RenderAttemptFailed
+from fluxfarm.shared.errors import JobCancelled, JobDeadLettered, RenderAttemptFailed
 from fluxfarm.shared.job_records import DeadLetter, SentJob
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.redis_conn import redis_now
@@ -64,8 +64,10 @@ class RetryPolicy:
         self._backoff_max_s = backoff_max_s
 
     def begin(self, job: RenderJob) -> None:
-        """Before an attempt: the job marked running."""
-        self._book.mark_running(job.dataset, job.id)
+        """Before an attempt: the job marked running, or JobCancelled where its dataset was cancelled."""
+        if not self._book.mark_running(job.dataset, job.id):
+            log.info("job %s: dataset %s was cancelled; dropping it without rendering", job.id, job.dataset)
+            raise JobCancelled(f"dataset {job.dataset} was cancelled before job {job.id} started")
 
     def count_start(self, job: RenderJob) -> int:
         """As the render begins: count the attempt; returns its number (1 for the first). One past the
