@@ -224,9 +224,12 @@ class DatasetBook:
         """Dead letters kept (at most MAX_DEAD_LETTERS)."""
         return int(self._redis.llen(keys.DEAD_LETTERS))
 
-    def mark_done(self, dataset: str, job_id: str, level: str | None, gpu_s: float = 0.0) -> None:
+    def mark_done(
+        self, dataset: str, job_id: str, level: str | None, gpu_s: float = 0.0, claim_owner: str | None = None
+    ) -> None:
         """`level`: added to the dataset's levels (None: the caller knows it is there). `gpu_s`: the GPU time
-        the job took (its share of its batch), added to the dataset's total. One script (`MARK_DONE`): about
+        the job took (its share of its batch), added to the dataset's total. `claim_owner`: the job's claim
+        (worker/serve/leases.py) is released if that owner still holds it. One script (`MARK_DONE`): about
         half the commands of a general move, and atomic as one."""
         others = [keys.dataset(dataset, state) for state in (JobState.QUEUED, JobState.FAILED, JobState.CANCELLED)]
         parts = ("failures", "sent", "attempts", "levels", "meta", "done_at")
@@ -238,8 +241,17 @@ class DatasetBook:
                 *(keys.dataset(dataset, part) for part in parts),
                 keys.DATASETS,
                 keys.DATASETS_RETIRED,
+                keys.claim(dataset, job_id),
             ],
-            args=[job_id, level or "", repr(float(gpu_s)), dataset, datetime.now(UTC).isoformat(), error_field(job_id)],
+            args=[
+                job_id,
+                level or "",
+                repr(float(gpu_s)),
+                dataset,
+                datetime.now(UTC).isoformat(),
+                error_field(job_id),
+                claim_owner or "",
+            ],
         )
 
     def cancel(self, dataset: str) -> int:

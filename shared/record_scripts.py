@@ -37,12 +37,16 @@ end
 redis.call('HSET', KEYS[10], 'updated_at', ARGV[5])
 local now = redis.call('TIME')
 redis.call('ZADD', KEYS[11], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[1])
+if ARGV[7] ~= '' and redis.call('GET', KEYS[14]) == ARGV[7] then
+  redis.call('DEL', KEYS[14])
+end
 """
 """A job done, atomically: where it was running (the common case) one SMOVE moves it, and the dataset is
 known to be active; anywhere else it is cleared from every other state as any move does. Its sent record
 goes, and its attempts with its last error (one hash, ARGV[6] the error's field); its finishing time is
 stamped with Redis' clock (one clock for every worker, so a stream of results that reads "done since t" misses
-none). It runs even in a full Redis (allow-oom, Redis 7): the sent record it deletes is larger than what it
+none). The worker that rendered it passes its claim (KEYS[14], its owner ARGV[7]): released here, not in a
+call of its own. It runs even in a full Redis (allow-oom, Redis 7): the sent record it deletes is larger than what it
 adds, so recording results is how a full farm drains."""
 
 READ_RECORDS = """#!lua flags=no-writes

@@ -60,6 +60,15 @@ def test_queued_running_done_is_a_few_commands_and_leaves_one_state(redis_client
     book.mark_running("moves", known)
     assert _commands_of(redis_client, lambda: book.mark_done("moves", known, None)) == 7  # no SADD, no GPU time
 
+    # The renderer's claim goes with the record (GET and DEL in the script, no call of its own); another
+    # owner's claim (the job's lease lapsed and another worker took it) stays.
+    for owner, left in (("w1/mine", False), ("w2/theirs", True)):
+        claimed = _queue(book, "moves", f"claimed by {owner}")
+        redis_client.set(keys.claim("moves", claimed), owner, px=60_000)
+        book.mark_running("moves", claimed)
+        assert _commands_of(redis_client, lambda: book.mark_done("moves", claimed, None, 0.0, "w1/mine")) == 9 - left
+        assert bool(redis_client.exists(keys.claim("moves", claimed))) is left
+
 
 def test_moves_from_unexpected_states_still_leave_exactly_one(redis_client: redis.Redis) -> None:
     redis_client.flushdb()

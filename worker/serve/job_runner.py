@@ -174,13 +174,17 @@ class JobRunner:
         return stored
 
     def _mark_done(self, job: RenderJob, level: str, gpu_s: float = 0.0) -> None:
-        """Record a stored job as done (with the GPU time it took, when this worker rendered it). Storage is
-        the truth, so Redis being away must not fail a job that is stored: its message cannot be
-        acknowledged then either, and its redelivery (found stored) records it."""
+        """Record a stored job as done (with the GPU time it took, when this worker rendered it), releasing
+        its claim where this worker holds it. Storage is the truth, so Redis being away must not fail a job
+        that is stored: its message cannot be acknowledged then either, and its redelivery (found stored)
+        records it."""
         record = f"job {job.id}'s record"
         noted = (job.dataset, level)
         new_level = level if noted not in self._noted_levels else None  # a dataset's levels are a set: once is enough
-        if unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, new_level, gpu_s), record):
+        owner = self._claims.owner if self._claims.holds(job.dataset, job.id) else None
+        if unless_redis_is_down(lambda: self._book.mark_done(job.dataset, job.id, new_level, gpu_s, owner), record):
+            if owner:
+                self._claims.forget(job.dataset, job.id)
             if len(self._noted_levels) >= NOTED_LEVELS_MAX:
                 self._noted_levels.clear()
             self._noted_levels.add(noted)

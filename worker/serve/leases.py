@@ -113,9 +113,21 @@ class JobClaims:
         value = self._redis.get(self.key(dataset, job_id))
         return value.decode() if value is not None else None
 
+    def holds(self, dataset: str, job_id: str) -> bool:
+        with self._lock:
+            return self.key(dataset, job_id) in self._held
+
+    def forget(self, dataset: str, job_id: str) -> None:
+        """The claim was released elsewhere (by the script that records the job done): stop renewing it."""
+        with self._lock:
+            self._held.discard(self.key(dataset, job_id))
+
     def release(self, dataset: str, job_id: str) -> None:
+        """Give the claim up, unless it is no longer held here (released as the job was recorded done)."""
         key = self.key(dataset, job_id)
         with self._lock:
+            if key not in self._held:
+                return
             self._held.discard(key)
         self._release(keys=[key], args=[self.owner])
 
