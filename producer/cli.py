@@ -355,9 +355,34 @@ def bench_fleet(
     workers: Annotated[int, typer.Option(min=1, max=256, help="Render-free worker processes to start.")] = 4,
     jobs: Annotated[int, typer.Option(min=1, max=10_000_000, help="Jobs sent as one dataset.")] = 2_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    replay: Annotated[
+        bool,
+        typer.Option(
+            "--replay",
+            help="Record the farm's commands for --jobs jobs, then replay them --rounds times from --clients "
+            "pipelined redis-cli streams on a fresh Redis: the jobs/s one Redis sustains for the mix.",
+        ),
+    ] = False,
+    rounds: Annotated[int, typer.Option(min=1, max=100_000, help="With --replay: times the recording is sent.")] = 100,
+    clients: Annotated[int, typer.Option(min=1, max=256, help="With --replay: concurrent redis-cli streams.")] = 8,
 ) -> None:
     """The farm's own cost per job, on a private redis-server with render-free workers (no model, 8x8
-    placeholders): jobs/s, Redis commands and bytes per job, worker CPU per job."""
+    placeholders): jobs/s, Redis commands and bytes per job, worker CPU per job; with --replay, the jobs/s one
+    Redis sustains for the farm's recorded command mix."""
+    if replay:
+        from fluxfarm.producer.fleet_replay import run_replay
+
+        replayed = run_replay(jobs, rounds, clients, workers)
+        if as_json:
+            typer.echo(replayed.model_dump_json())
+            return
+        out.print(
+            f"{replayed.jobs} jobs replayed ({replayed.jobs_captured} recorded x {replayed.rounds}, "
+            f"{replayed.commands_per_job:.1f} commands a job) from {replayed.clients} streams: "
+            f"{replayed.jobs_per_s:.0f} jobs/s, {replayed.redis_cpu_ms_per_job:.3f} ms Redis CPU a job, "
+            f"{replayed.replay_errors} error replies"
+        )
+        return
     from fluxfarm.producer.fleet_bench import run_fleet_bench
 
     result = run_fleet_bench(workers, jobs)
