@@ -1,6 +1,6 @@
 """Calibrations: how far a level renders from bf16 on given weights, card and fast paths (`fluxfarm calibrate`
-measures them), kept in the farm's Redis so every worker rendering at that level can cite its figures in
-each image's metadata, and exports can filter by them."""
+measures them), kept in the farm's Redis (and its storage) so every worker rendering at that level can cite
+its figures in each image's metadata, and exports can filter by them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from fluxfarm.shared import keys
 from fluxfarm.shared.metadata import CalibrationCite
 from fluxfarm.shared.models import FluxModel
+from fluxfarm.shared.storage import JSON_CONTENT_TYPE, ObjectStore
 
 
 class Calibration(BaseModel):
@@ -53,8 +54,11 @@ class Calibration(BaseModel):
         )
 
 
-def keep_calibration(client: redis.Redis, row: Calibration) -> None:
-    """Into the farm's Redis, under its id: a later row for the same weights, level and fast paths replaces it."""
+def keep_calibration(client: redis.Redis, row: Calibration, store: ObjectStore | None = None) -> None:
+    """Into the farm's Redis, under its id, where workers read it, and into `store` (the farm's storage), where
+    it outlives Redis: a later row for the same weights, level and fast paths replaces it in both."""
+    if store is not None:
+        store.put(store.calibration_key(row.id), row.model_dump_json().encode(), JSON_CONTENT_TYPE)
     client.hset(keys.CALIBRATIONS, row.id, row.model_dump_json())
 
 

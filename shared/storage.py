@@ -21,6 +21,8 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 PNG_CONTENT_TYPE = "image/png"
 JSON_CONTENT_TYPE = "application/json"
+CALIBRATION_DATASET = "fluxfarm-calibration"
+"""The dataset `fluxfarm calibrate` renders its probe jobs under (never stored) and keeps its rows beside."""
 
 
 def check_key(key: str) -> str:
@@ -93,6 +95,11 @@ class ObjectStore(ABC):
         """A job input stored by digest (a control image): in the dataset's `fluxfarm/` subfolder, beside
         the manifest, where no job's objects can be."""
         return check_key(f"{self.dataset_folder(dataset)}fluxfarm/inputs/{sha256}")
+
+    def calibration_key(self, calibration_id: str) -> str:
+        """A calibration (`fluxfarm calibrate`), kept for the whole farm: in the `fluxfarm/` subfolder of the
+        dataset its probe jobs are rendered under, where no job's objects can be."""
+        return check_key(f"{self.dataset_folder(CALIBRATION_DATASET)}fluxfarm/calibrations/{calibration_id}.json")
 
     def stored_results(self, dataset: str) -> list[ResultKeys]:
         """The finished jobs' keys (metadata JSON present, and so the PNG before it), in job id order,

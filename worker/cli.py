@@ -429,7 +429,12 @@ def calibrate(
     size: Annotated[str, typer.Option(help="Image size, WxH.")] = "1024x1024",
     steps: Annotated[int, typer.Option(min=1, max=100, help="Denoising steps per image.")] = 28,
     device: Annotated[str | None, typer.Option(help="Torch device; cuda:0 when present.")] = None,
-    keep: Annotated[bool, typer.Option(help="Keep the rows in the farm's Redis (FLUXFARM_BROKER_URL).")] = True,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the rows in the farm's Redis (FLUXFARM_BROKER_URL) and storage (FLUXFARM_STORAGE_URL)."
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a level.")] = False,
 ) -> None:
     """How far each level renders from bf16 on these weights and this card: the probe set rendered at bf16 and
@@ -438,6 +443,7 @@ def calibrate(
     _require_gpu_stack()
     from fluxfarm.shared.calibration import Calibration, keep_calibration
     from fluxfarm.shared.redis_conn import open_redis
+    from fluxfarm.shared.storage import open_store
     from fluxfarm.worker.model.gpu import default_device
     from fluxfarm.worker.tools.calibrate import PROBE_PROMPTS
     from fluxfarm.worker.tools.calibrate import calibrate as run_calibrate
@@ -446,10 +452,11 @@ def calibrate(
     probe = [line.strip() for line in prompts.read_text().splitlines() if line.strip()] if prompts else PROBE_PROMPTS
     width, height = _sizes(size)[0]
     client = open_redis(settings) if keep else None
+    store = open_store(settings) if keep else None
 
     def row(found: Calibration) -> None:
         if client is not None:
-            keep_calibration(client, found)
+            keep_calibration(client, found, store)
         if as_json:
             typer.echo(found.model_dump_json())
             return

@@ -24,6 +24,7 @@ from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.shared.models import FluxModel
+from fluxfarm.shared.storage import CALIBRATION_DATASET
 from fluxfarm.worker.serve.engine_loader import EngineLoader
 from fluxfarm.worker.serve.metrics import WorkerMetrics
 from fluxfarm.worker.settings import WorkerSettings
@@ -40,7 +41,7 @@ PROBE_PROMPTS = (
     "an astronaut reading a book in a sunflower field",
 )
 """The default probe set: scenes, textures, fine detail, text and people-free crowds, eight images a level."""
-DATASET = "fluxfarm-calibration"
+DATASET = CALIBRATION_DATASET
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:

@@ -12,6 +12,7 @@ import redis
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared.calibration import read_calibrations
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.shared.local_store import LocalStore
 from tests.conftest import run_fluxfarm
 from tests.job_runner_harness import in_process_runner
 
@@ -32,6 +33,7 @@ def test_levels_are_measured_against_bf16_and_kept(tiny_model: Path, redis_serve
         "FLUXFARM_BROKER_URL": redis_server.url,
         "FLUXFARM_CATALOG": str(catalog),
         "FLUXFARM_CACHE_DIR": str(tmp_path / "cache"),
+        "FLUXFARM_STORAGE_URL": f"file://{tmp_path / 'store'}",
     }
     args = ["calibrate", "--model", str(tiny_model), "--levels", "Q8_0,Q2_K", "--prompts", str(prompts)]
     done = run_fluxfarm(*args, "--size", "256x256", "--steps", "2", "--device", "cpu", "--json", env=env)
@@ -52,6 +54,9 @@ def test_levels_are_measured_against_bf16_and_kept(tiny_model: Path, redis_serve
         )
     kept = {row.id: row for row in read_calibrations(client)}
     assert set(kept) == {row["id"] for row in rows}
+    store = LocalStore(tmp_path / "store")  # the farm's storage keeps them too, where they outlive Redis
+    for row in rows:
+        assert json.loads(store.get(store.calibration_key(row["id"]))) == kept[row["id"]].model_dump(mode="json")
 
     again = run_fluxfarm(*args, "--size", "256x256", "--steps", "2", "--device", "cpu", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
