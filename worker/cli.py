@@ -208,6 +208,13 @@ def bench(
         int, typer.Option(help="Above 0: also fuse a random LoRA of this rank and time the steps with it.")
     ] = 0,
     lora_levels: Annotated[str, typer.Option(help="Levels whose steps are timed with the LoRA fused.")] = "Q8_0",
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            help="Render as a FLUXFARM_DETERMINISTIC worker (deterministic kernels, one job a batch); its cost is "
+            "a run with it against one without."
+        ),
+    ] = False,
     device: Annotated[str | None, typer.Option(help="Torch device; cuda:0 when present.")] = None,
 ) -> None:
     """Time transformer steps and whole images at each level and VRAM budget, with baselines from the same run.
@@ -249,6 +256,7 @@ def bench(
         cuda_graphs=cuda_graphs,
         lora_rank=lora_rank,
         lora_levels=_levels(lora_levels),
+        deterministic=deterministic,
     )
     gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     log = BenchLog(out, {"gpu": gpu, "torch": torch.__version__, "model": model}, Console(stderr=True))

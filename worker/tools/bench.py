@@ -38,6 +38,7 @@ from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths, compile_blocks
 from fluxfarm.worker.fast.step_graphs import remove_step_graphs, step_graphs
+from fluxfarm.worker.model.determinism import apply_determinism
 from fluxfarm.worker.model.flux_arch import (
     meta_transformer,
 )
@@ -304,6 +305,7 @@ class Bench:
                 attention=self.options.attention,
                 compile=self.options.compile,
                 cuda_graphs=self.options.cuda_graphs,
+                deterministic=self.options.deterministic,
             )
             paths = ready_pipeline(pipe, self.device, plan.text_encoders, plan.vae_tiling, settings)
             model = LoadedModel(
@@ -318,7 +320,7 @@ class Bench:
                 family=self.parts.family,
                 plan=plan,
             )
-            for batch in self.options.image_batches:
+            for batch in sorted({min(b, settings.max_batch) for b in self.options.image_batches}):
                 engine = RenderEngine(model, max_batch=batch, embedding_cache=0, settings=settings)
                 try:
                     engine.render_batch(bench_jobs(self.options, batch, offset=100))  # warm-up at this batch
@@ -348,6 +350,7 @@ class Bench:
                     denoise_s=float(np.mean([r.denoise_s for r in rendered])),
                     decode_s=float(np.mean([r.decode_s for r in rendered])),
                     fast_paths=paths,
+                    deterministic=settings.deterministic,
                 )
                 self._record(row, pngs, jobs)
                 if best is None or row.s_per_image < best.s_per_image:
@@ -372,6 +375,7 @@ class Bench:
 
 
 def run_bench(options: BenchOptions, device: str, on_row: Callable[[BaseModel], None]) -> None:
+    apply_determinism(options.deterministic)  # before the first GPU work: cuBLAS reads its workspace setting then
     with tempfile.TemporaryDirectory() as tmp:
         parts = build_parts(options.model, device, Path(tmp), options.tiny)
         Bench(parts, options, device, on_row).run()

@@ -38,6 +38,9 @@ class BenchOptions(BaseModel):
     lora_rank: int = 0
     """Above 0: after a level's step rows, fuse a random LoRA of this rank and measure its steps again."""
     lora_levels: list[QuantLevel] = [QuantLevel.Q8_0]
+    deterministic: bool = False
+    """The engine's rows as a FLUXFARM_DETERMINISTIC worker renders (deterministic kernels, one job a batch),
+    set for the whole process before any GPU work: its cost is this run's rows against a run without it."""
 
     @property
     def flux_model(self) -> FluxModel:
@@ -78,6 +81,7 @@ class ImageRow(BaseModel):
     psnr_db_vs_bf16: float | None = None
     rel_error_vs_bf16: float | None = None
     fast_paths: FastPaths | None = None
+    deterministic: bool = False
 
 
 class LoraFuseRow(BaseModel):

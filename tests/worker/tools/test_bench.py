@@ -85,3 +85,16 @@ def test_bench_runs_each_flux2_family_on_its_tiny_pipeline(tmp_path: Path) -> No
             ("diffusers", "bf16"),
             ("fluxfarm", "bf16"),
         }
+
+
+def test_bench_renders_as_a_deterministic_worker_when_asked(tmp_path: Path) -> None:
+    """Its cost is this run's rows against a run without it: one job a batch, whatever batches are asked."""
+    out = tmp_path / "bench.jsonl"
+    result = run_fluxfarm(
+        "bench", "--model", "tiny", "--levels", "", "--image-batches", "1,2", "--vram-budget", "",
+        "--image-levels", "Q8_0", "--image-size", "256x256", "--steps", "2", "--images", "2", "--no-baselines",
+        "--deterministic", "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = [json.loads(line) for line in out.read_text().splitlines() if '"kind":"image"' in line.replace(" ", "")]
+    assert [(r["name"], r["batch"], r["deterministic"]) for r in images] == [("fluxfarm-Q8_0", 1, True)]
