@@ -1,15 +1,28 @@
-"""sha256 of model files, remembered by (path, size, mtime) so a 12 GB file is hashed once."""
+"""sha256 of model files, remembered by (path, size, mtime) so a 12 GB file is hashed once, and read off the
+name of a Hugging Face cache blob, which is its sha256, so a fresh machine's first load hashes nothing it
+fetched from the Hub (FLUX.1-dev's weights are ~34 GB, FLUX.2 [dev]'s over 100 GB: hashing them on the load
+path would be most of a warm start)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from fluxfarm.shared.units import MIB
 
 _CHUNK_BYTES = 8 * MIB
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def hub_blob_sha256(resolved: Path) -> str | None:
+    """The sha256 a Hugging Face cache file carries in its name: `models--ORG--NAME/blobs/<sha256>` is how
+    huggingface_hub stores an LFS file (named by the hash the Hub gave it; smaller files are named by a
+    40-digit git hash instead, and are hashed). None for any other path."""
+    in_hub_cache = resolved.parent.name == "blobs" and resolved.parent.parent.name.startswith("models--")
+    return resolved.name if in_hub_cache and _SHA256_NAME.fullmatch(resolved.name) else None
 
 
 def _hash_file(path: Path) -> str:
@@ -34,6 +47,8 @@ class DigestCache:
 
     def sha256(self, path: Path) -> str:
         path = path.resolve()
+        if (named := hub_blob_sha256(path)) is not None:
+            return named
         stat = path.stat()
         stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         known = self._load()
