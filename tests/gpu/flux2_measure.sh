@@ -3,7 +3,7 @@
 # command limit: `start` runs it in its own process session (setsid) and every call, `start` included,
 # waits up to WAIT_S for it, copies its rows and logs to $OUT and prints how far it got. Call `wait` again
 # within the machine's warm window until it prints "sequence finished". In order, most needed first:
-#   1. probe-vram plans: klein-4B at 8/12 GiB, FLUX.2 [dev] at 24/48/80/141 GiB (each phase's peak too)
+#   1. probe-vram plans: klein-4B at 8/12 GiB, FLUX.2 [dev] at 24/48/80/141 GiB and 16 (its Q4_K encoder swapped in)
 #   2. bench klein-4B: diffusers bf16 beside the engine at bf16 and fp8, 4 steps
 #   3. bench FLUX.2 [dev]: diffusers bf16 beside the engine's fp8 and the 24 GiB plan, 28 steps
 # On the device, after installing the carried wheels (../shared/device/wheels.sh, carry [".whl"]):
@@ -22,7 +22,7 @@ phase() {
     plans)
       python3 -u -m fluxfarm probe-vram --model flux.2-klein-4b --plans 8,12 --sizes 1024x1024 \
         --out "$run/plans-klein4b.jsonl"
-      python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans "${DEV_BUDGETS:-24,48,80,141}" --sizes 1024x1024 \
+      python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans "${DEV_BUDGETS:-24,48,80,141,16}" --sizes 1024x1024 \
         --out "$run/plans-flux2-dev.jsonl"
       ;;
     dev)
