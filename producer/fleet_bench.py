@@ -67,17 +67,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
-def _redis_cpu_s(broker: redis.Redis) -> float:
+def redis_cpu_s(broker: redis.Redis) -> float:
     cpu = broker.info("cpu")
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def _idle(broker: redis.Redis, seconds: float) -> tuple[dict[str, int], float]:
     """Commands (by name) and Redis CPU seconds of the fleet with nothing to do, over `seconds`."""
-    calls, cpu = _command_calls(broker), _redis_cpu_s(broker)
+    calls, cpu = _command_calls(broker), redis_cpu_s(broker)
     time.sleep(seconds)
     after = _command_calls(broker)
-    return {name: n - calls.get(name, 0) for name, n in after.items()}, _redis_cpu_s(broker) - cpu
+    return {name: n - calls.get(name, 0) for name, n in after.items()}, redis_cpu_s(broker) - cpu
 
 
 _POLL_COMMANDS = 2
@@ -93,6 +93,18 @@ def _finished(broker: redis.Redis) -> tuple[int, int]:
     return int(done), int(failed)
 
 
+def wait_drained(broker: redis.Redis, jobs: int, begin: float, timeout_s: float) -> tuple[int, int]:
+    """Poll until the bench dataset's `jobs` are all done or failed (FarmError after `timeout_s` from `begin`,
+    a `time.perf_counter()`); returns (polls made, jobs failed)."""
+    polls, (done, failed) = 1, _finished(broker)
+    while done + failed < jobs:
+        if time.perf_counter() - begin > timeout_s:
+            raise FarmError(f"bench-fleet: {done} of {jobs} jobs done after {timeout_s:.0f}s")
+        time.sleep(0.05)
+        polls, (done, failed) = polls + 1, _finished(broker)
+    return polls, failed
+
+
 def _per(calls: dict[str, int], divisor: float) -> dict[str, float]:
     """Calls by name over `divisor`, most first, without this tool's own INFO."""
     ranked = sorted(((name, n) for name, n in calls.items() if n and name != "info"), key=lambda item: -item[1])
@@ -103,7 +115,7 @@ def _command_calls(broker: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in broker.info("commandstats").items()}
 
 
-def _jobs(count: int, offset: int = 0) -> list[dict[str, object]]:
+def bench_jobs(count: int, offset: int = 0) -> list[dict[str, object]]:
     return [
         {"prompt": f"a lighthouse at dawn, study {offset + i}", "seed": i, "dataset": DATASET, "steps": 1}
         for i in range(count)
@@ -121,13 +133,13 @@ def _queued_bytes(folder: Path, jobs: int) -> float:
         broker = redis.Redis.from_url(server.url)
         before = int(broker.info("memory")["used_memory"])
         with FarmClient(bench_settings(server.url, folder / "store-queued")) as farm:
-            farm.submit_stream(_jobs(jobs))
+            farm.submit_stream(bench_jobs(jobs))
         after = int(broker.info("memory")["used_memory"])
         broker.close()
     return (after - before) / jobs
 
 
-def _start_workers(count: int, url: str, store: Path, folder: Path) -> list[WorkerProcess]:
+def start_workers(count: int, url: str, store: Path, folder: Path) -> list[WorkerProcess]:
     env = {
         "FLUXFARM_BROKER_URL": url,
         "FLUXFARM_RESULT_BACKEND_URL": url,
@@ -152,28 +164,23 @@ def run_fleet_bench(workers: int, jobs: int, timeout_s: float = 3600.0) -> Fleet
         bytes_per_job = _queued_bytes(folder, jobs)
         with RedisServer(folder / "redis") as server:
             store = folder / "store"
-            started = _start_workers(workers, server.url, store, folder)
+            started = start_workers(workers, server.url, store, folder)
             try:
                 broker = redis.Redis.from_url(server.url)
                 pids = [worker.process.pid for worker in started if worker.process is not None]
                 commands = int(broker.info("stats")["total_commands_processed"])
                 calls = _command_calls(broker)
-                cpu, redis_cpu = sum(_cpu_s(pid) for pid in pids), _redis_cpu_s(broker)
+                cpu, redis_cpu = sum(_cpu_s(pid) for pid in pids), redis_cpu_s(broker)
                 begin = time.perf_counter()
                 with FarmClient(bench_settings(server.url, store)) as farm:
-                    farm.submit_stream(_jobs(jobs))
-                polls, (done, failed) = 1, _finished(broker)
-                while done + failed < jobs:
-                    if time.perf_counter() - begin > timeout_s:
-                        raise FarmError(f"bench-fleet: {done} of {jobs} jobs done after {timeout_s:.0f}s")
-                    time.sleep(0.05)
-                    polls, (done, failed) = polls + 1, _finished(broker)
+                    farm.submit_stream(bench_jobs(jobs))
+                polls, failed = wait_drained(broker, jobs, begin, timeout_s)
                 drain = time.perf_counter() - begin
                 own = _POLL_COMMANDS * polls
                 commands = int(broker.info("stats")["total_commands_processed"]) - commands - own
                 calls = {name: n - calls.get(name, 0) for name, n in _command_calls(broker).items()}
                 calls["scard"] -= own
-                cpu, redis_cpu = sum(_cpu_s(pid) for pid in pids) - cpu, _redis_cpu_s(broker) - redis_cpu
+                cpu, redis_cpu = sum(_cpu_s(pid) for pid in pids) - cpu, redis_cpu_s(broker) - redis_cpu
                 idle_calls, idle_cpu = _idle(broker, IDLE_S)
                 broker.close()
             finally:

@@ -34,11 +34,11 @@ from pydantic import BaseModel
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.fleet_bench import (
     DATASET,
-    _finished,
-    _jobs,
-    _redis_cpu_s,
-    _start_workers,
+    bench_jobs,
     bench_settings,
+    redis_cpu_s,
+    start_workers,
+    wait_drained,
 )
 from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.shared import keys
@@ -138,7 +138,7 @@ def capture(
     """(SCRIPT LOADs, every other command in order) that the farm sent to drain `jobs` jobs."""
     with RedisServer(folder / "redis-capture") as server:
         store = folder / "store"
-        started = _start_workers(workers, server.url, store, folder)
+        started = start_workers(workers, server.url, store, folder)
         lines: list[bytes] = []
         try:
             broker = redis.Redis.from_url(server.url)
@@ -146,15 +146,10 @@ def capture(
             monitor = redis.Redis.from_url(server.url).connection_pool.get_connection("MONITOR")
             monitor.send_command("MONITOR")
             monitor.read_response()  # OK
+            begin = time.perf_counter()
             with FarmClient(bench_settings(server.url, store)) as farm:
-                farm.submit_stream(_jobs(jobs))
-            begin = time.monotonic()
-            done, failed = _finished(broker)
-            while done + failed < jobs:
-                if time.monotonic() - begin > timeout_s:
-                    raise FarmError(f"bench-fleet --replay: {done} of {jobs} jobs done after {timeout_s:.0f}s")
-                time.sleep(0.05)
-                done, failed = _finished(broker)
+                farm.submit_stream(bench_jobs(jobs))
+            wait_drained(broker, jobs, begin, timeout_s)
             marker = b"fluxfarm-replay-end"
             broker.echo(marker)
             while True:
@@ -208,7 +203,7 @@ def run_replay(
             target = redis.Redis.from_url(server.url)
             for args in loads:
                 target.execute_command(*args)
-            cpu = _redis_cpu_s(target)
+            cpu = redis_cpu_s(target)
             begin = time.perf_counter()
             replies = [path.with_suffix(".out") for path in paths]
             processes = [
@@ -222,7 +217,7 @@ def run_replay(
             ]
             failed = [process.args for process in processes if process.wait() != 0]
             wall = time.perf_counter() - begin
-            redis_cpu = _redis_cpu_s(target) - cpu
+            redis_cpu = redis_cpu_s(target) - cpu
             done = int(target.scard(keys.dataset(DATASET, JobState.DONE)))
             target.close()
             if failed:

@@ -235,13 +235,14 @@ def _arrangements(level: QuantLevel, inputs: PlanInputs) -> list[tuple[Placement
     fine = [p for p in precisions if p not in LOSSY_ENCODER_PRECISIONS]
     lossy = [p for p in precisions if p in LOSSY_ENCODER_PRECISIONS]
     swap_s, cpu_s = _seconds_per_encode(level, fine[0], inputs)
+    resident: list[tuple[Placement, EncoderPrecision, str]] = [("gpu", p, "") for p in fine]
+    later: list[tuple[Placement, EncoderPrecision, str]] = [
+        *(("gpu-swap", p, _encode_reason(level, p, inputs)) for p in fine),
+        *(("gpu", p, "") for p in lossy),
+        *(("gpu-swap", p, _encode_reason(level, p, inputs)) for p in lossy),
+    ]
     cpu: list[tuple[Placement, EncoderPrecision, str]] = [("cpu", fine[0], _encode_reason(level, fine[0], inputs))]
-    found: list[tuple[Placement, EncoderPrecision, str]] = [("gpu", p, "") for p in fine]
-    if cpu_s < swap_s:
-        found += cpu
-    found += [("gpu-swap", p, _encode_reason(level, p, inputs)) for p in fine]
-    found += [("gpu", p, "") for p in lossy] + [("gpu-swap", p, _encode_reason(level, p, inputs)) for p in lossy]
-    return found if cpu_s < swap_s else found + cpu
+    return resident + (cpu + later if cpu_s < swap_s else later + cpu)
 
 
 def _ladder(optimize: Optimize, cc: tuple[int, int] | None) -> list[QuantLevel]:
