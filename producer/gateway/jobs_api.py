@@ -109,10 +109,12 @@ def submit_jobs(
 
 def _view(client: FarmClient, dataset: str, job_id: str) -> JobView:
     result = client.dataset_result(dataset, job_id)
+    state = None if result is not None else client.datasets.job_state(dataset, job_id)
+    if state == JobState.DONE:  # it finished between the two reads: stored before it was recorded done
+        result = client.dataset_result(dataset, job_id)
     if result is not None:
         url = client.image_url(result)
         return JobView(job_id=job_id, dataset=dataset, state=JobState.DONE, result=result, image_url=url)
-    state = client.datasets.job_state(dataset, job_id)
     if state is None:
         raise ApiError(404, "not_found", f"dataset {dataset}: no job {job_id}")
     failure = client.datasets.failure(dataset, job_id) if state == JobState.FAILED else None
