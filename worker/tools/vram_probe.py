@@ -3,7 +3,7 @@
 Builds a full-size model with random weights (same bytes and FLOPs as trained ones), then for each
 level: the resident transformer, the peak of one denoising step at each size, and the step time;
 plus (FLUX.1) the VAE decode, T5 and CLIP encode peaks; or, given budgets, whole plans of any family
-(encode, a step and a decode as the plan places them) beside the plan's prediction. The numbers
+(encode, a step, a decode and a LoRA fuse as the plan places them) beside the plan's prediction. The numbers
 calibrate and check the VRAM policy (`worker.plan`). Peaks are `torch.cuda.max_memory_allocated` above
 the empty baseline: the CUDA context itself (about 0.5 GiB) is outside them.
 """
@@ -20,10 +20,13 @@ from typing import Any
 
 import torch
 
+from fluxfarm.shared.adapters import LoraSpec
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
 from fluxfarm.shared.units import GIB
+from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.fast_paths import encoder_fast_paths
+from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.flux2_arch import (
     ENCODER_LAYERS_READ,
     flux2_step_inputs,
@@ -31,17 +34,21 @@ from fluxfarm.worker.model.flux2_arch import (
     random_text_encoder,
     transformer_config,
 )
-from fluxfarm.worker.model.flux_arch import random_clip, random_t5, random_vae
+from fluxfarm.worker.model.flux_arch import meta_transformer, random_clip, random_t5, random_vae
 from fluxfarm.worker.model.gpu import cap_memory, time_calls
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.pipeline import enable_vae_tiling
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
 from fluxfarm.worker.model.text_encoders import store_text_encoder
 from fluxfarm.worker.render.engine import PROMPTS_PER_ENCODE
+from fluxfarm.worker.settings import WorkerSettings
+from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.random_weights import SeededWeights
 
 T5_TOKENS = 512
 DTYPE = torch.bfloat16
+LORA_RANK = 64
+"""The rank the plan's fuse room was measured with (FUSE_WORKING_GIB): a LoRA over every block layer."""
 
 
 def _settle(device: str) -> int:
@@ -153,13 +160,24 @@ def probe_plans(
     capability = torch.cuda.get_device_capability(device)
     base = _settle(device)
     encoders: dict[str, torch.nn.Module] = {}
+    plans = [
+        (
+            budget,
+            make_plan(
+                PlanInputs(vram_gib=budget, width=width, height=height, model=model_name, compute_capability=capability)
+            ),
+        )
+        for budget in budgets
+    ]
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         weights = SeededWeights(config, DTYPE, Path(tmp))
-        for budget in budgets:
-            plan = make_plan(
-                PlanInputs(vram_gib=budget, width=width, height=height, model=model_name, compute_capability=capability)
-            )
+        lora = write_random_lora(meta_transformer(config), Path(tmp) / "lora.safetensors", LORA_RANK, LORA_RANK)
+        for index, (budget, plan) in enumerate(plans):
             level = QuantLevel(plan.level)
+            # The host holds FLUX.2 [dev]'s encoders at several precisions: each goes once no later plan needs it.
+            later = {later_plan.text_encoder_precision for _, later_plan in plans[index:]}
+            for precision in set(encoders) - later:
+                del encoders[precision]
             # Quantizing and drawing weights are not the worker's cost: done before the cap and the measurement.
             state = weights.gguf_state(level, device) if level.is_gguf else None
             if MODELS[model_name].family in ENCODER_LAYERS_READ and plan.text_encoder_precision not in encoders:
@@ -173,7 +191,7 @@ def probe_plans(
             }
             try:
                 encoder = encoders.get(plan.text_encoder_precision)
-                row.update(_run_plan(plan, weights, state, encoder, model_name, width, height, base))
+                row.update(_run_plan(plan, weights, state, encoder, model_name, (width, height), base, lora))
                 row["error"] = (plan.predicted_peak_gib - row["measured_peak_gib"]) / row["measured_peak_gib"]
             except torch.cuda.OutOfMemoryError as error:
                 row["oom"] = str(error).splitlines()[0]
@@ -211,19 +229,33 @@ def _encode(model: FluxModel, encoder: torch.nn.Module | None, device: str) -> l
     return [encoder]
 
 
+def fuse_lora(transformer: torch.nn.Module, lora: Path, level: QuantLevel, model: FluxModel) -> int:
+    """Fuse `lora` into the transformer as a worker does between batches (its fused-block cache included),
+    then put the base weights back. Returns how many layers it changed."""
+    with tempfile.TemporaryDirectory(dir=lora.parent) as cache:
+        settings = WorkerSettings(cache_dir=Path(cache), job_file_roots=[str(lora.parent)])
+        loader = FAMILIES[MODELS[model].family].pipeline
+        fuser = LoraFuser({"transformer": transformer}, "0" * 64, level.value, settings, loader=loader)
+        (fused,) = fuser.activate([LoraSpec(source=str(lora), weight=1.0)])
+        fuser.activate([])
+        return len(fused.updates)
+
+
 def _run_plan(
     plan: Plan,
     weights: SeededWeights,
     state: dict[str, torch.Tensor] | None,
     encoder: torch.nn.Module | None,
     model: FluxModel,
-    width: int,
-    height: int,
+    size: tuple[int, int],
     base: int,
+    lora: Path,
 ) -> dict[str, float]:
-    """Build the planned configuration, run encode, a step and decode as planned. Returns GiB above `base`: the
-    whole peak, what is resident while denoising, and each phase's peak above what is resident in it, the
-    numbers the plan adds up (components_gib), so a plan's working memory can be set from them."""
+    """Build the planned configuration, run encode, a step, decode and (where the plan keeps room for one) a
+    LoRA fuse as planned. Returns GiB above `base`: the whole peak, what is resident while denoising, and each
+    phase's peak above what is resident in it, the numbers the plan adds up (components_gib), so a plan's
+    working memory can be set from them."""
+    width, height = size
     device = f"cuda:{torch.cuda.current_device()}"
     flux2 = MODELS[model].family in (FluxFamily.FLUX_2, FluxFamily.FLUX_2_KLEIN)
     transformer = weights.transformer(QuantLevel(plan.level), device, state)
@@ -255,7 +287,12 @@ def _run_plan(
     phases["step_above_gib"] = _peak_above(device, base, lambda: transformer(**inputs)) - held()
     latents = torch.randn(1, vae.config.latent_channels, height // 8, width // 8, device=device, dtype=DTYPE)
     phases["decode_above_gib"] = _peak_above(device, base, lambda: vae.decode(latents)) - held()
-    peaks = [phases["denoise_resident_gib"] + max(phases["step_above_gib"], phases["decode_above_gib"])]
+    if plan.components_gib["lora_fuse"] > 0:
+        phases["fuse_above_gib"] = (
+            _peak_above(device, base, lambda: fuse_lora(transformer, lora, QuantLevel(plan.level), model)) - held()
+        )
+    above = max(phases["step_above_gib"], phases["decode_above_gib"], phases.get("fuse_above_gib", 0.0))
+    peaks = [phases["denoise_resident_gib"] + above]
     if "encode_above_gib" in phases:
         peaks.append(phases["encode_resident_gib"] + phases["encode_above_gib"])
     return {"measured_peak_gib": max(peaks), **phases}
