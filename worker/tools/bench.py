@@ -8,8 +8,10 @@ and measures, against baselines taken in the same run:
 - images: whole renders (encode, 28 steps, decode, PNG) through the worker's RenderEngine and
   batcher, PNGs encoded off the GPU thread as a worker does, for each VRAM
   budget (the plan picks the level, the budget is enforced with set_per_process_memory_fraction) and
-  each forced level, beside plain diffusers bf16 and, for FLUX.1, the seed recipe (GGUF Q8_0 +
-  enable_model_cpu_offload); each image is compared with the plain-bf16 image of the same job.
+  each forced level, beside plain diffusers bf16 and the family's documented low-VRAM recipe: for FLUX.1
+  the seed recipe (GGUF Q8_0 + enable_model_cpu_offload), for FLUX.2 [dev] its makers' 24-32 GB one
+  (bitsandbytes 4-bit transformer and text encoder + enable_model_cpu_offload, under the smallest budget's
+  cap); each image is compared with the plain-bf16 image of the same job.
 No image is judged: agreement with bf16 (PSNR, relative error) is all that is reported.
 """
 
@@ -33,7 +35,7 @@ from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.shared.models import FluxFamily
+from fluxfarm.shared.models import FluxFamily, FluxModel
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.fast_paths import FastPaths, apply_fast_paths, compile_blocks
@@ -49,7 +51,15 @@ from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
 from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_png
 from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.bench_parts import FluxParts, build_parts, plain_diffusers_image
-from fluxfarm.worker.tools.bench_rows import DIFFUSERS_BF16, SEED_RECIPE, BenchOptions, ImageRow, LoraFuseRow, StepRow
+from fluxfarm.worker.tools.bench_rows import (
+    DIFFUSERS_BF16,
+    FOUR_BIT_RECIPE,
+    SEED_RECIPE,
+    BenchOptions,
+    ImageRow,
+    LoraFuseRow,
+    StepRow,
+)
 from fluxfarm.worker.tools.image_agreement import agreement, pixels
 from fluxfarm.worker.tools.random_lora import write_random_lora
 from fluxfarm.worker.tools.vram_probe import step_inputs
@@ -210,7 +220,9 @@ class Bench:
         self.on_row(row)
         return row
 
-    def _diffusers_run(self, name: str, pipe: Any, level: QuantLevel, offload: bool) -> list[bytes]:
+    def _diffusers_run(
+        self, name: str, pipe: Any, level: QuantLevel, offload: bool, budget: float | None = None
+    ) -> list[bytes]:
         """Plain `pipe(prompt=...)`, one image a call, the way the diffusers docs and the seed article run it."""
         jobs = bench_jobs(self.options, self.options.images)
 
@@ -227,7 +239,7 @@ class Bench:
         width, height = self.options.image_size
         row = ImageRow(
             name=name,
-            budget_gib=None,
+            budget_gib=budget,
             level=level.value,
             text_encoders="cpu-offload" if offload else "gpu",
             vae_tiling=False,
@@ -261,6 +273,21 @@ class Bench:
             pipe.enable_model_cpu_offload(device=self.device)
         self._diffusers_run(SEED_RECIPE, pipe, QuantLevel.Q8_0, offload=True)
         pipe.remove_all_hooks()
+        self._release(pipe)
+
+    @torch.inference_mode()
+    def four_bit_recipe(self) -> None:
+        """FLUX.2 [dev] on a 24-32 GB card as its makers document it: bitsandbytes 4-bit transformer and text
+        encoder, enable_model_cpu_offload, under the cap of the smallest budget the engine is measured at."""
+        pipe = self.parts.four_bit_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        budget = min(self.options.budgets, default=None)
+        _free(self.device)
+        with memory_cap(self.device, budget):
+            if torch.device(self.device).type == "cuda":
+                pipe.enable_model_cpu_offload(device=self.device)
+            self._diffusers_run(FOUR_BIT_RECIPE, pipe, QuantLevel.NF4, offload=True, budget=budget)
+            pipe.remove_all_hooks()
         self._release(pipe)
 
     def _release(self, pipe: Any) -> None:
@@ -361,7 +388,7 @@ class Bench:
         return best
 
     def run(self) -> None:
-        """Whole images first (the baselines, then the engine), then steps."""
+        """Whole images first (the baselines, then the engine), then steps, then FLUX.2 [dev]'s 4-bit recipe."""
         if self.options.baselines:
             self.diffusers_bf16()
             if self.parts.family == FluxFamily.FLUX_1:
@@ -372,6 +399,8 @@ class Bench:
             self.engine_run(f"fluxfarm-{level.value}", None, level)
         if self.options.levels:
             self.steps()
+        if self.options.baselines and self.parts.model == FluxModel.FLUX_2_DEV:
+            self.four_bit_recipe()  # last: it quantizes a copy of every part, the others' host copies dropped
 
 
 def run_bench(options: BenchOptions, device: str, on_row: Callable[[BaseModel], None]) -> None:

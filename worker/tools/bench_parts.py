@@ -9,6 +9,7 @@ diffusers baselines too: they run the same encoder, so a baseline's encode costs
 from __future__ import annotations
 
 import copy
+import gc
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from fluxfarm.worker.model.flux_arch import random_clip, random_t5, random_vae
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.pipeline import compute_dtype
 from fluxfarm.worker.model.text_encoders import prepare_text_encoder
+from fluxfarm.worker.tools.bnb_nf4 import to_bnb_nf4
 from fluxfarm.worker.tools.random_weights import SeededWeights
 from fluxfarm.worker.tools.tiny_flux2 import mistral_tokenizer, qwen_tokenizer
 from fluxfarm.worker.tools.tiny_model import build_tiny, clip_tokenizer, t5_tokenizer
@@ -93,13 +95,33 @@ class FluxParts:
             self.encoders[precision] = prepare_text_encoder(encoder, self.family, precision, self.dtype).cpu()
         return self.encoders[precision]
 
-    def pipeline(self, transformer: torch.nn.Module | None, precision: EncoderPrecision = "bf16") -> Any:
+    def pipeline(
+        self,
+        transformer: torch.nn.Module | None,
+        precision: EncoderPrecision = "bf16",
+        text_encoder: torch.nn.Module | None = None,
+    ) -> Any:
+        """The family's pipeline around `transformer`, its text encoder at `precision` (or `text_encoder`)."""
         parts = dict(self.components)
         if self.family != FluxFamily.FLUX_1 and precision != "bf16":
             parts["text_encoder"] = self.text_encoder(precision)
+        if text_encoder is not None:
+            parts["text_encoder"] = text_encoder
         extra = {"is_distilled": True} if self.family == FluxFamily.FLUX_2_KLEIN else {}
         pipeline_class: type[DiffusionPipeline] = FAMILIES[self.family].pipeline
         return pipeline_class(scheduler=flux_scheduler(), transformer=transformer, **parts, **extra)
+
+    def four_bit_pipeline(self) -> Any:
+        """The pipeline with bitsandbytes NF4 copies of the transformer and the text encoder, on the host
+        (worker/tools/bnb_nf4.py). The quantized copies kept for other runs go first: FLUX.2 [dev]'s encoder
+        copy needs their host memory."""
+        self.states.clear()
+        self.encoders.clear()
+        gc.collect()
+        transformer = to_bnb_nf4(self.transformer(QuantLevel.BF16, self.device), self.device, self.dtype).cpu()
+        encoder = copy.deepcopy(self.components["text_encoder"])
+        encoder = to_bnb_nf4(encoder, self.device, self.dtype).cpu()
+        return self.pipeline(transformer, text_encoder=encoder)
 
 
 def _full_size_components(model: FluxModel, device: str, dtype: torch.dtype) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from fluxfarm.worker.tools.bench_rows import DIFFUSERS_BF16, SEED_RECIPE, ImageRow, LoraFuseRow, StepRow
+from fluxfarm.worker.tools.bench_rows import BASELINES, ImageRow, LoraFuseRow, StepRow
 
 
 class BenchLog:
@@ -62,7 +62,7 @@ class BenchLog:
                 if plain:
                     key = f"step {row.level} {row.path} / {row.level} {base_path} @{row.width}x{row.height}"
                     out[key] = row.step_ms / plain
-        baselines = {row.name: row for row in self.images if row.name in (SEED_RECIPE, DIFFUSERS_BF16)}
+        baselines = {row.name: row for row in self.images if row.name in BASELINES}
         for row in self.images:
             if row.name in baselines:
                 continue

@@ -13,6 +13,9 @@ from fluxfarm.worker.fast.fast_paths import AttentionChoice, FastPaths
 
 SEED_RECIPE = "seed-recipe"
 DIFFUSERS_BF16 = "diffusers-bf16"
+FOUR_BIT_RECIPE = "diffusers-nf4-offload"
+"""FLUX.2 [dev]'s documented 24-32 GB recipe (worker/tools/bnb_nf4.py)."""
+BASELINES = (SEED_RECIPE, DIFFUSERS_BF16, FOUR_BIT_RECIPE)
 
 
 class BenchOptions(BaseModel):

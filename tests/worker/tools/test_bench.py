@@ -65,7 +65,9 @@ def test_bench_fuses_a_lora_and_times_the_steps_with_it(tmp_path: Path) -> None:
 
 def test_bench_runs_each_flux2_family_on_its_tiny_pipeline(tmp_path: Path) -> None:
     """FLUX.2 [dev] and klein through the same bench: the plain diffusers baseline, the engine at a budget
-    (FLUX.2 [dev]'s smallest plan needs ~15 GiB: at 12 it is reported unfit and the run goes on) and steps."""
+    (FLUX.2 [dev]'s smallest plan needs ~15 GiB: at 12 it is reported unfit and the run goes on) and steps;
+    for FLUX.2 [dev] also its makers' 4-bit recipe (bitsandbytes NF4 transformer and encoder) at the smallest
+    budget, each image compared with bf16's."""
     for model in ("flux.2-klein-4b", "flux.2-dev"):
         out = tmp_path / f"{model}.jsonl"
         result = run_fluxfarm(
@@ -81,6 +83,13 @@ def test_bench_runs_each_flux2_family_on_its_tiny_pipeline(tmp_path: Path) -> No
         assert {"diffusers-bf16", "fluxfarm@24GiB"} <= set(images)
         assert ("fluxfarm@12GiB" in images) == (model == "flux.2-klein-4b")
         assert images["fluxfarm@24GiB"]["psnr_db_vs_bf16"] > 20
+        assert ("diffusers-nf4-offload" in images) == (model == "flux.2-dev")
+        if model == "flux.2-dev":
+            recipe = images["diffusers-nf4-offload"]
+            assert (recipe["level"], recipe["budget_gib"], recipe["text_encoders"]) == ("nf4", 12, "cpu-offload")
+            assert recipe["psnr_db_vs_bf16"] > 10
+            ratios = next(r for r in rows if r["kind"] == "ratios")["ratios"]
+            assert "images/hour fluxfarm@24GiB batch 1 / diffusers-nf4-offload" in ratios
         assert {(r["path"], r["level"]) for r in rows if r["kind"] == "step"} == {
             ("diffusers", "bf16"),
             ("fluxfarm", "bf16"),
