@@ -95,6 +95,33 @@ def tiny_model(
         typer.echo(f"  {level.value}: {gguf_path(written, level)}")
 
 
+def random_model(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
+    model: Annotated[FluxModel, typer.Option(help="Which catalog model's shapes.")] = FluxModel.FLUX_1_DEV,
+    levels: Annotated[str, typer.Option(help="GGUF levels to write beside it, comma-separated (none: derived).")] = "",
+    device: Annotated[
+        str | None, typer.Option(help="Where weights are drawn and quantized; cuda:0 when present.")
+    ] = None,
+    tiny: Annotated[bool, typer.Option(help="The family's tiny pipeline instead, to check the tool on a CPU.")] = False,
+) -> None:
+    """Write a full-size random-weight pipeline (the real model's shapes, bytes and FLOPs) to measure the farm on a GPU.
+
+    It RENDERS NOISE. Use the folder as `--model DIR` (with FLUXFARM_MODEL_NAME for a model other than flux.1-dev).
+    """
+    parsed = [parse_level(name) for name in levels.split(",") if name.strip()]
+    _require_gpu_stack()
+    import torch
+
+    from fluxfarm.worker.model.gpu import default_device
+    from fluxfarm.worker.tools.random_model import write_random_model
+
+    device = device or default_device()
+    if not tiny and torch.device(device).type != "cuda":
+        raise FarmError("a full-size random model is drawn on a CUDA GPU; add --tiny to check the tool on a CPU")
+    written = write_random_model(out_dir, model, device, parsed, tiny=tiny)
+    typer.echo(f"{'tiny' if tiny else 'full-size'} random {model.value} pipeline (renders noise) in {written}")
+
+
 def quantize(
     src: Annotated[
         Path, typer.Argument(help="A diffusers transformer folder (or pipeline folder) or a .safetensors file.")

@@ -112,13 +112,14 @@ ENCODER_LAYERS_READ: dict[FluxFamily, tuple[int, ...]] = {
 """The hidden states each pipeline stacks into its conditioning (diffusers' defaults)."""
 
 
-def random_text_encoder(model: FluxModel, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The model's text encoder with random weights, trimmed to the layers its pipeline reads (as a worker
-    keeps it), drawn on `device`."""
+def random_text_encoder(model: FluxModel, device: str, dtype: torch.dtype, trimmed: bool = True) -> torch.nn.Module:
+    """The model's text encoder with random weights, drawn on `device`: trimmed to the layers its pipeline
+    reads (as a worker keeps it), or whole (as a checkpoint holds it)."""
     from fluxfarm.worker.model.text_encoders import trim_text_encoder
 
     encoder = meta_text_encoder(model)
-    trim_text_encoder(encoder, ENCODER_LAYERS_READ[MODELS[model].family])
+    if trimmed:
+        trim_text_encoder(encoder, ENCODER_LAYERS_READ[MODELS[model].family])
     return randomize(encoder.to(dtype), device, dtype, std=0.02)
 
 

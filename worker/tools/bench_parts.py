@@ -124,7 +124,9 @@ class FluxParts:
         return self.pipeline(transformer, text_encoder=encoder)
 
 
-def _full_size_components(model: FluxModel, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def full_size_components(model: FluxModel, device: str, dtype: torch.dtype, trimmed: bool = True) -> dict[str, Any]:
+    """The pipeline's parts other than the transformer, random and full size, on the host; FLUX.2's text
+    encoder trimmed as a worker keeps it, or whole as a checkpoint holds it."""
     if MODELS[model].family == FluxFamily.FLUX_1:
         return {
             "vae": random_vae(device, dtype).cpu(),
@@ -134,7 +136,7 @@ def _full_size_components(model: FluxModel, device: str, dtype: torch.dtype) -> 
             "tokenizer_2": t5_tokenizer(),
         }
     tokenizer = mistral_tokenizer() if model == FluxModel.FLUX_2_DEV else qwen_tokenizer()
-    encoder = random_text_encoder(model, device, dtype).cpu()
+    encoder = random_text_encoder(model, device, dtype, trimmed).cpu()
     return {"vae": random_flux2_vae(device, dtype).cpu(), "text_encoder": encoder, "tokenizer": tokenizer}
 
 
@@ -156,7 +158,7 @@ def build_parts(model: str, device: str, folder: Path, tiny: bool = False) -> Fl
         components["text_encoder"] = prepare_text_encoder(components["text_encoder"], family, "bf16", dtype)
     else:
         config = transformer_config(flux_model)
-        components = _full_size_components(flux_model, device, dtype)
+        components = full_size_components(flux_model, device, dtype)
     return FluxParts(flux_model, SeededWeights(config, dtype, folder), components, device)
 
 

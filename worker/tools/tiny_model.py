@@ -155,20 +155,28 @@ def write_tiny_model(
 ) -> Path:
     """Write a diffusers folder of `model`'s family usable as `--model` (with FLUXFARM_MODEL_NAME), plus
     one GGUF transformer file per level."""
+    return write_model_folder(out_dir, build_tiny(model, seed), model, levels, {"seed": seed, "size": "tiny"})
+
+
+def write_model_folder(
+    out_dir: Path,
+    pipe: DiffusionPipeline,
+    model: FluxModel,
+    levels: Sequence[QuantLevel],
+    about: dict[str, object],
+    device: str = "cpu",
+) -> Path:
+    """Write `pipe` (random weights) as a diffusers folder, one GGUF transformer per level (quantized on
+    `device`) and a marker saying it renders noise; atomically, and never over a folder that is not one."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / _MARKER).exists():
-        raise FileExistsError(f"{out_dir} exists and is not a fluxfarm tiny model; refusing to overwrite it")
-    pipe = build_tiny(model, seed)
+        raise FileExistsError(f"{out_dir} exists and is not a fluxfarm random model; refusing to overwrite it")
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
     for level in levels:
-        write_gguf(pipe.transformer.state_dict(), level, gguf_path(staging, level))
-    (staging / _MARKER).write_text(
-        json.dumps(
-            {"model": model.value, "seed": seed, "levels": [level.value for level in levels], "renders": "noise"},
-            indent=2,
-        )
-    )
+        write_gguf(pipe.transformer.state_dict(), level, gguf_path(staging, level), device=device)
+    marker = {"model": model.value, **about, "levels": [level.value for level in levels], "renders": "noise"}
+    (staging / _MARKER).write_text(json.dumps(marker, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.replace(out_dir)
     return out_dir
