@@ -26,6 +26,8 @@ from fluxfarm.worker.tools.tiny_parts import TINY_DIMS, TinyDims, corpus, flux_s
 
 GGUF_SUBDIR = "gguf"
 _MARKER = "fluxfarm-tiny-model.json"
+CATALOG_FILE = "catalog.toml"
+"""Beside the GGUF files: a worker given it as FLUXFARM_CATALOG (and the folder as its model) finds each level."""
 
 _SPECIAL_CLIP = ("<|startoftext|>", "<|endoftext|>")
 _SPECIAL_T5 = ("<pad>", "</s>", "<unk>")
@@ -175,6 +177,10 @@ def write_model_folder(
     pipe.save_pretrained(staging, safe_serialization=True)
     for level in levels:
         write_gguf(pipe.transformer.state_dict(), level, gguf_path(staging, level), device=device)
+    if levels:  # FLUXFARM_CATALOG: where a worker of this folder finds each level (paths as they will be)
+        final = out_dir.resolve()
+        entries = [f"{level.value} = {json.dumps(str(gguf_path(final, level)))}" for level in levels]
+        (staging / CATALOG_FILE).write_text("\n".join([f"[models.{json.dumps(str(final))}]", *entries, ""]))
     marker = {"model": model.value, **about, "levels": [level.value for level in levels], "renders": "noise"}
     (staging / _MARKER).write_text(json.dumps(marker, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -1,5 +1,6 @@
 """`fluxfarm random-model` (worker/tools/random_model.py): a random-weight pipeline written as a diffusers folder
-that a worker loads with `--model DIR` and renders from, with GGUF files beside it; full size needs a GPU."""
+that a worker loads with `--model DIR` and renders from, with GGUF files beside it and a catalog naming them;
+full size needs a GPU."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import FluxModel
+from fluxfarm.worker.model.catalog import load_catalog
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.settings import WorkerSettings
-from fluxfarm.worker.tools.tiny_model import gguf_path
+from fluxfarm.worker.tools.tiny_model import CATALOG_FILE, gguf_path
 from tests.conftest import run_fluxfarm
 
 
@@ -32,6 +34,10 @@ def test_the_written_pipeline_loads_and_renders_at_bf16_and_from_its_gguf(model:
         ["Q4_K"],
         "noise",
     )
+    catalog = load_catalog(out / CATALOG_FILE)[str(out.resolve())]
+    assert {level: entry.source for level, entry in catalog.items()} == {
+        QuantLevel.Q4_K: str(gguf_path(out.resolve(), QuantLevel.Q4_K))
+    }
     settings = WorkerSettings(cache_dir=tmp_path / "cache")
     job = parse_job({"prompt": "a lighthouse", "model": model.value, "width": 256, "height": 256, "steps": 2})
     for level, transformer in ((QuantLevel.BF16, None), (QuantLevel.Q4_K, str(gguf_path(out, QuantLevel.Q4_K)))):

