@@ -14,7 +14,7 @@ from PIL import Image
 from fluxfarm.shared.errors import FarmError, ModelLoadError
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.worker.model.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog
+from fluxfarm.worker.model.catalog import CatalogEntry, available_levels, built_in_catalog, load_catalog, nf4_installed
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.model.sources import model_cache, resolve_file
@@ -46,7 +46,8 @@ def test_a_toml_catalog_overrides_and_adds_levels(tmp_path: Path) -> None:
     catalog = load_catalog(override)
     assert catalog[FLUX_DEV][QuantLevel.Q8_0] == CatalogEntry("s3://models/dev-q8.gguf", "abc123")
     assert catalog[FLUX_DEV][QuantLevel.Q6_K].source.startswith("hf://city96/")
-    assert available_levels(catalog, "my/finetune") == [QuantLevel.BF16, QuantLevel.FP8, QuantLevel.Q4_K]
+    nf4 = [QuantLevel.NF4] if nf4_installed() else []  # made at load by bitsandbytes, where it is installed
+    assert available_levels(catalog, "my/finetune") == [QuantLevel.BF16, QuantLevel.FP8, *nf4, QuantLevel.Q4_K]
     override.write_text("[models.broken\n")
     with pytest.raises(FarmError, match="cannot read model catalog"):
         load_catalog(override)
