@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,16 @@ from fluxfarm.worker.settings import WorkerSettings
 _GPU_EXTRA_HINT = "the worker needs the GPU stack: pip install 'fluxfarm[gpu]'"
 
 
+ALLOCATOR_DEFAULT = "expandable_segments:True"
+"""What the worker image sets (infra/worker.Dockerfile): a tight VRAM budget keeps the memory that fragmentation
+would strand (FLUX.2 [dev]'s LoRA fuse at 24 GiB ran out with 4.5 GiB reserved but unallocated without it)."""
+
+
 def _require_gpu_stack() -> None:
+    """Fail at once without the GPU extra; give every GPU command the worker image's allocator setting unless
+    the operator chose one (it is read at the first CUDA allocation, after this)."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)
     try:
         import diffusers  # noqa: F401
         import torch  # noqa: F401
