@@ -185,6 +185,9 @@ def probe_vram(
     plans: Annotated[
         str | None, typer.Option(help="Budgets in GiB, comma-separated: check whole plans instead of levels.")
     ] = None,
+    optimize: Annotated[
+        Optimize, typer.Option(help="The policy the checked plans are made under, as a worker's FLUXFARM_OPTIMIZE.")
+    ] = Optimize.THROUGHPUT,
 ) -> None:
     """Measure resident and peak VRAM of full-size random-weight FLUX at each level (needs a GPU).
 
@@ -199,7 +202,7 @@ def probe_vram(
         raise FarmError("probe-vram measures GPU memory: it needs a CUDA GPU")
 
     budgets = [float(b) for b in plans.split(",")] if plans else None
-    run_probe(out, model, _levels(levels), _sizes(sizes), device, budgets)
+    run_probe(out, model, _levels(levels), _sizes(sizes), device, budgets, optimize)
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:

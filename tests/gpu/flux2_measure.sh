@@ -3,14 +3,17 @@
 # command limit: `start` runs it in its own process session (setsid) and every call, `start` included,
 # waits up to WAIT_S for it, copies its rows and logs to $OUT and prints how far it got. Call `wait` again
 # within the machine's warm window until it prints "sequence finished". In order, most needed first:
-#   1. probe-vram plans: klein-4B at 8/12 GiB, FLUX.2 [dev] at 24/48/80/141 GiB and 16 (its Q4_K encoder swapped in)
+#   1. probe-vram plans: klein-4B at 8/12 GiB, FLUX.2 [dev] at 24/48/80/141 GiB and 16 (its Q4_K encoder swapped in),
+#      and [dev]'s quality-first plans at 80/141 GiB
 #   2. bench klein-4B: diffusers bf16 beside the engine at bf16 and fp8, 4 steps
 #   3. bench FLUX.2 [dev]: diffusers bf16 beside the engine's fp8 and the 24 GiB plan, 28 steps
 # On the device, after installing the carried wheels (../shared/device/wheels.sh, carry [".whl"]):
 #   bash tests/gpu/flux2_measure.sh start
 #   bash tests/gpu/flux2_measure.sh wait
 # One phase alone, in the foreground: bash tests/gpu/flux2_measure.sh plans|dev|klein. PHASES picks the
-# sequence's phases and DEV_BUDGETS the [dev] plans (an 80 GB card: PHASES="plans klein" DEV_BUDGETS=24,48,80).
+# sequence's phases; KLEIN_BUDGETS, DEV_BUDGETS and DEV_QUALITY_BUDGETS the plans (each may be empty; an 80 GB
+# card: PHASES="plans klein" DEV_BUDGETS=24,48,80 DEV_QUALITY_BUDGETS=). Run 11 left for the next H200 run:
+#   PHASES="plans dev" KLEIN_BUDGETS= DEV_BUDGETS=24 bash tests/gpu/flux2_measure.sh start
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run=${RUN_DIR:-/root/fluxfarm-flux2}
@@ -20,10 +23,19 @@ cd "$run" || exit  # not the repository root, whose fluxfarm/ would shadow the i
 phase() {
   case "$1" in
     plans)
-      python3 -u -m fluxfarm probe-vram --model flux.2-klein-4b --plans 8,12 --sizes 1024x1024 \
-        --out "$run/plans-klein4b.jsonl"
-      python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans "${DEV_BUDGETS:-24,48,80,141,16}" --sizes 1024x1024 \
-        --out "$run/plans-flux2-dev.jsonl"
+      klein=${KLEIN_BUDGETS-8,12} dev=${DEV_BUDGETS-24,48,80,141,16} quality=${DEV_QUALITY_BUDGETS-80,141}
+      if [ -n "$klein" ]; then
+        python3 -u -m fluxfarm probe-vram --model flux.2-klein-4b --plans "$klein" --sizes 1024x1024 \
+          --out "$run/plans-klein4b.jsonl"
+      fi
+      if [ -n "$dev" ]; then
+        python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans "$dev" --sizes 1024x1024 \
+          --out "$run/plans-flux2-dev.jsonl"
+      fi
+      if [ -n "$quality" ]; then  # the quality-first plans (bf16 transformer), as FLUXFARM_OPTIMIZE=quality makes them
+        python3 -u -m fluxfarm probe-vram --model flux.2-dev --plans "$quality" --optimize quality \
+          --sizes 1024x1024 --out "$run/plans-flux2-dev-quality.jsonl"
+      fi
       ;;
     dev)
       python3 -u -m fluxfarm bench --out "$run/bench-flux2-dev.jsonl" --model flux.2-dev --levels fp8,bf16 \

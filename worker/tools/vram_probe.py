@@ -38,7 +38,7 @@ from fluxfarm.worker.model.flux_arch import meta_transformer, random_clip, rando
 from fluxfarm.worker.model.gpu import cap_memory, time_calls
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.pipeline import enable_vae_tiling
-from fluxfarm.worker.model.plan import VAE_TILE_PX, Plan, PlanInputs, make_plan
+from fluxfarm.worker.model.plan import VAE_TILE_PX, Optimize, Plan, PlanInputs, make_plan
 from fluxfarm.worker.model.text_encoders import store_text_encoder
 from fluxfarm.worker.render.engine import PROMPTS_PER_ENCODE
 from fluxfarm.worker.settings import WorkerSettings
@@ -153,9 +153,11 @@ def probe_plans(
     height: int,
     device: str,
     on_row: Callable[[dict[str, Any]], None],
+    optimize: Optimize = Optimize.THROUGHPUT,
 ) -> None:
-    """For each budget: make the plan, build exactly that configuration under the budget's memory cap,
-    run encode, one step and decode as the plan says, and record the measured peak beside the prediction."""
+    """For each budget: make the plan (under `optimize`), build exactly that configuration under the budget's
+    memory cap, run encode, one step, decode and a LoRA fuse as the plan says, and record the measured peak
+    beside the prediction."""
     config = transformer_config(model_name)
     capability = torch.cuda.get_device_capability(device)
     base = _settle(device)
@@ -164,7 +166,14 @@ def probe_plans(
         (
             budget,
             make_plan(
-                PlanInputs(vram_gib=budget, width=width, height=height, model=model_name, compute_capability=capability)
+                PlanInputs(
+                    vram_gib=budget,
+                    width=width,
+                    height=height,
+                    model=model_name,
+                    compute_capability=capability,
+                    optimize=optimize,
+                )
             ),
         )
         for budget in budgets
@@ -186,6 +195,7 @@ def probe_plans(
             cap_memory(device, budget)
             row: dict[str, Any] = {
                 "budget_gib": budget,
+                "optimize": optimize.value,
                 "size": f"{width}x{height}",
                 "plan": plan.model_dump(exclude={"reasons", "vram_budget_gib"}),
             }
@@ -305,6 +315,7 @@ def run_probe(
     sizes: list[tuple[int, int]],
     device: str,
     plan_budgets: list[float] | None = None,
+    optimize: Optimize = Optimize.THROUGHPUT,
 ) -> None:
     """Probe components and levels (or, given budgets, whole plans), appending each row to `out` (JSON lines)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +328,7 @@ def run_probe(
 
     if plan_budgets:
         for width, height in sizes:
-            probe_plans(model_name, plan_budgets, width, height, device, write)
+            probe_plans(model_name, plan_budgets, width, height, device, write, optimize)
         return
     if MODELS[model_name].family in (FluxFamily.FLUX_1, FluxFamily.FLUX_1_KONTEXT):
         probe_components(sizes, device, write)
