@@ -3,8 +3,8 @@ local storage, and real `fluxfarm worker` processes over a full-size random FLUX
 random-model` writes first (24 GB of bf16 transformer, 9 GB of T5: the bytes and FLOPs of the real one).
 
 Phases, most needed first; each appends JSON lines to $RUN_DIR/farm.jsonl and prints them:
-  model       write the random pipeline and its Q8_0, Q6_K and Q4_K files (skipped when it is there)
-  calibrate   22.1: `fluxfarm calibrate` of fp8, Q8_0 and Q4_K against bf16, kept in the farm
+  model       write the random pipeline and its Q6_K and Q4_K files (skipped when it is there; 47 GiB on disk)
+  calibrate   22.1: `fluxfarm calibrate` of fp8, Q6_K and Q4_K against bf16, kept in the farm
   throughput  21.1/21.2/21.3: a whole-card worker under FLUXFARM_OPTIMIZE=throughput, fresh local compile caches
               and an empty shared compile cache: seconds from its process start to its first image (cold),
               16 auto jobs (their level and calibration, the steady s/image) and one `min:bf16` job that it
@@ -130,7 +130,7 @@ def phase_model(farm: Farm) -> None:
     if (MODEL_DIR / "model_index.json").is_file():
         return
     started = time.monotonic()
-    args = ["random-model", str(MODEL_DIR), "--model", "flux.1-dev", "--levels", "Q8_0,Q6_K,Q4_K"]
+    args = ["random-model", str(MODEL_DIR), "--model", "flux.1-dev", "--levels", "Q6_K,Q4_K"]
     args += ["--tiny", "--device", "cpu"] if TINY else []
     done = fluxfarm(*args)
     emit(
@@ -144,7 +144,7 @@ def phase_model(farm: Farm) -> None:
 
 
 def phase_calibrate(farm: Farm) -> None:
-    args = ["calibrate", "--model", str(MODEL_DIR), "--levels", "fp8,Q8_0,Q4_K", "--size", f"{SIDE}x{SIDE}"]
+    args = ["calibrate", "--model", str(MODEL_DIR), "--levels", "fp8,Q6_K,Q4_K", "--size", f"{SIDE}x{SIDE}"]
     started = time.monotonic()
     done = fluxfarm(*args, "--steps", str(STEPS), "--json", env=farm.env)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
