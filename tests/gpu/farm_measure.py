@@ -98,8 +98,9 @@ class Farm:
         worker_env = {**self.env, **caches, "FLUXFARM_WORKER_NAME": f"{name}@farm", **(env or {})}
         return WorkerProcess(args, worker_env, RUN / f"worker-{name}.log").start()
 
-    def first_image_s(self, process: WorkerProcess, started: float, dataset: str) -> tuple[float, RenderResult]:
-        """Seconds from the worker's process start to its first image stored (the job was queued before)."""
+    def first_image_s(self, started: float, dataset: str) -> tuple[float, RenderResult]:
+        """Seconds from a worker's process start (`started`) to its first image stored: the job is queued as the
+        worker starts, so it waits only for the worker."""
         handle = self.client.submit(job(1000, dataset))
         result = handle.result(timeout=READY_S)
         return time.monotonic() - started, result
@@ -160,7 +161,7 @@ def phase_throughput(farm: Farm) -> None:
     started = time.monotonic()
     worker = farm.worker("throughput-cold", ["--optimize", "throughput"])
     try:
-        first_s, first = farm.first_image_s(worker, started, "throughput")
+        first_s, first = farm.first_image_s(started, "throughput")
         gated = farm.client.submit(job(2000, "gated", quant="min:bf16"))
         results, steady = farm.render([job(i, "throughput") for i in range(IMAGES)])
         time.sleep(10)
@@ -186,7 +187,7 @@ def phase_warm(farm: Farm) -> None:
     started = time.monotonic()
     worker = farm.worker("throughput-warm", ["--optimize", "throughput"])
     try:
-        first_s, first = farm.first_image_s(worker, started, "warm")
+        first_s, first = farm.first_image_s(started, "warm")
         log = worker.log_text()
     finally:
         worker.stop()

@@ -35,18 +35,19 @@ def _slab_sizes(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     own, and a last slab shrinks to the power of two that holds what it holds."""
     slabs: list[int] = []
     places: list[tuple[int, int]] = []
-    used = SLAB_BYTES
+    used = SLAB_BYTES  # bytes taken in the last slab: "full" starts a new one
     for size in sizes:
         if size > SLAB_BYTES:
             slabs.append(size)
             places.append((len(slabs) - 1, 0))
+            used = SLAB_BYTES
             continue
-        if used + size > SLAB_BYTES or not slabs or slabs[-1] != SLAB_BYTES:
+        if used + size > SLAB_BYTES:
             slabs.append(SLAB_BYTES)
             used = 0
         places.append((len(slabs) - 1, used))
         used += _aligned(size)
-    if slabs and slabs[-1] == SLAB_BYTES and used < SLAB_BYTES:
+    if used < SLAB_BYTES:
         slabs[-1] = max(_ALIGN, 1 << (max(used, 1) - 1).bit_length())
     return slabs, places
 

@@ -107,9 +107,7 @@ class FluxParts:
             parts["text_encoder"] = self.text_encoder(precision)
         if text_encoder is not None:
             parts["text_encoder"] = text_encoder
-        extra = {"is_distilled": True} if self.family == FluxFamily.FLUX_2_KLEIN else {}
-        pipeline_class: type[DiffusionPipeline] = FAMILIES[self.family].pipeline
-        return pipeline_class(scheduler=flux_scheduler(), transformer=transformer, **parts, **extra)
+        return assemble_pipeline(self.family, transformer, parts)
 
     def four_bit_pipeline(self) -> Any:
         """The pipeline with bitsandbytes NF4 copies of the transformer and the text encoder, on the host
@@ -122,6 +120,13 @@ class FluxParts:
         encoder = copy.deepcopy(self.components["text_encoder"])
         encoder = to_bnb_nf4(encoder, self.device, self.dtype).cpu()
         return self.pipeline(transformer, text_encoder=encoder)
+
+
+def assemble_pipeline(family: FluxFamily, transformer: torch.nn.Module | None, parts: dict[str, Any]) -> Any:
+    """The family's diffusers pipeline from its parts, with the scheduler every FLUX model ships."""
+    extra = {"is_distilled": True} if family == FluxFamily.FLUX_2_KLEIN else {}
+    pipeline_class: type[DiffusionPipeline] = FAMILIES[family].pipeline
+    return pipeline_class(scheduler=flux_scheduler(), transformer=transformer, **parts, **extra)
 
 
 def full_size_components(model: FluxModel, device: str, dtype: torch.dtype, trimmed: bool = True) -> dict[str, Any]:

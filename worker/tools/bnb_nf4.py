@@ -21,10 +21,9 @@ def to_bnb_nf4(module: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     layer at a time; the rest of the module moves to `device` as it is."""
     import bitsandbytes as bnb  # the baselines extra: imported only where the recipe runs
 
-    for name, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for attr, layer in list(child.named_children()):
-            qualified = f"{name}.{attr}" if name else attr
-            if not isinstance(layer, nn.Linear) or qualified.split(".")[-1] in KEPT_FULL:
+            if not isinstance(layer, nn.Linear) or attr in KEPT_FULL:
                 continue
             four_bit = bnb.nn.Linear4bit(
                 layer.in_features,

@@ -6,32 +6,30 @@ exists so the whole farm (load, plan, compile, render, store) is measured on a G
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
 from fluxfarm.shared.ladder import QuantLevel
-from fluxfarm.shared.models import MODELS, FluxFamily, FluxModel
-from fluxfarm.worker.model.families import FAMILIES
+from fluxfarm.shared.models import MODELS, FluxModel
 from fluxfarm.worker.model.flux2_arch import transformer_config
-from fluxfarm.worker.model.flux_arch import meta_transformer, randomize
 from fluxfarm.worker.model.pipeline import compute_dtype
-from fluxfarm.worker.tools.bench_parts import full_size_components
-from fluxfarm.worker.tools.random_weights import STD
+from fluxfarm.worker.tools.bench_parts import assemble_pipeline, full_size_components
+from fluxfarm.worker.tools.random_weights import SeededWeights
 from fluxfarm.worker.tools.tiny_model import build_tiny, write_model_folder
-from fluxfarm.worker.tools.tiny_parts import flux_scheduler
 
 
 def random_pipeline(model: FluxModel, device: str) -> DiffusionPipeline:
-    """`model`'s pipeline at full size with random weights, drawn on `device`, kept on the host."""
+    """`model`'s pipeline at full size with random weights, drawn on `device`, kept on the host; the
+    transformer's tensors are the bench's (SeededWeights: each drawn from its name's seed)."""
     dtype = compute_dtype(device)
-    transformer = randomize(meta_transformer(transformer_config(model)).to(dtype), device, dtype, STD).cpu()
+    with tempfile.TemporaryDirectory() as config_dir:
+        weights = SeededWeights(transformer_config(model), dtype, Path(config_dir))
+        transformer = weights.transformer(QuantLevel.BF16, device).cpu()
     components = full_size_components(model, device, dtype, trimmed=False)
-    family = MODELS[model].family
-    extra = {"is_distilled": True} if family == FluxFamily.FLUX_2_KLEIN else {}
-    pipeline_class: type[DiffusionPipeline] = FAMILIES[family].pipeline
-    return pipeline_class(scheduler=flux_scheduler(), transformer=transformer, **components, **extra)
+    return assemble_pipeline(MODELS[model].family, transformer, components)
 
 
 def write_random_model(
