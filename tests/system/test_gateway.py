@@ -72,6 +72,8 @@ def test_alice_submits_waits_and_downloads_her_image_through_its_url(
         assert "render.any.t.alice" in registered_queues(redis_client)
         again = http.post("/v1/jobs", json=jobs[0]).json()
         assert (again["enqueued"], again["already_stored"]) == (0, 1) and again["jobs"][0]["job_id"] == ids[0]
+        # A worker stores a result before it records the job done: the record follows within moments.
+        wait_until(lambda: http.get("/v1/datasets/alice-moths").json()["done"] == 2, 10, "the record to count both")
         record = http.get("/v1/datasets/alice-moths").json()
         assert record["done"] == 2 and record["queued"] == record["running"] == 0 and record["eta_s"] == 0
         assert http.get("/v1/datasets/alice-none").status_code == 404
