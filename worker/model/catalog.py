@@ -7,7 +7,7 @@ published GGUF files), overridable by a TOML file (`FLUXFARM_CATALOG`), e.g. for
 
 A pinned sha256 is checked before the file is loaded. bf16, fp8 and nf4 need no entry: they load the
 base repo's bf16 transformer (fp8 and nf4 quantize it on the host; nf4 only where bitsandbytes is
-installed).
+installed, and only on a CUDA GPU, where bitsandbytes quantizes).
 """
 
 from __future__ import annotations

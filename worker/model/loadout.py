@@ -68,8 +68,11 @@ def choose_loadout(
             raise FarmError(f"no weights for {forced} of {model}: pass --transformer or add it to the catalog")
         if forced is not None:
             candidates = [forced]
+    on_gpu = torch.device(device).type == "cuda"
+    if forced == QuantLevel.NF4 and not on_gpu:
+        raise FarmError(f"--level nf4 needs a CUDA GPU (bitsandbytes quantizes there), not {device}")
     plan = None
-    if torch.device(device).type == "cuda":
+    if on_gpu:
         props = torch.cuda.get_device_properties(device)
         total_gib = props.total_memory / GIB
         budget = min(settings.vram_budget_gib or total_gib, total_gib)

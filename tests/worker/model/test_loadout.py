@@ -64,6 +64,9 @@ def test_a_forced_level_comes_from_the_catalog(tiny_model: Path, tmp_path: Path)
     assert (loadout.level, loadout.transformer) == (QuantLevel.Q4_0, str(gguf_path(tiny_model, QuantLevel.Q4_0)))
     with pytest.raises(FarmError, match="no weights for Q6_K"):
         choose_loadout(settings.model_copy(update={"level": QuantLevel.Q6_K}), str(tiny_model), None, "cpu")
+    if nf4_installed():  # listed wherever bitsandbytes is, but it quantizes only on a CUDA GPU: refused up front
+        with pytest.raises(FarmError, match="nf4 needs a CUDA GPU"):
+            choose_loadout(settings.model_copy(update={"level": QuantLevel.NF4}), str(tiny_model), None, "cpu")
 
 
 def test_the_operators_file_decides_the_level_and_a_contradicting_quant_fails(tiny_model: Path, tmp_path: Path) -> None:
