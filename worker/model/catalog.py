@@ -1,5 +1,7 @@
 """Where each level of a known model lives: built in for FLUX.1-dev, FLUX.1-schnell and FLUX.2-dev (city96's
-published GGUF files), overridable by a TOML file (`FLUXFARM_CATALOG`), e.g. for a private bucket:
+published GGUF files) and FLUX.2 [klein] 9B (the levels unsloth publishes whose file names we have seen:
+Q8_0, Q5_0 and Q4_K_M; klein 4B's GGUF names are not built in until seen, so a wrong guess can never strand a
+worker at load), overridable by a TOML file (`FLUXFARM_CATALOG`), e.g. for a private bucket:
 
     [models."black-forest-labs/FLUX.1-dev"]
     Q8_0 = { source = "s3://models/flux1-dev-Q8_0.gguf", sha256 = "9f2c..." }
@@ -33,10 +35,12 @@ _CITY96_SUFFIX = {
     QuantLevel.Q3_K: "Q3_K_S",
     QuantLevel.Q2_K: "Q2_K",
 }
+_UNSLOTH_SUFFIX = {QuantLevel.Q8_0: "Q8_0", QuantLevel.Q5_0: "Q5_0", QuantLevel.Q4_K: "Q4_K_M"}
 _BUILT_IN_REPOS = {
-    "black-forest-labs/FLUX.1-dev": ("city96/FLUX.1-dev-gguf", "flux1-dev"),
-    "black-forest-labs/FLUX.1-schnell": ("city96/FLUX.1-schnell-gguf", "flux1-schnell"),
-    "black-forest-labs/FLUX.2-dev": ("city96/FLUX.2-dev-gguf", "flux2-dev"),
+    "black-forest-labs/FLUX.1-dev": ("city96/FLUX.1-dev-gguf", "flux1-dev", _CITY96_SUFFIX),
+    "black-forest-labs/FLUX.1-schnell": ("city96/FLUX.1-schnell-gguf", "flux1-schnell", _CITY96_SUFFIX),
+    "black-forest-labs/FLUX.2-dev": ("city96/FLUX.2-dev-gguf", "flux2-dev", _CITY96_SUFFIX),
+    "black-forest-labs/FLUX.2-klein-9B": ("unsloth/FLUX.2-klein-9B-GGUF", "flux-2-klein-9b", _UNSLOTH_SUFFIX),
 }
 BASE_WEIGHT_LEVELS = (QuantLevel.BF16, QuantLevel.FP8, QuantLevel.NF4)
 
@@ -52,8 +56,8 @@ Catalog = dict[str, dict[QuantLevel, CatalogEntry]]
 
 def built_in_catalog() -> Catalog:
     return {
-        model: {level: CatalogEntry(f"hf://{repo}/{stem}-{suffix}.gguf") for level, suffix in _CITY96_SUFFIX.items()}
-        for model, (repo, stem) in _BUILT_IN_REPOS.items()
+        model: {level: CatalogEntry(f"hf://{repo}/{stem}-{suffix}.gguf") for level, suffix in suffixes.items()}
+        for model, (repo, stem, suffixes) in _BUILT_IN_REPOS.items()
     }
 
 

@@ -26,13 +26,17 @@ from tests.conftest import S3Server
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
-def test_built_in_catalog_names_city96_files_for_every_gguf_level() -> None:
+def test_built_in_catalog_names_the_published_gguf_files() -> None:
     dev = built_in_catalog()[FLUX_DEV]
     assert dev[QuantLevel.Q8_0].source == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q8_0.gguf"
     assert dev[QuantLevel.Q4_K].source == "hf://city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf"
     assert {level for level in QuantLevel if level.is_gguf} == set(dev)
     flux2 = built_in_catalog()["black-forest-labs/FLUX.2-dev"]
     assert flux2[QuantLevel.Q5_K].source == "hf://city96/FLUX.2-dev-gguf/flux2-dev-Q5_K_S.gguf"
+    klein_9b = built_in_catalog()["black-forest-labs/FLUX.2-klein-9B"]
+    assert klein_9b[QuantLevel.Q4_K].source == "hf://unsloth/FLUX.2-klein-9B-GGUF/flux-2-klein-9b-Q4_K_M.gguf"
+    assert set(klein_9b) == {QuantLevel.Q8_0, QuantLevel.Q5_0, QuantLevel.Q4_K}
+    assert "black-forest-labs/FLUX.2-klein-4B" not in built_in_catalog()  # no published names seen yet
 
 
 def test_a_toml_catalog_overrides_and_adds_levels(tmp_path: Path) -> None:
