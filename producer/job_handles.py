@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import redis
 from celery import Celery, states
+from celery.exceptions import BackendError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
@@ -57,6 +58,9 @@ class CeleryWaiter:
             left = STORAGE_CHECK_S if deadline is None else max(0.0, min(STORAGE_CHECK_S, deadline - time.monotonic()))
             try:
                 value = self.async_result.get(timeout=left, propagate=False)
+                if self.async_result.state == states.FAILURE and not self._failure_is_held():
+                    self.async_result = AsyncResult(self.async_result.id, app=self.async_result.app)
+                    continue
                 break
             except (CeleryTimeoutError, redis.RedisError, RuntimeError) as error:
                 # RuntimeError: Celery's result consumer gives up after a Redis restart ("must be
@@ -72,6 +76,17 @@ class CeleryWaiter:
             reason = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else str(failure)
             raise JobFailed(self.job.id, reason)
         return self._own_result(value)
+
+    def _failure_is_held(self) -> bool:
+        """Whether the result backend itself holds the failure Celery's result consumer reported. A resubmit
+        forgets its task id's earlier failure before sending, but that failure's pub/sub message can still
+        sit unread in the consumer's connection (or its buffer, celery#8166) and reach this waiter, which
+        shares the task id: it is an earlier submission's outcome, not this one's, when the key is gone."""
+        try:
+            held = self.async_result.backend.get_task_meta(self.async_result.id, cache=False)
+        except (redis.RedisError, BackendError):
+            return True  # the backend cannot be asked: believe what it sent
+        return bool(held.get("status") == states.FAILURE)
 
     def _own_result(self, value: Any) -> RenderResult:
         """The task's return value (the metadata less the job, and the job's dataset) as this job's result,
