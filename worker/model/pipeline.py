@@ -7,6 +7,7 @@ the base folder's `transformer/` (bf16).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,7 @@ from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.file_digest import DigestCache
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement, Plan
-from fluxfarm.worker.model.reproduction import component_digests
+from fluxfarm.worker.model.reproduction import weight_digests
 from fluxfarm.worker.model.sources import resolve_base, resolve_file
 from fluxfarm.worker.model.text_encoders import prepare_text_encoder
 from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
@@ -85,27 +86,15 @@ def _load_nf4(base: Path, dtype: torch.dtype, transformer_class: type[torch.nn.M
 
 
 def _load_transformer(
-    base: Path,
-    transformer: str | None,
-    dtype: torch.dtype,
-    settings: WorkerSettings,
-    path: Path | None = None,
-    nf4: bool = False,
-    family: FluxFamily = FluxFamily.FLUX_1,
-) -> tuple[FluxTransformer2DModel, str, str]:
-    """The transformer, its level and its sha256."""
-    digests = DigestCache(settings.cache_dir)
+    base: Path, path: Path | None, dtype: torch.dtype, nf4: bool = False, family: FluxFamily = FluxFamily.FLUX_1
+) -> tuple[FluxTransformer2DModel, str]:
+    """The transformer from its file `path` (None: the base folder's bf16 `transformer/`), and its level."""
     transformer_class = FAMILIES[family].transformer
-    if transformer is None:
+    if path is None:
         if nf4:
-            return (
-                _load_nf4(base, dtype, transformer_class),
-                QuantLevel.NF4.value,
-                digests.folder_sha256(base / "transformer"),
-            )
+            return _load_nf4(base, dtype, transformer_class), QuantLevel.NF4.value
         model = transformer_class.from_pretrained(base, subfolder="transformer", dtype=dtype)
-        return model, QuantLevel.BF16.value, digests.folder_sha256(base / "transformer")
-    path = path or resolve_file(transformer, settings)
+        return model, QuantLevel.BF16.value
     if path.suffix == ".gguf":
         model = transformer_class.from_single_file(
             str(path),
@@ -120,7 +109,7 @@ def _load_transformer(
         level = QuantLevel.BF16.value
     else:
         raise ModelLoadError(f"transformer file {path} is neither .gguf nor .safetensors")
-    return model, level, digests.sha256(path)
+    return model, level
 
 
 def place_pipeline(pipe: FluxPipeline, device: str, text_encoders: Placement) -> None:
@@ -174,9 +163,16 @@ def load_model(
     dtype = compute_dtype(device)
     base = resolve_base(model, settings, with_transformer_weights=transformer is None)
     try:
+        if transformer is not None and transformer_path is None:
+            transformer_path = resolve_file(transformer, settings)
+        # Every weight file is hashed for the images' record beside the load, not after it: on a fresh machine
+        # with a folder of weights (no Hub blob names) that is ~34 GB for FLUX.1-dev, most of a warm start.
+        hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-digests")
+        digests = hashing.submit(weight_digests, base, transformer_path, DigestCache(settings.cache_dir))
+        hashing.shutdown(wait=False)
         family = MODELS[flux_model].family
-        flux_transformer, held, sha256 = _load_transformer(
-            base, transformer, dtype, settings, transformer_path, nf4=level == QuantLevel.NF4, family=family
+        flux_transformer, held = _load_transformer(
+            base, transformer_path, dtype, nf4=level == QuantLevel.NF4, family=family
         )
         if level == QuantLevel.FP8:
             if held != QuantLevel.BF16.value:
@@ -187,10 +183,12 @@ def load_model(
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
         prepare_text_encoder(pipe.text_encoder, family, text_encoder_precision, dtype, device)
         fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
+        weights_sha256 = digests.result()
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load FLUX pipeline from {model} ({transformer or 'bf16'}): {error}") from error
+    sha256 = weights_sha256["transformer"]
     info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
     log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
     return LoadedModel(
@@ -201,7 +199,7 @@ def load_model(
         text_encoders=text_encoders,
         fast_paths=fast_paths,
         family=family,
-        weights_sha256={"transformer": sha256, **component_digests(base, DigestCache(settings.cache_dir))},
+        weights_sha256=weights_sha256,
         level_source="derived-from-bf16" if level in (QuantLevel.FP8, QuantLevel.NF4) else "file",
         text_encoder_precision=text_encoder_precision,
         vae_tiling=vae_tiling,

@@ -12,7 +12,7 @@ import torch
 
 from fluxfarm.shared import package_version
 from fluxfarm.shared.metadata import Reproduction
-from fluxfarm.worker.model.file_digest import DigestCache
+from fluxfarm.worker.model.file_digest import DigestCache, folder_digest, weight_files
 
 if TYPE_CHECKING:
     from fluxfarm.worker.model.pipeline import LoadedModel
@@ -21,13 +21,19 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "vae")
 """Pipeline folders hashed beside the transformer (FLUX.2 has no text_encoder_2)."""
 
 
-def component_digests(base: Path, digests: DigestCache) -> dict[str, str]:
-    """sha256 of each component folder's weights under a pipeline folder (once per file: DigestCache)."""
-    found = {}
-    for name in COMPONENTS:
-        folder = base / name
-        if folder.is_dir() and any(folder.glob("*.safetensors")):
-            found[name] = digests.folder_sha256(folder)
+def weight_digests(base: Path, transformer_file: Path | None, digests: DigestCache) -> dict[str, str]:
+    """sha256 of the transformer (`transformer_file`, or the pipeline folder's own `transformer/` shards as one
+    digest) and of each component folder (COMPONENTS) under `base`: every file hashed in one parallel pass."""
+    folders = {name: weight_files(base / name) for name in ("transformer", *COMPONENTS) if (base / name).is_dir()}
+    if transformer_file is None and not folders.get("transformer"):
+        raise FileNotFoundError(f"no *.safetensors files in {base / 'transformer'}")
+    if transformer_file is not None:
+        folders.pop("transformer", None)
+    files = [path for group in folders.values() for path in group]
+    known = digests.sha256_all([*files, *([transformer_file] if transformer_file is not None else [])])
+    found = {name: folder_digest(group, known) for name, group in folders.items() if group}
+    if transformer_file is not None:
+        found["transformer"] = known[transformer_file.resolve()]
     return found
 
 
