@@ -92,9 +92,14 @@ class Farm:
         )  # fmt: skip
 
     def worker(self, name: str, args: list[str], env: dict[str, str] | None = None) -> WorkerProcess:
-        """A worker with local compile caches of its own, empty: only the shared artifacts can warm it."""
+        """A worker with local caches of its own, empty (compile caches, and FLUXFARM_CACHE_DIR's weight digests,
+        as on a fresh machine): only the shared artifacts can warm it."""
         local = RUN / "local-caches" / name
-        caches = {"TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"), "TRITON_CACHE_DIR": str(local / "triton")}
+        caches = {
+            "TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"),
+            "TRITON_CACHE_DIR": str(local / "triton"),
+            "FLUXFARM_CACHE_DIR": str(local / "fluxfarm"),
+        }
         worker_env = {**self.env, **caches, "FLUXFARM_WORKER_NAME": f"{name}@farm", **(env or {})}
         return WorkerProcess(args, worker_env, RUN / f"worker-{name}.log").start()
 
