@@ -73,6 +73,12 @@ def export(dataset: str, export_id: str) -> str:
     return f"fluxfarm:export:{dataset}:{export_id}"
 
 
+def export_lease(dataset: str, export_id: str) -> str:
+    """`fluxfarm:export:<dataset>:<id>:lease`: present while a live gateway holds the export (queued or running),
+    renewed by it; an export whose lease is gone was interrupted with its gateway."""
+    return f"fluxfarm:export:{dataset}:{export_id}:lease"
+
+
 def lora_adopt_lock(queue: str) -> str:
     """`fluxfarm:lora-adopt:<queue>`: the worker adopting an orphaned LoRA-set queue now."""
     return f"fluxfarm:lora-adopt:{queue}"

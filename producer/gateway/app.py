@@ -39,11 +39,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         metrics.watch_tokens(app.state.tokens, app.state.usage)
         app.state.pool = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="gateway-read")
         app.state.exports = exports_api.export_pool()
+        app.state.export_leases = exports_api.ExportLeases(client.redis).start()
         try:
             yield
         finally:
             app.state.pool.shutdown(cancel_futures=True)
             app.state.exports.shutdown(cancel_futures=True)
+            app.state.export_leases.stop()
             client.close()
 
     app = FastAPI(

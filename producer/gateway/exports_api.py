@@ -1,17 +1,21 @@
 """`/v1/datasets/{name}/exports`: a dataset exported (producer/export.py's formats) into the farm's own
 storage, beside the dataset, by the gateway in the background; asked for by id, with URLs when done.
 
-An export's state lives in Redis for a week after it ends. One that was running when the gateway
-stopped stays `running`: ask for a new one (the files of a finished export are never rewritten)."""
+An export's state lives in Redis for a week after it ends. While queued or running, the gateway that runs it
+renews its lease (`keys.export_lease`): one whose gateway stopped reads as `failed` once the lease lapses
+(within LEASE_S), so a program waiting on it is told to ask for a new one (the files of a finished export are
+never rewritten)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
+import redis
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
@@ -24,6 +28,7 @@ from fluxfarm.producer.gateway.settings import GatewaySettings
 from fluxfarm.producer.gateway.state import farm_client
 from fluxfarm.shared import keys
 from fluxfarm.shared.jobs import parse_dataset_name
+from fluxfarm.shared.periodic import Periodic
 from fluxfarm.shared.redis_conn import text
 from fluxfarm.shared.storage import open_store_url
 from fluxfarm.shared.units import MIB
@@ -33,6 +38,9 @@ KEEP_S = 7 * 24 * 3600
 URL_EXPIRES_S = 3600
 EXPORTS_AT_ONCE = 2
 """Exports a gateway runs at once; more wait their turn (an export reads the whole dataset)."""
+LEASE_S = 60
+"""How long an export's lease outlives its gateway's last renewal (renewed every third of it)."""
+INTERRUPTED = "the gateway running this export stopped before it ended; ask for a new one"
 
 router = APIRouter(
     prefix="/v1/datasets",
@@ -65,7 +73,58 @@ def export_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(EXPORTS_AT_ONCE, thread_name_prefix="gateway-export")
 
 
-def _run(client: FarmClient, settings: GatewaySettings, dataset: str, export_id: str, order: ExportRequest) -> None:
+class ExportLeases:
+    """The leases of the exports this gateway holds, renewed by one thread until it stops."""
+
+    def __init__(self, client: redis.Redis, lease_s: float = LEASE_S) -> None:
+        self._client = client
+        self._lease_ms = int(lease_s * 1000)
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._renewal = Periodic("gateway-export-leases", lease_s / 3, self.renew)
+
+    def start(self) -> ExportLeases:
+        self._renewal.start()
+        return self
+
+    def stop(self) -> None:
+        """Once the exports pool has shut down: what is still held was cancelled, unstarted, so it reads as
+        interrupted at once."""
+        self._renewal.stop()
+        with self._lock:
+            held, self._held = list(self._held), set()
+        if held:
+            self._client.delete(*held)
+
+    def hold(self, dataset: str, export_id: str) -> None:
+        key = keys.export_lease(dataset, export_id)
+        with self._lock:
+            self._held.add(key)
+        self._client.set(key, "1", px=self._lease_ms)
+
+    def release(self, dataset: str, export_id: str) -> None:
+        key = keys.export_lease(dataset, export_id)
+        with self._lock:
+            self._held.discard(key)
+        self._client.delete(key)
+
+    def renew(self) -> None:
+        with self._lock:
+            held = list(self._held)
+        with self._client.pipeline(transaction=False) as pipe:
+            for key in held:
+                pipe.set(key, "1", px=self._lease_ms)
+            pipe.execute()
+
+
+def _run(
+    client: FarmClient,
+    settings: GatewaySettings,
+    leases: ExportLeases,
+    dataset: str,
+    export_id: str,
+    order: ExportRequest,
+) -> None:
     key = keys.export(dataset, export_id)
     client.redis.hset(key, "state", "running")
     try:
@@ -87,6 +146,7 @@ def _run(client: FarmClient, settings: GatewaySettings, dataset: str, export_id:
         client.redis.hset(key, mapping={"state": "failed", "error": str(error)[:500]})
     finally:
         client.redis.expire(key, KEEP_S)
+        leases.release(dataset, export_id)
 
 
 @router.post("/{name}/exports", status_code=202)
@@ -100,7 +160,8 @@ def start_export(request: Request, record: Caller, name: str, order: ExportReque
         keys.export(dataset, export_id), mapping={"state": "queued", "format": order.format, "token": record.name}
     )
     state.client.redis.expire(keys.export(dataset, export_id), KEEP_S)
-    state.exports.submit(_run, state.client, state.settings, dataset, export_id, order)
+    state.export_leases.hold(dataset, export_id)
+    state.exports.submit(_run, state.client, state.settings, state.export_leases, dataset, export_id, order)
     audit(state.client.redis, "export", record.name, dataset=dataset, export_id=export_id, format=order.format)
     return ExportView(export_id=export_id, dataset=dataset, format=order.format, state="queued")
 
@@ -110,9 +171,15 @@ def read_export(request: Request, record: Caller, name: str, export_id: str) -> 
     dataset = parse_dataset_name(name)
     check_datasets(record, [dataset])
     client = farm_client(request)
-    fields = {text(k): text(v) for k, v in client.redis.hgetall(keys.export(dataset, export_id)).items()}
+    with client.redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.export(dataset, export_id))
+        pipe.exists(keys.export_lease(dataset, export_id))
+        found, leased = pipe.execute()
+    fields = {text(k): text(v) for k, v in found.items()}
     if not fields:
         raise ApiError(404, "not_found", f"dataset {dataset}: no export {export_id}")
+    if fields["state"] in ("queued", "running") and not leased:
+        fields.update(state="failed", error=INTERRUPTED)
     urls = []
     if "location" in fields:
         dest = open_store_url(fields["location"], request.app.state.settings)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from fluxfarm.shared import keys
 from fluxfarm.shared.queue_registry import registered_queues
 from tests.conftest import Farm, run_fluxfarm
 from tests.fault_farm import wait_until
@@ -246,7 +247,9 @@ def test_fleet_and_metrics(gateway: Gateway, alice: str) -> None:
     assert not [labels for name, labels in samples if "alice-metrics" in str(labels)]  # templates, not paths
 
 
-def test_an_export_runs_in_the_background_and_answers_with_urls(gateway: Gateway, alice: str, bob: str) -> None:
+def test_an_export_runs_in_the_background_and_answers_with_urls(
+    gateway: Gateway, alice: str, bob: str, redis_client: redis.Redis
+) -> None:
     with gateway.client(alice) as http:
         started = http.post("/v1/datasets/alice-moths/exports", json={"format": "jsonl"})
         assert started.status_code == 202, started.text
@@ -263,7 +266,16 @@ def test_an_export_runs_in_the_background_and_answers_with_urls(gateway: Gateway
             "a moth on bark, study 0",
             "a moth on bark, study 1",
         ]
+        assert not redis_client.exists(keys.export_lease("alice-moths", export_id))  # released when it ended
         assert http.post("/v1/datasets/alice-moths/exports", json={"format": "gif"}).status_code == 422
+
+        # An export whose gateway stopped half way: its state still says running, its lease has lapsed.
+        stale = keys.export("alice-moths", "0123456789abcdef")
+        redis_client.hset(stale, mapping={"state": "running", "format": "jsonl"})
+        interrupted = http.get("/v1/datasets/alice-moths/exports/0123456789abcdef").json()
+        assert interrupted["state"] == "failed" and "ask for a new one" in interrupted["error"], interrupted
+        redis_client.set(keys.export_lease("alice-moths", "0123456789abcdef"), "1", ex=60)  # a live gateway's
+        assert http.get("/v1/datasets/alice-moths/exports/0123456789abcdef").json()["state"] == "running"
     with gateway.client(bob) as http:
         assert http.get(f"/v1/datasets/alice-moths/exports/{export_id}").status_code == 403
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import redis
 
 from fluxfarm.shared.fleet import HEARTBEAT_INTERVAL_S, WorkerStatus, publish_heartbeat, remove_worker
-from fluxfarm.worker.serve.periodic import Periodic
+from fluxfarm.shared.periodic import Periodic
 
 log = logging.getLogger(__name__)
 

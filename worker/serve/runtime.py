@@ -28,6 +28,7 @@ from fluxfarm.shared.fleet import WorkerStatus
 from fluxfarm.shared.job_records import SentJob
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.metadata import WorkerInfo
+from fluxfarm.shared.periodic import Periodic
 from fluxfarm.shared.publish import publish
 from fluxfarm.shared.queue_registry import QueueNews
 from fluxfarm.shared.storage import ObjectStore
@@ -42,7 +43,6 @@ from fluxfarm.worker.serve.leases import InFlight, JobClaims, LeaseKeeper
 from fluxfarm.worker.serve.level_step_down import LevelStepDown, step_down_levels
 from fluxfarm.worker.serve.lost_jobs import LostJobSweeper
 from fluxfarm.worker.serve.metrics import WorkerMetrics
-from fluxfarm.worker.serve.periodic import Periodic
 from fluxfarm.worker.serve.queue_adoption import CHECK_INTERVAL_S, TENANT_CHECK_INTERVAL_S, QueueAdoption
 from fluxfarm.worker.serve.result_store import ResultStore
 from fluxfarm.worker.serve.retry_policy import SEND_DUE_INTERVAL_S, DelayedRetries, RetryPolicy
