@@ -166,9 +166,10 @@ class FarmClient:
         """The dataset's progress now: counts, rate, ETA, failures."""
         return self.datasets.record(dataset)
 
-    def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
-        """(job id, finishing time) of the dataset's jobs done at or after `since` (Redis' clock)."""
-        return self.datasets.finished_since(dataset, since)
+    def finished_since(self, dataset: str, since: float, limit: int | None = None) -> list[tuple[str, float]]:
+        """(job id, finishing time) of the dataset's jobs done at or after `since` (Redis' clock), oldest
+        first, at most `limit`."""
+        return self.datasets.finished_since(dataset, since, limit)
 
     def cancel(self, dataset: str) -> int:
         """Drop the dataset's queued jobs (running ones finish); returns how many were dropped."""

@@ -15,6 +15,10 @@ from fluxfarm.shared.metadata import RenderResult
 POLL_S = 0.5
 CLOCK_SLACK_S = 2.0
 """A dataset stream re-reads this far behind its last finishing time (ids already seen are skipped)."""
+FINISHED_PAGE = 10_000
+"""Finished jobs read at once: a stream that joins a million-job dataset late reads it in pages, and each page
+starts at the last one's finishing time (Redis stamps each job in its own script call, to the microsecond, so
+no page's worth of jobs shares one time)."""
 
 
 class DatasetOutcome(BaseModel):
@@ -33,7 +37,7 @@ class DatasetOutcome(BaseModel):
 class DatasetReader(Protocol):
     def dataset_record(self, dataset: str) -> DatasetRecord: ...
 
-    def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]: ...
+    def finished_since(self, dataset: str, since: float, limit: int | None = None) -> list[tuple[str, float]]: ...
 
     def dataset_result(self, dataset: str, job_id: str) -> RenderResult | None: ...
 
@@ -53,12 +57,18 @@ def stream_outcomes(
         record = reader.dataset_record(dataset)  # before the finished list, so a final empty poll misses nothing
         if on_poll is not None:
             on_poll(record)
-        for job_id, finished_at in reader.finished_since(dataset, since):
-            since = max(since, finished_at - CLOCK_SLACK_S)
-            if job_id not in seen:
-                seen.add(job_id)
-                result = reader.dataset_result(dataset, job_id) if with_results else None
-                yield DatasetOutcome(job_id=job_id, result=result)
+        page_since = since
+        while True:
+            page = reader.finished_since(dataset, page_since, FINISHED_PAGE)
+            for job_id, finished_at in page:
+                since = max(since, finished_at - CLOCK_SLACK_S)
+                if job_id not in seen:
+                    seen.add(job_id)
+                    result = reader.dataset_result(dataset, job_id) if with_results else None
+                    yield DatasetOutcome(job_id=job_id, result=result)
+            if len(page) < FINISHED_PAGE or page[-1][1] <= page_since:
+                break
+            page_since = page[-1][1]
         for job_id, reason in sorted(record.failures.items()):
             if job_id not in seen:
                 seen.add(job_id)

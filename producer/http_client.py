@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import httpx
 
 from fluxfarm.producer.client import FarmClient, JobOutcome, StreamCounts
-from fluxfarm.producer.dataset_stream import DatasetOutcome, stream_outcomes
+from fluxfarm.producer.dataset_stream import FINISHED_PAGE, DatasetOutcome, stream_outcomes
 from fluxfarm.producer.gateway.tokens import TokenUse
 from fluxfarm.producer.job_handles import JobBatch, JobHandle, owned_result
 from fluxfarm.producer.redis_room import RedisFull, Room
@@ -285,8 +285,10 @@ class HttpFarmClient(FarmClient):
             defaults={}, levels=[], failures={},
         )  # fmt: skip
 
-    def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
-        answer = self._api.call("GET", f"/v1/datasets/{dataset}/finished", params={"since": since})
+    def finished_since(self, dataset: str, since: float, limit: int | None = None) -> list[tuple[str, float]]:
+        """As FarmClient.finished_since, in pages of at most the gateway's page size (FINISHED_PAGE)."""
+        params = {"since": since, "limit": min(limit or FINISHED_PAGE, FINISHED_PAGE)}
+        answer = self._api.call("GET", f"/v1/datasets/{dataset}/finished", params=params)
         return [(str(job_id), float(at)) for job_id, at in answer["jobs"]]
 
     def cancel(self, dataset: str) -> int:

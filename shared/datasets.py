@@ -299,12 +299,16 @@ class DatasetBook:
         value = self._redis.hget(keys.dataset(dataset, "failures"), job_id)
         return text(value) if value is not None else None
 
-    def finished_since(self, dataset: str, since: float) -> list[tuple[str, float]]:
+    def finished_since(self, dataset: str, since: float, limit: int | None = None) -> list[tuple[str, float]]:
         """(job id, finishing time) of the done jobs that finished at or after `since` (Redis' clock),
-        oldest first: a stream of results reads this with its last time as the next `since`."""
+        oldest first, at most `limit` of them: a stream of results reads this with its last time as the next
+        `since` (producer/dataset_stream.py)."""
+        start = None if limit is None else 0
         rows = cast(
             list[tuple[bytes, float]],
-            self._redis.zrangebyscore(keys.dataset(dataset, "done_at"), since, "+inf", withscores=True),
+            self._redis.zrangebyscore(
+                keys.dataset(dataset, "done_at"), since, "+inf", start=start, num=limit, withscores=True
+            ),
         )
         return [(text(member), float(score)) for member, score in rows]
 

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
+from fluxfarm.producer.dataset_stream import FINISHED_PAGE
 from fluxfarm.producer.gateway.audit import audit
 from fluxfarm.producer.gateway.auth import Caller, check_datasets
 from fluxfarm.producer.gateway.errors import ApiError, error_responses
@@ -99,6 +100,9 @@ def read_results(
 class Finished(BaseModel):
     jobs: list[tuple[str, float]]
     """(job id, when it finished: seconds on the farm's clock), oldest first."""
+    next_since: float | None = None
+    """Where the next page starts when this one is full (`limit` jobs): the last job's time (jobs at that
+    time come again; skip the ids already read). None: nothing more finished yet."""
 
 
 @router.get("/{name}/finished")
@@ -107,11 +111,13 @@ def read_finished(
     record: Caller,
     name: str,
     since: Annotated[float, Query(ge=0, description="Seconds on the farm's clock; 0: from the start.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=FINISHED_PAGE)] = FINISHED_PAGE,
 ) -> Finished:
-    """The dataset's jobs done at or after `since`: what a client streaming a dataset's results asks for
-    at each poll, with its last finishing time as the next `since`."""
+    """The dataset's jobs done at or after `since`, oldest first, at most `limit`: what a client streaming a
+    dataset's results asks for at each poll, with its last finishing time as the next `since`."""
     dataset = _dataset(record, name)
-    return Finished(jobs=farm_client(request).finished_since(dataset, since))
+    jobs = farm_client(request).finished_since(dataset, since, limit)
+    return Finished(jobs=jobs, next_since=jobs[-1][1] if len(jobs) == limit else None)
 
 
 @router.post("/{name}/cancel")

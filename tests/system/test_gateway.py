@@ -267,6 +267,10 @@ def test_an_export_runs_in_the_background_and_answers_with_urls(
             "a moth on bark, study 1",
         ]
         assert not redis_client.exists(keys.export_lease("alice-moths", export_id))  # released when it ended
+        first = http.get("/v1/datasets/alice-moths/finished", params={"limit": 1}).json()
+        assert len(first["jobs"]) == 1 and first["next_since"] == first["jobs"][0][1], first
+        rest = http.get("/v1/datasets/alice-moths/finished", params={"since": first["next_since"]}).json()
+        assert rest["next_since"] is None and len({job for job, _ in first["jobs"] + rest["jobs"]}) == 2, rest
         assert http.post("/v1/datasets/alice-moths/exports", json={"format": "gif"}).status_code == 422
 
         # An export whose gateway stopped half way: its state still says running, its lease has lapsed.
