@@ -109,11 +109,12 @@ class ExportLeases:
         self._client.delete(key)
 
     def renew(self) -> None:
+        """Extend every held lease that is still there (XX: one released meanwhile is not made again)."""
         with self._lock:
             held = list(self._held)
         with self._client.pipeline(transaction=False) as pipe:
             for key in held:
-                pipe.set(key, "1", px=self._lease_ms)
+                pipe.set(key, "1", px=self._lease_ms, xx=True)
             pipe.execute()
 
 
