@@ -29,9 +29,11 @@ from fluxfarm.shared.record_scripts import MARK_DONE, READ_RECORDS, RETIRE
 from fluxfarm.shared.redis_conn import redis_now, text
 
 MAX_DEAD_LETTERS = 10_000
+"""keys.DEAD_LETTERS keeps this many, newest first."""
 RECORDS_PER_CALL = 500
 """Dataset records read by one READ_RECORDS call."""
-"""keys.DEAD_LETTERS keeps this many, newest first."""
+DEAD_LETTERS_READ = 500
+"""Dead letters read at a time when looking for one dataset's."""
 
 
 class JobState(StrEnum):
@@ -215,10 +217,21 @@ class DatasetBook:
             pipe.execute()
 
     def dead_letters(self, limit: int = 20, dataset: str | None = None) -> list[DeadLetter]:
-        """The newest dead letters (of one dataset when given), newest first."""
-        rows = self._redis.lrange(keys.DEAD_LETTERS, 0, -1 if dataset else limit - 1)
-        letters = [DeadLetter.model_validate_json(raw) for raw in rows]
-        return [letter for letter in letters if dataset is None or letter.dataset == dataset][:limit]
+        """The newest dead letters (of one dataset when given), newest first. One dataset's are read from the
+        farm-wide list in chunks until `limit` are found, and not at all while the dataset's record holds no
+        failure (every dead letter fails its job there): a dataset's page or status costs one HLEN, not a read
+        of MAX_DEAD_LETTERS letters."""
+        if dataset is None:
+            return [DeadLetter.model_validate_json(raw) for raw in self._redis.lrange(keys.DEAD_LETTERS, 0, limit - 1)]
+        if not self._redis.hlen(keys.dataset(dataset, "failures")):
+            return []
+        found: list[DeadLetter] = []
+        for start in range(0, MAX_DEAD_LETTERS, DEAD_LETTERS_READ):
+            rows = self._redis.lrange(keys.DEAD_LETTERS, start, start + DEAD_LETTERS_READ - 1)
+            found += [letter for raw in rows if (letter := DeadLetter.model_validate_json(raw)).dataset == dataset]
+            if len(found) >= limit or len(rows) < DEAD_LETTERS_READ:
+                break
+        return found[:limit]
 
     def dead_letter_count(self) -> int:
         """Dead letters kept (at most MAX_DEAD_LETTERS)."""

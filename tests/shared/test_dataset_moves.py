@@ -102,3 +102,29 @@ def test_moves_from_unexpected_states_still_leave_exactly_one(redis_client: redi
     book.mark_done("gone", retired, "bf16")
     assert _states(redis_client, "gone", retired) == [JobState.DONE]
     assert "gone" in book.names()  # a dataset that gets a result is active again
+
+
+def _letter(dataset: str, index: int) -> DeadLetter:
+    job = {"prompt": f"a wren {index}", "dataset": dataset}
+    return DeadLetter(
+        dataset=dataset, job_id=f"job-{index}", reason="no", attempts=3, node="w@h", at=datetime.now(UTC), job=job
+    )
+
+
+def test_one_dataset_s_dead_letters_are_read_in_chunks_and_not_at_all_without_failures(
+    redis_client: redis.Redis,
+) -> None:
+    redis_client.flushdb()
+    book = DatasetBook(redis_client)
+    book.dead_letter(_letter("wrens", 0))
+    for index in range(1, 1200):  # another dataset's, newer: more than two chunks of them
+        book.dead_letter(_letter("finches", index))
+    (found,) = book.dead_letters(20, "wrens")
+    assert (found.dataset, found.job_id) == ("wrens", "job-0")
+    assert [letter.job_id for letter in book.dead_letters(3, "finches")] == ["job-1199", "job-1198", "job-1197"]
+    assert _commands_of(redis_client, lambda: book.dead_letters(3, "finches")) == 2  # HLEN, one chunk
+    assert len(book.dead_letters(5)) == 5
+    # A dataset without failures in its record has no dead letters: the list is not read (one HLEN).
+    redis_client.lpush(keys.DEAD_LETTERS, "not a letter")  # would fail to parse if it were read
+    assert book.dead_letters(20, "sparrows") == []
+    assert _commands_of(redis_client, lambda: book.dead_letters(20, "sparrows")) == 1
