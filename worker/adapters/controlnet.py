@@ -119,7 +119,7 @@ class ControlNets:
         except (OSError, ValueError, RuntimeError) as error:
             raise JobInputError(f"ControlNet {spec.source} could not be loaded: {error}") from None
         if quantized:
-            to_scaled_fp8(model, dtype)  # on the host, as the transformer was
+            to_scaled_fp8(model, dtype)  # on the host: the room checked above is the fp8 copy's alone
         model.to(self._device)
         if quantized and fp8_tensor_cores_work(torch.device(self._device)):
             use_fp8_tensor_cores(model)

@@ -55,10 +55,10 @@ def store_text_encoder(
 ) -> nn.Module:
     """A trimmed FLUX.2 encoder at `precision`, left where it lies (fp8: e4m3 Linear weights with a scale
     per row, the fp8 level's format; Q4_K: the GGUF level's blocks, a third of bf16's bytes, what lets a 16 GiB card
-    swap FLUX.2 [dev]'s encoder in where fp8's 17 GiB cannot come). Q4_K's block search runs on `work_device`
-    (the worker's GPU, a chunk at a time: the search is far slower on the host)."""
+    swap FLUX.2 [dev]'s encoder in where fp8's 17 GiB cannot come). Both quantize on `work_device` (the worker's
+    GPU, a layer or chunk at a time: far slower on the host)."""
     if precision == "fp8":
-        return to_scaled_fp8(encoder, dtype)
+        return to_scaled_fp8(encoder, dtype, work_device)
     if precision == "Q4_K":
         return to_gguf_linears(encoder, precision, dtype, work_device)
     return encoder
