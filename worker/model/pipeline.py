@@ -178,7 +178,7 @@ def load_model(
             if held != QuantLevel.BF16.value:
                 raise ModelLoadError(f"fp8 is made from bf16 weights; {transformer} holds {held}")
             # A layer at a time on the card (the bf16 model whole would not fit the cards fp8 is for; the host
-            # takes minutes for 12B parameters), each result back on the host until the pipeline is placed.
+            # takes tens of seconds for 12B parameters), each result back on the host until the pipeline is placed.
             to_scaled_fp8(flux_transformer, dtype, device)
             held = QuantLevel.FP8.value
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
