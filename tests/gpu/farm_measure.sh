@@ -11,6 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 export RUN_DIR=${RUN_DIR:-/root/fluxfarm-farm}
 wait_s=${WAIT_S:-540}
 mkdir -p "$RUN_DIR"
+cd "$RUN_DIR" || exit  # not the repository root, whose fluxfarm/ would shadow the installed package
 if [ "${1:-wait}" = start ]; then
   df -h "$RUN_DIR" | tail -1
   # shellcheck disable=SC2086
