@@ -49,9 +49,15 @@ def stream_outcomes(
     with_results: bool,
     on_poll: Callable[[DatasetRecord], None] | None,
 ) -> Iterator[DatasetOutcome]:
-    """Each of `dataset`'s jobs as it finishes, until none is queued or running; TimeoutError past `timeout`."""
+    """Each of `dataset`'s jobs as it finishes, until none is queued or running; TimeoutError past `timeout`.
+
+    Memory stays bounded by the re-read window, not the dataset: a finished id is remembered only while its
+    finishing time is inside the window the next read starts at (a million-job dataset would otherwise keep a
+    million ids); failures are remembered as the dataset record holds them, which is already in memory."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    seen: set[str] = set()
+    recent: dict[str, float] = {}
+    """Finished ids a later read can return again (finishing time ≥ `since`), with their finishing times."""
+    failed: set[str] = set()
     since = 0.0
     while True:
         record = reader.dataset_record(dataset)  # before the finished list, so a final empty poll misses nothing
@@ -62,16 +68,17 @@ def stream_outcomes(
             page = reader.finished_since(dataset, page_since, FINISHED_PAGE)
             for job_id, finished_at in page:
                 since = max(since, finished_at - CLOCK_SLACK_S)
-                if job_id not in seen:
-                    seen.add(job_id)
+                if job_id not in recent:
+                    recent[job_id] = finished_at
                     result = reader.dataset_result(dataset, job_id) if with_results else None
                     yield DatasetOutcome(job_id=job_id, result=result)
+            recent = {job_id: at for job_id, at in recent.items() if at >= since}
             if len(page) < FINISHED_PAGE or page[-1][1] <= page_since:
                 break
             page_since = page[-1][1]
         for job_id, reason in sorted(record.failures.items()):
-            if job_id not in seen:
-                seen.add(job_id)
+            if job_id not in failed and job_id not in recent:
+                failed.add(job_id)
                 yield DatasetOutcome(job_id=job_id, failure=reason)
         if record.queued == 0 and record.running == 0:
             return
