@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 import shutil
 import tempfile
@@ -86,9 +87,9 @@ class LocalStore(ObjectStore):
         if not directory.is_dir():
             return []
         after = start_after[len(folder) :] if start_after else ""
-        with os.scandir(directory) as entries:
-            names = [e.name for e in entries if e.is_file() and not e.name.startswith(".tmp-") and e.name > after]
-        return sorted(names, key=lambda name: name.encode())[:count]
+        with os.scandir(directory) as entries:  # a directory has no order: one scan, keeping only the page
+            names = (e.name for e in entries if e.is_file() and not e.name.startswith(".tmp-") and e.name > after)
+            return heapq.nsmallest(count, names, key=lambda name: name.encode())
 
     def _get(self, key: str) -> bytes:
         path = self._path(key)
