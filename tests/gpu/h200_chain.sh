@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The H200 measurements still open, chained in one process session so that no call has to start the next part
+# inside the machine's 30 s warm window: issue 20's FLUX.2 runs (flux2_measure.sh: PHASES, default "plans dev"
+# with the 24 GiB and quality-first plans left), then the farm of issues 21 and 22 (farm_measure.py:
+# FARM_PHASES, default every phase, throughput before provenance). Every call, `start` included, waits up to
+# WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one file, so the device tool's limit of 8
+# files never drops a log; a call cut short still returns what was there) and prints how far it got. Call
+# `wait` again until it prints "chain finished". On the device, after installing the carried wheels:
+#   bash tests/gpu/h200_chain.sh start
+#   bash tests/gpu/h200_chain.sh wait
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+flux2=${FLUX2_RUN_DIR:-/root/fluxfarm-flux2}
+farm=${FARM_RUN_DIR:-/root/fluxfarm-farm}
+wait_s=${WAIT_S:-540}
+mkdir -p "$flux2" "$farm"
+cd "$farm" || exit # not the repository root, whose fluxfarm/ would shadow the installed package
+case "${1:-wait}" in
+  chain)
+    {
+      echo "== flux2 $(date +%T)"
+      if [ -n "${PHASES-plans dev}" ]; then
+        PHASES=${PHASES-plans dev} KLEIN_BUDGETS=${KLEIN_BUDGETS-} DEV_BUDGETS=${DEV_BUDGETS-24} \
+          RUN_DIR=$flux2 bash "$here/flux2_measure.sh" sequence
+      fi
+      echo "== farm $(date +%T)"
+      # shellcheck disable=SC2086
+      RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
+        ${FARM_PHASES-model throughput warm quality budget12 calibrate rerender} >"$farm/farm.log" 2>&1
+      echo "chain finished $(date +%T)"
+    } >"$farm/chain.log" 2>&1
+    exit
+    ;;
+  start)
+    setsid nohup bash "$here/h200_chain.sh" chain </dev/null >/dev/null 2>&1 &
+    echo "chain started"
+    ;;
+  wait) ;;
+  *)
+    echo "usage: $0 start|wait" >&2
+    exit 2
+    ;;
+esac
+pack() {
+  (cd / && find "${flux2#/}" "${farm#/}" -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.log' \) -print0 |
+    tar czf "${OUT:-.}/rows.tgz" --null -T - 2>/dev/null)
+}
+end=$((SECONDS + wait_s))
+while [ $SECONDS -lt $end ] && ! grep -q "chain finished" "$farm/chain.log" 2>/dev/null; do
+  pack
+  sleep 20
+done
+pack
+cat "$farm/chain.log" 2>/dev/null
+for log in "$flux2"/plans.log "$flux2"/dev.log; do
+  [ -f "$log" ] && { echo "--- $log"; tail -n 8 "$log"; }
+done
+grep -E '^(==|\{)' "$farm/farm.log" 2>/dev/null | cut -c1-1200 | tail -n 20
