@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,16 +251,19 @@ PHASES = {
 }
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], phases: dict[str, Callable[[Farm], None]] = PHASES,
+         on_error: Callable[[dict[str, Any]], None] = emit) -> None:  # fmt: skip
+    """Run the named phases (all of `phases` when none is named) over one farm; tests/gpu/fleet_measure.py
+    runs its own phases through this."""
     RUN.mkdir(parents=True, exist_ok=True)
     with RedisServer(RUN / "redis") as redis_server:
         farm = Farm(redis_server)
-        for name in names or list(PHASES):
+        for name in names or list(phases):
             print(f"== {name} {time.strftime('%T')}", flush=True)
             try:
-                PHASES[name](farm)
+                phases[name](farm)
             except Exception as error:  # one phase's failure is a row; the next phase still runs
-                emit({"phase": name, "error": f"{type(error).__name__}: {error}"[:3000]})
+                on_error({"phase": name, "error": f"{type(error).__name__}: {error}"[:3000]})
 
 
 if __name__ == "__main__":
