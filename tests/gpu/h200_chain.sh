@@ -18,6 +18,10 @@ cd "$farm" || exit # not the repository root, whose fluxfarm/ would shadow the i
 case "${1:-wait}" in
   chain)
     {
+      # The carried wheels install with --no-compile: bytecode now, once, so that no worker's time to its first
+      # image pays for compiling diffusers, Celery and botocore (a deployed image has it from pip install).
+      echo "== bytecode $(date +%T) (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE-unset})"
+      for dir in ${PYTHONPATH//:/ }; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
       echo "== flux2 $(date +%T)"
       if [ -n "${PHASES-plans dev}" ]; then
         PHASES=${PHASES-plans dev} KLEIN_BUDGETS=${KLEIN_BUDGETS-} DEV_BUDGETS=${DEV_BUDGETS-24} \
