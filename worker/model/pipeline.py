@@ -178,8 +178,10 @@ def load_model(
             if held != QuantLevel.BF16.value:
                 raise ModelLoadError(f"fp8 is made from bf16 weights; {transformer} holds {held}")
             # A layer at a time on the card (the bf16 model whole would not fit the cards fp8 is for; the host
-            # takes tens of seconds for 12B parameters), each result back on the host until the pipeline is placed.
-            to_scaled_fp8(flux_transformer, dtype, device)
+            # takes tens of seconds for 12B parameters), each result kept there: every plan places the transformer
+            # on the card (place_pipeline), so the fp8 layers, never more than the plan's resident transformer,
+            # are not copied back to the host and up again.
+            to_scaled_fp8(flux_transformer, dtype, device, keep_on_work_device=True)
             held = QuantLevel.FP8.value
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
         prepare_text_encoder(pipe.text_encoder, family, text_encoder_precision, dtype, device)

@@ -142,3 +142,21 @@ def test_fp8_quantized_on_a_work_device_is_left_where_the_layer_lies_and_equals_
     assert torch.equal(on_card.weight.view(torch.uint8), on_host.weight.view(torch.uint8))
     assert torch.allclose(on_card.weight_scale, on_host.weight_scale, rtol=1e-6, atol=0)
     assert torch.equal(on_card.bias, on_host.bias)
+
+
+def test_fp8_kept_on_its_work_device_is_made_there_and_equals_the_host_s() -> None:
+    """A transformer that will live on the card keeps each fp8 layer there (no trip back to the host and up
+    again): every parameter on the work device, the same e4m3 rows, scales and bias as the host's. The meta
+    device, where no tensor can be copied out, shows on a CPU that nothing went back to the host."""
+    linear = nn.Linear(768, 6, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(_weights(6, 768))
+    on_host = ScaledFp8Linear(linear, torch.float32)
+    kept = ScaledFp8Linear(linear, torch.float32, work_device=DEVICE, keep_on_work_device=True)
+    assert {p.device.type for p in kept.parameters()} == {torch.device(DEVICE).type}
+    assert torch.equal(kept.weight.cpu().view(torch.uint8), on_host.weight.view(torch.uint8))
+    assert torch.allclose(kept.weight_scale.cpu(), on_host.weight_scale, rtol=1e-6, atol=0)
+    assert torch.equal(kept.bias.cpu(), on_host.bias)
+    on_meta = ScaledFp8Linear(linear, torch.float32, work_device="meta", keep_on_work_device=True)
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    assert (on_meta.weight.dtype, on_meta.weight_scale.shape) == (torch.float8_e4m3fn, (6, 1))
