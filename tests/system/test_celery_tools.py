@@ -78,6 +78,10 @@ def test_the_documented_inspect_commands_see_the_worker(acl_redis: AclRedis, far
     assert queues.returncode == 0, queues.stderr
     consumed = {queue["name"] for queue in json.loads(queues.stdout)[f"celery@{NODE}"]}
     assert QUEUE_ANY in consumed
+    # Seen by the tools, yet started without mingle's exchange with other workers (a second before the first
+    # job, run 12) and without gossip (runtime.celery_argv).
+    log = (farm_settings.cache_dir.parent / "worker.log").read_text()
+    assert " ready." in log and "mingle" not in log, log[-2000:]
 
 
 def _flower_command(port: int) -> tuple[list[str], dict[str, str]]:

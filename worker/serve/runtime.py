@@ -173,7 +173,11 @@ class WorkerRuntime:
         )
 
     def celery_argv(self) -> list[str]:
-        """`celery worker`'s arguments: a thread per held job, the adopted queues, task events on."""
+        """`celery worker`'s arguments: a thread per held job, the adopted queues, task events on (Flower's
+        view), and neither mingle nor gossip: mingle's start-up exchange with the other workers (revoked ids and
+        clocks; the farm revokes nothing through Celery) cost every worker a second before its first job (run 12),
+        and gossip has each worker follow every other's events, a cost that grows with the fleet squared while
+        the farm's own heartbeats (shared/fleet.py) say who is alive."""
         return [
             "worker",
             "--pool=threads",
@@ -182,6 +186,8 @@ class WorkerRuntime:
             f"--queues={','.join(self.adoption.queues)}",
             f"--loglevel={self._settings.log_level}",
             "--task-events",
+            "--without-mingle",
+            "--without-gossip",
         ]
 
     def start(self) -> None:
