@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,30 @@ def summary(results: list[RenderResult]) -> dict[str, Any]:
     }
 
 
+MILESTONES = {
+    "first_log": " INFO fluxfarm.worker: starting ",
+    "loaded": "model loaded in",
+    "ready": " ready.",
+    "first_image": "rendered job",
+}
+"""Log lines that mark a worker's way to its first image (worker/main.py, engine_loader, Celery, job_runner)."""
+
+
+def timeline(log: str, started_wall: float) -> dict[str, float]:
+    """Seconds from the worker's process start (`started_wall`, time.time()) to each milestone's first log line:
+    where a time to first image goes (imports and CUDA's start before the first line, then load, then Celery)."""
+    marks: dict[str, float] = {}
+    for line in log.splitlines():
+        for name, text in MILESTONES.items():
+            if name not in marks and text in line:
+                try:
+                    at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                except ValueError:
+                    continue
+                marks[name] = round(at - started_wall, 2)
+    return marks
+
+
 def phase_model(farm: Farm) -> None:
     if (MODEL_DIR / "model_index.json").is_file():
         return
@@ -164,7 +189,7 @@ def phase_calibrate(farm: Farm) -> None:
 
 
 def phase_throughput(farm: Farm) -> None:
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     worker = farm.worker("throughput-cold", ["--optimize", "throughput"])
     try:
         first_s, first = farm.first_image_s(started, "throughput")
@@ -183,14 +208,15 @@ def phase_throughput(farm: Farm) -> None:
 
         schemas = [pq.read_schema(path).names for path in sorted(export.rglob("*.parquet"))]
         columns = sorted({c for names in schemas for c in names if "calibration" in c})
-    emit({"phase": "throughput", "first_image_s": first_s, "first_level": first.quant.value,
+    emit({"phase": "throughput", "first_image_s": first_s, "timeline": timeline(log, started_wall),
+          "first_level": first.quant.value,
           "steady_s_per_image": steady, **summary(results), "min_bf16_left_queued": left_queued,
           "oom_splits": log.count(OOM_SPLIT), "export_rc": exported.returncode, "calibration_columns": columns,
           "compile_cache_published": sorted(p.name for p in COMPILE_CACHE.rglob("*") if p.is_file())})  # fmt: skip
 
 
 def phase_warm(farm: Farm) -> None:
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     worker = farm.worker("throughput-warm", ["--optimize", "throughput"])
     try:
         first_s, first = farm.first_image_s(started, "warm")
@@ -198,7 +224,8 @@ def phase_warm(farm: Farm) -> None:
     finally:
         worker.stop()
     loaded = [line for line in log.splitlines() if "compile cache" in line.lower()]
-    emit({"phase": "warm", "first_image_s": first_s, "level": first.quant.value, "cache_lines": loaded[-4:]})
+    emit({"phase": "warm", "first_image_s": first_s, "timeline": timeline(log, started_wall),
+          "level": first.quant.value, "cache_lines": loaded[-4:]})  # fmt: skip
 
 
 def phase_quality(farm: Farm) -> None:

@@ -28,8 +28,11 @@ case "${1:-wait}" in
           RUN_DIR=$flux2 bash "$here/flux2_measure.sh" sequence
       fi
       echo "== farm $(date +%T)"
+      # Without the carried bitsandbytes (.bnb, for the bench's 4-bit recipe only): diffusers imports it when it
+      # is there, ~1.7 s of every worker's start that a worker image (no [baselines] extra) does not pay.
+      farm_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
       # shellcheck disable=SC2086
-      RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
+      PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
         ${FARM_PHASES-model throughput warm quality budget12 calibrate rerender} >"$farm/farm.log" 2>&1
       echo "chain finished $(date +%T)"
     } >"$farm/chain.log" 2>&1
