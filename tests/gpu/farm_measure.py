@@ -158,6 +158,23 @@ def timeline(log: str, started_wall: float) -> dict[str, float]:
     return marks
 
 
+def exported_calibration(farm: Farm, dataset: str) -> dict[str, Any]:
+    """`fluxfarm export` of `dataset` as parquet: its calibration columns, and how many rows cite a calibration
+    (issue 22.1: the figures reach the export where a calibration of the level was kept first)."""
+    export = RUN / f"{dataset}.parquet"
+    exported = fluxfarm("export", "--dataset", dataset, "--format", "parquet", "--out", str(export), env=farm.env)
+    row: dict[str, Any] = {"export_rc": exported.returncode, "calibration_columns": [], "calibrated_rows": 0}
+    if exported.returncode == 0:
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(path) for path in sorted(export.rglob("*.parquet"))]
+        row["calibration_columns"] = sorted({c for t in tables for c in t.column_names if "calibration" in c})
+        row["calibrated_rows"] = sum(
+            t.num_rows - t.column("calibration_id").null_count for t in tables if "calibration_id" in t.column_names
+        )
+    return row
+
+
 def phase_model(farm: Farm) -> None:
     if (MODEL_DIR / "model_index.json").is_file():
         return
@@ -200,18 +217,10 @@ def phase_throughput(farm: Farm) -> None:
         log = worker.log_text()
     finally:
         worker.stop()
-    export = RUN / "throughput.parquet"
-    exported = fluxfarm("export", "--dataset", "throughput", "--format", "parquet", "--out", str(export), env=farm.env)
-    columns: list[str] = []
-    if exported.returncode == 0:
-        import pyarrow.parquet as pq
-
-        schemas = [pq.read_schema(path).names for path in sorted(export.rglob("*.parquet"))]
-        columns = sorted({c for names in schemas for c in names if "calibration" in c})
     emit({"phase": "throughput", "first_image_s": first_s, "timeline": timeline(log, started_wall),
           "first_level": first.quant.value,
           "steady_s_per_image": steady, **summary(results), "min_bf16_left_queued": left_queued,
-          "oom_splits": log.count(OOM_SPLIT), "export_rc": exported.returncode, "calibration_columns": columns,
+          "oom_splits": log.count(OOM_SPLIT), **exported_calibration(farm, "throughput"),
           "compile_cache_published": sorted(p.name for p in COMPILE_CACHE.rglob("*") if p.is_file())})  # fmt: skip
 
 
@@ -248,7 +257,8 @@ def phase_budget12(farm: Farm) -> None:
         log = worker.log_text()
     finally:
         worker.stop()
-    emit({"phase": "budget12", "steady_s_per_image": steady, **summary(results), "oom_splits": log.count(OOM_SPLIT)})
+    emit({"phase": "budget12", "steady_s_per_image": steady, **summary(results), "oom_splits": log.count(OOM_SPLIT),
+          **exported_calibration(farm, "budget12")})  # fmt: skip
 
 
 def phase_rerender(farm: Farm) -> None:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The H200 measurements still open, chained in one process session so that no call has to start the next part
-# inside the machine's 30 s warm window: issue 20's FLUX.2 runs (flux2_measure.sh: PHASES, default "plans dev"
-# with the 24 GiB and quality-first plans left), then the farm of issues 21 and 22 (farm_measure.py:
-# FARM_PHASES, default every phase, throughput before provenance). Every call, `start` included, waits up to
-# WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one file, so the device tool's limit of 8
-# files never drops a log; a call cut short still returns what was there) and prints how far it got. Call
-# `wait` again until it prints "chain finished". On the device, after installing the carried wheels:
+# inside the machine's 30 s warm window: issue 20's FLUX.2 runs (flux2_measure.sh: PHASES, default "plans dev" with
+# the 24 GiB and quality-first plans left), then the farm of issues 21 and 22 (farm_measure.py: FARM_PHASES,
+# default every phase, throughput first; calibrate before budget12, whose images then cite it). Every call, `start`
+# included, waits up to WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one file, so the device
+# tool's limit of 8 files never drops a log; a call cut short still returns what was there) and prints how far it
+# got. Call `wait` again until it prints "chain finished". On the device, after installing the carried wheels:
 #   bash tests/gpu/h200_chain.sh start
 #   bash tests/gpu/h200_chain.sh wait
 set -uo pipefail
@@ -33,7 +33,7 @@ case "${1:-wait}" in
       farm_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
       # shellcheck disable=SC2086
       PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
-        ${FARM_PHASES-model throughput warm quality budget12 calibrate rerender} >"$farm/farm.log" 2>&1
+        ${FARM_PHASES-model throughput warm quality calibrate budget12 rerender} >"$farm/farm.log" 2>&1
       echo "chain finished $(date +%T)"
     } >"$farm/chain.log" 2>&1
     exit
