@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The H200 measurements still open, chained in one process session so that no call has to start the next part
-# inside the machine's 30 s warm window: issue 20's FLUX.2 runs (flux2_measure.sh: PHASES, default "plans dev" with
-# the 24 GiB and quality-first plans left), then the farm of issues 21 and 22 (farm_measure.py: FARM_PHASES,
-# default every phase, throughput first; calibrate before budget12, whose images then cite it). Every call, `start`
-# included, waits up to WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one file, so the device
-# tool's limit of 8 files never drops a log; a call cut short still returns what was there) and prints how far it
-# got. Call `wait` again until it prints "chain finished". On the device, after installing the carried wheels:
+# inside the machine's 30 s warm window: issue 20's FLUX.2 runs (flux2_measure.sh: PHASES, default "plans dev": the
+# quality-first plans (run 12 measured 24 GiB on an H100) and the bench), then the farm of issues 21 and 22
+# (farm_measure.py: FARM_PHASES, default every phase, throughput first; calibrate before budget12, whose images
+# then cite it). Every call, `start` included, waits up to WAIT_S, packs both run folders' rows and logs into
+# $OUT/rows.tgz (one file, so the device tool's limit of 8 files never drops a log; a call cut short still returns
+# what was there) and prints how far it got. Call `wait` again until it prints "chain finished". On the device,
+# after installing the carried wheels:
 #   bash tests/gpu/h200_chain.sh start
 #   bash tests/gpu/h200_chain.sh wait
 set -uo pipefail
@@ -24,7 +25,7 @@ case "${1:-wait}" in
       for dir in ${PYTHONPATH//:/ }; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
       echo "== flux2 $(date +%T)"
       if [ -n "${PHASES-plans dev}" ]; then
-        PHASES=${PHASES-plans dev} KLEIN_BUDGETS=${KLEIN_BUDGETS-} DEV_BUDGETS=${DEV_BUDGETS-24} \
+        PHASES=${PHASES-plans dev} KLEIN_BUDGETS=${KLEIN_BUDGETS-} DEV_BUDGETS=${DEV_BUDGETS-} \
           RUN_DIR=$flux2 bash "$here/flux2_measure.sh" sequence
       fi
       echo "== farm $(date +%T)"
