@@ -52,9 +52,10 @@ OOM_SPLIT = "ran out of GPU memory"
 """What a worker logs when it splits a batch that ran out of memory (worker/render/batcher.py)."""
 
 
-def emit(row: dict[str, Any]) -> None:
+def emit(row: dict[str, Any], rows_file: str = "farm.jsonl") -> None:
+    """Append `row` to $RUN_DIR/`rows_file` and print it."""
     line = json.dumps(row)
-    with (RUN / "farm.jsonl").open("a") as out:
+    with (RUN / rows_file).open("a") as out:
         out.write(line + "\n")
     print(line, flush=True)
 
@@ -112,16 +113,18 @@ class Farm:
         result = handle.result(timeout=READY_S)
         return time.monotonic() - started, result
 
+    def finished(self, jobs: list[dict[str, Any]]) -> list[tuple[float, str, RenderResult]]:
+        """Submit `jobs` and wait: (when it finished, its constraint, its result) each, in finishing order."""
+        batch = self.client.submit_many(jobs)
+        return [(time.monotonic(), h.job.quant, h.result()) for h in batch.as_completed(timeout=JOB_S)]
+
     def render(self, jobs: list[dict[str, Any]]) -> tuple[list[RenderResult], float]:
         """Submit and wait; returns the results and the steady seconds an image (after the first to finish)."""
-        batch = self.client.submit_many(jobs)
-        done: list[tuple[float, RenderResult]] = []
-        for handle in batch.as_completed(timeout=JOB_S):
-            done.append((time.monotonic(), handle.result()))
-        times = [at for at, _ in done]
+        done = self.finished(jobs)
+        times = [at for at, _, _ in done]
         later = [at for at in times if at > times[0] + 0.5]
         steady = (times[-1] - times[0]) / len(later) if later else float("nan")
-        return [result for _, result in done], steady
+        return [result for _, _, result in done], steady
 
 
 def summary(results: list[RenderResult]) -> dict[str, Any]:

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import farm_measure
-from farm_measure import IMAGES, JOB_S, READY_S, RUN, SIDE, STEPS, TINY, Farm, fluxfarm, job, phase_model
+from farm_measure import IMAGES, READY_S, RUN, SIDE, STEPS, TINY, Farm, fluxfarm, job, phase_model
 
 from fluxfarm.producer.local_stack import WorkerProcess
-from fluxfarm.shared.metadata import RenderResult
 from fluxfarm.shared.routing import parse_constraint
 
 WORKERS: dict[str, tuple[list[str], dict[str, str]]] = {
@@ -41,20 +39,12 @@ alone: dict[str, dict[str, Any]] = {}
 
 
 def emit(row: dict[str, Any]) -> None:
-    with (RUN / "fleet.jsonl").open("a") as out:
-        out.write(json.dumps(row) + "\n")
-    print(json.dumps(row), flush=True)
+    farm_measure.emit(row, "fleet.jsonl")
 
 
 def start(farm: Farm, name: str) -> WorkerProcess:
     args, env = WORKERS[name]
     return farm.worker(name, args, env)
-
-
-def finished(farm: Farm, jobs: list[dict[str, Any]]) -> list[tuple[float, str, RenderResult]]:
-    """Submit `jobs` and wait: (when it finished, its constraint, its result) each, in finishing order."""
-    batch = farm.client.submit_many(jobs)
-    return [(time.monotonic(), h.job.quant, h.result()) for h in batch.as_completed(timeout=JOB_S)]
 
 
 def images_per_hour(times: list[float]) -> float:
@@ -67,7 +57,7 @@ def phase_alone(farm: Farm) -> None:
         worker = start(farm, name)
         try:
             first = farm.client.submit(job(1000, f"alone-{name}")).result(timeout=READY_S)
-            done = finished(farm, [job(i, f"alone-{name}") for i in range(IMAGES)])
+            done = farm.finished([job(i, f"alone-{name}") for i in range(IMAGES)])
         finally:
             worker.stop()
         row = {"level": first.quant.value, "images_per_hour": images_per_hour([at for at, _, _ in done]),
@@ -106,8 +96,8 @@ def phase_fleet(farm: Farm) -> None:
     try:
         constrained = [job(4000, "fleet", f"exact:{fast}"), job(4001, "fleet", f"exact:{small}")]
         constrained += [job(4002 + i, "fleet", f"min:{fast}") for i in range(4)]
-        routed = finished(farm, constrained)
-        auto = finished(farm, [job(i, "fleet") for i in range(2 * IMAGES)])
+        routed = farm.finished(constrained)
+        auto = farm.finished([job(i, "fleet") for i in range(2 * IMAGES)])
         planned = {"file": fleet_plan(farm, str(fleet_file())), "live": fleet_plan(farm, "live")}
     finally:
         for worker in workers:
