@@ -1,4 +1,5 @@
-"""kombu's Redis transport with its acknowledgement bookkeeping sent as plain pipelines, not `MULTI` blocks.
+"""kombu's Redis transport, changed twice: acknowledgement bookkeeping goes as plain pipelines, not `MULTI`
+blocks, and an ack or reject that Redis cannot take still frees the worker's prefetch slot (`QoS.ack`).
 
 kombu records each delivered message in two keys (the `unacked` hash and its `unacked_index` sorted set)
 and clears both on the ack, each pair in a `MULTI`/`EXEC` transaction: 4 of a job's commands were those
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 
 class QoS(kombu_redis.QoS):
@@ -27,6 +29,28 @@ class QoS(kombu_redis.QoS):
         else:
             with self.channel.conn_or_acquire(client) as connection:
                 yield connection.pipeline(transaction=False)
+
+    def ack(self, delivery_tag: str) -> None:
+        """kombu's ack, except that the delivery leaves this worker's prefetch window even when Redis cannot be
+        written. kombu forgets a delivery only after Redis took its ack: each ack that failed while Redis
+        restarted kept a prefetch slot for good, and once all were kept the worker stopped asking for messages,
+        with no read in flight to notice the dead connection (a worker hung this way for good in
+        tests/system/test_reliability.py). The message stays in `unacked` and comes back after its lease;
+        the stored-result check answers it there. The error still reaches Celery, which logs it."""
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        finally:
+            virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """kombu's reject, freeing the prefetch slot even when Redis cannot be written (see `ack`)."""
+        try:
+            if requeue:
+                self.restore_by_tag(delivery_tag, leftmost=True)
+            else:
+                self._remove_from_indices(delivery_tag).execute()
+        finally:
+            virtual.QoS.ack(self, delivery_tag)
 
 
 class Channel(kombu_redis.Channel):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 import torch
 
 from fluxfarm.shared import __version__
@@ -121,9 +122,9 @@ class JobRunner:
         self._metrics.in_progress.inc()
         try:
             result = self._run(payload, queued_at)
-        except (JobCancelled, RenderAttemptFailed) as error:
+        except (JobCancelled, RenderAttemptFailed, redis.ConnectionError) as error:
             self._metrics.job_ended(self._level(), _outcome(error))
-            raise  # dropped, or back in the queue: neither done nor failed yet
+            raise  # dropped, or back in the queue (worker/serve/tasks.py): neither done nor failed yet
         except Exception as error:
             self._metrics.job_ended(self._level(), _outcome(error))
             with self.stats.lock:
@@ -305,13 +306,13 @@ def _outcome(error: Exception) -> Outcome:
     """The metrics' name for how a job that raised `error` left the worker."""
     if isinstance(error, JobCancelled):
         return "cancelled"
-    if isinstance(error, RenderAttemptFailed):
-        return "retried"
+    if isinstance(error, RenderAttemptFailed | redis.ConnectionError):
+        return "retried"  # the message goes back to its queue
     if isinstance(error, InvalidJob):
         return "refused"
     if isinstance(error, JobDeadLettered):
         return "dead_lettered"
-    return "failed"  # an error outside any attempt (Redis or storage unreachable): Celery fails the task
+    return "failed"  # an error outside any attempt (storage unreachable): Celery fails the task
 
 
 def _failure_reason(error: BaseException, level: str) -> str:

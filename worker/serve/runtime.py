@@ -47,6 +47,7 @@ from fluxfarm.worker.serve.queue_adoption import CHECK_INTERVAL_S, TENANT_CHECK_
 from fluxfarm.worker.serve.result_store import ResultStore
 from fluxfarm.worker.serve.retry_policy import SEND_DUE_INTERVAL_S, DelayedRetries, RetryPolicy
 from fluxfarm.worker.serve.tasks import register_render_task
+from fluxfarm.worker.serve.thread_pool import POOL
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class WorkerRuntime:
         )
         in_flight = InFlight()
         register_render_task(app, self.runner, in_flight)
+        app.conf.worker_pool = POOL  # threads; `celery worker` takes it when no --pool is given
 
         def resend(sent: SentJob) -> None:
             job = parse_job(sent.job)
@@ -173,14 +175,14 @@ class WorkerRuntime:
         )
 
     def celery_argv(self) -> list[str]:
-        """`celery worker`'s arguments: a thread per held job, the adopted queues, task events on (Flower's
-        view), and neither mingle nor gossip: mingle's start-up exchange with the other workers (revoked ids and
-        clocks; the farm revokes nothing through Celery) cost every worker a second before its first job (run 12),
-        and gossip has each worker follow every other's events, a cost that grows with the fleet squared while
-        the farm's own heartbeats (shared/fleet.py) say who is alive."""
+        """`celery worker`'s arguments: a thread per held job (the pool of worker/serve/thread_pool.py, set as
+        `worker_pool`), the adopted queues, task events on (Flower's view), and neither mingle nor gossip:
+        mingle's start-up exchange with the other workers (revoked ids and clocks; the farm revokes nothing
+        through Celery) cost every worker a second before its first job (run 12), and gossip has each worker
+        follow every other's events, a cost that grows with the fleet squared while the farm's own heartbeats
+        (shared/fleet.py) say who is alive."""
         return [
             "worker",
-            "--pool=threads",
             f"--concurrency={held_jobs(self._settings.max_batch)}",
             f"--hostname={self._worker.node}",
             f"--queues={','.join(self.adoption.queues)}",
