@@ -1,5 +1,6 @@
 """The worker's thread pool ends a task whose outcome could not be recorded: its callback gets a requeueing
-Reject, where Celery's own thread pool leaves the request pending for good (its prefetch slot with it)."""
+Reject when Redis was away, the error itself otherwise, where Celery's own thread pool leaves the request
+pending for good (its prefetch slot with it)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def test_a_trace_that_raises_ends_in_a_requeueing_reject() -> None:
     assert failed == 1
     assert isinstance(reject, Reject) and reject.requeue
     assert "ConnectionError: Error 111" in reject.reason
+
+
+def _redis_full(*_: Any) -> Any:
+    raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+
+def test_any_other_error_fails_the_task_so_that_no_job_comes_back_for_ever() -> None:
+    outcome = _outcome(TaskPool, _redis_full)
+    assert outcome is not None
+    failed, info, _runtime = outcome
+    assert failed == 1
+    assert isinstance(info.exception.exc, redis.exceptions.OutOfMemoryError)
 
 
 def test_celery_s_own_pool_drops_it_and_a_trace_that_returns_is_untouched() -> None:
