@@ -72,6 +72,10 @@ class CeleryWaiter:
                 if not isinstance(error, CeleryTimeoutError):
                     time.sleep(1.0)
         if self.async_result.state != states.SUCCESS:
+            # A job stored after all (its worker could write the failure of a later step, not the success: a
+            # full or restarting Redis) is done: storage is the truth, and one read costs only a failure.
+            if self._lookup is not None and (stored := self._lookup()) is not None:
+                return stored
             failure = self.async_result.result
             reason = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else str(failure)
             raise JobFailed(self.job.id, reason)

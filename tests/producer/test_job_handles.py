@@ -8,6 +8,7 @@ result backend writes them.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from fluxfarm.producer.local_stack import RedisServer
 from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.errors import InvalidJob, JobFailed
 from fluxfarm.shared.jobs import parse_job
+from fluxfarm.shared.metadata import RenderResult
 
 WAIT_S = 6.0
 
@@ -70,3 +72,24 @@ def test_a_forgotten_failure_still_in_flight_is_not_the_resubmit_s_outcome(
             pipe.set(key, value).publish(key, value).execute()
         with pytest.raises(JobFailed, match="this submission's refusal"):
             handle.result(timeout=WAIT_S)
+
+
+def test_a_failure_the_backend_holds_for_a_job_stored_after_all_is_not_reported(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Storage is the truth: a worker that stored the image but could not write its success (a full or
+    restarting Redis) may still have written a failure; the handle returns the stored result."""
+    redis_client.flushdb()
+    settings = ProducerSettings(broker_url=redis_server.url, storage_url=f"file://{tmp_path / 'out'}")
+    job = parse_job({"prompt": "a stork", "width": 256, "height": 256, "steps": 2, "dataset": "storks"})
+    sample = next((Path(__file__).parents[1] / "fixtures" / "results-0.1.0").rglob("*.json"))
+    stored = RenderResult.model_validate(
+        {**json.loads(sample.read_text()), "job_id": job.id, "job": job.model_dump(mode="json")}
+    )
+    with FarmClient(settings) as client:
+        handle = client.submit(job)
+        key, value = _failure(client, handle.task_id, "its success could not be written")
+        redis_client.set(key, value)
+        keys = client.store.result_keys(job.dataset, job.id)
+        client.store.put(keys.metadata, stored.model_dump_json().encode(), "application/json")
+        assert handle.result(timeout=WAIT_S) == stored
