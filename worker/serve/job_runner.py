@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 import torch
 
 from fluxfarm.shared import __version__
@@ -41,7 +40,7 @@ from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.serve.calibration_cites import CalibrationCites
 from fluxfarm.worker.serve.leases import JobClaims
 from fluxfarm.worker.serve.metrics import Outcome, WorkerMetrics
-from fluxfarm.worker.serve.redis_writes import unless_redis_is_down
+from fluxfarm.worker.serve.redis_writes import REDIS_AWAY, unless_redis_is_down
 from fluxfarm.worker.serve.result_store import ResultStore
 from fluxfarm.worker.serve.retry_policy import RetryPolicy
 
@@ -122,7 +121,7 @@ class JobRunner:
         self._metrics.in_progress.inc()
         try:
             result = self._run(payload, queued_at)
-        except (JobCancelled, RenderAttemptFailed, redis.ConnectionError) as error:
+        except (JobCancelled, RenderAttemptFailed, *REDIS_AWAY) as error:
             self._metrics.job_ended(self._level(), _outcome(error))
             raise  # dropped, or back in the queue (worker/serve/tasks.py): neither done nor failed yet
         except Exception as error:
@@ -306,7 +305,7 @@ def _outcome(error: Exception) -> Outcome:
     """The metrics' name for how a job that raised `error` left the worker."""
     if isinstance(error, JobCancelled):
         return "cancelled"
-    if isinstance(error, RenderAttemptFailed | redis.ConnectionError):
+    if isinstance(error, (RenderAttemptFailed, *REDIS_AWAY)):
         return "retried"  # the message goes back to its queue
     if isinstance(error, InvalidJob):
         return "refused"

@@ -9,6 +9,10 @@ import redis
 
 log = logging.getLogger(__name__)
 
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError)
+"""Errors that say Redis cannot be reached now (a restart, a network cut), not that it refused a command: a job
+that meets one goes back to its queue (worker/serve/tasks.py, worker/serve/thread_pool.py)."""
+
 
 def unless_redis_is_down(action: Callable[[], object], what: str) -> bool:
     """Run a bookkeeping write; if Redis cannot be reached, or is full (maxmemory, noeviction), log it and

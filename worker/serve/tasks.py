@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject
 
@@ -13,6 +12,7 @@ from fluxfarm.shared.celery_app import RENDER_TASK
 from fluxfarm.shared.errors import InvalidJob, JobCancelled, JobDeadLettered, RenderAttemptFailed
 from fluxfarm.worker.serve.job_runner import JobRunner
 from fluxfarm.worker.serve.leases import InFlight
+from fluxfarm.worker.serve.redis_writes import REDIS_AWAY
 from fluxfarm.worker.serve.retry_policy import RetryScheduled
 
 
@@ -32,7 +32,7 @@ def register_render_task(app: Celery, runner: JobRunner, in_flight: InFlight) ->
         except RenderAttemptFailed as error:
             # The same message goes back, to the far end of its queue: other jobs flow meanwhile.
             raise Reject(str(error), requeue=True) from error
-        except redis.ConnectionError as error:
+        except REDIS_AWAY as error:
             # Redis went away during the job (a restart): nothing about it can be recorded, so it is no failure.
             # Its message goes back; with Redis still away it stays unacknowledged and returns after its lease.
             raise Reject(f"Redis unreachable: {error}", requeue=True) from error

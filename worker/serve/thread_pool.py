@@ -18,17 +18,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from billiard.einfo import ExceptionInfo
 from celery.concurrency import thread
 from celery.exceptions import Reject
+
+from fluxfarm.worker.serve.redis_writes import REDIS_AWAY
 
 log = logging.getLogger(__name__)
 
 POOL = f"{__name__}:TaskPool"
 """Celery's `worker_pool` setting for this pool."""
-
-REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError)
 
 
 def ended_if_unrecorded(target: Callable[..., Any]) -> Callable[..., Any]:
