@@ -17,6 +17,7 @@ No image is judged: agreement with bf16 (PSNR, relative error) is all that is re
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import tempfile
@@ -78,6 +79,27 @@ def _peak_gib(device: str) -> float | None:
     if torch.device(device).type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / GIB
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def _reset_host_peak() -> None:
+    """Start the process's resident-memory high-water mark (VmHWM) afresh, so that a row's host peak is its own:
+    FLUX.2 [dev]'s configurations hold 30-90 GiB of host copies, and the host, not the card, ran out (run 11)."""
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _host_peak_gib() -> float | None:
+    """Peak resident host memory (pinned included) since the last `_reset_host_peak`, where /proc says it."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
 
 
 def bench_jobs(options: BenchOptions, count: int, offset: int = 0) -> list[RenderJob]:
@@ -212,6 +234,7 @@ class Bench:
     # ---- whole images ------------------------------------------------------------------------------------
 
     def _record(self, row: ImageRow, pngs: list[bytes], jobs: list[RenderJob]) -> ImageRow:
+        row.host_peak_gib = _host_peak_gib()
         if self.reference:
             scores = [agreement(pixels(png), self.reference[i]) for i, png in enumerate(pngs) if i in self.reference]
             if scores:
@@ -257,6 +280,7 @@ class Bench:
 
     @torch.inference_mode()
     def diffusers_bf16(self) -> None:
+        _reset_host_peak()
         pipe = self.parts.pipeline(self.parts.transformer(QuantLevel.BF16, self.device))
         place_pipeline(pipe, self.device, "gpu")
         pipe.set_progress_bar_config(disable=True)
@@ -267,6 +291,7 @@ class Bench:
     @torch.inference_mode()
     def seed_recipe(self) -> None:
         """GGUF Q8_0 through diffusers with enable_model_cpu_offload: the article this project started from."""
+        _reset_host_peak()
         pipe = self.parts.pipeline(self.parts.transformer(QuantLevel.Q8_0, "cpu"))
         pipe.set_progress_bar_config(disable=True)
         if torch.device(self.device).type == "cuda":
@@ -279,6 +304,7 @@ class Bench:
     def four_bit_recipe(self) -> None:
         """FLUX.2 [dev] on a 24-32 GB card as its makers document it: bitsandbytes 4-bit transformer and text
         encoder, enable_model_cpu_offload, under the cap of the smallest budget the engine is measured at."""
+        _reset_host_peak()
         pipe = self.parts.four_bit_pipeline()
         pipe.set_progress_bar_config(disable=True)
         budget = min(self.options.budgets, default=None)
@@ -301,6 +327,7 @@ class Bench:
     @torch.inference_mode()
     def engine_run(self, name: str, budget: float | None, level: QuantLevel | None) -> ImageRow | None:
         """The worker's engine: the plan for `budget` (or `level` forced), fast paths, all jobs in hand."""
+        _reset_host_peak()
         width, height = self.options.image_size
         cuda = torch.device(self.device).type == "cuda"
         total = torch.cuda.get_device_properties(self.device).total_memory / GIB if cuda else 64.0
@@ -321,7 +348,9 @@ class Bench:
         chosen = QuantLevel(plan.level)
         self.parts.state(chosen, self.device)  # quantizing is the quantizer's cost, not the worker's
         if self.parts.family != FluxFamily.FLUX_1:
-            self.parts.text_encoder(plan.text_encoder_precision)
+            self.parts.text_encoder(plan.text_encoder_precision)  # made before the cap: drawn on the device
+            if plan.text_encoder_precision != "bf16":
+                self.parts.release_bf16_encoder()
         _free(self.device)
         best: ImageRow | None = None
         with memory_cap(self.device, budget):

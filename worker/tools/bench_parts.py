@@ -9,8 +9,10 @@ diffusers baselines too: they run the same encoder, so a baseline's encode costs
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,11 @@ class FluxParts:
     model: FluxModel
     weights: SeededWeights
     components: dict[str, Any]
-    """The pipeline's other parts: VAE, text encoder(s) and tokenizer(s), on the host."""
+    """The pipeline's other parts: VAE, text encoder(s) and tokenizer(s), on the host. FLUX.2's bf16 text encoder
+    may be left out (`release_bf16_encoder`) and drawn again when asked for."""
     device: str
+    draw_encoder: Callable[[], torch.nn.Module] | None = None
+    """FLUX.2's bf16 text encoder drawn anew (same seed, same weights), on the host; None: it is never released."""
     states: OrderedDict[QuantLevel, dict[str, torch.Tensor]] = field(default_factory=OrderedDict)
     encoders: dict[EncoderPrecision, torch.nn.Module] = field(default_factory=dict)
 
@@ -88,12 +93,25 @@ class FluxParts:
         return self.weights.transformer(level, device, self.state(level, device))
 
     def text_encoder(self, precision: EncoderPrecision) -> torch.nn.Module:
-        """FLUX.2's encoder at `precision` (fp8: a copy made once, in the worker's format, quantized on the
-        device: on the host FLUX.2 [dev]'s 17B parameters take minutes). Call it before a memory cap."""
+        """FLUX.2's encoder at `precision`: bf16 as drawn (again, if it was released), others a copy made once
+        from it in the worker's format, quantized on the device (on the host FLUX.2 [dev]'s 17B parameters take
+        minutes). Call it before a memory cap: both are made on the device."""
+        if "text_encoder" not in self.components:
+            assert self.draw_encoder is not None, "released only where it can be drawn again"
+            self.components["text_encoder"] = self.draw_encoder()
+        if precision == "bf16":
+            return self.components["text_encoder"]
         if precision not in self.encoders:
             encoder = copy.deepcopy(self.components["text_encoder"]).to(self.device)
             self.encoders[precision] = prepare_text_encoder(encoder, self.family, precision, self.dtype).cpu()
         return self.encoders[precision]
+
+    def release_bf16_encoder(self) -> None:
+        """Drop FLUX.2's bf16 encoder from host memory until a configuration asks for it again: FLUX.2 [dev]'s is
+        32 GiB, which a plan with an fp8 or Q4_K encoder does not use, and beside that plan's pinned copies the
+        host (125 GiB on the H200 machine) ran out of memory (runs 11 and 13)."""
+        if self.draw_encoder is not None and self.components.pop("text_encoder", None) is not None:
+            gc.collect()
 
     def pipeline(
         self,
@@ -103,21 +121,25 @@ class FluxParts:
     ) -> Any:
         """The family's pipeline around `transformer`, its text encoder at `precision` (or `text_encoder`)."""
         parts = dict(self.components)
-        if self.family != FluxFamily.FLUX_1 and precision != "bf16":
-            parts["text_encoder"] = self.text_encoder(precision)
         if text_encoder is not None:
             parts["text_encoder"] = text_encoder
+        elif self.family != FluxFamily.FLUX_1:
+            parts["text_encoder"] = self.text_encoder(precision)
         return assemble_pipeline(self.family, transformer, parts)
 
     def four_bit_pipeline(self) -> Any:
         """The pipeline with bitsandbytes NF4 copies of the transformer and the text encoder, on the host
-        (worker/tools/bnb_nf4.py). The quantized copies kept for other runs go first: FLUX.2 [dev]'s encoder
-        copy needs their host memory."""
+        (worker/tools/bnb_nf4.py). The quantized copies kept for other runs go first, and the bf16 encoder is
+        quantized itself where it can be drawn again, not copied: FLUX.2 [dev]'s needs that host memory."""
         self.states.clear()
         self.encoders.clear()
         gc.collect()
         transformer = to_bnb_nf4(self.transformer(QuantLevel.BF16, self.device), self.device, self.dtype).cpu()
-        encoder = copy.deepcopy(self.components["text_encoder"])
+        encoder = self.text_encoder("bf16")
+        if self.draw_encoder is None:
+            encoder = copy.deepcopy(encoder)
+        else:
+            self.release_bf16_encoder()
         encoder = to_bnb_nf4(encoder, self.device, self.dtype).cpu()
         return self.pipeline(transformer, text_encoder=encoder)
 
@@ -127,6 +149,22 @@ def assemble_pipeline(family: FluxFamily, transformer: torch.nn.Module | None, p
     extra = {"is_distilled": True} if family == FluxFamily.FLUX_2_KLEIN else {}
     pipeline_class: type[DiffusionPipeline] = FAMILIES[family].pipeline
     return pipeline_class(scheduler=flux_scheduler(), transformer=transformer, **parts, **extra)
+
+
+ENCODER_SEED = 0
+"""FLUX.2's random text encoder is drawn from this seed, each time the same weights."""
+
+
+def full_size_encoder(model: FluxModel, device: str, dtype: torch.dtype, trimmed: bool = True) -> torch.nn.Module:
+    """FLUX.2's text encoder, random and full size, drawn on `device` from ENCODER_SEED and kept on the host."""
+    torch.manual_seed(ENCODER_SEED)
+    return random_text_encoder(model, device, dtype, trimmed).cpu()
+
+
+def tiny_encoder(model: FluxModel, dtype: torch.dtype) -> torch.nn.Module:
+    """The text encoder of `model`'s tiny pipeline (the same weights each call), as a worker keeps it."""
+    encoder = build_tiny(model).text_encoder.to(dtype)
+    return prepare_text_encoder(encoder, MODELS[model].family, "bf16", dtype)
 
 
 def full_size_components(model: FluxModel, device: str, dtype: torch.dtype, trimmed: bool = True) -> dict[str, Any]:
@@ -141,7 +179,7 @@ def full_size_components(model: FluxModel, device: str, dtype: torch.dtype, trim
             "tokenizer_2": t5_tokenizer(),
         }
     tokenizer = mistral_tokenizer() if model == FluxModel.FLUX_2_DEV else qwen_tokenizer()
-    encoder = random_text_encoder(model, device, dtype, trimmed).cpu()
+    encoder = full_size_encoder(model, device, dtype, trimmed)
     return {"vae": random_flux2_vae(device, dtype).cpu(), "text_encoder": encoder, "tokenizer": tokenizer}
 
 
@@ -161,10 +199,13 @@ def build_parts(model: str, device: str, folder: Path, tiny: bool = False) -> Fl
         }
         family = MODELS[flux_model].family
         components["text_encoder"] = prepare_text_encoder(components["text_encoder"], family, "bf16", dtype)
+        draw = functools.partial(tiny_encoder, flux_model, dtype)
     else:
         config = transformer_config(flux_model)
         components = full_size_components(flux_model, device, dtype)
-    return FluxParts(flux_model, SeededWeights(config, dtype, folder), components, device)
+        draw = functools.partial(full_size_encoder, flux_model, device, dtype)
+    flux2 = MODELS[flux_model].family != FluxFamily.FLUX_1
+    return FluxParts(flux_model, SeededWeights(config, dtype, folder), components, device, draw if flux2 else None)
 
 
 def plain_diffusers_image(pipe: Any, job: RenderJob, steps: int, **inputs: Any) -> Any:

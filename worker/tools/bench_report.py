@@ -93,6 +93,7 @@ class BenchLog:
                 "s/image",
                 "images/h",
                 "peak GiB",
+                "host peak GiB",
                 "PSNR vs bf16",
             ):
                 table.add_column(column, justify="right")
@@ -100,7 +101,8 @@ class BenchLog:
                 psnr = "-" if r.psnr_db_vs_bf16 is None else f"{r.psnr_db_vs_bf16:.1f} dB"
                 table.add_row(
                     r.name, "-" if r.budget_gib is None else f"{r.budget_gib:g}", r.level, r.text_encoders,
-                    str(r.batch), f"{r.s_per_image:.2f}", f"{r.images_per_hour:.0f}", _gib(r.peak_gib), psnr,
+                    str(r.batch), f"{r.s_per_image:.2f}", f"{r.images_per_hour:.0f}", _gib(r.peak_gib),
+                    _gib(r.host_peak_gib), psnr,
                 )  # fmt: skip
             self.console.print(table)
         if self.fuses:

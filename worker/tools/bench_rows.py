@@ -78,6 +78,8 @@ class ImageRow(BaseModel):
     s_per_image: float
     images_per_hour: float
     peak_gib: float | None
+    host_peak_gib: float | None = None
+    """The process's peak resident host memory (pinned copies included) from this configuration's setup on."""
     encode_s: float | None = None
     denoise_s: float | None = None
     decode_s: float | None = None

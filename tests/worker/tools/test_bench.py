@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from fluxfarm.worker.tools.bench_parts import build_parts
 from tests.conftest import run_fluxfarm
 
 
@@ -83,6 +86,7 @@ def test_bench_runs_each_flux2_family_on_its_tiny_pipeline(tmp_path: Path) -> No
         assert {"diffusers-bf16", "fluxfarm@24GiB"} <= set(images)
         assert ("fluxfarm@12GiB" in images) == (model == "flux.2-klein-4b")
         assert images["fluxfarm@24GiB"]["psnr_db_vs_bf16"] > 20
+        assert all(row["host_peak_gib"] > 0 for row in images.values()), "each row's host memory, from /proc"
         assert ("diffusers-nf4-offload" in images) == (model == "flux.2-dev")
         if model == "flux.2-dev":
             recipe = images["diffusers-nf4-offload"]
@@ -107,3 +111,20 @@ def test_bench_renders_as_a_deterministic_worker_when_asked(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr[-3000:]
     images = [json.loads(line) for line in out.read_text().splitlines() if '"kind":"image"' in line.replace(" ", "")]
     assert [(r["name"], r["batch"], r["deterministic"]) for r in images] == [("fluxfarm-Q8_0", 1, True)]
+
+
+def test_a_released_flux2_encoder_is_drawn_again_with_the_same_weights(tmp_path: Path) -> None:
+    """The bench drops FLUX.2's bf16 encoder from host memory while a plan with another encoder precision runs
+    (FLUX.2 [dev]'s is 32 GiB); the copy drawn when a later configuration asks must be the one the bf16
+    reference images were made with, or every later agreement figure compares different models."""
+    parts = build_parts("flux.2-klein-4b", "cpu", tmp_path, tiny=True)
+    before = {name: t.clone() for name, t in parts.text_encoder("bf16").state_dict().items()}
+    parts.text_encoder("fp8")
+    parts.release_bf16_encoder()
+    assert "text_encoder" not in parts.components
+    redrawn = parts.pipeline(None).text_encoder.state_dict()
+    assert redrawn.keys() == before.keys()
+    assert all(torch.equal(redrawn[name], tensor) for name, tensor in before.items())
+    flux1 = build_parts("tiny", "cpu", tmp_path / "flux1")
+    flux1.release_bf16_encoder()
+    assert "text_encoder" in flux1.components, "FLUX.1's encoders are never dropped"
