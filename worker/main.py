@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from pathlib import Path
 from typing import NoReturn
 
 from celery.signals import worker_ready
@@ -53,6 +55,17 @@ def _exit_stranded(reason: str) -> NoReturn:
     os._exit(EXIT_STRANDED)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started, from /proc (None elsewhere): what a worker paid for its interpreter,
+    imports and device probe before its first log line, part of every time to first image."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def node_name(settings: WorkerSettings, device: str) -> str:
     return settings.worker_name or f"fluxfarm-{device.replace(':', '')}@{socket.gethostname()}"
 
@@ -63,14 +76,19 @@ def run_worker(settings: WorkerSettings, model: str, transformer: str | None, de
     _quiet_library_progress_bars()
     device = device or settings.device or default_device()
     node = node_name(settings, device)
+    probe_start = time.perf_counter()
     worker_info = probe_device(device, node)
+    probe_s = time.perf_counter() - probe_start
+    age_s = process_age_s()
     log.info(
-        "starting %s on %s (%s), broker %s, storage %s",
+        "starting %s on %s (%s), broker %s, storage %s; %s after the process started (device probe %.2fs)",
         node,
         device,
         worker_info.gpu_name or "CPU",
         redact_url(settings.broker_url),
         redact_url(settings.storage_url),
+        "?" if age_s is None else f"{age_s:.1f}s",
+        probe_s,
     )
     if settings.vram_budget_gib:
         cap_memory(device, settings.vram_budget_gib)

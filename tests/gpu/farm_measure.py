@@ -161,6 +161,21 @@ def timeline(log: str, started_wall: float) -> dict[str, float]:
     return marks
 
 
+START_LINES = ("after the process started", "load phases:", "warm start ready", "rendered job")
+"""What a worker logs about its way to its first image: the seconds before its first line (imports, device probe),
+the load's phases, the shared artifacts' load, and the first job's phases."""
+
+
+def start_lines(log: str) -> list[str]:
+    """The first log line of each of START_LINES, from its logger name on."""
+    found: dict[str, str] = {}
+    for line in log.splitlines():
+        for text in START_LINES:
+            if text not in found and text in line:
+                found[text] = line.split(" INFO ", 1)[-1][-400:]
+    return [found[text] for text in START_LINES if text in found]
+
+
 def exported_calibration(farm: Farm, dataset: str) -> dict[str, Any]:
     """`fluxfarm export` of `dataset` as parquet: its calibration columns, and how many rows cite a calibration
     (issue 22.1: the figures reach the export where a calibration of the level was kept first)."""
@@ -221,7 +236,7 @@ def phase_throughput(farm: Farm) -> None:
     finally:
         worker.stop()
     emit({"phase": "throughput", "first_image_s": first_s, "timeline": timeline(log, started_wall),
-          "first_level": first.quant.value,
+          "start_lines": start_lines(log), "first_level": first.quant.value,
           "steady_s_per_image": steady, **summary(results), "min_bf16_left_queued": left_queued,
           "oom_splits": log.count(OOM_SPLIT), **exported_calibration(farm, "throughput"),
           "compile_cache_published": sorted(p.name for p in COMPILE_CACHE.rglob("*") if p.is_file())})  # fmt: skip
@@ -237,7 +252,7 @@ def phase_warm(farm: Farm) -> None:
         worker.stop()
     loaded = [line for line in log.splitlines() if "compile cache" in line.lower()]
     emit({"phase": "warm", "first_image_s": first_s, "timeline": timeline(log, started_wall),
-          "level": first.quant.value, "cache_lines": loaded[-4:]})  # fmt: skip
+          "level": first.quant.value, "cache_lines": loaded[-4:], "start_lines": start_lines(log)})  # fmt: skip
 
 
 def phase_quality(farm: Farm) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -110,7 +111,14 @@ def test_the_worker_loads_the_model_once(farm: Farm) -> None:
     load_times = [meta["timings"]["load_s"] for meta in stored]
     assert load_times[0] > 0, "the first job a worker renders carries the model load time"
     assert all(value == 0 for value in load_times[1:]), load_times
-    assert farm.worker.log_text().count("model loaded in") == 1
+    log = farm.worker.log_text()
+    assert log.count("model loaded in") == 1
+    # where its time to the first image went, read from its log: before the first line, then the load's phases
+    started = re.search(r"; ([0-9.]+)s after the process started \(device probe ([0-9.]+)s\)", log)
+    assert started is not None and 0 < float(started[1]) < 300, log[:2000]
+    phases = re.search(r"load phases: transformer ([0-9.]+)s, other components ([0-9.]+)s, placed with fast paths "
+                       r"([0-9.]+)s, waiting for weight digests ([0-9.]+)s", log)  # fmt: skip
+    assert phases is not None, log[:3000]
 
 
 def test_the_same_job_twice_is_rendered_once_and_returns_the_stored_result(

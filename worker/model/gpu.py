@@ -41,6 +41,20 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+class PhaseClock:
+    """Seconds per phase, with the GPU drained at each boundary (a phase's queued kernels count in it)."""
+
+    def __init__(self, device: str) -> None:
+        self._device = device
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        synchronize(self._device)
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed
+
+
 def time_calls(run: Callable[[], Any], device: str, repeats: int, warmup: int = 1) -> float:
     """Seconds per call of `run`, after `warmup` calls (allocations, cuDNN plans, compilation)."""
     for _ in range(warmup):

@@ -24,6 +24,7 @@ from fluxfarm.worker.model.catalog import nf4_installed
 from fluxfarm.worker.model.determinism import apply_determinism
 from fluxfarm.worker.model.families import FAMILIES
 from fluxfarm.worker.model.file_digest import DigestCache
+from fluxfarm.worker.model.gpu import PhaseClock
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.plan import VAE_TILE_PX, Placement, Plan
 from fluxfarm.worker.model.reproduction import weight_digests
@@ -170,10 +171,12 @@ def load_model(
         hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-digests")
         digests = hashing.submit(weight_digests, base, transformer_path, DigestCache(settings.cache_dir))
         hashing.shutdown(wait=False)
+        clock, phases = PhaseClock(device), []
         family = MODELS[flux_model].family
         flux_transformer, held = _load_transformer(
             base, transformer_path, dtype, nf4=level == QuantLevel.NF4, family=family
         )
+        phases.append(f"transformer {clock.lap():.2f}s")
         if level == QuantLevel.FP8:
             if held != QuantLevel.BF16.value:
                 raise ModelLoadError(f"fp8 is made from bf16 weights; {transformer} holds {held}")
@@ -183,10 +186,15 @@ def load_model(
             # are not copied back to the host and up again.
             to_scaled_fp8(flux_transformer, dtype, device, keep_on_work_device=True)
             held = QuantLevel.FP8.value
+            phases.append(f"fp8 {clock.lap():.2f}s")
         pipe = FAMILIES[family].pipeline.from_pretrained(base, transformer=flux_transformer, dtype=dtype)
         prepare_text_encoder(pipe.text_encoder, family, text_encoder_precision, dtype, device)
+        phases.append(f"other components {clock.lap():.2f}s")
         fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
+        phases.append(f"placed with fast paths {clock.lap():.2f}s")
         weights_sha256 = digests.result()
+        phases.append(f"waiting for weight digests {clock.lap():.2f}s")
+        log.info("load phases: %s", ", ".join(phases))
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ from fluxfarm.worker.adapters.job_images import JobImage, JobImages
 from fluxfarm.worker.adapters.lora_fuser import LoraFuser
 from fluxfarm.worker.fast.step_graphs import step_graphs
 from fluxfarm.worker.model.families import FAMILIES, Embeddings, flux1_pipeline_over
-from fluxfarm.worker.model.gpu import synchronize
+from fluxfarm.worker.model.gpu import PhaseClock
 from fluxfarm.worker.model.host_mirror import HostMirror
 from fluxfarm.worker.model.pipeline import LoadedModel
 from fluxfarm.worker.render.fault_injection import FaultPlan
@@ -86,20 +85,6 @@ class RenderedImage:
     def png(self) -> bytes:
         """Encoded on first use, by whichever thread asks (the GPU thread never does)."""
         return encode_png(self.image, self.job)
-
-
-class _PhaseClock:
-    """Seconds per phase, with the GPU drained at each boundary."""
-
-    def __init__(self, device: str) -> None:
-        self._device = device
-        self._last = time.perf_counter()
-
-    def lap(self) -> float:
-        synchronize(self._device)
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
-        return elapsed
 
 
 class EmbeddingCache:
@@ -348,7 +333,7 @@ class RenderEngine:
 
     def _render_set(self, jobs: Sequence[RenderJob]) -> list[RenderedImage]:
         loras, fuse_s = self._use_loras(jobs)
-        clock = _PhaseClock(self.model.device)
+        clock = PhaseClock(self.model.device)
         embeddings = self._encode(jobs)
         encode_share = clock.lap() / len(jobs)
         results: dict[int, RenderedImage] = {}
