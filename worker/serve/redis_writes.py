@@ -15,12 +15,13 @@ that meets one goes back to its queue (worker/serve/tasks.py, worker/serve/threa
 
 
 def unless_redis_is_down(action: Callable[[], object], what: str) -> bool:
-    """Run a bookkeeping write; if Redis cannot be reached, or is full (maxmemory, noeviction), log it and
-    go on (False): storage holds the result, and a redelivery finds it there and records it."""
+    """Run a bookkeeping write; if Redis cannot be reached or does not answer in time (REDIS_AWAY), or is full
+    (maxmemory, noeviction), log it and go on (False): storage holds the result, and a redelivery finds it there
+    and records it."""
     try:
         action()
-    except redis.ConnectionError as error:
-        log.warning("%s not written, Redis is unreachable: %s", what, error)
+    except REDIS_AWAY as error:
+        log.warning("%s not written, Redis is unreachable or did not answer: %s", what, error)
     except redis.exceptions.OutOfMemoryError as error:
         log.warning("%s not written, Redis is full: %s", what, error)
     else:
