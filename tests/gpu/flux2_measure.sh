@@ -12,8 +12,9 @@
 #   bash tests/gpu/flux2_measure.sh wait
 # One phase alone, in the foreground: bash tests/gpu/flux2_measure.sh plans|dev|klein. PHASES picks the
 # sequence's phases; KLEIN_BUDGETS, DEV_BUDGETS and DEV_QUALITY_BUDGETS the plans (each may be empty; an 80 GB
-# card: PHASES="plans klein" DEV_BUDGETS=24,48,80 DEV_QUALITY_BUDGETS=). Run 11 left for the next H200 run:
-#   PHASES="plans dev" KLEIN_BUDGETS= DEV_BUDGETS=24 bash tests/gpu/flux2_measure.sh start
+# card: PHASES="plans klein" DEV_BUDGETS=24,48,80 DEV_QUALITY_BUDGETS=). Run 13 left for the next H200 run the
+# bench's 24 GiB row and the 4-bit recipe beside it (the host ran out of memory there in runs 11 and 13):
+#   PHASES=dev bash tests/gpu/flux2_measure.sh start
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 run=${RUN_DIR:-/root/fluxfarm-flux2}

@@ -5,8 +5,9 @@
 # (farm_measure.py: FARM_PHASES, default every phase, throughput first; calibrate before budget12, whose images
 # then cite it). Every call, `start` included, waits up to WAIT_S, packs both run folders' rows and logs into
 # $OUT/rows.tgz (one file, so the device tool's limit of 8 files never drops a log; a call cut short still returns
-# what was there) and prints how far it got. Call `wait` again until it prints "chain finished". On the device,
-# after installing the carried wheels:
+# what was there) and prints how far it got. Call `wait` again until it prints "chain finished". What run 13 left
+# (docs/benchmarks.md), ~15 minutes: PHASES=dev FARM_PHASES="model throughput warm". On the device, after
+# installing the carried wheels:
 #   bash tests/gpu/h200_chain.sh start
 #   bash tests/gpu/h200_chain.sh wait
 set -uo pipefail
@@ -21,17 +22,25 @@ case "${1:-wait}" in
     {
       # The carried wheels install with --no-compile: bytecode now, once, so that no worker's time to its first
       # image pays for compiling diffusers, Celery and botocore (a deployed image has it from pip install).
+      # The machine's own site-packages (torch, transformers, triton) too: with PYTHONDONTWRITEBYTECODE set there,
+      # a package installed without bytecode is compiled again by every process that imports it.
       echo "== bytecode $(date +%T) (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE-unset})"
-      for dir in ${PYTHONPATH//:/ }; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
+      site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
+      # shellcheck disable=SC2086
+      for dir in ${PYTHONPATH//:/ } $site; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
+      # What a worker's imports cost on this machine (its first log line says the total): one line a module.
+      # Without the carried bitsandbytes (.bnb, for the bench's 4-bit recipe only): diffusers imports it when it
+      # is there, ~1.7 s of every worker's start that a worker image (no [baselines] extra) does not pay.
+      farm_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
+      (cd / && PYTHONPATH=$farm_path python3 -X importtime -c "import fluxfarm.cli, fluxfarm.worker.main" \
+        2>"$farm/importtime.log" >/dev/null)
+      echo "== bytecode done $(date +%T)"
       echo "== flux2 $(date +%T)"
       if [ -n "${PHASES-plans dev}" ]; then
         PHASES=${PHASES-plans dev} KLEIN_BUDGETS=${KLEIN_BUDGETS-} DEV_BUDGETS=${DEV_BUDGETS-} \
           RUN_DIR=$flux2 bash "$here/flux2_measure.sh" sequence
       fi
       echo "== farm $(date +%T)"
-      # Without the carried bitsandbytes (.bnb, for the bench's 4-bit recipe only): diffusers imports it when it
-      # is there, ~1.7 s of every worker's start that a worker image (no [baselines] extra) does not pay.
-      farm_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
       # shellcheck disable=SC2086
       PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
         ${FARM_PHASES-model throughput warm quality calibrate budget12 rerender} >"$farm/farm.log" 2>&1
