@@ -147,7 +147,6 @@ def make_celery_app(settings: FarmSettings, name: str = "fluxfarm") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_transport=TRANSPORT,
         broker_transport_options=_transport_options(settings),
         broker_use_ssl=tls_options(settings.broker_url, settings.tls_ca_file),

@@ -13,6 +13,7 @@ last, so the fleet sees the worker until it does nothing; the batcher closes aft
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import NoReturn, Protocol
@@ -20,6 +21,7 @@ from typing import NoReturn, Protocol
 import redis
 import torch
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer
 
 from fluxfarm.shared.celery_app import lease_renew_interval_s
@@ -48,6 +50,10 @@ from fluxfarm.worker.serve.result_store import ResultStore
 from fluxfarm.worker.serve.retry_policy import SEND_DUE_INTERVAL_S, DelayedRetries, RetryPolicy
 from fluxfarm.worker.serve.tasks import register_render_task
 from fluxfarm.worker.serve.thread_pool import POOL
+
+_CANCEL_NOTICE = r"\s*In Celery 5\.1 we introduced an optional breaking change"
+"""The start of the notice Celery warns with, at each lost connection, where the cancelling is off: it is off on
+purpose here (WorkerRuntime.__init__), so the notice is noise in a worker's log."""
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +159,9 @@ class WorkerRuntime:
         in_flight = InFlight()
         register_render_task(app, self.runner, in_flight)
         app.conf.worker_pool = POOL  # threads; `celery worker` takes it when no --pool is given
+        # A lost connection leaves the renders in flight running: a thread cannot be cancelled (Celery would log a
+        # traceback a job trying), and each render finishes and stores its image, which its redelivery then finds.
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = False
 
         def resend(sent: SentJob) -> None:
             job = parse_job(sent.job)
@@ -199,6 +208,8 @@ class WorkerRuntime:
     def consumer_ready(self, consumer: Consumer) -> None:
         if self._consumer is None:
             self._consumer = consumer
+            # Here, not before: Celery's logging setup puts its "always" filter for this category first.
+            warnings.filterwarnings("ignore", message=_CANCEL_NOTICE, category=CPendingDeprecationWarning)
             self.duties.start("fluxfarm-tenant-queues")
             if self._settings.lora_jobs:  # queue changes go through the consumer: none before it runs
                 self.duties.start("fluxfarm-lora-queues")
