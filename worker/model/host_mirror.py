@@ -64,6 +64,16 @@ def packed_host_copies(tensors: list[torch.Tensor], pin: bool) -> list[torch.Ten
     return copies
 
 
+def release_pinned_cache() -> None:
+    """Give the pinned host memory PyTorch keeps cached after its tensors are freed back to the system. A worker
+    reuses it (its next load's slabs are the same sizes); a process that pinned copies for one configuration and
+    then runs another that pins none (the bench's 4-bit recipe after a swapping plan: ~35 GiB for FLUX.2 [dev])
+    would otherwise hold it for nothing."""
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available():
+        empty()
+
+
 class HostMirror:
     """A pinned host copy of `module`'s parameters and buffers, and the two moves that use it."""
 

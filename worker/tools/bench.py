@@ -46,6 +46,7 @@ from fluxfarm.worker.model.flux_arch import (
     meta_transformer,
 )
 from fluxfarm.worker.model.gpu import memory_cap, synchronize, time_calls
+from fluxfarm.worker.model.host_mirror import release_pinned_cache
 from fluxfarm.worker.model.pipeline import LoadedModel, place_pipeline, ready_pipeline
 from fluxfarm.worker.model.plan import PlanInputs, make_plan
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
@@ -72,6 +73,7 @@ def _free(device: str) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+        release_pinned_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
