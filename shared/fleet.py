@@ -49,7 +49,10 @@ class WorkerStatus(BaseModel):
     images_rendered: int = 0
     """Rendered and stored by this worker (jobs_done also counts jobs found already stored)."""
     images_per_hour: float | None = None
-    """Rendered over the last few minutes (shared.rates); None before the first image."""
+    """Rendered over the last few minutes (shared.rates), idle time included; None before the first image."""
+    busy_images_per_hour: float | None = None
+    """The same renders over the GPU seconds they took: what the card sustains while fed (the fleet planner's live
+    rate); None before the first image, and from workers older than this field."""
     current_job: str | None = None
     compute_capability: str | None = None
     """CUDA compute capability (`8.6`, `9.0`); None on a CPU worker."""

@@ -125,9 +125,9 @@ def test_submit_an_img2img_job_with_its_image_and_strength(farm: Farm, tmp_path:
 
 def test_a_fleet_plan_on_the_live_farm_uses_the_workers_measured_rate(farm: Farm, tmp_path: Path) -> None:
     """Issue 21, point 4, acceptance 4: `fluxfarm plan FILE --fleet live` takes the live worker's own
-    images/hour, the rate it measured over its last minutes and publishes in its heartbeat (the plan's
-    lies between the beats read just before and just after it), and the ETA is the file's jobs at that
-    rate."""
+    images/hour while rendering, the rate it measured over its last minutes and publishes in its heartbeat
+    (the plan's lies between the beats read just before and just after it), and the ETA is the file's jobs at
+    that rate. Idle time does not lower it: the worker sits idle while the plan is made."""
     job = ["--width", "256", "--height", "256", "--steps", "2", "--dataset", "cli-fleet-live"]
     batch = tmp_path / "batch.txt"
     batch.write_text("".join(f"a lantern, take {i}\n" for i in range(6)))
@@ -136,9 +136,11 @@ def test_a_fleet_plan_on_the_live_farm_uses_the_workers_measured_rate(farm: Farm
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a lighthouse at dawn, study {i}\n" for i in range(10_000)))
     client = redis.Redis.from_url(farm.settings.broker_url)
-    before = {w.node: w.images_per_hour for w in fleet_report(client).workers}
+    before = {w.node: w.busy_images_per_hour for w in fleet_report(client).workers}
     planned = _fluxfarm(farm, "plan", str(prompts), "--fleet", "live", "--json")
-    after = {w.node: w.images_per_hour for w in fleet_report(client).workers}
+    report = fleet_report(client)
+    after = {w.node: w.busy_images_per_hour for w in report.workers}
+    (idle_rate,) = [w.images_per_hour for w in report.workers]
     assert planned.returncode == 0, planned.stderr
     plan = json.loads(planned.stdout)
     (row,) = plan["classes"]
@@ -147,4 +149,5 @@ def test_a_fleet_plan_on_the_live_farm_uses_the_workers_measured_rate(farm: Farm
     low, high = sorted((rate_before, rate_after))
     assert low <= row["images_per_hour"] <= high, (rate_before, row["images_per_hour"], rate_after)
     assert row["images_per_hour"] > 0
+    assert idle_rate is not None and idle_rate < row["images_per_hour"], "the idle-inclusive rate is the lower"
     assert plan["eta_hours"] == pytest.approx(10_000 / row["images_per_hour"])

@@ -71,16 +71,29 @@ class RunnerStats:
     """Jobs this worker rendered and stored (jobs_done also counts those it found already stored)."""
     current_job: str | None = None
     """The job most recently started (a worker may hold several at once)."""
-    rendered_at: deque[float] = field(default_factory=lambda: deque(maxlen=10_000), repr=False)
-    """time.monotonic() of each recent render (not of jobs found already stored)."""
+    rendered_at: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=10_000), repr=False)
+    """(time.monotonic(), GPU seconds) of each recent render (not of jobs found already stored); the GPU seconds
+    are the job's share of its batch's encode and denoise, its decode and its adapter work."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def images_per_hour(self) -> float | None:
-        """This worker's render rate over the last RATE_WINDOW_S (None before its first image)."""
+    def _recent(self) -> tuple[list[tuple[float, float]], float]:
         now = time.monotonic()
         with self.lock:
-            recent = [t for t in self.rendered_at if t >= now - RATE_WINDOW_S]
-        return per_hour(len(recent), recent[0], now) if recent else None
+            return [r for r in self.rendered_at if r[0] >= now - RATE_WINDOW_S], now
+
+    def images_per_hour(self) -> float | None:
+        """This worker's render rate over the last RATE_WINDOW_S, idle time included, so that it falls when the
+        worker stalls or runs dry (None before its first image)."""
+        recent, now = self._recent()
+        return per_hour(len(recent), recent[0][0], now) if recent else None
+
+    def busy_images_per_hour(self) -> float | None:
+        """The rate while rendering: the last RATE_WINDOW_S's renders over the GPU seconds they took, so idle time
+        (a short run, a queue that ran dry) does not lower what the card is shown to sustain (None before its
+        first image)."""
+        recent, _ = self._recent()
+        busy_s = sum(gpu_s for _, gpu_s in recent)
+        return len(recent) / busy_s * 3600 if busy_s > 0 else None
 
 
 class JobRunner:
@@ -217,11 +230,12 @@ class JobRunner:
             reason = _failure_reason(error, self._batcher.engine.model.level)
             number = attempt[0] if attempt else self._retries.started(job) + 1
             self._retries.failed(job, number, reason, input_error=isinstance(error, JobInputError))
+        gpu_s = gpu_seconds(result.timings)
         with self.stats.lock:
-            self.stats.rendered_at.append(time.monotonic())
+            self.stats.rendered_at.append((time.monotonic(), gpu_s))
             self.stats.images_rendered += 1
         self._metrics.job_rendered(result)
-        self._mark_done(job, result.quant, gpu_seconds(result.timings))
+        self._mark_done(job, result.quant, gpu_s)
         return result
 
     def _render_and_store(

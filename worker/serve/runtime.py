@@ -264,6 +264,7 @@ class WorkerRuntime:
             jobs_failed=stats.jobs_failed,
             images_rendered=stats.images_rendered,
             images_per_hour=stats.images_per_hour(),
+            busy_images_per_hour=stats.busy_images_per_hour(),
             current_job=stats.current_job,
             compute_capability=self._capability,
             vram_budget_gib=self._settings.vram_budget_gib,

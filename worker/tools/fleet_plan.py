@@ -6,7 +6,9 @@ is never invented:
 - a fleet file's class takes the `images_per_hour` it gives, else the measured table below (whole
   images through the worker's engine, full-size random FLUX.1-dev, 1024², 28 steps, docs/benchmarks.md);
   a class with neither is listed without a rate and left out of the ETA, which says so;
-- the live fleet takes each worker's own images/hour over its last minutes (its heartbeat).
+- the live fleet takes each worker's own images/hour while rendering, over its last minutes (its heartbeat:
+  its renders over the GPU seconds they took, so a worker that finished a short run and sits idle is not
+  shown slower than it is).
 Table rates count a job as `steps / 28 * pixels / 1024²` images of the table's kind; live rates were
 measured on whatever the workers rendered, so a job counts as one image.
 
@@ -171,7 +173,8 @@ def _live_classes(settings: ProducerSettings, model: FluxModel, prices: dict[str
     groups: dict[tuple[str, str], list[float | None]] = {}
     for worker in read_fleet(settings).workers:
         if worker.flux_model == model:
-            groups.setdefault((worker.gpu_name or "cpu", worker.level.value), []).append(worker.images_per_hour)
+            rate = worker.busy_images_per_hour or worker.images_per_hour  # an older worker sends only the latter
+            groups.setdefault((worker.gpu_name or "cpu", worker.level.value), []).append(rate)
     rows = []
     for (name, level), rates in sorted(groups.items()):
         known = [rate for rate in rates if rate]
@@ -184,7 +187,8 @@ def _live_classes(settings: ProducerSettings, model: FluxModel, prices: dict[str
                 text_encoders=None,
                 images_per_hour_per_card=total / len(known) if total else None,
                 images_per_hour=total,
-                rate_source=f"live: {len(known)} of {len(rates)} workers report a rate over their last minutes",
+                rate_source=f"live: {len(known)} of {len(rates)} workers report their rate while rendering, over their "
+                "last minutes",
                 price_per_hour=prices.get(name),
             )
         )
