@@ -8,7 +8,6 @@ diffusers baselines too: they run the same encoder, so a baseline's encode costs
 
 from __future__ import annotations
 
-import copy
 import functools
 import gc
 from collections import OrderedDict
@@ -57,7 +56,8 @@ class FluxParts:
     may be left out (`release_bf16_encoder`) and drawn again when asked for."""
     device: str
     draw_encoder: Callable[[], torch.nn.Module] | None = None
-    """FLUX.2's bf16 text encoder drawn anew (same seed, same weights), on the host; None: it is never released."""
+    """FLUX.2's bf16 text encoder drawn anew on the device (same seed, same weights): what its other precisions are
+    made from, so no host copy of FLUX.2 [dev]'s 32 GiB is ever made for them; None for FLUX.1."""
     states: OrderedDict[QuantLevel, dict[str, torch.Tensor]] = field(default_factory=OrderedDict)
     encoders: dict[EncoderPrecision, torch.nn.Module] = field(default_factory=dict)
 
@@ -93,17 +93,18 @@ class FluxParts:
         return self.weights.transformer(level, device, self.state(level, device))
 
     def text_encoder(self, precision: EncoderPrecision) -> torch.nn.Module:
-        """FLUX.2's encoder at `precision`: bf16 as drawn (again, if it was released), others a copy made once
-        from it in the worker's format, quantized on the device (on the host FLUX.2 [dev]'s 17B parameters take
-        minutes). Call it before a memory cap: both are made on the device."""
-        if "text_encoder" not in self.components:
-            assert self.draw_encoder is not None, "released only where it can be drawn again"
-            self.components["text_encoder"] = self.draw_encoder()
+        """FLUX.2's encoder at `precision`, on the host: bf16 as drawn (again, if it was released), others made
+        once from a fresh draw on the device, in the worker's format (on the host FLUX.2 [dev]'s 17B parameters
+        take minutes; a host copy of its bf16 encoder to quantize is 32 GiB more, and the host ran out of memory
+        with one, runs 11 and 13). Call it before a memory cap: both are drawn on the device."""
+        assert self.draw_encoder is not None, "FLUX.2's encoders only"
         if precision == "bf16":
+            if "text_encoder" not in self.components:
+                self.components["text_encoder"] = self.draw_encoder().cpu()
             return self.components["text_encoder"]
         if precision not in self.encoders:
-            encoder = copy.deepcopy(self.components["text_encoder"]).to(self.device)
-            self.encoders[precision] = prepare_text_encoder(encoder, self.family, precision, self.dtype).cpu()
+            drawn = self.draw_encoder()
+            self.encoders[precision] = prepare_text_encoder(drawn, self.family, precision, self.dtype).cpu()
         return self.encoders[precision]
 
     def release_bf16_encoder(self) -> None:
@@ -129,18 +130,15 @@ class FluxParts:
 
     def four_bit_pipeline(self) -> Any:
         """The pipeline with bitsandbytes NF4 copies of the transformer and the text encoder, on the host
-        (worker/tools/bnb_nf4.py). The quantized copies kept for other runs go first, and the bf16 encoder is
-        quantized itself where it can be drawn again, not copied: FLUX.2 [dev]'s needs that host memory."""
+        (worker/tools/bnb_nf4.py), both quantized from fresh draws on the device. The quantized copies kept for
+        other runs and the bf16 encoder go first: FLUX.2 [dev]'s need that host memory."""
+        assert self.draw_encoder is not None, "FLUX.2's recipe only"
         self.states.clear()
         self.encoders.clear()
+        self.release_bf16_encoder()
         gc.collect()
         transformer = to_bnb_nf4(self.transformer(QuantLevel.BF16, self.device), self.device, self.dtype).cpu()
-        encoder = self.text_encoder("bf16")
-        if self.draw_encoder is None:
-            encoder = copy.deepcopy(encoder)
-        else:
-            self.release_bf16_encoder()
-        encoder = to_bnb_nf4(encoder, self.device, self.dtype).cpu()
+        encoder = to_bnb_nf4(self.draw_encoder(), self.device, self.dtype).cpu()
         return self.pipeline(transformer, text_encoder=encoder)
 
 
@@ -156,13 +154,14 @@ ENCODER_SEED = 0
 
 
 def full_size_encoder(model: FluxModel, device: str, dtype: torch.dtype, trimmed: bool = True) -> torch.nn.Module:
-    """FLUX.2's text encoder, random and full size, drawn on `device` from ENCODER_SEED and kept on the host."""
+    """FLUX.2's text encoder, random and full size, drawn on `device` from ENCODER_SEED and left there."""
     torch.manual_seed(ENCODER_SEED)
-    return random_text_encoder(model, device, dtype, trimmed).cpu()
+    return random_text_encoder(model, device, dtype, trimmed)
 
 
 def tiny_encoder(model: FluxModel, dtype: torch.dtype) -> torch.nn.Module:
-    """The text encoder of `model`'s tiny pipeline (the same weights each call), as a worker keeps it."""
+    """The text encoder of `model`'s tiny pipeline (the same weights each call), as a worker keeps it, on the
+    host (the tiny pipelines' device)."""
     encoder = build_tiny(model).text_encoder.to(dtype)
     return prepare_text_encoder(encoder, MODELS[model].family, "bf16", dtype)
 
@@ -179,7 +178,7 @@ def full_size_components(model: FluxModel, device: str, dtype: torch.dtype, trim
             "tokenizer_2": t5_tokenizer(),
         }
     tokenizer = mistral_tokenizer() if model == FluxModel.FLUX_2_DEV else qwen_tokenizer()
-    encoder = full_size_encoder(model, device, dtype, trimmed)
+    encoder = full_size_encoder(model, device, dtype, trimmed).cpu()
     return {"vae": random_flux2_vae(device, dtype).cpu(), "text_encoder": encoder, "tokenizer": tokenizer}
 
 

@@ -3,11 +3,13 @@ agreement with bf16 and the ratios table (the full-size run needs a GPU; docs/be
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 
+from fluxfarm.worker.model.text_encoders import prepare_text_encoder
 from fluxfarm.worker.tools.bench_parts import build_parts
 from tests.conftest import run_fluxfarm
 
@@ -119,12 +121,24 @@ def test_a_released_flux2_encoder_is_drawn_again_with_the_same_weights(tmp_path:
     reference images were made with, or every later agreement figure compares different models."""
     parts = build_parts("flux.2-klein-4b", "cpu", tmp_path, tiny=True)
     before = {name: t.clone() for name, t in parts.text_encoder("bf16").state_dict().items()}
-    parts.text_encoder("fp8")
+    # the fp8 encoder is made from a fresh draw, not a copy of the kept bf16 one: the same weights either way
+    from_copy = prepare_text_encoder(copy.deepcopy(parts.text_encoder("bf16")), parts.family, "fp8", parts.dtype)
+    from_draw = parts.text_encoder("fp8").state_dict()
+    assert from_draw.keys() == from_copy.state_dict().keys()
+    assert all(_same(from_draw[name], tensor) for name, tensor in from_copy.state_dict().items())
     parts.release_bf16_encoder()
     assert "text_encoder" not in parts.components
     redrawn = parts.pipeline(None).text_encoder.state_dict()
     assert redrawn.keys() == before.keys()
     assert all(torch.equal(redrawn[name], tensor) for name, tensor in before.items())
     flux1 = build_parts("tiny", "cpu", tmp_path / "flux1")
+    assert flux1.draw_encoder is None
     flux1.release_bf16_encoder()
     assert "text_encoder" in flux1.components, "FLUX.1's encoders are never dropped"
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, fp8 included (compared as bytes: CPU torch has no fp8 equality)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.element_size() == 1 else torch.equal(a, b)
