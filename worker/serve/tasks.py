@@ -35,4 +35,5 @@ def register_render_task(app: Celery, runner: JobRunner, in_flight: InFlight) ->
         except REDIS_AWAY as error:
             # Redis went away during the job (a restart): nothing about it can be recorded, so it is no failure.
             # Its message goes back; with Redis still away it stays unacknowledged and returns after its lease.
-            raise Reject(f"Redis unreachable: {error}", requeue=True) from error
+            # Its reason is the whole story: without the redis-py traceback, which Celery would log a job.
+            raise Reject(f"Redis unreachable: {error}", requeue=True) from None
