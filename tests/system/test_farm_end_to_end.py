@@ -119,6 +119,9 @@ def test_the_worker_loads_the_model_once(farm: Farm) -> None:
     phases = re.search(r"load phases: transformer ([0-9.]+)s, other components ([0-9.]+)s, placed with fast paths "
                        r"([0-9.]+)s, waiting for weight digests ([0-9.]+)s", log)  # fmt: skip
     assert phases is not None, log[:3000]
+    first_batch = re.search(r"first batch: compiling ([0-9.]+)s \(tracing ([0-9.]+)s\), step graphs: eager calls "
+                            r"before capture ([0-9.]+)s \(compiling included\), capture ([0-9.]+)s", log)  # fmt: skip
+    assert first_batch is not None and log.count("first batch:") == 1, log[-3000:]
 
 
 def test_the_same_job_twice_is_rendered_once_and_returns_the_stored_result(

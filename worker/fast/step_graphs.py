@@ -15,6 +15,7 @@ replaying stale pointers if something moved them anyway.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -47,6 +48,10 @@ class StepGraphs:
         self._weights_at: tuple[int, ...] = ()
         self.captures = 0
         self.replays = 0
+        self.warmup_s = 0.0
+        """Seconds in the eager calls before each capture (where a compiled block's first call compiles)."""
+        self.capture_s = 0.0
+        """Seconds capturing graphs."""
 
     def install(self) -> StepGraphs:
         self.module.forward = self  # instance attribute: nn.Module.__call__ now lands here
@@ -107,12 +112,16 @@ class StepGraphs:
     def _capture(self, key: Hashable, kwargs: dict[str, Any]) -> _Captured | None:
         static = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()}
         warmups = 1 if key in self._warmed else 2  # the first calls compile, autotune and plan
+        started = time.perf_counter()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmups):
                 self._forward(**static)
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.warmup_s += time.perf_counter() - started
+        started = time.perf_counter()
         self._warmed.add(key)
         while len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
@@ -127,6 +136,7 @@ class StepGraphs:
             self._uncapturable.add(key)
             return None
         self.captures += 1
+        self.capture_s += time.perf_counter() - started
         inputs = {n: v for n, v in static.items() if isinstance(v, torch.Tensor)}
         self._graphs[key] = captured = _Captured(graph, inputs, output)
         return captured

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+import torch._dynamo.utils
 from pydantic import ValidationError
 
 from fluxfarm.shared.jobs import RenderJob
@@ -21,6 +23,7 @@ from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.storage import open_store_url
 from fluxfarm.shared.units import MIB
 from fluxfarm.worker.fast.compile_cache import CompileCacheKey, SharedCompileCache
+from fluxfarm.worker.fast.step_graphs import step_graphs
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.settings import WorkerSettings
 
@@ -29,6 +32,20 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 2
 """Steps of a warm-up render: each shape's blocks compile and its step graph is captured on the first ones."""
 FIRST_USE = ("first-use",)
+
+
+def first_batch_costs(engine: RenderEngine) -> str:
+    """The one-off costs in a worker's first batches so far: torch.compile's (Dynamo's own counters: its tracing,
+    and all of it with the backend, from the shared artifacts or not) and the step graphs' (eager calls before
+    each capture, then the captures)."""
+    metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
+    compiling, tracing = sum(metrics.get("_compile.compile_inner", [])), sum(metrics.get("bytecode_tracing", []))
+    graphs = step_graphs(engine.model.pipe.transformer)
+    warmup_s, capture_s = (graphs.warmup_s, graphs.capture_s) if graphs is not None else (0.0, 0.0)
+    return (
+        f"compiling {compiling:.2f}s (tracing {tracing:.2f}s), step graphs: eager calls before capture "
+        f"{warmup_s:.2f}s (compiling included), capture {capture_s:.2f}s"
+    )
 
 
 class WarmStart:
@@ -46,6 +63,8 @@ class WarmStart:
             )
         self._unpublished: CompileCacheKey | None = None
         """first-use: the key this worker publishes under after its first rendered batch."""
+        self._first_batch_of: RenderEngine | None = None
+        """The engine whose first batch is still to be accounted for in the log."""
 
     def shapes(self, engine: RenderEngine) -> list[tuple[int, int, int]]:
         """(width, height, batch) of every job group the engine can be handed at the warm-up sizes."""
@@ -60,6 +79,7 @@ class WarmStart:
     def prepare(self, engine: RenderEngine) -> None:
         """Before the engine's first job: load the shared artifacts, then warm up (before-jobs)."""
         started = time.perf_counter()
+        self._first_batch_of = engine
         before_jobs = self._settings.warmup == "before-jobs"
         shapes = self.shapes(engine) if before_jobs else []
         key = None
@@ -83,7 +103,11 @@ class WarmStart:
         log.info("warm start ready in %.1fs", time.perf_counter() - started)
 
     def after_batch(self) -> None:
-        """first-use: publish once, after the first batch has compiled its shape."""
+        """first-use: publish once, after the first batch has compiled its shape. Either way, say once where the
+        first batch's time beyond rendering went: compiling, and the step graphs' warm-up and capture."""
+        if (engine := self._first_batch_of) is not None:
+            self._first_batch_of = None
+            log.info("first batch: %s", first_batch_costs(engine))
         if self._unpublished is not None and self._cache is not None:
             key, self._unpublished = self._unpublished, None
             self._cache.publish(key)
