@@ -6,13 +6,14 @@ real redis-server with the compose file's ACL users (infra/redis/start.sh) and a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,18 @@ def _get(url: str) -> Any:
         return json.loads(response.read())
 
 
+def _poll(url: str, done: Callable[[Any], bool], timeout_s: float = 90.0) -> Any:
+    """GET `url` (JSON) every second until `done` says so of the answer or `timeout_s` passes; the last answer."""
+    deadline, found = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            found = _get(url)
+        if done(found):
+            break
+        time.sleep(1)
+    return found
+
+
 def test_flower_as_compose_runs_it_lists_the_worker_and_the_finished_job(
     acl_redis: AclRedis,
     farm_settings: HostSettings,
@@ -117,23 +130,18 @@ def test_flower_as_compose_runs_it_lists_the_worker_and_the_finished_job(
     with log.open("w") as out:
         flower = subprocess.Popen([CELERY, *command[1:]], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+        # Flower learns of tasks from the events it receives once it is up: the job goes after Flower answers
+        # (under load its start took longer than the job, whose events it then never saw).
+        workers = _poll(f"http://127.0.0.1:{port}/api/workers?refresh=1", lambda found: f"celery@{NODE}" in found)
+        assert f"celery@{NODE}" in workers, log.read_text()[-3000:]
         with FarmClient(farm_settings) as client:
             handle = client.submit({"prompt": "seen by flower", "width": 256, "height": 256, "steps": 2})
             handle.result(TIMEOUT_S)
-        deadline, workers, tasks = time.monotonic() + 90, {}, {}
-        while time.monotonic() < deadline:
-            try:
-                workers = _get(f"http://127.0.0.1:{port}/api/workers?refresh=1")
-                tasks = _get(f"http://127.0.0.1:{port}/api/tasks")
-            except OSError:
-                pass
-            if f"celery@{NODE}" in workers and task_id(handle.job.dataset, handle.job_id) in tasks:
-                break
-            time.sleep(1)
-        assert f"celery@{NODE}" in workers, log.read_text()[-3000:]
+        job = task_id(handle.job.dataset, handle.job_id)  # its started and succeeded events come one by one
+        tasks = _poll(f"http://127.0.0.1:{port}/api/tasks", lambda found: found.get(job, {}).get("state") == "SUCCESS")
         active = {queue["name"] for queue in workers[f"celery@{NODE}"]["active_queues"]}
         assert QUEUE_ANY in active
-        assert tasks[task_id(handle.job.dataset, handle.job_id)]["state"] == "SUCCESS"
+        assert tasks[job]["state"] == "SUCCESS", tasks.get(job)
     finally:
         flower.terminate()
         flower.wait(timeout=30)
