@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 import torch._dynamo.utils
 from pydantic import ValidationError
 
