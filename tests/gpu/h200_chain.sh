@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The H200 measurements still open, chained in one process session so that no call has to start the next part
-# inside the machine's 30 s warm window: issue 20's FLUX.2 runs (flux2_measure.sh: PHASES, default "plans dev": the
-# quality-first plans (run 12 measured 24 GiB on an H100) and the bench), then the farm of issues 21 and 22
-# (farm_measure.py: FARM_PHASES, default every phase, throughput first; calibrate before budget12, whose images
-# then cite it). Every call, `start` included, waits up to WAIT_S, packs both run folders' rows and logs into
-# $OUT/rows.tgz (one file, so the device tool's limit of 8 files never drops a log; a call cut short still returns
-# what was there) and prints how far it got. Call `wait` again until it prints "chain finished". What run 13 left
-# (docs/benchmarks.md), ~15 minutes: PHASES=dev FARM_PHASES="model throughput warm". On the device, after
-# installing the carried wheels:
+# inside the machine's 30 s warm window: the farm of issues 21 and 22 (farm_measure.py: FARM_PHASES, default every
+# phase, throughput first; calibrate before budget12, whose images then cite it), then issue 20's FLUX.2 runs
+# (flux2_measure.sh: PHASES, default "plans dev": the quality-first plans and the bench). The farm comes first: its
+# short phases give the warm-start figure even when the session's device time ends inside the long FLUX.2 bench.
+# Every call, `start` included, waits up to WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one
+# file, so the device tool's limit of 8 files never drops a log; a call cut short still returns what was there) and
+# prints how far it got. Call `wait` again until it prints "chain finished". What run 13 left (docs/benchmarks.md),
+# ~12 minutes: FARM_PHASES="model throughput warm" PHASES=dev DEV_STEP_LEVELS= DEV_IMAGE_LEVELS=. On the device,
+# after installing the carried wheels:
 #   bash tests/gpu/h200_chain.sh start
 #   bash tests/gpu/h200_chain.sh wait
 set -uo pipefail
@@ -35,15 +36,15 @@ case "${1:-wait}" in
       (cd / && PYTHONPATH=$farm_path python3 -X importtime -c "import fluxfarm.cli, fluxfarm.worker.main" \
         2>"$farm/importtime.log" >/dev/null)
       echo "== bytecode done $(date +%T)"
+      echo "== farm $(date +%T)"
+      # shellcheck disable=SC2086
+      PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
+        ${FARM_PHASES-model throughput warm quality calibrate budget12 rerender} >"$farm/farm.log" 2>&1
       echo "== flux2 $(date +%T)"
       if [ -n "${PHASES-plans dev}" ]; then
         PHASES=${PHASES-plans dev} KLEIN_BUDGETS=${KLEIN_BUDGETS-} DEV_BUDGETS=${DEV_BUDGETS-} \
           RUN_DIR=$flux2 bash "$here/flux2_measure.sh" sequence
       fi
-      echo "== farm $(date +%T)"
-      # shellcheck disable=SC2086
-      PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
-        ${FARM_PHASES-model throughput warm quality calibrate budget12 rerender} >"$farm/farm.log" 2>&1
       echo "chain finished $(date +%T)"
     } >"$farm/chain.log" 2>&1
     exit

@@ -119,8 +119,8 @@ def test_the_worker_loads_the_model_once(farm: Farm) -> None:
     phases = re.search(r"load phases: transformer ([0-9.]+)s, other components ([0-9.]+)s, placed with fast paths "
                        r"([0-9.]+)s, waiting for weight digests ([0-9.]+)s", log)  # fmt: skip
     assert phases is not None, log[:3000]
-    first_batch = re.search(r"first batch: compiling ([0-9.]+)s \(tracing ([0-9.]+)s\), step graphs: eager calls "
-                            r"before capture ([0-9.]+)s \(compiling included\), capture ([0-9.]+)s", log)  # fmt: skip
+    # on a CPU nothing compiles and no step graphs are installed (CUDA only): the line says so
+    first_batch = re.search(r"first batch: compiling ([0-9.]+)s \(tracing ([0-9.]+)s\), no step graphs", log)
     assert first_batch is not None and log.count("first batch:") == 1, log[-3000:]
 
 

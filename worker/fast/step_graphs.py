@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -52,6 +52,8 @@ class StepGraphs:
         """Seconds in the eager calls before each capture (where a compiled block's first call compiles)."""
         self.capture_s = 0.0
         """Seconds capturing graphs."""
+        self.eager: Counter[str] = Counter()
+        """Calls run eagerly, by why: a worker whose steps never replay says so instead of running slower unseen."""
 
     def install(self) -> StepGraphs:
         self.module.forward = self  # instance attribute: nn.Module.__call__ now lands here
@@ -73,25 +75,30 @@ class StepGraphs:
         return () if first is None else (first.data_ptr(),)
 
     @staticmethod
-    def _signature(kwargs: dict[str, Any]) -> Hashable | None:
-        """Shapes and dtypes of tensor arguments plus the plain values of the others; None when an
+    def _signature(kwargs: dict[str, Any]) -> tuple[Hashable | None, str]:
+        """Shapes and dtypes of tensor arguments plus the plain values of the others; None, and why, when an
         argument is neither (the call then runs eagerly)."""
         parts = []
         for name in sorted(kwargs):
             value = kwargs[name]
             if isinstance(value, torch.Tensor):
                 if value.device.type != "cuda":
-                    return None
+                    return None, f"{name} off the GPU"
                 parts.append((name, tuple(value.shape), value.dtype, value.device))
             elif value is None or isinstance(value, bool | int | float | str):
                 parts.append((name, value))
             else:
-                return None
-        return tuple(parts)
+                return None, f"{name} a {type(value).__name__}"
+        return tuple(parts), ""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = None if args else self._signature(kwargs)
-        if key is None or key in self._uncapturable or torch.is_grad_enabled():
+        key, why = (None, "positional arguments") if args else self._signature(kwargs)
+        if key is not None and key in self._uncapturable:
+            key, why = None, "not capturable"
+        elif key is not None and torch.is_grad_enabled():
+            key, why = None, "gradients on"
+        if key is None:
+            self.eager[why] += 1
             return self._forward(*args, **kwargs)
         addresses = self._weight_addresses()
         if addresses != self._weights_at:
@@ -101,6 +108,7 @@ class StepGraphs:
         if captured is None:
             captured = self._capture(key, kwargs)
             if captured is None:
+                self.eager["not capturable"] += 1
                 return self._forward(**kwargs)
         self._graphs.move_to_end(key)
         for name, static in captured.inputs.items():

@@ -36,14 +36,17 @@ FIRST_USE = ("first-use",)
 def first_batch_costs(engine: RenderEngine) -> str:
     """The one-off costs in a worker's first batches so far: torch.compile's (Dynamo's own counters: its tracing,
     and all of it with the backend, from the shared artifacts or not) and the step graphs' (eager calls before
-    each capture, then the captures)."""
+    each capture, then the captures), with the steps that ran eagerly and why (on a CPU: every step)."""
     metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
     compiling, tracing = sum(metrics.get("_compile.compile_inner", [])), sum(metrics.get("bytecode_tracing", []))
     graphs = step_graphs(engine.model.pipe.transformer)
-    warmup_s, capture_s = (graphs.warmup_s, graphs.capture_s) if graphs is not None else (0.0, 0.0)
+    if graphs is None:
+        return f"compiling {compiling:.2f}s (tracing {tracing:.2f}s), no step graphs"
+    eager = ", ".join(f"{why} {count}" for why, count in graphs.eager.most_common()) or "none"
     return (
         f"compiling {compiling:.2f}s (tracing {tracing:.2f}s), step graphs: eager calls before capture "
-        f"{warmup_s:.2f}s (compiling included), capture {capture_s:.2f}s"
+        f"{graphs.warmup_s:.2f}s (compiling included), capture {graphs.capture_s:.2f}s, {graphs.captures} captured, "
+        f"{graphs.replays} replays, steps run eagerly: {eager}"
     )
 
 

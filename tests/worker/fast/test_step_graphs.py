@@ -24,6 +24,10 @@ def test_on_a_cpu_steps_run_eagerly_and_uninstall_restores_forward(tiny_model) -
         assert use_step_graphs(model) is graphs and step_graphs(model) is graphs
         got = model(**inputs)[0]
     assert torch.equal(got, want) and graphs.captures == 0 and graphs.replays == 0
+    assert graphs.eager == {"encoder_hidden_states off the GPU": 1}  # the first tensor argument, by name
+    with torch.inference_mode():
+        model(inputs["hidden_states"], **{k: v for k, v in inputs.items() if k != "hidden_states"})
+    assert graphs.eager["positional arguments"] == 1
     graphs.uninstall()
     assert step_graphs(model) is None
 
@@ -38,7 +42,7 @@ def test_replayed_steps_equal_eager_ones_and_survive_a_weight_move(tiny_model) -
         want = [model(**first)[0], model(**second)[0]]
         graphs = use_step_graphs(model)
         got = [model(**first)[0], model(**second)[0]]
-        assert graphs.captures == 1 and graphs.replays == 2
+        assert graphs.captures == 1 and graphs.replays == 2 and not graphs.eager
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         mirror = HostMirror(model)
