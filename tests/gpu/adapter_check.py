@@ -21,7 +21,7 @@ from PIL import Image
 from fluxfarm.shared.jobs import parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.worker.model.pipeline import LoadedModel, load_model
+from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, load_model
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
@@ -50,7 +50,8 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         info = ModelInfo(id="reference", transformer="reference", transformer_sha256="0" * 64)
         reference = RenderEngine(
-            LoadedModel(pipe=pipe, info=info, level=QuantLevel.BF16, device="cuda"), settings=settings
+            LoadedModel(pipe=pipe, weights=LoadedWeights.known(info), level=QuantLevel.BF16, device="cuda"),
+            settings=settings,
         )
         want_base = pixels(reference, JOB)
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="style")

@@ -55,7 +55,7 @@ def fuse_rows(folder: Path, levels: list[QuantLevel]) -> None:
     for level in levels:
         model = weights.transformer(level, DEVICE)
         settings = WorkerSettings(cache_dir=folder / f"cache-{level.value}", job_file_roots=[str(folder)])
-        fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
+        fuser = LoraFuser({"transformer": model}, lambda: "0" * 64, level.value, settings)
         resident = _settle()
         fuser.activate(spec)
         fuse_gib, fuse_s = _above(resident), fuser.last_fuse_s

@@ -24,7 +24,7 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.worker.model.gpu import memory_cap
-from fluxfarm.worker.model.pipeline import LoadedModel, ready_pipeline
+from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, ready_pipeline
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.serve.level_step_down import LevelStepDown
@@ -53,7 +53,12 @@ def main() -> None:
         paths = ready_pipeline(pipe, DEVICE, "gpu-swap", True, settings)
         info = ModelInfo(id="random-flux.1-dev", transformer=level.value, transformer_sha256="0" * 64)
         model = LoadedModel(
-            pipe=pipe, info=info, level=level, device=DEVICE, text_encoders="gpu-swap", fast_paths=paths
+            pipe=pipe,
+            weights=LoadedWeights.known(info),
+            level=level,
+            device=DEVICE,
+            text_encoders="gpu-swap",
+            fast_paths=paths,
         )
         allocated = round(torch.cuda.memory_allocated() / GIB, 2)
         report("loaded", level=level.value, seconds=round(time.perf_counter() - start, 1), allocated_gib=allocated)

@@ -175,13 +175,15 @@ class LoraFuser:
     def __init__(
         self,
         components: dict[str, nn.Module | None],
-        base_sha256: str,
+        base_sha256: Callable[[], str],
         level: str,
         settings: WorkerSettings,
         before_layer: Callable[[int, str], None] | None = None,
         loader: Any = None,
     ) -> None:
-        """`before_layer(layers done, level)` runs before each layer is fused: a fault drill's hook
+        """`base_sha256` gives the base transformer's digest, asked for only when a set is fused (a worker's load may
+        still be hashing its weights, worker/model/pipeline.py's LoadedWeights).
+        `before_layer(layers done, level)` runs before each layer is fused: a fault drill's hook
         (worker/render/fault_injection.py), None in service. `loader` is the family's pipeline class, whose
         `lora_state_dict` reads the files (FLUX.1's when not given)."""
         self._loader = loader
@@ -237,7 +239,7 @@ class LoraFuser:
 
     def _cache_key(self, loras: Sequence[LoadedLora]) -> str:
         parts = sorted((lora.sha256, lora.spec.weight) for lora in loras)
-        text = json.dumps([FUSED_FORMAT, self._base_sha256, self._level, parts])
+        text = json.dumps([FUSED_FORMAT, self._base_sha256(), self._level, parts])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def activate(self, specs: Sequence[LoraSpec]) -> tuple[LoadedLora, ...]:
@@ -312,5 +314,5 @@ class LoraFuser:
                 writer.add(qualified, encoded)
         if writer is not None:
             loras_info = [lora.info.model_dump() for lora in loras]
-            writer.finish({"base_sha256": self._base_sha256, "level": self._level, "loras": loras_info})
+            writer.finish({"base_sha256": self._base_sha256(), "level": self._level, "loras": loras_info})
         return cached is not None

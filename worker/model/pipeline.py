@@ -7,8 +7,10 @@ the base folder's `transformer/` (bf16).
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -37,12 +39,47 @@ from fluxfarm.worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
+class LoadedWeights:
+    """The loaded weights as every image's record names them: the model's names and each component's sha256.
+
+    A load hashes a plain folder's files beside itself (worker/model/file_digest.py). The digests are first needed
+    by the first image's record (or a LoRA fuse's cache key), not by its render, so they are awaited there and not
+    at the end of the load: on an H100 a fresh worker of FLUX.1-dev waited 2.6 s for them after loading, before its
+    first job; its first render takes longer than the hashing."""
+
+    def __init__(self, model_id: str, transformer: str, digests: Future[dict[str, str]]) -> None:
+        self.model_id = model_id
+        """The base pipeline: a Hub repo id or a folder (known at once, unlike the digests)."""
+        self.transformer = transformer
+        """Where the transformer weights came from."""
+        self._digests = digests
+
+    @classmethod
+    def known(cls, info: ModelInfo) -> LoadedWeights:
+        """Weights whose record is known already (a bench's random weights, a test's pipeline)."""
+        digests: Future[dict[str, str]] = Future()
+        digests.set_result({"transformer": info.transformer_sha256})
+        return cls(info.id, info.transformer, digests)
+
+    @cached_property
+    def sha256(self) -> dict[str, str]:
+        """Each weight component by sha256 (transformer, text encoders, VAE); waits for the hashing if it runs."""
+        try:
+            return self._digests.result()
+        except OSError as error:
+            raise ModelLoadError(f"could not hash the weights of {self.model_id}: {error}") from error
+
+    @cached_property
+    def info(self) -> ModelInfo:
+        return ModelInfo(id=self.model_id, transformer=self.transformer, transformer_sha256=self.sha256["transformer"])
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A pipeline on its device, with what the metadata says about it."""
 
     pipe: FluxPipeline
-    info: ModelInfo
+    weights: LoadedWeights
     level: QuantLevel
     """The level the transformer is held at (a step down loads another LoadedModel)."""
     device: str
@@ -53,13 +90,30 @@ class LoadedModel:
     """Which pipeline class it is, and so how the engine runs its phases (worker/model/families.py)."""
     plan: Plan | None = None
     """The VRAM plan it was loaded under (None on a CPU): the engine's batches follow it."""
-    weights_sha256: dict[str, str] = field(default_factory=dict)
-    """Each weight component by sha256 (transformer, text encoders, VAE): every image's record names them."""
     level_source: Literal["file", "derived-from-bf16"] = "file"
     text_encoder_precision: EncoderPrecision = "bf16"
     vae_tiling: bool = False
     deterministic: bool = False
     """Loaded under FLUXFARM_DETERMINISTIC (worker/model/determinism.py)."""
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.weights.info
+
+    @property
+    def weights_sha256(self) -> dict[str, str]:
+        """Each weight component by sha256 (transformer, text encoders, VAE): every image's record names them."""
+        return self.weights.sha256
+
+
+def _log_when_hashed(digests: Future[dict[str, str]], started: float) -> None:
+    """Say when the weights' digests are known: a first image whose record waited for them shows it here."""
+
+    def done(future: Future[dict[str, str]]) -> None:
+        if future.exception() is None:
+            log.info("weight digests ready %.2fs after the load began", time.perf_counter() - started)
+
+    digests.add_done_callback(done)
 
 
 def enable_vae_tiling(vae: AutoencoderKL, tile_px: int) -> None:
@@ -166,11 +220,12 @@ def load_model(
     try:
         if transformer is not None and transformer_path is None:
             transformer_path = resolve_file(transformer, settings)
-        # Every weight file is hashed for the images' record beside the load, not after it: on a fresh machine
-        # with a folder of weights (no Hub blob names) that is ~34 GB for FLUX.1-dev, most of a warm start.
+        # Every weight file is hashed for the images' record beside the load and the first render (LoadedWeights):
+        # on a fresh machine with a folder of weights (no Hub blob names) that is ~34 GB for FLUX.1-dev.
         hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-digests")
         digests = hashing.submit(weight_digests, base, transformer_path, DigestCache(settings.cache_dir))
         hashing.shutdown(wait=False)
+        _log_when_hashed(digests, time.perf_counter())
         clock, phases = PhaseClock(device), []
         family = MODELS[flux_model].family
         flux_transformer, held = _load_transformer(
@@ -192,25 +247,21 @@ def load_model(
         phases.append(f"other components {clock.lap():.2f}s")
         fast_paths = ready_pipeline(pipe, device, text_encoders, vae_tiling, settings)
         phases.append(f"placed with fast paths {clock.lap():.2f}s")
-        weights_sha256 = digests.result()
-        phases.append(f"waiting for weight digests {clock.lap():.2f}s")
         log.info("load phases: %s", ", ".join(phases))
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load FLUX pipeline from {model} ({transformer or 'bf16'}): {error}") from error
-    sha256 = weights_sha256["transformer"]
-    info = ModelInfo(id=model, transformer=transformer or f"{model}/transformer", transformer_sha256=sha256)
-    log.info("loaded %s with transformer %s (%s) on %s", model, info.transformer, held, device)
+    weights = LoadedWeights(model, transformer or f"{model}/transformer", digests)
+    log.info("loaded %s with transformer %s (%s) on %s", model, transformer or f"{model}/transformer", held, device)
     return LoadedModel(
         pipe=pipe,
-        info=info,
+        weights=weights,
         level=QuantLevel(held),
         device=device,
         text_encoders=text_encoders,
         fast_paths=fast_paths,
         family=family,
-        weights_sha256=weights_sha256,
         level_source="derived-from-bf16" if level in (QuantLevel.FP8, QuantLevel.NF4) else "file",
         text_encoder_precision=text_encoder_precision,
         vae_tiling=vae_tiling,

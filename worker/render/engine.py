@@ -176,7 +176,7 @@ class RenderEngine:
         pipe = model.pipe
         self.loras = LoraFuser(
             {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder},
-            model.info.transformer_sha256,
+            lambda: model.info.transformer_sha256,
             model.level,
             settings,
             before_layer=self._check_fuse,

@@ -17,7 +17,7 @@ from PIL import Image
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
-from fluxfarm.worker.model.pipeline import LoadedModel
+from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights
 from fluxfarm.worker.render.engine import RenderedImage
 
 RENDER_FREE_MODEL = "render-free"
@@ -36,7 +36,7 @@ class RenderFreeEngine:
 
     def __init__(self, level: QuantLevel, max_batch: int = 1) -> None:
         info = ModelInfo(id=RENDER_FREE_MODEL, transformer=RENDER_FREE_MODEL, transformer_sha256="0" * 64)
-        self.model = LoadedModel(pipe=None, info=info, level=level, device="cpu")  # type: ignore[arg-type]
+        self.model = LoadedModel(pipe=None, weights=LoadedWeights.known(info), level=level, device="cpu")  # type: ignore[arg-type]
         self.max_batch = max(1, max_batch)
         self.loras = _NoLoras()
 

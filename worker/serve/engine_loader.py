@@ -74,7 +74,7 @@ class EngineLoader:
         )
         loaded = dataclasses.replace(loaded, plan=loadout.plan)
         load_s = time.perf_counter() - load_start
-        log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.info.transformer, loaded.level)
+        log.info("model loaded in %.2fs: %s, level %s", load_s, loaded.weights.transformer, loaded.level)
         self._metrics.model_loaded(loaded.level, load_s)
         self._metrics.describe_worker(
             {
@@ -83,7 +83,7 @@ class EngineLoader:
                 "device": self.device,
                 "gpu": self._worker.gpu_name or "cpu",
                 "level": loaded.level,
-                "model": loaded.info.id,
+                "model": loaded.weights.model_id,
                 "flux_model": self.flux_model.value,
                 "version": __version__,
             }

@@ -254,7 +254,7 @@ class WorkerRuntime:
             gpu_name=self._worker.gpu_name,
             vram_gib=self._worker.vram_gib,
             level=engine.model.level,
-            model=engine.model.info.id,
+            model=engine.model.weights.model_id,
             flux_model=self._flux_model,
             queues=self._consumed_queues() or list(self.adoption.queues),
             lora_set=engine.loras.active_id,

@@ -47,7 +47,7 @@ from fluxfarm.worker.model.flux_arch import (
 )
 from fluxfarm.worker.model.gpu import memory_cap, synchronize, time_calls
 from fluxfarm.worker.model.host_mirror import release_pinned_cache
-from fluxfarm.worker.model.pipeline import LoadedModel, place_pipeline, ready_pipeline
+from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, place_pipeline, ready_pipeline
 from fluxfarm.worker.model.plan import PlanInputs, make_plan
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
 from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_png
@@ -210,7 +210,7 @@ class Bench:
                 meta_transformer(self.parts.transformer_config), folder / "lora.safetensors", rank, rank
             )
             settings = WorkerSettings(cache_dir=folder / "cache", job_file_roots=[str(folder)])
-            fuser = LoraFuser({"transformer": model}, "0" * 64, level.value, settings)
+            fuser = LoraFuser({"transformer": model}, lambda: "0" * 64, level.value, settings)
             spec = [LoraSpec(source=str(lora), weight=1.0)]
             fuser.activate(spec)
             fuse_s = fuser.last_fuse_s
@@ -368,8 +368,8 @@ class Bench:
             paths = ready_pipeline(pipe, self.device, plan.text_encoders, plan.vae_tiling, settings)
             model = LoadedModel(
                 pipe=pipe,
-                info=ModelInfo(
-                    id=f"random-{self.options.model}", transformer=chosen.value, transformer_sha256="0" * 64
+                weights=LoadedWeights.known(
+                    ModelInfo(id=f"random-{self.options.model}", transformer=chosen.value, transformer_sha256="0" * 64)
                 ),
                 level=chosen,
                 device=self.device,

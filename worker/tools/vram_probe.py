@@ -245,7 +245,7 @@ def fuse_lora(transformer: torch.nn.Module, lora: Path, level: QuantLevel, model
     with tempfile.TemporaryDirectory(dir=lora.parent) as cache:
         settings = WorkerSettings(cache_dir=Path(cache), job_file_roots=[str(lora.parent)])
         loader = FAMILIES[MODELS[model].family].pipeline
-        fuser = LoraFuser({"transformer": transformer}, "0" * 64, level.value, settings, loader=loader)
+        fuser = LoraFuser({"transformer": transformer}, lambda: "0" * 64, level.value, settings, loader=loader)
         (fused,) = fuser.activate([LoraSpec(source=str(lora), weight=1.0)])
         fuser.activate([])
         return len(fused.updates)

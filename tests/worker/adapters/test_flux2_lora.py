@@ -17,7 +17,7 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.shared.models import FluxFamily, FluxModel
-from fluxfarm.worker.model.pipeline import LoadedModel, load_model
+from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, load_model
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path, write_tiny_model
@@ -75,7 +75,13 @@ def reference(klein: Path, lora: Path, settings: WorkerSettings) -> tuple[np.nda
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id="reference", transformer="reference", transformer_sha256="0" * 64)
     engine = RenderEngine(
-        LoadedModel(pipe=pipe, info=info, level=QuantLevel.BF16, device="cpu", family=FluxFamily.FLUX_2_KLEIN),
+        LoadedModel(
+            pipe=pipe,
+            weights=LoadedWeights.known(info),
+            level=QuantLevel.BF16,
+            device="cpu",
+            family=FluxFamily.FLUX_2_KLEIN,
+        ),
         settings=settings,
     )
     base = _pixels(engine, _job(None))

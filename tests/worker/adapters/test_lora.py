@@ -19,7 +19,7 @@ from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import ModelInfo
 from fluxfarm.worker.model.flux_arch import FLUX_DEV_TRANSFORMER, meta_transformer
-from fluxfarm.worker.model.pipeline import LoadedModel, load_model
+from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, load_model
 from fluxfarm.worker.render.batcher import RenderBatcher
 from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.render.fault_injection import FaultPlan
@@ -70,7 +70,10 @@ def diffusers_lora(tiny_model: Path, lora: Path, settings: WorkerSettings) -> np
     pipe.set_adapters(["style"], [WEIGHT])
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id="reference", transformer="reference", transformer_sha256="0" * 64)
-    engine = RenderEngine(LoadedModel(pipe=pipe, info=info, level=QuantLevel.BF16, device="cpu"), settings=settings)
+    engine = RenderEngine(
+        LoadedModel(pipe=pipe, weights=LoadedWeights.known(info), level=QuantLevel.BF16, device="cpu"),
+        settings=settings,
+    )
     return _pixels(engine, _job(None))
 
 
@@ -100,7 +103,10 @@ def test_a_text_encoder_lora_is_fused_into_clip_and_keys_the_embedding_cache(
     load_clip_lora_with_peft(pipe, clip_lora)
     pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(id="reference", transformer="reference", transformer_sha256="0" * 64)
-    reference = RenderEngine(LoadedModel(pipe=pipe, info=info, level=QuantLevel.BF16, device="cpu"), settings=settings)
+    reference = RenderEngine(
+        LoadedModel(pipe=pipe, weights=LoadedWeights.known(info), level=QuantLevel.BF16, device="cpu"),
+        settings=settings,
+    )
     want = _pixels(reference, _job(None))
     engine = _engine(tiny_model, QuantLevel.BF16, settings)
     assert np.array_equal(_pixels(engine, _job(None)), diffusers_base)  # base embeddings now cached
