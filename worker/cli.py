@@ -219,6 +219,13 @@ def _levels(text: str) -> list:
     return [parse_level(name) for name in text.split(",") if name.strip()]
 
 
+def _baselines(text: str, known: tuple[str, ...]) -> list[str]:
+    names = list(known) if text.strip() == "all" else [name.strip() for name in text.split(",") if name.strip()]
+    if unknown := sorted(set(names) - set(known)):
+        raise FarmError(f"unknown baseline {', '.join(unknown)}; baselines are {', '.join(known)}")
+    return names
+
+
 def bench(
     out: Annotated[Path | None, typer.Option(help="JSON-lines file the rows are appended to.")] = None,
     model: Annotated[
@@ -236,7 +243,13 @@ def bench(
     image_size: Annotated[str, typer.Option(help="Whole-image size, WxH.")] = "1024x1024",
     steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 28,
     images: Annotated[int, typer.Option(help="Images per whole-image measurement.")] = 4,
-    baselines: Annotated[bool, typer.Option(help="Also run plain diffusers bf16 and the seed recipe.")] = True,
+    baselines: Annotated[
+        str,
+        typer.Option(
+            help="Baselines run beside the engine, comma-separated, or all, or empty for none: diffusers-bf16, "
+            "seed-recipe (FLUX.1), diffusers-nf4-offload (FLUX.2 [dev])."
+        ),
+    ] = "all",
     compile_blocks: Annotated[
         bool, typer.Option("--compile/--no-compile", help="Also time torch.compile, and compile for images.")
     ] = True,
@@ -270,7 +283,7 @@ def bench(
     from fluxfarm.worker.model.gpu import default_device
     from fluxfarm.worker.tools.bench import bench_jobs, run_bench
     from fluxfarm.worker.tools.bench_report import BenchLog
-    from fluxfarm.worker.tools.bench_rows import BenchOptions
+    from fluxfarm.worker.tools.bench_rows import BASELINES, BenchOptions
 
     device = device or default_device()
     if model != "tiny" and not tiny and torch.device(device).type != "cuda":
@@ -290,7 +303,7 @@ def bench(
         image_size=_sizes(image_size)[0],
         steps=steps,
         images=images,
-        baselines=baselines,
+        baselines=_baselines(baselines, BASELINES),
         attention=attention,
         compile=compile_blocks,
         cuda_graphs=cuda_graphs,

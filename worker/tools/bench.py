@@ -422,15 +422,15 @@ class Bench:
         """Whole images first: the baselines, the engine at each forced level (whole card), the engine at each
         budget, FLUX.2 [dev]'s 4-bit recipe beside them (it drops the host copies the budgets kept); then steps.
         The rows a goal compares come early, so a run cut short still has them."""
-        if self.options.baselines:
+        if DIFFUSERS_BF16 in self.options.baselines:
             self.diffusers_bf16()
-            if self.parts.family == FluxFamily.FLUX_1:
-                self.seed_recipe()
+        if SEED_RECIPE in self.options.baselines and self.parts.family == FluxFamily.FLUX_1:
+            self.seed_recipe()
         for level in self.options.image_levels:
             self.engine_run(f"fluxfarm-{level.value}", None, level)
         for budget in self.options.budgets:
             self.engine_run(f"fluxfarm@{budget:g}GiB", budget, None)
-        if self.options.baselines and self.parts.model == FluxModel.FLUX_2_DEV:
+        if FOUR_BIT_RECIPE in self.options.baselines and self.parts.model == FluxModel.FLUX_2_DEV:
             self.four_bit_recipe()
         if self.options.levels:
             self.steps()

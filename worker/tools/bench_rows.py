@@ -34,7 +34,9 @@ class BenchOptions(BaseModel):
     steps: int = 28
     images: int = 4
     step_repeats: int = 5
-    baselines: bool = True
+    baselines: list[str] = list(BASELINES)
+    """The baselines to run (those that apply to the model: the seed recipe is FLUX.1's, the 4-bit recipe
+    FLUX.2 [dev]'s); empty for none. A run that has a baseline's rows already can leave it out."""
     attention: AttentionChoice = "auto"
     compile: bool = True
     cuda_graphs: bool = True

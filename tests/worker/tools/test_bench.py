@@ -54,7 +54,7 @@ def test_bench_fuses_a_lora_and_times_the_steps_with_it(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
     result = run_fluxfarm(
         "bench", "--model", "tiny", "--levels", "Q8_0", "--sizes", "128x128", "--batches", "1",
-        "--vram-budget", "", "--image-levels", "", "--no-baselines", "--lora-rank", "4",
+        "--vram-budget", "", "--image-levels", "", "--baselines", "", "--lora-rank", "4",
         "--out", str(out), "--device", "cpu",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -102,12 +102,29 @@ def test_bench_runs_each_flux2_family_on_its_tiny_pipeline(tmp_path: Path) -> No
         }
 
 
+def test_bench_runs_only_the_baselines_named(tmp_path: Path) -> None:
+    """A run that has some baselines' rows already names the others: FLUX.2 [dev]'s 24 GiB plan beside the 4-bit
+    recipe alone, without the plain bf16 run (so no agreement column); a name it does not know is refused."""
+    out = tmp_path / "bench.jsonl"
+    result = run_fluxfarm(
+        "bench", "--model", "flux.2-dev", "--tiny", "--levels", "", "--vram-budget", "24", "--image-levels", "",
+        "--image-batches", "1", "--image-size", "256x256", "--steps", "2", "--images", "1",
+        "--baselines", "diffusers-nf4-offload", "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = {row["name"]: row for row in map(json.loads, out.read_text().splitlines()) if row["kind"] == "image"}
+    assert set(images) == {"fluxfarm@24GiB", "diffusers-nf4-offload"}
+    assert images["fluxfarm@24GiB"]["psnr_db_vs_bf16"] is None
+    refused = run_fluxfarm("bench", "--model", "tiny", "--baselines", "diffusers-bf16,sd15", "--out", str(out))
+    assert refused.returncode != 0 and "unknown baseline sd15" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_bench_renders_as_a_deterministic_worker_when_asked(tmp_path: Path) -> None:
     """Its cost is this run's rows against a run without it: one job a batch, whatever batches are asked."""
     out = tmp_path / "bench.jsonl"
     result = run_fluxfarm(
         "bench", "--model", "tiny", "--levels", "", "--image-batches", "1,2", "--vram-budget", "",
-        "--image-levels", "Q8_0", "--image-size", "256x256", "--steps", "2", "--images", "2", "--no-baselines",
+        "--image-levels", "Q8_0", "--image-size", "256x256", "--steps", "2", "--images", "2", "--baselines", "",
         "--deterministic", "--out", str(out), "--device", "cpu",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
