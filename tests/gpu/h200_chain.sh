@@ -6,9 +6,10 @@
 # short phases give the warm-start figure even when the session's device time ends inside the long FLUX.2 bench.
 # Every call, `start` included, waits up to WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one
 # file, so the device tool's limit of 8 files never drops a log; a call cut short still returns what was there) and
-# prints how far it got. Call `wait` again until it prints "chain finished". What run 13 left (docs/benchmarks.md),
-# ~12 minutes: FARM_PHASES="model throughput warm" PHASES=dev DEV_STEP_LEVELS= DEV_IMAGE_LEVELS=. On the device,
-# after installing the carried wheels:
+# prints how far it got. Call `wait` again until it prints "chain finished". What runs 13 and 14 left for the H200
+# (docs/benchmarks.md): the warm start there, and FLUX.2 [dev]'s whole bench in one run (its step rows have never
+# run; the 24 GiB rows ran on an H100), ~20 minutes: FARM_PHASES="model throughput warm" PHASES=dev. On the device,
+# after installing the carried wheels (and the project's own wheel rebuilt: the farm imports the installed package):
 #   bash tests/gpu/h200_chain.sh start
 #   bash tests/gpu/h200_chain.sh wait
 set -uo pipefail
