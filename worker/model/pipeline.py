@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -60,6 +61,16 @@ class LoadedWeights:
         digests: Future[dict[str, str]] = Future()
         digests.set_result({"transformer": info.transformer_sha256})
         return cls(info.id, info.transformer, digests)
+
+    def on_failure(self, call: Callable[[BaseException], object]) -> None:
+        """`call(error)` once if the hashing fails (at once if it has failed already): a worker that cannot hash
+        its weights cannot write any image's record, so it leaves (and is restarted) rather than fail every job."""
+
+        def done(future: Future[dict[str, str]]) -> None:
+            if (error := future.exception()) is not None:
+                call(error)
+
+        self._digests.add_done_callback(done)
 
     @cached_property
     def sha256(self) -> dict[str, str]:

@@ -37,6 +37,7 @@ from fluxfarm.shared.storage import ObjectStore
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.gpu import compute_capability, vram_peak_bytes
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
+from fluxfarm.worker.render.engine import RenderEngine
 from fluxfarm.worker.serve.calibration_cites import CalibrationCites
 from fluxfarm.worker.serve.engine_loader import EngineLoader
 from fluxfarm.worker.serve.heartbeat import Heartbeat
@@ -56,6 +57,13 @@ _CANCEL_NOTICE = r"\s*In Celery 5\.1 we introduced an optional breaking change"
 purpose here (WorkerRuntime.__init__), so the notice is noise in a worker's log."""
 
 log = logging.getLogger(__name__)
+
+
+def _leave_if_unhashable(engine: RenderEngine, on_stranded: Callable[[str], NoReturn]) -> RenderEngine:
+    """The weights are hashed beside the load and the first render (LoadedWeights): if that fails, no image's
+    record can be written, so the worker leaves as one with no model does."""
+    engine.model.weights.on_failure(lambda error: on_stranded(f"could not hash the loaded weights: {error}"))
+    return engine
 
 
 class Duty(Protocol):
@@ -117,6 +125,7 @@ class WorkerRuntime:
         self._capability = compute_capability(loader.device)
         self._metrics_url = metrics_url
         engine, load_s = loader.load()
+        _leave_if_unhashable(engine, on_stranded)
         self._flux_model = loader.flux_model
         self.adoption = QueueAdoption(
             client,
@@ -131,7 +140,9 @@ class WorkerRuntime:
         self._queue_news = QueueNews(client)
         stepper = LevelStepDown(
             step_down_levels(settings, loader.model, loader.transformer, loader.device),
-            lambda level: loader.load(settings.model_copy(update={"level": level}))[0],
+            lambda level: _leave_if_unhashable(
+                loader.load(settings.model_copy(update={"level": level}))[0], on_stranded
+            ),
             self.adoption.set_level,
             on_stranded,
         )

@@ -36,7 +36,8 @@ FIRST_USE = ("first-use",)
 def first_batch_costs(engine: RenderEngine) -> str:
     """The one-off costs in a worker's first batches so far: torch.compile's (Dynamo's own counters: its tracing,
     and all of it with the backend, from the shared artifacts or not) and the step graphs' (eager calls before
-    each capture, then the captures), with the steps that ran eagerly and why (on a CPU: every step)."""
+    each capture, then the captures), and the steps that ran eagerly, by why (none, where every step can be
+    captured)."""
     metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
     compiling, tracing = sum(metrics.get("_compile.compile_inner", [])), sum(metrics.get("bytecode_tracing", []))
     graphs = step_graphs(engine.model.pipe.transformer)

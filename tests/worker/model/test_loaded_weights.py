@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fluxfarm.shared.errors import ModelLoadError
 from fluxfarm.shared.jobs import RenderJob
 from fluxfarm.worker.model import pipeline
 from fluxfarm.worker.model.file_digest import DigestCache
@@ -44,3 +45,22 @@ def test_the_load_and_a_render_go_on_while_the_weights_are_hashed(
         info = record.result(timeout=HELD_S)
     want = weight_digests(tiny_model, None, DigestCache(tmp_path / "other-cache"))
     assert loaded.weights_sha256 == want and info.transformer_sha256 == want["transformer"]
+
+
+def test_weights_that_cannot_be_hashed_say_so_once_and_no_record_is_written(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker acts on the failure (it leaves as a stranded worker does, worker/serve/runtime.py); a record asked
+    for anyway is a clear load error, not a digest of nothing."""
+
+    def unreadable(*_: object) -> dict[str, str]:
+        raise PermissionError("weights gone unreadable under the worker")
+
+    monkeypatch.setattr(pipeline, "weight_digests", unreadable)
+    loaded = load_model(str(tiny_model), None, "cpu", WorkerSettings(cache_dir=tmp_path / "cache"))
+    failures: list[BaseException] = []
+    told = threading.Event()
+    loaded.weights.on_failure(lambda error: (failures.append(error), told.set()))  # ended by now or will: one call
+    with pytest.raises(ModelLoadError, match=r"could not hash the weights of .*unreadable"):
+        _ = loaded.info
+    assert told.wait(HELD_S) and [type(error) for error in failures] == [PermissionError]
