@@ -39,8 +39,9 @@ phase() {
       fi
       ;;
     dev)
-      # DEV_STEP_LEVELS and DEV_IMAGE_LEVELS may be empty, DEV_BASELINES name some: run 13 has [dev]'s step rows,
-      # its fp8 images and diffusers bf16 (DEV_BASELINES=diffusers-nf4-offload leaves the 24 GiB rows)
+      # DEV_STEP_LEVELS and DEV_IMAGE_LEVELS may be empty, DEV_BASELINES name some, for a partial run: run 14b
+      # measured only the 24 GiB rows on an H100 (DEV_STEP_LEVELS= DEV_IMAGE_LEVELS= DEV_BASELINES=diffusers-nf4-offload).
+      # Issue 20 wants the whole bench in one H200 run: the defaults.
       python3 -u -m fluxfarm bench --out "$run/bench-flux2-dev.jsonl" --model flux.2-dev \
         --levels "${DEV_STEP_LEVELS-fp8,bf16}" --sizes 1024x1024 --batches 1 --vram-budget 24 \
         --image-levels "${DEV_IMAGE_LEVELS-fp8}" --image-batches 1 --steps 28 --images 2 \
