@@ -265,7 +265,7 @@ def phase_quality(farm: Farm) -> None:
     finally:
         worker.stop()
     emit({"phase": "quality", "min_bf16_level": gated.quant.value, "steady_s_per_image": steady, **summary(results),
-          "oom_splits": log.count(OOM_SPLIT)})  # fmt: skip
+          "oom_splits": log.count(OOM_SPLIT), "start_lines": start_lines(log)})  # fmt: skip
 
 
 def phase_budget12(farm: Farm) -> None:
@@ -277,7 +277,7 @@ def phase_budget12(farm: Farm) -> None:
     finally:
         worker.stop()
     emit({"phase": "budget12", "steady_s_per_image": steady, **summary(results), "oom_splits": log.count(OOM_SPLIT),
-          **exported_calibration(farm, "budget12")})  # fmt: skip
+          "start_lines": start_lines(log), **exported_calibration(farm, "budget12")})  # fmt: skip
 
 
 def phase_rerender(farm: Farm) -> None:
