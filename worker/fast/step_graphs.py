@@ -30,6 +30,11 @@ MAX_GRAPHS = 4
 """Signatures kept per model (each costs one step's activations, shared through one memory pool)."""
 
 
+def _plain(value: Any) -> bool:
+    """A value a graph can bake in: part of the signature, so another value captures another graph."""
+    return value is None or isinstance(value, bool | int | float | str)
+
+
 class _Captured:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], output: Any) -> None:
         self.graph, self.inputs, self.output = graph, inputs, output
@@ -54,6 +59,7 @@ class StepGraphs:
         """Seconds capturing graphs."""
         self.eager: Counter[str] = Counter()
         """Calls run eagerly, by why: a worker whose steps never replay says so instead of running slower unseen."""
+        self._held_off = ""
 
     def install(self) -> StepGraphs:
         self.module.forward = self  # instance attribute: nn.Module.__call__ now lands here
@@ -68,6 +74,13 @@ class StepGraphs:
         self._graphs.clear()
         self._pool = None
 
+    def hold_off(self, why: str) -> None:
+        """Run every call eagerly, counted under `why`, and free the graphs' memory now (their pool would stay
+        reserved beside what the next phase needs); `hold_off("")` captures and replays again."""
+        if why and not self._held_off:
+            self.release()
+        self._held_off = why
+
     def _weight_addresses(self) -> tuple[int, ...]:
         """Where the first weight lives: every move of this worker's (HostMirror, .to) moves all of them,
         and reading one keeps the per-step check off the ~1,000-tensor walk."""
@@ -76,23 +89,31 @@ class StepGraphs:
 
     @staticmethod
     def _signature(kwargs: dict[str, Any]) -> tuple[Hashable | None, str]:
-        """Shapes and dtypes of tensor arguments plus the plain values of the others; None, and why, when an
-        argument is neither (the call then runs eagerly)."""
-        parts = []
+        """Shapes and dtypes of tensor arguments plus the plain values of the others (and of dicts of plain
+        values: FluxPipeline passes `joint_attention_kwargs={}` on every step); None, and why, when an
+        argument is none of these (the call then runs eagerly)."""
+        parts: list[Hashable] = []
         for name in sorted(kwargs):
             value = kwargs[name]
             if isinstance(value, torch.Tensor):
                 if value.device.type != "cuda":
                     return None, f"{name} off the GPU"
                 parts.append((name, tuple(value.shape), value.dtype, value.device))
-            elif value is None or isinstance(value, bool | int | float | str):
+            elif _plain(value):
                 parts.append((name, value))
+            elif isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items()):
+                parts.append((name, tuple(sorted(value.items()))))
             else:
                 return None, f"{name} a {type(value).__name__}"
         return tuple(parts), ""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key, why = (None, "positional arguments") if args else self._signature(kwargs)
+        if self._held_off:
+            key, why = None, self._held_off
+        elif args:
+            key, why = None, "positional arguments"
+        else:
+            key, why = self._signature(kwargs)
         if key is not None and key in self._uncapturable:
             key, why = None, "not capturable"
         elif key is not None and torch.is_grad_enabled():

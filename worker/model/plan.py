@@ -144,12 +144,21 @@ class Plan(BaseModel):
     def batch_limit(self, width: int, height: int) -> int:
         """The largest batch at `width`x`height` whose step fits beside what stays resident: the worker's
         batches are planned, and its out-of-memory split is a safety net a normal run never meets."""
+        return max(1, self._batches_fitting(width, height, beside=0.0))
+
+    def graph_batch_limit(self, width: int, height: int) -> int:
+        """The largest batch at `width`x`height` whose step can replay as a CUDA graph: the graph's memory pool
+        keeps the step's working memory reserved while each image decodes, so both must fit beside what stays
+        resident; 0 where not even one does (the steps then run eagerly)."""
+        return self._batches_fitting(width, height, beside=decode_working_gib(width * height, self.vae_tiling))
+
+    def _batches_fitting(self, width: int, height: int, beside: float) -> int:
         usable = self.vram_budget_gib - headroom_gib(self.vram_budget_gib)
         pixels = width * height
         first = self.step_scale * step_working_gib(QuantLevel(self.level), pixels)
         extra = self.step_scale * _interpolate(*EXTRA_IMAGE_STEP_GIB, pixels)
-        room = usable - self.denoise_resident_gib - first
-        return max(1, min(MAX_PLANNED_BATCH, 1 + int(room // extra))) if room >= 0 else 1
+        room = usable - self.denoise_resident_gib - beside - first
+        return min(MAX_PLANNED_BATCH, 1 + int(room // extra)) if room >= 0 else 0
 
 
 def _interpolate(at_512: float, at_1024: float, pixels: int) -> float:

@@ -304,6 +304,15 @@ class RenderEngine:
             graphs.release()
         torch.cuda.empty_cache()
 
+    def _fit_step_graphs(self, batch: int, width: int, height: int) -> None:
+        """Replay this batch's steps as a CUDA graph only where the plan has room for the graph's pool beside
+        the decode that follows; larger batches run eagerly, at the batch size the plan sized."""
+        graphs, plan = step_graphs(self.model.pipe.transformer), self.model.plan
+        if graphs is None or plan is None:
+            return
+        fits = batch <= plan.graph_batch_limit(width, height)
+        graphs.hold_off("" if fits else "no room for the graph beside the decode")
+
     def _use_loras(self, jobs: Sequence[RenderJob]) -> tuple[tuple[LoraInfo, ...], float]:
         """Fuse the jobs' (shared) LoRA set into the weights if they do not carry it already."""
         switches = self.loras.switches
@@ -348,6 +357,7 @@ class RenderEngine:
             inputs = [[self.inputs.read(src, job.dataset, "input image") for src in job.images] for job in group_jobs]
             adapter_s = (fuse_s + clock.lap()) / len(group)
             fuse_s = 0.0
+            self._fit_step_graphs(len(group), group_jobs[0].width, group_jobs[0].height)
             try:
                 latents = self._denoise(
                     group_jobs, [embeddings[i] for i in group], [image for image, _ in controls], inputs

@@ -36,8 +36,9 @@ def test_on_a_cpu_steps_run_eagerly_and_uninstall_restores_forward(tiny_model) -
 def test_replayed_steps_equal_eager_ones_and_survive_a_weight_move(tiny_model) -> None:
     model = _tiny(tiny_model, "cuda")
     torch.manual_seed(0)
-    first = step_inputs(dict(model.config), 128, 128, 1, "cuda", torch.float32)
-    second = step_inputs(dict(model.config), 128, 128, 1, "cuda", torch.float32)
+    # As FluxPipeline calls it: `joint_attention_kwargs={}` on every step.
+    first = {**step_inputs(dict(model.config), 128, 128, 1, "cuda", torch.float32), "joint_attention_kwargs": {}}
+    second = {**step_inputs(dict(model.config), 128, 128, 1, "cuda", torch.float32), "joint_attention_kwargs": {}}
     with torch.inference_mode():
         want = [model(**first)[0], model(**second)[0]]
         graphs = use_step_graphs(model)
@@ -52,3 +53,30 @@ def test_replayed_steps_equal_eager_ones_and_survive_a_weight_move(tiny_model) -
         again = model(**second)[0]
     assert graphs.captures == 2
     torch.testing.assert_close(again, want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_dict_of_plain_values_is_part_of_the_signature() -> None:
+    """FluxPipeline passes `joint_attention_kwargs={}` on every step: a FLUX.1 worker's steps replay only if
+    such a dict is a plain argument (run 14b: "joint_attention_kwargs a dict 28", no replay at all)."""
+    from fluxfarm.worker.fast.step_graphs import StepGraphs
+
+    empty, _ = StepGraphs._signature({"joint_attention_kwargs": {}, "return_dict": False})
+    scaled, _ = StepGraphs._signature({"joint_attention_kwargs": {"scale": 0.5}, "return_dict": False})
+    assert empty is not None and scaled is not None and empty != scaled, "another value captures another graph"
+    assert StepGraphs._signature({"joint_attention_kwargs": {"scale": 0.5}}) == (scaled[:1], "")
+    held, why = StepGraphs._signature({"joint_attention_kwargs": {"ip_adapter_image_embeds": torch.zeros(1)}})
+    assert held is None and why == "joint_attention_kwargs a dict"
+
+
+def test_steps_held_off_run_eagerly_under_the_reason_given(tiny_model) -> None:
+    model = _tiny(tiny_model, "cpu")
+    inputs = step_inputs(dict(model.config), 128, 128, 1, "cpu", torch.float32)
+    with torch.inference_mode():
+        want = model(**inputs)[0]
+        graphs = use_step_graphs(model)
+        graphs.hold_off("no room")
+        got = model(**inputs)[0]
+        graphs.hold_off("")
+        model(**inputs)
+    assert torch.equal(got, want)
+    assert graphs.eager == {"no room": 1, "encoder_hidden_states off the GPU": 1}

@@ -16,6 +16,7 @@ from fluxfarm.worker.model.plan import (
     PlanInputs,
     _interpolate,
     _ladder,
+    decode_working_gib,
     fuse_working_gib,
     headroom_gib,
     make_plan,
@@ -199,6 +200,12 @@ def test_the_planned_batch_is_the_largest_whose_step_fits(model: FluxModel) -> N
             assert batch == MAX_PLANNED_BATCH or fixed + batch * extra > usable, (budget, width, batch)
             assert batch <= previous, "a larger image never batches more"
             previous = batch
+            # A replayed step's pool stays reserved while the images decode: its batches keep room for both.
+            graphed = plan.graph_batch_limit(width, width)
+            beside = fixed + decode_working_gib(pixels, plan.vae_tiling)
+            assert graphed <= batch
+            assert graphed == 0 or beside + (graphed - 1) * extra <= usable, (budget, width, graphed)
+            assert graphed == MAX_PLANNED_BATCH or beside + graphed * extra > usable, (budget, width, graphed)
         assert plan.max_batch_by_size["1024x1024"] == plan.batch_limit(1024, 1024) == plan.max_batch
 
 

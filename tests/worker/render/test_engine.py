@@ -14,9 +14,17 @@ from PIL import Image
 
 from fluxfarm.shared.jobs import RenderJob, parse_job
 from fluxfarm.shared.ladder import QuantLevel
+from fluxfarm.worker.fast.step_graphs import remove_step_graphs, use_step_graphs
 from fluxfarm.worker.model.host_mirror import HostMirror
 from fluxfarm.worker.model.pipeline import load_model
-from fluxfarm.worker.model.plan import EXTRA_IMAGE_STEP_GIB, Plan, _interpolate, headroom_gib, step_working_gib
+from fluxfarm.worker.model.plan import (
+    EXTRA_IMAGE_STEP_GIB,
+    Plan,
+    _interpolate,
+    decode_working_gib,
+    headroom_gib,
+    step_working_gib,
+)
 from fluxfarm.worker.render.engine import EmbeddingCache, RenderEngine, denoise_groups
 from fluxfarm.worker.settings import WorkerSettings
 from fluxfarm.worker.tools.tiny_model import gguf_path
@@ -64,6 +72,34 @@ def test_the_engine_batches_as_its_plan_says(engine: RenderEngine) -> None:
     planned = RenderEngine(dataclasses.replace(engine.model, plan=plan), max_batch=4, embedding_cache=8)
     rendered = planned.render_batch([_job(f"planned {n}", n) for n in range(4)])
     assert [image.batch_size for image in rendered] == [2, 2, 2, 2]
+
+
+def test_steps_replay_as_graphs_only_in_batches_whose_graph_fits_beside_the_decode(engine: RenderEngine) -> None:
+    """A graph's pool keeps the step's memory while the batch decodes: a batch the plan has room for but not for
+    its graph beside the decode runs eagerly, at the planned size, and a smaller one is free to replay."""
+    usable = 10.0 - headroom_gib(10.0)
+    pixels = 256 * 256
+    first, extra = step_working_gib(QuantLevel.Q8_0, pixels), _interpolate(*EXTRA_IMAGE_STEP_GIB, pixels)
+    plan = Plan(
+        level="Q8_0",
+        predicted_peak_gib=9.0,
+        text_encoders="gpu",
+        vae_tiling=False,
+        vram_budget_gib=10.0,
+        components_gib={},
+        denoise_resident_gib=usable - first - decode_working_gib(pixels, tiled=False) - 0.5 * extra,
+        reasons=[],
+    )
+    assert (plan.batch_limit(256, 256), plan.graph_batch_limit(256, 256)) == (3, 1)
+    planned = RenderEngine(dataclasses.replace(engine.model, plan=plan), max_batch=4, embedding_cache=8)
+    graphs = use_step_graphs(engine.model.pipe.transformer)
+    try:
+        rendered = planned.render_batch([_job(f"graphs {n}", n) for n in range(4)])
+    finally:
+        remove_step_graphs(engine.model.pipe.transformer)
+    assert [image.batch_size for image in rendered] == [3, 3, 3, 1]
+    # 3 steps each; the batch of one is let through, and on a CPU stops at its tensors being off the GPU.
+    assert graphs.eager == {"no room for the graph beside the decode": 3, "encoder_hidden_states off the GPU": 3}
 
 
 def test_a_batch_renders_each_job_as_its_own_render_would(engine: RenderEngine) -> None:
