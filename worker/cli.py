@@ -345,6 +345,10 @@ def plan(
     optimize: Annotated[
         Optimize, typer.Option(help="What comes first: throughput (fp8 where it runs) or quality (the best level).")
     ] = Optimize.THROUGHPUT,
+    host_gib: Annotated[
+        float | None,
+        typer.Option(help="The machine's host memory in GiB: a plan that would keep more there is passed over."),
+    ] = None,
 ) -> None:
     """Which level, and where and at which precision the text encoders live, a worker of `model` would choose
     for a card, as JSON; or, given a prompt FILE and --fleet, how the dataset would render on a fleet: each
@@ -372,6 +376,7 @@ def plan(
         forced_level=parse_level(level) if level else None,
         lora_jobs=lora_jobs,
         optimize=optimize,
+        host_gib=host_gib,
     )
     typer.echo(make_plan(inputs).model_dump_json(indent=2))
 

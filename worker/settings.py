@@ -45,6 +45,15 @@ class WorkerSettings(FarmSettings):
     vram_budget_gib: float | None = Field(
         default=None, gt=0, description="Use at most this much GPU memory (a shared card, or to emulate a smaller one)."
     )
+    host_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Host memory the worker may use, which the VRAM plan counts a swap's pinned copies and a CPU encode "
+            "against; unset: what the machine (or its cgroup) has available when the worker starts. Give each "
+            "worker its share on a host with several."
+        ),
+    )
     render_free: bool = Field(
         default=False,
         description=(

@@ -14,6 +14,7 @@ from fluxfarm.shared.ladder import QuantLevel, parse_level
 from fluxfarm.shared.models import LEGACY_MODEL, FluxModel
 from fluxfarm.shared.units import GIB
 from fluxfarm.worker.model.catalog import BASE_WEIGHT_LEVELS, available_levels, load_catalog
+from fluxfarm.worker.model.host_memory import available_host_gib
 from fluxfarm.worker.model.model_sizes import EncoderPrecision
 from fluxfarm.worker.model.plan import Placement, Plan, PlanInputs, make_plan
 from fluxfarm.worker.model.sources import resolve_file
@@ -89,6 +90,7 @@ def choose_loadout(
                 available_levels=candidates,
                 lora_jobs=settings.lora_jobs,
                 optimize=settings.optimize,
+                host_gib=settings.host_memory_gib or available_host_gib(),
             )
         )
         level = QuantLevel(plan.level)

@@ -20,6 +20,11 @@ so the fastest that fits is the best that fits.
 Each level is tried with every encoder arrangement before the next level down: encoders resident on the
 GPU in bf16, then (for FLUX.2's LLM encoders) in fp8, then swapped in per encode phase in bf16 or fp8, then
 (FLUX.2) resident or swapped in Q4_K, then run on the CPU (before the swaps where that is the faster).
+
+Host memory counts too where it is known (`PlanInputs.host_gib`): a swapped arrangement keeps the transformer and
+the encoders in pinned host memory, a CPU encode keeps the encoders there, and an arrangement whose host side does
+not fit beside the process is passed over like one whose GPU peak does not fit (FLUX.2 [dev] at 24 GiB keeps ~29
+GiB pinned: more than a 32 GB desktop has to spare).
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ VAE_DECODE_WORKING_GIB = (0.627, 2.410)
 VAE_TILE_PX = 512
 """Tiled decoding works on 512² tiles: its working memory is that of a 512² decode."""
 CUDA_CONTEXT_GIB = 0.6
+HOST_PROCESS_GIB = 2.0
+"""Host memory a worker process holds beside the model's parts: its imports take 0.5 GiB on the CPU build
+(measured here, max RSS); CUDA's libraries and context add their host side on a GPU machine (not measured)."""
 ALLOCATOR_SLACK = 0.04
 """Fragmentation margin, as a share of the budget."""
 
@@ -124,6 +132,9 @@ class PlanInputs(BaseModel):
         default=True, description="Keep room to fuse a LoRA set into the weights (a worker that takes LoRA jobs)."
     )
     optimize: Optimize = Optimize.THROUGHPUT
+    host_gib: float | None = Field(
+        default=None, gt=0, description="Host memory the worker may use; None: not counted (only the GPU's)."
+    )
 
 
 class Plan(BaseModel):
@@ -133,6 +144,11 @@ class Plan(BaseModel):
     text_encoder_precision: EncoderPrecision = "bf16"
     vae_tiling: bool
     vram_budget_gib: float
+    host_gib: float = Field(
+        default=0.0,
+        description="Host memory the placement keeps while the worker runs: pinned copies of what a swap moves, "
+        "encoders that encode on the CPU (the process and loading come on top).",
+    )
     components_gib: dict[str, float]
     max_batch: int = Field(default=1, description="The largest denoising batch that fits at the planned size.")
     max_batch_by_size: dict[str, int] = Field(default_factory=dict, description="The same at common sizes.")
@@ -218,6 +234,14 @@ def _peaks(
     return peaks, {name: round(value, 3) for name, value in components.items()}
 
 
+def host_held_gib(placement: Placement, components: dict[str, float]) -> float:
+    """What `placement` keeps in host memory: a swap's pinned copies of the transformer and the encoders
+    (worker/model/host_mirror.py), a CPU encode's encoders; nothing for parts resident on the GPU."""
+    if placement == "gpu-swap":
+        return components["transformer"] + components["text_encoders"]
+    return components["text_encoders"] if placement == "cpu" else 0.0
+
+
 def _seconds_per_encode(level: QuantLevel, precision: EncoderPrecision, inputs: PlanInputs) -> tuple[float, float]:
     """Estimated seconds a swapped encode phase costs (both ways over PCIe) and a CPU encode of one prompt."""
     sizes = sizes_of(inputs.model)
@@ -268,6 +292,9 @@ def make_plan(inputs: PlanInputs) -> Plan:
     usable = inputs.vram_gib - headroom_gib(inputs.vram_gib)
     cc = inputs.compute_capability or (compute_capability_of(inputs.gpu_name) if inputs.gpu_name else None)
     reasons = [f"budget {inputs.vram_gib:.1f} GiB, {usable:.2f} GiB after CUDA context and allocator slack"]
+    host_room = None if inputs.host_gib is None else inputs.host_gib - HOST_PROCESS_GIB
+    if host_room is not None:
+        reasons.append(f"host {inputs.host_gib:.1f} GiB, {host_room:.1f} GiB beside the worker process")
     candidates = [inputs.forced_level] if inputs.forced_level else _ladder(inputs.optimize, cc)
     if inputs.optimize == Optimize.THROUGHPUT and candidates[:1] == [QuantLevel.FP8] and not inputs.forced_level:
         reasons.append("throughput: fp8 first, on fp8 tensor cores the fastest level (docs/benchmarks.md)")
@@ -285,6 +312,12 @@ def make_plan(inputs: PlanInputs) -> Plan:
                 smallest = min(smallest, peaks[placement])
                 if peaks[placement] > usable:
                     continue
+                host = host_held_gib(placement, components)
+                if host_room is not None and host > host_room:
+                    reasons.append(
+                        f"{level}: {placement} text encoders in {precision} would keep {host:.1f} GiB in host memory"
+                    )
+                    continue
                 reasons.append(
                     f"{level}: {placement} text encoders in {precision}{' with tiled VAE decode' if tiled else ''} "
                     f"peak {peaks[placement]:.2f} GiB fits"
@@ -301,6 +334,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
                     text_encoder_precision=precision,
                     vae_tiling=tiled,
                     vram_budget_gib=inputs.vram_gib,
+                    host_gib=round(host, 3),
                     components_gib=components,
                     denoise_resident_gib=resident + (components["text_encoders"] if placement == "gpu" else 0.0),
                     step_scale=sizes_of(inputs.model).step_scale,

@@ -24,6 +24,7 @@ A fleet file:
     name = "RTX 3060"
     count = 12
     vram_gib = 12
+    host_gib = 32            # optional: the host memory each card's worker may use
     images_per_hour = 95     # optional: a rate you measured (`fluxfarm bench`), used as given
 """
 
@@ -66,6 +67,7 @@ class CardClass(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     count: int = Field(ge=1, le=1_000_000)
     vram_gib: float = Field(gt=0, le=4096)
+    host_gib: float | None = Field(default=None, gt=0, le=65536, description="Each card's share of host memory.")
     gpu: str | None = Field(default=None, max_length=128, description="The GPU's name, when `name` is not one.")
     images_per_hour: float | None = Field(default=None, gt=0, description="A measured rate, used as given.")
     price_per_hour: float | None = Field(default=None, ge=0)
@@ -141,7 +143,13 @@ def _file_class(card: CardClass, model: FluxModel, optimize: Optimize, size: tup
     try:
         plan = make_plan(
             PlanInputs(
-                vram_gib=card.vram_gib, gpu_name=gpu, model=model, optimize=optimize, width=size[0], height=size[1]
+                vram_gib=card.vram_gib,
+                host_gib=card.host_gib,
+                gpu_name=gpu,
+                model=model,
+                optimize=optimize,
+                width=size[0],
+                height=size[1],
             )
         )
     except FarmError as error:

@@ -23,6 +23,7 @@ price_per_hour = 3.5
 name = "RTX 3060"
 count = 12
 vram_gib = 12
+host_gib = 16
 images_per_hour = 95
 price_per_hour = 0.2
 
@@ -52,6 +53,12 @@ def test_a_mixed_fleet_gets_levels_rates_and_an_eta(prompts: Path, tmp_path: Pat
     plan = _plan(str(prompts), "--fleet", str(fleet))
     rows = {row["name"]: row for row in plan["classes"]}
     assert {name: row["level"] for name, row in rows.items()} == {"H200": "fp8", "RTX 3060": "Q6_K", "RTX 4090": "fp8"}
+    # The 3060's 16 GiB host cannot pin the transformer and the encoders for a swap: they encode on its CPU.
+    assert {name: row["text_encoders"] for name, row in rows.items()} == {
+        "H200": "gpu",
+        "RTX 3060": "cpu",
+        "RTX 4090": "gpu-swap",
+    }
     h200 = 3600 / MEASURED_S_PER_IMAGE[("H200", "fp8")][0]
     assert rows["H200"]["images_per_hour_per_card"] == pytest.approx(h200)
     assert rows["H200"]["rate_source"].startswith("measured")

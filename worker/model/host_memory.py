@@ -1,0 +1,52 @@
+"""How much host memory this worker may use: what the VRAM plan counts a swap's pinned copies and a CPU
+encode's encoders against (worker/model/plan.py).
+
+The kernel's `MemAvailable` (what can be had without swapping), capped by the cgroup's limit less its use where
+the worker runs in a container with one (Kubernetes' memory limit, `docker run --memory`): a container sees the
+host's /proc/meminfo, not its own limit. None where neither can be read (not Linux): the plan then counts the GPU
+alone, as it did before. A host with several workers (one per card) shares this between them: set
+FLUXFARM_HOST_MEMORY_GIB to each worker's share there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fluxfarm.shared.units import GIB, KIB
+
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")
+_READ_BYTES = 64 * KIB
+"""More than /proc/meminfo or a cgroup file holds: every read is bounded."""
+
+
+def _read(path: Path) -> str | None:
+    try:
+        with path.open("rb") as file:
+            return file.read(_READ_BYTES).decode("ascii", "replace")
+    except OSError:
+        return None
+
+
+def _mem_available(meminfo: Path) -> int | None:
+    text = _read(meminfo)
+    for line in (text or "").splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if name == "MemAvailable" and fields and fields[0].isdigit():
+            return int(fields[0]) * (KIB if fields[1:] == ["kB"] else 1)
+    return None
+
+
+def _cgroup_room(cgroup: Path) -> int | None:
+    """The cgroup v2 limit less its current use; None without a limit ("max") or a cgroup v2."""
+    limit, used = _read(cgroup / "memory.max"), _read(cgroup / "memory.current")
+    if limit is None or used is None or not limit.strip().isdigit() or not used.strip().isdigit():
+        return None
+    return max(0, int(limit) - int(used))
+
+
+def available_host_gib(meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> float | None:
+    """Host memory this process may still take, in GiB; None where it cannot be read."""
+    known = [room for room in (_mem_available(meminfo), _cgroup_room(cgroup)) if room is not None]
+    return min(known) / GIB if known else None
