@@ -15,6 +15,9 @@ Phases, most needed first; each appends JSON lines to $RUN_DIR/farm.jsonl and pr
   budget12    21.2: a worker at --vram-budget 12: 16 jobs, no out-of-memory split in its log, steady s/image
   rerender    22.2: a FLUXFARM_DETERMINISTIC worker renders a job; `fluxfarm rerender` at the record's level
               (identical?) and at fp8 (the difference reported)
+  throughput-eager, budget12-eager
+              the throughput worker (warm) and the budget12 worker with FLUXFARM_CUDA_GRAPHS=false: the same run's
+              baseline for the step graphs (not in the default list)
 
     python3 tests/gpu/farm_measure.py [PHASE ...]      # on the GPU machine; no phase: all of them
     TINY=1 python3 tests/gpu/farm_measure.py            # the same phases on a CPU with the tiny model: a check
@@ -268,16 +271,35 @@ def phase_quality(farm: Farm) -> None:
           "oom_splits": log.count(OOM_SPLIT), "start_lines": start_lines(log)})  # fmt: skip
 
 
-def phase_budget12(farm: Farm) -> None:
-    worker = farm.worker("budget12", ["--vram-budget", "12"])
+def phase_budget12(farm: Farm, name: str = "budget12", env: dict[str, str] | None = None) -> None:
+    worker = farm.worker(name, ["--vram-budget", "12"], env=env)
     try:
-        farm.client.submit(job(1000, "budget12")).result(timeout=READY_S)
-        results, steady = farm.render([job(i, "budget12") for i in range(IMAGES)])
+        farm.client.submit(job(1000, name)).result(timeout=READY_S)
+        results, steady = farm.render([job(i, name) for i in range(IMAGES)])
         log = worker.log_text()
     finally:
         worker.stop()
-    emit({"phase": "budget12", "steady_s_per_image": steady, **summary(results), "oom_splits": log.count(OOM_SPLIT),
-          "start_lines": start_lines(log), **exported_calibration(farm, "budget12")})  # fmt: skip
+    emit({"phase": name, "steady_s_per_image": steady, **summary(results), "oom_splits": log.count(OOM_SPLIT),
+          "start_lines": start_lines(log), **exported_calibration(farm, name)})  # fmt: skip
+
+
+EAGER = {"FLUXFARM_CUDA_GRAPHS": "false"}
+"""The same worker with its steps run eagerly (compiled blocks only): the baseline the step graphs are measured
+against in the same run, as every worker ran before FluxPipeline's `joint_attention_kwargs={}` was taken."""
+
+
+def phase_throughput_eager(farm: Farm) -> None:
+    """A whole-card throughput worker without step graphs (warm from the shared artifacts): its steady s/image
+    beside the throughput phase's."""
+    worker = farm.worker("throughput-eager", ["--optimize", "throughput"], env=EAGER)
+    try:
+        farm.client.submit(job(1000, "throughput-eager")).result(timeout=READY_S)
+        results, steady = farm.render([job(i, "throughput-eager") for i in range(IMAGES)])
+        log = worker.log_text()
+    finally:
+        worker.stop()
+    emit({"phase": "throughput-eager", "steady_s_per_image": steady, **summary(results),
+          "oom_splits": log.count(OOM_SPLIT), "start_lines": start_lines(log)})  # fmt: skip
 
 
 def phase_rerender(farm: Farm) -> None:
@@ -304,17 +326,19 @@ PHASES = {
     "quality": phase_quality,
     "budget12": phase_budget12,
     "rerender": phase_rerender,
+    "throughput-eager": phase_throughput_eager,
+    "budget12-eager": lambda farm: phase_budget12(farm, "budget12-eager", EAGER),
 }
 
 
 def main(names: list[str], phases: dict[str, Callable[[Farm], None]] = PHASES,
          on_error: Callable[[dict[str, Any]], None] = emit) -> None:  # fmt: skip
-    """Run the named phases (all of `phases` when none is named) over one farm; tests/gpu/fleet_measure.py
-    runs its own phases through this."""
+    """Run the named phases (when none is named, those of `phases` but the -eager baselines) over one farm;
+    tests/gpu/fleet_measure.py runs its own phases through this."""
     RUN.mkdir(parents=True, exist_ok=True)
     with RedisServer(RUN / "redis") as redis_server:
         farm = Farm(redis_server)
-        for name in names or list(phases):
+        for name in names or [name for name in phases if not name.endswith("-eager")]:
             print(f"== {name} {time.strftime('%T')}", flush=True)
             try:
                 phases[name](farm)
