@@ -53,21 +53,25 @@ def test_denoise_groups_batch_only_jobs_of_the_same_shape_up_to_the_limit() -> N
     assert denoise_groups(jobs, 4, lambda w, h: planned[(w, h)]) == [[0], [1, 4], [2], [3]]
 
 
-def test_the_engine_batches_as_its_plan_says(engine: RenderEngine) -> None:
-    """Issue 21, point 2: under a plan whose batch at 256² is 2, four jobs denoise as two batches of two
-    even though the worker would hold four."""
+def _plan_leaving(room_gib: float) -> Plan:
+    """A 10 GiB Q8_0 plan whose resident part leaves `room_gib` beside the first 256² image's step."""
     usable = 10.0 - headroom_gib(10.0)
-    first, extra = step_working_gib(QuantLevel.Q8_0, 256 * 256), _interpolate(*EXTRA_IMAGE_STEP_GIB, 256 * 256)
-    plan = Plan(
+    return Plan(
         level="Q8_0",
         predicted_peak_gib=9.0,
         text_encoders="gpu",
         vae_tiling=False,
         vram_budget_gib=10.0,
         components_gib={},
-        denoise_resident_gib=usable - first - 1.5 * extra,
+        denoise_resident_gib=usable - step_working_gib(QuantLevel.Q8_0, 256 * 256) - room_gib,
         reasons=[],
     )
+
+
+def test_the_engine_batches_as_its_plan_says(engine: RenderEngine) -> None:
+    """Issue 21, point 2: under a plan whose batch at 256² is 2, four jobs denoise as two batches of two
+    even though the worker would hold four."""
+    plan = _plan_leaving(1.5 * _interpolate(*EXTRA_IMAGE_STEP_GIB, 256 * 256))
     assert plan.batch_limit(256, 256) == 2
     planned = RenderEngine(dataclasses.replace(engine.model, plan=plan), max_batch=4, embedding_cache=8)
     rendered = planned.render_batch([_job(f"planned {n}", n) for n in range(4)])
@@ -77,19 +81,8 @@ def test_the_engine_batches_as_its_plan_says(engine: RenderEngine) -> None:
 def test_steps_replay_as_graphs_only_in_batches_whose_graph_fits_beside_the_decode(engine: RenderEngine) -> None:
     """A graph's pool keeps the step's memory while the batch decodes: a batch the plan has room for but not for
     its graph beside the decode runs eagerly, at the planned size, and a smaller one is free to replay."""
-    usable = 10.0 - headroom_gib(10.0)
     pixels = 256 * 256
-    first, extra = step_working_gib(QuantLevel.Q8_0, pixels), _interpolate(*EXTRA_IMAGE_STEP_GIB, pixels)
-    plan = Plan(
-        level="Q8_0",
-        predicted_peak_gib=9.0,
-        text_encoders="gpu",
-        vae_tiling=False,
-        vram_budget_gib=10.0,
-        components_gib={},
-        denoise_resident_gib=usable - first - decode_working_gib(pixels, tiled=False) - 0.5 * extra,
-        reasons=[],
-    )
+    plan = _plan_leaving(decode_working_gib(pixels, tiled=False) + 0.5 * _interpolate(*EXTRA_IMAGE_STEP_GIB, pixels))
     assert (plan.batch_limit(256, 256), plan.graph_batch_limit(256, 256)) == (3, 1)
     planned = RenderEngine(dataclasses.replace(engine.model, plan=plan), max_batch=4, embedding_cache=8)
     graphs = use_step_graphs(engine.model.pipe.transformer)
