@@ -95,6 +95,20 @@ def test_steps_replay_as_graphs_only_in_batches_whose_graph_fits_beside_the_deco
     assert graphs.eager == {"no room for the graph beside the decode": 3, "encoder_hidden_states off the GPU": 3}
 
 
+def test_a_gpu_swap_engine_runs_its_steps_eagerly(tiny_model: Path) -> None:
+    """The transformer leaves the card for every encode phase, so a graph would be captured again each batch
+    (run 15: slower than eager steps): a swapping engine holds its graphs off and says why."""
+    settings = WorkerSettings(cache_dir=tiny_model.parent / "cache")
+    model = load_model(str(tiny_model), str(gguf_path(tiny_model, QuantLevel.Q8_0)), "cpu", settings)
+    swapping = RenderEngine(
+        dataclasses.replace(model, text_encoders="gpu-swap", plan=_plan_leaving(10.0)), max_batch=2, embedding_cache=8
+    )
+    graphs = use_step_graphs(model.pipe.transformer)
+    rendered = swapping.render_batch([_job(f"swapped {n}", n) for n in range(2)])
+    assert [image.batch_size for image in rendered] == [2, 2]
+    assert graphs.eager == {"the transformer leaves the card every encode phase": 3}
+
+
 def test_a_batch_renders_each_job_as_its_own_render_would(engine: RenderEngine) -> None:
     jobs = [_job("a red fox", 1), _job("a blue whale", 2, width=320), _job("a green owl", 3)]
     batched = engine.render_batch(jobs)
