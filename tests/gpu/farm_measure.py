@@ -201,7 +201,10 @@ def phase_model(farm: Farm) -> None:
     if (MODEL_DIR / "model_index.json").is_file():
         return
     started = time.monotonic()
-    args = ["random-model", str(MODEL_DIR), "--model", "flux.1-dev", "--levels", "Q6_K,Q4_K"]
+    # FARM_MODEL_LEVELS="" for the throughput and warm phases alone: their fp8 is made from the bf16 weights, and
+    # quantizing and writing the GGUF files is a minute of device time they do not need.
+    levels = os.environ.get("FARM_MODEL_LEVELS", "Q6_K,Q4_K")
+    args = ["random-model", str(MODEL_DIR), "--model", "flux.1-dev", *(["--levels", levels] if levels else [])]
     args += ["--tiny", "--device", "cpu"] if TINY else []
     done = fluxfarm(*args)
     emit(
