@@ -255,7 +255,13 @@ class WorkerSettings(FarmSettings):
             raise ValueError(str(error)) from None
 
     _blank_worker_is_none = field_validator(
-        "transformer", "cache_max_gib", "model_name", "compile_cache_url", "compile_cache_secret", mode="before"
+        "transformer",
+        "cache_max_gib",
+        "host_memory_gib",
+        "model_name",
+        "compile_cache_url",
+        "compile_cache_secret",
+        mode="before",
     )(blank_is_none)
 
     @field_validator("warmup_sizes", mode="before")

@@ -70,3 +70,13 @@ def test_host_memory_is_what_is_available_capped_by_the_cgroup(tmp_path: Path) -
     assert available_host_gib(nothing / "meminfo", nothing) is None  # not Linux: the plan counts the GPU only
     here = available_host_gib()
     assert here is not None and 0 < here < 4096  # this machine's own
+
+
+def test_an_empty_setting_means_read_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """infra/worker-host.yml passes `${FLUXFARM_HOST_MEMORY_GIB:-}`: empty where the operator set no share."""
+    from fluxfarm.worker.settings import WorkerSettings
+
+    monkeypatch.setenv("FLUXFARM_HOST_MEMORY_GIB", "")
+    assert WorkerSettings().host_memory_gib is None
+    monkeypatch.setenv("FLUXFARM_HOST_MEMORY_GIB", "30")
+    assert WorkerSettings().host_memory_gib == 30.0
