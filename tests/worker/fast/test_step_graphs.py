@@ -15,7 +15,7 @@ def _tiny(tiny_model, device: str) -> FluxTransformer2DModel:
     return FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", dtype=torch.float32).to(device)
 
 
-def test_on_a_cpu_steps_run_eagerly_and_uninstall_restores_forward(tiny_model) -> None:
+def test_on_a_cpu_steps_run_eagerly_held_off_or_not_and_uninstall_restores_forward(tiny_model) -> None:
     model = _tiny(tiny_model, "cpu")
     inputs = step_inputs(dict(model.config), 128, 128, 1, "cpu", torch.float32)
     with torch.inference_mode():
@@ -28,6 +28,13 @@ def test_on_a_cpu_steps_run_eagerly_and_uninstall_restores_forward(tiny_model) -
     with torch.inference_mode():
         model(inputs["hidden_states"], **{k: v for k, v in inputs.items() if k != "hidden_states"})
     assert graphs.eager["positional arguments"] == 1
+    with torch.inference_mode():
+        graphs.hold_off("no room")  # the engine's: eager, counted under its reason, whatever the arguments
+        held = model(**inputs)[0]
+        graphs.hold_off("")
+        model(**inputs)
+    assert torch.equal(held, want) and graphs.eager["no room"] == 1
+    assert graphs.eager["encoder_hidden_states off the GPU"] == 2
     graphs.uninstall()
     assert step_graphs(model) is None
 
@@ -66,17 +73,3 @@ def test_a_dict_of_plain_values_is_part_of_the_signature() -> None:
     assert StepGraphs._signature({"joint_attention_kwargs": {"scale": 0.5}}) == (scaled[:1], "")
     held, why = StepGraphs._signature({"joint_attention_kwargs": {"ip_adapter_image_embeds": torch.zeros(1)}})
     assert held is None and why == "joint_attention_kwargs a dict"
-
-
-def test_steps_held_off_run_eagerly_under_the_reason_given(tiny_model) -> None:
-    model = _tiny(tiny_model, "cpu")
-    inputs = step_inputs(dict(model.config), 128, 128, 1, "cpu", torch.float32)
-    with torch.inference_mode():
-        want = model(**inputs)[0]
-        graphs = use_step_graphs(model)
-        graphs.hold_off("no room")
-        got = model(**inputs)[0]
-        graphs.hold_off("")
-        model(**inputs)
-    assert torch.equal(got, want)
-    assert graphs.eager == {"no room": 1, "encoder_hidden_states off the GPU": 1}
