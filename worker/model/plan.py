@@ -23,8 +23,8 @@ GPU in bf16, then (for FLUX.2's LLM encoders) in fp8, then swapped in per encode
 
 Host memory counts too where it is known (`PlanInputs.host_gib`): a swapped arrangement keeps the transformer and
 the encoders in pinned host memory, a CPU encode keeps the encoders there, and an arrangement whose host side does
-not fit beside the process is passed over like one whose GPU peak does not fit (FLUX.2 [dev] at 24 GiB keeps ~29
-GiB pinned: more than a 32 GB desktop has to spare).
+not fit beside the process is passed over like one whose GPU peak does not fit (FLUX.2 [dev] at 24 GiB keeps 34
+GiB pinned with its fp8 encoder: more than a 32 GB desktop has to spare).
 """
 
 from __future__ import annotations
@@ -314,9 +314,9 @@ def make_plan(inputs: PlanInputs) -> Plan:
                     continue
                 host = host_held_gib(placement, components)
                 if host_room is not None and host > host_room:
-                    reasons.append(
-                        f"{level}: {placement} text encoders in {precision} would keep {host:.1f} GiB in host memory"
-                    )
+                    why = f"{level}: {placement} text encoders in {precision} would keep {host:.1f} GiB in host memory"
+                    if why not in reasons:  # once, not again for the tiled decode
+                        reasons.append(why)
                     continue
                 reasons.append(
                     f"{level}: {placement} text encoders in {precision}{' with tiled VAE decode' if tiled else ''} "
@@ -343,7 +343,11 @@ def make_plan(inputs: PlanInputs) -> Plan:
                 plan.max_batch = plan.batch_limit(inputs.width, inputs.height)
                 plan.max_batch_by_size = {f"{w}x{h}": plan.batch_limit(w, h) for w, h in BATCH_SIZES}
                 return plan
-        reasons.append(f"{level}: even {smallest:.2f} GiB does not fit")
+        reasons.append(
+            f"{level}: fits the card ({smallest:.2f} GiB) but not the host"
+            if smallest <= usable
+            else f"{level}: even {smallest:.2f} GiB does not fit"
+        )
     raise FarmError(
         f"nothing of {inputs.model} fits {inputs.vram_gib:.1f} GiB at {inputs.width}x{inputs.height}"
         + (f" at level {inputs.forced_level}" if inputs.forced_level else "")

@@ -39,8 +39,9 @@ def test_a_small_host_moves_the_encoders_or_fails_saying_why() -> None:
         for h in (64, 32)
     ]
     assert [plan.text_encoder_precision for plan in dev] == ["fp8", "Q4_K"]
-    with pytest.raises(FarmError, match=r"host 16\.0 GiB"):
+    with pytest.raises(FarmError, match=r"host 16\.0 GiB") as refused:
         make_plan(PlanInputs(vram_gib=24, model=FluxModel.FLUX_2_DEV, gpu_name="RTX 4090", host_gib=16))
+    assert "Q4_K: fits the card (20.20 GiB) but not the host" in str(refused.value)
 
 
 def test_plan_command_takes_the_host_memory() -> None:
