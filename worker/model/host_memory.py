@@ -50,3 +50,24 @@ def available_host_gib(meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> float 
     """Host memory this process may still take, in GiB; None where it cannot be read."""
     known = [room for room in (_mem_available(meminfo), _cgroup_room(cgroup)) if room is not None]
     return min(known) / GIB if known else None
+
+
+PROC_SELF_STATUS = Path("/proc/self/status")
+
+
+def process_host_gib(status: Path = PROC_SELF_STATUS) -> tuple[float, float] | None:
+    """This process's resident host memory and its peak so far (`VmRSS`, `VmHWM`), in GiB; None off Linux.
+
+    Logged when a model has loaded: what a GPU worker holds on the host (CUDA's own share included, which the
+    plan's `HOST_PROCESS_GIB` allows for without a measurement of its own) and how high loading took it.
+    """
+    text = _read(status)
+    values: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if name in ("VmRSS", "VmHWM") and fields and fields[0].isdigit() and fields[1:] == ["kB"]:
+            values[name] = int(fields[0]) * KIB
+    if len(values) < 2:
+        return None
+    return values["VmRSS"] / GIB, values["VmHWM"] / GIB

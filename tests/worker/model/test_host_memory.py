@@ -11,7 +11,7 @@ import pytest
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.units import GIB
-from fluxfarm.worker.model.host_memory import available_host_gib
+from fluxfarm.worker.model.host_memory import available_host_gib, process_host_gib
 from fluxfarm.worker.model.plan import HOST_PROCESS_GIB, PlanInputs, make_plan
 from tests.conftest import run_fluxfarm
 
@@ -71,6 +71,17 @@ def test_host_memory_is_what_is_available_capped_by_the_cgroup(tmp_path: Path) -
     assert available_host_gib(nothing / "meminfo", nothing) is None  # not Linux: the plan counts the GPU only
     here = available_host_gib()
     assert here is not None and 0 < here < 4096  # this machine's own
+
+
+def test_a_process_reads_its_resident_memory_and_peak(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tpython\nVmHWM:\t{6 * 1024 * 1024} kB\nVmRSS:\t{3 * 1024 * 1024} kB\n")
+    assert process_host_gib(status) == pytest.approx((3, 6))
+    status.write_text("Name:\tpython\nVmRSS:\t12 kB\n")
+    assert process_host_gib(status) is None  # no peak, no figure
+    assert process_host_gib(tmp_path / "absent") is None
+    resident, peak = process_host_gib() or (0.0, 0.0)
+    assert 0 < resident <= peak < 64  # this test process: torch imported, well under this machine's memory
 
 
 def test_an_empty_setting_means_read_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
