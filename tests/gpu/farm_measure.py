@@ -164,10 +164,17 @@ def timeline(log: str, started_wall: float) -> dict[str, float]:
     return marks
 
 
-START_LINES = ("after the process started", "load phases:", "warm start ready", "rendered job", "first batch:")
+START_LINES = (
+    "after the process started",
+    "load phases:",
+    "model loaded in",
+    "warm start ready",
+    "rendered job",
+    "first batch:",
+)
 """What a worker logs about its way to its first image: the seconds before its first line (imports, device probe),
-the load's phases, the shared artifacts' load, the first job's phases, and its batch's compiling and graph
-capture."""
+the load's phases and host memory, the shared artifacts' load, the first job's phases, and its batch's compiling
+and graph capture."""
 
 
 def start_lines(log: str) -> list[str]:
