@@ -26,10 +26,12 @@ Phases, most needed first; each appends JSON lines to $RUN_DIR/farm.jsonl and pr
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -74,6 +76,18 @@ def job(index: int, dataset: str, quant: str = "auto") -> dict[str, Any]:
             "quant": quant}  # fmt: skip
 
 
+class WatchedWorker(WorkerProcess):
+    """A worker that knows whether the phase stopped it, so that `Farm._watch` tells a stop from a crash."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        super().__init__(args, env, log_path)
+        self.stopping = threading.Event()
+
+    def stop(self, *args: Any, **kwargs: Any) -> None:
+        self.stopping.set()
+        super().stop(*args, **kwargs)
+
+
 class Farm:
     """The redis-server, storage and environment every phase's workers and commands share."""
 
@@ -84,7 +98,6 @@ class Farm:
             "FLUXFARM_RESULT_BACKEND_URL": redis_server.url,
             "FLUXFARM_STORAGE_URL": f"file://{STORE}",
             "FLUXFARM_MODEL": str(MODEL_DIR),
-            "FLUXFARM_CATALOG": str(MODEL_DIR / CATALOG_FILE),
             "FLUXFARM_LOG_LEVEL": "INFO",
             "FLUXFARM_COMPILE_CACHE_URL": f"file://{COMPILE_CACHE}",
             "FLUXFARM_COMPILE_CACHE_SECRET": "farm-measure-" + "0" * 32,
@@ -96,18 +109,41 @@ class Farm:
                 api_url=None,
             )
         )  # fmt: skip
+        self.exited: WatchedWorker | None = None
+        """A worker that exited by itself while a phase waited on it (set by `_watch`)."""
+
+    def command_env(self) -> dict[str, str]:
+        """The environment of a worker or command: the catalog of the model's GGUF files where the model phase
+        wrote any (FARM_MODEL_LEVELS="" writes none, and a worker refuses a catalog setting it cannot read)."""
+        catalog = MODEL_DIR / CATALOG_FILE
+        return {**self.env, **({"FLUXFARM_CATALOG": str(catalog)} if catalog.is_file() else {})}
 
     def worker(self, name: str, args: list[str], env: dict[str, str] | None = None) -> WorkerProcess:
         """A worker with local caches of its own, empty (compile caches, and FLUXFARM_CACHE_DIR's weight digests,
-        as on a fresh machine): only the shared artifacts can warm it."""
+        as on a fresh machine): only the shared artifacts can warm it. Its log starts empty (a log of an earlier
+        run would put its lines first in the timeline), and a watch interrupts the phase if it exits by itself."""
         local = RUN / "local-caches" / name
         caches = {
             "TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"),
             "TRITON_CACHE_DIR": str(local / "triton"),
             "FLUXFARM_CACHE_DIR": str(local / "fluxfarm"),
         }
-        worker_env = {**self.env, **caches, "FLUXFARM_WORKER_NAME": f"{name}@farm", **(env or {})}
-        return WorkerProcess(args, worker_env, RUN / f"worker-{name}.log").start()
+        worker_env = {**self.command_env(), **caches, "FLUXFARM_WORKER_NAME": f"{name}@farm", **(env or {})}
+        log = RUN / f"worker-{name}.log"
+        log.unlink(missing_ok=True)
+        worker = WatchedWorker(args, worker_env, log)
+        worker.start()
+        threading.Thread(target=self._watch, args=(worker,), daemon=True).start()
+        return worker
+
+    def _watch(self, worker: WatchedWorker) -> None:
+        """Interrupt the phase when `worker` exits before the phase stops it (a crash at start, say): the phase's
+        wait would otherwise last READY_S, half an hour of device time."""
+        assert worker.process is not None
+        worker.process.wait()
+        if not worker.stopping.is_set():
+            self.exited = worker
+            _thread.interrupt_main()
 
     def first_image_s(self, started: float, dataset: str) -> tuple[float, RenderResult]:
         """Seconds from a worker's process start (`started`) to its first image stored: the job is queued as the
@@ -191,7 +227,8 @@ def exported_calibration(farm: Farm, dataset: str) -> dict[str, Any]:
     """`fluxfarm export` of `dataset` as parquet: its calibration columns, and how many rows cite a calibration
     (issue 22.1: the figures reach the export where a calibration of the level was kept first)."""
     export = RUN / f"{dataset}.parquet"
-    exported = fluxfarm("export", "--dataset", dataset, "--format", "parquet", "--out", str(export), env=farm.env)
+    args = ["export", "--dataset", dataset, "--format", "parquet", "--out", str(export)]
+    exported = fluxfarm(*args, env=farm.command_env())
     row: dict[str, Any] = {"export_rc": exported.returncode, "calibration_columns": [], "calibrated_rows": 0}
     if exported.returncode == 0:
         import pyarrow.parquet as pq
@@ -231,7 +268,7 @@ def phase_calibrate(farm: Farm) -> None:
     args = ["calibrate", "--model", str(MODEL_DIR), "--levels", "fp8,Q6_K,Q4_K", "--size", f"{SIDE}x{SIDE}"]
     args += ["--prompts", str(probes)]
     started = time.monotonic()
-    done = fluxfarm(*args, "--steps", str(STEPS), "--json", env=farm.env)
+    done = fluxfarm(*args, "--steps", str(STEPS), "--json", env=farm.command_env())
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     emit({"phase": "calibrate", "rc": done.returncode, "s": time.monotonic() - started, "rows": rows,
           "err": done.stderr[-2000:] if done.returncode else ""})  # fmt: skip
@@ -322,7 +359,7 @@ def phase_rerender(farm: Farm) -> None:
     rows: dict[str, Any] = {"phase": "rerender", "job_id": stored.job_id, "level": stored.quant.value}
     for name, extra in (("same", []), ("fp8", ["--quant", "fp8"])):
         done = fluxfarm("rerender", "repro", stored.job_id, "--model", str(MODEL_DIR), "--json", *extra,
-                        env={**farm.env, **deterministic})  # fmt: skip
+                        env={**farm.command_env(), **deterministic})  # fmt: skip
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         rows[name] = json.loads(lines[-1]) if lines else {"rc": done.returncode, "err": done.stderr[-2000:]}
     emit(rows)
@@ -354,6 +391,12 @@ def main(names: list[str], phases: dict[str, Callable[[Farm], None]] = PHASES,
                 phases[name](farm)
             except Exception as error:  # one phase's failure is a row; the next phase still runs
                 on_error({"phase": name, "error": f"{type(error).__name__}: {error}"[:3000]})
+            except KeyboardInterrupt:
+                if farm.exited is None:
+                    raise
+                tail = "\n".join(farm.exited.log_text().splitlines()[-20:])
+                on_error({"phase": name, "error": f"the worker exited by itself; its log ends:\n{tail}"[-3000:]})
+                farm.exited = None
 
 
 if __name__ == "__main__":

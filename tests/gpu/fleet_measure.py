@@ -70,7 +70,7 @@ def fleet_plan(farm: Farm, fleet: str) -> dict[str, Any]:
     """`fluxfarm plan` of the auto jobs' prompt file on `fleet` (a fleet file or `live`), as its JSON."""
     prompts = RUN / "fleet-prompts.jsonl"
     prompts.write_text("".join(json.dumps(job(i, "fleet")) + "\n" for i in range(2 * IMAGES)))
-    done = fluxfarm("plan", str(prompts), "--fleet", fleet, "--json", env=farm.env)
+    done = fluxfarm("plan", str(prompts), "--fleet", fleet, "--json", env=farm.command_env())
     return json.loads(done.stdout) if done.returncode == 0 else {"rc": done.returncode, "err": done.stderr[-2000:]}
 
 
