@@ -91,7 +91,8 @@ VAE_TILE_PX = 512
 CUDA_CONTEXT_GIB = 0.6
 HOST_PROCESS_GIB = 2.0
 """Host memory a worker process holds beside the model's parts: its imports take 0.5 GiB on the CPU build
-(measured here, max RSS); CUDA's libraries and context add their host side on a GPU machine (not measured)."""
+(measured here, max RSS); a whole-card fp8 worker on the H200, CUDA's host side included, held 1.6 GiB once
+loaded (docs/benchmarks.md, run 16: the worker's model-loaded line)."""
 ALLOCATOR_SLACK = 0.04
 """Fragmentation margin, as a share of the budget."""
 
