@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fluxfarm.shared.errors import (
         FarmError,
         InvalidJob,
+        InvalidSettings,
         JobCancelled,
         JobDeadLettered,
         JobFailed,
@@ -47,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "ProducerSettings": "fluxfarm.producer.settings",
     "FarmError": "fluxfarm.shared.errors",
     "InvalidJob": "fluxfarm.shared.errors",
+    "InvalidSettings": "fluxfarm.shared.errors",
     "JobFailed": "fluxfarm.shared.errors",
     "JobDeadLettered": "fluxfarm.shared.errors",
     "JobCancelled": "fluxfarm.shared.errors",
@@ -66,6 +68,7 @@ __all__ = [  # noqa: RUF022 (grouped as _EXPORTS is)
     "ProducerSettings",
     "FarmError",
     "InvalidJob",
+    "InvalidSettings",
     "JobFailed",
     "JobDeadLettered",
     "JobCancelled",

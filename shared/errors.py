@@ -90,5 +90,10 @@ class JobInputError(FarmError):
     architecture, too large. Another attempt would fail the same way, so the job fails at once."""
 
 
+class InvalidSettings(FarmError, ValueError):
+    """A `FLUXFARM_*` setting (or a keyword given for one) does not validate: one line naming each variable and
+    the reason, never its value (a setting may be a secret), where pydantic would print a traceback."""
+
+
 class PlaceholderSecret(FarmError):
     """A secret is still the placeholder of infra/env.example: the farm refuses to start open."""

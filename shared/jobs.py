@@ -33,6 +33,7 @@ from fluxfarm.shared.adapters import (
 from fluxfarm.shared.errors import FarmError, InvalidJob
 from fluxfarm.shared.models import LEGACY_MODEL, MODELS, FluxModel, ImageUse
 from fluxfarm.shared.routing import AUTO, QuantConstraint, lora_queue, parse_constraint
+from fluxfarm.shared.validation_errors import describe_validation_error, validation_problems
 
 MAX_PROMPT_CHARS = 4000
 """CLIP reads 77 tokens and T5 at most 512; 4,000 characters is well past either, so longer is a mistake."""
@@ -252,20 +253,6 @@ def canonical_job_id(job: RenderJob) -> str:
     params = job.model_dump(mode="json", exclude={"job_id", *unset})
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:_JOB_ID_CHARS]
-
-
-def validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
-    """(field path, reason) per problem: `("width", "Input should be a multiple of 16")`."""
-    problems = []
-    for problem in error.errors(include_url=False):
-        where = ".".join(str(part) for part in problem["loc"]) or "job"
-        problems.append((where, "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]))
-    return tuple(problems)
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """One readable line for every problem: `width: Input should be a multiple of 16; seed: ...`."""
-    return "; ".join(f"{where}: {reason}" for where, reason in validation_problems(error))
 
 
 _EMPTY_DEFAULTS = frozenset(

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fluxfarm.shared.errors import PlaceholderSecret
+from fluxfarm.shared.errors import InvalidSettings, PlaceholderSecret
+from fluxfarm.shared.validation_errors import validation_problems
 
 DEFAULT_STORAGE_URL = "file://./fluxfarm-output"
 PLACEHOLDER_SECRET_PREFIX = "change-me"
@@ -34,6 +35,18 @@ def blank_is_none(value: object) -> object:
     return None if value == "" else value
 
 
+def _describe_settings_error(error: ValidationError) -> str:
+    """`invalid setting FLUXFARM_MAX_BATCH: Input should be a valid integer, ...`, one clause a problem; the
+    variable is named as the environment spells it (a field's alias already carries the prefix)."""
+    clauses = []
+    for where, reason in validation_problems(error, whole="settings"):
+        head, _, rest = where.partition(".")
+        prefixed = head.lower().startswith("fluxfarm_") or where == "settings"
+        name = head.upper() if prefixed else f"FLUXFARM_{head.upper()}"
+        clauses.append(f"{name}{'.' + rest if rest else ''}: {reason}")
+    return "invalid setting " + "; ".join(clauses)
+
+
 class FarmSettings(BaseSettings):
     """Where the farm is (Redis, storage, TLS) and the queue's contract; every field is a `FLUXFARM_<NAME>`."""
 
@@ -46,7 +59,10 @@ class FarmSettings(BaseSettings):
         unknown = sorted(name for name in values if not name.startswith("_") and name not in self._init_names())
         if unknown:
             raise TypeError(f"{type(self).__name__} has no setting {', '.join(unknown)}")
-        super().__init__(**values)
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise InvalidSettings(_describe_settings_error(error)) from None
 
     @classmethod
     def _init_names(cls) -> set[str]:
@@ -111,7 +127,18 @@ class FarmSettings(BaseSettings):
             raise ValueError("storage_url must start with s3:// or file://")
         return value
 
-    _blank_is_none = field_validator("tls_ca_file", "s3_endpoint_url", mode="before")(blank_is_none)
+    @field_validator("broker_url", "result_backend_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        """Checked here, where the error names the variable: redis-py's own refusal is a traceback at the first
+        connection, after the worker has loaded its model."""
+        if value is not None and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("a Redis URL starts with redis:// or rediss:// (TLS)")
+        return value
+
+    _blank_is_none = field_validator("tls_ca_file", "s3_endpoint_url", "result_backend_url", mode="before")(
+        blank_is_none
+    )
 
     @property
     def result_backend(self) -> str:

@@ -18,9 +18,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from fluxfarm.shared import keys
 from fluxfarm.shared.celery_app import Priority
 from fluxfarm.shared.errors import FarmError
-from fluxfarm.shared.jobs import describe_validation_error, parse_dataset_name
+from fluxfarm.shared.jobs import parse_dataset_name
 from fluxfarm.shared.redis_conn import text
 from fluxfarm.shared.routing import parse_tenant
+from fluxfarm.shared.validation_errors import describe_validation_error
 
 TOKEN_PREFIX = "ffk_"
 """What every gateway token begins with, so a secret scanner (and a person) can tell one."""

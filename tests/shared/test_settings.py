@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
 from fluxfarm.producer.settings import ProducerSettings
-from fluxfarm.shared.errors import PlaceholderSecret
+from fluxfarm.shared.errors import InvalidSettings, PlaceholderSecret
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.settings import FarmSettings, redact_url
 from fluxfarm.worker.settings import WorkerSettings
@@ -24,7 +23,7 @@ def test_settings_read_fluxfarm_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_a_too_short_lease_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLUXFARM_LEASE_S", "1")
-    with pytest.raises(ValueError, match="lease_s"):
+    with pytest.raises(InvalidSettings, match="FLUXFARM_LEASE_S"):
         FarmSettings()
 
 
@@ -117,10 +116,26 @@ def test_a_forced_level_is_read_by_its_name_and_its_earlier_one(monkeypatch: pyt
     monkeypatch.setenv(name, "q4_k")
     assert WorkerSettings().level is QuantLevel.Q4_K
     monkeypatch.setenv(name, "Q9_Z")
-    with pytest.raises(ValidationError, match="unknown quantization level 'Q9_Z'"):
+    with pytest.raises(InvalidSettings, match="unknown quantization level 'Q9_Z'"):
         WorkerSettings()
     monkeypatch.setenv(name, "")
     assert WorkerSettings().level is None
+
+
+def test_a_bad_setting_names_its_variables_and_reasons_but_never_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker or command started with a wrong FLUXFARM_* value says which and why in one line (the CLI prints
+    it as `error: ...`), not a pydantic traceback; the value itself may be a secret."""
+    monkeypatch.setenv("FLUXFARM_BROKER_URL", "ftp://farm:hunter2-secret@redis:6379/0")
+    monkeypatch.setenv("FLUXFARM_MAX_BATCH", "banana")
+    with pytest.raises(InvalidSettings) as refused:
+        WorkerSettings()
+    message = str(refused.value)
+    assert message.startswith("invalid setting FLUXFARM_BROKER_URL: ")
+    assert "redis:// or rediss://" in message and "FLUXFARM_MAX_BATCH: Input should be a valid integer" in message
+    assert "hunter2" not in message and "banana" not in message
+    with pytest.raises(InvalidSettings, match="FLUXFARM_RESULT_BACKEND_URL"):
+        FarmSettings(broker_url="redis://farm:6379/0", result_backend_url="http://farm:6379/1")
+    assert FarmSettings(broker_url="rediss://farm:6380/0", result_backend_url="").result_backend_url is None
 
 
 def test_each_side_reads_its_own_settings_from_one_shared_environment(monkeypatch: pytest.MonkeyPatch) -> None:
