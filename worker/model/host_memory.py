@@ -11,6 +11,7 @@ FLUXFARM_HOST_MEMORY_GIB to each worker's share there.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from fluxfarm.shared.units import GIB, KIB
 
@@ -55,19 +56,28 @@ def available_host_gib(meminfo: Path = MEMINFO, cgroup: Path = CGROUP) -> float 
 PROC_SELF_STATUS = Path("/proc/self/status")
 
 
-def process_host_gib(status: Path = PROC_SELF_STATUS) -> tuple[float, float] | None:
-    """This process's resident host memory and its peak so far (`VmRSS`, `VmHWM`), in GiB; None off Linux.
+class ProcessHostMemory(NamedTuple):
+    """This process's host memory, in GiB, from /proc/self/status."""
 
-    Logged when a model has loaded: what a GPU worker holds on the host (CUDA's own share included, which the
-    plan's `HOST_PROCESS_GIB` allows for without a measurement of its own) and how high loading took it.
-    """
+    resident: float
+    """`VmRSS`: everything resident, the pages of files it maps (safetensors weights) included."""
+    anonymous: float
+    """`RssAnon`: its own memory (heap, tensors, pinned copies), what the plan's host figures count."""
+    peak: float
+    """`VmHWM`, the resident peak so far: while a model loads, its mapped weight files' pages count, page cache
+    the kernel can take back, so this bounds what loading needed from above."""
+
+
+def process_host_memory(status: Path = PROC_SELF_STATUS) -> ProcessHostMemory | None:
+    """Read when a model has loaded and logged: what a GPU worker holds on the host (CUDA's own share included,
+    which the plan's `HOST_PROCESS_GIB` allows for) and how high loading took it. None off Linux."""
     text = _read(status)
-    values: dict[str, int] = {}
+    values: dict[str, float] = {}
     for line in (text or "").splitlines():
         name, _, rest = line.partition(":")
         fields = rest.split()
-        if name in ("VmRSS", "VmHWM") and fields and fields[0].isdigit() and fields[1:] == ["kB"]:
-            values[name] = int(fields[0]) * KIB
-    if len(values) < 2:
+        if name in ("VmRSS", "RssAnon", "VmHWM") and fields and fields[0].isdigit() and fields[1:] == ["kB"]:
+            values[name] = int(fields[0]) * KIB / GIB
+    if len(values) < 3:
         return None
-    return values["VmRSS"] / GIB, values["VmHWM"] / GIB
+    return ProcessHostMemory(values["VmRSS"], values["RssAnon"], values["VmHWM"])

@@ -11,7 +11,7 @@ from fluxfarm.shared import __version__
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.worker.model.catalog import resolve_model
-from fluxfarm.worker.model.host_memory import process_host_gib
+from fluxfarm.worker.model.host_memory import process_host_memory
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import RenderEngine
@@ -75,13 +75,16 @@ class EngineLoader:
         )
         loaded = dataclasses.replace(loaded, plan=loadout.plan)
         load_s = time.perf_counter() - load_start
-        host = process_host_gib()
+        host = process_host_memory()
         log.info(
             "model loaded in %.2fs: %s, level %s; host memory %s",
             load_s,
             loaded.weights.transformer,
             loaded.level,
-            f"{host[0]:.1f} GiB resident, {host[1]:.1f} GiB at its peak" if host else "unknown",
+            f"{host.resident:.1f} GiB resident ({host.anonymous:.1f} GiB its own, the rest mapped files), "
+            f"{host.peak:.1f} GiB at its peak (mapped weight files included)"
+            if host
+            else "unknown",
         )
         self._metrics.model_loaded(loaded.level, load_s)
         self._metrics.describe_worker(

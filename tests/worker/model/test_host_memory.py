@@ -11,7 +11,7 @@ import pytest
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.units import GIB
-from fluxfarm.worker.model.host_memory import available_host_gib, process_host_gib
+from fluxfarm.worker.model.host_memory import ProcessHostMemory, available_host_gib, process_host_memory
 from fluxfarm.worker.model.plan import HOST_PROCESS_GIB, PlanInputs, make_plan
 from tests.conftest import run_fluxfarm
 
@@ -73,15 +73,17 @@ def test_host_memory_is_what_is_available_capped_by_the_cgroup(tmp_path: Path) -
     assert here is not None and 0 < here < 4096  # this machine's own
 
 
-def test_a_process_reads_its_resident_memory_and_peak(tmp_path: Path) -> None:
+def test_a_process_reads_its_resident_own_and_peak_memory(tmp_path: Path) -> None:
     status = tmp_path / "status"
-    status.write_text(f"Name:\tpython\nVmHWM:\t{6 * 1024 * 1024} kB\nVmRSS:\t{3 * 1024 * 1024} kB\n")
-    assert process_host_gib(status) == pytest.approx((3, 6))
+    mib = 1024
+    lines = ["Name:\tpython", f"VmHWM:\t{6 * mib * mib} kB", f"VmRSS:\t{3 * mib * mib} kB", f"RssAnon:\t{mib * mib} kB"]
+    status.write_text("\n".join(lines) + "\n")
+    assert process_host_memory(status) == ProcessHostMemory(resident=3.0, anonymous=1.0, peak=6.0)
     status.write_text("Name:\tpython\nVmRSS:\t12 kB\n")
-    assert process_host_gib(status) is None  # no peak, no figure
-    assert process_host_gib(tmp_path / "absent") is None
-    resident, peak = process_host_gib() or (0.0, 0.0)
-    assert 0 < resident <= peak < 64  # this test process: torch imported, well under this machine's memory
+    assert process_host_memory(status) is None  # no peak, no figure
+    assert process_host_memory(tmp_path / "absent") is None
+    here = process_host_memory()
+    assert here is not None and 0 < here.anonymous <= here.resident <= here.peak < 64  # this test process
 
 
 def test_an_empty_setting_means_read_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
