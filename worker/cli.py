@@ -247,7 +247,8 @@ def bench(
         str,
         typer.Option(
             help="Baselines run beside the engine, comma-separated, or all, or empty for none: diffusers-bf16, "
-            "seed-recipe (FLUX.1), diffusers-nf4-offload (FLUX.2 [dev])."
+            "seed-recipe (FLUX.1), diffusers-nf4-offload (FLUX.2 [dev]) for images; diffusers-bf16-compile and "
+            "torchao-fp8-compile (a CUDA GPU; torchao's fp8 on compute capability 8.9+) for steps."
         ),
     ] = "all",
     compile_blocks: Annotated[
@@ -283,7 +284,7 @@ def bench(
     from fluxfarm.worker.model.gpu import default_device
     from fluxfarm.worker.tools.bench import bench_jobs, run_bench
     from fluxfarm.worker.tools.bench_report import BenchLog
-    from fluxfarm.worker.tools.bench_rows import BASELINES, BenchOptions
+    from fluxfarm.worker.tools.bench_rows import BASELINES, STEP_BASELINES, BenchOptions
 
     device = device or default_device()
     if model != "tiny" and not tiny and torch.device(device).type != "cuda":
@@ -303,7 +304,7 @@ def bench(
         image_size=_sizes(image_size)[0],
         steps=steps,
         images=images,
-        baselines=_baselines(baselines, BASELINES),
+        baselines=_baselines(baselines, (*BASELINES, *STEP_BASELINES)),
         attention=attention,
         compile=compile_blocks,
         cuda_graphs=cuda_graphs,

@@ -7,8 +7,10 @@
 # Every call, `start` included, waits up to WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one
 # file, so the device tool's limit of 8 files never drops a log; a call cut short still returns what was there) and
 # prints how far it got. Call `wait` again until it prints "chain finished". What runs 13 and 14 left for the H200
-# (docs/benchmarks.md): the warm start there, and FLUX.2 [dev]'s whole bench in one run (its step rows have never
-# run; the 24 GiB rows ran on an H100), ~20 minutes: FARM_PHASES="model throughput warm" PHASES=dev. On the device,
+# (docs/benchmarks.md): FLUX.2 [dev]'s whole bench in one run (its step rows have never run; the 24 GiB rows ran
+# on an H100; run 16 measured the warm start), ~25 minutes with the step baselines: FARM_PHASES= PHASES=dev,
+# carrying .whl and .bnb (bitsandbytes and torchao wheels unpacked, the bench's baselines alone; torchao without
+# its .so files and test/, which its fp8 does not use and the 64 MiB a call carries has no room for). On the device,
 # after installing the carried wheels (and the project's own wheel rebuilt: the farm imports the installed package):
 #   bash tests/gpu/h200_chain.sh start
 #   bash tests/gpu/h200_chain.sh wait
@@ -31,8 +33,9 @@ case "${1:-wait}" in
       # shellcheck disable=SC2086
       for dir in ${PYTHONPATH//:/ } $site; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
       # What a worker's imports cost on this machine (its first log line says the total): one line a module.
-      # Without the carried bitsandbytes (.bnb, for the bench's 4-bit recipe only): diffusers imports it when it
-      # is there, ~1.7 s of every worker's start that a worker image (no [baselines] extra) does not pay.
+      # Without the carried baselines' packages (.bnb: bitsandbytes for the bench's 4-bit recipe, torchao for its
+      # torchao-fp8-compile steps): diffusers imports them when they are there, ~1.7 s of every worker's start
+      # that a worker image (neither the [baselines] nor the [torchao] extra) does not pay.
       farm_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
       (cd / && PYTHONPATH=$farm_path python3 -X importtime -c "import fluxfarm.cli, fluxfarm.worker.main" \
         2>"$farm/importtime.log" >/dev/null)

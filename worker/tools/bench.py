@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import tempfile
 import time
@@ -57,6 +58,8 @@ from fluxfarm.worker.tools.bench_rows import (
     DIFFUSERS_BF16,
     FOUR_BIT_RECIPE,
     SEED_RECIPE,
+    STEP_BASELINES,
+    TORCHAO_FP8_STEPS,
     BenchOptions,
     ImageRow,
     LoraFuseRow,
@@ -64,6 +67,7 @@ from fluxfarm.worker.tools.bench_rows import (
 )
 from fluxfarm.worker.tools.image_agreement import agreement, pixels
 from fluxfarm.worker.tools.random_lora import write_random_lora
+from fluxfarm.worker.tools.torchao_fp8 import to_torchao_fp8
 from fluxfarm.worker.tools.vram_probe import step_inputs
 
 log = logging.getLogger(__name__)
@@ -199,6 +203,33 @@ class Bench:
             remove_step_graphs(model)
             del model
             torch._dynamo.reset()  # compiled code keeps the blocks' weights alive past the model
+            _free(self.device)
+
+    @torch.inference_mode()
+    def step_baselines(self) -> None:
+        """The steps a user reaches without fluxfarm (STEP_BASELINES), timed as the step rows above: a fresh bf16
+        transformer under `torch.compile` (its default mode), and one quantized by torchao's fp8 and compiled.
+        CUDA only, as the bench compiles there alone; torchao's fp8 only on a card with fp8 tensor cores."""
+        wanted = [name for name in STEP_BASELINES if name in self.options.baselines]
+        device = torch.device(self.device)
+        if wanted and (device.type != "cuda" or not self.options.compile):
+            log.warning("step baselines %s left out: they compile, which the bench does on CUDA only", wanted)
+            return
+        for name in wanted:
+            level = QuantLevel.BF16
+            if name == TORCHAO_FP8_STEPS:
+                if torch.cuda.get_device_capability(device) < (8, 9) or importlib.util.find_spec("torchao") is None:
+                    log.warning("step baseline %s left out: it needs torchao (the torchao extra) and a card of compute "
+                                "capability 8.9+", name)  # fmt: skip
+                    continue
+                level = QuantLevel.FP8
+            model = self.parts.transformer(QuantLevel.BF16, self.device)
+            if level == QuantLevel.FP8:
+                to_torchao_fp8(model)
+            compiled = torch.compile(model)
+            self._step_row(compiled, level, STEP_BASELINES[name], None)
+            del compiled, model
+            torch._dynamo.reset()
             _free(self.device)
 
     def _lora_rows(self, model: torch.nn.Module, level: QuantLevel, paths: FastPaths) -> None:
@@ -420,7 +451,8 @@ class Bench:
 
     def run(self) -> None:
         """Whole images first: the baselines, the engine at each forced level (whole card), the engine at each
-        budget, FLUX.2 [dev]'s 4-bit recipe beside them (it drops the host copies the budgets kept); then steps.
+        budget, FLUX.2 [dev]'s 4-bit recipe beside them (it drops the host copies the budgets kept); then steps,
+        and the step baselines after them.
         The rows a goal compares come early, so a run cut short still has them."""
         if DIFFUSERS_BF16 in self.options.baselines:
             self.diffusers_bf16()
@@ -434,6 +466,7 @@ class Bench:
             self.four_bit_recipe()
         if self.options.levels:
             self.steps()
+            self.step_baselines()
 
 
 def run_bench(options: BenchOptions, device: str, on_row: Callable[[BaseModel], None]) -> None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from fluxfarm.worker.tools.bench_rows import BASELINES, ImageRow, LoraFuseRow, StepRow
+from fluxfarm.worker.tools.bench_rows import BASELINES, STEP_BASELINES, ImageRow, LoraFuseRow, StepRow
 
 
 class BenchLog:
@@ -62,6 +62,11 @@ class BenchLog:
                 if plain:
                     key = f"step {row.level} {row.path} / {row.level} {base_path} @{row.width}x{row.height}"
                     out[key] = row.step_ms / plain
+        for row in self.steps:  # the worker's compiled step against what a user compiles without it
+            ours = same_level.get((row.level, "fluxfarm+compile", row.width, row.height, row.batch))
+            if row.path in STEP_BASELINES.values() and row.batch == 1 and ours:
+                key = f"step {row.level} fluxfarm+compile / {row.level} {row.path} @{row.width}x{row.height}"
+                out[key] = ours / row.step_ms
         baselines = {row.name: row for row in self.images if row.name in BASELINES}
         for row in self.images:
             if row.name in baselines:

@@ -16,6 +16,14 @@ DIFFUSERS_BF16 = "diffusers-bf16"
 FOUR_BIT_RECIPE = "diffusers-nf4-offload"
 """FLUX.2 [dev]'s documented 24-32 GB recipe (worker/tools/bnb_nf4.py)."""
 BASELINES = (SEED_RECIPE, DIFFUSERS_BF16, FOUR_BIT_RECIPE)
+"""Whole-image baselines."""
+COMPILED_BF16_STEPS = "diffusers-bf16-compile"
+"""diffusers' bf16 transformer under `torch.compile`: step rows of path `diffusers+compile`."""
+TORCHAO_FP8_STEPS = "torchao-fp8-compile"
+"""torchao's per-row fp8 under `torch.compile` (worker/tools/torchao_fp8.py): step rows of path `torchao+compile`."""
+STEP_BASELINES = {COMPILED_BF16_STEPS: "diffusers+compile", TORCHAO_FP8_STEPS: "torchao+compile"}
+"""Step baselines, each with the path its rows carry: what a user reaches without fluxfarm, timed as the
+worker's steps are, on CUDA only (the bench compiles there alone)."""
 
 
 class BenchOptions(BaseModel):
@@ -34,9 +42,10 @@ class BenchOptions(BaseModel):
     steps: int = 28
     images: int = 4
     step_repeats: int = 5
-    baselines: list[str] = list(BASELINES)
+    baselines: list[str] = [*BASELINES, *STEP_BASELINES]
     """The baselines to run (those that apply to the model: the seed recipe is FLUX.1's, the 4-bit recipe
-    FLUX.2 [dev]'s); empty for none. A run that has a baseline's rows already can leave it out."""
+    FLUX.2 [dev]'s; the step baselines where steps are timed); empty for none. A run that has a baseline's rows
+    already can leave it out."""
     attention: AttentionChoice = "auto"
     compile: bool = True
     cuda_graphs: bool = True

@@ -4,13 +4,17 @@ agreement with bf16 and the ratios table (the full-size run needs a GPU; docs/be
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from fluxfarm.worker.model.text_encoders import prepare_text_encoder
 from fluxfarm.worker.tools.bench_parts import build_parts
+from fluxfarm.worker.tools.bench_report import BenchLog
+from fluxfarm.worker.tools.bench_rows import StepRow
 from tests.conftest import run_fluxfarm
 
 
@@ -42,6 +46,21 @@ def test_bench_on_the_tiny_model_reports_steps_images_baselines_and_ratios(tmp_p
     assert "step Q8_0 fluxfarm / bf16 fluxfarm @128x128" in ratios
     assert "images/hour fluxfarm@12GiB batch 1 / seed-recipe" in ratios
     assert "ratios" in result.stderr  # the tables are printed for people
+    # the step baselines compile, which the bench does on CUDA only: said, and no row made up
+    assert "step baselines ['diffusers-bf16-compile', 'torchao-fp8-compile'] left out" in result.stderr
+
+
+def test_the_compiled_step_is_set_against_what_a_user_compiles_without_fluxfarm() -> None:
+    log = BenchLog(None, {}, Console(file=io.StringIO()))
+    for level, path, ms in [("fp8", "fluxfarm+compile", 90.0), ("fp8", "torchao+compile", 100.0),
+                            ("bf16", "fluxfarm+compile", 120.0), ("bf16", "diffusers+compile", 150.0),
+                            ("bf16", "diffusers", 200.0)]:  # fmt: skip
+        log(StepRow(level=level, path=path, width=1024, height=1024, batch=1, step_ms=ms, ms_per_image_step=ms,
+                    peak_gib=None))  # fmt: skip
+    ratios = log.ratios()
+    assert ratios["step fp8 fluxfarm+compile / fp8 torchao+compile @1024x1024"] == 0.9
+    assert ratios["step bf16 fluxfarm+compile / bf16 diffusers+compile @1024x1024"] == 0.8
+    assert ratios["step fp8 torchao+compile / bf16 diffusers @1024x1024"] == 0.5
 
 
 def test_bench_refuses_full_size_without_a_gpu() -> None:
@@ -117,6 +136,7 @@ def test_bench_runs_only_the_baselines_named(tmp_path: Path) -> None:
     assert images["fluxfarm@24GiB"]["psnr_db_vs_bf16"] is None
     refused = run_fluxfarm("bench", "--model", "tiny", "--baselines", "diffusers-bf16,sd15", "--out", str(out))
     assert refused.returncode != 0 and "unknown baseline sd15" in refused.stderr, refused.stderr[-2000:]
+    assert "torchao-fp8-compile" in refused.stderr  # the step baselines are named among the known
 
 
 def test_bench_renders_as_a_deterministic_worker_when_asked(tmp_path: Path) -> None:
