@@ -223,14 +223,19 @@ class Bench:
                                 "capability 8.9+", name)  # fmt: skip
                     continue
                 level = QuantLevel.FP8
-            model = self.parts.transformer(QuantLevel.BF16, self.device)
-            if level == QuantLevel.FP8:
-                to_torchao_fp8(model)
-            compiled = torch.compile(model)
-            self._step_row(compiled, level, STEP_BASELINES[name], None)
-            del compiled, model
+            try:
+                self._step_baseline(name, level)
+            except (ImportError, RuntimeError) as error:  # torchao against this torch, say, or its compile
+                log.error("step baseline %s failed, its rows left out: %s", name, error)  # the rest of the run stands
             torch._dynamo.reset()
             _free(self.device)
+
+    def _step_baseline(self, name: str, level: QuantLevel) -> None:
+        """One step baseline's rows; its transformer goes with this frame, whether the rows came or it failed."""
+        model = self.parts.transformer(QuantLevel.BF16, self.device)
+        if level == QuantLevel.FP8:
+            to_torchao_fp8(model)
+        self._step_row(torch.compile(model), level, STEP_BASELINES[name], None)
 
     def _lora_rows(self, model: torch.nn.Module, level: QuantLevel, paths: FastPaths) -> None:
         """Fuse a random LoRA of the asked rank into the running model, time its steps, and unfuse it."""
