@@ -6,11 +6,13 @@
 #   1. probe-vram plans: klein-4B at 8/12 GiB, FLUX.2 [dev] at 24/48/80/141 GiB and 16 (its Q4_K encoder swapped in),
 #      and [dev]'s quality-first plans at 80/141 GiB
 #   2. bench klein-4B: diffusers bf16 beside the engine at bf16 and fp8, 4 steps
-#   3. bench FLUX.2 [dev]: diffusers bf16 beside the engine's fp8 and the 24 GiB plan, 28 steps
+#   3. bench FLUX.2 [dev]: diffusers bf16 beside the engine's fp8 and the 24 GiB plan, 28 steps; its step rows with
+#      the step baselines (compiled diffusers bf16, torchao fp8 compiled)
+#   bars (not in the default sequence): the step baselines beside the worker's steps for klein 4B, 9B and FLUX.1
 # On the device, after installing the carried wheels (../shared/device/wheels.sh, carry [".whl"]):
 #   bash tests/gpu/flux2_measure.sh start
 #   bash tests/gpu/flux2_measure.sh wait
-# One phase alone, in the foreground: bash tests/gpu/flux2_measure.sh plans|dev|klein. PHASES picks the
+# One phase alone, in the foreground: bash tests/gpu/flux2_measure.sh plans|dev|klein|bars. PHASES picks the
 # sequence's phases; KLEIN_BUDGETS, DEV_BUDGETS and DEV_QUALITY_BUDGETS the plans (each may be empty; an 80 GB
 # card: PHASES="plans klein" DEV_BUDGETS=24,48,80 DEV_QUALITY_BUDGETS=). Run 13 left for the next H200 run the
 # bench's 24 GiB row and the 4-bit recipe beside it (the host ran out of memory there in runs 11 and 13):
@@ -47,6 +49,16 @@ phase() {
         --image-levels "${DEV_IMAGE_LEVELS-fp8}" --image-batches 1 --steps 28 --images 2 \
         --baselines "${DEV_BASELINES-all}"
       ;;
+    bars)
+      # The bar a user reaches without fluxfarm, step for step in the same process as the worker's steps:
+      # diffusers' bf16 transformer compiled, and torchao's fp8 compiled (the step baselines; torchao carried in
+      # .bnb), beside the worker's bf16 and fp8 steps, for each family at 1024², batch 1 (~3-5 minutes a model).
+      for model in ${BAR_MODELS-flux.2-klein-4b flux.2-klein-9b flux.1-dev}; do
+        python3 -u -m fluxfarm bench --out "$run/bars-$model.jsonl" --model "$model" --levels fp8,bf16 \
+          --sizes 1024x1024 --batches 1 --vram-budget= --image-levels= \
+          --baselines diffusers-bf16-compile,torchao-fp8-compile
+      done
+      ;;
     klein)
       python3 -u -m fluxfarm bench --out "$run/bench-klein4b.jsonl" --model flux.2-klein-4b --levels fp8,bf16 \
         --sizes 1024x1024 --batches 1,4 --vram-budget 8 --image-levels bf16,fp8 --image-batches 1,4 --steps 4 \
@@ -55,7 +67,7 @@ phase() {
   esac
 }
 case "${1:-wait}" in
-  plans | dev | klein)
+  plans | dev | klein | bars)
     phase "$1" 2>&1 | tee -a "$run/$1.log"
     exit
     ;;
@@ -74,7 +86,7 @@ case "${1:-wait}" in
     ;;
   wait) ;;
   *)
-    echo "usage: $0 start|wait|plans|dev|klein" >&2
+    echo "usage: $0 start|wait|plans|dev|klein|bars" >&2
     exit 2
     ;;
 esac
@@ -86,6 +98,6 @@ while [ $SECONDS -lt $end ] && ! grep -q "sequence finished" "$run/sequence.log"
 done
 cp "$run"/*.jsonl "$run"/*.log "${OUT:-.}/" 2>/dev/null
 cat "$run/sequence.log"
-for log in "$run"/plans.log "$run"/dev.log "$run"/klein.log; do
+for log in "$run"/plans.log "$run"/dev.log "$run"/klein.log "$run"/bars.log; do
   [ -f "$log" ] && { echo "--- $log"; tail -n 12 "$log"; }
 done
