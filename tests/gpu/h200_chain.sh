@@ -31,19 +31,23 @@ case "${1:-wait}" in
       echo "== bytecode $(date +%T) (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE-unset})"
       site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
       # shellcheck disable=SC2086
-      for dir in ${PYTHONPATH//:/ } $site; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
+      pythonpath=${PYTHONPATH-}
+      for dir in ${pythonpath//:/ } $site; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
       # What a worker's imports cost on this machine (its first log line says the total): one line a module.
       # Without the carried baselines' packages (.bnb: bitsandbytes for the bench's 4-bit recipe, torchao for its
       # torchao-fp8-compile steps): diffusers imports them when they are there, ~1.7 s of every worker's start
       # that a worker image (neither the [baselines] nor the [torchao] extra) does not pay.
-      farm_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
+      farm_path=$(echo "$pythonpath" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
       (cd / && PYTHONPATH=$farm_path python3 -X importtime -c "import fluxfarm.cli, fluxfarm.worker.main" \
         2>"$farm/importtime.log" >/dev/null)
       echo "== bytecode done $(date +%T)"
-      echo "== farm $(date +%T)"
-      # shellcheck disable=SC2086
-      PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" \
-        ${FARM_PHASES-model throughput warm quality calibrate budget12 rerender} >"$farm/farm.log" 2>&1
+      # FARM_PHASES= (set, empty) skips the farm: farm_measure.py with no phase named runs them all.
+      farm_phases=${FARM_PHASES-model throughput warm quality calibrate budget12 rerender}
+      if [ -n "$farm_phases" ]; then
+        echo "== farm $(date +%T)"
+        # shellcheck disable=SC2086
+        PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" $farm_phases >"$farm/farm.log" 2>&1
+      fi
       echo "== flux2 $(date +%T)"
       if [ -n "${PHASES-plans dev}" ]; then
         PHASES=${PHASES-plans dev} KLEIN_BUDGETS=${KLEIN_BUDGETS-} DEV_BUDGETS=${DEV_BUDGETS-} \
