@@ -113,9 +113,10 @@ def test_the_worker_loads_the_model_once(farm: Farm) -> None:
     assert all(value == 0 for value in load_times[1:]), load_times
     log = farm.worker.log_text()
     assert log.count("model loaded in") == 1
-    host = re.search(r"host memory ([0-9.]+) GiB resident \(([0-9.]+) GiB its own, .*\), ([0-9.]+) GiB at its peak",
-                     log)  # fmt: skip
+    host = re.search(r"host memory ([0-9.]+) GiB resident \(([0-9.]+) GiB its own, .*\), ([0-9.]+) GiB at its peak "
+                     r"\(.*\), its own at most ([0-9.]+) GiB while loading", log)  # fmt: skip
     assert host is not None and 0 < float(host[2]) <= float(host[1]) <= float(host[3]), log[:2000]
+    assert 0 < float(host[4]) <= float(host[3]), log[:2000]
     # where its time to the first image went, read from its log: before the first line, then the load's phases
     started = re.search(r"; ([0-9.]+)s after the process started \(device probe ([0-9.]+)s\)", log)
     assert started is not None and 0 < float(started[1]) < 300, log[:2000]

@@ -10,6 +10,7 @@ FLUXFARM_HOST_MEMORY_GIB to each worker's share there.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -81,3 +82,36 @@ def process_host_memory(status: Path = PROC_SELF_STATUS) -> ProcessHostMemory | 
     if len(values) < 3:
         return None
     return ProcessHostMemory(values["VmRSS"], values["RssAnon"], values["VmHWM"])
+
+
+class OwnMemoryPeak:
+    """The highest `RssAnon` seen while its `with` block runs, sampled by a daemon thread every `interval_s`:
+    the kernel keeps a peak of the resident total only (`VmHWM`, mapped weight files included), not of the
+    process's own memory, which is what a model's load needs free on the host. A spike shorter than the
+    interval can be missed; the figure is logged with the load so a GPU run measures it."""
+
+    def __init__(self, interval_s: float = 0.2, status: Path = PROC_SELF_STATUS) -> None:
+        self.gib: float | None = None
+        """The peak in GiB once the block has run; None off Linux."""
+        self._interval_s, self._status = interval_s, status
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="own-memory-peak", daemon=True)
+
+    def __enter__(self) -> OwnMemoryPeak:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        memory = process_host_memory(self._status)
+        if memory is not None:
+            self.gib = max(self.gib or 0.0, memory.anonymous)

@@ -11,7 +11,7 @@ from fluxfarm.shared import __version__
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.metadata import WorkerInfo
 from fluxfarm.worker.model.catalog import resolve_model
-from fluxfarm.worker.model.host_memory import process_host_memory
+from fluxfarm.worker.model.host_memory import OwnMemoryPeak, process_host_memory
 from fluxfarm.worker.model.loadout import choose_loadout
 from fluxfarm.worker.model.pipeline import load_model
 from fluxfarm.worker.render.engine import RenderEngine
@@ -61,18 +61,19 @@ class EngineLoader:
         if loadout.plan is not None:
             log.info("plan: %s", loadout.plan.model_dump_json())
         load_start = time.perf_counter()
-        loaded = load_model(
-            self.model,
-            loadout.transformer,
-            self.device,
-            level_settings,
-            level=loadout.level,
-            text_encoders=loadout.text_encoders,
-            text_encoder_precision=loadout.text_encoder_precision,
-            vae_tiling=loadout.vae_tiling,
-            transformer_path=loadout.transformer_path,
-            flux_model=self.flux_model,
-        )
+        with OwnMemoryPeak() as own_peak:
+            loaded = load_model(
+                self.model,
+                loadout.transformer,
+                self.device,
+                level_settings,
+                level=loadout.level,
+                text_encoders=loadout.text_encoders,
+                text_encoder_precision=loadout.text_encoder_precision,
+                vae_tiling=loadout.vae_tiling,
+                transformer_path=loadout.transformer_path,
+                flux_model=self.flux_model,
+            )
         loaded = dataclasses.replace(loaded, plan=loadout.plan)
         load_s = time.perf_counter() - load_start
         host = process_host_memory()
@@ -82,7 +83,8 @@ class EngineLoader:
             loaded.weights.transformer,
             loaded.level,
             f"{host.resident:.1f} GiB resident ({host.anonymous:.1f} GiB its own, the rest mapped files), "
-            f"{host.peak:.1f} GiB at its peak (mapped weight files included)"
+            f"{host.peak:.1f} GiB at its peak (mapped weight files included), its own at most "
+            f"{own_peak.gib or 0.0:.1f} GiB while loading"
             if host
             else "unknown",
         )

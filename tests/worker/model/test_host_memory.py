@@ -4,6 +4,7 @@ fit the card, read from /proc/meminfo and the cgroup's limit."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,12 @@ import pytest
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.shared.units import GIB
-from fluxfarm.worker.model.host_memory import ProcessHostMemory, available_host_gib, process_host_memory
+from fluxfarm.worker.model.host_memory import (
+    OwnMemoryPeak,
+    ProcessHostMemory,
+    available_host_gib,
+    process_host_memory,
+)
 from fluxfarm.worker.model.plan import HOST_PROCESS_GIB, PlanInputs, make_plan
 from tests.conftest import run_fluxfarm
 
@@ -84,6 +90,22 @@ def test_a_process_reads_its_resident_own_and_peak_memory(tmp_path: Path) -> Non
     assert process_host_memory(tmp_path / "absent") is None
     here = process_host_memory()
     assert here is not None and 0 < here.anonymous <= here.resident <= here.peak < 64  # this test process
+
+
+def test_the_own_memory_peak_of_a_block_is_sampled_and_outlives_what_it_freed(tmp_path: Path) -> None:
+    """The kernel's peak counts mapped files too; a load's own need is RssAnon's peak, which only sampling sees."""
+    before = process_host_memory()
+    assert before is not None
+    with OwnMemoryPeak(interval_s=0.01) as peak:
+        block = b"\x01" * (256 * 1024 * 1024)  # written, so resident: 0.25 GiB of this process's own
+        time.sleep(0.2)
+        del block
+    after = process_host_memory()
+    assert after is not None and peak.gib is not None
+    assert peak.gib >= before.anonymous + 0.24 and after.anonymous < peak.gib - 0.2
+    with OwnMemoryPeak(status=tmp_path / "absent") as nothing:
+        pass
+    assert nothing.gib is None  # not Linux: no figure
 
 
 def test_an_empty_setting_means_read_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
