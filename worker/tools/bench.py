@@ -49,7 +49,7 @@ from fluxfarm.worker.model.flux_arch import (
 from fluxfarm.worker.model.gpu import memory_cap, synchronize, time_calls
 from fluxfarm.worker.model.host_mirror import release_pinned_cache
 from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, place_pipeline, ready_pipeline
-from fluxfarm.worker.model.plan import PlanInputs, make_plan
+from fluxfarm.worker.model.plan import FP8_MIN_COMPUTE_CAPABILITY, PlanInputs, make_plan
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
 from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_png
 from fluxfarm.worker.settings import WorkerSettings
@@ -218,7 +218,8 @@ class Bench:
         for name in wanted:
             level = QuantLevel.BF16
             if name == TORCHAO_FP8_STEPS:
-                if torch.cuda.get_device_capability(device) < (8, 9) or importlib.util.find_spec("torchao") is None:
+                fp8_card = torch.cuda.get_device_capability(device) >= FP8_MIN_COMPUTE_CAPABILITY
+                if not fp8_card or importlib.util.find_spec("torchao") is None:
                     log.warning("step baseline %s left out: it needs torchao (the torchao extra) and a card of compute "
                                 "capability 8.9+", name)  # fmt: skip
                     continue
