@@ -25,7 +25,8 @@ from pydantic import BaseModel
 
 from fluxfarm.worker.fast.fused_projections import fuse_attention_projections
 from fluxfarm.worker.fast.step_graphs import use_step_graphs
-from fluxfarm.worker.quant.fp8.attention import fp8_attention_works, use_fp8_attention
+from fluxfarm.worker.quant.fp8.attention import fp8_attention_works
+from fluxfarm.worker.quant.fp8.processors import use_fp8_attention
 from fluxfarm.worker.quant.fp8.weights import fp8_tensor_cores_work, use_fp8_tensor_cores
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def apply_fast_paths(
     paths.attention = backend
     if paths.fp8_tensor_core_layers and attention == "auto" and fp8_attention_works(dev):
         paths.fp8_attentions = use_fp8_attention(transformer)
-        paths.attention = "cudnn_fp8"
+        if paths.fp8_attentions:  # a family without an fp8 processor keeps the backend above
+            paths.attention = "cudnn_fp8"
     if compile and dev.type == "cuda":
         compile_blocks(transformer)
         paths.compiled = True

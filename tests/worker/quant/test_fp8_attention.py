@@ -12,18 +12,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2Attention,
+    Flux2KVAttnProcessor,
+    Flux2ParallelSelfAttention,
+)
 from torch.nn import functional
 
 from fluxfarm.worker.fast.fast_paths import apply_fast_paths
+from fluxfarm.worker.model.flux2_arch import flux2_step_inputs
 from fluxfarm.worker.quant.fp8.attention import (
-    Fp8AttnProcessor,
     attention_fp8,
     fp8_attention_op,
     fp8_attention_works,
     quantize_tensor_fp8,
     rms_norm_bound,
+)
+from fluxfarm.worker.quant.fp8.processors import (
+    Fp8AttnProcessor,
+    Fp8Flux2AttnProcessor,
+    Fp8Flux2ParallelSelfAttnProcessor,
     use_fp8_attention,
 )
 from fluxfarm.worker.quant.fp8.weights import E4M3_MAX, to_scaled_fp8
@@ -133,6 +143,47 @@ def test_the_fp8_processor_matches_diffusers_processor_on_the_fp8_level(tiny_mod
     double = attentions[0]  # its query comes from two norms: the image's and the text's
     bound = rms_norm_bound([double.norm_q, double.norm_added_q], double.head_dim)
     assert QUERY_DESCALES[0] == pytest.approx(float(bound) / E4M3_MAX)
+    assert 0 < _relative(got, want) < 0.1
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "klein"])
+def test_the_fp8_processors_match_diffusers_processors_on_flux2(guidance: bool) -> None:
+    """FLUX.2's double-stream attention and its single-stream block (one projection for query, key, value and
+    the MLP; one output layer for both) through the fp8 kernel, on the fp8 level, against diffusers' own."""
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=128,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        axes_dims_rope=(32, 32, 32, 32),
+        guidance_embeds=guidance,
+    )
+    with torch.no_grad():  # norm weights other than 1, so a wrong bound or a skipped norm shows
+        for name, parameter in model.named_parameters():
+            if ".norm_" in name:
+                parameter.uniform_(0.5, 2.0)
+    to_scaled_fp8(model, torch.float32)
+    model.transformer_blocks[1].attn.set_processor(Flux2KVAttnProcessor())  # another processor: left alone
+    inputs = flux2_step_inputs(dict(model.config), 128, 128, 2, "cpu", torch.float32, text_tokens=24)
+    with torch.inference_mode():
+        want = model(**inputs)[0]
+        assert use_fp8_attention(model) == 3
+        CALLS.clear()
+        QUERY_DESCALES.clear()
+        got = model(**inputs)[0]
+    double, kept = (block.attn for block in model.transformer_blocks)
+    single = [block.attn for block in model.single_transformer_blocks]
+    assert isinstance(double.processor, Fp8Flux2AttnProcessor) and isinstance(kept.processor, Flux2KVAttnProcessor)
+    assert all(isinstance(a.processor, Fp8Flux2ParallelSelfAttnProcessor) for a in single)
+    assert isinstance(double, Flux2Attention) and all(isinstance(a, Flux2ParallelSelfAttention) for a in single)
+    tokens = inputs["hidden_states"].shape[1] + 24
+    assert [(2, tokens, 2, 128)] * 3 == CALLS
+    double_bound = rms_norm_bound([double.norm_q, double.norm_added_q], 128)  # the image's and the text's norms
+    assert QUERY_DESCALES[0] == pytest.approx(float(double_bound) / E4M3_MAX)
+    assert QUERY_DESCALES[1] == pytest.approx(float(rms_norm_bound([single[0].norm_q], 128)) / E4M3_MAX)
     assert 0 < _relative(got, want) < 0.1
 
 

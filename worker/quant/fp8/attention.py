@@ -26,12 +26,6 @@ from typing import Any
 
 import torch
 from diffusers.models.normalization import RMSNorm
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttention,
-    FluxAttnProcessor,
-    _get_qkv_projections,
-    apply_rotary_emb,
-)
 from torch import nn
 from torch.nn import functional
 
@@ -185,60 +179,6 @@ def attention_fp8(
     v, descale_v = quantize_tensor_fp8(value)
     out = fp8_attention_op(q, k, v, descale_q, descale_k, descale_v, 1 / descale_v)
     return (out.float() * descale_v).to(query.dtype)
-
-
-class Fp8AttnProcessor(FluxAttnProcessor):
-    """diffusers' FluxAttnProcessor with the attention itself in fp8; anything it does not cover (a mask,
-    context parallelism) goes to diffusers' own."""
-
-    def __call__(
-        self,
-        attn: FluxAttention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is not None or self._parallel_config is not None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query_norms, key_norms = [attn.norm_q], [attn.norm_k]
-        if attn.added_kv_proj_dim is not None:
-            query_norms.append(attn.norm_added_q)
-            key_norms.append(attn.norm_added_k)
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        bounds = (rms_norm_bound(query_norms, attn.head_dim), rms_norm_bound(key_norms, attn.head_dim))
-        hidden_states = attention_fp8(query, key, value, *bounds).flatten(2, 3)
-        if encoder_hidden_states is None:
-            return hidden_states
-        text_tokens = encoder_hidden_states.shape[1]
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [text_tokens, hidden_states.shape[1] - text_tokens], dim=1
-        )
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
-
-
-def use_fp8_attention(module: nn.Module) -> int:
-    """Give every FluxAttention below `module` that runs diffusers' plain processor the fp8 one; returns
-    how many."""
-    attentions = [m for m in module.modules() if isinstance(m, FluxAttention)]
-    attentions = [attn for attn in attentions if type(attn.processor) is FluxAttnProcessor]
-    for attn in attentions:
-        attn.set_processor(Fp8AttnProcessor())
-    return len(attentions)
 
 
 def fp8_attention_works(device: torch.device) -> bool:
