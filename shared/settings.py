@@ -39,10 +39,12 @@ def _describe_settings_error(error: ValidationError) -> str:
     """`invalid setting FLUXFARM_MAX_BATCH: Input should be a valid integer, ...`, one clause a problem; the
     variable is named as the environment spells it (a field's alias already carries the prefix)."""
     clauses = []
-    for where, reason in validation_problems(error, whole="settings"):
+    for where, reason in validation_problems(error, whole=""):
+        if not where:  # a model validator's problem: it names its variables itself
+            clauses.append(reason)
+            continue
         head, _, rest = where.partition(".")
-        prefixed = head.lower().startswith("fluxfarm_") or where == "settings"
-        name = head.upper() if prefixed else f"FLUXFARM_{head.upper()}"
+        name = head.upper() if head.lower().startswith("fluxfarm_") else f"FLUXFARM_{head.upper()}"
         clauses.append(f"{name}{'.' + rest if rest else ''}: {reason}")
     return "invalid setting " + "; ".join(clauses)
 

@@ -13,7 +13,13 @@ def validation_problems(error: ValidationError, whole: str = "job") -> tuple[tup
     problems = []
     for problem in error.errors(include_url=False, include_input=False):
         where = ".".join(str(part) for part in problem["loc"]) or whole
-        problems.append((where, "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]))
+        if problem["type"] == "extra_forbidden":
+            reason = "unknown field"
+        elif problem["type"] == "value_error":  # our validators' own words, without pydantic's "Value error, "
+            reason = str(problem.get("ctx", {}).get("error", problem["msg"]))
+        else:
+            reason = problem["msg"]
+        problems.append((where, reason))
     return tuple(problems)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import model_validator
 
 from fluxfarm.producer.settings import ProducerSettings
 from fluxfarm.shared.errors import InvalidSettings, PlaceholderSecret
@@ -130,7 +131,7 @@ def test_a_bad_setting_names_its_variables_and_reasons_but_never_a_value(monkeyp
     with pytest.raises(InvalidSettings) as refused:
         WorkerSettings()
     message = str(refused.value)
-    assert message.startswith("invalid setting FLUXFARM_BROKER_URL: ")
+    assert message.startswith("invalid setting FLUXFARM_BROKER_URL: a Redis URL starts with")
     assert "redis:// or rediss://" in message and "FLUXFARM_MAX_BATCH: Input should be a valid integer" in message
     assert "hunter2" not in message and "banana" not in message
     with pytest.raises(InvalidSettings, match="FLUXFARM_RESULT_BACKEND_URL"):
@@ -161,3 +162,19 @@ def test_a_setting_of_the_other_side_given_by_keyword_is_an_error(cls: type[Farm
     with pytest.raises(TypeError, match=f"has no setting {name}"):
         cls(**{name: 1})
     assert WorkerSettings(quant="q8_0").level is QuantLevel.Q8_0  # an alias is a name
+
+
+class _PairedSettings(FarmSettings):
+    """A setting whose check needs another one: a model validator's ValueError names no single field."""
+
+    @model_validator(mode="after")
+    def _backend_beside_broker(self) -> _PairedSettings:
+        if self.result_backend_url == self.broker_url:
+            raise ValueError("FLUXFARM_RESULT_BACKEND_URL must not be FLUXFARM_BROKER_URL")
+        return self
+
+
+def test_a_problem_of_the_whole_settings_reads_as_its_own_words() -> None:
+    with pytest.raises(InvalidSettings) as refused:
+        _PairedSettings(broker_url="redis://farm:6379/0", result_backend_url="redis://farm:6379/0")
+    assert str(refused.value) == ("invalid setting FLUXFARM_RESULT_BACKEND_URL must not be FLUXFARM_BROKER_URL")
