@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention
+from diffusers.models.transformers.transformer_flux2 import Flux2Attention
 from torch import nn
 
 from fluxfarm.worker.quant.fp8.weights import ScaledFp8Linear
@@ -86,10 +87,11 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
 
 
 def fuse_attention_projections(module: nn.Module) -> int:
-    """Stack query, key and value (and the text stream's added ones) of every FluxAttention below
-    `module`; returns how many attentions now run fused."""
+    """Stack query, key and value (and the text stream's added ones) of every FLUX.1 attention and FLUX.2
+    double-stream attention below `module` (FLUX.2's single-stream blocks come stacked: one projection for query,
+    key, value and the MLP); returns how many attentions now run fused."""
     fused = 0
-    for attn in [m for m in module.modules() if isinstance(m, FluxAttention)]:
+    for attn in [m for m in module.modules() if isinstance(m, FluxAttention | Flux2Attention)]:
         if attn.fused_projections:
             continue
         qkv = stack_layers([attn.to_q, attn.to_k, attn.to_v], ("to_q", "to_k", "to_v"))

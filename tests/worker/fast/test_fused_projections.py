@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
+from diffusers.models.transformers.transformer_flux2 import Flux2Attention
 
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.fast.fused_projections import fuse_attention_projections, stack_layers
+from fluxfarm.worker.model.flux2_arch import flux2_step_inputs
 from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
 from fluxfarm.worker.quant.gguf.linear import TritonGGUFLinear, use_triton_gguf
 from fluxfarm.worker.tools.tiny_model import gguf_path
@@ -17,9 +19,12 @@ from tests.conftest import load_gguf_transformer
 
 
 def _fused_matches(model: torch.nn.Module, tolerance: float) -> None:
-    attentions = [m for m in model.modules() if isinstance(m, FluxAttention)]
+    attentions = [m for m in model.modules() if isinstance(m, FluxAttention | Flux2Attention)]
     torch.manual_seed(0)
-    inputs = step_inputs(dict(model.config), 128, 128, 2, "cpu", torch.float32)
+    if isinstance(model, Flux2Transformer2DModel):
+        inputs = flux2_step_inputs(dict(model.config), 128, 128, 2, "cpu", torch.float32, text_tokens=24)
+    else:
+        inputs = step_inputs(dict(model.config), 128, 128, 2, "cpu", torch.float32)
     with torch.inference_mode():
         want = model(**inputs)[0]
         assert fuse_attention_projections(model) == len(attentions) > 0
@@ -37,6 +42,24 @@ def test_stacked_fp8_attention_equals_separate(tiny_model) -> None:
     model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", dtype=torch.float32)
     to_scaled_fp8(model, torch.float32)
     _fused_matches(model, 1e-6)  # rows keep their own scales, so stacking changes no number
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_stacked_flux2_double_stream_attention_equals_separate(fp8: bool) -> None:
+    """FLUX.2's double-stream attention has separate query, key and value (and text ones) like FLUX.1's."""
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        axes_dims_rope=(32, 32, 32, 32),
+    )
+    if fp8:
+        to_scaled_fp8(model, torch.float32)
+    _fused_matches(model, 1e-6)
 
 
 @pytest.mark.parametrize("level", [QuantLevel.Q8_0, QuantLevel.Q4_K])
