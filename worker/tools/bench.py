@@ -195,6 +195,9 @@ class Bench:
                 graphs = step_graphs(model)
                 if graphs is not None:
                     graphs.release()  # captured from the eager blocks
+                # It holds the model: kept, it kept this level's weights beside the next level's draw (run 17, an
+                # H100: FLUX.2 [dev]'s bf16 rows ran out of memory beside the fp8 model's 31 GiB).
+                del graphs
                 compile_blocks(model)
                 paths = paths.model_copy(update={"compiled": True})
                 self._step_row(model, level, "fluxfarm+compile", paths)
