@@ -116,12 +116,13 @@ def build_tiny_klein(dims: TinyDims = TINY_DIMS, seed: int = 0) -> Flux2KleinPip
         vae=_tiny_vae(dims),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_tiny_transformer(dims, guidance=False),
+        transformer=tiny_flux2_transformer(dims, guidance=False),
         is_distilled=True,
     )
 
 
-def _tiny_transformer(dims: TinyDims, guidance: bool) -> Flux2Transformer2DModel:
+def tiny_flux2_transformer(dims: TinyDims, guidance: bool) -> Flux2Transformer2DModel:
+    """A tiny FLUX.2 transformer of random weights: [dev]'s with guidance embeddings, klein's without."""
     patch = 2  # FLUX.2 packs 2x2 patches of the latent into a token
     return Flux2Transformer2DModel(
         in_channels=patch * patch * dims.latent_channels,
@@ -183,7 +184,7 @@ def build_tiny_flux2_dev(dims: TinyDims = TINY_DIMS, seed: int = 0) -> Flux2Pipe
         vae=_tiny_vae(dims),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_tiny_transformer(dims, guidance=True),
+        transformer=tiny_flux2_transformer(dims, guidance=True),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
@@ -13,7 +15,9 @@ from fluxfarm.worker.fast.fused_projections import fuse_attention_projections, s
 from fluxfarm.worker.model.flux2_arch import flux2_step_inputs
 from fluxfarm.worker.quant.fp8.weights import to_scaled_fp8
 from fluxfarm.worker.quant.gguf.linear import TritonGGUFLinear, use_triton_gguf
+from fluxfarm.worker.tools.tiny_flux2 import tiny_flux2_transformer
 from fluxfarm.worker.tools.tiny_model import gguf_path
+from fluxfarm.worker.tools.tiny_parts import TINY_DIMS
 from fluxfarm.worker.tools.vram_probe import step_inputs
 from tests.conftest import load_gguf_transformer
 
@@ -48,15 +52,7 @@ def test_stacked_fp8_attention_equals_separate(tiny_model) -> None:
 def test_stacked_flux2_double_stream_attention_equals_separate(fp8: bool) -> None:
     """FLUX.2's double-stream attention has separate query, key and value (and text ones) like FLUX.1's."""
     torch.manual_seed(0)
-    model = Flux2Transformer2DModel(
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=1,
-        attention_head_dim=128,
-        num_attention_heads=2,
-        joint_attention_dim=96,
-        axes_dims_rope=(32, 32, 32, 32),
-    )
+    model = tiny_flux2_transformer(replace(TINY_DIMS, double_blocks=2), guidance=True)
     if fp8:
         to_scaled_fp8(model, torch.float32)
     _fused_matches(model, 1e-6)

@@ -10,9 +10,11 @@ the output projections.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2Attention,
@@ -37,6 +39,8 @@ from fluxfarm.worker.quant.fp8.processors import (
     use_fp8_attention,
 )
 from fluxfarm.worker.quant.fp8.weights import E4M3_MAX, to_scaled_fp8
+from fluxfarm.worker.tools.tiny_flux2 import tiny_flux2_transformer
+from fluxfarm.worker.tools.tiny_parts import TINY_DIMS
 from fluxfarm.worker.tools.vram_probe import step_inputs
 
 CALLS: list[tuple[int, ...]] = []
@@ -151,16 +155,7 @@ def test_the_fp8_processors_match_diffusers_processors_on_flux2(guidance: bool) 
     """FLUX.2's double-stream attention and its single-stream block (one projection for query, key, value and
     the MLP; one output layer for both) through the fp8 kernel, on the fp8 level, against diffusers' own."""
     torch.manual_seed(0)
-    model = Flux2Transformer2DModel(
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=128,
-        num_attention_heads=2,
-        joint_attention_dim=96,
-        axes_dims_rope=(32, 32, 32, 32),
-        guidance_embeds=guidance,
-    )
+    model = tiny_flux2_transformer(replace(TINY_DIMS, double_blocks=2), guidance)
     with torch.no_grad():  # norm weights other than 1, so a wrong bound or a skipped norm shows
         for name, parameter in model.named_parameters():
             if ".norm_" in name:

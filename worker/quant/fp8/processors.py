@@ -12,13 +12,15 @@ reference-image KV cache, an IP-Adapter's): only diffusers' plain processors are
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux, transformer_flux2
-from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.models.transformers.transformer_flux2 import (
-    Flux2Attention,
     Flux2AttnProcessor,
     Flux2ParallelSelfAttention,
     Flux2ParallelSelfAttnProcessor,
@@ -62,52 +64,50 @@ def _split_text(hidden_states: torch.Tensor, text_tokens: int) -> tuple[torch.Te
     return text.contiguous(), image.contiguous()
 
 
-class Fp8AttnProcessor(FluxAttnProcessor):
-    """FLUX.1's `FluxAttnProcessor` with the attention in fp8."""
+class _Fp8JointAttention:
+    """The fp8 call of a joint (text and image) attention, for a processor class that also derives from the
+    diffusers processor it stands in for: a mask or context parallelism goes to that one (`super()`)."""
+
+    _projections: Callable[..., tuple[Any, ...]]
+    """The family's own query/key/value projections (separate or stacked), as its diffusers processor calls them."""
+    _output_alone: bool
+    """Whether an attention of the image tokens alone applies its output layer (FLUX.2) or hands it on (FLUX.1's
+    single-stream blocks, whose MLP and output layer follow outside)."""
+    _parallel_config: Any
 
     def __call__(
         self,
-        attn: FluxAttention,
+        attn: AttentionModuleMixin,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None or self._parallel_config is not None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        q, k, v, text_q, text_k, text_v = transformer_flux._get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        text = (text_q, text_k, text_v) if attn.added_kv_proj_dim is not None else None
-        hidden_states = joint_attention_fp8(attn, (q, k, v), text, image_rotary_emb)
-        if encoder_hidden_states is None:  # a single-stream block: its MLP and output layer follow outside
-            return hidden_states
-        encoder_hidden_states, hidden_states = _split_text(hidden_states, encoder_hidden_states.shape[1])
-        return attn.to_out[1](attn.to_out[0](hidden_states)), attn.to_add_out(encoder_hidden_states)
-
-
-class Fp8Flux2AttnProcessor(Flux2AttnProcessor):
-    """FLUX.2's double-stream `Flux2AttnProcessor` with the attention in fp8."""
-
-    def __call__(
-        self,
-        attn: Flux2Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is not None or self._parallel_config is not None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        q, k, v, text_q, text_k, text_v = transformer_flux2._get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
+            return super().__call__(  # type: ignore[misc]
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+        q, k, v, text_q, text_k, text_v = type(self)._projections(attn, hidden_states, encoder_hidden_states)
         text = (text_q, text_k, text_v) if attn.added_kv_proj_dim is not None else None
         hidden_states = joint_attention_fp8(attn, (q, k, v), text, image_rotary_emb)
         if encoder_hidden_states is None:
-            return attn.to_out[1](attn.to_out[0](hidden_states))
+            return attn.to_out[1](attn.to_out[0](hidden_states)) if self._output_alone else hidden_states
         encoder_hidden_states, hidden_states = _split_text(hidden_states, encoder_hidden_states.shape[1])
         return attn.to_out[1](attn.to_out[0](hidden_states)), attn.to_add_out(encoder_hidden_states)
+
+
+class Fp8AttnProcessor(_Fp8JointAttention, FluxAttnProcessor):
+    """FLUX.1's `FluxAttnProcessor` with the attention in fp8."""
+
+    _projections = staticmethod(transformer_flux._get_qkv_projections)
+    _output_alone = False
+
+
+class Fp8Flux2AttnProcessor(_Fp8JointAttention, Flux2AttnProcessor):
+    """FLUX.2's double-stream `Flux2AttnProcessor` with the attention in fp8."""
+
+    _projections = staticmethod(transformer_flux2._get_qkv_projections)
+    _output_alone = True
 
 
 class Fp8Flux2ParallelSelfAttnProcessor(Flux2ParallelSelfAttnProcessor):
