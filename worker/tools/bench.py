@@ -187,26 +187,30 @@ class Bench:
     @torch.inference_mode()
     def steps(self) -> None:
         for level in self.options.levels:
-            model = self.parts.transformer(level, self.device)
-            self._step_row(model, level, "diffusers", None)
-            paths = apply_fast_paths(model, self.device, True, self.options.attention, False, self.options.cuda_graphs)
-            self._step_row(model, level, "fluxfarm", paths)
-            if self.options.compile and torch.device(self.device).type == "cuda":
-                graphs = step_graphs(model)
-                if graphs is not None:
-                    graphs.release()  # captured from the eager blocks
-                # It holds the model: kept, it kept this level's weights beside the next level's draw (run 17, an
-                # H100: FLUX.2 [dev]'s bf16 rows ran out of memory beside the fp8 model's 31 GiB).
-                del graphs
-                compile_blocks(model)
-                paths = paths.model_copy(update={"compiled": True})
-                self._step_row(model, level, "fluxfarm+compile", paths)
-            if self.options.lora_rank and level in self.options.lora_levels and self.parts.family == FluxFamily.FLUX_1:
-                self._lora_rows(model, level, paths)
-            remove_step_graphs(model)
-            del model
+            try:
+                self._level_steps(level)
+            except torch.cuda.OutOfMemoryError as error:  # one level too big beside the rest: the run goes on
+                log.error("step rows of %s left out: %s", level.value, error)
             torch._dynamo.reset()  # compiled code keeps the blocks' weights alive past the model
             _free(self.device)
+
+    def _level_steps(self, level: QuantLevel) -> None:
+        """One level's step rows. Its transformer, and all that holds it (the step graphs' handle: kept past the
+        level, it kept the weights beside the next level's draw, run 17), goes with this frame."""
+        model = self.parts.transformer(level, self.device)
+        self._step_row(model, level, "diffusers", None)
+        paths = apply_fast_paths(model, self.device, True, self.options.attention, False, self.options.cuda_graphs)
+        self._step_row(model, level, "fluxfarm", paths)
+        if self.options.compile and torch.device(self.device).type == "cuda":
+            graphs = step_graphs(model)
+            if graphs is not None:
+                graphs.release()  # captured from the eager blocks
+            compile_blocks(model)
+            paths = paths.model_copy(update={"compiled": True})
+            self._step_row(model, level, "fluxfarm+compile", paths)
+        if self.options.lora_rank and level in self.options.lora_levels and self.parts.family == FluxFamily.FLUX_1:
+            self._lora_rows(model, level, paths)
+        remove_step_graphs(model)
 
     @torch.inference_mode()
     def step_baselines(self) -> None:

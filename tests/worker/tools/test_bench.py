@@ -6,15 +6,20 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 from pathlib import Path
 
+import pytest
 import torch
+from pydantic import BaseModel
 from rich.console import Console
 
+from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.worker.model.text_encoders import prepare_text_encoder
+from fluxfarm.worker.tools.bench import Bench
 from fluxfarm.worker.tools.bench_parts import build_parts
 from fluxfarm.worker.tools.bench_report import BenchLog
-from fluxfarm.worker.tools.bench_rows import StepRow
+from fluxfarm.worker.tools.bench_rows import BenchOptions, StepRow
 from tests.conftest import run_fluxfarm
 
 
@@ -179,3 +184,29 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.element_size() == 1 else torch.equal(a, b)
+
+
+def test_a_level_that_runs_out_of_memory_leaves_its_rows_out_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run 17 lost every row after FLUX.2 [dev]'s bf16 draw ran out of an H100's memory: the process ended there.
+    A level that does not fit is said, and the levels and baselines after it still run."""
+    parts = build_parts("tiny", "cpu", tmp_path, tiny=True)
+    draw = parts.transformer
+
+    def transformer(level: QuantLevel, device: str) -> torch.nn.Module:
+        if level is QuantLevel.BF16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 648.00 MiB")
+        return draw(level, device)
+
+    monkeypatch.setattr(parts, "transformer", transformer)
+    options = BenchOptions(
+        model="tiny", tiny=True, levels=[QuantLevel.BF16, QuantLevel.Q8_0], sizes=[(128, 128)], batches=[1],
+        budgets=[], image_levels=[], baselines=[], step_repeats=1,
+    )  # fmt: skip
+    rows: list[BaseModel] = []
+    with caplog.at_level(logging.ERROR):
+        Bench(parts, options, "cpu", rows.append).run()
+    steps = [row for row in rows if isinstance(row, StepRow)]
+    assert [(row.level, row.path) for row in steps] == [("Q8_0", "diffusers"), ("Q8_0", "fluxfarm")]
+    assert "step rows of bf16 left out: CUDA out of memory" in caplog.text
