@@ -38,6 +38,7 @@ from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.ladder import QuantLevel
 from fluxfarm.shared.models import FluxModel
 from fluxfarm.worker.model.model_sizes import ENCODE_TOKENS, ArchitectureSizes, EncoderPrecision, sizes_of
+from fluxfarm.worker.quant.fp8.card import FP8_MIN_COMPUTE_CAPABILITY
 
 Placement = Literal["gpu", "gpu-swap", "cpu"]
 
@@ -98,7 +99,6 @@ ALLOCATOR_SLACK = 0.04
 
 PCIE_GIB_S = 20.0
 CPU_ENCODER_TFLOPS = 0.5
-FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 KNOWN_GPUS: dict[str, tuple[int, int]] = {
     "H200": (9, 0), "H100": (9, 0), "GH200": (9, 0), "B200": (10, 0), "RTX 5090": (12, 0), "RTX 5080": (12, 0),

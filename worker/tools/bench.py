@@ -49,7 +49,8 @@ from fluxfarm.worker.model.flux_arch import (
 from fluxfarm.worker.model.gpu import memory_cap, synchronize, time_calls
 from fluxfarm.worker.model.host_mirror import release_pinned_cache
 from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, place_pipeline, ready_pipeline
-from fluxfarm.worker.model.plan import FP8_MIN_COMPUTE_CAPABILITY, PlanInputs, make_plan
+from fluxfarm.worker.model.plan import PlanInputs, make_plan
+from fluxfarm.worker.quant.fp8.card import FP8_MIN_COMPUTE_CAPABILITY
 from fluxfarm.worker.render.batcher import RenderBatcher, held_jobs
 from fluxfarm.worker.render.engine import RenderedImage, RenderEngine, encode_png
 from fluxfarm.worker.settings import WorkerSettings

@@ -29,6 +29,7 @@ from diffusers.models.normalization import RMSNorm
 from torch import nn
 from torch.nn import functional
 
+from fluxfarm.worker.quant.fp8.card import FP8_ATTENTION_MIN_COMPUTE_CAPABILITY
 from fluxfarm.worker.quant.fp8.weights import E4M3_MAX
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def attention_fp8(
 def fp8_attention_works(device: torch.device) -> bool:
     """Whether cuDNN's fp8 attention runs on this card and build, and agrees with bf16 attention on a small
     case (tried once at startup; a worker without it keeps bf16 attention)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_ATTENTION_MIN_COMPUTE_CAPABILITY:
         return False
     generator = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16, generator=generator) for _ in "qkv")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from fluxfarm.worker.quant.fp8.card import FP8_MIN_COMPUTE_CAPABILITY
 from fluxfarm.worker.quant.gguf.writer import keeps_high_precision
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def to_scaled_fp8(
 
 def fp8_tensor_cores_work(device: torch.device) -> bool:
     """Whether this card and build run the per-row-scaled fp8 matmul (tried once on a small case)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_MIN_COMPUTE_CAPABILITY:
         return False
     probe = ScaledFp8Linear(nn.Linear(64, 32, bias=True), torch.bfloat16).to(device)
     x = torch.randn(16, 64, device=device, dtype=torch.bfloat16)
