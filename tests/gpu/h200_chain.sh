@@ -10,7 +10,7 @@
 # H200 (docs/benchmarks.md): FLUX.2 [dev]'s whole bench in one run (its step rows have never run on the H200; the
 # 24 GiB rows ran on an H100; run 17 timed its fp8 step with fp8 attention on an H100, no image yet; run 16 measured
 # the warm start), ~25 minutes with the step baselines: FARM_PHASES= PHASES=dev (DEV_BUDGET= leaves the 24 GiB
-# rows out when less device time is left; run 17's H100 took ~7 minutes of device time to start),
+# rows out when less device time is left),
 # carrying .whl and .bnb (bitsandbytes and torchao wheels unpacked, the bench's baselines alone; torchao without
 # its .so files and test/, which its fp8 does not use and the 64 MiB a call carries has no room for). On the device,
 # after installing the carried wheels (and the project's own wheel rebuilt: the farm imports the installed package):
