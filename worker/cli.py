@@ -284,7 +284,7 @@ def bench(
     from fluxfarm.worker.model.gpu import default_device
     from fluxfarm.worker.tools.bench import bench_jobs, run_bench
     from fluxfarm.worker.tools.bench_report import BenchLog
-    from fluxfarm.worker.tools.bench_rows import BASELINES, STEP_BASELINES, BenchOptions
+    from fluxfarm.worker.tools.bench_rows import ALL_BASELINES, BenchOptions
 
     device = device or default_device()
     if model != "tiny" and not tiny and torch.device(device).type != "cuda":
@@ -304,7 +304,7 @@ def bench(
         image_size=_sizes(image_size)[0],
         steps=steps,
         images=images,
-        baselines=_baselines(baselines, (*BASELINES, *STEP_BASELINES)),
+        baselines=_baselines(baselines, ALL_BASELINES),
         attention=attention,
         compile=compile_blocks,
         cuda_graphs=cuda_graphs,

@@ -47,6 +47,7 @@ from fluxfarm.worker.model.flux_arch import (
     meta_transformer,
 )
 from fluxfarm.worker.model.gpu import memory_cap, synchronize, time_calls
+from fluxfarm.worker.model.host_memory import process_host_memory
 from fluxfarm.worker.model.host_mirror import release_pinned_cache
 from fluxfarm.worker.model.pipeline import LoadedModel, LoadedWeights, place_pipeline, ready_pipeline
 from fluxfarm.worker.model.plan import PlanInputs, make_plan
@@ -88,9 +89,6 @@ def _peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB
 
 
-_STATUS = Path("/proc/self/status")
-
-
 def _reset_host_peak() -> None:
     """Start the process's resident-memory high-water mark (VmHWM) afresh, so that a row's host peak is its own:
     FLUX.2 [dev]'s configurations hold 30-90 GiB of host copies, and the host, not the card, ran out (run 11)."""
@@ -100,13 +98,8 @@ def _reset_host_peak() -> None:
 
 def _host_peak_gib() -> float | None:
     """Peak resident host memory (pinned included) since the last `_reset_host_peak`, where /proc says it."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return None
+    memory = process_host_memory()
+    return memory.peak if memory is not None else None
 
 
 def bench_jobs(options: BenchOptions, count: int, offset: int = 0) -> list[RenderJob]:

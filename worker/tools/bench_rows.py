@@ -24,6 +24,8 @@ TORCHAO_FP8_STEPS = "torchao-fp8-compile"
 STEP_BASELINES = {COMPILED_BF16_STEPS: "diffusers+compile", TORCHAO_FP8_STEPS: "torchao+compile"}
 """Step baselines, each with the path its rows carry: what a user reaches without fluxfarm, timed as the
 worker's steps are, on CUDA only (the bench compiles there alone)."""
+ALL_BASELINES = (*BASELINES, *STEP_BASELINES)
+"""Every baseline's name, what `--baselines all` means."""
 
 
 class BenchOptions(BaseModel):
@@ -42,7 +44,7 @@ class BenchOptions(BaseModel):
     steps: int = 28
     images: int = 4
     step_repeats: int = 5
-    baselines: list[str] = [*BASELINES, *STEP_BASELINES]
+    baselines: list[str] = list(ALL_BASELINES)
     """The baselines to run (those that apply to the model: the seed recipe is FLUX.1's, the 4-bit recipe
     FLUX.2 [dev]'s; the step baselines where steps are timed); empty for none. A run that has a baseline's rows
     already can leave it out."""
