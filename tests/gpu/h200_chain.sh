@@ -26,26 +26,27 @@ cd "$farm" || exit # not the repository root, whose fluxfarm/ would shadow the i
 case "${1:-wait}" in
   chain)
     {
+      # FARM_PHASES= (set, empty) skips the farm: farm_measure.py with no phase named runs them all.
+      farm_phases=${FARM_PHASES-model throughput warm quality calibrate budget12 rerender}
       # The carried wheels install with --no-compile: bytecode now, once, so that no worker's time to its first
       # image pays for compiling diffusers, Celery and botocore (a deployed image has it from pip install).
       # The machine's own site-packages (torch, transformers, triton) too: with PYTHONDONTWRITEBYTECODE set there,
       # a package installed without bytecode is compiled again by every process that imports it.
-      echo "== bytecode $(date +%T) (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE-unset})"
-      site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
-      # shellcheck disable=SC2086
-      pythonpath=${PYTHONPATH-}
-      for dir in ${pythonpath//:/ } $site; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
-      # What a worker's imports cost on this machine (its first log line says the total): one line a module.
-      # Without the carried baselines' packages (.bnb: bitsandbytes for the bench's 4-bit recipe, torchao for its
-      # torchao-fp8-compile steps): diffusers imports them when they are there, ~1.7 s of every worker's start
-      # that a worker image (neither the [baselines] nor the [torchao] extra) does not pay.
-      farm_path=$(echo "$pythonpath" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
-      (cd / && PYTHONPATH=$farm_path python3 -X importtime -c "import fluxfarm.cli, fluxfarm.worker.main" \
-        2>"$farm/importtime.log" >/dev/null)
-      echo "== bytecode done $(date +%T)"
-      # FARM_PHASES= (set, empty) skips the farm: farm_measure.py with no phase named runs them all.
-      farm_phases=${FARM_PHASES-model throughput warm quality calibrate budget12 rerender}
+      # Only for the farm, whose warm start it is for: the bench's one process pays its imports once.
       if [ -n "$farm_phases" ]; then
+        echo "== bytecode $(date +%T) (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE-unset})"
+        site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
+        # shellcheck disable=SC2086
+        pythonpath=${PYTHONPATH-}
+        for dir in ${pythonpath//:/ } $site; do python3 -m compileall -q -j 0 "$dir" >/dev/null 2>&1; done
+        # What a worker's imports cost on this machine (its first log line says the total): one line a module.
+        # Without the carried baselines' packages (.bnb: bitsandbytes for the bench's 4-bit recipe, torchao for its
+        # torchao-fp8-compile steps): diffusers imports them when they are there, ~1.7 s of every worker's start
+        # that a worker image (neither the [baselines] nor the [torchao] extra) does not pay.
+        farm_path=$(echo "$pythonpath" | tr ':' '\n' | grep -v '/\.bnb$' | paste -sd:)
+        (cd / && PYTHONPATH=$farm_path python3 -X importtime -c "import fluxfarm.cli, fluxfarm.worker.main" \
+          2>"$farm/importtime.log" >/dev/null)
+        echo "== bytecode done $(date +%T)"
         echo "== farm $(date +%T)"
         # shellcheck disable=SC2086
         PYTHONPATH=$farm_path RUN_DIR=$farm python3 -u "$here/farm_measure.py" $farm_phases >"$farm/farm.log" 2>&1
