@@ -60,9 +60,10 @@ phase() {
       done
       ;;
     klein)
+      # KLEIN_BASELINES=diffusers-bf16 leaves out the step baselines that the bars phase already ran.
       python3 -u -m fluxfarm bench --out "$run/bench-klein4b.jsonl" --model flux.2-klein-4b --levels fp8,bf16 \
         --sizes 1024x1024 --batches 1,4 --vram-budget 8 --image-levels bf16,fp8 --image-batches 1,4 --steps 4 \
-        --images 8
+        --images 8 --baselines "${KLEIN_BASELINES-all}"
       ;;
   esac
 }
