@@ -6,10 +6,11 @@
 # short phases give the warm-start figure even when the session's device time ends inside the long FLUX.2 bench.
 # Every call, `start` included, waits up to WAIT_S, packs both run folders' rows and logs into $OUT/rows.tgz (one
 # file, so the device tool's limit of 8 files never drops a log; a call cut short still returns what was there) and
-# prints how far it got. Call `wait` again until it prints "chain finished". What runs 13, 14 and 17 left for the
-# H200 (docs/benchmarks.md): FLUX.2 [dev]'s whole bench in one run (its step rows have never run on the H200; the
-# 24 GiB rows ran on an H100; run 17 timed its fp8 step with fp8 attention on an H100, no image yet; run 16 measured
-# the warm start), ~25 minutes with the step baselines: FARM_PHASES= PHASES=dev (DEV_BUDGET= leaves the 24 GiB
+# prints how far it got. Call `wait` again until it prints "chain finished". What runs 13-18 left for the H200
+# (docs/benchmarks.md): FLUX.2 [dev]'s whole bench in one run (its step rows have never run on the H200; the 24 GiB
+# rows ran on an H100; runs 17 and 18 timed its steps with fp8 attention and the step baselines on an H100, no
+# [dev] image with fp8 attention yet; run 16 measured the warm start), ~25 minutes with the step baselines:
+# FARM_PHASES= PHASES=dev (DEV_BUDGET= leaves the 24 GiB
 # rows out when less device time is left),
 # carrying .whl and .bnb (bitsandbytes and torchao wheels unpacked, the bench's baselines alone; torchao without
 # its .so files and test/, which its fp8 does not use and the 64 MiB a call carries has no room for). On the device,
