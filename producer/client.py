@@ -310,25 +310,44 @@ class FarmClient:
         wait_for_room: bool,
         on_wait: Callable[[Room], None] | None,
     ) -> None:
-        """Send `chunk` if it fits under Redis' maxmemory; else send what fits and raise RedisFull, or wait."""
+        """Send `chunk` if it fits under Redis' maxmemory; else send what fits and raise RedisFull, or (with
+        `wait_for_room`) send what fits as room comes, while something queued or running can free it."""
         while True:
             now = room.now()
             fits = now.jobs
             if fits is None or fits >= len(chunk):
                 break
+            if fits:
+                self._publish(producer, chunk[:fits], priority, counts)
+                room.measured(now, fits)
+                chunk = chunk[fits:]
             if not wait_for_room:
-                if fits:
-                    self._publish(producer, chunk[:fits], priority, counts)
-                raise RedisFull(
-                    f"Redis is full: this submit queued {counts.enqueued} jobs and stopped ({now.describe()}). "
-                    "Raise maxmemory, or let the fleet drain (--wait-for-room), then submit again: only what "
-                    "is missing is sent"
-                )
+                raise self._full(counts, room.now(), room.drains())
+            if not room.drains():
+                # Nothing left to drain: a last look, since the last job's end may have freed room since.
+                if (room.now().jobs or 0) > 0:
+                    continue
+                raise self._full(counts, room.now(), drains=False)
             if on_wait is not None:
                 on_wait(now)
             time.sleep(ROOM_POLL_S)
         self._publish(producer, chunk, priority, counts)
         room.measured(now, len(chunk))
+
+    @staticmethod
+    def _full(counts: StreamCounts, now: Room, drains: bool) -> RedisFull:
+        """The one-line error of a submit stopped by a full Redis, saying whether waiting can help."""
+        stopped = f"Redis is full: this submit queued {counts.enqueued} jobs and stopped ({now.describe()})"
+        if not drains:
+            return RedisFull(
+                f"{stopped}. Nothing is queued or running whose end would free room, so waiting cannot help: "
+                "raise maxmemory, then submit again: only what is missing is sent",
+                drains=False,
+            )
+        return RedisFull(
+            f"{stopped}. Raise maxmemory, or let the fleet drain (--wait-for-room), then submit again: only what "
+            "is missing is sent"
+        )
 
     def _publish(self, producer: Any, jobs: list[RenderJob], priority: Priority, counts: StreamCounts) -> None:
         """Publish a chunk (shared/publish.py: the record first, then one round trip for the messages)."""

@@ -91,6 +91,8 @@ def _refusal(answer: httpx.Response) -> FarmError:
         return QuotaExceeded(message)
     if code == "farm_full":
         return RedisFull(message)
+    if code == "farm_full_idle":
+        return RedisFull(message, drains=False)
     return FarmError(message)
 
 
@@ -174,7 +176,8 @@ class HttpFarmClient(FarmClient):
         on_outcome: Callable[[RenderJob, JobOutcome], object] | None = None,
     ) -> StreamCounts:
         """As FarmClient.submit_stream, a POST of up to MAX_JOBS_PER_POST jobs at a time. Waiting for
-        room (`wait_for_room`) retries a chunk the gateway found no room for; `on_wait` is not called."""
+        room (`wait_for_room`) retries a chunk the gateway found no room for while something queued or running
+        can free it (`farm_full`), and stops at `farm_full_idle`; `on_wait` is not called."""
         counts = StreamCounts()
         chunk: list[RenderJob] = []
 
@@ -183,8 +186,8 @@ class HttpFarmClient(FarmClient):
                 try:
                     answer = self._post(chunk, priority)
                     break
-                except RedisFull:
-                    if not wait_for_room:
+                except RedisFull as error:
+                    if not wait_for_room or not error.drains:
                         raise
                     time.sleep(ROOM_POLL_S)
             counts.enqueued += answer["enqueued"]

@@ -14,10 +14,11 @@ import redis
 from pydantic import BaseModel, ConfigDict
 
 from fluxfarm.producer.settings import ProducerSettings
-from fluxfarm.shared.celery_app import queue_footprint
+from fluxfarm.shared.celery_app import queue_footprint, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook, DatasetRecord
 from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.fleet import QueueStatus
+from fluxfarm.shared.queue_registry import known_queues
 from fluxfarm.shared.units import MIB
 
 FOOTPRINT_SAMPLE_DATASETS = 100
@@ -29,7 +30,15 @@ FIRST_GUESS_BYTES_PER_JOB = 4096.0
 
 
 class RedisFull(FarmError):
-    """Redis has no room under its maxmemory for the jobs being submitted."""
+    """Redis has no room under its maxmemory for the jobs being submitted.
+
+    `drains`: whether anything is queued or running whose end frees room (a job's done record is smaller
+    than its queued message and record). False: the room is taken by what stays (done records, other keys),
+    waiting cannot bring it back, and a producer that waits for room must stop rather than wait for ever."""
+
+    def __init__(self, message: str, drains: bool = True) -> None:
+        super().__init__(message)
+        self.drains = drains
 
 
 class Room(BaseModel):
@@ -89,6 +98,15 @@ class RedisRoom:
             reserve_bytes=reserve,
             bytes_per_job=self.bytes_per_job,
         )
+
+    def drains(self) -> bool:
+        """Whether any job is queued or running, in any active dataset or any render queue: what a fleet
+        drains to free room. Asked only while full, so its cost (a round trip for the queues, one for the
+        datasets) is not paid per chunk."""
+        if any(waiting_messages(self._redis, known_queues(self._redis))):
+            return True
+        book = DatasetBook(self._redis)
+        return book.in_flight(book.names()) > 0
 
     def measured(self, before: Room, jobs: int) -> None:
         """After `jobs` were sent: the bytes they took (never below a tenth of the first guess, so a chunk

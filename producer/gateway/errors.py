@@ -81,6 +81,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RedisFull)
     async def redis_full(_: Request, error: RedisFull) -> JSONResponse:
+        if not error.drains:  # nothing queued or running would free room: a retry cannot succeed until an operator acts
+            return _answer(507, ErrorBody(code="farm_full_idle", message=str(error)))
         return _answer(503, ErrorBody(code="farm_full", message=str(error)), {"Retry-After": "60"})
 
     @app.exception_handler(FarmError)

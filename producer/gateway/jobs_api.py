@@ -29,7 +29,7 @@ MAX_WAIT_S = 60.0
 """The longest a `wait` holds a request open; a client waiting longer asks again."""
 _WAIT_POLL_S = 0.25
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 422, 429, 503))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 422, 429, 503, 507))
 
 
 class JobRef(BaseModel):

@@ -39,7 +39,7 @@ MAX_DEFAULTS_CHARS = 4096
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
-    responses=error_responses(401, 403, 413, 422, 429, 503),
+    responses=error_responses(401, 403, 413, 422, 429, 503, 507),
 )
 
 

@@ -19,6 +19,7 @@ from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.ladder import QuantLevel
 from tests.conftest import S3Server, farm_env, run_fluxfarm, start_worker
 from tests.fault_farm import wait_until
+from tests.gateway_process import running_gateway
 from tests.host_settings import HostSettings
 from tests.metrics_scrape import scrape, start_exporter, value
 
@@ -167,6 +168,71 @@ def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
         wait_until(lambda: book.record("drain").done == rows, 400, "every row rendered")
     finally:
         worker.stop()
+        server.stop()
+
+
+def _full_of_what_stays(admin: redis.Redis) -> None:
+    """Redis all but full of keys no worker frees (another application's; on a farm, done records): 64 KiB
+    under maxmemory, far less than the producers' reserve, so no job fits."""
+    with admin.pipeline(transaction=False) as pipe:  # small keys: one large SET's query buffer is freed later
+        for i in range(2048):
+            pipe.set(f"another-app:{i}", b"x" * 1024)
+        pipe.execute()
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 64 * 1024)
+
+
+def test_wait_for_room_stops_when_nothing_queued_or_running_could_free_room(tmp_path: Path) -> None:
+    """Room taken by what stays (here another client's keys; on a farm, done records): nothing queued or
+    running would free it, so a submit that waits for room stops at once with one line that says so, where
+    it used to wait for ever, and queues nothing."""
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        _full_of_what_stays(admin)
+        env = _submit_env(server, tmp_path)
+        args = ("submit", str(_prompts(tmp_path / "prompts.txt", 50)), "--dataset", "idle", "--wait-for-room")
+        stopped = run_fluxfarm(*args, env=env, timeout=120)
+        assert stopped.returncode != 0 and "Traceback" not in stopped.stderr, stopped.stderr
+        [line] = [line for line in stopped.stderr.splitlines() if "Redis is full" in line]
+        assert "waiting cannot help" in line and "raise maxmemory" in line, line
+        assert DatasetBook(admin).record("idle").queued == 0
+        assert waiting_messages(admin, [QUEUE_ANY]) == [0]
+    finally:
+        server.stop()
+
+
+def test_the_gateway_says_whether_waiting_for_room_can_help(s3_server: S3Server, tmp_path: Path) -> None:
+    """Through the gateway: 507 `farm_full_idle` (no Retry-After) while nothing queued or running could free
+    room, and the CLI's --wait-for-room stops on it; 503 `farm_full` with Retry-After once a queued job could."""
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    settings = HostSettings(
+        broker_url=server.url,
+        storage_url=f"s3://{s3_server.new_bucket()}/renders",
+        s3_endpoint_url=s3_server.endpoint_url,
+        cache_dir=tmp_path / "cache",
+    )
+    size = {"width": 256, "height": 256, "steps": 2}
+    try:
+        with running_gateway(settings, tmp_path / "gateway.log") as gateway:
+            token = gateway.token("carol", "--datasets", "carol-*")
+            _full_of_what_stays(admin)
+            with gateway.client(token) as http:
+                idle = http.post("/v1/jobs", json={"prompt": "a heron", "dataset": "carol-full", **size})
+                assert idle.status_code == 507, idle.text
+                assert idle.json()["error"]["code"] == "farm_full_idle" and "retry-after" not in idle.headers
+                env = {"FLUXFARM_API_URL": gateway.url, "FLUXFARM_API_TOKEN": token}
+                args = ("submit", str(_prompts(tmp_path / "prompts.txt", 5)), "--dataset", "carol-cli")
+                stopped = run_fluxfarm(*args, "--wait-for-room", env=env, timeout=120)
+                assert stopped.returncode != 0 and "waiting cannot help" in stopped.stderr, stopped.stderr
+                admin.config_set("maxmemory", 0)
+                queued = http.post("/v1/jobs", json={"prompt": "a stork", "dataset": "carol-full", **size})
+                assert queued.status_code == 202, queued.text  # a job waits now: a worker's taking it frees room
+                admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 64 * 1024)
+                full = http.post("/v1/jobs", json={"prompt": "an ibis", "dataset": "carol-full", **size})
+                assert full.status_code == 503, full.text
+                assert full.json()["error"]["code"] == "farm_full" and full.headers["retry-after"] == "60"
+    finally:
         server.stop()
 
 
