@@ -44,18 +44,23 @@ def _fill(admin: redis.Redis) -> None:
         admin.set("probe", "x")
 
 
+def _farm_settings(server: RedisServer, s3_server: S3Server, tmp_path: Path) -> HostSettings:
+    """A farm on this test's own Redis (its maxmemory is the test's to set) and a fresh bucket."""
+    return HostSettings(
+        broker_url=server.url,
+        storage_url=f"s3://{s3_server.new_bucket()}/renders",
+        s3_endpoint_url=s3_server.endpoint_url,
+        cache_dir=tmp_path / "cache",
+    )
+
+
 def test_a_worker_keeps_what_it_rendered_when_redis_is_full(
     tiny_model: Path, s3_server: S3Server, tmp_path: Path
 ) -> None:
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
     server = RedisServer(tmp_path / "redis").start()
-    settings = HostSettings(
-        broker_url=server.url,
-        storage_url=f"s3://{s3_server.new_bucket()}/renders",
-        s3_endpoint_url=s3_server.endpoint_url,
-        cache_dir=tmp_path / "cache",
-    )
+    settings = _farm_settings(server, s3_server, tmp_path)
     env = {"FLUXFARM_INJECT_FAULTS": json.dumps({"slow_denoise_s": 8}), "FLUXFARM_LEASE_S": "5"}
     worker = start_worker(
         settings, tiny_model, gguf_path(tiny_model, QuantLevel.Q8_0), tmp_path / "w.log", "w-full", env
@@ -140,12 +145,7 @@ def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
 
     server = RedisServer(tmp_path / "redis").start()
     admin = redis.Redis.from_url(server.url)
-    settings = HostSettings(
-        broker_url=server.url,
-        storage_url=f"s3://{s3_server.new_bucket()}/renders",
-        s3_endpoint_url=s3_server.endpoint_url,
-        cache_dir=tmp_path / "cache",
-    )
+    settings = _farm_settings(server, s3_server, tmp_path)
     transformer = gguf_path(tiny_model, QuantLevel.Q8_0)
     worker = start_worker(settings, tiny_model, transformer, tmp_path / "w.log", "w-drain")
     try:
@@ -206,12 +206,7 @@ def test_the_gateway_says_whether_waiting_for_room_can_help(s3_server: S3Server,
     room, and the CLI's --wait-for-room stops on it; 503 `farm_full` with Retry-After once a queued job could."""
     server = RedisServer(tmp_path / "redis").start()
     admin = redis.Redis.from_url(server.url)
-    settings = HostSettings(
-        broker_url=server.url,
-        storage_url=f"s3://{s3_server.new_bucket()}/renders",
-        s3_endpoint_url=s3_server.endpoint_url,
-        cache_dir=tmp_path / "cache",
-    )
+    settings = _farm_settings(server, s3_server, tmp_path)
     size = {"width": 256, "height": 256, "steps": 2}
     try:
         with running_gateway(settings, tmp_path / "gateway.log") as gateway:
