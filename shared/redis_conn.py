@@ -6,12 +6,16 @@ private CA needs one setting, FLUXFARM_TLS_CA_FILE, on every host.
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from pathlib import Path
 
 import redis
 
 from fluxfarm.shared.settings import FarmSettings
+
+log = logging.getLogger(__name__)
 
 
 def tls_options(url: str, ca_file: Path | None) -> dict[str, object] | None:
@@ -40,3 +44,16 @@ def open_redis(settings: FarmSettings, url: str | None = None) -> redis.Redis:
     """A client of the broker's Redis (or of `url`), with the farm's TLS options."""
     url = url or settings.broker_url
     return redis.Redis.from_url(url, **(tls_options(url, settings.tls_ca_file) or {}))
+
+
+def wait_until_reachable(client: redis.Redis, retry_s: float = 2.0) -> None:
+    """Block until Redis answers PING, saying so every `retry_s`: a worker started while Redis restarts
+    (or before it, as a compose file may start them) waits for it as Celery's own connection does, where
+    its first read of the queue registry used to end the process with a traceback."""
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError as error:
+            log.warning("Redis unreachable (%s); next try in %.0fs", error, retry_s)
+            time.sleep(retry_s)

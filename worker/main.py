@@ -17,7 +17,7 @@ from celery.signals import worker_ready
 from celery.worker.consumer import Consumer
 
 from fluxfarm.shared.celery_app import make_celery_app
-from fluxfarm.shared.redis_conn import open_redis
+from fluxfarm.shared.redis_conn import open_redis, wait_until_reachable
 from fluxfarm.shared.settings import redact_url
 from fluxfarm.shared.storage import open_store
 from fluxfarm.worker.model.gpu import (
@@ -100,6 +100,7 @@ def run_worker(settings: WorkerSettings, model: str, transformer: str | None, de
     loader = EngineLoader(settings, model, transformer, device, worker_info, metrics)
     app = make_celery_app(settings)
     broker_redis = open_redis(settings)  # thread-safe: heartbeat and task threads share it
+    wait_until_reachable(broker_redis)
     runtime = WorkerRuntime(
         app, broker_redis, open_store(settings), loader, worker_info, metrics, metrics_url, _exit_stranded
     )
