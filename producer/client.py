@@ -325,9 +325,10 @@ class FarmClient:
                 raise self._full(counts, room.now(), room.drains())
             if not room.drains():
                 # Nothing left to drain: a last look, since the last job's end may have freed room since.
-                if (room.now().jobs or 0) > 0:
+                last = room.now()
+                if last.jobs:
                     continue
-                raise self._full(counts, room.now(), drains=False)
+                raise self._full(counts, last, drains=False)
             if on_wait is not None:
                 on_wait(now)
             time.sleep(ROOM_POLL_S)
