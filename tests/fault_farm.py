@@ -75,16 +75,16 @@ def where_jobs_are(redis_url: str, dataset: str, job_ids: set[str], logs: list[s
     import redis
 
     from fluxfarm.shared import keys
-    from fluxfarm.shared.celery_app import message_task_id, queue_lists
+    from fluxfarm.shared.celery_app import message_task_id, queue_lists, task_id
     from fluxfarm.shared.datasets import STATES
-    from fluxfarm.shared.routing import all_queues
+    from fluxfarm.shared.queue_registry import known_queues
     from fluxfarm.worker.serve.leases import JobClaims
 
     client = redis.Redis.from_url(redis_url)
     now = client.time()[0]
     lines = []
-    messages: dict[str, list[str]] = {}
-    for queue in all_queues():
+    messages: dict[str, list[str]] = {}  # by Celery task id (dataset:job), as the messages carry it
+    for queue in known_queues(client):
         for name in queue_lists(queue):
             for raw in client.lrange(name, 0, -1):
                 messages.setdefault(message_task_id(raw) or "?", []).append(f"list {name}")
@@ -98,11 +98,12 @@ def where_jobs_are(redis_url: str, dataset: str, job_ids: set[str], logs: list[s
         key = f"fluxfarm:dataset:{dataset}:"
         states = [state for state in STATES if client.sismember(key + state, job_id)]
         claim = client.get(JobClaims.key(dataset, job_id))
+        waiting = messages.get(task_id(dataset, job_id), [])
         lines.append(
             f"{job_id}: states {states}, attempts {client.hget(key + 'attempts', job_id)}, "
             f"error {client.hget(key + 'errors', job_id)}, sent copy {client.hexists(key + 'sent', job_id)}, "
             f"claim {claim} (pttl {client.pttl(JobClaims.key(dataset, job_id))}), "
-            f"messages {messages.get(job_id, [])}, missing since {missing_since.get(f'{dataset}/{job_id}'.encode())}"
+            f"messages {waiting}, missing since {missing_since.get(f'{dataset}/{job_id}'.encode())}"
         )
         for i, text in enumerate(logs):
             lines += [f"  w-{i}: {line}" for line in text.splitlines() if job_id in line][-12:]

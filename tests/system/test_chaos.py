@@ -104,6 +104,11 @@ def test_chaos_300_jobs_two_workers_killed_every_ten_seconds_and_a_redis_restart
                 texts = [log.read_text(errors="replace") for log in logs]
                 where = where_jobs_are(settings.broker_url, "chaos", stuck, texts)
                 raise AssertionError(f"{stored}/{JOBS} stored, some failed or stuck:\n{where}")
+            for i, worker in enumerate(workers):  # only this loop kills: a worker that exits by itself is a bug
+                assert worker.process is not None
+                if (code := worker.process.poll()) is not None:
+                    tail = "\n".join(worker.log_text().splitlines()[-40:])
+                    raise AssertionError(f"w-{i} exited by itself (code {code}) after {kills} kills:\n{tail}")
             if redis_restarts == 0 and stored >= JOBS // 3:
                 redis_server.stop()
                 time.sleep(2)
