@@ -215,15 +215,21 @@ def via(settings: ProducerSettings) -> str:
     return "http" if settings.api_url else "redis"
 
 
-def fresh_farm_settings(redis_server: RedisServer, s3_server: S3Server, storage_url: str, work: Path) -> HostSettings:
-    """Settings for a farm on the test Redis (emptied) and moto S3, with its own cache dir."""
-    redis.Redis.from_url(redis_server.url).flushdb()
+def farm_settings(redis_server: RedisServer, s3_server: S3Server, work: Path, storage_url: str = "") -> HostSettings:
+    """Settings for a farm on `redis_server` (as it is: it need not be up yet) and moto S3, with its own cache dir;
+    its storage is `storage_url`, or a fresh bucket's renders/."""
     return HostSettings(
         broker_url=redis_server.url,
-        storage_url=storage_url,
+        storage_url=storage_url or f"s3://{s3_server.new_bucket()}/renders",
         s3_endpoint_url=s3_server.endpoint_url,
         cache_dir=work / "cache",
     )
+
+
+def fresh_farm_settings(redis_server: RedisServer, s3_server: S3Server, storage_url: str, work: Path) -> HostSettings:
+    """Settings for a farm on the test Redis (emptied) and moto S3, with its own cache dir."""
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return farm_settings(redis_server, s3_server, work, storage_url)
 
 
 def load_gguf_transformer(

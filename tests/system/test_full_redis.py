@@ -17,10 +17,9 @@ from fluxfarm.producer.local_stack import RedisServer, free_port
 from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.ladder import QuantLevel
-from tests.conftest import S3Server, farm_env, run_fluxfarm, start_worker
+from tests.conftest import S3Server, farm_env, farm_settings, run_fluxfarm, start_worker
 from tests.fault_farm import wait_until
 from tests.gateway_process import running_gateway
-from tests.host_settings import HostSettings
 from tests.metrics_scrape import scrape, start_exporter, value
 
 pytestmark = pytest.mark.slow
@@ -44,23 +43,13 @@ def _fill(admin: redis.Redis) -> None:
         admin.set("probe", "x")
 
 
-def _farm_settings(server: RedisServer, s3_server: S3Server, tmp_path: Path) -> HostSettings:
-    """A farm on this test's own Redis (its maxmemory is the test's to set) and a fresh bucket."""
-    return HostSettings(
-        broker_url=server.url,
-        storage_url=f"s3://{s3_server.new_bucket()}/renders",
-        s3_endpoint_url=s3_server.endpoint_url,
-        cache_dir=tmp_path / "cache",
-    )
-
-
 def test_a_worker_keeps_what_it_rendered_when_redis_is_full(
     tiny_model: Path, s3_server: S3Server, tmp_path: Path
 ) -> None:
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
     server = RedisServer(tmp_path / "redis").start()
-    settings = _farm_settings(server, s3_server, tmp_path)
+    settings = farm_settings(server, s3_server, tmp_path)
     env = {"FLUXFARM_INJECT_FAULTS": json.dumps({"slow_denoise_s": 8}), "FLUXFARM_LEASE_S": "5"}
     worker = start_worker(
         settings, tiny_model, gguf_path(tiny_model, QuantLevel.Q8_0), tmp_path / "w.log", "w-full", env
@@ -145,7 +134,7 @@ def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
 
     server = RedisServer(tmp_path / "redis").start()
     admin = redis.Redis.from_url(server.url)
-    settings = _farm_settings(server, s3_server, tmp_path)
+    settings = farm_settings(server, s3_server, tmp_path)
     transformer = gguf_path(tiny_model, QuantLevel.Q8_0)
     worker = start_worker(settings, tiny_model, transformer, tmp_path / "w.log", "w-drain")
     try:
@@ -206,7 +195,7 @@ def test_the_gateway_says_whether_waiting_for_room_can_help(s3_server: S3Server,
     room, and the CLI's --wait-for-room stops on it; 503 `farm_full` with Retry-After once a queued job could."""
     server = RedisServer(tmp_path / "redis").start()
     admin = redis.Redis.from_url(server.url)
-    settings = _farm_settings(server, s3_server, tmp_path)
+    settings = farm_settings(server, s3_server, tmp_path)
     size = {"width": 256, "height": 256, "steps": 2}
     try:
         with running_gateway(settings, tmp_path / "gateway.log") as gateway:

@@ -11,9 +11,8 @@ import pytest
 from fluxfarm.producer.client import FarmClient
 from fluxfarm.producer.local_stack import RedisServer, WorkerProcess, free_port
 from fluxfarm.shared.ladder import QuantLevel
-from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env
+from tests.conftest import WORKER_READY_TIMEOUT_S, S3Server, farm_env, farm_settings
 from tests.fault_farm import wait_until
-from tests.host_settings import HostSettings
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +23,7 @@ def test_a_worker_started_before_redis_waits_for_it_then_renders(
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
     server = RedisServer(tmp_path / "redis", port=free_port())
-    settings = HostSettings(
-        broker_url=server.url,
-        storage_url=f"s3://{s3_server.new_bucket()}/renders",
-        s3_endpoint_url=s3_server.endpoint_url,
-        cache_dir=tmp_path / "cache",
-    )
+    settings = farm_settings(server, s3_server, tmp_path)
     args = ["--model", str(tiny_model), "--device", "cpu", "--transformer", str(gguf_path(tiny_model, QuantLevel.Q8_0))]
     worker = WorkerProcess(args, {**farm_env(settings), "FLUXFARM_WORKER_NAME": "w-early"}, tmp_path / "w.log")
     worker.start()
