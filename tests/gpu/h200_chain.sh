@@ -62,6 +62,9 @@ case "${1:-wait}" in
     exit
     ;;
   start)
+    # A chain that ran before on this machine left "chain finished" in the log, which would end the wait below at
+    # once: the new chain's log starts empty.
+    : >"$farm/chain.log"
     setsid nohup bash "$here/h200_chain.sh" chain </dev/null >/dev/null 2>&1 &
     echo "chain started"
     ;;
