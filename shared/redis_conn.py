@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import redis
+from redis.exceptions import AuthenticationError, AuthorizationError
 
+from fluxfarm.shared.errors import FarmError
 from fluxfarm.shared.settings import FarmSettings
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,17 @@ def open_redis(settings: FarmSettings, url: str | None = None) -> redis.Redis:
 def wait_until_reachable(client: redis.Redis, retry_s: float = 2.0) -> None:
     """Block until Redis answers PING, saying so every `retry_s`: a worker started while Redis restarts
     (or before it, as a compose file may start them) waits for it as Celery's own connection does, where
-    its first read of the queue registry used to end the process with a traceback."""
+    its first read of the queue registry used to end the process with a traceback. A refusal that waiting
+    cannot mend (a wrong password or user, a certificate that does not verify: redis-py raises both as
+    ConnectionErrors) is one FarmError at once."""
     while True:
         try:
             client.ping()
             return
         except redis.ConnectionError as error:
+            if isinstance(error, AuthenticationError | AuthorizationError) or isinstance(
+                error.__context__, ssl.SSLCertVerificationError
+            ):
+                raise FarmError(f"Redis refused this worker: {error}") from None
             log.warning("Redis unreachable (%s); next try in %.0fs", error, retry_s)
             time.sleep(retry_s)
