@@ -175,7 +175,9 @@ def test_rendering_as_a_worker_keeps_job_order_encodes_pngs_off_the_gpu_thread_a
 
     jobs = [_job(f"a lantern {i}", 40 + i) for i in range(3)]
     threads_before = threading.active_count()
-    rendered, pngs = render_as_worker(engine, jobs, batch=2, wait_s=0.5)
+    # A full batch goes at once; only the last, lone job waits out wait_s. 0.5 s was once too short for the second
+    # job's thread to arrive on a loaded 2-core machine (batches [1, 2, 2]).
+    rendered, pngs = render_as_worker(engine, jobs, batch=2, wait_s=3.0)
     assert [r.job for r in rendered] == jobs
     assert [r.batch_size for r in rendered] == [2, 2, 1]
     assert pngs == [r.png for r in rendered]  # encoded once, by the task thread, then kept
