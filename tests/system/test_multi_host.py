@@ -238,14 +238,25 @@ def gateway_over_tls(central: Path, host: dict[str, str], work: Path) -> Iterato
         gateway.wait(timeout=30)
 
 
-def test_a_worker_host_refuses_a_redis_whose_certificate_its_ca_did_not_sign(
+def test_a_worker_host_refuses_a_redis_whose_certificate_its_ca_did_not_sign_and_its_worker_exits(
     central: Path, tls_redis: int, https_s3: int, tiny_model: Path, tmp_path: Path
 ) -> None:
     """Without the farm's CA, the system CAs are used and the connection is refused, not trusted."""
     env = host_env(central, tls_redis, https_s3, tiny_model, tmp_path)
     env["FLUXFARM_CA"] = ""  # the connect block then sets no CA file
-    done = bash(guide_blocks()["connect"], env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    blocks = guide_blocks()
+    done = bash(blocks["connect"], env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output, _ = done.communicate(timeout=60)
     assert done.returncode != 0
     assert "certificate verify failed" in output
+    assert REDIS_PASSWORD not in output
+    # The worker block on the same exports: a certificate that does not verify will not verify on a later try,
+    # so the worker exits with one line where waiting for Redis (the wait for a Redis not up yet) would loop.
+    exports = blocks["connect"].replace("fluxfarm status\n", "")
+    assert exports != blocks["connect"]
+    worker = bash(exports + blocks["worker"], env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode != 0, output[-3000:]
+    assert "Redis refused this worker" in output and "certificate verify failed" in output, output[-3000:]
+    assert "Redis unreachable" not in output and "Traceback" not in output, output[-3000:]
     assert REDIS_PASSWORD not in output
