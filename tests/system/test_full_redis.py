@@ -6,7 +6,11 @@ worker process on a real redis-server."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from fluxfarm.producer.local_stack import RedisServer, free_port
 from fluxfarm.shared.celery_app import QUEUE_ANY, waiting_messages
 from fluxfarm.shared.datasets import DatasetBook
 from fluxfarm.shared.ladder import QuantLevel
-from tests.conftest import S3Server, farm_env, farm_settings, run_fluxfarm, start_worker
+from tests.conftest import FLUXFARM, S3Server, farm_env, farm_settings, run_fluxfarm, start_worker
 from tests.fault_farm import wait_until
 from tests.gateway_process import running_gateway
 from tests.metrics_scrape import scrape, start_exporter, value
@@ -129,14 +133,19 @@ def test_a_submit_past_maxmemory_stops_with_one_line_and_a_consistent_dataset(tm
 def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
     tiny_model: Path, s3_server: S3Server, tmp_path: Path
 ) -> None:
-    """Issue 30, acceptance 2."""
+    """Issue 30, acceptance 2. The worker is held (SIGSTOP) until the waiting submit is seen blocked (alive,
+    its dataset short of the file), so the test sees the wait itself end once the worker drains."""
     from fluxfarm.worker.tools.tiny_model import gguf_path
 
     server = RedisServer(tmp_path / "redis").start()
     admin = redis.Redis.from_url(server.url)
     settings = farm_settings(server, s3_server, tmp_path)
     transformer = gguf_path(tiny_model, QuantLevel.Q8_0)
-    worker = start_worker(settings, tiny_model, transformer, tmp_path / "w.log", "w-drain")
+    # Render-free (every step of a job but the model's): what is measured is room made by draining, and 700
+    # tiny renders took 160 s of `make test`'s 2 cores.
+    render_free = {"FLUXFARM_RENDER_FREE": "true"}
+    worker = start_worker(settings, tiny_model, transformer, tmp_path / "w.log", "w-drain", render_free)
+    assert worker.process is not None
     try:
         rows = 700
         # 1 MiB under the producers' line (some 450 queued jobs: well above the noise of clients' buffers
@@ -149,13 +158,28 @@ def test_wait_for_room_finishes_the_file_while_a_worker_drains_the_queue(
         prompts = _prompts(tmp_path / "prompts.txt", rows)
         env = {**farm_env(settings), "FLUXFARM_SUBMIT_CHUNK": "20", "FLUXFARM_REDIS_RESERVE_SHARE": f"{share:.3f}"}
         args = ("submit", str(prompts), "--dataset", "drain", "--width", "256", "--height", "256", "--steps", "1")
+        worker.process.send_signal(signal.SIGSTOP)
         refused = run_fluxfarm(*args, env=env)
         assert refused.returncode != 0 and "Redis is full" in refused.stderr
-        waited = run_fluxfarm(*args, "--wait-for-room", env=env, timeout=240)
-        assert waited.returncode == 0, waited.stderr
         book = DatasetBook(admin)
+        queued = book.record("drain").queued
+        assert 0 < queued < rows, queued
+        waiting = subprocess.Popen(
+            [FLUXFARM, *args, "--wait-for-room"], env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            time.sleep(10)  # a submit with room would have queued the rest and exited by now
+            assert waiting.poll() is None, waiting.communicate()
+            # What fitted went (the refused submit stopped at a chunk of 20, with room for a few jobs left).
+            assert book.record("drain").queued < rows, "the rest waits for the held worker"
+            worker.process.send_signal(signal.SIGCONT)
+            _, stderr = waiting.communicate(timeout=240)
+        finally:
+            waiting.kill()
+        assert waiting.returncode == 0, stderr
         wait_until(lambda: book.record("drain").done == rows, 400, "every row rendered")
     finally:
+        worker.process.send_signal(signal.SIGCONT)
         worker.stop()
         server.stop()
 
