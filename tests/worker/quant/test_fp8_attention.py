@@ -75,6 +75,18 @@ def test_per_tensor_quantization_uses_the_whole_e4m3_range() -> None:
     assert _relative(q.float() * descale, x) < 0.04  # e4m3 keeps 3 mantissa bits: ~2-3% rms
 
 
+def test_quantization_leaves_its_input_alone_and_matches_the_out_of_place_formula() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 64, 3, 128) * 900).to(dtype)  # beyond the bound below: the clamp is exercised
+        before = x.clone()
+        bound = torch.tensor(400.0)
+        q, descale = quantize_tensor_fp8(x, bound)
+        assert torch.equal(x, before)
+        want = (x.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+        assert q.float().abs().max().item() == E4M3_MAX
+
+
 def test_fp8_attention_agrees_with_fp32_attention() -> None:
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 96, 3, 128, generator=generator) for _ in "qkv")
