@@ -153,7 +153,7 @@ def quantize_tensor_fp8(x: torch.Tensor, bound: torch.Tensor | None = None) -> t
     descale = (largest.clamp(min=1e-12) / E4M3_MAX).reshape(1, 1, 1, 1)
     # One float32 copy, scaled and clamped in place: eager attention (a worker that does not compile) would
     # otherwise hold two float32 temporaries of q, k or v at once, ~0.1 GiB each for FLUX.2 [dev] at 1024².
-    scaled = x.float() if x.dtype != torch.float32 else x.clone()
+    scaled = x.to(torch.float32, copy=True)
     return scaled.div_(descale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), descale
 
 
